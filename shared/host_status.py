@@ -1,0 +1,88 @@
+"""A host's `health_check_status` summary, recomputed whenever one of its checks or their state changes.
+
+The summary is stored on the host row so that listing and filtering hosts never aggregates checks.
+Callers recompute inside the transaction that changed the check; the host row lock taken first makes
+concurrent writers (several pollers, the API) serialise, and the last to commit sees every change.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import asyncpg
+
+from shared.events import CheckSummary, HostStatusChanged
+from shared.outbox import enqueue
+
+# Precedence: unhealthy, unknown, degraded, healthy (CONTRACT §3).
+_RECOMPUTE_SQL = """
+WITH checks AS (
+    SELECT c.critical, s.status
+    FROM health_checks c
+    JOIN check_state s ON s.check_id = c.id
+    WHERE c.host_id = $1 AND c.enabled
+), summary AS (
+    SELECT
+        count(*) AS total,
+        count(*) FILTER (WHERE status = 'healthy') AS healthy,
+        CASE
+            WHEN count(*) = 0 THEN 'no_checks'
+            WHEN bool_or(critical AND status = 'unhealthy') THEN 'unhealthy'
+            WHEN bool_or(status = 'unknown') THEN 'unknown'
+            WHEN bool_or(status = 'unhealthy') THEN 'degraded'
+            ELSE 'healthy'
+        END AS status
+    FROM checks
+)
+UPDATE hosts
+SET health_check_status = summary.status, checks_total = summary.total, checks_healthy = summary.healthy
+FROM summary
+WHERE hosts.id = $1
+RETURNING hosts.health_check_status
+"""
+
+
+async def refresh_host_status(
+    connection: asyncpg.Connection, host_id: uuid.UUID, *, source: str
+) -> tuple[str, str] | None:
+    """Recompute and store the host's summary; publish `host.status_changed` (via the outbox) on a flip.
+
+    Must run inside a transaction. Returns (previous, current), or None if the host is gone.
+    """
+    previous = await connection.fetchval("SELECT health_check_status FROM hosts WHERE id = $1 FOR UPDATE", host_id)
+    if previous is None:
+        return None
+    current = await connection.fetchval(_RECOMPUTE_SQL, host_id)
+    if current != previous:
+        await enqueue(
+            connection,
+            "host.status_changed",
+            HostStatusChanged(host_id=host_id, previous=previous, current=current, at=dt.datetime.now(dt.UTC)),
+            source=source,
+        )
+    return previous, current
+
+
+async def gating_check_summaries(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[CheckSummary]:
+    """The host's enabled critical checks with their last result, as job events and jobs show them."""
+    rows = await connection.fetch(
+        """
+        SELECT c.id, c.name, s.last_healthy, s.last_detail, s.last_checked_at
+        FROM health_checks c
+        JOIN check_state s ON s.check_id = c.id
+        WHERE c.host_id = $1 AND c.enabled AND c.critical
+        ORDER BY c.name
+        """,
+        host_id,
+    )
+    return [
+        CheckSummary(
+            check_id=row["id"],
+            name=row["name"],
+            healthy=row["last_healthy"],
+            detail=row["last_detail"],
+            checked_at=row["last_checked_at"],
+        )
+        for row in rows
+    ]

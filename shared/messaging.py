@@ -1,0 +1,160 @@
+"""The RabbitMQ connection of a service and publishing with confirms.
+
+A service starts even while the broker is down: `Broker.run` keeps trying to connect in the
+background, and from the first success on aio-pika's robust connection restores channels, the
+topology and consumers after every broker restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+
+from shared.settings import redact_url
+from shared.topology import Topology, declare_topology
+
+log = logging.getLogger(__name__)
+
+PUBLISH_TIMEOUT_SECONDS = 5.0
+RECONNECT_DELAY_SECONDS = 1.0
+MAX_RECONNECT_DELAY_SECONDS = 15.0
+
+ConnectedHook = Callable[[AbstractRobustConnection], Awaitable[None]]
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm the message (down, nack or no confirm within the timeout)."""
+
+
+class Unroutable(Exception):
+    """The broker confirmed but no queue was bound for the routing key (a mandatory publish)."""
+
+
+class Broker:
+    def __init__(self, url: str, topology: Topology, *, connection_name: str) -> None:
+        self.url = url
+        self.topology = topology
+        self.connection_name = connection_name
+        self.connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchange: AbstractExchange | None = None
+        self._ready = asyncio.Event()
+
+    @property
+    def ready(self) -> bool:
+        return (
+            self._ready.is_set()
+            and self.connection is not None
+            and not self.connection.is_closed
+            and self._channel is not None
+            and not self._channel.is_closed
+        )
+
+    async def wait_ready(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._ready.wait(), timeout)
+
+    async def run(self, on_connected: ConnectedHook | None = None) -> None:
+        """Connect (retrying with backoff), declare the topology, then let the robust connection
+        reconnect by itself. Returns once connected; cancel the task to give up."""
+        delay = RECONNECT_DELAY_SECONDS
+        while True:
+            try:
+                connection = await aio_pika.connect_robust(
+                    self.url, client_properties={"connection_name": self.connection_name}, timeout=10
+                )
+                break
+            except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                log.warning(
+                    "cannot connect to RabbitMQ, retrying",
+                    extra={
+                        "url": redact_url(self.url),
+                        "error": str(exc) or type(exc).__name__,
+                        "retry_in_seconds": delay,
+                    },
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)
+        self.connection = connection
+        self._channel = await connection.channel(publisher_confirms=True)  # type: ignore[assignment]
+        self._exchange = await declare_topology(self._channel, self.topology)
+        if on_connected is not None:
+            await on_connected(connection)
+        self._ready.set()
+        log.info("connected to RabbitMQ", extra={"url": redact_url(self.url)})
+
+    async def publish(
+        self,
+        routing_key: str,
+        body: bytes,
+        *,
+        message_id: str,
+        content_type: str,
+        correlation_id: str | None = None,
+        reply_to: str | None = None,
+        expiration: float | None = None,
+        timeout: float = PUBLISH_TIMEOUT_SECONDS,
+    ) -> None:
+        """Publish persistent and mandatory, and wait for the broker's confirm."""
+        if not self.ready or self._exchange is None:
+            raise PublishFailed("not connected to RabbitMQ")
+        message = aio_pika.Message(
+            body,
+            message_id=message_id,
+            content_type=content_type,
+            correlation_id=correlation_id,
+            reply_to=reply_to,
+            expiration=expiration,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            timestamp=time.time(),
+        )
+        try:
+            confirmation = await self._exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
+        except (
+            TimeoutError,
+            aiormq.exceptions.AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            OSError,
+            RuntimeError,
+        ) as exc:
+            raise PublishFailed(f"{routing_key}: {exc!r}") from None
+        if isinstance(confirmation, aiormq.abc.DeliveredMessage):
+            raise Unroutable(f"no queue is bound for {routing_key!r} on {self.topology.exchange!r}")
+
+    async def publish_reply(self, reply_to: str, body: bytes, *, correlation_id: str) -> None:
+        """Answer a request: to the asker's reply queue through the default exchange, with confirm."""
+        if not self.ready or self._channel is None:
+            raise PublishFailed("not connected to RabbitMQ")
+        message = aio_pika.Message(body, correlation_id=correlation_id, content_type="application/json")
+        try:
+            confirmation = await self._channel.default_exchange.publish(
+                message, reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
+            )
+        except (
+            TimeoutError,
+            aiormq.exceptions.AMQPError,
+            aiormq.exceptions.ChannelInvalidStateError,
+            OSError,
+            RuntimeError,
+        ) as exc:
+            raise PublishFailed(f"reply to {reply_to}: {exc!r}") from None
+        if isinstance(confirmation, aiormq.abc.DeliveredMessage):
+            raise Unroutable(f"reply queue {reply_to!r} is gone")
+
+    async def ping(self, timeout: float = 2.0) -> float:
+        """Round trip to the broker in milliseconds (a passive declare of our exchange)."""
+        if not self.ready or self._channel is None:
+            raise PublishFailed("not connected to RabbitMQ")
+        started = time.perf_counter()
+        await asyncio.wait_for(self._channel.get_exchange(self.topology.exchange, ensure=True), timeout)
+        return (time.perf_counter() - started) * 1000
+
+    async def close(self) -> None:
+        self._ready.clear()
+        if self.connection is not None:
+            await self.connection.close()

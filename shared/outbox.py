@@ -1,0 +1,174 @@
+"""Transactional outbox: an event commits with the change that caused it, a relay publishes it.
+
+`enqueue` runs inside the caller's transaction, so an event exists exactly when its change does.
+`OutboxRelay` claims unsent rows (SKIP LOCKED: any number of relays may run), publishes them with
+confirms and marks them sent in the same transaction; a failed publish rolls back and the rows are
+tried again. Delivery is at least once; consumers drop duplicates by event id.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import uuid
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
+from shared.messaging import Broker, PublishFailed, Unroutable
+
+log = logging.getLogger(__name__)
+
+NOTIFY_CHANNEL = "healthgate_outbox"
+BATCH_SIZE = 200
+IDLE_POLL_SECONDS = 1.0
+RETRY_DELAY_SECONDS = 1.0
+BROKER_WAIT_SECONDS = 0.2
+
+
+async def enqueue(
+    connection: asyncpg.Connection,
+    routing_key: str,
+    data: EventModel,
+    *,
+    source: str,
+    event_id: uuid.UUID | None = None,
+    correlation_id: str | None = None,
+    time: dt.datetime | None = None,
+) -> uuid.UUID:
+    """Add an event to the outbox within the caller's transaction and wake the relays on commit."""
+    event_id, body = encode_cloudevent(routing_key, data, source=source, event_id=event_id, time=time)
+    await connection.execute(
+        """
+        INSERT INTO outbox (event_id, routing_key, correlation_id, body) VALUES ($1, $2, $3, $4);
+        """,
+        event_id,
+        routing_key,
+        correlation_id,
+        body,
+    )
+    # NOTIFY is delivered at commit and never for a rolled-back transaction.
+    await connection.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+    return event_id
+
+
+class OutboxMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.published = Counter(
+            "healthgate_outbox_published",
+            "Events published from the outbox",
+            ["routing_key"],
+            registry=registry,
+        )
+        self.unroutable = Counter(
+            "healthgate_outbox_unroutable",
+            "Outbox events no queue was bound for",
+            ["routing_key"],
+            registry=registry,
+        )
+        self.publish_failures = Counter(
+            "healthgate_outbox_publish_failures", "Outbox batches whose publishing failed", registry=registry
+        )
+        self.pending = Gauge(
+            "healthgate_outbox_pending", "Unsent outbox rows seen by the last relay pass", registry=registry
+        )
+
+
+class OutboxRelay:
+    def __init__(self, pool: asyncpg.Pool, broker: Broker, metrics: OutboxMetrics) -> None:
+        self._pool = pool
+        self._broker = broker
+        self._metrics = metrics
+        self._wakeup = asyncio.Event()
+
+    def _on_notify(self, *_: object) -> None:
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        """Relay until cancelled: on every NOTIFY, and at least once a second as a fallback."""
+        while True:
+            try:
+                # One pooled connection is held for LISTEN while the relay runs.
+                async with self._pool.acquire() as listener:
+                    await listener.add_listener(NOTIFY_CHANNEL, self._on_notify)
+                    try:
+                        await self._relay_until_connection_lost(listener)
+                    finally:
+                        if not listener.is_closed():
+                            await listener.remove_listener(NOTIFY_CHANNEL, self._on_notify)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("outbox relay lost the database, will retry", extra={"error": str(exc)})
+                await asyncio.sleep(RETRY_DELAY_SECONDS)
+
+    async def _relay_until_connection_lost(self, listener: asyncpg.Connection) -> None:
+        while not listener.is_closed():
+            self._wakeup.clear()
+            if not self._broker.ready:
+                # Rows wait in the table while the broker is away; nothing is lost meanwhile.
+                await asyncio.sleep(BROKER_WAIT_SECONDS)
+                continue
+            try:
+                handled = await self.relay_batch()
+            except PublishFailed as exc:
+                self._metrics.publish_failures.inc()
+                log.warning("outbox publish failed, will retry", extra={"error": str(exc)})
+                await asyncio.sleep(RETRY_DELAY_SECONDS)
+                continue
+            if handled < BATCH_SIZE:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_SECONDS)
+
+    async def relay_batch(self) -> int:
+        """Publish one batch of unsent events; returns how many were handled."""
+        if not self._broker.ready:
+            raise PublishFailed("not connected to RabbitMQ")
+        async with self._pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(
+                """
+                SELECT id, event_id, routing_key, correlation_id, body
+                FROM outbox
+                WHERE sent_at IS NULL
+                ORDER BY id
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED
+                """,
+                BATCH_SIZE,
+            )
+            if not rows:
+                self._metrics.pending.set(0)
+                return 0
+            self._metrics.pending.set(len(rows))
+            results = await asyncio.gather(*(self._publish(row) for row in rows), return_exceptions=True)
+            sent_ids = []
+            first_failure: BaseException | None = None
+            for row, result in zip(rows, results, strict=True):
+                if result is None:
+                    sent_ids.append(row["id"])
+                elif first_failure is None:
+                    first_failure = result
+            if sent_ids:
+                await connection.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)", sent_ids)
+        if first_failure is not None:
+            if isinstance(first_failure, PublishFailed):
+                raise first_failure
+            raise PublishFailed(repr(first_failure))
+        return len(rows)
+
+    async def _publish(self, row: asyncpg.Record) -> None:
+        routing_key = row["routing_key"]
+        try:
+            await self._broker.publish(
+                routing_key,
+                row["body"],
+                message_id=str(row["event_id"]),
+                correlation_id=row["correlation_id"],
+                content_type=CLOUDEVENTS_CONTENT_TYPE,
+            )
+        except Unroutable:
+            # Nobody subscribes to this routing key: the event is confirmed and has no reader.
+            self._metrics.unroutable.labels(routing_key).inc()
+            log.info("event had no subscriber", extra={"routing_key": routing_key, "event_id": str(row["event_id"])})
+        self._metrics.published.labels(routing_key).inc()

@@ -1,0 +1,110 @@
+"""Configuration from HEALTHGATE_* environment variables (CONTRACT §2), validated once at start."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+from typing import Annotated, Literal
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+IpNetworks = Annotated[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode]
+
+DEFAULT_HEALTH_PORTS = {"api": 8080, "poller": 8081, "gate": 8082, "pruner": 8083}
+
+
+class SettingsError(Exception):
+    """A configuration value is invalid; the message is one line an operator can act on."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HEALTHGATE_", extra="ignore", frozen=True)
+
+    database_url: str = "postgresql://postgres@localhost:5432/healthgate"
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    exchange: str = Field("healthgate", min_length=1, max_length=200, pattern=r"^[A-Za-z0-9_.:-]+$")
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8080, ge=0, le=65535)
+    key_file: Path = Path("./var/health-check.key")
+    poll_interval_seconds: int = Field(300, ge=10, le=86400)
+    check_timeout_seconds: float = Field(10, ge=0.1, le=60)
+    gate_retry_seconds: float = Field(300, gt=0)
+    result_retention_hours: float = Field(96, gt=0)
+    prune_interval_seconds: float = Field(3600, gt=0)
+    health_allowed_networks: IpNetworks = Field(
+        default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    )
+    agent_ca_file: Path | None = None
+    agent_cert_file: Path | None = None
+    agent_key_file: Path | None = None
+    blocked_networks: IpNetworks = Field(
+        default=(
+            ipaddress.ip_network("169.254.0.0/16"),
+            ipaddress.ip_network("100.100.100.200/32"),
+            ipaddress.ip_network("fd00:ec2::254/128"),
+        )
+    )
+    log_format: Literal["json", "text"] = "json"
+    health_port: int | None = Field(None, ge=0, le=65535)
+
+    @field_validator("health_allowed_networks", "blocked_networks", mode="before")
+    @classmethod
+    def _parse_networks(cls, value: object) -> object:
+        if isinstance(value, str):
+            items = [item.strip() for item in value.split(",") if item.strip()]
+            try:
+                return tuple(ipaddress.ip_network(item, strict=False) for item in items)
+            except ValueError as exc:
+                raise ValueError(f"not a comma-separated list of networks: {exc}") from None
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("must be a postgresql:// URL")
+        return value
+
+    @field_validator("amqp_url")
+    @classmethod
+    def _check_amqp_url(cls, value: str) -> str:
+        if urlsplit(value).scheme not in ("amqp", "amqps"):
+            raise ValueError("must be an amqp:// or amqps:// URL")
+        return value
+
+    @field_validator("health_port", mode="before")
+    @classmethod
+    def _empty_port_is_default(cls, value: object) -> object:
+        return None if value == "" else value
+
+    def health_port_for(self, service: str) -> int:
+        return self.health_port if self.health_port is not None else DEFAULT_HEALTH_PORTS[service]
+
+    def agent_tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
+        return self.agent_ca_file, self.agent_cert_file, self.agent_key_file
+
+
+def redact_url(url: str) -> str:
+    """The URL with its password replaced, for logs and error messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = parts.username or ""
+    return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the environment; raise SettingsError with a one-line message."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            field = ".".join(str(part) for part in error["loc"])
+            variable = f"HEALTHGATE_{field.upper()}" if field else "configuration"
+            message = error["msg"].removeprefix("Value error, ")
+            problems.append(f"{variable}: {message}")
+        raise SettingsError("invalid configuration: " + "; ".join(problems)) from None

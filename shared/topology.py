@@ -1,0 +1,103 @@
+"""The whole AMQP topology, in one place: exchanges, queues, bindings, dead-lettering, delivery limits.
+
+Every service declares all of it at start (declarations are idempotent), so a message published before
+its consumer first ran still waits in the consumer's queue. No other module spells a queue name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import aio_pika
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+
+# A message redelivered this many times (consumer crashes, nacks) is dead-lettered, never looped.
+DEFAULT_DELIVERY_LIMIT = 5
+
+
+@dataclass(frozen=True)
+class QueueSpec:
+    suffix: str
+    bindings: tuple[str, ...] = ()
+    delivery_limit: int = DEFAULT_DELIVERY_LIMIT
+    dead_letter: bool = True
+    extra_arguments: dict[str, object] = field(default_factory=dict)
+
+
+# Test-run requests are answered within seconds or not at all: an expired request is dropped rather
+# than dead-lettered, since the API that asked has already answered 504.
+POLLER_TEST_QUEUE = QueueSpec("poller.test", bindings=("poller.test",), dead_letter=False)
+
+QUEUES: tuple[QueueSpec, ...] = (POLLER_TEST_QUEUE,)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """Names derived from the configured exchange (HEALTHGATE_EXCHANGE)."""
+
+    exchange: str
+
+    @property
+    def dead_letter_exchange(self) -> str:
+        return f"{self.exchange}.dead-letter"
+
+    @property
+    def dead_letter_queue(self) -> str:
+        return f"{self.exchange}.dead"
+
+    def queue_name(self, spec: QueueSpec) -> str:
+        return f"{self.exchange}.{spec.suffix}"
+
+    def reply_queue_name(self, instance_id: str) -> str:
+        """A process's own queue for replies to its requests, addressed through the default exchange."""
+        return f"{self.exchange}.replies.{instance_id}"
+
+    def queue_arguments(self, spec: QueueSpec) -> dict[str, object]:
+        arguments: dict[str, object] = {"x-queue-type": "quorum", "x-delivery-limit": spec.delivery_limit}
+        if spec.dead_letter:
+            # at-least-once dead-lettering keeps a poison message even if the dead-letter queue's
+            # node is briefly unavailable; RabbitMQ requires reject-publish overflow for it.
+            arguments |= {
+                "x-dead-letter-exchange": self.dead_letter_exchange,
+                "x-dead-letter-strategy": "at-least-once",
+                "x-overflow": "reject-publish",
+            }
+        return arguments | spec.extra_arguments
+
+
+async def declare_exchange(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    return await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+async def declare_topology(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    """Declare every exchange, queue and binding. Returns the main exchange."""
+    exchange = await declare_exchange(channel, topology)
+    # Fanout keeps each dead message's original routing key for whoever inspects the queue.
+    dead_letter_exchange = await channel.declare_exchange(
+        topology.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True
+    )
+    dead_letter_queue = await channel.declare_queue(
+        topology.dead_letter_queue, durable=True, arguments={"x-queue-type": "quorum"}
+    )
+    await dead_letter_queue.bind(dead_letter_exchange)
+    for spec in QUEUES:
+        await declare_queue(channel, topology, spec, exchange)
+    return exchange
+
+
+async def declare_reply_queue(channel: AbstractChannel, topology: Topology, instance_id: str) -> AbstractQueue:
+    # Exclusive: it lives and dies with the connection; the robust connection re-declares it.
+    return await channel.declare_queue(
+        topology.reply_queue_name(instance_id), exclusive=True, auto_delete=True, durable=False
+    )
+
+
+async def declare_queue(
+    channel: AbstractChannel, topology: Topology, spec: QueueSpec, exchange: AbstractExchange
+) -> AbstractQueue:
+    queue = await channel.declare_queue(
+        topology.queue_name(spec), durable=True, arguments=topology.queue_arguments(spec)
+    )
+    for routing_key in spec.bindings:
+        await queue.bind(exchange, routing_key)
+    return queue
