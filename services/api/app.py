@@ -1,0 +1,123 @@
+"""The API service: one Starlette app whose lifespan owns the pool, the broker and the outbox relay."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from importlib.metadata import version
+
+import asyncpg
+import uvicorn
+from prometheus_client import CollectorRegistry
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from services.api.check_runs import CheckRunClient
+from services.api.context import ApiContext, ApiMetrics
+from services.api.openapi import build_openapi
+from services.api.problems import (
+    Problem,
+    handle_http_exception,
+    handle_problem,
+    handle_unexpected,
+    problem_response,
+)
+from services.api.routes import ENDPOINTS
+from shared.crypto import SecretBox, load_or_create_key
+from shared.database import create_pool
+from shared.health import ServiceHealth, health_routes
+from shared.messaging import Broker
+from shared.outbox import OutboxMetrics, OutboxRelay
+from shared.settings import Settings
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+GRACEFUL_SHUTDOWN_SECONDS = 15
+
+
+async def handle_database_down(request: Request, exc: Exception) -> Response:
+    log.warning("database unavailable", extra={"path": request.url.path, "error": str(exc)})
+    return problem_response(Problem(503, "the database is unavailable; try again shortly"))
+
+
+def create_app(settings: Settings, key: bytes) -> Starlette:
+    registry = CollectorRegistry()
+    metrics = ApiMetrics(registry)
+    health = ServiceHealth("api", pool=None, broker=None, allowed_networks=settings.health_allowed_networks)
+    openapi = build_openapi(ENDPOINTS, version=version("healthgate"))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # Connections open on demand, so the API serves (and reports not ready) while PostgreSQL is down.
+        pool = await create_pool(settings.database_url, min_size=0, max_size=20)
+        broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name="healthgate-api")
+        check_runs = CheckRunClient(broker)
+        relay = OutboxRelay(pool, broker, OutboxMetrics(registry))
+        app.state.context = ApiContext(
+            settings=settings,
+            pool=pool,
+            broker=broker,
+            secrets=SecretBox(key),
+            metrics=metrics,
+            check_runs=check_runs,
+        )
+        health.pool, health.broker = pool, broker
+        background = [
+            asyncio.create_task(broker.run(check_runs.on_connected), name="broker-connect"),
+            asyncio.create_task(relay.run(), name="outbox-relay"),
+        ]
+        health.started = True
+        log.info("api started", extra={"host": settings.api_host, "port": settings.api_port})
+        try:
+            yield
+        finally:
+            health.shutting_down = True
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            await broker.close()
+            await pool.close()
+            log.info("api stopped")
+
+    async def openapi_document(request: Request) -> Response:
+        return JSONResponse(openapi)
+
+    routes = [
+        *(endpoint.route() for endpoint in ENDPOINTS),
+        Route("/openapi.json", openapi_document, methods=["GET"]),
+        *health_routes(health, registry),
+    ]
+    return Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={
+            Problem: handle_problem,
+            HTTPException: handle_http_exception,
+            asyncpg.PostgresConnectionError: handle_database_down,
+            asyncpg.InterfaceError: handle_database_down,
+            OSError: handle_database_down,
+            Exception: handle_unexpected,
+        },
+    )
+
+
+def run_api(settings: Settings) -> None:
+    key = load_or_create_key(settings.key_file)
+    app = create_app(settings, key)
+    config = uvicorn.Config(
+        app,
+        host=settings.api_host,
+        port=settings.api_port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+        server_header=False,
+    )
+    uvicorn.Server(config).run()

@@ -1,0 +1,441 @@
+"""Health checks of a host: `/api/v1/hosts/{host_id}/health-checks[/{check_id}[/test|/results]]`.
+
+Every change commits together with its audit entry, the host's recomputed summary and its
+`check.config.*` event in the outbox.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import asyncpg
+from pydantic import AwareDatetime, Field, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.api.audit import diff, record_audit
+from services.api.auth import Principal
+from services.api.context import ApiContext, context_of
+from services.api.problems import Problem, conflict, field_errors, not_found, validation_problem
+from services.api.requests import (
+    PageQuery,
+    decode_cursor,
+    encode_cursor,
+    json_response,
+    path_uuid,
+    read_json,
+    read_query,
+)
+from services.api.schemas import (
+    CHECK_WRITE_MODELS,
+    FIELDS_OF_TYPE,
+    CheckWriteBase,
+    HttpCheckWrite,
+    ItemList,
+    Page,
+    ResultView,
+    ServiceCheckWrite,
+    TcpCheckWrite,
+)
+from shared.events import CheckConfigChanged, CheckResultView, CheckRunRequest, CheckView
+from shared.host_status import refresh_host_status
+from shared.messaging import PublishFailed
+from shared.outbox import enqueue
+
+MAX_CHECKS_PER_HOST = 5
+# A created, changed or re-enabled check first runs within this many seconds (CONTRACT §4).
+FIRST_RUN_WITHIN_SECONDS = 5
+TEST_RUN_GRACE_SECONDS = 5
+
+WRITABLE_COLUMNS = (
+    "name",
+    "check_type",
+    "enabled",
+    "critical",
+    "interval_seconds",
+    "timeout_seconds",
+    "failures_before_unhealthy",
+    "successes_before_healthy",
+    "service_name",
+    "url",
+    "method",
+    "expected_status",
+    "expected_body",
+    "ignore_cert_errors",
+    "follow_redirects",
+    "basic_auth_user",
+    "basic_auth_pass_encrypted",
+    "port",
+    "address",
+)
+COMMON_FIELDS = (
+    "id",
+    "host_id",
+    "name",
+    "check_type",
+    "enabled",
+    "critical",
+    "interval_seconds",
+    "timeout_seconds",
+    "failures_before_unhealthy",
+    "successes_before_healthy",
+    "status",
+    "last_result",
+    "created_at",
+    "updated_at",
+    "basic_auth_pass_set",
+)
+TYPE_FIELDS = {
+    "service": ("service_name",),
+    "http": (
+        "url",
+        "method",
+        "expected_status",
+        "expected_body",
+        "ignore_cert_errors",
+        "follow_redirects",
+        "basic_auth_user",
+    ),
+    "tcp": ("port", "address"),
+}
+CHECK_SELECT = """
+    SELECT c.*, s.status, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms, s.last_checked_at
+    FROM health_checks c
+    JOIN check_state s ON s.check_id = c.id
+"""
+
+
+class ResultListQuery(PageQuery):
+    since: AwareDatetime | None = Field(None, description="results at or after this time")
+    until: AwareDatetime | None = Field(None, description="results before this time")
+
+
+def check_view(row: asyncpg.Record) -> CheckView:
+    """The API's view of a check: common fields and its own type's fields, never the password."""
+    last_result = None
+    if row["last_checked_at"] is not None:
+        last_result = CheckResultView(
+            healthy=row["last_healthy"],
+            reason=row["last_reason"],
+            detail=row["last_detail"],
+            latency_ms=row["last_latency_ms"],
+            checked_at=row["last_checked_at"],
+        )
+    values: dict[str, Any] = {
+        name: row[name] for name in COMMON_FIELDS if name not in ("last_result", "basic_auth_pass_set")
+    }
+    values |= {name: row[name] for name in TYPE_FIELDS[row["check_type"]]}
+    values["last_result"] = last_result
+    values["basic_auth_pass_set"] = row["basic_auth_pass_encrypted"] is not None
+    return CheckView.model_validate(values)
+
+
+def audited_fields(values: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
+    """A check's writable fields for the audit log; the password appears only as changed or not."""
+    fields = {name: values[name] for name in WRITABLE_COLUMNS if name != "basic_auth_pass_encrypted"}
+    if values["basic_auth_pass_encrypted"] is not None:
+        fields["basic_auth_pass"] = values["basic_auth_pass_encrypted"]
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+async def read_check_write(request: Request) -> CheckWriteBase:
+    """The body as the model of its `check_type`; fields of another check type are refused by name."""
+    document = await read_json(request)
+    if not isinstance(document, dict):
+        raise field_errors([{"field": "body", "message": "must be a JSON object"}])
+    check_type = document.get("check_type")
+    model = CHECK_WRITE_MODELS.get(check_type) if isinstance(check_type, str) else None
+    if model is None:
+        raise field_errors([{"field": "check_type", "message": "must be one of: service, http, tcp"}])
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        problem = validation_problem(exc)
+        for error in problem.errors or []:
+            owner = next((kind for kind, names in FIELDS_OF_TYPE.items() if error["field"] in names), None)
+            if error["message"] == "unknown field" and owner is not None:
+                error["message"] = f"a field of {owner} checks, not of {check_type} checks"
+        raise problem from None
+
+
+def column_values(
+    body: CheckWriteBase, context: ApiContext, check_id: uuid.UUID, stored_password: bytes | None
+) -> dict[str, Any]:
+    """The row to store for a validated body: other types' columns NULL, defaults from configuration."""
+    values: dict[str, Any] = dict.fromkeys(WRITABLE_COLUMNS)
+    values |= {
+        "name": body.name,
+        "enabled": body.enabled,
+        "critical": body.critical,
+        "interval_seconds": body.interval_seconds or context.settings.poll_interval_seconds,
+        "timeout_seconds": body.timeout_seconds or context.settings.check_timeout_seconds,
+        "failures_before_unhealthy": body.failures_before_unhealthy,
+        "successes_before_healthy": body.successes_before_healthy,
+    }
+    if isinstance(body, ServiceCheckWrite):
+        values |= {"check_type": "service", "service_name": body.service_name}
+    elif isinstance(body, TcpCheckWrite):
+        values |= {"check_type": "tcp", "port": body.port, "address": body.address}
+    elif isinstance(body, HttpCheckWrite):
+        if "basic_auth_pass" in body.model_fields_set:
+            password = None if body.basic_auth_pass is None else context.secrets.encrypt(body.basic_auth_pass, check_id)
+        else:
+            password = stored_password
+        values |= {
+            "check_type": "http",
+            "url": body.url,
+            "method": body.method,
+            "expected_status": body.expected_status,
+            "expected_body": body.expected_body or None,
+            "ignore_cert_errors": body.ignore_cert_errors,
+            "follow_redirects": body.follow_redirects,
+            "basic_auth_user": body.basic_auth_user,
+            # Without a user there is nothing to send a password with: it is cleared too.
+            "basic_auth_pass_encrypted": password if body.basic_auth_user is not None else None,
+        }
+    return values
+
+
+async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record:
+    """Lock the host: serialises the 5-check limit and the host summary against concurrent writers."""
+    host = await connection.fetchrow("SELECT id, agent_url FROM hosts WHERE id = $1 FOR UPDATE", host_id)
+    if host is None:
+        raise not_found("host")
+    return host
+
+
+def _require_agent_for_service(body: CheckWriteBase, host: asyncpg.Record) -> None:
+    if body.check_type == "service" and host["agent_url"] is None:
+        raise field_errors(
+            [
+                {
+                    "field": "check_type",
+                    "message": "a service check needs the host's agent_url; set it on the host first",
+                }
+            ]
+        )
+
+
+async def _fetch_check(
+    connection: asyncpg.Connection, host_id: uuid.UUID, check_id: uuid.UUID, *, for_update: bool = False
+) -> asyncpg.Record:
+    lock = " FOR UPDATE OF c" if for_update else ""
+    row = await connection.fetchrow(f"{CHECK_SELECT} WHERE c.id = $1 AND c.host_id = $2{lock}", check_id, host_id)
+    if row is None:
+        raise not_found("health check")
+    return row
+
+
+async def list_checks(request: Request, principal: Principal) -> Response:
+    host_id = path_uuid(request, "host_id")
+    async with context_of(request).pool.acquire() as connection:
+        if not await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id):
+            raise not_found("host")
+        rows = await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
+    return json_response(ItemList[CheckView](items=[check_view(row) for row in rows]))
+
+
+async def create_check(request: Request, principal: Principal) -> Response:
+    host_id = path_uuid(request, "host_id")
+    body = await read_check_write(request)
+    context = context_of(request)
+    check_id = uuid.uuid4()
+    values = column_values(body, context, check_id, stored_password=None)
+    async with context.pool.acquire() as connection, connection.transaction():
+        host = await _lock_host_for_checks(connection, host_id)
+        _require_agent_for_service(body, host)
+        existing = await connection.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", host_id)
+        if existing >= MAX_CHECKS_PER_HOST:
+            raise conflict(f"a host may have at most {MAX_CHECKS_PER_HOST} health checks; this one has {existing}")
+        columns = ", ".join(WRITABLE_COLUMNS)
+        placeholders = ", ".join(f"${index}" for index in range(3, len(WRITABLE_COLUMNS) + 3))
+        try:
+            await connection.execute(
+                f"INSERT INTO health_checks (id, host_id, {columns}) VALUES ($1, $2, {placeholders})",
+                check_id,
+                host_id,
+                *(values[name] for name in WRITABLE_COLUMNS),
+            )
+        except asyncpg.UniqueViolationError:
+            raise conflict(f"this host already has a check named {body.name!r}") from None
+        await connection.execute(
+            f"""
+            INSERT INTO check_state (check_id, host_id, next_run_at)
+            VALUES ($1, $2, CASE WHEN $3 THEN now() + random() * interval '{FIRST_RUN_WITHIN_SECONDS} seconds' END)
+            """,
+            check_id,
+            host_id,
+            body.enabled,
+        )
+        await refresh_host_status(connection, host_id, source=context.source)
+        row = await _fetch_check(connection, host_id, check_id)
+        view = check_view(row)
+        await record_audit(
+            connection,
+            actor=principal.name,
+            action="health_check.create",
+            entity_type="health_check",
+            entity_id=str(check_id),
+            host_id=host_id,
+            changes=audited_fields(values),
+        )
+        await enqueue(connection, "check.config.created", CheckConfigChanged(check=view), source=context.source)
+    return json_response(view, 201)
+
+
+async def get_check(request: Request, principal: Principal) -> Response:
+    host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
+    async with context_of(request).pool.acquire() as connection:
+        row = await _fetch_check(connection, host_id, check_id)
+    return json_response(check_view(row))
+
+
+async def update_check(request: Request, principal: Principal) -> Response:
+    host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
+    body = await read_check_write(request)
+    context = context_of(request)
+    async with context.pool.acquire() as connection, connection.transaction():
+        host = await _lock_host_for_checks(connection, host_id)
+        before = await _fetch_check(connection, host_id, check_id, for_update=True)
+        _require_agent_for_service(body, host)
+        values = column_values(body, context, check_id, stored_password=before["basic_auth_pass_encrypted"])
+        assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(WRITABLE_COLUMNS, start=3))
+        try:
+            await connection.execute(
+                f"UPDATE health_checks SET {assignments}, updated_at = now() WHERE id = $1 AND host_id = $2",
+                check_id,
+                host_id,
+                *(values[name] for name in WRITABLE_COLUMNS),
+            )
+        except asyncpg.UniqueViolationError:
+            raise conflict(f"this host already has a check named {body.name!r}") from None
+        changes = diff(audited_fields(before), audited_fields(values))
+        if changes:
+            # A changed or re-enabled check runs again within seconds; a disabled one is not scheduled.
+            await connection.execute(
+                f"""
+                UPDATE check_state
+                SET next_run_at = CASE WHEN $2
+                    THEN now() + random() * interval '{FIRST_RUN_WITHIN_SECONDS} seconds' END
+                WHERE check_id = $1
+                """,
+                check_id,
+                body.enabled,
+            )
+        await refresh_host_status(connection, host_id, source=context.source)
+        view = check_view(await _fetch_check(connection, host_id, check_id))
+        await record_audit(
+            connection,
+            actor=principal.name,
+            action="health_check.update",
+            entity_type="health_check",
+            entity_id=str(check_id),
+            host_id=host_id,
+            changes=changes,
+        )
+        if changes:
+            await enqueue(connection, "check.config.updated", CheckConfigChanged(check=view), source=context.source)
+    return json_response(view)
+
+
+async def delete_check_rows(
+    connection: asyncpg.Connection,
+    context: ApiContext,
+    host_id: uuid.UUID,
+    check_id: uuid.UUID,
+    *,
+    actor: str,
+    refresh_host: bool = True,
+) -> None:
+    """Delete a check with its state and results, audited, and publish `check.config.deleted`."""
+    before = await _fetch_check(connection, host_id, check_id, for_update=True)
+    await connection.execute("DELETE FROM check_results WHERE check_id = $1", check_id)
+    await connection.execute("DELETE FROM health_checks WHERE id = $1", check_id)
+    if refresh_host:
+        await refresh_host_status(connection, host_id, source=context.source)
+    await record_audit(
+        connection,
+        actor=actor,
+        action="health_check.delete",
+        entity_type="health_check",
+        entity_id=str(check_id),
+        host_id=host_id,
+        changes=audited_fields(before),
+    )
+    await enqueue(
+        connection, "check.config.deleted", CheckConfigChanged(check=check_view(before)), source=context.source
+    )
+
+
+async def delete_check(request: Request, principal: Principal) -> Response:
+    host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
+    context = context_of(request)
+    async with context.pool.acquire() as connection, connection.transaction():
+        await _lock_host_for_checks(connection, host_id)
+        await delete_check_rows(connection, context, host_id, check_id, actor=principal.name)
+    return Response(status_code=204)
+
+
+async def test_check(request: Request, principal: Principal) -> Response:
+    host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
+    context = context_of(request)
+    async with context.pool.acquire() as connection, connection.transaction():
+        row = await _fetch_check(connection, host_id, check_id)
+        await record_audit(
+            connection,
+            actor=principal.name,
+            action="health_check.test",
+            entity_type="health_check",
+            entity_id=str(check_id),
+            host_id=host_id,
+            changes={},
+        )
+    timeout = row["timeout_seconds"] + TEST_RUN_GRACE_SECONDS
+    try:
+        result = await context.check_runs.run(
+            CheckRunRequest(check_id=check_id, host_id=host_id, requested_by=principal.name), timeout
+        )
+    except PublishFailed:
+        raise Problem(503, "the message broker is unavailable; try again shortly") from None
+    if result is None:
+        raise Problem(504, f"no poller answered within {timeout:g} s")
+    return json_response(ResultView.model_validate(result.model_dump()))
+
+
+async def list_results(request: Request, principal: Principal) -> Response:
+    host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
+    query = read_query(request, ResultListQuery)
+    before: tuple[dt.datetime, uuid.UUID] | None = None
+    if query.cursor is not None:
+        checked_at, result_id = decode_cursor(query.cursor, 2)
+        try:
+            before = (dt.datetime.fromisoformat(checked_at), uuid.UUID(result_id))
+        except (TypeError, ValueError):
+            raise field_errors([{"field": "query.cursor", "message": "not a cursor this list returned"}]) from None
+    async with context_of(request).pool.acquire() as connection:
+        await _fetch_check(connection, host_id, check_id)
+        rows = await connection.fetch(
+            """
+            SELECT id, healthy, reason, status, detail, latency_ms, checked_at
+            FROM check_results
+            WHERE check_id = $1
+              AND ($2::timestamptz IS NULL OR checked_at >= $2)
+              AND ($3::timestamptz IS NULL OR checked_at < $3)
+              AND ($4::timestamptz IS NULL OR (checked_at, id) < ($4, $5::uuid))
+            ORDER BY checked_at DESC, id DESC
+            LIMIT $6
+            """,
+            check_id,
+            query.since,
+            query.until,
+            before[0] if before else None,
+            before[1] if before else None,
+            query.limit + 1,
+        )
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    next_cursor = encode_cursor(rows[-1]["checked_at"].isoformat(), str(rows[-1]["id"])) if more else None
+    items = [ResultView.model_validate(dict(row)) for row in rows]
+    return json_response(Page[ResultView](items=items, next_cursor=next_cursor))

@@ -1,0 +1,84 @@
+"""An endpoint is declared once: its route, who may call it, and the models of its query, body and
+answer. The same declaration builds the Starlette route and the OpenAPI document.
+
+Access is decided in a fixed order: no or unknown token → 401; a host outside the caller's groups →
+404 (its existence is not revealed); a role that may not do this → 403.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from services.api.auth import ROLES, Principal, Role, authenticate
+from services.api.context import context_of
+from services.api.problems import Problem, forbidden, not_found
+from services.api.requests import path_uuid
+
+DATABASE_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
+Handler = Callable[[Request, Principal], Awaitable[Response]]
+ALL_ROLES: frozenset[Role] = frozenset(ROLES)
+ADMIN: frozenset[Role] = frozenset({"admin"})
+CHECK_EDITORS: frozenset[Role] = frozenset({"admin", "operator"})
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    roles: frozenset[Role]
+    tag: str
+    query: type[BaseModel] | None = None
+    body: Any = None
+    response: Any = None
+    status_code: int = 200
+    errors: tuple[int, ...] = ()
+    description: str = ""
+    extra_responses: dict[int, str] = field(default_factory=dict)
+
+    def route(self) -> Route:
+        return Route(self.path, self._guarded, methods=[self.method], name=self.summary)
+
+    async def _guarded(self, request: Request) -> Response:
+        context = context_of(request)
+        started = time.perf_counter()
+        status = 500
+        try:
+            principal = await authenticate(context.pool, request.headers.get("authorization"))
+            if "host_id" in request.path_params:
+                await _require_visible_host(request, principal, path_uuid(request, "host_id"))
+            if principal.role not in self.roles:
+                raise forbidden(f"role {principal.role!r} may not {self.summary.lower()}")
+            response = await self.handler(request, principal)
+            status = response.status_code
+            return response
+        except Problem as problem:
+            status = problem.status
+            raise
+        except DATABASE_DOWN:
+            status = 503
+            raise
+        finally:
+            context.metrics.requests.labels(self.method, self.path, str(status)).inc()
+            context.metrics.latency.labels(self.method, self.path).observe(time.perf_counter() - started)
+
+
+async def _require_visible_host(request: Request, principal: Principal, host_id: uuid.UUID) -> None:
+    """404 unless the host exists and is in the caller's groups. Admins pass: their handlers answer
+    404 themselves where a host must exist (jobs may name hosts the gate has never heard of)."""
+    if principal.is_admin:
+        return
+    group = await context_of(request).pool.fetchval('SELECT "group" FROM hosts WHERE id = $1', host_id)
+    if group is None or not principal.sees_group(group):
+        raise not_found("host")

@@ -1,0 +1,201 @@
+"""Hosts: `/api/v1/hosts` and `/api/v1/hosts/{host_id}`."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import asyncpg
+from pydantic import BaseModel, Field
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.api.audit import diff, record_audit
+from services.api.auth import Principal
+from services.api.checks import delete_check_rows
+from services.api.context import context_of
+from services.api.problems import conflict, field_errors, not_found
+from services.api.requests import (
+    PageQuery,
+    decode_cursor,
+    encode_cursor,
+    json_response,
+    path_uuid,
+    read_model,
+    read_query,
+)
+from services.api.schemas import GroupName, HostCreate, HostView, HostWrite, Page
+from shared.events import HostHealthStatus
+
+HOST_COLUMNS = """
+    id, name, "group", agent_url, health_check_status, checks_total, checks_healthy, created_at, updated_at
+"""
+
+
+class HostListQuery(PageQuery):
+    group: GroupName | None = Field(None, description="only hosts of this group")
+    health_check_status: HostHealthStatus | None = Field(None, description="only hosts in this state")
+
+
+def host_view(row: asyncpg.Record) -> HostView:
+    return HostView.model_validate(dict(row))
+
+
+def host_fields(row: asyncpg.Record | HostWrite) -> dict[str, Any]:
+    """The writable fields of a host, as audited."""
+    if isinstance(row, BaseModel):
+        return {"name": row.name, "group": row.group, "agent_url": row.agent_url}
+    return {"name": row["name"], "group": row["group"], "agent_url": row["agent_url"]}
+
+
+async def fetch_visible_host(
+    connection: asyncpg.Connection, principal: Principal, host_id: uuid.UUID, *, for_update: bool = False
+) -> asyncpg.Record:
+    lock = " FOR UPDATE" if for_update else ""
+    row = await connection.fetchrow(f"SELECT {HOST_COLUMNS} FROM hosts WHERE id = $1{lock}", host_id)
+    if row is None or not principal.sees_group(row["group"]):
+        raise not_found("host")
+    return row
+
+
+async def list_hosts(request: Request, principal: Principal) -> Response:
+    query = read_query(request, HostListQuery)
+    conditions: list[str] = []
+    arguments: list[Any] = []
+
+    def where(condition: str, value: Any) -> None:
+        arguments.append(value)
+        conditions.append(condition.format(f"${len(arguments)}"))
+
+    groups = principal.visible_groups()
+    if groups is not None:
+        where('"group" = ANY({}::text[])', groups)
+    if query.group is not None:
+        where('"group" = {}', query.group)
+    if query.health_check_status is not None:
+        where("health_check_status = {}", query.health_check_status)
+    if query.cursor is not None:
+        (after_name,) = decode_cursor(query.cursor, 1)
+        where("name > {}", str(after_name))
+    arguments.append(query.limit + 1)
+    sql = (
+        f"SELECT {HOST_COLUMNS} FROM hosts"
+        + (" WHERE " + " AND ".join(conditions) if conditions else "")
+        + f" ORDER BY name LIMIT ${len(arguments)}"
+    )
+    rows = await context_of(request).pool.fetch(sql, *arguments)
+    more = len(rows) > query.limit
+    rows = rows[: query.limit]
+    next_cursor = encode_cursor(rows[-1]["name"]) if more else None
+    return json_response(Page[HostView](items=[host_view(row) for row in rows], next_cursor=next_cursor))
+
+
+async def create_host(request: Request, principal: Principal) -> Response:
+    body: HostCreate = await read_model(request, HostCreate)
+    host_id = body.id or uuid.uuid4()
+    context = context_of(request)
+    async with context.pool.acquire() as connection, connection.transaction():
+        try:
+            row = await connection.fetchrow(
+                f"""
+                INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)
+                RETURNING {HOST_COLUMNS}
+                """,
+                host_id,
+                body.name,
+                body.group,
+                body.agent_url,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise _host_conflict(exc, body.name, host_id) from None
+        await record_audit(
+            connection,
+            actor=principal.name,
+            action="host.create",
+            entity_type="host",
+            entity_id=str(host_id),
+            host_id=host_id,
+            changes=host_fields(body),
+        )
+    return json_response(host_view(row), 201)
+
+
+async def get_host(request: Request, principal: Principal) -> Response:
+    host_id = path_uuid(request, "host_id")
+    async with context_of(request).pool.acquire() as connection:
+        row = await fetch_visible_host(connection, principal, host_id)
+    return json_response(host_view(row))
+
+
+async def update_host(request: Request, principal: Principal) -> Response:
+    host_id = path_uuid(request, "host_id")
+    body: HostWrite = await read_model(request, HostWrite)
+    context = context_of(request)
+    async with context.pool.acquire() as connection, connection.transaction():
+        before = await fetch_visible_host(connection, principal, host_id, for_update=True)
+        if body.agent_url is None and before["agent_url"] is not None:
+            service_checks = await connection.fetchval(
+                "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'service'", host_id
+            )
+            if service_checks:
+                raise field_errors(
+                    [
+                        {
+                            "field": "agent_url",
+                            "message": f"required: the host has {service_checks} service check(s)",
+                        }
+                    ]
+                )
+        try:
+            row = await connection.fetchrow(
+                f"""
+                UPDATE hosts SET name = $2, "group" = $3, agent_url = $4, updated_at = now()
+                WHERE id = $1
+                RETURNING {HOST_COLUMNS}
+                """,
+                host_id,
+                body.name,
+                body.group,
+                body.agent_url,
+            )
+        except asyncpg.UniqueViolationError as exc:
+            raise _host_conflict(exc, body.name, host_id) from None
+        await record_audit(
+            connection,
+            actor=principal.name,
+            action="host.update",
+            entity_type="host",
+            entity_id=str(host_id),
+            host_id=host_id,
+            changes=diff(host_fields(before), host_fields(body)),
+        )
+    return json_response(host_view(row))
+
+
+async def delete_host(request: Request, principal: Principal) -> Response:
+    host_id = path_uuid(request, "host_id")
+    context = context_of(request)
+    async with context.pool.acquire() as connection, connection.transaction():
+        before = await fetch_visible_host(connection, principal, host_id, for_update=True)
+        check_ids = [
+            row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)
+        ]
+        for check_id in check_ids:
+            await delete_check_rows(connection, context, host_id, check_id, actor=principal.name, refresh_host=False)
+        await connection.execute("DELETE FROM hosts WHERE id = $1", host_id)
+        await record_audit(
+            connection,
+            actor=principal.name,
+            action="host.delete",
+            entity_type="host",
+            entity_id=str(host_id),
+            host_id=host_id,
+            changes=host_fields(before),
+        )
+    return Response(status_code=204)
+
+
+def _host_conflict(exc: asyncpg.UniqueViolationError, name: str, host_id: uuid.UUID) -> Exception:
+    if exc.constraint_name == "hosts_name_unique":
+        return conflict(f"a host named {name!r} already exists")
+    return conflict(f"a host with id {host_id} already exists")

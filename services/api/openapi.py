@@ -1,0 +1,121 @@
+"""The OpenAPI 3.1 document, generated from the endpoint declarations and their pydantic models."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import BaseModel, TypeAdapter
+
+from services.api.endpoints import Endpoint
+from services.api.schemas import ProblemDetails
+
+REF_TEMPLATE = "#/components/schemas/{model}"
+PATH_PARAMETER = re.compile(r"{(\w+)}")
+PROBLEM_STATUSES = {
+    400: "The body is not JSON",
+    401: "No or unknown token",
+    403: "The caller's role may not do this",
+    404: "Not found, or outside the caller's groups",
+    409: "Conflicts with the current state",
+    413: "The body is too large",
+    422: "Invalid fields; `errors` names each",
+    503: "A dependency is unavailable",
+    504: "No poller answered in time",
+}
+
+
+class _Schemas:
+    """Collects component schemas; request and response variants of a model may differ."""
+
+    def __init__(self) -> None:
+        self.components: dict[str, Any] = {}
+
+    def reference(self, model: Any, mode: str) -> dict[str, Any]:
+        schema = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE, mode=mode)  # type: ignore[arg-type]
+        self.components.update(schema.pop("$defs", {}))
+        if isinstance(model, type) and issubclass(model, BaseModel):
+            name = schema.get("title", model.__name__)
+            self.components[name] = schema
+            return {"$ref": REF_TEMPLATE.format(model=name)}
+        return schema
+
+
+def _parameters(endpoint: Endpoint, schemas: _Schemas) -> list[dict[str, Any]]:
+    parameters = []
+    for name in PATH_PARAMETER.findall(endpoint.path):
+        schema: dict[str, Any] = {"type": "string"}
+        if name.endswith("_id") and name != "job_id":
+            schema["format"] = "uuid"
+        if name == "job_id":
+            schema |= {"minLength": 1, "maxLength": 200}
+        parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
+    if endpoint.query is not None:
+        query_schema = endpoint.query.model_json_schema(ref_template=REF_TEMPLATE)
+        schemas.components.update(query_schema.pop("$defs", {}))
+        for name, field_schema in query_schema["properties"].items():
+            field_schema = _without_null(field_schema)
+            description = field_schema.pop("description", None)
+            parameter = {"name": name, "in": "query", "required": False, "schema": field_schema}
+            if description:
+                parameter["description"] = description
+            parameters.append(parameter)
+    return parameters
+
+
+def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """A query parameter is absent rather than null: drop the null alternative of optional fields."""
+    alternatives = [option for option in schema.get("anyOf", []) if option != {"type": "null"}]
+    if len(alternatives) == 1:
+        rest = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
+        return alternatives[0] | rest
+    return schema
+
+
+def build_openapi(endpoints: Sequence[Endpoint], *, version: str) -> dict[str, Any]:
+    schemas = _Schemas()
+    problem = {"application/problem+json": {"schema": schemas.reference(ProblemDetails, "serialization")}}
+    paths: dict[str, dict[str, Any]] = {}
+    for endpoint in endpoints:
+        responses: dict[str, Any] = {}
+        if endpoint.response is None:
+            responses[str(endpoint.status_code)] = {"description": "Done"}
+        else:
+            responses[str(endpoint.status_code)] = {
+                "description": endpoint.summary,
+                "content": {"application/json": {"schema": schemas.reference(endpoint.response, "serialization")}},
+            }
+        for status in sorted({401, 403, *endpoint.errors}):
+            responses[str(status)] = {"description": PROBLEM_STATUSES[status], "content": problem}
+        operation: dict[str, Any] = {
+            "summary": endpoint.summary,
+            "operationId": endpoint.handler.__name__,
+            "tags": [endpoint.tag],
+            "description": (endpoint.description + "\n\n" if endpoint.description else "")
+            + "Roles: "
+            + ", ".join(sorted(endpoint.roles))
+            + ".",
+            "parameters": _parameters(endpoint, schemas),
+            "responses": responses,
+            "security": [{"bearerAuth": []}],
+        }
+        if endpoint.body is not None:
+            operation["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {"schema": schemas.reference(endpoint.body, "validation")}},
+            }
+        paths.setdefault(endpoint.path, {})[endpoint.method.lower()] = operation
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "healthgate",
+            "version": version,
+            "description": "Hosts, health checks, results, gate jobs and audit of healthgate.",
+        },
+        "paths": paths,
+        "components": {
+            "schemas": schemas.components,
+            "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer"}},
+        },
+    }

@@ -1,0 +1,200 @@
+"""Every endpoint of the API, in one explicit list."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+from starlette.requests import Request
+from starlette.responses import Response
+
+from services.api import audit, checks, hosts, jobs
+from services.api.auth import Principal
+from services.api.endpoints import ADMIN, ALL_ROLES, CHECK_EDITORS, Endpoint
+from services.api.requests import json_response
+from services.api.schemas import (
+    AuditEntry,
+    CheckWrite,
+    HostCreate,
+    HostView,
+    HostWrite,
+    ItemList,
+    JobHostView,
+    JobListItem,
+    JobView,
+    OverrideRequest,
+    Page,
+    ResultView,
+)
+from shared.events import CheckView
+
+
+class Caller(BaseModel):
+    name: str
+    role: str
+    groups: list[str]
+
+
+async def who_am_i(request: Request, principal: Principal) -> Response:
+    return json_response(Caller(name=principal.name, role=principal.role, groups=list(principal.groups)))
+
+
+HOST = "/api/v1/hosts/{host_id}"
+CHECK = HOST + "/health-checks/{check_id}"
+
+ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint("GET", "/api/v1/me", who_am_i, "Show the calling token", ALL_ROLES, "tokens", response=Caller),
+    Endpoint(
+        "POST",
+        "/api/v1/hosts",
+        hosts.create_host,
+        "Create a host",
+        ADMIN,
+        "hosts",
+        body=HostCreate,
+        response=HostView,
+        status_code=201,
+        errors=(400, 409, 413, 422),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/hosts",
+        hosts.list_hosts,
+        "List hosts",
+        ALL_ROLES,
+        "hosts",
+        query=hosts.HostListQuery,
+        response=Page[HostView],
+        errors=(422,),
+    ),
+    Endpoint("GET", HOST, hosts.get_host, "Show a host", ALL_ROLES, "hosts", response=HostView, errors=(404, 422)),
+    Endpoint(
+        "PUT",
+        HOST,
+        hosts.update_host,
+        "Update a host",
+        ADMIN,
+        "hosts",
+        body=HostWrite,
+        response=HostView,
+        errors=(400, 404, 409, 413, 422),
+    ),
+    Endpoint(
+        "DELETE",
+        HOST,
+        hosts.delete_host,
+        "Delete a host",
+        ADMIN,
+        "hosts",
+        status_code=204,
+        errors=(404, 422),
+        description="Deletes its checks and their results too.",
+    ),
+    Endpoint(
+        "GET",
+        HOST + "/health-checks",
+        checks.list_checks,
+        "List a host's checks",
+        ALL_ROLES,
+        "checks",
+        response=ItemList[CheckView],
+        errors=(404, 422),
+    ),
+    Endpoint(
+        "POST",
+        HOST + "/health-checks",
+        checks.create_check,
+        "Create a check",
+        CHECK_EDITORS,
+        "checks",
+        body=CheckWrite,
+        response=CheckView,
+        status_code=201,
+        errors=(400, 404, 409, 413, 422),
+        description="At most 5 checks per host; a service check needs the host's agent_url.",
+    ),
+    Endpoint(
+        "GET", CHECK, checks.get_check, "Show a check", ALL_ROLES, "checks", response=CheckView, errors=(404, 422)
+    ),
+    Endpoint(
+        "PUT",
+        CHECK,
+        checks.update_check,
+        "Update a check",
+        CHECK_EDITORS,
+        "checks",
+        body=CheckWrite,
+        response=CheckView,
+        errors=(400, 404, 409, 413, 422),
+        description="Replaces every writable field; basic_auth_pass omitted keeps it, null clears it.",
+    ),
+    Endpoint(
+        "DELETE",
+        CHECK,
+        checks.delete_check,
+        "Delete a check",
+        CHECK_EDITORS,
+        "checks",
+        status_code=204,
+        errors=(404, 422),
+    ),
+    Endpoint(
+        "POST",
+        CHECK + "/test",
+        checks.test_check,
+        "Run a check now",
+        CHECK_EDITORS,
+        "checks",
+        response=ResultView,
+        errors=(404, 422, 503, 504),
+        description="A poller runs the check now; the result is stored and published like any other.",
+    ),
+    Endpoint(
+        "GET",
+        CHECK + "/results",
+        checks.list_results,
+        "List a check's results",
+        ALL_ROLES,
+        "checks",
+        query=checks.ResultListQuery,
+        response=Page[ResultView],
+        errors=(404, 422),
+        description="Newest first.",
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/jobs",
+        jobs.list_jobs,
+        "List job hosts",
+        ALL_ROLES,
+        "jobs",
+        query=jobs.JobListQuery,
+        response=Page[JobListItem],
+        errors=(422,),
+        description="Newest first, scoped by the hosts' groups.",
+    ),
+    Endpoint(
+        "GET", "/api/v1/jobs/{job_id}", jobs.get_job, "Show a job", ALL_ROLES, "jobs", response=JobView, errors=(404,)
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/jobs/{job_id}/hosts/{host_id}/override",
+        jobs.override_job,
+        "Decide a waiting job by hand",
+        ADMIN,
+        "jobs",
+        body=OverrideRequest,
+        response=JobHostView,
+        errors=(400, 404, 409, 413, 422),
+    ),
+    Endpoint(
+        "GET",
+        "/api/v1/audit",
+        audit.list_audit,
+        "List the audit log",
+        ADMIN,
+        "audit",
+        query=audit.PageQuery,
+        response=Page[AuditEntry],
+        errors=(422,),
+        description="Newest first.",
+    ),
+)
