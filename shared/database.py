@@ -67,7 +67,8 @@ async def ensure_database(dsn: str) -> bool:
         quoted = '"' + database.replace('"', '""') + '"'
         try:
             await connection.execute(f"CREATE DATABASE {quoted}")
-        except asyncpg.DuplicateDatabaseError:
+        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
+            # Another `healthgate migrate` created it at the same moment.
             return False
         log.info("created database", extra={"database": database})
         return True

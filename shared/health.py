@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import ipaddress
 import json
 import logging
+import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -119,6 +122,23 @@ def _health_response(body: dict[str, object], status_code: int) -> Response:
         media_type=HEALTH_CONTENT_TYPE,
         headers={"Cache-Control": "no-store"},
     )
+
+
+class GracefulServer(uvicorn.Server):
+    """uvicorn's server, stopping on SIGINT/SIGTERM as usual but then exiting with status 0 instead of
+    re-raising the signal: a graceful stop is a success for `healthgate up`, compose and systemd."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        originals = {sig: signal.signal(sig, self.handle_exit) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in originals.items():
+                signal.signal(sig, handler)
 
 
 async def serve_health(health: ServiceHealth, registry: CollectorRegistry, host: str, port: int) -> None:

@@ -30,7 +30,7 @@ from services.api.problems import (
 from services.api.routes import ENDPOINTS
 from shared.crypto import SecretBox, load_or_create_key
 from shared.database import create_pool
-from shared.health import ServiceHealth, health_routes
+from shared.health import GracefulServer, ServiceHealth, health_routes
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay
 from shared.settings import Settings
@@ -120,4 +120,4 @@ def run_api(settings: Settings) -> None:
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )
-    uvicorn.Server(config).run()
+    GracefulServer(config).run()

@@ -1,0 +1,143 @@
+"""Bad input gets a clear 4xx problem answer, never a 500, and changes nothing."""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import httpx
+import pytest
+
+PROBLEM_FIELDS = {"type", "title", "status", "detail"}
+
+
+def assert_problem(response: httpx.Response, status: int) -> dict[str, object]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert PROBLEM_FIELDS <= body.keys() and body["status"] == status and body["detail"]
+    return body  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+async def host_id(admin: httpx.AsyncClient) -> str:
+    response = await admin.post("/api/v1/hosts", json={"name": "bad-input-host", "group": "g"})
+    return str(response.json()["id"])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"{not json", b"", b"\xff\xfe\x00", b'{"name": "x", "group": ', b"NaN-ish"],
+    ids=["broken", "empty", "not-utf8", "truncated", "bare-word"],
+)
+async def test_malformed_json_is_400(admin: httpx.AsyncClient, body: bytes) -> None:
+    assert_problem(await admin.post("/api/v1/hosts", content=body), 400)
+
+
+async def test_wrong_types_name_every_bad_field(admin: httpx.AsyncClient, host_id: str) -> None:
+    response = await admin.post(
+        f"/api/v1/hosts/{host_id}/health-checks",
+        json={
+            "name": "",
+            "check_type": "http",
+            "url": "ftp://nowhere",
+            "interval_seconds": "often",
+            "timeout_seconds": 99,
+            "expected_status": "600",
+            "method": "POST",
+            "port": 80,
+        },
+    )
+    body = assert_problem(response, 422)
+    fields = {error["field"] for error in body["errors"]}  # type: ignore[union-attr]
+    assert fields == {"name", "url", "interval_seconds", "timeout_seconds", "expected_status", "method", "port"}
+    port_error = next(error for error in body["errors"] if error["field"] == "port")  # type: ignore[union-attr]
+    assert "tcp" in port_error["message"]
+
+
+@pytest.mark.parametrize("check_type", ["ping", None, 7, ""])
+async def test_unknown_check_type_is_422(admin: httpx.AsyncClient, host_id: str, check_type: object) -> None:
+    body = assert_problem(
+        await admin.post(f"/api/v1/hosts/{host_id}/health-checks", json={"name": "x", "check_type": check_type}), 422
+    )
+    assert body["errors"] == [{"field": "check_type", "message": "must be one of: service, http, tcp"}]
+
+
+async def test_huge_body_is_413(admin: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    huge = {"name": "x" * (2 * 1024 * 1024), "group": "g"}
+    assert_problem(await admin.post("/api/v1/hosts", json=huge), 413)
+
+    async def chunks():  # no Content-Length: the limit holds for streamed bodies too
+        for _ in range(100):
+            yield b" " * 10_000
+
+    assert_problem(await admin.post("/api/v1/hosts", content=chunks()), 413)
+    assert await db.fetchval("SELECT count(*) FROM hosts") == 0
+
+
+@pytest.mark.parametrize("body", [b"[]", b'"text"', b"3", b"null", b'[{"name": "a", "group": "b"}]'])
+async def test_body_that_is_not_an_object_is_422(admin: httpx.AsyncClient, body: bytes) -> None:
+    assert_problem(await admin.post("/api/v1/hosts", content=body), 422)
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "limit=0",
+        "limit=501",
+        "limit=abc",
+        "cursor=%%%",
+        "cursor=bm90LWEtY3Vyc29y",
+        "health_check_status=sick",
+        "colour=red",
+        "limit=5&limit=6",
+    ],
+)
+async def test_bad_query_is_422(admin: httpx.AsyncClient, query: str) -> None:
+    body = assert_problem(await admin.get(f"/api/v1/hosts?{query}"), 422)
+    assert str(body["errors"][0]["field"]).startswith("query.")  # type: ignore[index]
+
+
+async def test_bad_path_values_are_4xx(admin: httpx.AsyncClient, host_id: str) -> None:
+    assert_problem(await admin.get("/api/v1/hosts/not-a-uuid"), 422)
+    assert_problem(await admin.get(f"/api/v1/hosts/{uuid.uuid4()}"), 404)
+    assert_problem(await admin.get(f"/api/v1/hosts/{host_id}/health-checks/nope"), 422)
+    assert_problem(await admin.get("/api/v1/no-such-thing"), 404)
+    assert_problem(await admin.patch(f"/api/v1/hosts/{host_id}", json={}), 405)
+    assert_problem(await admin.get("/api/v1/jobs/" + "j" * 300), 404)
+    assert_problem(await admin.get("/api/v1/jobs/a%00b"), 422)
+    assert_problem(await admin.get("/api/v1/hosts?group=a%00b"), 422)
+
+
+async def test_results_time_range_must_be_aware(admin: httpx.AsyncClient, host_id: str) -> None:
+    check = await admin.post(
+        f"/api/v1/hosts/{host_id}/health-checks", json={"name": "t", "check_type": "tcp", "port": 1}
+    )
+    url = f"/api/v1/hosts/{host_id}/health-checks/{check.json()['id']}/results"
+    assert_problem(await admin.get(url, params={"since": "yesterday"}), 422)
+    assert_problem(await admin.get(url, params={"since": "2026-01-01T00:00:00"}), 422)
+    assert (await admin.get(url, params={"since": "2026-01-01T00:00:00Z"})).status_code == 200
+
+
+async def test_invalid_values_of_every_kind_change_nothing(admin: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    bad_hosts = [
+        {"name": "", "group": "g"},
+        {"name": "a", "group": "g" * 101},
+        {"name": "a", "group": "g", "agent_url": "not a url"},
+        {"name": "a", "group": "g", "agent_url": "file:///etc/passwd"},
+        {"name": "a", "group": "g", "id": "123"},
+        {"name": "a", "group": "g", "extra": True},
+        {"name": " padded ", "group": "g"},
+        {"name": "a\u0000b", "group": "g"},
+        {"name": "a", "group": "g", "agent_url": "http://x/\u0000"},
+    ]
+    for body in bad_hosts:
+        response = await admin.post("/api/v1/hosts", json=body)
+        assert response.status_code in (400, 422), (body, response.text)
+    assert await db.fetchval("SELECT count(*) FROM hosts") == 0
+
+
+async def test_problem_for_unauthenticated_request(client: httpx.AsyncClient) -> None:
+    response = await client.get("/api/v1/hosts", headers={"Authorization": "Basic Zm9vOmJhcg=="})
+    assert_problem(response, 401)
+    assert response.headers["www-authenticate"].startswith("Bearer")
