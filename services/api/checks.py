@@ -140,6 +140,20 @@ def audited_fields(values: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in fields.items() if value is not None}
 
 
+async def audit_check(
+    connection: asyncpg.Connection,
+    actor: str,
+    action: str,
+    host_id: uuid.UUID,
+    check_id: uuid.UUID,
+    changes: dict[str, Any],
+) -> None:
+    await record_audit(
+        connection, actor=actor, action=action, entity_type="health_check", entity_id=str(check_id),
+        host_id=host_id, changes=changes,
+    )  # fmt: skip
+
+
 async def read_check_write(request: Request) -> CheckWriteBase:
     """The body as the model of its `check_type`; fields of another check type are refused by name."""
     document = await read_json(request)
@@ -272,15 +286,7 @@ async def create_check(request: Request, principal: Principal) -> Response:
         await refresh_host_status(connection, host_id, source=context.source)
         row = await _fetch_check(connection, host_id, check_id)
         view = check_view(row)
-        await record_audit(
-            connection,
-            actor=principal.name,
-            action="health_check.create",
-            entity_type="health_check",
-            entity_id=str(check_id),
-            host_id=host_id,
-            changes=audited_fields(values),
-        )
+        await audit_check(connection, principal.name, "health_check.create", host_id, check_id, audited_fields(values))
         await enqueue(connection, "check.config.created", CheckConfigChanged(check=view), source=context.source)
     return json_response(view, 201)
 
@@ -326,15 +332,7 @@ async def update_check(request: Request, principal: Principal) -> Response:
             )
         await refresh_host_status(connection, host_id, source=context.source)
         view = check_view(await _fetch_check(connection, host_id, check_id))
-        await record_audit(
-            connection,
-            actor=principal.name,
-            action="health_check.update",
-            entity_type="health_check",
-            entity_id=str(check_id),
-            host_id=host_id,
-            changes=changes,
-        )
+        await audit_check(connection, principal.name, "health_check.update", host_id, check_id, changes)
         if changes:
             await enqueue(connection, "check.config.updated", CheckConfigChanged(check=view), source=context.source)
     return json_response(view)
@@ -355,15 +353,7 @@ async def delete_check_rows(
     await connection.execute("DELETE FROM health_checks WHERE id = $1", check_id)
     if refresh_host:
         await refresh_host_status(connection, host_id, source=context.source)
-    await record_audit(
-        connection,
-        actor=actor,
-        action="health_check.delete",
-        entity_type="health_check",
-        entity_id=str(check_id),
-        host_id=host_id,
-        changes=audited_fields(before),
-    )
+    await audit_check(connection, actor, "health_check.delete", host_id, check_id, audited_fields(before))
     await enqueue(
         connection, "check.config.deleted", CheckConfigChanged(check=check_view(before)), source=context.source
     )
@@ -383,15 +373,7 @@ async def test_check(request: Request, principal: Principal) -> Response:
     context = context_of(request)
     async with context.pool.acquire() as connection, connection.transaction():
         row = await _fetch_check(connection, host_id, check_id)
-        await record_audit(
-            connection,
-            actor=principal.name,
-            action="health_check.test",
-            entity_type="health_check",
-            entity_id=str(check_id),
-            host_id=host_id,
-            changes={},
-        )
+        await audit_check(connection, principal.name, "health_check.test", host_id, check_id, {})
     timeout = row["timeout_seconds"] + TEST_RUN_GRACE_SECONDS
     try:
         result = await context.check_runs.run(

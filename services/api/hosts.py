@@ -108,15 +108,7 @@ async def create_host(request: Request, principal: Principal) -> Response:
             )
         except asyncpg.UniqueViolationError as exc:
             raise _host_conflict(exc, body.name, host_id) from None
-        await record_audit(
-            connection,
-            actor=principal.name,
-            action="host.create",
-            entity_type="host",
-            entity_id=str(host_id),
-            host_id=host_id,
-            changes=host_fields(body),
-        )
+        await audit_host(connection, principal, "host.create", host_id, host_fields(body))
     return json_response(host_view(row), 201)
 
 
@@ -160,15 +152,7 @@ async def update_host(request: Request, principal: Principal) -> Response:
             )
         except asyncpg.UniqueViolationError as exc:
             raise _host_conflict(exc, body.name, host_id) from None
-        await record_audit(
-            connection,
-            actor=principal.name,
-            action="host.update",
-            entity_type="host",
-            entity_id=str(host_id),
-            host_id=host_id,
-            changes=diff(host_fields(before), host_fields(body)),
-        )
+        await audit_host(connection, principal, "host.update", host_id, diff(host_fields(before), host_fields(body)))
     return json_response(host_view(row))
 
 
@@ -183,16 +167,17 @@ async def delete_host(request: Request, principal: Principal) -> Response:
         for check_id in check_ids:
             await delete_check_rows(connection, context, host_id, check_id, actor=principal.name, refresh_host=False)
         await connection.execute("DELETE FROM hosts WHERE id = $1", host_id)
-        await record_audit(
-            connection,
-            actor=principal.name,
-            action="host.delete",
-            entity_type="host",
-            entity_id=str(host_id),
-            host_id=host_id,
-            changes=host_fields(before),
-        )
+        await audit_host(connection, principal, "host.delete", host_id, host_fields(before))
     return Response(status_code=204)
+
+
+async def audit_host(
+    connection: asyncpg.Connection, principal: Principal, action: str, host_id: uuid.UUID, changes: dict[str, Any]
+) -> None:
+    await record_audit(
+        connection, actor=principal.name, action=action, entity_type="host", entity_id=str(host_id),
+        host_id=host_id, changes=changes,
+    )  # fmt: skip
 
 
 def _host_conflict(exc: asyncpg.UniqueViolationError, name: str, host_id: uuid.UUID) -> Exception:
