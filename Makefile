@@ -32,9 +32,18 @@ run: venv
 	$(BIN)/healthgate migrate
 	exec $(BIN)/healthgate up
 
-## test-deps: system packages the test suite needs beyond the virtualenv (none yet).
+## test-deps: system packages the test suite and benchmarks need beyond the virtualenv: nginx (a real HTTP/TLS
+## peer for the poller's checks; tests run their own nginx processes, the system service is never started).
+## Installs with apt-get (as root) only when missing; a temporary policy-rc.d keeps the package from starting it.
 test-deps:
-	@echo "test-deps: no system packages needed yet"
+	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
+	echo "test-deps: installing nginx"; \
+	policy=/usr/sbin/policy-rc.d; made_policy=; \
+	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made_policy=1; fi; \
+	apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light \
+		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }; status=$$?; \
+	if [ -n "$$made_policy" ]; then rm -f $$policy; fi; \
+	if [ $$status -ne 0 ]; then echo "test-deps: could not install nginx (apt-get needs root)" >&2; exit $$status; fi
 
 ## test: the whole test suite; extra pytest arguments in PYTEST_ARGS.
 test: export HEALTHGATE_TEST_DATABASE_URL ?= $(TEST_DATABASE_URL)
@@ -47,7 +56,7 @@ bench: export HEALTHGATE_TEST_DATABASE_URL ?= $(TEST_DATABASE_URL)
 bench: export HEALTHGATE_TEST_AMQP_URL ?= $(TEST_AMQP_URL)
 bench: export HEALTHGATE_BENCH_DATABASE_URL ?= $(TEST_DATABASE_URL)
 bench: export HEALTHGATE_BENCH_AMQP_URL ?= $(TEST_AMQP_URL)
-bench: venv
+bench: venv test-deps
 ifeq ($(strip $(BENCH_SCRIPTS)),)
 	@echo "bench: no benchmark scripts in bench/"
 else

@@ -8,6 +8,7 @@ import uuid
 import asyncpg
 import httpx
 
+from services.api.schemas import HostView, Page
 from shared.events import deterministic_event_id
 from tests.conftest import EventCapture
 
@@ -40,6 +41,8 @@ async def test_host_list_pages_and_filters(admin: httpx.AsyncClient) -> None:
         if cursor is None:
             break
     assert names == [f"node-{index:02}" for index in range(7)]
+    first_page = await admin.get("/api/v1/hosts", params={"limit": 3})
+    assert Page[HostView].model_validate_json(first_page.content).model_dump_json(exclude_unset=True) == first_page.text
     odd = (await admin.get("/api/v1/hosts", params={"group": "odd"})).json()
     assert [item["name"] for item in odd["items"]] == ["node-01", "node-03", "node-05"]
     assert (await admin.get("/api/v1/hosts", params={"health_check_status": "no_checks"})).json()["items"]
