@@ -152,7 +152,6 @@ STATE_COLUMNS = (
     "last_detail",
     "last_latency_ms",
     "last_checked_at",
-    "next_run_at",
     "status_changed_at",
 )
 
@@ -327,6 +326,8 @@ def check_state(
 async def seed(connection: asyncpg.Connection) -> Seeded:
     rng = random.Random(SEED)
     hosts, checks, states, groups = generate_rows(rng)
+    # The schedule lives in check_schedule, which this benchmark does not read.
+    states = [state[:10] + state[11:] for state in states]
     async with connection.transaction():
         await connection.copy_records_to_table("hosts", records=hosts, columns=HOST_COLUMNS)
         await connection.copy_records_to_table("health_checks", records=checks, columns=CHECK_COLUMNS)

@@ -212,6 +212,20 @@ def column_values(
     return values
 
 
+async def schedule_first_run(connection: asyncpg.Connection, check_id: uuid.UUID, *, enabled: bool) -> None:
+    """A created, changed or re-enabled check runs within seconds; a disabled one is not scheduled.
+    The offset is random so that a bulk import does not start every check in the same instant."""
+    await connection.execute(
+        f"""
+        INSERT INTO check_schedule (check_id, next_run_at)
+        VALUES ($1, CASE WHEN $2 THEN now() + random() * interval '{FIRST_RUN_WITHIN_SECONDS} seconds' END)
+        ON CONFLICT (check_id) DO UPDATE SET next_run_at = excluded.next_run_at
+        """,
+        check_id,
+        enabled,
+    )
+
+
 async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record:
     """Lock the host: serialises the 5-check limit and the host summary against concurrent writers."""
     host = await connection.fetchrow("SELECT id, agent_url FROM hosts WHERE id = $1 FOR UPDATE", host_id)
@@ -274,15 +288,8 @@ async def create_check(request: Request, principal: Principal) -> Response:
             )
         except asyncpg.UniqueViolationError:
             raise conflict(f"this host already has a check named {body.name!r}") from None
-        await connection.execute(
-            f"""
-            INSERT INTO check_state (check_id, host_id, next_run_at)
-            VALUES ($1, $2, CASE WHEN $3 THEN now() + random() * interval '{FIRST_RUN_WITHIN_SECONDS} seconds' END)
-            """,
-            check_id,
-            host_id,
-            body.enabled,
-        )
+        await connection.execute("INSERT INTO check_state (check_id, host_id) VALUES ($1, $2)", check_id, host_id)
+        await schedule_first_run(connection, check_id, enabled=body.enabled)
         await refresh_host_status(connection, host_id, source=context.source)
         row = await _fetch_check(connection, host_id, check_id)
         view = check_view(row)
@@ -319,17 +326,7 @@ async def update_check(request: Request, principal: Principal) -> Response:
             raise conflict(f"this host already has a check named {body.name!r}") from None
         changes = diff(audited_fields(before), audited_fields(values))
         if changes:
-            # A changed or re-enabled check runs again within seconds; a disabled one is not scheduled.
-            await connection.execute(
-                f"""
-                UPDATE check_state
-                SET next_run_at = CASE WHEN $2
-                    THEN now() + random() * interval '{FIRST_RUN_WITHIN_SECONDS} seconds' END
-                WHERE check_id = $1
-                """,
-                check_id,
-                body.enabled,
-            )
+            await schedule_first_run(connection, check_id, enabled=body.enabled)
         await refresh_host_status(connection, host_id, source=context.source)
         view = check_view(await _fetch_check(connection, host_id, check_id))
         await audit_check(connection, principal.name, "health_check.update", host_id, check_id, changes)
