@@ -18,7 +18,7 @@ import asyncpg
 from shared.crypto import KeyFileError
 from shared.database import DatabaseUnavailable, migrate
 from shared.logs import configure_logging
-from shared.settings import Settings, SettingsError, load_settings, redact_url
+from shared.settings import ServiceConfigError, Settings, SettingsError, load_settings, redact_url
 
 log = logging.getLogger("healthgate")
 
@@ -37,8 +37,14 @@ def _run_api(settings: Settings) -> int:
     return 0
 
 
+def _run_poller(settings: Settings) -> int:
+    from services.poller.app import run_poller
+
+    return run_poller(settings)
+
+
 # The services this installation provides, in start order; `healthgate up` runs all of them.
-SERVICES: dict[str, Callable[[Settings], int]] = {"api": _run_api}
+SERVICES: dict[str, Callable[[Settings], int]] = {"api": _run_api, "poller": _run_poller}
 
 
 def _run_async(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -185,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _run_async(_migrate(settings))
         token_commands = {"create": _token_create, "list": _token_list, "revoke": _token_revoke}
         return _run_async(token_commands[arguments.token_command](settings, arguments))
-    except (CommandError, DatabaseUnavailable, KeyFileError) as exc:
+    except (CommandError, DatabaseUnavailable, KeyFileError, ServiceConfigError) as exc:
         print(f"healthgate: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

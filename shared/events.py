@@ -11,7 +11,7 @@ import json
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, StringConstraints, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
 EVENT_TYPE_PREFIX = "healthgate."
@@ -174,6 +174,20 @@ class CheckRunRequest(EventModel):
     check_id: uuid.UUID
     host_id: uuid.UUID
     requested_by: str
+
+
+class ScheduledRun(EventModel):
+    """One check to run; `slot` is the scheduled time it runs for (None: an extra run on request)."""
+
+    check_id: uuid.UUID
+    slot: AwareDatetime | None = None
+
+
+class Tick(EventModel):
+    """Work for a poller (routing key `poller.tick`): several checks per message keep the per-check
+    messaging cost low. The scheduler sends slotted runs; the gate asks for extra runs."""
+
+    runs: Annotated[list[ScheduledRun], Field(min_length=1, max_length=1000)]
 
 
 # Routing key -> model. The routing key, not the CloudEvent type, says what a message is.

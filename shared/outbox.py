@@ -55,6 +55,26 @@ async def enqueue(
     return event_id
 
 
+async def enqueue_many(
+    connection: asyncpg.Connection,
+    events: list[tuple[str, EventModel]],
+    *,
+    source: str,
+    time: dt.datetime | None = None,
+) -> list[uuid.UUID]:
+    """Add many events in one COPY within the caller's transaction (the poller's result batches)."""
+    rows = []
+    for routing_key, data in events:
+        event_id, body = encode_cloudevent(routing_key, data, source=source, time=time)
+        rows.append((event_id, routing_key, None, body))
+    if rows:
+        await connection.copy_records_to_table(
+            "outbox", records=rows, columns=["event_id", "routing_key", "correlation_id", "body"]
+        )
+        await connection.execute(f"NOTIFY {NOTIFY_CHANNEL}")
+    return [row[0] for row in rows]
+
+
 class OutboxMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.published = Counter(

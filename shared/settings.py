@@ -19,6 +19,10 @@ class SettingsError(Exception):
     """A configuration value is invalid; the message is one line an operator can act on."""
 
 
+class ServiceConfigError(Exception):
+    """Valid settings that a service still cannot use (e.g. unreadable TLS files); it must not start."""
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HEALTHGATE_", extra="ignore", frozen=True)
 

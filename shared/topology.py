@@ -28,7 +28,10 @@ class QueueSpec:
 # than dead-lettered, since the API that asked has already answered 504.
 POLLER_TEST_QUEUE = QueueSpec("poller.test", bindings=("poller.test",), dead_letter=False)
 
-QUEUES: tuple[QueueSpec, ...] = (POLLER_TEST_QUEUE,)
+# Ticks: checks due to run. A poller that dies leaves its unacked ticks to be redelivered to another.
+POLLER_TICK_QUEUE = QueueSpec("poller.ticks", bindings=("poller.tick",))
+
+QUEUES: tuple[QueueSpec, ...] = (POLLER_TEST_QUEUE, POLLER_TICK_QUEUE)
 
 
 @dataclass(frozen=True)

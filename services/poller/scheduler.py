@@ -1,0 +1,106 @@
+"""The scheduler: claims due checks from PostgreSQL and dispatches them as ticks on the work queue.
+
+Each pass claims due rows with FOR UPDATE SKIP LOCKED, moves them to their next slot, publishes the
+ticks with confirms and only then commits: any number of pollers claim disjoint checks, a failed
+publish rolls the claim back, and a crash after publishing at worst sends a tick twice, whose second
+delivery the result writer drops by its slot. Every check keeps its cadence (slot + interval); after a
+downtime it runs once and resumes, rather than catching up on every missed slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from shared.events import ScheduledRun, Tick
+from shared.messaging import Broker, PublishFailed
+from shared.topology import POLLER_TICK_QUEUE
+
+log = logging.getLogger(__name__)
+
+CLAIM_LIMIT = 2000
+TICK_SIZE = 50
+PASS_INTERVAL_SECONDS = 0.2
+RETRY_DELAY_SECONDS = 1.0
+TICK_ROUTING_KEY = POLLER_TICK_QUEUE.bindings[0]
+
+CLAIM_SQL = """
+WITH due AS (
+    SELECT s.check_id, s.next_run_at AS slot
+    FROM check_schedule s
+    WHERE s.next_run_at <= now()
+    ORDER BY s.next_run_at
+    LIMIT $1
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE check_schedule s
+SET next_run_at = CASE
+    WHEN due.slot + make_interval(secs => c.interval_seconds) > now()
+        THEN due.slot + make_interval(secs => c.interval_seconds)
+    ELSE now() + make_interval(secs => c.interval_seconds)
+END
+FROM due
+JOIN health_checks c ON c.id = due.check_id
+WHERE s.check_id = due.check_id
+RETURNING due.check_id, due.slot, c.enabled
+"""
+
+
+class SchedulerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.dispatched = Counter("healthgate_scheduler_dispatched", "Check runs dispatched", registry=registry)
+        self.lateness = Histogram(
+            "healthgate_scheduler_lateness_seconds",
+            "How long after its slot a check run was dispatched",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.failures = Counter("healthgate_scheduler_failures", "Scheduler passes that failed", registry=registry)
+
+
+class Scheduler:
+    def __init__(self, pool: asyncpg.Pool, broker: Broker, metrics: SchedulerMetrics) -> None:
+        self._pool = pool
+        self._broker = broker
+        self._metrics = metrics
+
+    async def run(self) -> None:
+        while True:
+            try:
+                claimed = await self.dispatch_due()
+            except (PublishFailed, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._metrics.failures.inc()
+                log.warning("scheduler pass failed, will retry", extra={"error": str(exc)})
+                await asyncio.sleep(RETRY_DELAY_SECONDS)
+                continue
+            if claimed < CLAIM_LIMIT:
+                await asyncio.sleep(PASS_INTERVAL_SECONDS)
+
+    async def dispatch_due(self) -> int:
+        """One pass: claim what is due, publish it, commit. Returns how many checks were claimed."""
+        if not self._broker.ready:
+            return 0
+        async with self._pool.acquire() as connection, connection.transaction():
+            rows = await connection.fetch(CLAIM_SQL, CLAIM_LIMIT)
+            runs = [ScheduledRun(check_id=row["check_id"], slot=row["slot"]) for row in rows if row["enabled"]]
+            ticks = [Tick(runs=runs[start : start + TICK_SIZE]) for start in range(0, len(runs), TICK_SIZE)]
+            await asyncio.gather(*(self._publish(tick) for tick in ticks))
+        now = dt.datetime.now(dt.UTC)
+        for run in runs:
+            assert run.slot is not None
+            self._metrics.lateness.observe(max(0.0, (now - run.slot).total_seconds()))
+        self._metrics.dispatched.inc(len(runs))
+        return len(rows)
+
+    async def _publish(self, tick: Tick) -> None:
+        first = tick.runs[0]
+        await self._broker.publish(
+            TICK_ROUTING_KEY,
+            tick.model_dump_json().encode(),
+            message_id=f"{first.check_id}/{first.slot.isoformat() if first.slot else 'now'}",
+            content_type="application/json",
+        )

@@ -1,0 +1,191 @@
+"""The worker: consumes ticks and test-run requests, runs the checks, stores the results, acks.
+
+A tick is acked only after its results are committed, so a poller that dies mid-batch loses nothing:
+RabbitMQ redelivers the tick and the writer drops slots already stored. A tick that cannot be parsed
+is rejected into the dead-letter queue at once; one that keeps failing for another reason reaches the
+queue's delivery limit and is dead-lettered too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+import asyncpg
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from pydantic import ValidationError
+
+from services.poller.probes import ProbeOutcome, Prober
+from services.poller.results import CheckRow, FinishedRun, load_checks, store_results
+from shared.crypto import DecryptionError, SecretBox
+from shared.events import CheckResult, CheckRunRequest, ScheduledRun, Tick
+from shared.messaging import Broker, PublishFailed, Unroutable
+from shared.topology import POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, declare_exchange, declare_queue
+
+log = logging.getLogger(__name__)
+
+EVENT_SOURCE = "/healthgate/poller"
+TICK_PREFETCH = 16
+TEST_PREFETCH = 8
+FAILED_TICK_BACKOFF_SECONDS = 1.0
+MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
+DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.checks = Counter(
+            "healthgate_checks_run", "Checks run, by type and reason", ["check_type", "reason"], registry=registry
+        )
+        self.duration = Histogram(
+            "healthgate_check_duration_seconds",
+            "Time a check took",
+            ["check_type"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+            registry=registry,
+        )
+        self.ticks = Counter("healthgate_ticks", "Ticks handled, by outcome", ["outcome"], registry=registry)
+        self.results = Counter("healthgate_results_stored", "Results written", registry=registry)
+
+
+class Worker:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        broker: Broker,
+        prober: Prober,
+        secrets: SecretBox,
+        metrics: WorkerMetrics,
+        *,
+        concurrency: int,
+    ) -> None:
+        self._pool = pool
+        self._broker = broker
+        self._prober = prober
+        self._secrets = secrets
+        self._metrics = metrics
+        self._probe_slots = asyncio.Semaphore(concurrency)
+        self._queues: list[tuple[AbstractQueue, str]] = []
+        self._in_flight: set[asyncio.Task[object]] = set()
+
+    async def start_consuming(self, connection: AbstractRobustConnection) -> None:
+        """Consume ticks and test requests; the robust connection restores the consumers."""
+        topology = self._broker.topology
+        for spec, prefetch, handler in (
+            (POLLER_TICK_QUEUE, TICK_PREFETCH, self._on_tick),
+            (POLLER_TEST_QUEUE, TEST_PREFETCH, self._on_test_request),
+        ):
+            channel = await connection.channel()
+            await channel.set_qos(prefetch_count=prefetch)
+            exchange = await declare_exchange(channel, topology)
+            queue = await declare_queue(channel, topology, spec, exchange)
+            tag = await queue.consume(self._tracked(handler))
+            self._queues.append((queue, tag))
+
+    def _tracked(self, handler: MessageHandler) -> MessageHandler:
+        """The handler, with its running task known to `stop` so that shutdown can wait for it."""
+
+        async def run(message: AbstractIncomingMessage) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._in_flight.add(task)
+            try:
+                await handler(message)
+            finally:
+                self._in_flight.discard(task)
+
+        return run
+
+    async def stop(self, grace_seconds: float) -> None:
+        """Take no new messages; let the ones being handled finish (their ticks get acked)."""
+        for queue, tag in self._queues:
+            try:
+                await queue.cancel(tag)
+            except Exception as exc:  # the channel may already be gone; unacked ticks return anyway
+                log.info("could not cancel a consumer", extra={"error": str(exc)})
+        if self._in_flight:
+            await asyncio.wait(list(self._in_flight), timeout=grace_seconds)
+
+    # ---- ticks -----------------------------------------------------------------------------------
+
+    async def _on_tick(self, message: AbstractIncomingMessage) -> None:
+        try:
+            tick = Tick.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.error(
+                "malformed tick dead-lettered",
+                extra={"error": str(exc).splitlines()[0], "message_id": message.message_id},
+            )
+            self._metrics.ticks.labels("dead_lettered").inc()
+            await message.reject(requeue=False)
+            return
+        try:
+            await self.run_tick(tick.runs)
+        except DATABASE_ERRORS as exc:
+            # Back off, then let RabbitMQ deliver the tick again (to any poller); past the delivery
+            # limit the tick is dead-lettered rather than looping forever.
+            log.warning("tick failed, returning it to the queue", extra={"error": str(exc)})
+            self._metrics.ticks.labels("requeued").inc()
+            await asyncio.sleep(FAILED_TICK_BACKOFF_SECONDS)
+            await message.nack(requeue=True)
+            return
+        self._metrics.ticks.labels("done").inc()
+        await message.ack()
+
+    async def run_tick(self, runs: Sequence[ScheduledRun]) -> list[CheckResult]:
+        """Run the checks of one tick and store their results in one transaction."""
+        async with self._pool.acquire() as connection:
+            checks = await load_checks(connection, [run.check_id for run in runs])
+        wanted = [(run, checks[run.check_id]) for run in runs if run.check_id in checks]
+        # Scheduled runs of a check disabled since dispatch are skipped; requested runs are not.
+        wanted = [(run, check) for run, check in wanted if check.enabled or run.slot is None]
+        finished = await asyncio.gather(*(self._run_one(check, run.slot) for run, check in wanted))
+        async with self._pool.acquire() as connection, connection.transaction():
+            stored = await store_results(connection, finished, source=EVENT_SOURCE)
+        self._metrics.results.inc(len(stored))
+        return stored
+
+    async def _run_one(self, check: CheckRow, slot: dt.datetime | None) -> FinishedRun:
+        async with self._probe_slots:
+            checked_at = dt.datetime.now(dt.UTC)
+            try:
+                target = check.target(self._secrets)
+            except DecryptionError:
+                detail = "not run: the stored password does not decrypt with this poller's key file"
+                outcome = ProbeOutcome(False, "connect", detail, 0.0)
+            else:
+                outcome = await self._prober.run(target)
+        check_type = check.record["check_type"]
+        self._metrics.checks.labels(check_type, outcome.reason).inc()
+        self._metrics.duration.labels(check_type).observe(outcome.latency_ms / 1000)
+        return FinishedRun(check.check_id, check.record["host_id"], slot, outcome, checked_at)
+
+    # ---- /test -----------------------------------------------------------------------------------
+
+    async def _on_test_request(self, message: AbstractIncomingMessage) -> None:
+        try:
+            request = CheckRunRequest.model_validate_json(message.body)
+        except ValidationError as exc:
+            log.error("malformed test request dropped", extra={"error": str(exc).splitlines()[0]})
+            await message.reject(requeue=False)
+            return
+        try:
+            stored = await self.run_tick([ScheduledRun(check_id=request.check_id)])
+        except DATABASE_ERRORS as exc:
+            log.warning("test run failed", extra={"error": str(exc), "check_id": str(request.check_id)})
+            await message.reject(requeue=False)  # the asking API answers 504; a retry would come too late
+            return
+        if stored and message.reply_to:
+            await self._reply(message, stored[0])
+        await message.ack()
+
+    async def _reply(self, message: AbstractIncomingMessage, result: CheckResult) -> None:
+        try:
+            await self._broker.publish_reply(
+                message.reply_to or "", result.model_dump_json().encode(), correlation_id=message.correlation_id or ""
+            )
+        except (PublishFailed, Unroutable) as exc:
+            log.info("could not answer a test request", extra={"error": str(exc), "check_id": str(result.check_id)})
