@@ -14,7 +14,7 @@ TEST_AMQP_URL     := amqp://guest:guest@127.0.0.1:5672/
 # Benchmark scripts: every bench/*.py except helper modules whose name starts with "_".
 BENCH_SCRIPTS = $(sort $(filter-out bench/_%,$(wildcard bench/*.py)))
 
-.PHONY: venv run test test-deps bench lint clean distclean
+.PHONY: venv run test test-deps bench-deps bench lint clean distclean
 
 ## venv (internal): create .venv if missing; (re)install the project only when pyproject.toml changed.
 venv: $(STAMP)
@@ -45,6 +45,23 @@ test-deps:
 	if [ -n "$$made_policy" ]; then rm -f $$policy; fi; \
 	if [ $$status -ne 0 ]; then echo "test-deps: could not install nginx (apt-get needs root)" >&2; exit $$status; fi
 
+## bench-deps: system packages the benchmarks need beyond test-deps: wrk (HTTP load generator) and Prometheus'
+## blackbox_exporter (the Go prober bench/poller.py compares against). Installed with apt-get (as root) only when
+## missing; a temporary policy-rc.d keeps the exporter's system service from starting (the benchmark runs its own).
+bench-deps: test-deps
+	@missing=; \
+	command -v wrk >/dev/null 2>&1 || missing="$$missing wrk"; \
+	command -v prometheus-blackbox-exporter >/dev/null 2>&1 || [ -x /usr/bin/prometheus-blackbox-exporter ] \
+		|| missing="$$missing prometheus-blackbox-exporter"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "bench-deps: installing$$missing"; \
+	policy=/usr/sbin/policy-rc.d; made_policy=; \
+	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made_policy=1; fi; \
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	status=$$?; \
+	if [ -n "$$made_policy" ]; then rm -f $$policy; fi; \
+	if [ $$status -ne 0 ]; then echo "bench-deps: could not install$$missing (apt-get needs root)" >&2; exit $$status; fi
+
 ## test: the whole test suite; extra pytest arguments in PYTEST_ARGS.
 test: export HEALTHGATE_TEST_DATABASE_URL ?= $(TEST_DATABASE_URL)
 test: export HEALTHGATE_TEST_AMQP_URL ?= $(TEST_AMQP_URL)
@@ -56,7 +73,7 @@ bench: export HEALTHGATE_TEST_DATABASE_URL ?= $(TEST_DATABASE_URL)
 bench: export HEALTHGATE_TEST_AMQP_URL ?= $(TEST_AMQP_URL)
 bench: export HEALTHGATE_BENCH_DATABASE_URL ?= $(TEST_DATABASE_URL)
 bench: export HEALTHGATE_BENCH_AMQP_URL ?= $(TEST_AMQP_URL)
-bench: venv test-deps
+bench: venv bench-deps
 ifeq ($(strip $(BENCH_SCRIPTS)),)
 	@echo "bench: no benchmark scripts in bench/"
 else

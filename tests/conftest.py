@@ -7,6 +7,7 @@ Each session gets its own database (`healthgate_test_<id>`) and exchange (`hgtes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -23,6 +24,8 @@ from aio_pika.abc import AbstractIncomingMessage
 from services.api.auth import create_token
 from shared.database import migrate
 from shared.topology import QUEUES, Topology, declare_exchange
+from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
+from tests.support.nginx import nginx  # noqa: F401  (fixture)
 from tests.support.processes import ServiceProcess, free_port, start_service
 from tests.support.services import BackingServices, backing_services
 
@@ -125,6 +128,36 @@ def api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
     service = start_service("api", service_env | {"HEALTHGATE_API_PORT": str(port)}, log_path, port=port)
     yield service
     service.stop()
+
+
+def start_poller(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:
+    port = free_port()
+    env = service_env | {"HEALTHGATE_HEALTH_PORT": str(port)} | overrides
+    return start_service("poller", env, log_path, port=port)
+
+
+@pytest.fixture(scope="session")
+def poller(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The session's poller process (the API's /test and every scheduled check go through it)."""
+    service = start_poller(service_env, tmp_path_factory.mktemp("logs") / "poller.log")
+    yield service
+    service.stop()
+
+
+@contextlib.contextmanager
+def exclusive_poller(
+    session_poller: ServiceProcess, service_env: dict[str, str], log_path: Path, **overrides: str
+) -> Iterator[ServiceProcess]:
+    """A poller of the test's own (other settings) as the only one running, the session's back after."""
+    session_poller.stop()
+    try:
+        own = start_poller(service_env, log_path, **overrides)
+        try:
+            yield own
+        finally:
+            own.stop()
+    finally:
+        session_poller.restart()
 
 
 @pytest.fixture

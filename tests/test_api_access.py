@@ -26,8 +26,7 @@ from services.api.auth import ROLES
 from services.api.endpoints import Endpoint
 from services.api.routes import ENDPOINTS
 from tests.conftest import TokenFactory
-from tests.support.services import BackingServices
-from tests.support.stand_in_poller import stand_in_poller
+from tests.support.processes import ServiceProcess
 
 VISIBLE_GROUP = "team-a"
 HIDDEN_GROUP = "team-b"
@@ -279,26 +278,14 @@ async def test_role_that_may_not_403(
 
 @pytest.mark.parametrize(("endpoint", "role"), ALLOWED)
 async def test_role_that_may_succeeds(
-    endpoint: Endpoint,
-    role: str,
-    client: httpx.AsyncClient,
-    world: World,
-    backing: BackingServices,
-    exchange_name: str,
+    endpoint: Endpoint, role: str, client: httpx.AsyncClient, world: World, poller: ServiceProcess
 ) -> None:
     case = CASES[key(endpoint)]
-    call = case.build(world.visible)
-    if key(endpoint) == TEST_RUN:
-        async with stand_in_poller(backing.amqp_url, exchange_name) as poller:
-            response = await send(client, call, world.auth(role))
-        # (requests other tests left unanswered in the shared queue may arrive too; only ours count)
-        asked = [request for request in poller.requests if str(request.check_id) == world.visible.check_id]
-        assert len(asked) == 1
-    else:
-        response = await send(client, call, world.auth(role))
+    response = await send(client, case.build(world.visible), world.auth(role))
     assert response.status_code == case.success, response.text
     if key(endpoint) == TEST_RUN:
-        assert response.json()["healthy"] is True
+        # The real poller ran it: the check's port 22 on a host named like no real one.
+        assert response.json()["reason"] in ("dns", "connect", "timeout")
 
 
 # ---- scoping of lists and jobs -------------------------------------------------------------------

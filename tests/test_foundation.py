@@ -26,7 +26,9 @@ from tests.support.processes import ServiceProcess, free_port, start_service
 HEALTHGATE = [sys.executable, "-m", "services.cli"]
 
 
-def run_cli(*arguments: str, env: dict[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *arguments: str, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*HEALTHGATE, *arguments], env={**os.environ, **(env or {})}, capture_output=True, text=True, timeout=timeout
     )
@@ -127,7 +129,9 @@ async def test_concurrent_migrate_creates_the_database_once(backing: object, ses
         assert [process.returncode for process in processes] == [0, 0, 0], results
         connection = await asyncpg.connect(dsn)
         versions = await connection.fetch("SELECT version FROM schema_migrations")
-        partitions = await connection.fetchval("SELECT count(*) FROM pg_inherits WHERE inhparent = 'check_results'::regclass")
+        partitions = await connection.fetchval(
+            "SELECT count(*) FROM pg_inherits WHERE inhparent = 'check_results'::regclass"
+        )
         await connection.close()
         assert len(versions) == len(bundled_migrations()) and partitions >= 8
     finally:
@@ -141,7 +145,9 @@ async def test_concurrent_migrate_creates_the_database_once(backing: object, ses
 
 def test_token_commands(service_env: dict[str, str]) -> None:
     name = f"ops-{uuid.uuid4().hex[:6]}"
-    created = run_cli("token", "create", "--name", name, "--role", "operator", "--group", "web", "--group", "db", env=service_env)
+    created = run_cli(
+        "token", "create", "--name", name, "--role", "operator", "--group", "web", "--group", "db", env=service_env
+    )
     assert created.returncode == 0, created.stderr
     token = created.stdout.strip()
     assert created.stdout == token + "\n" and token.startswith("hg_") and len(token) > 40
@@ -221,7 +227,9 @@ def test_api_starts_while_the_database_is_down_and_reports_it(service_env: dict[
     }
     log_path = tmp_path / "api.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([*HEALTHGATE, "api"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*HEALTHGATE, "api"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 20
         while True:
@@ -255,7 +263,12 @@ def test_inbound_events_accept_cloudevents_or_bare_data() -> None:
         json.dumps({"specversion": "1.0", "id": "1", "type": "x", "source": "/s", "data": data}).encode(), JobStart
     )
     assert bare == wrapped and bare.job_id == "j-1"
-    for body in (b"{", b"[]", b'{"specversion": "1.0", "data": 3}', json.dumps(data | {"window_ends_at": "soon"}).encode()):
+    for body in (
+        b"{",
+        b"[]",
+        b'{"specversion": "1.0", "data": 3}',
+        json.dumps(data | {"window_ends_at": "soon"}).encode(),
+    ):
         with pytest.raises(MalformedEvent):
             decode_event(body, JobStart)
 

@@ -10,8 +10,6 @@ import time
 import httpx
 import pytest
 
-from tests.support import fake_agent as fake_agent_support
-from tests.support import nginx as nginx_support
 from tests.support.blackhole import Blackhole, refused_port, unanswered_port
 from tests.support.fake_agent import CLIENT_CN, SERVICES_PREFIX, FakeAgent
 from tests.support.nginx import (
@@ -21,13 +19,9 @@ from tests.support.nginx import (
     BIG_LATE_MARKER,
     BIG_SIZE,
     BLOCKED_REDIRECT_TARGET,
+    STATUS_CODES,
     NginxServer,
 )
-
-# The fixtures as a conftest would import them.
-nginx = nginx_support.nginx
-fake_agent = fake_agent_support.fake_agent
-mtls_agent = fake_agent_support.mtls_agent
 
 
 def _both(server: NginxServer, path: str) -> list[tuple[str, ssl.SSLContext | bool]]:
@@ -91,7 +85,7 @@ def test_nginx_big_body(nginx: NginxServer) -> None:
     assert response.content.count(b"NEEDLE") == 2
 
 
-@pytest.mark.parametrize("code", nginx_support.STATUS_CODES)
+@pytest.mark.parametrize("code", STATUS_CODES)
 def test_nginx_status_codes(nginx: NginxServer, code: int) -> None:
     for url, verify in _both(nginx, f"/status/{code}"):
         response = httpx.get(url, verify=verify)

@@ -8,8 +8,6 @@ from pathlib import Path
 
 from tests.conftest import TokenFactory
 from tests.support.processes import ServiceProcess
-from tests.support.services import BackingServices
-from tests.support.stand_in_poller import stand_in_poller
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 
@@ -18,28 +16,26 @@ async def test_no_server_errors(
     api: ServiceProcess,
     db: object,
     make_token: TokenFactory,
-    backing: BackingServices,
-    exchange_name: str,
+    poller: ServiceProcess,
     tmp_path: Path,
 ) -> None:
     token = await make_token("admin")
-    # /test needs a poller to answer 200 rather than 504; the stand-in answers until the real one exists.
-    async with stand_in_poller(backing.amqp_url, exchange_name):
-        process = await asyncio.create_subprocess_exec(
-            str(SCHEMATHESIS), "run", f"{api.base_url}/openapi.json",
-            "--header", f"Authorization: Bearer {token}",
-            "--checks", "not_a_server_error",
-            "--phases", "examples,coverage,fuzzing,stateful",
-            "--max-examples", "25",
-            "--max-time", "60",
-            "--workers", "2",
-            "--request-timeout", "20",
-            "--seed", "20261121",
-            "--suppress-health-check", "all",
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-            cwd=tmp_path,
-        )  # fmt: skip
-        output, _ = await process.communicate()
+    # The poller runs, so /test answers 200 rather than 504.
+    process = await asyncio.create_subprocess_exec(
+        str(SCHEMATHESIS), "run", f"{api.base_url}/openapi.json",
+        "--header", f"Authorization: Bearer {token}",
+        "--checks", "not_a_server_error",
+        "--phases", "examples,coverage,fuzzing,stateful",
+        "--max-examples", "25",
+        "--max-time", "60",
+        "--workers", "2",
+        "--request-timeout", "20",
+        "--seed", "20261121",
+        "--suppress-health-check", "all",
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+        cwd=tmp_path,
+    )  # fmt: skip
+    output, _ = await process.communicate()
     assert process.returncode == 0, output.decode(errors="replace")[-8000:]
     assert "unhandled error" not in api.log_text()

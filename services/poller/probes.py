@@ -77,10 +77,14 @@ def blocked_network(address: str, blocked: Sequence[Network]) -> Network | None:
     return next((network for network in blocked if ip in network), None)
 
 
-def refuse_if_blocked(address: str, blocked: Sequence[Network]) -> None:
+def refuse_if_blocked(address: str, blocked: Sequence[Network], *, name: str | None = None) -> None:
+    """Raise BlockedTarget if `address` (which `name` resolved to, if given) is in a blocked network."""
     network = blocked_network(address, blocked)
-    if network is not None:
+    if network is None:
+        return
+    if name is None or name == address:
         raise BlockedTarget(f"{address} is in a blocked network ({network})")
+    raise BlockedTarget(f"{name} resolves to {address}, in a blocked network ({network})")
 
 
 class GuardedResolver(AbstractResolver):
@@ -95,9 +99,7 @@ class GuardedResolver(AbstractResolver):
     ) -> list[ResolveResult]:
         results = await self._resolver.resolve(host, port, family)
         for result in results:
-            network = blocked_network(result["host"], self._blocked)
-            if network is not None:
-                raise BlockedTarget(f"{host} resolves to {result['host']}, in a blocked network ({network})")
+            refuse_if_blocked(result["host"], self._blocked, name=host)
         return results
 
     async def close(self) -> None:
@@ -284,7 +286,7 @@ class Prober:
         except socket.gaierror as exc:
             return False, "dns", f"cannot resolve {host}: {exc.strerror}"
         for info in infos:
-            refuse_if_blocked(str(info[4][0]), self._blocked)
+            refuse_if_blocked(str(info[4][0]), self._blocked, name=host)
         family, _, _, _, address = infos[0]
         _, writer = await asyncio.open_connection(address[0], address[1], family=family)
         writer.close()

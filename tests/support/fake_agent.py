@@ -113,9 +113,7 @@ def _write_pair(directory: Path, name: str, cert: x509.Certificate, key: ec.Elli
     (directory / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     key_path = directory / f"{name}.key"
     key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
     key_path.chmod(0o600)
 
@@ -164,15 +162,11 @@ def _issue(
             critical=False,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
     )
     if server:
         builder = builder.add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
             critical=False,
         )
     return builder.sign(ca_key, hashes.SHA256()), key
@@ -237,7 +231,9 @@ class FakeAgent:
         self.tls = tls or mtls
         self.mtls = mtls
         self._own_cert_dir = cert_dir is None
-        self.certs = make_agent_certs(Path(tempfile.mkdtemp(prefix="healthgate-agent-")) if cert_dir is None else cert_dir)
+        self.certs = make_agent_certs(
+            Path(tempfile.mkdtemp(prefix="healthgate-agent-")) if cert_dir is None else cert_dir
+        )
         self.port = 0
         self.requests: list[tuple[str, str | None]] = []
         self._requests_lock = threading.Lock()

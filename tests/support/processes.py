@@ -26,6 +26,8 @@ class ServiceProcess:
     process: subprocess.Popen[bytes]
     log_path: Path
     base_url: str
+    env: dict[str, str]
+    port: int
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -40,6 +42,10 @@ class ServiceProcess:
                 self.process.wait()
         return self.process.returncode
 
+    def restart(self) -> None:
+        """Start it again, with the same environment and port, after a stop."""
+        self.process = start_service(self.name, self.env, self.log_path, port=self.port).process
+
 
 def start_service(
     name: str, env: dict[str, str], log_path: Path, *, port: int, ready_timeout: float = 30
@@ -53,7 +59,7 @@ def start_service(
         stderr=subprocess.STDOUT,
     )
     log_file.close()
-    service = ServiceProcess(name, process, log_path, f"http://127.0.0.1:{port}")
+    service = ServiceProcess(name, process, log_path, f"http://127.0.0.1:{port}", env, port)
     deadline = time.monotonic() + ready_timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -1,0 +1,920 @@
+"""Benchmark: the poller's whole path against a bare aiohttp loop and Prometheus' blackbox_exporter.
+
+The path measured: a Tick (50 checks) in on the work queue -> HTTP check of a local nginx -> batch write of
+results and check state (COPY, one transaction) with `check.result` rows in the outbox -> ack -> the outbox
+relay publishes `check.result`. Completed checks/s are `check.result` events arriving on a queue this
+benchmark binds to the exchange (counted by the queue's message count, so counting costs no consumer CPU;
+check_results rows are cross-checked at the end).
+
+Beside it, in the same run and against the same nginx:
+(a) the same HTTP client (aiohttp, the poller's connector settings, uvloop) in a bare loop in one process, 50
+    and 256 concurrent checks, no database or broker; also the poller's own probe code (`Prober.run`) in a bare
+    loop, to tell the probe code's cost from the pipeline's;
+(b) blackbox_exporter (`http_2xx` module, GET, 2xx, body must match "all good"), driven by
+    `wrk -c 50 -t 2 -d 5s`; probes/s count only answers whose body says `probe_success 1` (a wrk Lua script).
+
+Two modes: a new connection per check (the headline: blackbox_exporter makes one per probe, and real checks
+hit many hosts minutes apart) against `/ok-close`, where nginx has `keepalive_timeout 0`, used by all three;
+and keep-alive against `/ok` (blackbox_exporter 0.23 hard-codes keep-alives off in its http prober, so its
+figure there is still one connection per probe). Goals, new-connection mode: poller >= 1.0x blackbox_exporter,
+one poller process >= 0.5x the bare loop. Figures only: it never fails on a goal.
+
+Set-up: a throwaway database `healthgate_bench_<id>` (migrated; N hosts with one http check each, seeded
+healthy so results flip nothing; schedule rows with next_run_at NULL so the pollers' schedulers dispatch
+nothing), exchange `hgbench-<id>`, `healthgate poller` processes (HEALTHGATE_HEALTH_PORT=0; the port is read
+from the log). This driver publishes the ticks (routing key poller.tick) and keeps the work queue stocked.
+Everything is removed at the end, also on error, Ctrl-C or SIGTERM.
+
+    .venv/bin/python bench/poller.py [--quick] [--py-spy SECONDS] [--keep-profile PATH]
+
+`--py-spy S` (needs `py-spy` on PATH or in .venv/bin: `pip install py-spy`) samples the one-process poller for
+S seconds in the new-connection mode and prints where its CPU goes (HTTP check, DB read/write, outbox relay,
+AMQP consumption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _support import (
+    CLOSE_PATH,
+    EXPECTED_BODY,
+    KEEPALIVE_PATH,
+    REPO_ROOT,
+    BenchNginx,
+    CpuMeter,
+    CpuUse,
+    cleanup_step,
+    default_group,
+    delete_topology,
+    drop_database,
+    machine_note,
+    other_work,
+    run_async,
+    server_urls,
+    with_database,
+)
+
+HOSTS = 10_000
+TICK_SIZE = 50
+READY_TICKS = 64  # ticks kept waiting on the work queue
+FEED_PERIOD_SECONDS = 0.02
+MODES = {"new-conn": CLOSE_PATH, "keep-alive": KEEPALIVE_PATH}
+BARE_CONCURRENCIES = (50, 256)
+BLACKBOX_GOAL = 1.0
+BARE_GOAL = 0.5
+RESULT_QUEUE_SUFFIX = "bench-results"
+THIS_SCRIPT = str(Path(__file__).resolve())
+
+
+@dataclass
+class Plan:
+    warmup: float
+    seconds: float
+    bare_seconds: float
+    wrk_seconds: int
+
+
+FULL = Plan(warmup=3.0, seconds=10.0, bare_seconds=5.0, wrk_seconds=5)
+QUICK = Plan(warmup=1.5, seconds=3.0, bare_seconds=2.0, wrk_seconds=2)
+
+
+# ---- bare loops (run in a child process: `poller.py --bare-loop KIND URL CONCURRENCY SECONDS`) -----------
+
+
+async def bare_loop(kind: str, url: str, concurrency: int, seconds: float) -> dict[str, object]:
+    import aiohttp
+
+    from services.poller.probes import CheckTarget, GuardedResolver, Prober
+    from shared.settings import Settings
+
+    blocked = Settings().blocked_networks
+    # The poller's session, as services/poller/app.py builds it.
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(blocked), limit=0, ttl_dns_cache=10)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        headers={"User-Agent": "healthgate-poller"},
+        cookie_jar=aiohttp.DummyCookieJar(),
+        raise_for_status=False,
+    )
+    prober = Prober(session, blocked, None)
+    target = CheckTarget(
+        check_id=uuid.uuid4(),
+        host_id=uuid.uuid4(),
+        check_type="http",
+        timeout_seconds=10,
+        host_name="bench",
+        url=url,
+        expected_body=EXPECTED_BODY,
+    )
+    needle = EXPECTED_BODY.encode()
+
+    async def aiohttp_check() -> str | None:
+        async with session.get(url, ssl=False, allow_redirects=False) as response:
+            body = await response.content.read(1024 * 1024)
+            if response.status != 200 or needle not in body:
+                return f"{response.status} {body[:60]!r}"
+        return None
+
+    async def prober_check() -> str | None:
+        outcome = await prober.run(target)
+        return None if outcome.healthy else f"{outcome.reason}: {outcome.detail}"
+
+    check = aiohttp_check if kind == "aiohttp" else prober_check
+    counts = {"checks": 0, "errors": 0}
+    first_error: list[str] = []
+    measuring = False
+    stop_at = time.monotonic() + 0.3
+
+    async def loop() -> None:
+        while time.monotonic() < stop_at:
+            try:
+                error = await check()
+            except Exception as exc:  # counted, the loop goes on
+                error = f"{type(exc).__name__}: {exc}"
+            if error is not None:
+                if not first_error:
+                    first_error.append(error)
+                if measuring:
+                    counts["errors"] += 1
+            elif measuring:
+                counts["checks"] += 1
+
+    try:
+        await asyncio.gather(*(loop() for _ in range(concurrency)))  # warm-up
+        measuring = True
+        started = time.monotonic()
+        cpu_started = time.process_time()
+        stop_at = started + seconds
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
+        wall = time.monotonic() - started
+        cpu = time.process_time() - cpu_started
+    finally:
+        await session.close()
+    return {**counts, "seconds": wall, "cpu": cpu, "first_error": first_error[0] if first_error else ""}
+
+
+def bare_loop_main(arguments: list[str]) -> int:
+    import uvloop
+
+    kind, url, concurrency, seconds = arguments[0], arguments[1], int(arguments[2]), float(arguments[3])
+    print(json.dumps(uvloop.run(bare_loop(kind, url, concurrency, seconds))))
+    return 0
+
+
+# ---- set-up -------------------------------------------------------------------------------------------
+
+
+async def seed(database_url: str, hosts: int, url: str) -> list[uuid.UUID]:
+    """N hosts with one http check each, all healthy already; schedule rows with next_run_at NULL."""
+    import asyncpg
+
+    from shared.database import migrate
+
+    await migrate(database_url)
+    now = dt.datetime.now(dt.UTC)
+    host_rows, check_rows, state_rows, schedule_rows = [], [], [], []
+    for number in range(hosts):
+        host_id, check_id = uuid.uuid4(), uuid.uuid4()
+        host_rows.append((host_id, f"bench-{number:06d}.example.net", "bench", "healthy", 1, 1, now, now))
+        check_rows.append(
+            (check_id, host_id, "http", "http", True, True, 300, 10.0, 1, 1,
+             url, "GET", "2xx", EXPECTED_BODY, True, False, now, now)
+        )  # fmt: skip
+        state_rows.append((check_id, host_id, "healthy", 0, 1, True, "ok", "status 200 OK", 1.0, now, now))
+        schedule_rows.append((check_id, None))
+    connection = await asyncpg.connect(database_url)
+    try:
+        async with connection.transaction():
+            await connection.copy_records_to_table(
+                "hosts",
+                records=host_rows,
+                columns=["id", "name", "group", "health_check_status", "checks_total", "checks_healthy",
+                         "created_at", "updated_at"],
+            )  # fmt: skip
+            await connection.copy_records_to_table(
+                "health_checks",
+                records=check_rows,
+                columns=["id", "host_id", "name", "check_type", "enabled", "critical", "interval_seconds",
+                         "timeout_seconds", "failures_before_unhealthy", "successes_before_healthy", "url",
+                         "method", "expected_status", "expected_body", "ignore_cert_errors", "follow_redirects",
+                         "created_at", "updated_at"],
+            )  # fmt: skip
+            await connection.copy_records_to_table(
+                "check_state",
+                records=state_rows,
+                columns=["check_id", "host_id", "status", "consecutive_failures", "consecutive_successes",
+                         "last_healthy", "last_reason", "last_detail", "last_latency_ms", "last_checked_at",
+                         "status_changed_at"],
+            )  # fmt: skip
+            await connection.copy_records_to_table(
+                "check_schedule", records=schedule_rows, columns=["check_id", "next_run_at"]
+            )
+        await connection.execute("VACUUM (ANALYZE) hosts, health_checks, check_state, check_schedule")
+    finally:
+        await connection.close()
+    return [row[0] for row in check_rows]
+
+
+@dataclass
+class PollerProcess:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+    port: int = 0
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def launch_poller(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    with log_path.open("ab") as log_file:
+        return subprocess.Popen(
+            [sys.executable, "-m", "services.cli", "poller"],
+            env={**os.environ, **env, "HEALTHGATE_HEALTH_PORT": "0"},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+
+
+HEALTH_LINE = re.compile(r'"message": "health endpoints listening".*?"port": (\d+)')
+
+
+async def start_poller(env: dict[str, str], log_path: Path, started: list[PollerProcess]) -> PollerProcess:
+    """`healthgate poller` with HEALTHGATE_HEALTH_PORT=0; its port comes from its log; wait for /health/ready."""
+    import httpx
+
+    process = launch_poller(env, log_path)
+    poller = PollerProcess(process, log_path)
+    started.append(poller)  # known to the clean-up from now on
+    deadline = time.monotonic() + 30
+    async with httpx.AsyncClient(timeout=1) as http:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"poller exited with {process.returncode}:\n{poller.log_text()[-3000:]}")
+            if not poller.port:
+                found = HEALTH_LINE.search(poller.log_text())
+                if found:
+                    poller.port = int(found.group(1))
+            if poller.port:
+                with contextlib.suppress(httpx.HTTPError):
+                    if (await http.get(f"http://127.0.0.1:{poller.port}/health/ready")).status_code == 200:
+                        return poller
+            await asyncio.sleep(0.1)
+    raise RuntimeError(f"poller did not become ready:\n{poller.log_text()[-3000:]}")
+
+
+async def poller_metrics(port: int) -> dict[str, float]:
+    """The counters this benchmark reads from a poller's /metrics (summed over label sets)."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=5) as http:
+        text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
+    wanted = {}
+    for line in text.splitlines():
+        if line.startswith("#"):
+            continue
+        name, _, value = line.rpartition(" ")
+        key = None
+        if name.startswith("healthgate_checks_run_total"):
+            reason = re.search(r'reason="([^"]+)"', name)
+            key = f"checks {reason.group(1) if reason else '?'}"
+        elif name.startswith("healthgate_ticks_total"):
+            outcome = re.search(r'outcome="([^"]+)"', name)
+            key = f"ticks {outcome.group(1) if outcome else '?'}"
+        elif name.startswith("healthgate_outbox_publish_failures_total"):
+            key = "outbox publish failures"
+        if key:
+            wanted[key] = wanted.get(key, 0.0) + float(value)
+    return wanted
+
+
+# ---- the tick feeder and the result counter -------------------------------------------------------------
+
+
+class Pipeline:
+    """The driver's AMQP side: publishes ticks to keep the work queue stocked, counts check.result events."""
+
+    def __init__(self, amqp_url: str, exchange: str, check_ids: list[uuid.UUID]) -> None:
+        from shared.events import ScheduledRun, Tick
+
+        self.amqp_url = amqp_url
+        self.exchange_name = exchange
+        self.bodies = [
+            Tick(runs=[ScheduledRun(check_id=check_id) for check_id in check_ids[start : start + TICK_SIZE]])
+            .model_dump_json()
+            .encode()
+            for start in range(0, len(check_ids), TICK_SIZE)
+        ]
+        self.next_body = 0
+        self.published_ticks = 0
+        self.counted_before_purges = 0
+        self.feeding = asyncio.Event()
+        self.connection = None
+        self.channel = None
+        self.exchange = None
+        self.feeder: asyncio.Task[None] | None = None
+        from shared.topology import POLLER_TICK_QUEUE, Topology
+
+        topology = Topology(exchange)
+        self.tick_queue = topology.queue_name(POLLER_TICK_QUEUE)
+        self.result_queue = f"{exchange}.{RESULT_QUEUE_SUFFIX}"
+
+    async def open(self) -> None:
+        import aio_pika
+
+        from shared.topology import Topology, declare_topology
+
+        self.connection = await aio_pika.connect(self.amqp_url, client_properties={"connection_name": "hg-bench"})
+        self.channel = await self.connection.channel(publisher_confirms=True)
+        self.exchange = await declare_topology(self.channel, Topology(self.exchange_name))
+        queue = await self.channel.declare_queue(self.result_queue, durable=False, exclusive=True)
+        await queue.bind(self.exchange, "check.result")
+        self.feeder = asyncio.create_task(self._feed())
+
+    async def close(self) -> None:
+        if self.feeder is not None:
+            self.feeder.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.feeder
+        if self.connection is not None:
+            await self.connection.close()
+
+    async def _message_count(self, name: str) -> int:
+        assert self.channel is not None
+        queue = await self.channel.declare_queue(name, passive=True)
+        return int(queue.declaration_result.message_count)
+
+    async def results(self) -> int:
+        """check.result events counted so far (this run)."""
+        return self.counted_before_purges + await self._message_count(self.result_queue)
+
+    async def purge(self) -> None:
+        """Empty the result queue (keeps RabbitMQ's memory small); the count carries on."""
+        assert self.channel is not None
+        queue = await self.channel.declare_queue(self.result_queue, passive=True)
+        ok = await queue.purge()
+        self.counted_before_purges += int(ok.message_count)
+
+    async def purge_ticks(self) -> None:
+        assert self.channel is not None
+        queue = await self.channel.declare_queue(self.tick_queue, passive=True)
+        await queue.purge()
+
+    async def _feed(self) -> None:
+        import aio_pika
+
+        assert self.exchange is not None
+        while True:
+            await self.feeding.wait()
+            ready = await self._message_count(self.tick_queue)
+            missing = READY_TICKS - ready
+            if missing > 0:
+                messages = []
+                for _ in range(missing):
+                    body = self.bodies[self.next_body]
+                    self.next_body = (self.next_body + 1) % len(self.bodies)
+                    messages.append(
+                        aio_pika.Message(
+                            body,
+                            content_type="application/json",
+                            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                            message_id=f"bench-{self.published_ticks + len(messages)}",
+                        )
+                    )
+                await asyncio.gather(*(self.exchange.publish(message, "poller.tick") for message in messages))
+                self.published_ticks += len(messages)
+            await asyncio.sleep(FEED_PERIOD_SECONDS)
+
+
+# ---- measurements -----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Measurement:
+    label: str
+    mode: str
+    rate: float
+    cpu: CpuUse | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def classify(pid: int, command: str) -> str | None:
+    if "services.cli poller" in command:
+        return "poller(s)"
+    if "--bare-loop" in command:
+        return "bare loop"
+    return default_group(pid, command)
+
+
+CPU_ORDER = ("poller(s)", "bare loop", "blackbox_exporter", "wrk", "nginx", "postgresql", "rabbitmq", "bench driver")
+
+
+async def set_check_url(database_url: str, url: str) -> None:
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        await connection.execute("UPDATE health_checks SET url = $1", url)
+    finally:
+        await connection.close()
+
+
+async def measure_pollers(pipeline: Pipeline, pollers: list[PollerProcess], mode: str, plan: Plan) -> Measurement:
+    before = [await poller_metrics(poller.port) for poller in pollers]
+    pipeline.feeding.set()
+    await asyncio.sleep(plan.warmup)
+    meter = CpuMeter(classify)
+    count_before = await pipeline.results()
+    meter.start()
+    started = time.monotonic()
+    await asyncio.sleep(plan.seconds)
+    count_after = await pipeline.results()
+    wall = time.monotonic() - started
+    cpu = meter.stop()
+    pipeline.feeding.clear()
+    await pipeline.purge()
+    after = [await poller_metrics(poller.port) for poller in pollers]
+    reasons: Counter[str] = Counter()
+    for old, new in zip(before, after, strict=True):
+        for key, value in new.items():
+            reasons[key] += int(value - old.get(key, 0.0))
+    label = f"poller, {len(pollers)} process{'es' if len(pollers) > 1 else ''}"
+    measurement = Measurement(label, mode, (count_after - count_before) / wall, cpu)
+    measurement.notes.append(
+        "poller metrics over warm-up + measurement: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v)
+    )
+    return measurement
+
+
+async def run_bare(kind: str, url: str, concurrency: int, seconds: float, mode: str) -> Measurement:
+    meter = CpuMeter(classify)
+    meter.start()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, THIS_SCRIPT, "--bare-loop", kind, url, str(concurrency), str(seconds),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
+    )  # fmt: skip
+    try:
+        stdout, stderr = await process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        raise
+    cpu = meter.stop()
+    if process.returncode != 0:
+        raise RuntimeError(f"bare loop failed: {stderr.decode(errors='replace')[-2000:]}")
+    outcome = json.loads(stdout)
+    name = "bare aiohttp loop" if kind == "aiohttp" else "bare Prober.run loop"
+    measurement = Measurement(f"{name}, c={concurrency}", mode, outcome["checks"] / outcome["seconds"], cpu)
+    measurement.notes.append(
+        f"{outcome['cpu'] / max(1, outcome['checks']) * 1e6:.0f} µs of CPU per check in the loop process"
+    )
+    if outcome["errors"]:
+        measurement.notes.append(f"{outcome['errors']} failed checks, first: {outcome['first_error']}")
+    return measurement
+
+
+BLACKBOX_CONFIG = f"""modules:
+  http_2xx:
+    prober: http
+    timeout: 5s
+    http:
+      method: GET
+      preferred_ip_protocol: ip4
+      fail_if_body_not_matches_regexp:
+        - "{EXPECTED_BODY}"
+"""
+
+# Counts answers whose body says the probe succeeded; wrk's own Requests/sec counts any 200.
+WRK_SCRIPT = """
+local threads = {}
+function setup(thread) table.insert(threads, thread) end
+function init(args) ok = 0; failed = 0 end
+function response(status, headers, body)
+  if status == 200 and string.find(body, "\\nprobe_success 1", 1, true) then ok = ok + 1 else failed = failed + 1 end
+end
+function done(summary, latency, requests)
+  local total_ok, total_failed = 0, 0
+  for _, thread in ipairs(threads) do
+    total_ok = total_ok + thread:get("ok"); total_failed = total_failed + thread:get("failed")
+  end
+  io.write(string.format("PROBES ok=%d failed=%d seconds=%f\\n", total_ok, total_failed, summary.duration / 1e6))
+end
+"""
+
+
+def find_binary(name: str, *candidates: str) -> str | None:
+    return shutil.which(name) or next((path for path in candidates if os.access(path, os.X_OK)), None)
+
+
+class Blackbox:
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.process: subprocess.Popen[bytes] | None = None
+        self.port = 0
+
+    def start(self) -> None:
+        from tests.support.processes import free_port
+
+        binary = find_binary("prometheus-blackbox-exporter", "/usr/bin/prometheus-blackbox-exporter")
+        if binary is None:
+            raise RuntimeError("prometheus-blackbox-exporter is not installed: run `make bench-deps`")
+        config = self.directory / "blackbox.yml"
+        config.write_text(BLACKBOX_CONFIG)
+        (self.directory / "probes.lua").write_text(WRK_SCRIPT)
+        self.port = free_port()
+        with (self.directory / "blackbox.log").open("ab") as log:
+            self.process = subprocess.Popen(
+                [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{self.port}",
+                 "--log.level=warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+
+    async def wait_ready(self, target: str) -> None:
+        import httpx
+
+        deadline = time.monotonic() + 15
+        async with httpx.AsyncClient(timeout=2) as http:
+            while time.monotonic() < deadline:
+                if self.process is None or self.process.poll() is not None:
+                    raise RuntimeError("blackbox_exporter exited: " + (self.directory / "blackbox.log").read_text())
+                with contextlib.suppress(httpx.HTTPError):
+                    answer = await http.get(self.probe_url(target))
+                    if "\nprobe_success 1" in answer.text:
+                        return
+                await asyncio.sleep(0.1)
+        raise RuntimeError(f"blackbox_exporter does not probe {target} successfully")
+
+    def probe_url(self, target: str) -> str:
+        return f"http://127.0.0.1:{self.port}/probe?target={target}&module=http_2xx"
+
+    async def measure(self, target: str, seconds: int, mode: str) -> Measurement:
+        wrk = find_binary("wrk", "/usr/bin/wrk")
+        if wrk is None:
+            raise RuntimeError("wrk is not installed: run `make bench-deps`")
+        meter = CpuMeter(classify)
+        meter.start()
+        process = await asyncio.create_subprocess_exec(
+            wrk, "-c", "50", "-t", "2", "-d", f"{seconds}s", "-s", str(self.directory / "probes.lua"),
+            self.probe_url(target),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            output = (await process.communicate())[0].decode(errors="replace")
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            raise
+        cpu = meter.stop()
+        found = re.search(r"PROBES ok=(\d+) failed=(\d+) seconds=([0-9.]+)", output)
+        if process.returncode != 0 or found is None:
+            raise RuntimeError(f"wrk failed:\n{output}")
+        ok, failed, wall = int(found.group(1)), int(found.group(2)), float(found.group(3))
+        measurement = Measurement("blackbox_exporter (wrk -c 50 -t 2)", mode, ok / wall, cpu)
+        if failed:
+            measurement.notes.append(f"{failed} probes failed or answered non-200 (not counted)")
+        return measurement
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+# ---- py-spy --------------------------------------------------------------------------------------------
+
+# Components of the poller, by the outermost project function on a sampled stack.
+COMPONENTS = (
+    ("load_checks", "DB read: load_checks"),
+    ("store_results", "DB write: store_results (COPY, state UPDATE, outbox COPY)"),
+    ("_run_one", "HTTP check: Prober / aiohttp (awaited code)"),
+    ("relay_batch", "outbox relay: claim, publish with confirms, mark sent"),
+    ("OutboxRelay", "outbox relay: claim, publish with confirms, mark sent"),
+    ("_on_tick", "tick: parse, ack"),
+    ("Scheduler", "scheduler (claims nothing here)"),
+    ("serve_health", "health/metrics server"),
+)
+LIBRARIES = (
+    ("aiohttp", "HTTP check: aiohttp protocol callbacks"),
+    ("asyncpg", "DB: asyncpg protocol callbacks"),
+    ("aiormq", "AMQP: aiormq/pamqp frames (consume, confirms)"),
+    ("pamqp", "AMQP: aiormq/pamqp frames (consume, confirms)"),
+    ("aio_pika", "AMQP: aio-pika"),
+    ("uvloop", "event loop (uvloop)"),
+    ("asyncio", "event loop (asyncio)"),
+)
+
+
+def summarise_profile(raw: str) -> list[str]:
+    """Collapsed stacks ("frame;frame;... count") -> shares by component and by innermost package."""
+    components: Counter[str] = Counter()
+    leaves: Counter[str] = Counter()
+    total = 0
+    for line in raw.splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        total += count
+        frames = stack.split(";")
+        component = None
+        for frame in frames:  # outermost first
+            for marker, name in COMPONENTS:
+                if frame.startswith(marker + " ") or f".{marker} " in frame or f"{marker}." in frame.split(" ")[0]:
+                    component = name
+                    break
+            if component:
+                break
+        if component is None:
+            innermost = frames[-1]
+            component = next((name for marker, name in LIBRARIES if f"/{marker}/" in innermost), None)
+            if component is None:
+                component = next(
+                    (name for marker, name in LIBRARIES if any(f"/{marker}/" in frame for frame in frames)),
+                    "other: " + innermost.split(" (")[0],
+                )
+        components[component] += count
+        leaf = frames[-1]
+        path = leaf[leaf.find("(") + 1 : leaf.rfind(":")] if "(" in leaf else leaf
+        package = "?"
+        for part in ("site-packages/", "python3.11/", "/work/main/"):
+            if part in path:
+                package = path.split(part, 1)[1].split("/")[0]
+                break
+        leaves[package] += count
+    if not total:
+        return ["  (no samples)"]
+    lines = [f"  {total} samples; by component (outermost project function on the stack):"]
+    lines += [f"    {share / total * 100:5.1f}%  {name}" for name, share in components.most_common(14)]
+    lines.append("  by innermost package (where the CPU is actually spent):")
+    lines += [f"    {share / total * 100:5.1f}%  {name}" for name, share in leaves.most_common(12)]
+    return lines
+
+
+async def profile_poller(pid: int, seconds: float, keep: Path | None, directory: Path) -> list[str]:
+    py_spy = find_binary("py-spy", str(REPO_ROOT / ".venv" / "bin" / "py-spy"))
+    if py_spy is None:
+        return ["  py-spy not found (pip install py-spy into .venv for a one-off profile)"]
+    output = keep or directory / "profile.txt"
+    process = await asyncio.create_subprocess_exec(
+        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200", "--format", "raw",
+        "--nonblocking", "--output", str(output),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    log = (await process.communicate())[0].decode(errors="replace")
+    if process.returncode != 0 or not output.exists():
+        return [f"  py-spy failed: {log[-1000:]}"]
+    return summarise_profile(output.read_text())
+
+
+# ---- the run ---------------------------------------------------------------------------------------------
+
+
+def print_results(measurements: list[Measurement]) -> None:
+    for mode in MODES:
+        print(f"\n{mode} ({'GET ' + MODES[mode]}):")
+        print(f"  {'contender':<40} {'checks/s':>9}")
+        for m in (m for m in measurements if m.mode == mode):
+            print(f"  {m.label:<40} {m.rate:>9,.0f}")
+            if m.cpu is not None:
+                print(f"      {m.cpu.line(CPU_ORDER)}")
+            for note in m.notes:
+                print(f"      {note}")
+
+
+def print_ratios(measurements: list[Measurement]) -> None:
+    def pick(mode: str, prefix: str) -> list[Measurement]:
+        return [m for m in measurements if m.mode == mode and m.label.startswith(prefix)]
+
+    print("\nRatios (same run):")
+    for mode in MODES:
+        headline = " HEADLINE" if mode == "new-conn" else ""
+        blackbox = pick(mode, "blackbox")
+        bare = pick(mode, "bare aiohttp")
+        one = pick(mode, "poller, 1 process")
+        pollers = pick(mode, "poller")
+        if not (blackbox and bare and one):
+            continue
+        best_bare = max(bare, key=lambda m: m.rate)
+        best_poller = max(pollers, key=lambda m: m.rate)
+        ratio_bb = best_poller.rate / blackbox[0].rate
+        ratio_bare = one[0].rate / best_bare.rate
+        goal = mode == "new-conn"
+
+        def verdict(ok: bool, goal: bool = goal) -> str:
+            return ("MET" if ok else "NOT MET") if goal else "(no goal in this mode)"
+
+        print(f"  {mode}{headline}:")
+        for m in pollers:
+            print(f"    {m.label} / blackbox_exporter: {m.rate / blackbox[0].rate:.2f}x")
+        print(
+            f"    best poller ({best_poller.label}) / blackbox_exporter: {ratio_bb:.2f}x"
+            f" (goal >= {BLACKBOX_GOAL:.1f}x): {verdict(ratio_bb >= BLACKBOX_GOAL)}"
+        )
+        print(
+            f"    poller, 1 process / {best_bare.label}: {ratio_bare:.2f}x (goal >= {BARE_GOAL:.1f}x):"
+            f" {verdict(ratio_bare >= BARE_GOAL)}"
+        )
+        for m in bare:
+            if m is not best_bare:
+                print(f"    poller, 1 process / {m.label}: {one[0].rate / m.rate:.2f}x")
+        prober = pick(mode, "bare Prober")
+        if prober:
+            print(f"    bare Prober.run loop / {best_bare.label}: {prober[0].rate / best_bare.rate:.2f}x")
+
+
+async def run(arguments: argparse.Namespace, plan: Plan, tmp: Path, state: dict[str, object]) -> None:
+    server_url, amqp_url = server_urls()
+    database_url = with_database(server_url, str(state["database"]))
+    nginx: BenchNginx = state["nginx"]  # type: ignore[assignment]
+    urls = {mode: nginx.http_url(path) for mode, path in MODES.items()}
+
+    started = time.monotonic()
+    check_ids = await seed(database_url, arguments.hosts, urls["new-conn"])
+    print(f"seeded {len(check_ids)} hosts with one http check each in {time.monotonic() - started:.1f} s")
+    pipeline = Pipeline(amqp_url, str(state["exchange"]), check_ids)
+    try:
+        await pipeline.open()
+        await measure_all(arguments, plan, tmp, state, pipeline, database_url, amqp_url, urls)
+    finally:
+        await pipeline.close()
+
+
+async def measure_all(
+    arguments: argparse.Namespace,
+    plan: Plan,
+    tmp: Path,
+    state: dict[str, object],
+    pipeline: Pipeline,
+    database_url: str,
+    amqp_url: str,
+    urls: dict[str, str],
+) -> None:
+    pollers: list[PollerProcess] = state["pollers"]  # type: ignore[assignment]
+    blackbox = Blackbox(tmp)
+    state["blackbox"] = blackbox
+    blackbox.start()
+    await blackbox.wait_ready(urls["new-conn"])
+    print(f"before measuring: {other_work()}")
+    measurements: list[Measurement] = []
+
+    def done(measurement: Measurement) -> None:
+        measurements.append(measurement)
+        print(f"  {measurement.mode:<10} {measurement.label:<40} {measurement.rate:>9,.0f} checks/s", flush=True)
+
+    for mode in ("new-conn", "keep-alive"):
+        url = urls[mode]
+        for concurrency in BARE_CONCURRENCIES:
+            done(await run_bare("aiohttp", url, concurrency, plan.bare_seconds, mode))
+        done(await run_bare("prober", url, 256, plan.bare_seconds, mode))
+        done(await blackbox.measure(url, plan.wrk_seconds, mode))
+    blackbox.stop()
+
+    env = {
+        "HEALTHGATE_DATABASE_URL": database_url,
+        "HEALTHGATE_AMQP_URL": amqp_url,
+        "HEALTHGATE_EXCHANGE": str(state["exchange"]),
+        "HEALTHGATE_KEY_FILE": str(tmp / "key"),
+        "HEALTHGATE_LOG_FORMAT": "json",
+    }
+    profile: list[str] = []
+    for count in (1, 2):
+        while len(pollers) < count:
+            poller = await start_poller(env, tmp / f"poller-{len(pollers) + 1}.log", pollers)
+            print(f"poller process {poller.process.pid} ready (health port {poller.port})")
+        for mode in ("new-conn", "keep-alive"):
+            await set_check_url(database_url, urls[mode])
+            done(await measure_pollers(pipeline, pollers, mode, plan))
+            if count == 1 and mode == "new-conn" and arguments.py_spy:
+                print(f"profiling poller process {pollers[0].process.pid} for {arguments.py_spy:g} s with py-spy")
+                pipeline.feeding.set()
+                await asyncio.sleep(1.0)
+                profile = await profile_poller(pollers[0].process.pid, arguments.py_spy, arguments.keep_profile, tmp)
+                pipeline.feeding.clear()
+                await pipeline.purge()
+        await pipeline.purge_ticks()
+
+    await asyncio.sleep(1.0)  # the relays publish what is left
+    for poller in pollers:
+        await asyncio.to_thread(poller.stop)
+    import asyncpg
+
+    connection = await asyncpg.connect(database_url)
+    try:
+        rows = await connection.fetchval("SELECT count(*) FROM check_results")
+        unsent = await connection.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
+    finally:
+        await connection.close()
+    events = await pipeline.results()
+    print(
+        f"\ncross-check: {rows} rows in check_results, {events} check.result events counted, {unsent} unsent in"
+        f" the outbox; {pipeline.published_ticks} ticks ({pipeline.published_ticks * TICK_SIZE} checks) published"
+        " (the work queue is purged after each poller phase, so not all of them ran)"
+    )
+
+    print_results(measurements)
+    print_ratios(measurements)
+    if profile:
+        print(f"\npy-spy profile of one poller process, new-connection mode, {arguments.py_spy:g} s:")
+        print("\n".join(profile))
+    print(f"\nafter measuring: {other_work()}")
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--bare-loop":
+        return bare_loop_main(sys.argv[2:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="short measurements (a smoke run)")
+    parser.add_argument("--hosts", type=int, default=HOSTS, help=f"hosts (one http check each; default {HOSTS})")
+    parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS", help="profile one poller with py-spy")
+    parser.add_argument("--keep-profile", type=Path, help="write py-spy's collapsed stacks here")
+    arguments = parser.parse_args()
+    plan = QUICK if arguments.quick else FULL
+
+    server_url, amqp_url = server_urls()
+    run_id = uuid.uuid4().hex[:10]
+    state: dict[str, object] = {
+        "database": f"healthgate_bench_{run_id}",
+        "exchange": f"hgbench-{run_id}",
+        "pollers": [],
+    }
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, terminate)
+    print(
+        f"healthgate poller benchmark: {arguments.hosts} http checks, ticks of {TICK_SIZE}, database"
+        f" {state['database']}, exchange {state['exchange']}; measurements of {plan.seconds:g} s after"
+        f" {plan.warmup:g} s warm-up (pollers), {plan.bare_seconds:g} s (bare loops), {plan.wrk_seconds} s (wrk)"
+    )
+    print(machine_note())
+    exit_code = 1
+    with tempfile.TemporaryDirectory(prefix="hgbench-poller-") as tmp_name:
+        tmp = Path(tmp_name)
+        nginx = BenchNginx()
+        state["nginx"] = nginx
+        try:
+            nginx.start()
+            print(f"nginx (1 worker process) {nginx.http_base_url}: new connection per check on {CLOSE_PATH}")
+            run_async(run(arguments, plan, tmp, state))
+            exit_code = 0
+        except KeyboardInterrupt:
+            print("\ninterrupted; cleaning up", file=sys.stderr)
+            exit_code = 130
+        except Exception:
+            for poller in state["pollers"]:  # type: ignore[attr-defined]
+                print(f"poller log {poller.log_path.name} (last 3,000 characters):\n{poller.log_text()[-3000:]}")
+            raise
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            for poller in state["pollers"]:  # type: ignore[attr-defined]
+                cleanup_step(f"stop poller {poller.process.pid}", poller.stop)
+            if "blackbox" in state:
+                cleanup_step("stop blackbox_exporter", state["blackbox"].stop)  # type: ignore[attr-defined]
+            cleanup_step("stop nginx", nginx.stop)
+            database = str(state["database"])
+            cleanup_step(f"drop database {database}", lambda: run_async(drop_database(server_url, database)))
+            cleanup_step(
+                f"delete exchange {state['exchange']}",
+                lambda: run_async(
+                    delete_topology(amqp_url, str(state["exchange"]), [f"{state['exchange']}.{RESULT_QUEUE_SUFFIX}"])
+                ),
+            )
+    return exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
