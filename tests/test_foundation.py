@@ -166,7 +166,7 @@ def test_up_runs_every_service_and_stops_cleanly_on_sigterm(service_env: dict[st
     port = free_port()
     log = (tmp_path / "up.log").open("wb")
     process = subprocess.Popen(
-        [*HEALTHGATE, "up"], env={**os.environ, **service_env, "HEALTHGATE_API_PORT": str(port)},
+        [*HEALTHGATE, "up"], env={**os.environ, **service_env, "HEALTHGATE_API_PORT": str(port), "HEALTHGATE_HEALTH_PORT": "0"},
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     try:
