@@ -41,6 +41,7 @@ import datetime as dt
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -426,12 +427,20 @@ class Measurement:
     notes: list[str] = field(default_factory=list)
 
 
+# Processes this run started, by pid; set by `measure_all`. Other pollers on the machine (a test suite
+# running meanwhile) are "other", and so are PostgreSQL backends of other databases.
+OWN_PIDS: dict[int, str] = {}
+BENCH_DATABASE: list[str] = []
+BACKEND = re.compile(r"\(\d+\) |\[local\]")
+
+
 def classify(pid: int, command: str) -> str | None:
-    if "services.cli poller" in command:
-        return "poller(s)"
-    if "--bare-loop" in command:
-        return "bare loop"
-    return default_group(pid, command)
+    if pid in OWN_PIDS:
+        return OWN_PIDS[pid]
+    group = default_group(pid, command)
+    if group == "postgresql" and BENCH_DATABASE and BACKEND.search(command) and BENCH_DATABASE[0] not in command:
+        return "other"  # a backend of another database ("postgres: <cluster>: <user> <database> <client> ...")
+    return group
 
 
 CPU_ORDER = ("poller(s)", "bare loop", "blackbox_exporter", "wrk", "nginx", "postgresql", "rabbitmq", "bench driver")
@@ -491,6 +500,8 @@ async def run_bare(kind: str, url: str, concurrency: int, seconds: float, mode: 
     if process.returncode != 0:
         raise RuntimeError(f"bare loop failed: {stderr.decode(errors='replace')[-2000:]}")
     outcome = json.loads(stdout)
+    # The child has exited: its own figure (CPU of the measured stretch, without start-up) stands in.
+    cpu.groups["bare loop"] = outcome["cpu"] * cpu.wall / outcome["seconds"]
     name = "bare aiohttp loop" if kind == "aiohttp" else "bare Prober.run loop"
     measurement = Measurement(f"{name}, c={concurrency}", mode, outcome["checks"] / outcome["seconds"], cpu)
     measurement.notes.append(
@@ -581,6 +592,7 @@ class Blackbox:
             raise RuntimeError("wrk is not installed: run `make bench-deps`")
         meter = CpuMeter(classify)
         meter.start()
+        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
         process = await asyncio.create_subprocess_exec(
             wrk, "-c", "50", "-t", "2", "-d", f"{seconds}s", "-s", str(self.directory / "probes.lua"),
             self.probe_url(target),
@@ -593,6 +605,10 @@ class Blackbox:
                 process.kill()
             raise
         cpu = meter.stop()
+        children = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu.groups["wrk"] = (
+            children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
+        )  # wrk has exited and been reaped: its CPU is in this process's children's usage
         found = re.search(r"PROBES ok=(\d+) failed=(\d+) seconds=([0-9.]+)", output)
         if process.returncode != 0 or found is None:
             raise RuntimeError(f"wrk failed:\n{output}")
@@ -782,6 +798,7 @@ async def measure_all(
     urls: dict[str, str],
 ) -> None:
     pollers: list[PollerProcess] = state["pollers"]  # type: ignore[assignment]
+    BENCH_DATABASE.append(str(state["database"]))
     blackbox = Blackbox(tmp)
     state["blackbox"] = blackbox
     blackbox.start()
@@ -812,6 +829,7 @@ async def measure_all(
     for count in (1, 2):
         while len(pollers) < count:
             poller = await start_poller(env, tmp / f"poller-{len(pollers) + 1}.log", pollers)
+            OWN_PIDS[poller.process.pid] = "poller(s)"
             print(f"poller process {poller.process.pid} ready (health port {poller.port})")
         for mode in ("new-conn", "keep-alive"):
             await set_check_url(database_url, urls[mode])

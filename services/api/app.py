@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
+import os
+import signal
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 
@@ -34,6 +35,7 @@ from shared.health import GracefulServer, ServiceHealth, health_routes
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay
 from shared.settings import Settings
+from shared.supervision import TaskGroupOfService
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -68,19 +70,18 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
             check_runs=check_runs,
         )
         health.pool, health.broker = pool, broker
-        background = [
-            asyncio.create_task(broker.run(check_runs.on_connected), name="broker-connect"),
-            asyncio.create_task(relay.run(), name="outbox-relay"),
-        ]
+        # A background task that dies makes the process exit (via SIGTERM to itself, which uvicorn
+        # handles gracefully) so that its supervisor restarts it.
+        background = TaskGroupOfService(on_failure=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        background.start(broker.run(check_runs.on_connected), "broker-connect")
+        background.start(relay.run(), "outbox-relay")
         health.started = True
         log.info("api started", extra={"host": settings.api_host, "port": settings.api_port})
         try:
             yield
         finally:
             health.shutting_down = True
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
+            await background.cancel_all()
             await broker.close()
             await pool.close()
             log.info("api stopped")
