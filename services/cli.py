@@ -43,8 +43,14 @@ def _run_poller(settings: Settings) -> int:
     return run_poller(settings)
 
 
+def _run_gate(settings: Settings) -> int:
+    from services.gate.app import run_gate
+
+    return run_gate(settings)
+
+
 # The services this installation provides, in start order; `healthgate up` runs all of them.
-SERVICES: dict[str, Callable[[Settings], int]] = {"api": _run_api, "poller": _run_poller}
+SERVICES: dict[str, Callable[[Settings], int]] = {"api": _run_api, "poller": _run_poller, "gate": _run_gate}
 
 
 def _run_async(coroutine: Coroutine[Any, Any, int]) -> int:

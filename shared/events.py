@@ -226,6 +226,12 @@ def deterministic_event_id(*parts: str) -> uuid.UUID:
     return uuid.uuid5(EVENT_ID_NAMESPACE, "/".join(parts))
 
 
+def decision_event_id(job_id: str, host_id: uuid.UUID) -> uuid.UUID:
+    """The same id for whatever decides a job host (the gate, a timer, an override, a cancel), so a
+    consumer that drops duplicates by id sees one decision."""
+    return deterministic_event_id("job-decision", job_id, str(host_id))
+
+
 def encode_cloudevent(
     routing_key: str,
     data: EventModel,

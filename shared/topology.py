@@ -31,7 +31,19 @@ POLLER_TEST_QUEUE = QueueSpec("poller.test", bindings=("poller.test",), dead_let
 # Ticks: checks due to run. A poller that dies leaves its unacked ticks to be redelivered to another.
 POLLER_TICK_QUEUE = QueueSpec("poller.ticks", bindings=("poller.tick",))
 
-QUEUES: tuple[QueueSpec, ...] = (POLLER_TEST_QUEUE, POLLER_TICK_QUEUE)
+# Inbound job requests for the gate; they wait here while no gate runs.
+GATE_JOBS_QUEUE = QueueSpec("gate.jobs", bindings=("job.start", "job.cancel"))
+# Results wake waiting jobs at once. The gate re-reads check state from the database, so a result it
+# never saw costs at most one retry interval: while no gate runs, results older than a minute (or
+# beyond 100,000) are dropped instead of piling up, and none is dead-lettered.
+GATE_RESULTS_QUEUE = QueueSpec(
+    "gate.results",
+    bindings=("check.result",),
+    dead_letter=False,
+    extra_arguments={"x-message-ttl": 60_000, "x-max-length": 100_000, "x-overflow": "drop-head"},
+)
+
+QUEUES: tuple[QueueSpec, ...] = (POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE)
 
 
 @dataclass(frozen=True)

@@ -144,6 +144,23 @@ def poller(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory
     service.stop()
 
 
+GATE_RETRY_SECONDS = "2"
+
+
+def start_gate(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:
+    port = free_port()
+    env = service_env | {"HEALTHGATE_HEALTH_PORT": str(port), "HEALTHGATE_GATE_RETRY_SECONDS": GATE_RETRY_SECONDS}
+    return start_service("gate", env | overrides, log_path, port=port)
+
+
+@pytest.fixture(scope="session")
+def gate(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
+    """The session's gate process, retrying failing checks every 2 s instead of 300 s."""
+    service = start_gate(service_env, tmp_path_factory.mktemp("logs") / "gate.log")
+    yield service
+    service.stop()
+
+
 @contextlib.contextmanager
 def exclusive_poller(
     session_poller: ServiceProcess, service_env: dict[str, str], log_path: Path, **overrides: str

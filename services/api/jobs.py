@@ -26,7 +26,7 @@ from services.api.requests import (
     read_query,
 )
 from services.api.schemas import JobHostView, JobListItem, JobView, OverrideRequest, Page
-from shared.events import JobFailed, JobReleased, deterministic_event_id
+from shared.events import JobFailed, JobReleased, decision_event_id
 from shared.host_status import gating_check_summaries
 from shared.outbox import enqueue
 
@@ -42,10 +42,6 @@ class JobListQuery(PageQuery):
     status: Literal["waiting_health_check", "released", "failed", "cancelled"] | None = Field(
         None, description="only job hosts in this state"
     )
-
-
-def decision_event_id(job_id: str, host_id: str) -> str:
-    return str(deterministic_event_id("job-decision", job_id, host_id))
 
 
 def job_host_fields(row: asyncpg.Record) -> dict[str, Any]:
@@ -162,7 +158,7 @@ async def override_job(request: Request, principal: Principal) -> Response:
             event,
             source=context.source,
             correlation_id=job_id,
-            event_id=deterministic_event_id("job-decision", job_id, str(host_id)),
+            event_id=decision_event_id(job_id, host_id),
             time=decided_at,
         )
         await record_audit(

@@ -224,7 +224,7 @@ class ResultView(BaseModel):
 class JobHostView(BaseModel):
     host_id: uuid.UUID
     status: Literal["waiting_health_check", "released", "failed", "cancelled"]
-    window_ends_at: AwareDatetime
+    window_ends_at: AwareDatetime | None = Field(description="null only for an invalid request")
     received_at: AwareDatetime
     decided_at: AwareDatetime | None
     reason: str | None

@@ -10,24 +10,18 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import signal
 
 import aiohttp
 import asyncpg
 import uvloop
-from prometheus_client import CollectorRegistry
 
 from services.poller.probes import GuardedResolver, Prober, agent_ssl_context
 from services.poller.scheduler import Scheduler, SchedulerMetrics
 from services.poller.worker import Worker, WorkerMetrics
 from shared.crypto import SecretBox, load_or_create_key
-from shared.database import create_pool, ensure_result_partitions
-from shared.health import ServiceHealth, serve_health
-from shared.messaging import Broker
-from shared.outbox import OutboxMetrics, OutboxRelay
+from shared.database import ensure_result_partitions
+from shared.service import WorkerRuntime
 from shared.settings import ServiceConfigError, Settings
-from shared.supervision import TaskGroupOfService
-from shared.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +36,7 @@ async def keep_result_partitions(pool: asyncpg.Pool) -> None:
         try:
             async with pool.acquire() as connection:
                 await ensure_result_partitions(connection, dt.datetime.now(dt.UTC).date())
-        except Exception as exc:  # retried at the next pass; inserts have a week of partitions ahead
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             log.warning("could not create result partitions", extra={"error": str(exc)})
         await asyncio.sleep(PARTITION_CHECK_SECONDS)
 
@@ -54,47 +48,27 @@ async def serve(settings: Settings, key: bytes) -> bool:
         agent_ssl = agent_ssl_context(ca_file, cert_file, key_file)
     except (OSError, ValueError) as exc:
         raise ServiceConfigError(f"cannot load the agent TLS files: {exc}") from None
-    registry = CollectorRegistry()
-    pool = await create_pool(settings.database_url, min_size=0, max_size=10)
-    broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name="healthgate-poller")
-    health = ServiceHealth("poller", pool=pool, broker=broker, allowed_networks=settings.health_allowed_networks)
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(settings.blocked_networks), limit=0, ttl_dns_cache=10)
-    session = aiohttp.ClientSession(
-        connector=connector,
-        headers={"User-Agent": "healthgate-poller"},
-        cookie_jar=aiohttp.DummyCookieJar(),
-        raise_for_status=False,
-    )
-    prober = Prober(session, settings.blocked_networks, agent_ssl)
-    worker = Worker(pool, broker, prober, SecretBox(key), WorkerMetrics(registry), concurrency=PROBE_CONCURRENCY)
-    scheduler = Scheduler(pool, broker, SchedulerMetrics(registry))
-    relay = OutboxRelay(pool, broker, OutboxMetrics(registry))
-
-    stopping = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signal_number in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signal_number, stopping.set)
-    tasks = TaskGroupOfService(on_failure=stopping.set)
-    tasks.start(broker.run(worker.start_consuming), "broker")
-    tasks.start(relay.run(), "outbox-relay")
-    scheduling = tasks.start(scheduler.run(), "scheduler")
-    tasks.start(keep_result_partitions(pool), "partitions")
-    tasks.start(serve_health(health, registry, settings.api_host, settings.health_port_for("poller")), "health")
-    health.started = True
-    log.info("poller started")
-    try:
-        await stopping.wait()
-    finally:
-        health.shutting_down = True
-        log.info("poller stopping")
-        scheduling.cancel()  # no new ticks from this process
-        await worker.stop(SHUTDOWN_GRACE_SECONDS)
-        await tasks.cancel_all()
-        await session.close()
-        await broker.close()
-        await pool.close()
-        log.info("poller stopped")
-    return not tasks.failed
+    async with WorkerRuntime("poller", settings) as runtime:
+        connector = aiohttp.TCPConnector(resolver=GuardedResolver(settings.blocked_networks), limit=0, ttl_dns_cache=10)
+        session = aiohttp.ClientSession(
+            connector=connector, headers={"User-Agent": "healthgate-poller"}, cookie_jar=aiohttp.DummyCookieJar()
+        )
+        prober = Prober(session, settings.blocked_networks, agent_ssl)
+        worker = Worker(
+            runtime.pool, runtime.broker, prober, SecretBox(key), WorkerMetrics(runtime.registry),
+            concurrency=PROBE_CONCURRENCY,
+        )  # fmt: skip
+        scheduler = Scheduler(runtime.pool, runtime.broker, SchedulerMetrics(runtime.registry))
+        runtime.tasks.start(runtime.broker.run(worker.start_consuming), "broker")
+        scheduling = runtime.tasks.start(scheduler.run(), "scheduler")
+        runtime.tasks.start(keep_result_partitions(runtime.pool), "partitions")
+        try:
+            await runtime.stopped()
+        finally:
+            scheduling.cancel()  # no new ticks from this process
+            await worker.stop(SHUTDOWN_GRACE_SECONDS)
+            await session.close()
+    return runtime.succeeded
 
 
 def run_poller(settings: Settings) -> int:

@@ -124,10 +124,10 @@ class Worker:
             return
         try:
             await self.run_tick(tick.runs)
-        except DATABASE_ERRORS as exc:
+        except Exception as exc:
             # Back off, then let RabbitMQ deliver the tick again (to any poller); past the delivery
             # limit the tick is dead-lettered rather than looping forever.
-            log.warning("tick failed, returning it to the queue", extra={"error": str(exc)})
+            log.warning("tick failed, returning it to the queue", extra={"error": repr(exc)}, exc_info=True)
             self._metrics.ticks.labels("requeued").inc()
             await asyncio.sleep(FAILED_TICK_BACKOFF_SECONDS)
             await message.nack(requeue=True)

@@ -1,0 +1,29 @@
+"""The gate service: consumes job requests and check results, decides jobs, runs the timers."""
+
+from __future__ import annotations
+
+import contextlib
+
+import uvloop
+
+from services.gate.consumer import Gate, GateMetrics
+from shared.service import WorkerRuntime
+from shared.settings import Settings
+
+
+async def serve(settings: Settings) -> bool:
+    """Run until SIGINT/SIGTERM; False if it stopped because one of its tasks failed."""
+    async with WorkerRuntime("gate", settings, pool_size=20) as runtime:
+        gate = Gate(
+            runtime.pool, runtime.broker, GateMetrics(runtime.registry), retry_seconds=settings.gate_retry_seconds
+        )
+        runtime.tasks.start(runtime.broker.run(gate.start_consuming), "broker")
+        runtime.tasks.start(gate.run_timers(), "timers")
+        await runtime.stopped()
+    return runtime.succeeded
+
+
+def run_gate(settings: Settings) -> int:
+    with contextlib.suppress(KeyboardInterrupt):
+        return 0 if uvloop.run(serve(settings)) else 1
+    return 0

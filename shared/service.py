@@ -1,0 +1,78 @@
+"""What every worker service (poller, gate, pruner) runs on: one pool, one broker connection, the
+outbox relay, health endpoints and /metrics, signal handling, and an orderly stop.
+
+    async with WorkerRuntime("gate", settings) as runtime:
+        runtime.tasks.start(runtime.broker.run(gate.start_consuming), "broker")
+        await runtime.stopped()
+    return runtime.succeeded
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from types import TracebackType
+
+from prometheus_client import CollectorRegistry
+
+from shared.database import create_pool
+from shared.health import ServiceHealth, serve_health
+from shared.messaging import Broker
+from shared.outbox import OutboxMetrics, OutboxRelay
+from shared.settings import Settings
+from shared.supervision import TaskGroupOfService
+from shared.topology import Topology
+
+log = logging.getLogger(__name__)
+
+
+class WorkerRuntime:
+    def __init__(self, name: str, settings: Settings, *, pool_size: int = 10, with_broker: bool = True) -> None:
+        self.name = name
+        self.settings = settings
+        self.pool_size = pool_size
+        self.with_broker = with_broker
+        self.registry = CollectorRegistry()
+        self._stopping = asyncio.Event()
+        self.tasks = TaskGroupOfService(on_failure=self._stopping.set)
+
+    async def __aenter__(self) -> WorkerRuntime:
+        settings = self.settings
+        # Connections open on demand: the service starts, and reports not ready, while PostgreSQL is down.
+        self.pool = await create_pool(settings.database_url, min_size=0, max_size=self.pool_size)
+        self.broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name=f"healthgate-{self.name}")
+        self.health = ServiceHealth(
+            self.name, pool=self.pool, broker=self.broker if self.with_broker else None,
+            allowed_networks=settings.health_allowed_networks,
+        )  # fmt: skip
+        loop = asyncio.get_running_loop()
+        for signal_number in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signal_number, self._stopping.set)
+        port = settings.health_port_for(self.name)
+        self.tasks.start(serve_health(self.health, self.registry, settings.api_host, port), "health")
+        if self.with_broker:
+            relay = OutboxRelay(self.pool, self.broker, OutboxMetrics(self.registry))
+            self.tasks.start(relay.run(), "outbox-relay")
+        return self
+
+    async def stopped(self) -> None:
+        """Mark the service started, then wait for SIGINT/SIGTERM or a failed task."""
+        self.health.started = True
+        log.info(f"{self.name} started")
+        await self._stopping.wait()
+        self.health.shutting_down = True
+        log.info(f"{self.name} stopping")
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.tasks.failed
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.health.shutting_down = True
+        await self.tasks.cancel_all()
+        await self.broker.close()
+        await self.pool.close()
+        log.info(f"{self.name} stopped")
