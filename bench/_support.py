@@ -136,6 +136,33 @@ def _command(pid: int) -> str:
         return ""
 
 
+def parent_pid(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return int(stat.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def process_tree(root: int) -> set[int]:
+    """`root` and its descendants now (e.g. nginx's master and its workers)."""
+    parents = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            parent = parent_pid(int(entry))
+            if parent is not None:
+                parents[int(entry)] = parent
+    tree = {root}
+    grew = True
+    while grew:
+        grew = False
+        for pid, parent in parents.items():
+            if parent in tree and pid not in tree:
+                tree.add(pid)
+                grew = True
+    return tree
+
+
 def snapshot_cpu() -> dict[int, tuple[str, float]]:
     """Every process's (command line, CPU seconds) now."""
     result = {}
@@ -193,10 +220,13 @@ class CpuMeter:
         return CpuUse(wall, groups)
 
 
-def default_group(pid: int, command: str) -> str | None:
-    """PostgreSQL, RabbitMQ, nginx, blackbox_exporter, wrk, this driver; everything else is 'other'."""
+def default_group(pid: int, command: str, own_nginx: set[int] | None = None) -> str | None:
+    """PostgreSQL, RabbitMQ, nginx (ours only, when `own_nginx` is given), blackbox_exporter, wrk, this driver;
+    everything else is 'other'."""
     if pid == os.getpid():
         return "bench driver"
+    if own_nginx is not None and command.startswith("nginx"):
+        return "nginx" if pid in own_nginx else "other"
     if command.startswith("postgres") or "/postgres " in command or command.endswith("/postgres"):
         return "postgresql"
     if "beam.smp" in command or "erl_child_setup" in command or "epmd" in command:

@@ -42,6 +42,7 @@ from _support import (
     CpuMeter,
     machine_note,
     other_work,
+    process_tree,
 )
 
 CONCURRENCY = 50
@@ -193,8 +194,11 @@ async def drive(contender: Contender, url: str, concurrency: int, seconds: float
         await contender.close()
 
 
+NGINX_PIDS: set[int] = set()  # our nginx's master and worker (other nginx processes may run on the machine)
+
+
 def measure(contender: Contender, url: str, loop_name: str, concurrency: int, seconds: float) -> Result:
-    nginx_meter = CpuMeter(lambda pid, command: "nginx" if command.startswith("nginx") else None)
+    nginx_meter = CpuMeter(lambda pid, command: "nginx" if pid in NGINX_PIDS else None)
     factory = uvloop.new_event_loop if loop_name == "uvloop" else None
     with asyncio.Runner(loop_factory=factory) as runner:
         nginx_meter.start()
@@ -277,6 +281,8 @@ def main() -> int:
     nginx = BenchNginx()
     try:
         nginx.start()
+        assert nginx.process is not None
+        NGINX_PIDS.update(process_tree(nginx.process.pid))
         print(
             f"nginx {nginx.http_base_url}: keep-alive on {KEEPALIVE_PATH}, new connection per check on {CLOSE_PATH}"
             " (keepalive_timeout 0)"

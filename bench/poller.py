@@ -69,6 +69,7 @@ from _support import (
     drop_database,
     machine_note,
     other_work,
+    process_tree,
     run_async,
     server_urls,
     with_database,
@@ -94,7 +95,7 @@ class Plan:
     wrk_seconds: int
 
 
-FULL = Plan(warmup=3.0, seconds=10.0, bare_seconds=5.0, wrk_seconds=5)
+FULL = Plan(warmup=2.5, seconds=6.0, bare_seconds=4.0, wrk_seconds=5)
 QUICK = Plan(warmup=1.5, seconds=3.0, bare_seconds=2.0, wrk_seconds=2)
 
 
@@ -178,6 +179,34 @@ def bare_loop_main(arguments: list[str]) -> int:
 
     kind, url, concurrency, seconds = arguments[0], arguments[1], int(arguments[2]), float(arguments[3])
     print(json.dumps(uvloop.run(bare_loop(kind, url, concurrency, seconds))))
+    return 0
+
+
+# ---- an extra outbox relay process (`poller.py --relay DATABASE_URL AMQP_URL EXCHANGE`) -------------------
+
+
+async def relay_process(database_url: str, amqp_url: str, exchange: str) -> None:
+    """shared.outbox.OutboxRelay as it is, alone in a process: what running the relay off the worker's event
+    loop would give (an experiment of this benchmark, not a feature of the poller)."""
+    from prometheus_client import CollectorRegistry
+
+    from shared.database import create_pool
+    from shared.messaging import Broker
+    from shared.outbox import OutboxMetrics, OutboxRelay
+    from shared.topology import Topology
+
+    pool = await create_pool(database_url, min_size=0, max_size=4)
+    broker = Broker(amqp_url, Topology(exchange), connection_name="hg-bench-relay")
+    await broker.run()
+    await OutboxRelay(pool, broker, OutboxMetrics(CollectorRegistry())).run()
+
+
+def relay_main(arguments: list[str]) -> int:
+    import uvloop
+
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with contextlib.suppress(KeyboardInterrupt, SystemExit):
+        uvloop.run(relay_process(arguments[0], arguments[1], arguments[2]))
     return 0
 
 
@@ -265,6 +294,48 @@ def launch_poller(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes
         )
 
 
+def start_relay(database_url: str, amqp_url: str, exchange: str, tmp: Path) -> subprocess.Popen[bytes]:
+    with (tmp / "relay.log").open("ab") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, THIS_SCRIPT, "--relay", database_url, amqp_url, exchange],
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=REPO_ROOT,
+        )
+    time.sleep(1.5)  # connected and relaying (its first pass drains nothing: the backlog is discarded per phase)
+    if process.poll() is not None:
+        raise RuntimeError("the relay process exited: " + (tmp / "relay.log").read_text(errors="replace"))
+    return process
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def summarise_log(poller: PollerProcess) -> str:
+    """Warnings and errors in a poller's JSON log: how many, and the distinct messages."""
+    seen: Counter[str] = Counter()
+    for line in poller.log_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            seen[f"(not JSON) {line[:160]}"] += 1
+            continue
+        if entry.get("level") in ("warning", "error", "critical"):
+            seen[f"{entry['level']}: {entry.get('message')} {str(entry.get('error', ''))[:160]}".strip()] += 1
+    if not seen:
+        return f"poller {poller.process.pid} log: no warnings or errors"
+    lines = [f"poller {poller.process.pid} log: {sum(seen.values())} warnings/errors:"]
+    lines += [f"  {count} x {message}" for message, count in seen.most_common(6)]
+    return "\n".join(lines)
+
+
 HEALTH_LINE = re.compile(r'"message": "health endpoints listening".*?"port": (\d+)')
 
 
@@ -312,6 +383,8 @@ async def poller_metrics(port: int) -> dict[str, float]:
             key = f"ticks {outcome.group(1) if outcome else '?'}"
         elif name.startswith("healthgate_outbox_publish_failures_total"):
             key = "outbox publish failures"
+        elif name.startswith("healthgate_results_stored_total"):
+            key = "results stored"
         if key:
             wanted[key] = wanted.get(key, 0.0) + float(value)
     return wanted
@@ -431,13 +504,14 @@ class Measurement:
 # running meanwhile) are "other", and so are PostgreSQL backends of other databases.
 OWN_PIDS: dict[int, str] = {}
 BENCH_DATABASE: list[str] = []
+OWN_NGINX: set[int] = set()
 BACKEND = re.compile(r"\(\d+\) |\[local\]")
 
 
 def classify(pid: int, command: str) -> str | None:
     if pid in OWN_PIDS:
         return OWN_PIDS[pid]
-    group = default_group(pid, command)
+    group = default_group(pid, command, OWN_NGINX)
     if group == "postgresql" and BENCH_DATABASE and BACKEND.search(command) and BENCH_DATABASE[0] not in command:
         return "other"  # a backend of another database ("postgres: <cluster>: <user> <database> <client> ...")
     return group
@@ -456,11 +530,48 @@ async def set_check_url(database_url: str, url: str) -> None:
         await connection.close()
 
 
-async def measure_pollers(pipeline: Pipeline, pollers: list[PollerProcess], mode: str, plan: Plan) -> Measurement:
+class Outbox:
+    """The bench database's outbox, seen from the driver."""
+
+    def __init__(self, database_url: str) -> None:
+        self.database_url = database_url
+        self.marked_sent = 0
+
+    async def unsent(self) -> int:
+        import asyncpg
+
+        connection = await asyncpg.connect(self.database_url)
+        try:
+            return int(await connection.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
+        finally:
+            await connection.close()
+
+    async def discard_backlog(self) -> None:
+        """Mark unsent events sent without publishing them, so that a phase starts with an empty outbox and
+        a relay's catch-up on the previous phase's backlog is not counted as this phase's throughput."""
+        import asyncpg
+
+        connection = await asyncpg.connect(self.database_url)
+        try:
+            status = await connection.execute("UPDATE outbox SET sent_at = now() WHERE sent_at IS NULL")
+            self.marked_sent += int(status.split()[-1])
+            # As autovacuum would, in time: the relays' claim query walks the unsent index from its start.
+            await connection.execute("VACUUM outbox")
+        finally:
+            await connection.close()
+
+
+async def measure_pollers(
+    pipeline: Pipeline, outbox: Outbox, pollers: list[PollerProcess], mode: str, plan: Plan, label: str
+) -> Measurement:
+    await outbox.discard_backlog()
+    await pipeline.purge()
     before = [await poller_metrics(poller.port) for poller in pollers]
     pipeline.feeding.set()
     await asyncio.sleep(plan.warmup)
     meter = CpuMeter(classify)
+    window_start = [await poller_metrics(poller.port) for poller in pollers]
+    unsent_before = await outbox.unsent()
     count_before = await pipeline.results()
     meter.start()
     started = time.monotonic()
@@ -468,15 +579,24 @@ async def measure_pollers(pipeline: Pipeline, pollers: list[PollerProcess], mode
     count_after = await pipeline.results()
     wall = time.monotonic() - started
     cpu = meter.stop()
+    window_end = [await poller_metrics(poller.port) for poller in pollers]
+    unsent_after = await outbox.unsent()
     pipeline.feeding.clear()
-    await pipeline.purge()
-    after = [await poller_metrics(poller.port) for poller in pollers]
+    stored = sum(
+        new.get("results stored", 0.0) - old.get("results stored", 0.0)
+        for old, new in zip(window_start, window_end, strict=True)
+    )
     reasons: Counter[str] = Counter()
-    for old, new in zip(before, after, strict=True):
+    for old, new in zip(before, window_end, strict=True):
         for key, value in new.items():
-            reasons[key] += int(value - old.get(key, 0.0))
-    label = f"poller, {len(pollers)} process{'es' if len(pollers) > 1 else ''}"
+            if key != "results stored":
+                reasons[key] += int(value - old.get(key, 0.0))
     measurement = Measurement(label, mode, (count_after - count_before) / wall, cpu)
+    measurement.notes.append(
+        f"results stored {stored / wall:,.0f}/s (pollers' healthgate_results_stored), check.result published"
+        f" {measurement.rate:,.0f}/s; outbox backlog {unsent_before:,} -> {unsent_after:,} unsent"
+        f" ({(unsent_after - unsent_before) / wall:+,.0f}/s)"
+    )
     measurement.notes.append(
         "poller metrics over warm-up + measurement: " + ", ".join(f"{k} {v}" for k, v in sorted(reasons.items()) if v)
     )
@@ -630,26 +750,43 @@ class Blackbox:
 
 # ---- py-spy --------------------------------------------------------------------------------------------
 
-# Components of the poller, by the outermost project function on a sampled stack.
+# Components of the poller: the innermost project function on a sampled stack decides (function-name markers).
 COMPONENTS = (
+    ("store_results", "DB write: store_results (hosts/state locks, COPY results, UPDATE state, outbox COPY)"),
+    ("enqueue_many", "DB write: store_results (hosts/state locks, COPY results, UPDATE state, outbox COPY)"),
     ("load_checks", "DB read: load_checks"),
-    ("store_results", "DB write: store_results (COPY, state UPDATE, outbox COPY)"),
-    ("_run_one", "HTTP check: Prober / aiohttp (awaited code)"),
-    ("relay_batch", "outbox relay: claim, publish with confirms, mark sent"),
-    ("OutboxRelay", "outbox relay: claim, publish with confirms, mark sent"),
-    ("_on_tick", "tick: parse, ack"),
-    ("Scheduler", "scheduler (claims nothing here)"),
+    ("Prober", "HTTP check: Prober + aiohttp request/response (awaited code)"),
+    ("_run_one", "HTTP check: Prober + aiohttp request/response (awaited code)"),
+    ("relay_batch", "outbox relay: claim rows, publish with confirms, mark sent"),
+    ("OutboxRelay", "outbox relay: claim rows, publish with confirms, mark sent"),
+    ("_on_tick", "tick consumption: parse Tick, ack"),
+    ("Scheduler", "scheduler (claims nothing in this benchmark)"),
     ("serve_health", "health/metrics server"),
 )
-LIBRARIES = (
-    ("aiohttp", "HTTP check: aiohttp protocol callbacks"),
+# Stacks without a project function (protocol callbacks run by the event loop), by package on the stack.
+PACKAGES = (
+    ("aiohttp", "HTTP check: aiohttp/aiohappyeyeballs callbacks (connect, parse response, close)"),
+    ("aiohappyeyeballs", "HTTP check: aiohttp/aiohappyeyeballs callbacks (connect, parse response, close)"),
     ("asyncpg", "DB: asyncpg protocol callbacks"),
-    ("aiormq", "AMQP: aiormq/pamqp frames (consume, confirms)"),
-    ("pamqp", "AMQP: aiormq/pamqp frames (consume, confirms)"),
-    ("aio_pika", "AMQP: aio-pika"),
-    ("uvloop", "event loop (uvloop)"),
-    ("asyncio", "event loop (asyncio)"),
+    ("aiormq", "AMQP: aiormq/pamqp (frames in and out, confirms, deliveries)"),
+    ("pamqp", "AMQP: aiormq/pamqp (frames in and out, confirms, deliveries)"),
+    ("aio_pika", "AMQP: aio-pika (deliveries to consumers)"),
+    ("uvicorn", "health/metrics server"),
 )
+
+
+def _frame_parts(frame: str) -> tuple[str, str]:
+    """ "Class.method (package/module.py:12)" -> ("Class.method", "package/module.py")."""
+    function, _, location = frame.partition(" (")
+    return function, location.rpartition(":")[0]
+
+
+def _package(path: str) -> str:
+    if path.startswith("<frozen") or path.startswith("<"):
+        return "stdlib"
+    if path.startswith(("services/", "shared/")):
+        return "/".join(path.split("/")[:2]).removesuffix(".py")
+    return path.split("/")[0].removesuffix(".py")
 
 
 def summarise_profile(raw: str) -> list[str]:
@@ -663,37 +800,29 @@ def summarise_profile(raw: str) -> list[str]:
             continue
         count = int(count_text)
         total += count
-        frames = stack.split(";")
+        frames = [_frame_parts(frame) for frame in stack.split(";")]
         component = None
-        for frame in frames:  # outermost first
-            for marker, name in COMPONENTS:
-                if frame.startswith(marker + " ") or f".{marker} " in frame or f"{marker}." in frame.split(" ")[0]:
-                    component = name
-                    break
+        for function, _path in reversed(frames):  # innermost first
+            names = function.split(".")
+            component = next((name for marker, name in COMPONENTS if marker in names), None)
             if component:
                 break
         if component is None:
-            innermost = frames[-1]
-            component = next((name for marker, name in LIBRARIES if f"/{marker}/" in innermost), None)
-            if component is None:
-                component = next(
-                    (name for marker, name in LIBRARIES if any(f"/{marker}/" in frame for frame in frames)),
-                    "other: " + innermost.split(" (")[0],
-                )
+            packages = {_package(path) for _, path in frames}
+            component = next((name for marker, name in PACKAGES if marker in packages), None)
+        if component is None:
+            innermost = frames[-1][0]
+            if innermost in ("Runner.run", "run"):
+                component = "event loop itself (uvloop C code: polling, socket syscalls, scheduling callbacks)"
+            else:
+                component = "other: " + innermost
         components[component] += count
-        leaf = frames[-1]
-        path = leaf[leaf.find("(") + 1 : leaf.rfind(":")] if "(" in leaf else leaf
-        package = "?"
-        for part in ("site-packages/", "python3.11/", "/work/main/"):
-            if part in path:
-                package = path.split(part, 1)[1].split("/")[0]
-                break
-        leaves[package] += count
+        leaves[_package(frames[-1][1])] += count
     if not total:
         return ["  (no samples)"]
-    lines = [f"  {total} samples; by component (outermost project function on the stack):"]
+    lines = [f"  {total} samples; by component (innermost project function on the stack, else package):"]
     lines += [f"    {share / total * 100:5.1f}%  {name}" for name, share in components.most_common(14)]
-    lines.append("  by innermost package (where the CPU is actually spent):")
+    lines.append("  by package of the innermost Python frame (uvloop's own C code counts as asyncio/runners):")
     lines += [f"    {share / total * 100:5.1f}%  {name}" for name, share in leaves.most_common(12)]
     return lines
 
@@ -704,8 +833,8 @@ async def profile_poller(pid: int, seconds: float, keep: Path | None, directory:
         return ["  py-spy not found (pip install py-spy into .venv for a one-off profile)"]
     output = keep or directory / "profile.txt"
     process = await asyncio.create_subprocess_exec(
-        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "200", "--format", "raw",
-        "--nonblocking", "--output", str(output),
+        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100", "--format", "raw",
+        "--output", str(output),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
     )  # fmt: skip
     log = (await process.communicate())[0].decode(errors="replace")
@@ -733,13 +862,13 @@ def print_ratios(measurements: list[Measurement]) -> None:
     def pick(mode: str, prefix: str) -> list[Measurement]:
         return [m for m in measurements if m.mode == mode and m.label.startswith(prefix)]
 
-    print("\nRatios (same run):")
+    print("\nRatios (same run; checks/s = check.result events published):")
     for mode in MODES:
-        headline = " HEADLINE" if mode == "new-conn" else ""
         blackbox = pick(mode, "blackbox")
         bare = pick(mode, "bare aiohttp")
-        one = pick(mode, "poller, 1 process")
-        pollers = pick(mode, "poller")
+        pollers = [m for m in pick(mode, "poller") if "relay" not in m.label]
+        one = [m for m in pollers if m.label == "poller, 1 process"]
+        experiments = [m for m in pick(mode, "poller") if "relay" in m.label]
         if not (blackbox and bare and one):
             continue
         best_bare = max(bare, key=lambda m: m.rate)
@@ -749,9 +878,9 @@ def print_ratios(measurements: list[Measurement]) -> None:
         goal = mode == "new-conn"
 
         def verdict(ok: bool, goal: bool = goal) -> str:
-            return ("MET" if ok else "NOT MET") if goal else "(no goal in this mode)"
+            return ("MET" if ok else "NOT MET") if goal else "(the goals are for the new-connection mode)"
 
-        print(f"  {mode}{headline}:")
+        print(f"  {mode}{' (HEADLINE)' if goal else ''}:")
         for m in pollers:
             print(f"    {m.label} / blackbox_exporter: {m.rate / blackbox[0].rate:.2f}x")
         print(
@@ -765,9 +894,13 @@ def print_ratios(measurements: list[Measurement]) -> None:
         for m in bare:
             if m is not best_bare:
                 print(f"    poller, 1 process / {m.label}: {one[0].rate / m.rate:.2f}x")
-        prober = pick(mode, "bare Prober")
-        if prober:
-            print(f"    bare Prober.run loop / {best_bare.label}: {prober[0].rate / best_bare.rate:.2f}x")
+        for m in pick(mode, "bare Prober"):
+            print(f"    {m.label} / {best_bare.label}: {m.rate / best_bare.rate:.2f}x")
+        for m in experiments:
+            print(
+                f"    experiment: {m.label} / blackbox_exporter: {m.rate / blackbox[0].rate:.2f}x,"
+                f" / {best_bare.label}: {m.rate / best_bare.rate:.2f}x"
+            )
 
 
 async def run(arguments: argparse.Namespace, plan: Plan, tmp: Path, state: dict[str, object]) -> None:
@@ -799,6 +932,9 @@ async def measure_all(
 ) -> None:
     pollers: list[PollerProcess] = state["pollers"]  # type: ignore[assignment]
     BENCH_DATABASE.append(str(state["database"]))
+    nginx: BenchNginx = state["nginx"]  # type: ignore[assignment]
+    assert nginx.process is not None
+    OWN_NGINX.update(process_tree(nginx.process.pid))
     blackbox = Blackbox(tmp)
     state["blackbox"] = blackbox
     blackbox.start()
@@ -810,11 +946,12 @@ async def measure_all(
         measurements.append(measurement)
         print(f"  {measurement.mode:<10} {measurement.label:<40} {measurement.rate:>9,.0f} checks/s", flush=True)
 
-    for mode in ("new-conn", "keep-alive"):
+    for mode in () if arguments.skip_baselines else ("new-conn", "keep-alive"):
         url = urls[mode]
         for concurrency in BARE_CONCURRENCIES:
             done(await run_bare("aiohttp", url, concurrency, plan.bare_seconds, mode))
-        done(await run_bare("prober", url, 256, plan.bare_seconds, mode))
+        if mode == "new-conn":
+            done(await run_bare("prober", url, 256, plan.bare_seconds, mode))
         done(await blackbox.measure(url, plan.wrk_seconds, mode))
     blackbox.stop()
 
@@ -826,26 +963,42 @@ async def measure_all(
         "HEALTHGATE_LOG_FORMAT": "json",
     }
     profile: list[str] = []
-    for count in (1, 2):
+    outbox = Outbox(database_url)
+    # (poller processes, an extra relay process too, mode). The extra relay is an experiment of this benchmark:
+    # shared.outbox.OutboxRelay as it is, in a process of its own, beside the pollers' own relays.
+    phases = [
+        (1, False, "new-conn"), (1, False, "keep-alive"), (1, True, "new-conn"), (1, True, "keep-alive"),
+        (2, False, "new-conn"), (2, False, "keep-alive"), (2, True, "new-conn"),
+    ]  # fmt: skip
+    relay: subprocess.Popen[bytes] | None = None
+    for count, with_relay, mode in phases:
         while len(pollers) < count:
             poller = await start_poller(env, tmp / f"poller-{len(pollers) + 1}.log", pollers)
             OWN_PIDS[poller.process.pid] = "poller(s)"
             print(f"poller process {poller.process.pid} ready (health port {poller.port})")
-        for mode in ("new-conn", "keep-alive"):
-            await set_check_url(database_url, urls[mode])
-            done(await measure_pollers(pipeline, pollers, mode, plan))
-            if count == 1 and mode == "new-conn" and arguments.py_spy:
-                print(f"profiling poller process {pollers[0].process.pid} for {arguments.py_spy:g} s with py-spy")
-                pipeline.feeding.set()
-                await asyncio.sleep(1.0)
-                profile = await profile_poller(pollers[0].process.pid, arguments.py_spy, arguments.keep_profile, tmp)
-                pipeline.feeding.clear()
-                await pipeline.purge()
-        await pipeline.purge_ticks()
+        if with_relay and relay is None:
+            relay = await asyncio.to_thread(start_relay, database_url, amqp_url, str(state["exchange"]), tmp)
+            state["relay"] = relay
+            OWN_PIDS[relay.pid] = "extra relay process"
+        elif relay is not None and not with_relay:
+            await asyncio.to_thread(stop_process, relay)
+            relay = None
+        label = f"poller, {count} process{'es' if count > 1 else ''}" + (" + relay process" if with_relay else "")
+        await set_check_url(database_url, urls[mode])
+        done(await measure_pollers(pipeline, outbox, pollers, mode, plan, label))
+        if count == 1 and not with_relay and mode == "new-conn" and arguments.py_spy:
+            print(f"profiling poller process {pollers[0].process.pid} for {arguments.py_spy:g} s with py-spy")
+            pipeline.feeding.set()
+            await asyncio.sleep(1.0)
+            profile = await profile_poller(pollers[0].process.pid, arguments.py_spy, arguments.keep_profile, tmp)
+            pipeline.feeding.clear()
 
-    await asyncio.sleep(1.0)  # the relays publish what is left
+    await pipeline.purge_ticks()
+    await asyncio.sleep(1.0)
     for poller in pollers:
         await asyncio.to_thread(poller.stop)
+    if relay is not None:
+        await asyncio.to_thread(stop_process, relay)
     import asyncpg
 
     connection = await asyncpg.connect(database_url)
@@ -855,9 +1008,12 @@ async def measure_all(
     finally:
         await connection.close()
     events = await pipeline.results()
+    for poller in pollers:
+        print(summarise_log(poller))
     print(
-        f"\ncross-check: {rows} rows in check_results, {events} check.result events counted, {unsent} unsent in"
-        f" the outbox; {pipeline.published_ticks} ticks ({pipeline.published_ticks * TICK_SIZE} checks) published"
+        f"\ncross-check: {rows} rows in check_results, {events} check.result events counted, {outbox.marked_sent}"
+        f" outbox rows marked sent unpublished between phases by this benchmark, {unsent} unsent at the end;"
+        f" {pipeline.published_ticks} ticks ({pipeline.published_ticks * TICK_SIZE} checks) published"
         " (the work queue is purged after each poller phase, so not all of them ran)"
     )
 
@@ -872,11 +1028,14 @@ async def measure_all(
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--bare-loop":
         return bare_loop_main(sys.argv[2:])
+    if len(sys.argv) > 1 and sys.argv[1] == "--relay":
+        return relay_main(sys.argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="short measurements (a smoke run)")
     parser.add_argument("--hosts", type=int, default=HOSTS, help=f"hosts (one http check each; default {HOSTS})")
     parser.add_argument("--py-spy", type=float, default=0.0, metavar="SECONDS", help="profile one poller with py-spy")
     parser.add_argument("--keep-profile", type=Path, help="write py-spy's collapsed stacks here")
+    parser.add_argument("--skip-baselines", action="store_true", help="measure only the pollers (no ratios)")
     arguments = parser.parse_args()
     plan = QUICK if arguments.quick else FULL
 
@@ -920,6 +1079,8 @@ def main() -> int:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             for poller in state["pollers"]:  # type: ignore[attr-defined]
                 cleanup_step(f"stop poller {poller.process.pid}", poller.stop)
+            if "relay" in state:
+                cleanup_step("stop the relay process", lambda: stop_process(state["relay"]))  # type: ignore[arg-type]
             if "blackbox" in state:
                 cleanup_step("stop blackbox_exporter", state["blackbox"].stop)  # type: ignore[attr-defined]
             cleanup_step("stop nginx", nginx.stop)
