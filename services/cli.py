@@ -49,8 +49,19 @@ def _run_gate(settings: Settings) -> int:
     return run_gate(settings)
 
 
+def _run_pruner(settings: Settings) -> int:
+    from services.pruner.app import run_pruner
+
+    return run_pruner(settings)
+
+
 # The services this installation provides, in start order; `healthgate up` runs all of them.
-SERVICES: dict[str, Callable[[Settings], int]] = {"api": _run_api, "poller": _run_poller, "gate": _run_gate}
+SERVICES: dict[str, Callable[[Settings], int]] = {
+    "api": _run_api,
+    "poller": _run_poller,
+    "gate": _run_gate,
+    "pruner": _run_pruner,
+}
 
 
 def _run_async(coroutine: Coroutine[Any, Any, int]) -> int:
@@ -154,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
         commands.add_parser(name, help=f"run the {name} service")
     commands.add_parser("up", help="run every service until Ctrl-C or SIGTERM")
     commands.add_parser("migrate", help="create the database if needed and apply migrations")
+    prune = commands.add_parser("prune", help="prune expired data (one pass, for cron)")
+    prune.add_argument("--once", action="store_true", required=True, help="run one pass and exit")
     token = commands.add_parser("token", help="manage API tokens")
     token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
     create = token_commands.add_parser("create", help="create a token and print it")
@@ -195,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run_all(list(SERVICES))
         if arguments.command == "migrate":
             return _run_async(_migrate(settings))
+        if arguments.command == "prune":
+            from services.pruner.app import prune_command
+
+            return _run_async(prune_command(settings))
         token_commands = {"create": _token_create, "list": _token_list, "revoke": _token_revoke}
         return _run_async(token_commands[arguments.token_command](settings, arguments))
     except (CommandError, DatabaseUnavailable, KeyFileError, ServiceConfigError) as exc:

@@ -73,6 +73,7 @@ class WorkerRuntime:
     ) -> None:
         self.health.shutting_down = True
         await self.tasks.cancel_all()
-        await self.broker.close()
+        if self.with_broker:
+            await self.broker.close()
         await self.pool.close()
         log.info(f"{self.name} stopped")

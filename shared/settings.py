@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     gate_retry_seconds: float = Field(300, gt=0)
     result_retention_hours: float = Field(96, gt=0)
     prune_interval_seconds: float = Field(3600, gt=0)
+    # Not in the contract's table: how long decided gate jobs and sent outbox rows are kept.
+    job_retention_days: float = Field(30, gt=0)
+    outbox_retention_hours: float = Field(24, gt=0)
     health_allowed_networks: IpNetworks = Field(
         default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     )

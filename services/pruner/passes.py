@@ -1,0 +1,205 @@
+"""One pruning pass: bounded storage at a cost that does not grow with the data.
+
+Expired results go by whole daily partitions (detached CONCURRENTLY, so writers are not blocked, then
+dropped); only the boundary day's expired rows are deleted, in small batches of short transactions.
+Partitions for the coming days are created first, so an insert never lacks one, also after the pruner
+was down for days. Decided gate jobs and sent outbox rows past their retention go in batches too.
+The audit log is kept. One pass at a time across all pruners (an advisory lock); a pass that was
+interrupted leaves nothing half-done that the next pass does not finish.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+
+import asyncpg
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from shared.database import ensure_result_partitions
+from shared.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# Any fixed 64-bit number, the same in every pruner: one pass at a time.
+PRUNE_LOCK_ID = 0x6865616C74687072  # "healthpr"
+DELETE_BATCH = 5000
+PARTITION_NAME = re.compile(r"^check_results_(\d{8})$")
+
+
+@dataclass
+class PassReport:
+    """What a pass removed, for `healthgate prune --once` and the metrics."""
+
+    skipped: bool = False
+    partitions_created: list[str] = field(default_factory=list)
+    partitions_dropped: list[str] = field(default_factory=list)
+    result_rows_deleted: int = 0
+    partition_rows_dropped: int = 0
+    gate_jobs_deleted: int = 0
+    outbox_rows_deleted: int = 0
+    seconds: float = 0.0
+    oldest_result_age_seconds: float | None = None
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "skipped": self.skipped,
+            "partitions_created": self.partitions_created,
+            "partitions_dropped": self.partitions_dropped,
+            "result_rows_deleted": self.result_rows_deleted,
+            "result_rows_in_dropped_partitions": self.partition_rows_dropped,
+            "gate_jobs_deleted": self.gate_jobs_deleted,
+            "outbox_rows_deleted": self.outbox_rows_deleted,
+            "seconds": round(self.seconds, 3),
+            "oldest_result_age_seconds": (
+                None if self.oldest_result_age_seconds is None else round(self.oldest_result_age_seconds, 1)
+            ),
+        }
+
+
+class PrunerMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.rows = Counter("healthgate_pruned_rows", "Rows removed, by table", ["table"], registry=registry)
+        self.partitions = Counter("healthgate_pruned_partitions", "Result partitions dropped", registry=registry)
+        self.duration = Histogram(
+            "healthgate_prune_pass_seconds", "Duration of a pruning pass",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300), registry=registry,
+        )  # fmt: skip
+        self.oldest = Gauge(
+            "healthgate_oldest_result_age_seconds", "Age of the oldest stored result after the last pass",
+            registry=registry,
+        )  # fmt: skip
+        self.skipped = Counter(
+            "healthgate_prune_passes_skipped", "Passes skipped: another pruner ran", registry=registry
+        )
+
+    def record(self, report: PassReport) -> None:
+        if report.skipped:
+            self.skipped.inc()
+            return
+        self.rows.labels("check_results").inc(report.result_rows_deleted + report.partition_rows_dropped)
+        self.rows.labels("gate_jobs").inc(report.gate_jobs_deleted)
+        self.rows.labels("outbox").inc(report.outbox_rows_deleted)
+        self.partitions.inc(len(report.partitions_dropped))
+        self.duration.observe(report.seconds)
+        if report.oldest_result_age_seconds is not None:
+            self.oldest.set(report.oldest_result_age_seconds)
+
+
+@dataclass(frozen=True)
+class Retention:
+    results: dt.timedelta
+    decided_jobs: dt.timedelta
+    sent_outbox: dt.timedelta
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Retention:
+        return cls(
+            results=dt.timedelta(hours=settings.result_retention_hours),
+            decided_jobs=dt.timedelta(days=settings.job_retention_days),
+            sent_outbox=dt.timedelta(hours=settings.outbox_retention_hours),
+        )
+
+
+async def prune_once(pool: asyncpg.Pool, retention: Retention) -> PassReport:
+    """One pass, unless another pruner is running one (then `skipped`)."""
+    started = time.perf_counter()
+    report = PassReport()
+    async with pool.acquire() as lock_connection:
+        if not await lock_connection.fetchval("SELECT pg_try_advisory_lock($1)", PRUNE_LOCK_ID):
+            report.skipped = True
+            return report
+        try:
+            now = await lock_connection.fetchval("SELECT now()")
+            report.partitions_created = await ensure_result_partitions(lock_connection, now.date())
+            cutoff = now - retention.results
+            boundary = await _drop_expired_partitions(lock_connection, cutoff, report)
+            for name in boundary:
+                # ctid identifies a row within one table only, so each partition is addressed by name.
+                report.result_rows_deleted += await _delete_in_batches(
+                    pool, f"DELETE FROM {name} WHERE ctid = ANY(ARRAY("
+                    f"SELECT ctid FROM {name} WHERE checked_at < $1 LIMIT $2))", cutoff,
+                )  # fmt: skip
+            report.gate_jobs_deleted = await _delete_in_batches(
+                pool, "DELETE FROM gate_jobs WHERE (job_id, host_id) IN ("
+                "SELECT job_id, host_id FROM gate_jobs WHERE decided_at < $1 LIMIT $2)",
+                now - retention.decided_jobs,
+            )  # fmt: skip
+            report.outbox_rows_deleted = await _delete_in_batches(
+                pool, "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < $1 LIMIT $2)",
+                now - retention.sent_outbox,
+            )  # fmt: skip
+            oldest = await lock_connection.fetchval("SELECT min(checked_at) FROM check_results")
+            if oldest is not None:
+                report.oldest_result_age_seconds = max(0.0, (now - oldest).total_seconds())
+        finally:
+            await lock_connection.execute("SELECT pg_advisory_unlock($1)", PRUNE_LOCK_ID)
+    report.seconds = time.perf_counter() - started
+    return report
+
+
+async def _result_partitions(connection: asyncpg.Connection) -> list[tuple[str, dt.date, bool]]:
+    """(name, day, detach pending) of every daily result partition."""
+    rows = await connection.fetch(
+        """
+        SELECT child.relname AS name, inh.inhdetachpending AS detaching
+        FROM pg_inherits inh
+        JOIN pg_class parent ON parent.oid = inh.inhparent
+        JOIN pg_class child ON child.oid = inh.inhrelid
+        WHERE parent.relname = 'check_results'
+        """
+    )
+    partitions = []
+    for row in rows:
+        match = PARTITION_NAME.match(row["name"])
+        if match:
+            partitions.append((row["name"], dt.datetime.strptime(match.group(1), "%Y%m%d").date(), row["detaching"]))
+    return sorted(partitions, key=lambda partition: partition[1])
+
+
+async def _drop_expired_partitions(
+    connection: asyncpg.Connection, cutoff: dt.datetime, report: PassReport
+) -> list[str]:
+    """Drop every partition whose whole day lies before the cutoff, without blocking writers.
+    Returns the boundary partitions: those holding both expired and kept rows."""
+    boundary = []
+    for name, day, detaching in await _result_partitions(connection):
+        day_starts = dt.datetime.combine(day, dt.time(), dt.UTC)
+        if day_starts + dt.timedelta(days=1) > cutoff:
+            if day_starts < cutoff:
+                boundary.append(name)
+            continue
+        rows = await connection.fetchval(f"SELECT reltuples::bigint FROM pg_class WHERE relname = '{name}'")
+        if detaching:
+            # A pass that was interrupted during the detach left it pending: finish it.
+            await connection.execute(f"ALTER TABLE check_results DETACH PARTITION {name} FINALIZE")
+        else:
+            await connection.execute(f"ALTER TABLE check_results DETACH PARTITION {name} CONCURRENTLY")
+        await connection.execute(f"DROP TABLE {name}")
+        report.partitions_dropped.append(name)
+        report.partition_rows_dropped += max(0, rows or 0)
+        log.info("dropped an expired result partition", extra={"partition": name, "approximate_rows": rows})
+    # Detached (not dropped) leftovers of an interrupted pass.
+    leftovers = """
+        SELECT relname FROM pg_class
+        WHERE relname ~ '^check_results_[0-9]{8}$' AND relkind = 'r' AND NOT relispartition
+    """
+    for row in await connection.fetch(leftovers):
+        await connection.execute(f"DROP TABLE IF EXISTS {row['relname']}")
+        report.partitions_dropped.append(row["relname"])
+    return boundary
+
+
+async def _delete_in_batches(pool: asyncpg.Pool, statement: str, before: dt.datetime) -> int:
+    """Run a batched DELETE (`$1` the time bound, `$2` the batch size) until nothing is left."""
+    total = 0
+    while True:
+        async with pool.acquire() as connection:
+            status = await connection.execute(statement, before, DELETE_BATCH)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < DELETE_BATCH:
+            return total
