@@ -39,7 +39,7 @@ from services.api.schemas import (
     ServiceCheckWrite,
     TcpCheckWrite,
 )
-from shared.events import CheckConfigChanged, CheckResultView, CheckRunRequest, CheckView
+from shared.events import CheckConfigChanged, CheckResult, CheckResultView, CheckRunRequest, CheckView
 from shared.host_status import refresh_host_status
 from shared.messaging import PublishFailed
 from shared.outbox import enqueue
@@ -155,8 +155,11 @@ async def audit_check(
 
 
 async def read_check_write(request: Request) -> CheckWriteBase:
-    """The body as the model of its `check_type`; fields of another check type are refused by name."""
-    document = await read_json(request)
+    return parse_check_write(await read_json(request))
+
+
+def parse_check_write(document: object) -> CheckWriteBase:
+    """A body as the model of its `check_type`; fields of another check type are refused by name."""
     if not isinstance(document, dict):
         raise field_errors([{"field": "body", "message": "must be a JSON object"}])
     check_type = document.get("check_type")
@@ -266,9 +269,13 @@ async def list_checks(request: Request, principal: Principal) -> Response:
 
 
 async def create_check(request: Request, principal: Principal) -> Response:
-    host_id = path_uuid(request, "host_id")
     body = await read_check_write(request)
-    context = context_of(request)
+    view = await create_check_on(context_of(request), principal.name, path_uuid(request, "host_id"), body)
+    return json_response(view, 201)
+
+
+async def create_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, body: CheckWriteBase) -> CheckView:
+    """Create a check (the API's POST and the dashboard's form): limit, per-type rules, audit, event."""
     check_id = uuid.uuid4()
     values = column_values(body, context, check_id, stored_password=None)
     async with context.pool.acquire() as connection, connection.transaction():
@@ -293,9 +300,9 @@ async def create_check(request: Request, principal: Principal) -> Response:
         await refresh_host_status(connection, host_id, source=context.source)
         row = await _fetch_check(connection, host_id, check_id)
         view = check_view(row)
-        await audit_check(connection, principal.name, "health_check.create", host_id, check_id, audited_fields(values))
+        await audit_check(connection, actor, "health_check.create", host_id, check_id, audited_fields(values))
         await enqueue(connection, "check.config.created", CheckConfigChanged(check=view), source=context.source)
-    return json_response(view, 201)
+    return view
 
 
 async def get_check(request: Request, principal: Principal) -> Response:
@@ -308,7 +315,13 @@ async def get_check(request: Request, principal: Principal) -> Response:
 async def update_check(request: Request, principal: Principal) -> Response:
     host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
     body = await read_check_write(request)
-    context = context_of(request)
+    return json_response(await update_check_on(context_of(request), principal.name, host_id, check_id, body))
+
+
+async def update_check_on(
+    context: ApiContext, actor: str, host_id: uuid.UUID, check_id: uuid.UUID, body: CheckWriteBase
+) -> CheckView:
+    """Replace a check's writable fields (PUT semantics; the password omitted is kept)."""
     async with context.pool.acquire() as connection, connection.transaction():
         host = await _lock_host_for_checks(connection, host_id)
         before = await _fetch_check(connection, host_id, check_id, for_update=True)
@@ -329,10 +342,10 @@ async def update_check(request: Request, principal: Principal) -> Response:
             await schedule_first_run(connection, check_id, enabled=body.enabled)
         await refresh_host_status(connection, host_id, source=context.source)
         view = check_view(await _fetch_check(connection, host_id, check_id))
-        await audit_check(connection, principal.name, "health_check.update", host_id, check_id, changes)
+        await audit_check(connection, actor, "health_check.update", host_id, check_id, changes)
         if changes:
             await enqueue(connection, "check.config.updated", CheckConfigChanged(check=view), source=context.source)
-    return json_response(view)
+    return view
 
 
 async def delete_check_rows(
@@ -358,29 +371,37 @@ async def delete_check_rows(
 
 async def delete_check(request: Request, principal: Principal) -> Response:
     host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
-    context = context_of(request)
+    await delete_check_on(context_of(request), principal.name, host_id, check_id)
+    return Response(status_code=204)
+
+
+async def delete_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, check_id: uuid.UUID) -> None:
     async with context.pool.acquire() as connection, connection.transaction():
         await _lock_host_for_checks(connection, host_id)
-        await delete_check_rows(connection, context, host_id, check_id, actor=principal.name)
-    return Response(status_code=204)
+        await delete_check_rows(connection, context, host_id, check_id, actor=actor)
 
 
 async def test_check(request: Request, principal: Principal) -> Response:
     host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
-    context = context_of(request)
+    result = await run_check_now(context_of(request), principal.name, host_id, check_id)
+    return json_response(ResultView.model_validate(result.model_dump()))
+
+
+async def run_check_now(context: ApiContext, actor: str, host_id: uuid.UUID, check_id: uuid.UUID) -> CheckResult:
+    """Ask a poller to run the check now (audited); 503 without a broker, 504 without an answer."""
     async with context.pool.acquire() as connection, connection.transaction():
         row = await _fetch_check(connection, host_id, check_id)
-        await audit_check(connection, principal.name, "health_check.test", host_id, check_id, {})
+        await audit_check(connection, actor, "health_check.test", host_id, check_id, {})
     timeout = row["timeout_seconds"] + TEST_RUN_GRACE_SECONDS
     try:
         result = await context.check_runs.run(
-            CheckRunRequest(check_id=check_id, host_id=host_id, requested_by=principal.name), timeout
+            CheckRunRequest(check_id=check_id, host_id=host_id, requested_by=actor), timeout
         )
     except PublishFailed:
         raise Problem(503, "the message broker is unavailable; try again shortly") from None
     if result is None:
         raise Problem(504, f"no poller answered within {timeout:g} s")
-    return json_response(ResultView.model_validate(result.model_dump()))
+    return result
 
 
 async def list_results(request: Request, principal: Principal) -> Response:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import uuid
 from typing import Any, Literal
 
 import asyncpg
@@ -13,7 +14,7 @@ from starlette.responses import Response
 
 from services.api.audit import record_audit
 from services.api.auth import Principal
-from services.api.context import context_of
+from services.api.context import ApiContext, context_of
 from services.api.problems import conflict, field_errors, not_found
 from services.api.requests import (
     PageQuery,
@@ -100,11 +101,17 @@ async def override_job(request: Request, principal: Principal) -> Response:
     job_id = path_text(request, "job_id")
     host_id = path_uuid(request, "host_id")
     body: OverrideRequest = await read_model(request, OverrideRequest)
-    context = context_of(request)
+    return json_response(await override_on(context_of(request), principal.name, job_id, host_id, body))
+
+
+async def override_on(
+    context: ApiContext, actor: str, job_id: str, host_id: uuid.UUID, body: OverrideRequest
+) -> JobHostView:
+    """Decide a waiting job host by hand (the API and the dashboard): audited, one decision only."""
     async with context.pool.acquire() as connection, connection.transaction():
         checks = await gating_check_summaries(connection, host_id)
         status = "released" if body.decision == "release" else "failed"
-        detail = f"{status} by {principal.name}: {body.reason}"
+        detail = f"{status} by {actor}: {body.reason}"
         row = await connection.fetchrow(
             f"""
             UPDATE gate_jobs j
@@ -119,7 +126,7 @@ async def override_job(request: Request, principal: Principal) -> Response:
             "overridden" if status == "failed" else None,
             detail,
             json.dumps([check.model_dump(mode="json") for check in checks]),
-            principal.name,
+            actor,
             body.reason,
         )
         if row is None:
@@ -138,7 +145,7 @@ async def override_job(request: Request, principal: Principal) -> Response:
                 released_at=decided_at,
                 waited_seconds=(decided_at - row["received_at"]).total_seconds(),
                 checks=checks,
-                overridden_by=principal.name,
+                overridden_by=actor,
                 override_reason=body.reason,
             )
         else:
@@ -149,7 +156,7 @@ async def override_job(request: Request, principal: Principal) -> Response:
                 reason="overridden",
                 detail=detail,
                 checks=checks,
-                overridden_by=principal.name,
+                overridden_by=actor,
                 override_reason=body.reason,
             )
         await enqueue(
@@ -163,7 +170,7 @@ async def override_job(request: Request, principal: Principal) -> Response:
         )
         await record_audit(
             connection,
-            actor=principal.name,
+            actor=actor,
             action="job.override",
             entity_type="job",
             entity_id=job_id,
@@ -174,4 +181,4 @@ async def override_job(request: Request, principal: Principal) -> Response:
                 "status": {"from": "waiting_health_check", "to": status},
             },
         )
-    return json_response(JobHostView.model_validate(job_host_fields(row)))
+    return JobHostView.model_validate(job_host_fields(row))
