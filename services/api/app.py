@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from services.api.check_runs import CheckRunClient
 from services.api.context import ApiContext, ApiMetrics
+from services.api.dashboard.views import Dashboard
 from services.api.openapi import build_openapi
 from services.api.problems import (
     Problem,
@@ -93,6 +94,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
         *(endpoint.route() for endpoint in ENDPOINTS),
         Route("/openapi.json", openapi_document, methods=["GET"]),
         *health_routes(health, registry),
+        *Dashboard().routes(),
     ]
     return Starlette(
         routes=routes,

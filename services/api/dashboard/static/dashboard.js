@@ -1,0 +1,59 @@
+// Progressive enhancement only: every page works without it.
+(function () {
+  "use strict";
+
+  // Show only the fields of the chosen check type.
+  function syncType(form) {
+    var select = form.querySelector("[data-check-type]");
+    if (!select) return;
+    form.querySelectorAll("fieldset[data-for-type]").forEach(function (fieldset) {
+      var shown = fieldset.getAttribute("data-for-type") === select.value;
+      fieldset.hidden = !shown;
+      fieldset.disabled = !shown;
+    });
+  }
+  document.querySelectorAll("[data-check-form]").forEach(function (form) {
+    syncType(form);
+    form.querySelector("[data-check-type]").addEventListener("change", function () { syncType(form); });
+  });
+
+  // Ask before deleting.
+  document.querySelectorAll("form[data-confirm]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      if (!window.confirm(form.getAttribute("data-confirm"))) event.preventDefault();
+    });
+  });
+
+  // "Test now" shows the result in place.
+  document.querySelectorAll("form[data-test-now]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var output = form.querySelector(".test-result");
+      var button = form.querySelector("button");
+      output.textContent = "Running…";
+      button.disabled = true;
+      fetch(form.action, { method: "POST", body: new FormData(form), headers: { Accept: "application/json" }, credentials: "same-origin" })
+        .then(function (response) { return response.json().then(function (body) { return { ok: response.ok, body: body }; }); })
+        .then(function (answer) {
+          if (!answer.ok) { output.textContent = answer.body.detail || "The test failed to run."; return; }
+          var result = answer.body;
+          output.textContent = (result.healthy ? "Healthy" : "Unhealthy (" + result.reason + ")") + ": " + result.detail + " · " + Math.round(result.latency_ms) + " ms";
+          output.className = "test-result " + (result.healthy ? "status-healthy" : "status-unhealthy");
+        })
+        .catch(function () { output.textContent = "The test failed to run."; })
+        .finally(function () { button.disabled = false; });
+    });
+  });
+
+  // The hosts page refreshes its table without a full reload.
+  var region = document.getElementById("hosts-region");
+  if (region && region.getAttribute("data-refresh")) {
+    window.setInterval(function () {
+      if (document.hidden) return;
+      fetch(region.getAttribute("data-refresh"), { credentials: "same-origin" })
+        .then(function (response) { return response.ok ? response.text() : null; })
+        .then(function (html) { if (html !== null) region.innerHTML = html; })
+        .catch(function () {});
+    }, 5000);
+  }
+})();

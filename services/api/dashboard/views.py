@@ -1,0 +1,421 @@
+"""The dashboard: server-rendered pages over the same operations, roles and scoping as the API.
+
+Every page needs a session (else: the sign-in page); every form carries the session's CSRF token;
+every action is checked on the server for the role, whatever the page showed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import asyncpg
+import jinja2
+from pydantic import ValidationError
+from starlette.datastructures import FormData
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from services.api.auth import Principal
+from services.api.checks import (
+    CHECK_SELECT,
+    check_view,
+    create_check_on,
+    delete_check_on,
+    parse_check_write,
+    run_check_now,
+    update_check_on,
+)
+from services.api.context import context_of
+from services.api.dashboard import sessions
+from services.api.dashboard.charts import Point, history_strip, latency_sparkline
+from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
+from services.api.jobs import override_on
+from services.api.problems import Problem
+from services.api.schemas import OverrideRequest
+from shared.host_status import gating_check_summaries
+
+HERE = Path(__file__).parent
+STATUSES = ("unhealthy", "unknown", "degraded", "healthy", "no_checks")
+CHECK_EDITORS = ("admin", "operator")
+HISTORY_LENGTH = 40
+PAGE_SIZE = 50
+Page = Callable[[Request, sessions.Session], Awaitable[Response]]
+
+
+class Dashboard:
+    def __init__(self) -> None:
+        environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
+        self.templates = Jinja2Templates(env=environment)
+        self.templates.env.filters["ago"] = _ago
+        self.templates.env.filters["until"] = _until
+
+    def routes(self) -> list[Route | Mount]:
+        page = self._page
+        return [
+            Route("/", self.home, methods=["GET"]),
+            Route("/login", self.login_form, methods=["GET"]),
+            Route("/login", self.login, methods=["POST"]),
+            Route("/logout", self.logout, methods=["GET", "POST"]),
+            Route("/hosts", page(self.hosts), methods=["GET"]),
+            Route("/hosts/{host_id}", page(self.host), methods=["GET"]),
+            Route("/hosts/{host_id}/checks", page(self.create_check), methods=["POST"]),
+            Route("/hosts/{host_id}/checks/{check_id}", page(self.update_check), methods=["POST"]),
+            Route("/hosts/{host_id}/checks/{check_id}/delete", page(self.delete_check), methods=["POST"]),
+            Route("/hosts/{host_id}/checks/{check_id}/test", page(self.test_check), methods=["POST"]),
+            Route("/jobs", page(self.jobs), methods=["GET"]),
+            Route("/jobs/{job_id}/hosts/{host_id}/override", page(self.override), methods=["POST"]),
+            Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
+        ]
+
+    # ---- plumbing --------------------------------------------------------------------------------
+
+    def render(self, request: Request, template: str, status_code: int = 200, **values: Any) -> HTMLResponse:
+        response = self.templates.TemplateResponse(request, template, values, status_code=status_code)
+        response.headers["Cache-Control"] = "no-store"
+        response.headers["X-Frame-Options"] = "DENY"
+        response.headers["Content-Security-Policy"] = (
+            "default-src 'self'; img-src 'self' data:; style-src 'self'; script-src 'self'; frame-ancestors 'none'"
+        )
+        return response
+
+    def _page(self, handler: Page) -> Callable[[Request], Awaitable[Response]]:
+        """Require a session and, for POSTs, its CSRF token; show problems as pages."""
+
+        async def guarded(request: Request) -> Response:
+            context = context_of(request)
+            session = await sessions.current_session(context.pool, request)
+            if session is None:
+                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
+            if request.method == "POST":
+                form = await request.form()
+                if not sessions.same_token(session.csrf_token, form.get("csrf")):
+                    return self._problem_page(
+                        request, session, Problem(403, "the form was stale or forged; reload the page")
+                    )
+            try:
+                return await handler(request, session)
+            except Problem as problem:
+                if _wants_json(request):
+                    return JSONResponse(
+                        {"detail": problem.detail, "errors": problem.errors}, status_code=problem.status
+                    )
+                return self._problem_page(request, session, problem)
+
+        return guarded
+
+    def _problem_page(self, request: Request, session: sessions.Session, problem: Problem) -> HTMLResponse:
+        return self.render(request, "error.html", status_code=problem.status, session=session, problem=problem)
+
+    @staticmethod
+    def _require(session: sessions.Session, roles: tuple[str, ...], what: str) -> None:
+        if session.principal.role not in roles:
+            raise Problem(403, f"a {session.principal.role} may not {what}")
+
+    # ---- sign-in ---------------------------------------------------------------------------------
+
+    async def home(self, request: Request) -> Response:
+        return RedirectResponse("/hosts", status_code=303)
+
+    async def login_form(self, request: Request, error: str | None = None, status_code: int = 200) -> Response:
+        csrf = sessions.new_login_csrf()
+        response = self.render(
+            request, "login.html", status_code=status_code, csrf=csrf, error=error,
+            next=_safe_next(request.query_params.get("next")),
+        )  # fmt: skip
+        sessions.set_login_csrf_cookie(response, request, csrf)
+        return response
+
+    async def login(self, request: Request) -> Response:
+        form = await request.form()
+        if not sessions.same_token(request.cookies.get(sessions.LOGIN_CSRF_COOKIE), form.get("csrf")):
+            return await self.login_form(request, "The sign-in form expired; please try again.", 403)
+        token = form.get("token")
+        signed_in = (
+            await sessions.sign_in(context_of(request).pool, token) if isinstance(token, str) and token else None
+        )
+        if signed_in is None:
+            return await self.login_form(request, "That token is not valid.", 401)
+        session_id, _ = signed_in
+        response = RedirectResponse(_safe_next(form.get("next")), status_code=303)
+        sessions.set_session_cookie(response, request, session_id)
+        return response
+
+    async def logout(self, request: Request) -> Response:
+        await sessions.sign_out(context_of(request).pool, request)
+        response = RedirectResponse("/login", status_code=303)
+        sessions.clear_session_cookie(response)
+        return response
+
+    # ---- hosts -----------------------------------------------------------------------------------
+
+    async def hosts(self, request: Request, session: sessions.Session) -> Response:
+        principal = session.principal
+        params = request.query_params
+        group = params.get("group") or None
+        status = params.get("status") or None
+        if status not in (None, *STATUSES):
+            raise Problem(422, f"unknown status {status!r}")
+        try:
+            query = HostListQuery(
+                group=group, health_check_status=status, cursor=params.get("cursor") or None, limit=PAGE_SIZE
+            )
+        except ValidationError:
+            raise Problem(422, "invalid filter") from None
+        context = context_of(request)
+        rows, next_cursor = await fetch_host_page(context.pool, principal, query)
+        counts, groups = await _summary(context.pool, principal)
+        template = "_hosts_region.html" if params.get("fragment") else "hosts.html"
+        return self.render(
+            request, template, session=session, hosts=rows, next_cursor=next_cursor, counts=counts,
+            total=sum(counts.values()), groups=groups, group=group, status=status, statuses=STATUSES,
+            filters=urlencode({key: value for key, value in (("group", group), ("status", status)) if value}),
+        )  # fmt: skip
+
+    async def host(self, request: Request, session: sessions.Session, **form_state: Any) -> Response:
+        host_id = _path_uuid(request, "host_id")
+        context = context_of(request)
+        async with context.pool.acquire() as connection:
+            host = await fetch_visible_host(connection, session.principal, host_id)
+            rows = await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
+            history = await _recent_results(connection, [row["id"] for row in rows])
+        checks = [
+            {
+                "view": check_view(row),
+                "strip": history_strip(history.get(row["id"], [])),
+                "sparkline": latency_sparkline(history.get(row["id"], [])),
+            }
+            for row in rows
+        ]
+        return self.render(
+            request, "host.html", status_code=form_state.pop("status_code", 200), session=session, host=host,
+            checks=checks, can_edit=session.principal.role in CHECK_EDITORS, max_checks=5, **form_state,
+        )  # fmt: skip
+
+    async def create_check(self, request: Request, session: sessions.Session) -> Response:
+        self._require(session, CHECK_EDITORS, "change health checks")
+        host_id = _path_uuid(request, "host_id")
+        context = context_of(request)
+        form = await request.form()
+        async with context.pool.acquire() as connection:
+            await fetch_visible_host(connection, session.principal, host_id)
+        try:
+            body = parse_check_write(check_document(form, editing=False))
+            await create_check_on(context, session.principal.name, host_id, body)
+        except Problem as problem:
+            if problem.status not in (409, 422):
+                raise
+            return await self.host(
+                request, session, new_errors=_errors(problem), new_values=dict(form), status_code=problem.status
+            )
+        return RedirectResponse(f"/hosts/{host_id}", status_code=303)
+
+    async def update_check(self, request: Request, session: sessions.Session) -> Response:
+        self._require(session, CHECK_EDITORS, "change health checks")
+        host_id, check_id = _path_uuid(request, "host_id"), _path_uuid(request, "check_id")
+        context = context_of(request)
+        form = await request.form()
+        async with context.pool.acquire() as connection:
+            await fetch_visible_host(connection, session.principal, host_id)
+        try:
+            body = parse_check_write(check_document(form, editing=True))
+            await update_check_on(context, session.principal.name, host_id, check_id, body)
+        except Problem as problem:
+            if problem.status not in (409, 422):
+                raise
+            return await self.host(
+                request, session, edit_errors=_errors(problem), edit_values=dict(form), editing=str(check_id),
+                status_code=problem.status,
+            )  # fmt: skip
+        return RedirectResponse(f"/hosts/{host_id}", status_code=303)
+
+    async def delete_check(self, request: Request, session: sessions.Session) -> Response:
+        self._require(session, CHECK_EDITORS, "delete health checks")
+        host_id, check_id = _path_uuid(request, "host_id"), _path_uuid(request, "check_id")
+        context = context_of(request)
+        async with context.pool.acquire() as connection:
+            await fetch_visible_host(connection, session.principal, host_id)
+        await delete_check_on(context, session.principal.name, host_id, check_id)
+        return RedirectResponse(f"/hosts/{host_id}", status_code=303)
+
+    async def test_check(self, request: Request, session: sessions.Session) -> Response:
+        self._require(session, CHECK_EDITORS, "test health checks")
+        host_id, check_id = _path_uuid(request, "host_id"), _path_uuid(request, "check_id")
+        context = context_of(request)
+        async with context.pool.acquire() as connection:
+            await fetch_visible_host(connection, session.principal, host_id)
+        result = await run_check_now(context, session.principal.name, host_id, check_id)
+        if _wants_json(request):
+            return JSONResponse(result.model_dump(mode="json"))
+        return RedirectResponse(f"/hosts/{host_id}#check-{check_id}", status_code=303)
+
+    # ---- jobs ------------------------------------------------------------------------------------
+
+    async def jobs(self, request: Request, session: sessions.Session) -> Response:
+        context = context_of(request)
+        groups = session.principal.visible_groups()
+        async with context.pool.acquire() as connection:
+            waiting = await _jobs(connection, groups, waiting=True)
+            decided = await _jobs(connection, groups, waiting=False)
+            failing = {}
+            for host_id in {row["host_id"] for row in waiting}:
+                failing[host_id] = [
+                    check for check in await gating_check_summaries(connection, host_id) if check.healthy is not True
+                ]
+        return self.render(
+            request, "jobs.html", session=session, waiting=waiting, decided=decided, failing=failing,
+            can_override=session.principal.is_admin, now=dt.datetime.now(dt.UTC),
+        )  # fmt: skip
+
+    async def override(self, request: Request, session: sessions.Session) -> Response:
+        self._require(session, ("admin",), "override a job")
+        host_id = _path_uuid(request, "host_id")
+        form = await request.form()
+        try:
+            body = OverrideRequest.model_validate({"decision": form.get("decision"), "reason": form.get("reason")})
+        except ValidationError:
+            raise Problem(422, "choose release or fail and give a reason (1 to 500 characters)") from None
+        await override_on(context_of(request), session.principal.name, request.path_params["job_id"], host_id, body)
+        return RedirectResponse("/jobs", status_code=303)
+
+
+def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
+    """A check's API body from a form: only the chosen type's fields, booleans from checkboxes, empty
+    inputs left out so that defaults apply, and the write-only password kept unless given or cleared."""
+    check_type = form.get("check_type")
+    document: dict[str, Any] = {
+        "name": form.get("name", ""),
+        "check_type": check_type,
+        "enabled": "enabled" in form,
+        "critical": "critical" in form,
+    }
+    for field in ("interval_seconds", "timeout_seconds", "failures_before_unhealthy", "successes_before_healthy"):
+        if form.get(field):
+            document[field] = form.get(field)
+    if check_type == "service":
+        document["service_name"] = form.get("service_name", "")
+    elif check_type == "tcp":
+        document["port"] = form.get("port") or None
+        if form.get("address"):
+            document["address"] = form.get("address")
+    elif check_type == "http":
+        document |= {
+            "url": form.get("url", ""),
+            "method": form.get("method") or "GET",
+            "ignore_cert_errors": "ignore_cert_errors" in form,
+            "follow_redirects": "follow_redirects" in form,
+        }
+        for field in ("expected_status", "expected_body", "basic_auth_user"):
+            if form.get(field):
+                document[field] = form.get(field)
+        if form.get("basic_auth_pass"):
+            document["basic_auth_pass"] = form.get("basic_auth_pass")
+        elif editing and "clear_basic_auth_pass" in form:
+            document["basic_auth_pass"] = None
+    return document
+
+
+async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
+    groups = principal.visible_groups()
+    rows = await pool.fetch(
+        """
+        SELECT health_check_status, "group", count(*) AS hosts FROM hosts
+        WHERE $1::text[] IS NULL OR "group" = ANY($1)
+        GROUP BY 1, 2
+        """,
+        groups,
+    )
+    counts = dict.fromkeys(STATUSES, 0)
+    for row in rows:
+        counts[row["health_check_status"]] += row["hosts"]
+    return counts, sorted({row["group"] for row in rows})
+
+
+async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Point]]:
+    rows = await connection.fetch(
+        f"""
+        SELECT c.id, r.healthy, r.reason, r.detail, r.latency_ms, r.checked_at
+        FROM unnest($1::uuid[]) AS c(id)
+        CROSS JOIN LATERAL (
+            SELECT healthy, reason, detail, latency_ms, checked_at FROM check_results
+            WHERE check_id = c.id ORDER BY checked_at DESC LIMIT {HISTORY_LENGTH}
+        ) r
+        """,
+        check_ids,
+    )
+    history: dict[uuid.UUID, list[Point]] = {}
+    for row in rows:
+        history.setdefault(row["id"], []).append(
+            Point(row["healthy"], row["reason"], row["detail"], row["latency_ms"], row["checked_at"])
+        )
+    return history
+
+
+async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[asyncpg.Record]:
+    order = "j.window_ends_at" if waiting else "j.decided_at DESC"
+    condition = "j.status = 'waiting_health_check'" if waiting else "j.status <> 'waiting_health_check'"
+    return await connection.fetch(
+        f"""
+        SELECT j.*, h.name AS host_name FROM gate_jobs j
+        LEFT JOIN hosts h ON h.id = j.host_id
+        WHERE {condition} AND ($1::text[] IS NULL OR h."group" = ANY($1))
+        ORDER BY {order}
+        LIMIT 100
+        """,
+        groups,
+    )
+
+
+def _errors(problem: Problem) -> dict[str, str]:
+    errors = {error["field"]: error["message"] for error in problem.errors or []}
+    return errors or {"form": problem.detail}
+
+
+def _path_uuid(request: Request, name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.path_params[name])
+    except ValueError:
+        raise Problem(404, "no such page") from None
+
+
+def _wants_json(request: Request) -> bool:
+    return "application/json" in request.headers.get("accept", "")
+
+
+def _safe_next(target: object) -> str:
+    """Only a path on this site: no scheme, no host, no `//` (an open redirect)."""
+    if isinstance(target, str) and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/hosts"
+
+
+def _ago(moment: dt.datetime | None) -> str:
+    if moment is None:
+        return "never"
+    seconds = (dt.datetime.now(dt.UTC) - moment).total_seconds()
+    if seconds < 60:
+        return f"{max(0, int(seconds))} s ago"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min ago"
+    if seconds < 86400:
+        return f"{int(seconds // 3600)} h ago"
+    return f"{int(seconds // 86400)} d ago"
+
+
+def _until(moment: dt.datetime | None) -> str:
+    if moment is None:
+        return "-"
+    seconds = (moment - dt.datetime.now(dt.UTC)).total_seconds()
+    if seconds <= 0:
+        return "closed"
+    if seconds < 3600:
+        return f"{int(seconds // 60)} min {int(seconds % 60)} s left"
+    return f"{int(seconds // 3600)} h {int(seconds % 3600 // 60)} min left"
