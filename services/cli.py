@@ -33,8 +33,7 @@ class CommandError(Exception):
 def _run_api(settings: Settings) -> int:
     from services.api.app import run_api
 
-    run_api(settings)
-    return 0
+    return run_api(settings)
 
 
 def _run_poller(settings: Settings) -> int:

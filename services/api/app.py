@@ -74,6 +74,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
         # A background task that dies makes the process exit (via SIGTERM to itself, which uvicorn
         # handles gracefully) so that its supervisor restarts it.
         background = TaskGroupOfService(on_failure=lambda: os.kill(os.getpid(), signal.SIGTERM))
+        app.state.background = background
         background.start(broker.run(check_runs.on_connected), "broker-connect")
         background.start(relay.run(), "outbox-relay")
         health.started = True
@@ -110,7 +111,8 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
     )
 
 
-def run_api(settings: Settings) -> None:
+def run_api(settings: Settings) -> int:
+    """Serve until SIGINT/SIGTERM; 1 if it stopped because a background task failed."""
     key = load_or_create_key(settings.key_file)
     app = create_app(settings, key)
     config = uvicorn.Config(
@@ -124,3 +126,5 @@ def run_api(settings: Settings) -> None:
         server_header=False,
     )
     GracefulServer(config).run()
+    background = getattr(app.state, "background", None)
+    return 1 if background is not None and background.failed else 0

@@ -34,7 +34,15 @@ TIMER_INTERVAL_SECONDS = 0.25
 TIMER_BATCH = 200
 RERUN_TICK_SIZE = 50
 DATABASE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
-DATABASE_ERRORS = (OSError, asyncpg.PostgresConnectionError, asyncpg.InterfaceError, asyncpg.CannotConnectNowError)
+# Lost connections, and a server shutting down or starting (57P01, 57P03): wait for it, don't give up.
+DATABASE_ERRORS = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
 ResultT = TypeVar("ResultT")
 
 

@@ -41,7 +41,9 @@ UPDATE check_schedule s
 SET next_run_at = CASE
     WHEN due.slot + make_interval(secs => c.interval_seconds) > now()
         THEN due.slot + make_interval(secs => c.interval_seconds)
-    ELSE now() + make_interval(secs => c.interval_seconds)
+    -- Late (the pollers were down): resume with a jitter of up to a tenth of the interval, so that
+    -- the checks that fell due together do not stay bunched.
+    ELSE now() + make_interval(secs => c.interval_seconds * (1 + random() / 10))
 END
 FROM due
 JOIN health_checks c ON c.id = due.check_id

@@ -135,13 +135,13 @@ class Worker:
         self._metrics.ticks.labels("done").inc()
         await message.ack()
 
-    async def run_tick(self, runs: Sequence[ScheduledRun]) -> list[CheckResult]:
-        """Run the checks of one tick and store their results in one transaction."""
+    async def run_tick(self, runs: Sequence[ScheduledRun], *, include_disabled: bool = False) -> list[CheckResult]:
+        """Run the checks of one tick and store their results in one transaction. Disabled checks
+        are skipped, unless an operator asked for this run (`/test`)."""
         async with self._pool.acquire() as connection:
             checks = await load_checks(connection, [run.check_id for run in runs])
         wanted = [(run, checks[run.check_id]) for run in runs if run.check_id in checks]
-        # Scheduled runs of a check disabled since dispatch are skipped; requested runs are not.
-        wanted = [(run, check) for run, check in wanted if check.enabled or run.slot is None]
+        wanted = [(run, check) for run, check in wanted if check.enabled or include_disabled]
         finished = await asyncio.gather(*(self._run_one(check, run.slot) for run, check in wanted))
         async with self._pool.acquire() as connection, connection.transaction():
             stored = await store_results(connection, finished, source=EVENT_SOURCE)
@@ -173,7 +173,7 @@ class Worker:
             await message.reject(requeue=False)
             return
         try:
-            stored = await self.run_tick([ScheduledRun(check_id=request.check_id)])
+            stored = await self.run_tick([ScheduledRun(check_id=request.check_id)], include_disabled=True)
         except DATABASE_ERRORS as exc:
             log.warning("test run failed", extra={"error": str(exc), "check_id": str(request.check_id)})
             await message.reject(requeue=False)  # the asking API answers 504; a retry would come too late
