@@ -113,38 +113,20 @@ class Broker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=time.time(),
         )
-        try:
-            confirmation = await self._exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
-        except (
-            TimeoutError,
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            OSError,
-            RuntimeError,
-        ) as exc:
-            raise PublishFailed(f"{routing_key}: {exc!r}") from None
-        if isinstance(confirmation, aiormq.abc.DeliveredMessage):
-            raise Unroutable(f"no queue is bound for {routing_key!r} on {self.topology.exchange!r}")
+        await _confirmed(
+            self._exchange, message, routing_key, timeout,
+            unroutable=f"no queue is bound for {routing_key!r} on {self.topology.exchange!r}",
+        )  # fmt: skip
 
     async def publish_reply(self, reply_to: str, body: bytes, *, correlation_id: str) -> None:
         """Answer a request: to the asker's reply queue through the default exchange, with confirm."""
         if not self.ready or self._channel is None:
             raise PublishFailed("not connected to RabbitMQ")
         message = aio_pika.Message(body, correlation_id=correlation_id, content_type="application/json")
-        try:
-            confirmation = await self._channel.default_exchange.publish(
-                message, reply_to, mandatory=True, timeout=PUBLISH_TIMEOUT_SECONDS
-            )
-        except (
-            TimeoutError,
-            aiormq.exceptions.AMQPError,
-            aiormq.exceptions.ChannelInvalidStateError,
-            OSError,
-            RuntimeError,
-        ) as exc:
-            raise PublishFailed(f"reply to {reply_to}: {exc!r}") from None
-        if isinstance(confirmation, aiormq.abc.DeliveredMessage):
-            raise Unroutable(f"reply queue {reply_to!r} is gone")
+        await _confirmed(
+            self._channel.default_exchange, message, reply_to, PUBLISH_TIMEOUT_SECONDS,
+            unroutable=f"reply queue {reply_to!r} is gone",
+        )  # fmt: skip
 
     async def ping(self, timeout: float = 2.0) -> float:
         """Round trip to the broker in milliseconds (a passive declare of our exchange)."""
@@ -158,3 +140,21 @@ class Broker:
         self._ready.clear()
         if self.connection is not None:
             await self.connection.close()
+
+
+async def _confirmed(
+    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, timeout: float, *, unroutable: str
+) -> None:
+    """Publish mandatory and wait for the confirm; PublishFailed or Unroutable when it does not go."""
+    try:
+        confirmation = await exchange.publish(message, routing_key, mandatory=True, timeout=timeout)
+    except (
+        TimeoutError,
+        aiormq.exceptions.AMQPError,
+        aiormq.exceptions.ChannelInvalidStateError,
+        OSError,
+        RuntimeError,
+    ) as exc:
+        raise PublishFailed(f"{routing_key}: {exc!r}") from None
+    if isinstance(confirmation, aiormq.abc.DeliveredMessage):
+        raise Unroutable(unroutable)
