@@ -3,7 +3,8 @@
 Expired results go by whole daily partitions (detached CONCURRENTLY, so writers are not blocked, then
 dropped); only the boundary day's expired rows are deleted, in small batches of short transactions.
 Partitions for the coming days are created first, so an insert never lacks one, also after the pruner
-was down for days. Decided gate jobs and sent outbox rows past their retention go in batches too.
+was down for days. Decided gate jobs, sent outbox rows past their retention and expired dashboard
+sessions go in batches too.
 The audit log is kept. One pass at a time across all pruners (an advisory lock); a pass that was
 interrupted leaves nothing half-done that the next pass does not finish.
 """
@@ -41,6 +42,7 @@ class PassReport:
     partition_rows_dropped: int = 0
     gate_jobs_deleted: int = 0
     outbox_rows_deleted: int = 0
+    sessions_deleted: int = 0
     seconds: float = 0.0
     oldest_result_age_seconds: float | None = None
 
@@ -53,6 +55,7 @@ class PassReport:
             "result_rows_in_dropped_partitions": self.partition_rows_dropped,
             "gate_jobs_deleted": self.gate_jobs_deleted,
             "outbox_rows_deleted": self.outbox_rows_deleted,
+            "expired_sessions_deleted": self.sessions_deleted,
             "seconds": round(self.seconds, 3),
             "oldest_result_age_seconds": (
                 None if self.oldest_result_age_seconds is None else round(self.oldest_result_age_seconds, 1)
@@ -83,6 +86,7 @@ class PrunerMetrics:
         self.rows.labels("check_results").inc(report.result_rows_deleted + report.partition_rows_dropped)
         self.rows.labels("gate_jobs").inc(report.gate_jobs_deleted)
         self.rows.labels("outbox").inc(report.outbox_rows_deleted)
+        self.rows.labels("dashboard_sessions").inc(report.sessions_deleted)
         self.partitions.inc(len(report.partitions_dropped))
         self.duration.observe(report.seconds)
         if report.oldest_result_age_seconds is not None:
@@ -131,6 +135,10 @@ async def prune_once(pool: asyncpg.Pool, retention: Retention) -> PassReport:
             report.outbox_rows_deleted = await _delete_in_batches(
                 pool, "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < $1 LIMIT $2)",
                 now - retention.sent_outbox,
+            )  # fmt: skip
+            report.sessions_deleted = await _delete_in_batches(
+                pool, "DELETE FROM dashboard_sessions WHERE id_sha256 IN ("
+                "SELECT id_sha256 FROM dashboard_sessions WHERE expires_at < $1 LIMIT $2)", now,
             )  # fmt: skip
             oldest = await lock_connection.fetchval("SELECT min(checked_at) FROM check_results")
             if oldest is not None:
