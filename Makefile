@@ -33,17 +33,27 @@ run: venv
 	exec $(BIN)/healthgate up
 
 ## test-deps: system packages the test suite and benchmarks need beyond the virtualenv: nginx (a real HTTP/TLS
-## peer for the poller's checks; tests run their own nginx processes, the system service is never started).
-## Installs with apt-get (as root) only when missing; a temporary policy-rc.d keeps the package from starting it.
+## peer for the poller's checks; tests run their own nginx processes, the system service is never started) and
+## Debian's Chromium with its driver and fonts (/usr/bin/chromium, driven by Playwright in tests/test_dashboard.py; no
+## browser is ever downloaded). Installs with apt-get (as root) only what is missing; a temporary policy-rc.d
+## keeps a package from starting its service.
 test-deps:
-	@if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then exit 0; fi; \
-	echo "test-deps: installing nginx"; \
+	@missing=; \
+	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	echo "test-deps: installing$$missing"; \
 	policy=/usr/sbin/policy-rc.d; made_policy=; \
 	if [ ! -e $$policy ]; then printf '#!/bin/sh\nexit 101\n' > $$policy && chmod 755 $$policy && made_policy=1; fi; \
-	apt-get update -qq && { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light \
-		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; }; status=$$?; \
+	apt-get update -qq; status=$$?; \
+	case "$$missing" in *nginx*) if [ $$status -eq 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light \
+		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; status=$$?; fi;; esac; \
+	case "$$missing" in *chromium*) if [ $$status -eq 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+			chromium chromium-driver fonts-liberation; status=$$?; fi;; esac; \
 	if [ -n "$$made_policy" ]; then rm -f $$policy; fi; \
-	if [ $$status -ne 0 ]; then echo "test-deps: could not install nginx (apt-get needs root)" >&2; exit $$status; fi
+	if [ $$status -ne 0 ]; then echo "test-deps: could not install$$missing (apt-get needs root)" >&2; exit $$status; fi
 
 ## bench-deps: system packages the benchmarks need beyond test-deps: wrk (HTTP load generator) and Prometheus'
 ## blackbox_exporter (the Go prober bench/poller.py compares against). Installed with apt-get (as root) only when

@@ -46,6 +46,7 @@ HERE = Path(__file__).parent
 STATUSES = ("unhealthy", "unknown", "degraded", "healthy", "no_checks")
 CHECK_EDITORS = ("admin", "operator")
 HISTORY_LENGTH = 40
+STALE_FORM = Problem(403, "the form was stale or forged; reload the page")
 PAGE_SIZE = 50
 Page = Callable[[Request, sessions.Session], Awaitable[Response]]
 
@@ -93,15 +94,14 @@ class Dashboard:
             context = context_of(request)
             session = await sessions.current_session(context.pool, request)
             if session is None:
+                if _wants_json(request):  # "Test now": say so in place rather than follow to the sign-in page
+                    return JSONResponse({"detail": "your session has ended; sign in again"}, status_code=401)
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
-            if request.method == "POST":
-                form = await request.form()
-                if not sessions.same_token(session.csrf_token, form.get("csrf")):
-                    return self._problem_page(
-                        request, session, Problem(403, "the form was stale or forged; reload the page")
-                    )
+            form = await request.form() if request.method == "POST" else None
             try:
+                if form is not None and not sessions.same_token(session.csrf_token, form.get("csrf")):
+                    raise Problem(403, "the form was stale or forged; reload the page")
                 return await handler(request, session)
             except Problem as problem:
                 if _wants_json(request):
@@ -118,7 +118,8 @@ class Dashboard:
     @staticmethod
     def _require(session: sessions.Session, roles: tuple[str, ...], what: str) -> None:
         if session.principal.role not in roles:
-            raise Problem(403, f"a {session.principal.role} may not {what}")
+            role = session.principal.role
+            raise Problem(403, f"{'an' if role[0] in 'aeiou' else 'a'} {role} may not {what}")
 
     # ---- sign-in ---------------------------------------------------------------------------------
 
@@ -150,7 +151,16 @@ class Dashboard:
         return response
 
     async def logout(self, request: Request) -> Response:
-        await sessions.sign_out(context_of(request).pool, request)
+        """POST (with the session's CSRF token) signs out; GET asks, so another site cannot sign anyone out."""
+        context = context_of(request)
+        session = await sessions.current_session(context.pool, request)
+        if session is not None:
+            if request.method == "GET":
+                return self.render(request, "logout.html", session=session)
+            form = await request.form()
+            if not sessions.same_token(session.csrf_token, form.get("csrf")):
+                return self._problem_page(request, session, STALE_FORM)
+            await sessions.sign_out(context.pool, request)
         response = RedirectResponse("/login", status_code=303)
         sessions.clear_session_cookie(response)
         return response

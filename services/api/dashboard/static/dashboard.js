@@ -51,7 +51,12 @@
     window.setInterval(function () {
       if (document.hidden) return;
       fetch(region.getAttribute("data-refresh"), { credentials: "same-origin" })
-        .then(function (response) { return response.ok ? response.text() : null; })
+        .then(function (response) {
+          // The session ended (sign-out elsewhere, expiry): the fetch followed the redirect to the sign-in
+          // page; load it as a page instead of pasting it into the table.
+          if (response.redirected) { window.location.reload(); return null; }
+          return response.ok ? response.text() : null;
+        })
         .then(function (html) { if (html !== null) region.innerHTML = html; })
         .catch(function () {});
     }, 5000);

@@ -1,0 +1,703 @@
+"""The dashboard in a real browser (issue 6, CONTRACT §3 "Dashboard").
+
+Playwright's async API drives Debian's Chromium (`/usr/bin/chromium`, installed by `make test-deps`); no
+browser is ever downloaded. Every test signs in through the real /login form with a token, against the
+session's real API, poller, nginx and fake agent. The last test also writes the screenshots in
+docs/screenshots/ that the README shows.
+
+A browser is launched per test (about a second): the conftest's database fixtures live on each test's own
+event loop, and a browser shared across loops would not be.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import os
+import re
+import uuid
+import weakref
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import httpx
+import pytest
+from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
+
+from tests.conftest import TokenFactory
+from tests.support.blackhole import refused_port
+from tests.support.fake_agent import FakeAgent
+from tests.support.nginx import NginxServer
+from tests.support.processes import ServiceProcess
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+DOCS_SCREENSHOTS = Path(__file__).resolve().parent.parent / "docs" / "screenshots"
+# The README's screenshots are rewritten only on request, so that a test run leaves the checkout clean:
+# HEALTHGATE_UPDATE_SCREENSHOTS=1 make test PYTEST_ARGS="tests/test_dashboard.py -k screenshots"
+UPDATE_SCREENSHOTS = os.environ.get("HEALTHGATE_UPDATE_SCREENSHOTS") == "1"
+LAPTOP: ViewportSize = {"width": 1280, "height": 900}
+PHONE: ViewportSize = {"width": 390, "height": 844}
+
+
+# ---- browser and page helpers ----------------------------------------------------------------------------------
+
+
+def chromium_installed() -> bool:
+    return Path(CHROMIUM).exists()
+
+
+@pytest.fixture
+async def browser() -> AsyncIterator[Browser]:
+    if not chromium_installed():
+        pytest.fail(f"{CHROMIUM} is missing: run `make test-deps` (apt-get install chromium chromium-driver)")
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+_problems: weakref.WeakKeyDictionary[Page, list[str]] = weakref.WeakKeyDictionary()
+
+
+def watch(page: Page) -> Page:
+    """Record the page's uncaught script errors and Content-Security-Policy violations."""
+    problems = _problems.setdefault(page, [])
+    page.on("pageerror", lambda error: problems.append(f"script error: {error}"))
+    page.on(
+        "console",
+        lambda message: problems.append(message.text) if "Content Security Policy" in message.text else None,
+    )
+    return page
+
+
+def script_problems(page: Page) -> list[str]:
+    return _problems[page]
+
+
+async def new_page(browser: Browser, viewport: ViewportSize = LAPTOP, **options: Any) -> Page:
+    """A watched page in a fresh context (its own cookies)."""
+    context = await browser.new_context(viewport=viewport, **options)
+    context.set_default_timeout(10_000)
+    return watch(await context.new_page())
+
+
+async def sign_in(page: Page, base_url: str, token: str) -> None:
+    await page.goto(f"{base_url}/login")
+    await page.get_by_label("API token").fill(token)
+    await page.get_by_role("button", name="Sign in").click()
+    await page.wait_for_url(f"{base_url}/hosts")
+
+
+async def listed_hosts(page: Page) -> list[str]:
+    hosts: list[str] = await page.locator("#hosts-region tr[data-host]").evaluate_all(
+        "rows => rows.map(row => row.dataset.host)"
+    )
+    return hosts
+
+
+def host_badge(page: Page, name: str) -> Locator:
+    return page.locator(f'#hosts-region tr[data-host="{name}"] [data-status]')
+
+
+def check_item(page: Page, name: str) -> Locator:
+    return page.locator(f'li.check[data-check="{name}"]')
+
+
+def add_form(page: Page) -> Locator:
+    return page.locator("section[aria-labelledby=add-check] form")
+
+
+async def session_csrf(db: asyncpg.Connection, token_name: str) -> str:
+    """The CSRF token of a signed-in token's session, as a forger who somehow had it would send it."""
+    value = await db.fetchval(
+        "SELECT s.csrf_token FROM dashboard_sessions s JOIN api_tokens t ON t.id = s.token_id WHERE t.name = $1",
+        token_name,
+    )
+    assert isinstance(value, str) and value, f"no dashboard session for {token_name}"
+    return value
+
+
+async def wait_for_last_result(page: Page, check: str, word: str, timeout: float = 12) -> str:
+    """Reload the host page until the check's "Last result" says `word` (healthy or unhealthy)."""
+    last = check_item(page, check).locator("[data-last-result]")
+    async with asyncio.timeout(timeout):
+        while True:
+            text = " ".join((await last.inner_text()).split())
+            if text.startswith(f"Last result: {word} "):
+                return text
+            await asyncio.sleep(0.5)
+            await page.reload()
+
+
+# ---- data helpers ------------------------------------------------------------------------------------------------
+
+
+async def create_host(admin: httpx.AsyncClient, name: str, group: str, agent_url: str | None = None) -> str:
+    response = await admin.post("/api/v1/hosts", json={"name": name, "group": group, "agent_url": agent_url})
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def create_check(admin: httpx.AsyncClient, host_id: str, **body: Any) -> str:
+    response = await admin.post(f"/api/v1/hosts/{host_id}/health-checks", json=body)
+    assert response.status_code == 201, response.text
+    return str(response.json()["id"])
+
+
+async def insert_job(
+    db: asyncpg.Connection,
+    job_id: str,
+    host_id: str,
+    *,
+    window: dt.timedelta = dt.timedelta(minutes=30),
+    status: str = "waiting_health_check",
+    decided_ago: dt.timedelta | None = None,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> None:
+    now = dt.datetime.now(dt.UTC)
+    decided_at = None if status == "waiting_health_check" else now - (decided_ago or dt.timedelta(minutes=5))
+    await db.execute(
+        """
+        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, received_at, decided_at, reason, detail)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+        """,
+        job_id,
+        uuid.UUID(host_id),
+        status,
+        now + window,
+        (decided_at or now) - dt.timedelta(seconds=40),
+        decided_at,
+        reason,
+        detail,
+    )
+
+
+# ---- 1. sign-in as each role ----------------------------------------------------------------------------------
+
+
+async def test_each_role_signs_in_sees_its_hosts_and_signs_out(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, db: asyncpg.Connection
+) -> None:
+    for name, group in (("a-web-1", "team-a"), ("a-db-1", "team-a"), ("b-web-1", "team-b")):
+        await create_host(admin, name, group)
+    roles = {
+        "admin": ((), ["a-db-1", "a-web-1", "b-web-1"]),
+        "operator": (("team-a",), ["a-db-1", "a-web-1"]),
+        "viewer": (("team-a",), ["a-db-1", "a-web-1"]),
+    }
+    for role, (groups, visible) in roles.items():
+        token = await make_token(role, groups, name=f"{role}-browser")
+        page = await new_page(browser)
+        await sign_in(page, api.base_url, token)
+        assert await listed_hosts(page) == visible, role
+        await expect(page.locator(".who .role")).to_have_text(role)
+        await expect(page.locator(".summary .total .count")).to_have_text(str(len(visible)))
+
+        # The session cookie: HttpOnly, SameSite=Lax, not the token; the database does not hold it either.
+        (cookie,) = [c for c in await page.context.cookies() if c["name"] == "healthgate_session"]
+        assert cookie["httpOnly"] is True and cookie["sameSite"] == "Lax", cookie
+        assert token not in cookie["value"] and cookie["value"] not in token
+        assert await page.evaluate("document.cookie") == "", "the session cookie is readable from scripts"
+        stored = await db.fetchval("SELECT string_agg(row_to_json(s)::text, ' ') FROM dashboard_sessions s")
+        assert token not in stored and cookie["value"] not in stored
+
+        # Sign-out ends the session on the server: the old cookie, put back, no longer signs anyone in.
+        await page.get_by_role("button", name="Sign out").click()
+        await page.wait_for_url(f"{api.base_url}/login")
+        await page.context.add_cookies([cookie])
+        await page.goto(f"{api.base_url}/hosts")
+        assert page.url == f"{api.base_url}/login?next=%2Fhosts"
+        assert script_problems(page) == []
+        await page.context.close()
+
+    # An admin can filter by group; the filter form round-trips through the URL.
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("admin"))
+    await page.get_by_label("Group").select_option("team-b")
+    await page.get_by_role("button", name="Filter").click()
+    await page.wait_for_url(re.compile(r"/hosts\?group=team-b"))
+    assert await listed_hosts(page) == ["b-web-1"]
+
+    # A wrong token: an error, no session.
+    page = await new_page(browser)
+    await page.goto(f"{api.base_url}/login")
+    await page.get_by_label("API token").fill("hg_" + "x" * 43)
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await page.get_by_role("button", name="Sign in").click()
+    assert (await answer.value).status == 401
+    await expect(page.get_by_role("alert")).to_have_text("That token is not valid.")
+    assert [c for c in await page.context.cookies() if c["name"] == "healthgate_session"] == []
+    # And a sign-in POST without the form's CSRF token is refused before the token is even looked at.
+    forged = await page.request.post(f"{api.base_url}/login", form={"token": "hg_whatever"}, max_redirects=0)
+    assert forged.status == 403
+
+
+# ---- 2. add a check, see its result, test it --------------------------------------------------------------------
+
+
+async def test_operator_adds_a_check_sees_its_result_and_tests_it_in_place(
+    api: ServiceProcess,
+    poller: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    nginx: NginxServer,
+) -> None:
+    await create_host(admin, "a-web-1", "team-a")
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("operator", ("team-a",)))
+    await page.get_by_role("link", name="a-web-1").click()
+    await expect(page.get_by_role("heading", level=1)).to_contain_text("a-web-1")
+
+    form = add_form(page)
+    await form.get_by_label("Name", exact=True).fill("homepage")
+    await form.get_by_label("Type").select_option("http")
+    await form.get_by_label("URL", exact=True).fill(nginx.http_url("/ok"))
+    await form.get_by_label("Body contains").fill("all good")
+    await expect(form.get_by_label("Port")).to_be_hidden()  # only the chosen type's fields are shown
+    await form.get_by_role("button", name="Add check").click()
+
+    item = check_item(page, "homepage")
+    await expect(item).to_be_visible()
+    await expect(item.locator(".target")).to_contain_text(f"GET {nginx.http_url('/ok')} expecting 2xx")
+    # The poller runs a new check within 5 s.
+    text = await wait_for_last_result(page, "homepage", "healthy")
+    assert "(ok)" in text and "all good" in text
+    await expect(item.locator(".check-head [data-status]")).to_have_attribute("data-status", "healthy")
+    results = await item.locator("svg.history rect").count()
+    assert results >= 1
+
+    # "Test now" shows the result in place: no navigation (the marker survives), the output filled by fetch().
+    await page.evaluate("window.stillTheSamePage = true")
+    await item.get_by_role("button", name="Test now").click()
+    await expect(item.locator(".test-result")).to_have_text(
+        re.compile(r"^Healthy: status 200 OK, body contains 'all good' · \d+ ms")
+    )
+    assert await page.evaluate("window.stillTheSamePage") is True
+    await page.reload()
+    await expect(item.locator("svg.history rect")).to_have_count(results + 1)  # a test run is stored like any other
+    assert script_problems(page) == []
+
+
+# ---- 3. a host turns unhealthy when its target fails ----------------------------------------------------------
+
+
+async def test_host_turns_unhealthy_when_its_service_fails(
+    api: ServiceProcess,
+    poller: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    fake_agent: FakeAgent,
+    db: asyncpg.Connection,
+) -> None:
+    fake_agent.set("nginx.service", "healthy")
+    host_id = await create_host(admin, "a-app-1", "team-a", agent_url=fake_agent.base_url)
+    token = await make_token("operator", ("team-a",))
+
+    host_page = await new_page(browser)
+    await sign_in(host_page, api.base_url, token)
+    await host_page.goto(f"{api.base_url}/hosts/{host_id}")
+    form = add_form(host_page)
+    await form.get_by_label("Name", exact=True).fill("web server")
+    await form.get_by_label("Type").select_option("service")
+    await expect(form.get_by_label("URL", exact=True)).to_be_hidden()
+    await form.get_by_label("systemd unit").fill("nginx.service")
+    await form.get_by_role("button", name="Add check").click()
+    await wait_for_last_result(host_page, "web server", "healthy")
+    await expect(host_page.locator("h1 [data-status]")).to_have_attribute("data-status", "healthy")
+
+    # A second tab on the hosts page, left alone from here on: it must update itself.
+    hosts_page = watch(await host_page.context.new_page())
+    await hosts_page.goto(f"{api.base_url}/hosts")
+    await expect(host_badge(hosts_page, "a-app-1")).to_have_attribute("data-status", "healthy")
+    await hosts_page.evaluate("window.stillTheSamePage = true")
+
+    fake_agent.set("nginx.service", "unhealthy")
+    item = check_item(host_page, "web server")
+    await item.get_by_role("button", name="Test now").click()
+    await expect(item.locator(".test-result")).to_have_text(re.compile(r"^Unhealthy \(\w+\): .*failed"))
+
+    # The hosts page refreshes its region every 5 s without a page load.
+    await expect(host_badge(hosts_page, "a-app-1")).to_have_attribute("data-status", "unhealthy", timeout=12_000)
+    await expect(host_badge(hosts_page, "a-app-1")).to_have_text("unhealthy")
+    assert await hosts_page.evaluate("window.stillTheSamePage") is True
+    await expect(hosts_page.locator(".summary .status-unhealthy .count")).to_have_text("1")
+    # And a plain reload of the host page agrees.
+    await host_page.reload()
+    await expect(host_page.locator("h1 [data-status]")).to_have_attribute("data-status", "unhealthy")
+    assert script_problems(host_page) == [] and script_problems(hosts_page) == []
+
+    # When the session ends (here: revoked with its token), the next refresh loads the sign-in page
+    # instead of pasting it into the table; "Test now" says so in place.
+    await db.execute("DELETE FROM dashboard_sessions")
+    await hosts_page.wait_for_url(f"{api.base_url}/login?next=%2Fhosts", timeout=12_000)
+    await item.get_by_role("button", name="Test now").click()
+    await expect(item.locator(".test-result")).to_have_text("your session has ended; sign in again")
+
+
+# ---- 4. refused what the role may not do -----------------------------------------------------------------------
+
+
+async def test_each_role_is_refused_what_it_may_not_do(
+    api: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+    nginx: NginxServer,
+) -> None:
+    mine = await create_host(admin, "a-web-1", "team-a")
+    check_id = await create_check(admin, mine, name="homepage", check_type="http", url=nginx.http_url("/ok"))
+    theirs = await create_host(admin, "b-web-1", "team-b")
+    await insert_job(db, "patch-42", mine)
+    new_check = {"name": "forged", "check_type": "tcp", "port": "22", "enabled": "on", "critical": "on"}
+    base = api.base_url
+
+    # A viewer sees the check but no control to change anything.
+    viewer = await new_page(browser)
+    await sign_in(viewer, base, await make_token("viewer", ("team-a",), name="viewer-1"))
+    await viewer.goto(f"{base}/hosts/{mine}")
+    await expect(check_item(viewer, "homepage")).to_be_visible()
+    for hidden in (
+        viewer.get_by_role("heading", name="Add a health check"),
+        viewer.locator("form.check-form"),
+        viewer.get_by_role("button", name="Test now"),
+        viewer.get_by_text("Edit", exact=True),
+        viewer.get_by_role("button", name="Delete"),
+    ):
+        await expect(hidden).to_have_count(0)
+    await viewer.goto(f"{base}/jobs")
+    await expect(viewer.locator('tr[data-job="patch-42"]')).to_be_visible()
+    await expect(viewer.locator("form.override")).to_have_count(0)
+    await expect(viewer.get_by_role("button", name="Override")).to_have_count(0)
+
+    # ... and the server refuses the viewer's forged requests, even with the session's own CSRF token.
+    csrf = await session_csrf(db, "viewer-1")
+    for path, form in (
+        (f"/hosts/{mine}/checks", new_check),
+        (f"/hosts/{mine}/checks/{check_id}/test", {}),
+        (f"/hosts/{mine}/checks/{check_id}/delete", {}),
+        (f"/jobs/patch-42/hosts/{mine}/override", {"decision": "release", "reason": "forged"}),
+    ):
+        answer = await viewer.request.post(f"{base}{path}", form=form | {"csrf": csrf}, max_redirects=0)
+        assert answer.status == 403, (path, answer.status)
+        assert "a viewer may not" in await answer.text()
+    assert await db.fetchval("SELECT count(*) FROM health_checks") == 1
+
+    # An operator may edit checks but not override a job; without (or with a wrong) CSRF token, nothing.
+    operator = await new_page(browser)
+    await sign_in(operator, base, await make_token("operator", ("team-a",)))
+    await operator.goto(f"{base}/hosts/{mine}")
+    await expect(operator.get_by_role("button", name="Test now")).to_have_count(1)
+    csrf = await operator.locator("input[name=csrf]").first.input_value()
+    answer = await operator.request.post(
+        f"{base}/jobs/patch-42/hosts/{mine}/override",
+        form={"csrf": csrf, "decision": "release", "reason": "forged"},
+        max_redirects=0,
+    )
+    assert answer.status == 403 and "an operator may not override a job" in await answer.text()
+    await operator.goto(f"{base}/jobs")
+    await expect(operator.locator("form.override")).to_have_count(0)
+    for form in (new_check, new_check | {"csrf": "not-the-token"}, new_check | {"csrf": ""}):
+        answer = await operator.request.post(f"{base}/hosts/{mine}/checks", form=form, max_redirects=0)
+        assert answer.status == 403 and "stale or forged" in await answer.text()
+    # "Test now" asks for JSON: its refusal comes as JSON too, for the page to show in place.
+    answer = await operator.request.post(
+        f"{base}/hosts/{mine}/checks/{check_id}/test", form={}, headers={"Accept": "application/json"}
+    )
+    assert answer.status == 403 and (await answer.json())["detail"] == "the form was stale or forged; reload the page"
+    # The same body with the token is accepted, which shows the refusals above were for the token alone.
+    answer = await operator.request.post(
+        f"{base}/hosts/{mine}/checks", form=new_check | {"csrf": csrf}, max_redirects=0
+    )
+    assert answer.status == 303
+    assert await db.fetchval("SELECT status FROM gate_jobs WHERE job_id = 'patch-42'") == "waiting_health_check"
+
+    # A host outside the operator's groups does not exist for it, as in the API.
+    response = await operator.goto(f"{base}/hosts/{theirs}")
+    assert response is not None and response.status == 404
+    await expect(operator.get_by_role("alert")).to_have_text("host not found")
+    answer = await operator.request.post(f"{base}/hosts/{theirs}/checks", form=new_check | {"csrf": csrf})
+    assert answer.status == 404
+    assert script_problems(viewer) == [] and script_problems(operator) == []
+
+
+# ---- 5. validation messages as the API gives them ---------------------------------------------------------------
+
+
+async def page_errors(page: Page) -> dict[str, str]:
+    errors = {}
+    for paragraph in await add_form(page).locator("p.error[id]").all():
+        field = (await paragraph.get_attribute("id") or "").removeprefix("new-").removesuffix("-error")
+        errors[field] = await paragraph.inner_text()
+    return errors
+
+
+async def test_form_shows_the_apis_validation_messages(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    host_id = await create_host(admin, "a-web-1", "team-a")
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("operator", ("team-a",)))
+    await page.goto(f"{api.base_url}/hosts/{host_id}")
+    common = {"enabled": True, "critical": True, "failures_before_unhealthy": 1, "successes_before_healthy": 1}
+
+    # A URL the browser accepts (type=url) but the API refuses, and a bad expected status.
+    form = add_form(page)
+    await form.get_by_label("Name", exact=True).fill("docs")
+    await form.get_by_label("URL", exact=True).fill("ftp://files.example.net/health")
+    await form.get_by_label("Expected status").fill("2xx,abc")
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await form.get_by_role("button", name="Add check").click()
+    assert (await answer.value).status == 422
+    api_answer = await admin.post(
+        f"/api/v1/hosts/{host_id}/health-checks",
+        json=common | {"name": "docs", "check_type": "http", "url": "ftp://files.example.net/health",
+                       "method": "GET", "expected_status": "2xx,abc", "ignore_cert_errors": True,
+                       "follow_redirects": False},
+    )  # fmt: skip
+    assert api_answer.status_code == 422
+    api_errors = {error["field"]: error["message"] for error in api_answer.json()["errors"]}
+    assert set(api_errors) == {"url", "expected_status"}
+    assert await page_errors(page) == api_errors
+    # The form keeps what was typed, marks the fields, and announces the problem.
+    form = add_form(page)
+    await expect(form.get_by_label("URL", exact=True)).to_have_value("ftp://files.example.net/health")
+    await expect(form.get_by_label("URL", exact=True)).to_have_attribute("aria-invalid", "true")
+    await expect(form.get_by_role("alert")).to_have_text("Please correct the fields marked below.")
+
+    # A port out of range: the browser would stop it first (min/max), so submit as a browser without
+    # constraint validation would, to show the server's own message.
+    await form.get_by_label("Name", exact=True).fill("ssh")
+    await form.get_by_label("Type").select_option("tcp")
+    await form.get_by_label("Port").fill("70000")
+    await form.evaluate("form => { form.noValidate = true; }")
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await form.get_by_role("button", name="Add check").click()
+    assert (await answer.value).status == 422
+    api_answer = await admin.post(
+        f"/api/v1/hosts/{host_id}/health-checks", json=common | {"name": "ssh", "check_type": "tcp", "port": 70000}
+    )
+    api_errors = {error["field"]: error["message"] for error in api_answer.json()["errors"]}
+    assert set(api_errors) == {"port"}
+    assert await page_errors(page) == api_errors
+    await expect(add_form(page).get_by_label("Port")).to_be_visible()  # the tcp fields stay shown
+    assert (await admin.get(f"/api/v1/hosts/{host_id}/health-checks")).json()["items"] == []
+    assert script_problems(page) == []
+
+
+# ---- 6. admin override --------------------------------------------------------------------------------------------
+
+
+async def test_admin_overrides_a_waiting_job(
+    api: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+    nginx: NginxServer,
+) -> None:
+    host_id = await create_host(admin, "a-db-1", "team-a")
+    await create_check(admin, host_id, name="replication", check_type="http", url=nginx.http_url("/status/503"))
+    await insert_job(db, "patch-2024-06-01", host_id, window=dt.timedelta(minutes=30))
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("admin", name="alice"))
+    await page.get_by_role("link", name="Jobs").click()
+
+    waiting = page.get_by_role("table", name="Waiting")
+    row = waiting.locator('tr[data-job="patch-2024-06-01"]')
+    await expect(row).to_contain_text("a-db-1")
+    await expect(row).to_contain_text(re.compile(r"(29|30) min \d+ s left"))
+    await expect(row).to_contain_text("replication")
+    await row.get_by_label("Decision").select_option("release")
+    await row.get_by_label("Reason").fill("replica checked by hand")
+    await row.get_by_role("button", name="Override").click()
+    await page.wait_for_url(f"{api.base_url}/jobs")
+
+    await expect(waiting.locator("tr[data-job]")).to_have_count(0)
+    decided = page.get_by_role("table", name="Decided").locator('tr[data-job="patch-2024-06-01"]')
+    await expect(decided.locator("[data-status]")).to_have_attribute("data-status", "released")
+    await expect(decided).to_contain_text("released by alice: replica checked by hand")
+    stored = await db.fetchrow("SELECT status, overridden_by, override_reason FROM gate_jobs")
+    assert dict(stored) == {
+        "status": "released",
+        "overridden_by": "alice",
+        "override_reason": "replica checked by hand",
+    }
+    assert script_problems(page) == []
+
+
+# ---- 7. screenshots -----------------------------------------------------------------------------------------------
+
+
+async def insert_history(
+    db: asyncpg.Connection, host_id: str, check_id: str, failures: set[int], base_ms: float
+) -> None:
+    """36 results a minute apart before the real ones, some failing, with a plausible latency wobble."""
+    now = dt.datetime.now(dt.UTC)
+    rows = []
+    for index in range(36):
+        healthy = index not in failures
+        latency = base_ms + (index * 7 % 11) * 1.7 + (index % 5) * 2.3 if healthy else base_ms * 3.2
+        rows.append(
+            (
+                uuid.uuid4(),
+                uuid.UUID(check_id),
+                uuid.UUID(host_id),
+                now - dt.timedelta(minutes=37 - index),
+                healthy,
+                "ok" if healthy else "status",
+                "healthy" if healthy or index - 1 not in failures else "unhealthy",
+                "status 200" if healthy else "status 503, expected 2xx",
+                latency,
+            )
+        )
+    await db.copy_records_to_table(
+        "check_results",
+        records=rows,
+        columns=["id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms"],
+    )
+
+
+async def wait_for_statuses(
+    db: asyncpg.Connection, expected: dict[str, str], pending: int, timeout: float = 15
+) -> None:
+    """Until the hosts have these statuses and all but `pending` checks have a result."""
+    seen: tuple[dict[str, str], list[str]] = ({}, [])
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                rows = await db.fetch("SELECT name, health_check_status FROM hosts")
+                waiting = await db.fetch(
+                    "SELECT c.name FROM check_state s JOIN health_checks c ON c.id = s.check_id"
+                    " WHERE s.last_checked_at IS NULL"
+                )
+                seen = ({row["name"]: row["health_check_status"] for row in rows}, [row["name"] for row in waiting])
+                if seen[0] == expected and len(seen[1]) == pending:
+                    return
+                await asyncio.sleep(0.3)
+    except TimeoutError:
+        pytest.fail(f"after {timeout} s: host statuses {seen[0]}, checks without a result {seen[1]}")
+
+
+async def test_screenshots_of_each_page(
+    api: ServiceProcess,
+    poller: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+    nginx: NginxServer,
+    fake_agent: FakeAgent,
+    tmp_path: Path,
+) -> None:
+    fake_agent.set("postgresql.service", "healthy")
+    fake_agent.set("redis-server.service", "hang")  # no answer until the timeout: the check stays unknown
+    fake_agent.set("pgbouncer.service", "inactive")
+    agent = fake_agent.base_url
+    ok, port = nginx.http_url("/ok"), nginx.http_port
+    with refused_port() as closed:
+        web1 = await create_host(admin, "web-01.example.net", "web")
+        homepage = await create_check(admin, web1, name="homepage", check_type="http", url=ok, expected_body="all good")
+        https = await create_check(admin, web1, name="tls endpoint", check_type="http", url=nginx.https_url("/ok"))
+        ssh = await create_check(
+            admin, web1, name="ssh", check_type="tcp", port=port, address="127.0.0.1", critical=False
+        )
+        web2 = await create_host(admin, "web-02.example.net", "web")
+        await create_check(admin, web2, name="homepage", check_type="http", url=ok)
+        await create_check(
+            admin, web2, name="metrics", check_type="http", url=nginx.http_url("/status/503"), critical=False
+        )
+        lb = await create_host(admin, "lb-01.example.net", "web")
+        await create_check(admin, lb, name="haproxy", check_type="tcp", port=port, address="127.0.0.1")
+        db1 = await create_host(admin, "db-01.example.net", "payments", agent_url=agent)
+        await create_check(admin, db1, name="postgres", check_type="service", service_name="postgresql.service")
+        await create_check(admin, db1, name="pgbouncer", check_type="service", service_name="pgbouncer.service")
+        await create_check(admin, db1, name="replica port", check_type="tcp", port=closed, address="127.0.0.1")
+        db2 = await create_host(admin, "db-02.example.net", "payments", agent_url=agent)
+        await create_check(admin, db2, name="postgres", check_type="service", service_name="postgresql.service")
+        cache = await create_host(admin, "cache-01.example.net", "payments", agent_url=agent)
+        await create_host(admin, "batch-01.example.net", "batch")
+        await wait_for_statuses(
+            db,
+            {
+                "web-01.example.net": "healthy",
+                "web-02.example.net": "degraded",
+                "lb-01.example.net": "healthy",
+                "db-01.example.net": "unhealthy",
+                "db-02.example.net": "healthy",
+                "cache-01.example.net": "no_checks",
+                "batch-01.example.net": "no_checks",
+            },
+            pending=0,
+        )
+    # Added last: a poller stores a tick's results together, so a hanging check would hold back the others'.
+    await create_check(
+        admin, cache, name="redis", check_type="service", service_name="redis-server.service", timeout_seconds=20
+    )
+    await insert_history(db, web1, homepage, failures={14, 15, 16}, base_ms=11)
+    await insert_history(db, web1, https, failures=set(), base_ms=19)
+    await insert_history(db, web1, ssh, failures={30}, base_ms=1.2)
+    await insert_job(db, "kernel-patch-0611", db1, window=dt.timedelta(minutes=42, seconds=10))
+    await insert_job(
+        db, "kernel-patch-0611", web1, status="released", decided_ago=dt.timedelta(minutes=3),
+        detail="all gating checks healthy",
+    )  # fmt: skip
+    await insert_job(
+        db, "nginx-upgrade-0610", web2, status="released", decided_ago=dt.timedelta(hours=20),
+        detail="released by alice: metrics endpoint is not customer-facing",
+    )  # fmt: skip
+    await insert_job(
+        db, "kernel-patch-0609", db2, status="failed", reason="window_closed", decided_ago=dt.timedelta(days=2),
+        detail="the maintenance window closed while checks were not healthy: "
+        "postgres: inactive (dead)",
+    )  # fmt: skip
+
+    SCREENSHOTS = DOCS_SCREENSHOTS if UPDATE_SCREENSHOTS else tmp_path / "screenshots"
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    page = await new_page(browser)
+    await page.goto(f"{api.base_url}/login")
+    await page.screenshot(path=SCREENSHOTS / "login.png")
+    await sign_in(page, api.base_url, await make_token("admin", name="alice"))
+    await expect(host_badge(page, "cache-01.example.net")).to_have_text("unknown")
+    await page.screenshot(path=SCREENSHOTS / "hosts.png")
+    await page.goto(f"{api.base_url}/hosts/{web1}")
+    await expect(page.locator("svg.history")).to_have_count(3)
+    await expect(page.locator("svg.sparkline")).to_have_count(3)
+    await check_item(page, "homepage").get_by_role("button", name="Test now").click()
+    await expect(check_item(page, "homepage").locator(".test-result")).to_contain_text("Healthy")
+    await page.screenshot(path=SCREENSHOTS / "host.png", full_page=True)
+    await page.goto(f"{api.base_url}/jobs")
+    await expect(page.get_by_role("table", name="Waiting").locator("tr[data-job]")).to_have_count(1)
+    await expect(page.get_by_role("table", name="Decided").locator("tr[data-job]")).to_have_count(3)
+    await page.screenshot(path=SCREENSHOTS / "jobs.png")
+    assert script_problems(page) == []
+
+    phone = await new_page(browser, PHONE, is_mobile=True, has_touch=True)
+    await sign_in(phone, api.base_url, await make_token("operator", ("web", "payments"), name="bob"))
+    # Nothing sticks out sideways at phone width.
+    assert await phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth")
+    await phone.screenshot(path=SCREENSHOTS / "hosts-phone.png")
+    # The other pages at phone width go to the test's temporary directory, to look at when one breaks.
+    for path, name in ((f"/hosts/{web1}", "host"), ("/jobs", "jobs")):
+        await phone.goto(api.base_url + path)
+        await phone.screenshot(path=tmp_path / f"{name}-phone.png", full_page=True)
+        assert await phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
+    assert script_problems(phone) == []
+    for name in ("login", "hosts", "host", "jobs", "hosts-phone"):
+        assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000, name
