@@ -12,13 +12,16 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import threading
 import uuid
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from shared.database import create_pool
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
 from shared.messaging import Broker, PublishFailed, Unroutable
+from shared.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -192,3 +195,58 @@ class OutboxRelay:
             self._metrics.unroutable.labels(routing_key).inc()
             log.info("event had no subscriber", extra={"routing_key": routing_key, "event_id": str(row["event_id"])})
         self._metrics.published.labels(routing_key).inc()
+
+
+class RelayThread:
+    """The outbox relay on a thread with its own event loop, pool and broker connection.
+
+    A poller's event loop runs hundreds of checks at once; a relay sharing it gets one publish per
+    loop turn and falls behind the results it should publish (measured: about 30 events/s against
+    1,500 results stored/s). On its own loop it keeps up.
+    """
+
+    def __init__(self, dsn: str, amqp_url: str, topology: Topology, name: str, metrics: OutboxMetrics) -> None:
+        self._dsn = dsn
+        self._amqp_url = amqp_url
+        self._topology = topology
+        self._name = name
+        self._metrics = metrics
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._thread = threading.Thread(target=self._run, name=f"{name}-outbox-relay", daemon=True)
+        self._started = threading.Event()
+
+    def start(self) -> None:
+        self._thread.start()
+        self._started.wait()
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        self._loop = loop
+        try:
+            loop.run_until_complete(self._relay())
+        except Exception:
+            log.exception("the outbox relay thread failed; events wait in the table for another relay")
+        finally:
+            self._started.set()
+            loop.close()
+
+    async def _relay(self) -> None:
+        # Created once, on this thread's loop, for the life of the thread.
+        pool = await create_pool(self._dsn, min_size=0, max_size=3)
+        broker = Broker(self._amqp_url, self._topology, connection_name=f"healthgate-{self._name}-relay")
+        self._task = asyncio.current_task()
+        self._started.set()
+        try:
+            await broker.run()
+            await OutboxRelay(pool, broker, self._metrics).run()
+        except asyncio.CancelledError:
+            pass
+        finally:
+            await broker.close()
+            await pool.close()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        if self._loop is not None and self._task is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+        self._thread.join(timeout)

@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry
 from shared.database import create_pool
 from shared.health import ServiceHealth, serve_health
 from shared.messaging import Broker
-from shared.outbox import OutboxMetrics, OutboxRelay
+from shared.outbox import OutboxMetrics, OutboxRelay, RelayThread
 from shared.settings import Settings
 from shared.supervision import TaskGroupOfService
 from shared.topology import Topology
@@ -28,11 +28,21 @@ log = logging.getLogger(__name__)
 
 
 class WorkerRuntime:
-    def __init__(self, name: str, settings: Settings, *, pool_size: int = 10, with_broker: bool = True) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: Settings,
+        *,
+        pool_size: int = 10,
+        with_broker: bool = True,
+        relay_on_own_thread: bool = False,
+    ) -> None:
         self.name = name
         self.settings = settings
         self.pool_size = pool_size
         self.with_broker = with_broker
+        self.relay_on_own_thread = relay_on_own_thread
+        self._relay_thread: RelayThread | None = None
         self.registry = CollectorRegistry()
         self._stopping = asyncio.Event()
         self.tasks = TaskGroupOfService(on_failure=self._stopping.set)
@@ -51,7 +61,13 @@ class WorkerRuntime:
             loop.add_signal_handler(signal_number, self._stopping.set)
         port = settings.health_port_for(self.name)
         self.tasks.start(serve_health(self.health, self.registry, settings.api_host, port), "health")
-        if self.with_broker:
+        if self.with_broker and self.relay_on_own_thread:
+            self._relay_thread = RelayThread(
+                settings.database_url, settings.amqp_url, Topology(settings.exchange), self.name,
+                OutboxMetrics(self.registry),
+            )  # fmt: skip
+            self._relay_thread.start()
+        elif self.with_broker:
             relay = OutboxRelay(self.pool, self.broker, OutboxMetrics(self.registry))
             self.tasks.start(relay.run(), "outbox-relay")
         return self
@@ -73,6 +89,10 @@ class WorkerRuntime:
     ) -> None:
         self.health.shutting_down = True
         await self.tasks.cancel_all()
+        if self._relay_thread is not None:
+            # Give the relay a moment to publish what the last ticks committed; any rest waits in the
+            # table for the next relay of any service.
+            await asyncio.to_thread(self._relay_thread.stop)
         if self.with_broker:
             await self.broker.close()
         await self.pool.close()

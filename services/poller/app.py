@@ -48,7 +48,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
         agent_ssl = agent_ssl_context(ca_file, cert_file, key_file)
     except (OSError, ValueError) as exc:
         raise ServiceConfigError(f"cannot load the agent TLS files: {exc}") from None
-    async with WorkerRuntime("poller", settings) as runtime:
+    async with WorkerRuntime("poller", settings, relay_on_own_thread=True) as runtime:
         connector = aiohttp.TCPConnector(resolver=GuardedResolver(settings.blocked_networks), limit=0, ttl_dns_cache=10)
         session = aiohttp.ClientSession(
             connector=connector, headers={"User-Agent": "healthgate-poller"}, cookie_jar=aiohttp.DummyCookieJar()
