@@ -10,9 +10,14 @@ tests/support/nginx.py, for about 5 s per measurement, each client in two modes:
   told not to reuse either (aiohttp `TCPConnector(force_close=True)`, httpx `Limits(max_keepalive_connections=0)`);
   also httpx with a fresh `AsyncClient` per check (sharing one SSLContext, else each client would build one).
 
-Each on uvloop and on asyncio's default loop. Prints checks/s, the client's own CPU per check (this
-process's CPU time / checks), nginx's CPU, and the ratios aiohttp/httpx and uvloop/default. Figures only:
-it never fails on a goal.
+Each on uvloop and on asyncio's default loop, in two interleaved rounds of half the time (the loop order flipped
+in the second), so that changing background load hits both sides of every ratio alike. Prints checks/s, the
+client's own CPU per check (this process's CPU time / checks), nginx's CPU, and the ratios aiohttp/httpx and
+uvloop/default. Figures only: it never fails on a goal.
+
+httpx's keep-alive figure is low because httpcore 1.0's connection pool scans every pooled connection (is it
+idle, has it expired: a getpeername() each) for every request, so its cost per request grows with the number of
+pooled connections (~1,200 checks/s at concurrency 1, ~200 at 50 on the 2-core dev machine).
 
     .venv/bin/python bench/http_clients.py [--quick] [--seconds S] [--concurrency N]
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import signal
 import ssl
 import sys
@@ -48,6 +54,7 @@ from _support import (
 CONCURRENCY = 50
 SECONDS = 5.0
 QUICK_SECONDS = 1.5
+ROUNDS = 2
 WARMUP_SECONDS = 0.3
 NEEDLE = EXPECTED_BODY.encode()
 
@@ -69,6 +76,7 @@ class Result:
     first_error: str
     client_cpu: float  # this process's CPU seconds during the measurement
     nginx_cpu: float  # nginx's CPU seconds (cores x seconds)
+    other_cpu: float = 0.0  # CPU seconds of every other process on the machine (noise)
 
     @property
     def rate(self) -> float:
@@ -198,18 +206,25 @@ NGINX_PIDS: set[int] = set()  # our nginx's master and worker (other nginx proce
 
 
 def measure(contender: Contender, url: str, loop_name: str, concurrency: int, seconds: float) -> Result:
-    nginx_meter = CpuMeter(lambda pid, command: "nginx" if pid in NGINX_PIDS else None)
+    nginx_meter = CpuMeter(
+        lambda pid, command: "nginx" if pid in NGINX_PIDS else None if pid == os.getpid() else "other"
+    )
     factory = uvloop.new_event_loop if loop_name == "uvloop" else None
     with asyncio.Runner(loop_factory=factory) as runner:
         nginx_meter.start()
         cpu_before = time.process_time()
         checks, errors, first_error, wall = runner.run(drive(contender, url, concurrency, seconds))
         client_cpu = time.process_time() - cpu_before
-        nginx_cpu = nginx_meter.stop().groups.get("nginx", 0.0)
+        use = nginx_meter.stop()
+        nginx_cpu = use.groups.get("nginx", 0.0)
+        other_cpu = use.groups.get("other", 0.0)
     # The warm-up's CPU is in client_cpu: scale it to the measured stretch.
     client_cpu *= wall / (wall + WARMUP_SECONDS)
     nginx_cpu *= wall / (wall + WARMUP_SECONDS)
-    return Result(contender.name, contender.mode, loop_name, checks, wall, errors, first_error, client_cpu, nginx_cpu)
+    other_cpu *= wall / (wall + WARMUP_SECONDS)
+    return Result(
+        contender.name, contender.mode, loop_name, checks, wall, errors, first_error, client_cpu, nginx_cpu, other_cpu
+    )
 
 
 def contenders(concurrency: int) -> list[tuple[Contender, str]]:
@@ -225,29 +240,36 @@ def contenders(concurrency: int) -> list[tuple[Contender, str]]:
 def print_report(results: list[Result], concurrency: int) -> None:
     print(
         f"\n  {'client':<36} {'mode':<11} {'loop':<8} {'checks/s':>9} {'client CPU':>11} {'nginx CPU':>10}"
-        f" {'errors':>7}"
+        f" {'others':>7} {'errors':>7}"
     )
     for result in results:
         print(
             f"  {result.client:<36} {result.mode:<11} {result.loop:<8} {result.rate:>9,.0f}"
             f" {result.cpu_us_per_check:>8.0f} µs {result.nginx_cpu / result.seconds * 100:>8.0f} %"
-            f" {result.errors:>7}"
+            f" {result.other_cpu / result.seconds * 100:>5.0f} % {result.errors:>7}"
         )
         if result.errors:
             print(f"      first error: {result.first_error}")
-    print("  (client CPU: this process's CPU time per check; nginx CPU: % of one core during the measurement)")
+    print(
+        "  (client CPU: this process's CPU time per check; nginx CPU: % of one core during the measurement;"
+        " others: CPU of every other process on the machine, % of one core: above ~25% the figure is noisy)"
+    )
 
     def find(client: str, mode: str, loop: str) -> Result | None:
         return next((r for r in results if r.client == client and r.mode == mode and r.loop == loop), None)
 
-    print(f"\nRatios ({concurrency} concurrent checks, same run):")
+    print(
+        f"\nRatios ({concurrency} concurrent checks, same run; the CPU-per-check ratios hold up better than"
+        " checks/s when other work shares the machine):"
+    )
     for loop in ("uvloop", "asyncio"):
         for mode in ("keep-alive", "new-conn"):
             fast, slow = find("aiohttp 3", mode, loop), find("httpx 0.28", mode, loop)
             if fast and slow and slow.rate:
                 print(
                     f"  aiohttp/httpx   {mode:<11} {loop:<8} {fast.rate / slow.rate:>6.2f}x"
-                    f"   ({fast.rate:,.0f} vs {slow.rate:,.0f} checks/s)"
+                    f"   ({fast.rate:,.0f} vs {slow.rate:,.0f} checks/s; CPU per check httpx/aiohttp"
+                    f" {slow.cpu_us_per_check / max(1.0, fast.cpu_us_per_check):.1f}x)"
                 )
         fast, fresh = find("aiohttp 3", "new-conn", loop), find("httpx 0.28, AsyncClient per check", "new-conn", loop)
         if fast and fresh and fresh.rate:
@@ -256,7 +278,10 @@ def print_report(results: list[Result], concurrency: int) -> None:
         for mode in ("keep-alive", "new-conn"):
             fast, slow = find(client, mode, "uvloop"), find(client, mode, "asyncio")
             if fast and slow and slow.rate:
-                print(f"  uvloop/asyncio  {client:<36} {mode:<11} {fast.rate / slow.rate:>6.2f}x")
+                print(
+                    f"  uvloop/asyncio  {client:<36} {mode:<11} {fast.rate / slow.rate:>6.2f}x"
+                    f"   (CPU per check asyncio/uvloop {slow.cpu_us_per_check / max(1.0, fast.cpu_us_per_check):.2f}x)"
+                )
 
 
 def main() -> int:
@@ -288,15 +313,26 @@ def main() -> int:
             " (keepalive_timeout 0)"
         )
         print(f"before measuring: {other_work()}")
-        results = []
-        for loop_name in ("uvloop", "asyncio"):
+        # ROUNDS interleaved rounds of seconds/ROUNDS each, the loop order flipped every round, so that drifting
+        # background load hits every pair (aiohttp/httpx, uvloop/asyncio) alike; figures are summed over rounds.
+        totals: dict[tuple[str, str, str], Result] = {}
+        for round_number in range(ROUNDS):
+            loops = ("uvloop", "asyncio") if round_number % 2 == 0 else ("asyncio", "uvloop")
             for contender, path in contenders(concurrency):
-                result = measure(contender, nginx.http_url(path), loop_name, concurrency, seconds)
-                print(
-                    f"  measured {result.client} {result.mode} on {loop_name}: {result.rate:,.0f} checks/s",
-                    flush=True,
-                )
-                results.append(result)
+                for loop_name in loops:
+                    result = measure(contender, nginx.http_url(path), loop_name, concurrency, seconds / ROUNDS)
+                    key = (result.client, result.mode, loop_name)
+                    empty = Result(result.client, result.mode, loop_name, 0, 0.0, 0, "", 0.0, 0.0)
+                    total = totals.setdefault(key, empty)
+                    total.checks += result.checks
+                    total.seconds += result.seconds
+                    total.errors += result.errors
+                    total.first_error = total.first_error or result.first_error
+                    total.client_cpu += result.client_cpu
+                    total.nginx_cpu += result.nginx_cpu
+                    total.other_cpu += result.other_cpu
+            print(f"  round {round_number + 1}/{ROUNDS} done", flush=True)
+        results = list(totals.values())
         print_report(results, concurrency)
         print(f"\nafter measuring: {other_work()}")
         return 0

@@ -84,6 +84,7 @@ BARE_CONCURRENCIES = (50, 256)
 BLACKBOX_GOAL = 1.0
 BARE_GOAL = 0.5
 RESULT_QUEUE_SUFFIX = "bench-results"
+NOISY_SHARE = 0.25  # CPU of processes not part of the benchmark, in cores, above which a figure is flagged
 THIS_SCRIPT = str(Path(__file__).resolve())
 
 
@@ -95,7 +96,7 @@ class Plan:
     wrk_seconds: int
 
 
-FULL = Plan(warmup=2.5, seconds=6.0, bare_seconds=4.0, wrk_seconds=5)
+FULL = Plan(warmup=2.0, seconds=5.0, bare_seconds=3.0, wrk_seconds=4)
 QUICK = Plan(warmup=1.5, seconds=3.0, bare_seconds=2.0, wrk_seconds=2)
 
 
@@ -498,6 +499,7 @@ class Measurement:
     rate: float
     cpu: CpuUse | None = None
     notes: list[str] = field(default_factory=list)
+    stored: float | None = None  # pollers: results written to the database per second
 
 
 # Processes this run started, by pid; set by `measure_all`. Other pollers on the machine (a test suite
@@ -506,6 +508,15 @@ OWN_PIDS: dict[int, str] = {}
 BENCH_DATABASE: list[str] = []
 OWN_NGINX: set[int] = set()
 BACKEND = re.compile(r"\(\d+\) |\[local\]")
+
+
+NOT_PART = ("other", "bench driver", "wrk")  # CPU groups that are not part of a contender's cost
+
+
+def cpu_per_check(cpu: CpuUse, checks: float) -> float:
+    """µs of CPU per check in every part of a contender (its processes, nginx, PostgreSQL, RabbitMQ)."""
+    used = sum(seconds for group, seconds in cpu.groups.items() if group not in NOT_PART)
+    return used / checks * 1e6 if checks else float("nan")
 
 
 def classify(pid: int, command: str) -> str | None:
@@ -591,7 +602,12 @@ async def measure_pollers(
         for key, value in new.items():
             if key != "results stored":
                 reasons[key] += int(value - old.get(key, 0.0))
-    measurement = Measurement(label, mode, (count_after - count_before) / wall, cpu)
+    measurement = Measurement(label, mode, (count_after - count_before) / wall, cpu, stored=stored / wall)
+    measurement.notes.append(
+        f"CPU per check, all parts (pollers, relays, PostgreSQL, RabbitMQ, nginx):"
+        f" {cpu_per_check(cpu, count_after - count_before):,.0f} µs per published result,"
+        f" {cpu_per_check(cpu, stored):,.0f} µs per stored result"
+    )
     measurement.notes.append(
         f"results stored {stored / wall:,.0f}/s (pollers' healthgate_results_stored), check.result published"
         f" {measurement.rate:,.0f}/s; outbox backlog {unsent_before:,} -> {unsent_after:,} unsent"
@@ -625,7 +641,8 @@ async def run_bare(kind: str, url: str, concurrency: int, seconds: float, mode: 
     name = "bare aiohttp loop" if kind == "aiohttp" else "bare Prober.run loop"
     measurement = Measurement(f"{name}, c={concurrency}", mode, outcome["checks"] / outcome["seconds"], cpu)
     measurement.notes.append(
-        f"{outcome['cpu'] / max(1, outcome['checks']) * 1e6:.0f} µs of CPU per check in the loop process"
+        f"CPU per check: {outcome['cpu'] / max(1, outcome['checks']) * 1e6:.0f} µs in the loop process,"
+        f" {cpu_per_check(cpu, measurement.rate * cpu.wall):.0f} µs with nginx's"
     )
     if outcome["errors"]:
         measurement.notes.append(f"{outcome['errors']} failed checks, first: {outcome['first_error']}")
@@ -734,6 +751,10 @@ class Blackbox:
             raise RuntimeError(f"wrk failed:\n{output}")
         ok, failed, wall = int(found.group(1)), int(found.group(2)), float(found.group(3))
         measurement = Measurement("blackbox_exporter (wrk -c 50 -t 2)", mode, ok / wall, cpu)
+        measurement.notes.append(
+            f"CPU per probe: {cpu.groups.get('blackbox_exporter', 0.0) / max(1, ok) * 1e6:.0f} µs in"
+            f" blackbox_exporter, {cpu_per_check(cpu, ok):.0f} µs with nginx's (wrk's not counted)"
+        )
         if failed:
             measurement.notes.append(f"{failed} probes failed or answered non-200 (not counted)")
         return measurement
@@ -853,7 +874,9 @@ def print_results(measurements: list[Measurement]) -> None:
         for m in (m for m in measurements if m.mode == mode):
             print(f"  {m.label:<40} {m.rate:>9,.0f}")
             if m.cpu is not None:
-                print(f"      {m.cpu.line(CPU_ORDER)}")
+                noisy = m.cpu.share("other")
+                flag = f" <- NOISY: other processes took {noisy * 100:.0f}% of a core" if noisy > NOISY_SHARE else ""
+                print(f"      {m.cpu.line(CPU_ORDER)}{flag}")
             for note in m.notes:
                 print(f"      {note}")
 
@@ -896,6 +919,13 @@ def print_ratios(measurements: list[Measurement]) -> None:
                 print(f"    poller, 1 process / {m.label}: {one[0].rate / m.rate:.2f}x")
         for m in pick(mode, "bare Prober"):
             print(f"    {m.label} / {best_bare.label}: {m.rate / best_bare.rate:.2f}x")
+        for m in pollers:
+            if m.stored is not None:
+                print(
+                    f"    (results stored, before the outbox: {m.label} {m.stored:,.0f}/s ="
+                    f" {m.stored / blackbox[0].rate:.2f}x blackbox_exporter, {m.stored / best_bare.rate:.2f}x"
+                    f" {best_bare.label})"
+                )
         for m in experiments:
             print(
                 f"    experiment: {m.label} / blackbox_exporter: {m.rate / blackbox[0].rate:.2f}x,"
@@ -1070,7 +1100,12 @@ def main() -> int:
         except KeyboardInterrupt:
             print("\ninterrupted; cleaning up", file=sys.stderr)
             exit_code = 130
-        except Exception:
+        except Exception as exc:
+            print(
+                f"\nbenchmark failed: {exc!r}\n(if RabbitMQ or PostgreSQL restarted meanwhile, e.g. for a test suite"
+                " running on the same machine, run the benchmark again)",
+                file=sys.stderr,
+            )
             for poller in state["pollers"]:  # type: ignore[attr-defined]
                 print(f"poller log {poller.log_path.name} (last 3,000 characters):\n{poller.log_text()[-3000:]}")
             raise
