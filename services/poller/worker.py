@@ -31,6 +31,7 @@ EVENT_SOURCE = "/healthgate/poller"
 TICK_PREFETCH = 16
 TEST_PREFETCH = 8
 FAILED_TICK_BACKOFF_SECONDS = 1.0
+FLUSH_AFTER_SECONDS = 0.2
 MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
 DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
@@ -142,10 +143,22 @@ class Worker:
             checks = await load_checks(connection, [run.check_id for run in runs])
         wanted = [(run, checks[run.check_id]) for run in runs if run.check_id in checks]
         wanted = [(run, check) for run, check in wanted if check.enabled or include_disabled]
-        finished = await asyncio.gather(*(self._run_one(check, run.slot) for run, check in wanted))
-        async with self._pool.acquire() as connection, connection.transaction():
-            stored = await store_results(connection, finished, source=EVENT_SOURCE)
-        self._metrics.results.inc(len(stored))
+        # Results are written as they come, in small batches: a check that hangs until its timeout does
+        # not hold back the results of the quick checks of its tick.
+        pending = {asyncio.create_task(self._run_one(check, run.slot)) for run, check in wanted}
+        stored: list[CheckResult] = []
+        try:
+            while pending:
+                done, pending = await asyncio.wait(pending, timeout=FLUSH_AFTER_SECONDS)
+                if not done:
+                    continue
+                async with self._pool.acquire() as connection, connection.transaction():
+                    batch = await store_results(connection, [task.result() for task in done], source=EVENT_SOURCE)
+                self._metrics.results.inc(len(batch))
+                stored += batch
+        finally:
+            for task in pending:
+                task.cancel()
         return stored
 
     async def _run_one(self, check: CheckRow, slot: dt.datetime | None) -> FinishedRun:
