@@ -6,10 +6,17 @@ its consumer first ran still waits in the consumer's queue. No other module spel
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 # A message redelivered this many times (consumer crashes, nacks) is dead-lettered, never looped.
 DEFAULT_DELIVERY_LIMIT = 5
@@ -116,3 +123,19 @@ async def declare_queue(
     for routing_key in spec.bindings:
         await queue.bind(exchange, routing_key)
     return queue
+
+
+async def consume(
+    connection: AbstractRobustConnection,
+    topology: Topology,
+    spec: QueueSpec,
+    handler: Callable[[AbstractIncomingMessage], Awaitable[None]],
+    *,
+    prefetch: int,
+) -> tuple[AbstractQueue, str]:
+    """Consume a queue of the topology on a channel of its own with this prefetch; returns the queue
+    and consumer tag (for cancelling). The robust connection restores the consumer after reconnects."""
+    channel = await connection.channel()
+    await channel.set_qos(prefetch_count=prefetch)
+    queue = await declare_queue(channel, topology, spec, await declare_exchange(channel, topology))
+    return queue, await queue.consume(handler)

@@ -225,10 +225,21 @@ async def test_streak_thresholds_and_status_events(
 ) -> None:
     fake_agent.set("app.service", "healthy")
     host_id = await new_host(admin, agent_url=fake_agent.base_url)
-    check = await create_check(
-        admin, host_id, check_type="service", service_name="app.service",
-        failures_before_unhealthy=3, successes_before_healthy=2,
-    )  # fmt: skip
+    # Only the test's own runs may count: the check is taken off the schedule before its first run
+    # (due within 5 s of its creation), which would otherwise land somewhere in the sequence below.
+    for _ in range(5):
+        check = await create_check(
+            admin, host_id, check_type="service", service_name="app.service",
+            failures_before_unhealthy=3, successes_before_healthy=2,
+        )  # fmt: skip
+        unscheduled = await db.execute(
+            "UPDATE check_schedule SET next_run_at = NULL WHERE check_id = $1"
+            " AND NOT EXISTS (SELECT 1 FROM check_results WHERE check_id = $1)",
+            uuid.UUID(check["id"]),
+        )
+        if unscheduled == "UPDATE 1":
+            break
+        await admin.delete(f"/api/v1/hosts/{host_id}/health-checks/{check['id']}")  # it ran first: again
 
     async def run(behaviour: str) -> str:
         fake_agent.set("app.service", behaviour)

@@ -24,7 +24,7 @@ from services.gate import jobs
 from services.gate.rules import Verdict
 from shared.events import CheckResult, JobCancel, JobStart, MalformedEvent, ScheduledRun, Tick, decode_event
 from shared.messaging import Broker, PublishFailed, Unroutable
-from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE, POLLER_TICK_QUEUE, declare_exchange, declare_queue
+from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE, POLLER_TICK_QUEUE, consume
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +83,8 @@ class Gate:
 
     async def start_consuming(self, connection: AbstractRobustConnection) -> None:
         topology = self._broker.topology
-        for spec, prefetch, handler in (
-            (GATE_JOBS_QUEUE, JOBS_PREFETCH, self.on_job_message),
-            (GATE_RESULTS_QUEUE, RESULTS_PREFETCH, self.on_result_message),
-        ):
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=prefetch)
-            exchange = await declare_exchange(channel, topology)
-            queue = await declare_queue(channel, topology, spec, exchange)
-            await queue.consume(handler)
+        await consume(connection, topology, GATE_JOBS_QUEUE, self.on_job_message, prefetch=JOBS_PREFETCH)
+        await consume(connection, topology, GATE_RESULTS_QUEUE, self.on_result_message, prefetch=RESULTS_PREFETCH)
 
     # ---- job.start / job.cancel ------------------------------------------------------------------
 

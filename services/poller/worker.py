@@ -23,7 +23,7 @@ from services.poller.results import CheckRow, FinishedRun, load_checks, store_re
 from shared.crypto import DecryptionError, SecretBox
 from shared.events import CheckResult, CheckRunRequest, ScheduledRun, Tick
 from shared.messaging import Broker, PublishFailed, Unroutable
-from shared.topology import POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, declare_exchange, declare_queue
+from shared.topology import POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, consume
 
 log = logging.getLogger(__name__)
 
@@ -79,12 +79,7 @@ class Worker:
             (POLLER_TICK_QUEUE, TICK_PREFETCH, self._on_tick),
             (POLLER_TEST_QUEUE, TEST_PREFETCH, self._on_test_request),
         ):
-            channel = await connection.channel()
-            await channel.set_qos(prefetch_count=prefetch)
-            exchange = await declare_exchange(channel, topology)
-            queue = await declare_queue(channel, topology, spec, exchange)
-            tag = await queue.consume(self._tracked(handler))
-            self._queues.append((queue, tag))
+            self._queues.append(await consume(connection, topology, spec, self._tracked(handler), prefetch=prefetch))
 
     def _tracked(self, handler: MessageHandler) -> MessageHandler:
         """The handler, with its running task known to `stop` so that shutdown can wait for it."""

@@ -33,7 +33,7 @@ from services.api.checks import (
     run_check_now,
     update_check_on,
 )
-from services.api.context import context_of
+from services.api.context import ApiContext, context_of
 from services.api.dashboard import sessions
 from services.api.dashboard.charts import Point, history_strip, latency_sparkline
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
@@ -215,8 +215,7 @@ class Dashboard:
         host_id = _path_uuid(request, "host_id")
         context = context_of(request)
         form = await request.form()
-        async with context.pool.acquire() as connection:
-            await fetch_visible_host(connection, session.principal, host_id)
+        await _require_visible_host(context, session, host_id)
         try:
             body = parse_check_write(check_document(form, editing=False))
             await create_check_on(context, session.principal.name, host_id, body)
@@ -233,8 +232,7 @@ class Dashboard:
         host_id, check_id = _path_uuid(request, "host_id"), _path_uuid(request, "check_id")
         context = context_of(request)
         form = await request.form()
-        async with context.pool.acquire() as connection:
-            await fetch_visible_host(connection, session.principal, host_id)
+        await _require_visible_host(context, session, host_id)
         try:
             body = parse_check_write(check_document(form, editing=True))
             await update_check_on(context, session.principal.name, host_id, check_id, body)
@@ -251,8 +249,7 @@ class Dashboard:
         self._require(session, CHECK_EDITORS, "delete health checks")
         host_id, check_id = _path_uuid(request, "host_id"), _path_uuid(request, "check_id")
         context = context_of(request)
-        async with context.pool.acquire() as connection:
-            await fetch_visible_host(connection, session.principal, host_id)
+        await _require_visible_host(context, session, host_id)
         await delete_check_on(context, session.principal.name, host_id, check_id)
         return RedirectResponse(f"/hosts/{host_id}", status_code=303)
 
@@ -260,8 +257,7 @@ class Dashboard:
         self._require(session, CHECK_EDITORS, "test health checks")
         host_id, check_id = _path_uuid(request, "host_id"), _path_uuid(request, "check_id")
         context = context_of(request)
-        async with context.pool.acquire() as connection:
-            await fetch_visible_host(connection, session.principal, host_id)
+        await _require_visible_host(context, session, host_id)
         result = await run_check_now(context, session.principal.name, host_id, check_id)
         if _wants_json(request):
             return JSONResponse(result.model_dump(mode="json"))
@@ -382,6 +378,12 @@ async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, wai
         """,
         groups,
     )
+
+
+async def _require_visible_host(context: ApiContext, session: sessions.Session, host_id: uuid.UUID) -> None:
+    """404 unless the host is in the caller's groups: the same rule as the API's."""
+    async with context.pool.acquire() as connection:
+        await fetch_visible_host(connection, session.principal, host_id)
 
 
 def _errors(problem: Problem) -> dict[str, str]:
