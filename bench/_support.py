@@ -3,18 +3,24 @@
 - `BenchNginx`: the test suite's nginx (tests/support/nginx.py) plus `/ok-close`, which answers like `/ok` but
   with `keepalive_timeout 0`, so nginx closes every connection after its response: a new connection per check
   for every client, whatever the client's own pooling does.
-- Throwaway databases and bench exchanges: names, creation, removal (also after errors and Ctrl-C).
+- A run's throwaways (`BenchRun`): database and exchange names, the services started on them, their removal;
+  `guarded` runs a benchmark so that the removal happens also after errors, Ctrl-C and SIGTERM.
+- Seeding: COPY of rows into tables (`copy_tables`), the check_state columns.
+- Figures: percentiles, MET/NOT MET, load and "other work" on the machine.
 - CPU accounting from /proc: per process group (PostgreSQL, RabbitMQ, nginx, ...) over a measurement.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -27,6 +33,8 @@ import asyncpg  # noqa: E402
 
 from shared.topology import QUEUES, Topology  # noqa: E402
 from tests.support.nginx import OK_BODY, NginxServer  # noqa: E402
+from tests.support.processes import ServiceProcess, free_port  # noqa: E402
+from tests.support.processes import start_service as _start_service  # noqa: E402
 
 DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
@@ -71,30 +79,121 @@ class BenchNginx(NginxServer):
         )
 
 
-# ---- databases and exchanges ------------------------------------------------------------------------
+# ---- a run: its throwaways, interruptions, clean-up -------------------------------------------------
 
 
-def with_database(dsn: str, database: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+@dataclass
+class BenchRun:
+    """One run's throwaways: the database `healthgate_bench_<id>` on HEALTHGATE_BENCH_DATABASE_URL's server, the
+    exchange `hgbench-<id>` on HEALTHGATE_BENCH_AMQP_URL, and the services started on them (`remove` stops them)."""
+
+    server_url: str
+    amqp_url: str
+    run_id: str
+    services: list[tuple[str, ServiceProcess]] = field(default_factory=list)  # (label, process)
+
+    @classmethod
+    def new(cls) -> BenchRun:
+        server_url, amqp_url = server_urls()
+        return cls(server_url, amqp_url, uuid.uuid4().hex[:10])
+
+    @property
+    def database(self) -> str:
+        return f"healthgate_bench_{self.run_id}"
+
+    @property
+    def exchange(self) -> str:
+        return f"hgbench-{self.run_id}"
+
+    @property
+    def database_url(self) -> str:
+        return with_database(self.server_url, self.database)
+
+    def service_env(self, **settings: str) -> dict[str, str]:
+        """A healthgate service's environment: this run's database and exchange, JSON logs, then `settings`."""
+        return {
+            "HEALTHGATE_DATABASE_URL": self.database_url,
+            "HEALTHGATE_AMQP_URL": self.amqp_url,
+            "HEALTHGATE_EXCHANGE": self.exchange,
+            "HEALTHGATE_LOG_FORMAT": "json",
+            **settings,
+        }
+
+    def start_service(
+        self, name: str, port_setting: str, tmp: Path, *, label: str | None = None, **settings: str
+    ) -> ServiceProcess:
+        """`healthgate NAME` on a free port (the setting `port_setting` gives it), logging to TMP/NAME.log;
+        returns once its /health/ready answers. `label` (default NAME) names it in clean-up and log messages."""
+        port = free_port()
+        env = self.service_env(**{port_setting: str(port)}, **settings)
+        service = _start_service(name, env, tmp / f"{name}.log", port=port)
+        self.services.append((label or name, service))
+        return service
+
+    def start_api(self, tmp: Path) -> ServiceProcess:
+        return self.start_service(
+            "api",
+            "HEALTHGATE_API_PORT",
+            tmp,
+            label="API",
+            HEALTHGATE_API_HOST="127.0.0.1",
+            HEALTHGATE_KEY_FILE=str(tmp / "key"),
+        )
+
+    def print_service_logs(self) -> None:
+        for label, service in self.services:
+            print(f"{label} log (last 3,000 characters):\n" + service.log_text()[-3000:], file=sys.stderr)
+
+    def remove(self, extra_queues: Iterable[str] = (), retry_seconds: float = 0.0) -> None:
+        """Stop the services, drop the database, delete the exchange and its queues (and `extra_queues`);
+        `retry_seconds`: how long to keep trying while a server is unreachable."""
+        for label, service in self.services:
+            cleanup_step(f"stop the {label}", service.stop)
+        remove_database(self.server_url, self.database, retry_seconds)
+        remove_exchange(self.amqp_url, self.exchange, extra_queues, retry_seconds)
 
 
-async def drop_database(server_url: str, name: str) -> None:
-    connection = await asyncpg.connect(with_database(server_url, "postgres"))
+@dataclass
+class Outcome:
+    """A benchmark's exit status: 0 when its body ended, 130 when interrupted (an exception goes on up)."""
+
+    exit_code: int = 1
+
+
+@contextlib.contextmanager
+def guarded(
+    cleanup: Callable[[], object], on_failure: Callable[[Exception], object] | None = None
+) -> Iterator[Outcome]:
+    """Runs a benchmark's body with SIGTERM taken as Ctrl-C. Interrupted: a note, exit code 130. An exception:
+    `on_failure(exc)` (e.g. print a log), then it goes on up. In every case SIGINT and SIGTERM are then ignored
+    and `cleanup()` runs, so that a second Ctrl-C cannot leave throwaways behind."""
+
+    def terminate(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    outcome = Outcome()
+    signal.signal(signal.SIGTERM, terminate)
     try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        yield outcome
+        outcome.exit_code = 0
+    except KeyboardInterrupt:
+        print("\ninterrupted; cleaning up", file=sys.stderr)
+        outcome.exit_code = 130
+    except Exception as exc:
+        if on_failure is not None:
+            on_failure(exc)
+        raise
     finally:
-        await connection.close()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        cleanup()
 
 
-async def delete_topology(amqp_url: str, exchange: str, extra_queues: Iterable[str] = ()) -> None:
-    topology = Topology(exchange)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in [*extra_queues, topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
-            await channel.queue_delete(queue)
-        for name in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(name)
+def failure_note(exc: BaseException) -> str:
+    return (
+        f"\nbenchmark failed: {exc!r}\n(if RabbitMQ or PostgreSQL restarted meanwhile, e.g. for a test suite"
+        " running on the same machine, run the benchmark again)"
+    )
 
 
 def run_async(coroutine: Awaitable[object], *, use_uvloop: bool = True) -> object:
@@ -111,6 +210,161 @@ def cleanup_step(description: str, action: Callable[[], object]) -> None:
         action()
     except Exception as exc:  # keep cleaning up the rest
         print(f"cleanup: could not {description}: {exc}", file=sys.stderr)
+
+
+async def _retrying(action: Callable[[], Awaitable[object]], seconds: float) -> None:
+    """`action()`, tried again every 2 s for up to `seconds` while its server is unreachable (e.g. the test
+    suite restarting RabbitMQ); with 0 s, once."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            await action()
+            return
+        except OSError:
+            if time.monotonic() >= deadline:
+                raise
+            print("cleanup: server unreachable, trying again in 2 s", file=sys.stderr)
+            await asyncio.sleep(2)
+
+
+def remove_database(server_url: str, name: str, retry_seconds: float = 0.0) -> None:
+    """Drop a throwaway database as a clean-up step (a failure is printed, not raised)."""
+    cleanup_step(
+        f"drop database {name}", lambda: run_async(_retrying(lambda: drop_database(server_url, name), retry_seconds))
+    )
+
+
+def remove_exchange(amqp_url: str, exchange: str, extra_queues: Iterable[str] = (), retry_seconds: float = 0.0) -> None:
+    """Delete a bench exchange and its queues as a clean-up step (a failure is printed, not raised)."""
+    cleanup_step(
+        f"delete exchange {exchange}",
+        lambda: run_async(_retrying(lambda: delete_topology(amqp_url, exchange, extra_queues), retry_seconds)),
+    )
+
+
+# ---- databases and exchanges ------------------------------------------------------------------------
+
+
+def with_database(dsn: str, database: str) -> str:
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+
+
+@contextlib.asynccontextmanager
+async def connected(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    connection = await asyncpg.connect(database_url)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def drop_database(server_url: str, name: str) -> None:
+    async with connected(with_database(server_url, "postgres")) as connection:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+async def delete_topology(amqp_url: str, exchange: str, extra_queues: Iterable[str] = ()) -> None:
+    topology = Topology(exchange)
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for queue in [*extra_queues, topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
+            await channel.queue_delete(queue)
+        for name in (topology.exchange, topology.dead_letter_exchange):
+            await channel.exchange_delete(name)
+
+
+# ---- seeding ----------------------------------------------------------------------------------------
+
+STATE_COLUMNS = (
+    "check_id",
+    "host_id",
+    "status",
+    "consecutive_failures",
+    "consecutive_successes",
+    "last_healthy",
+    "last_reason",
+    "last_detail",
+    "last_latency_ms",
+    "last_checked_at",
+    "status_changed_at",
+)
+
+
+async def copy_tables(
+    connection: asyncpg.Connection,
+    tables: Sequence[tuple[str, Sequence[str], Sequence[tuple[object, ...]]]],
+    *,
+    analyze: bool = True,
+) -> None:
+    """COPY each (table, columns, records) in one transaction (a savepoint inside the caller's); then, unless
+    `analyze` is false, VACUUM (ANALYZE) the tables, so that they have statistics as settled tables do."""
+    async with connection.transaction():
+        for table, columns, records in tables:
+            await connection.copy_records_to_table(table, records=records, columns=columns)
+    if analyze:
+        await connection.execute(f"VACUUM (ANALYZE) {', '.join(table for table, _, _ in tables)}")
+
+
+# ---- figures ----------------------------------------------------------------------------------------
+
+
+def percentile(values: Sequence[float], fraction: float) -> float:
+    """Nearest-rank percentile; NaN without values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
+
+
+def percentile_by_index(values: Sequence[float], fraction: float) -> float:
+    """The value at index int(fraction * n) of the sorted values (at some sizes one rank above `percentile`);
+    NaN without values."""
+    ordered = sorted(values)
+    if not ordered:
+        return float("nan")
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def spread(values: Sequence[float], digits: int = 2, gap: str = " ") -> str:
+    """p50, p99, max (ms) and count of latencies in ms, with `digits` decimals and `gap` between the parts."""
+    if not values:
+        return "no samples"
+    return (
+        f"p50 {percentile(values, 0.5):.{digits}f}{gap}p99 {percentile(values, 0.99):.{digits}f}"
+        f"{gap}max {max(values):.{digits}f} ms{gap}(n={len(values)})"
+    )
+
+
+def verdict(met: bool) -> str:
+    return "MET" if met else "NOT MET"
+
+
+def load_line() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cores)"
+
+
+def other_work(seconds: float = 1.0, noisy: str = "; expect noise") -> str:
+    """How busy the machine is with work other than the benchmark, sampled while the benchmark is idle;
+    `noisy` is added when that is more than 0.15 cores."""
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as stat:
+            values = [int(value) for value in stat.readline().split()[1:]]
+        idle = values[3] + values[4]  # idle, iowait
+        return sum(values[:8]) - idle, sum(values[:8])
+
+    try:
+        busy_before, total_before = sample()
+        time.sleep(seconds)
+        busy_after, total_after = sample()
+    except (OSError, IndexError, ValueError):
+        return "unknown (no /proc/stat)"
+    cores = os.cpu_count() or 1
+    busy = (busy_after - busy_before) / max(1, total_after - total_before) * cores
+    warning = noisy if busy > 0.15 else ""
+    return f"{busy:.2f} of {cores} cores busy with other work{warning}"
 
 
 # ---- CPU accounting ---------------------------------------------------------------------------------
@@ -238,24 +492,3 @@ def default_group(pid: int, command: str, own_nginx: set[int] | None = None) -> 
     if command.startswith("wrk"):
         return "wrk"
     return "other"
-
-
-def other_work(seconds: float = 1.0) -> str:
-    """How busy the machine is with work other than the benchmark, sampled while the benchmark is idle."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            values = [int(value) for value in stat.readline().split()[1:]]
-        idle = values[3] + values[4]
-        return sum(values[:8]) - idle, sum(values[:8])
-
-    try:
-        busy_before, total_before = sample()
-        time.sleep(seconds)
-        busy_after, total_after = sample()
-    except (OSError, IndexError, ValueError):
-        return "unknown (no /proc/stat)"
-    cores = os.cpu_count() or 1
-    busy = (busy_after - busy_before) / max(1, total_after - total_before) * cores
-    warning = "; expect noise" if busy > 0.15 else ""
-    return f"{busy:.2f} of {cores} cores busy with other work{warning}"

@@ -32,30 +32,36 @@ import json
 import os
 import random
 import re
-import signal
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import aio_pika  # noqa: E402
-import asyncpg  # noqa: E402
-import httpx  # noqa: E402
+import asyncpg
+import httpx
+from _support import (
+    REPO_ROOT,
+    STATE_COLUMNS,
+    BenchRun,
+    copy_tables,
+    guarded,
+    other_work,
+    percentile_by_index,
+    run_async,
+    verdict,
+)
 
-from services.api.auth import create_token  # noqa: E402
-from services.api.requests import encode_cursor  # noqa: E402
-from shared.database import migrate  # noqa: E402
-from shared.host_status import refresh_host_status  # noqa: E402
-from shared.topology import QUEUES, Topology  # noqa: E402
-from tests.support.processes import ServiceProcess, free_port, start_service  # noqa: E402
+from services.api.auth import create_token
+from services.api.checks import WRITABLE_COLUMNS
+from services.api.requests import encode_cursor
+from shared.database import migrate
+from shared.host_status import refresh_host_status
 
 HOSTS = 10_000
 CHECKS_PER_HOST = 5
@@ -63,9 +69,6 @@ PAGE_LIMIT = 50
 P99_GOAL_MS = 20.0
 RATIO_GOAL = 3.0
 SEED = 20240611
-
-DEFAULT_DATABASE_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
-DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 # 20 groups of uneven size, as an estate grows: (group, host-name stem, domain, weight).
 GROUPS: tuple[tuple[str, str, str, int], ...] = (
@@ -118,42 +121,8 @@ FAILURE_REASONS = (
 )
 
 HOST_COLUMNS = ("id", "name", "group", "agent_url", "created_at", "updated_at")
-CHECK_COLUMNS = (
-    "id",
-    "host_id",
-    "name",
-    "check_type",
-    "enabled",
-    "critical",
-    "interval_seconds",
-    "timeout_seconds",
-    "failures_before_unhealthy",
-    "successes_before_healthy",
-    "service_name",
-    "url",
-    "method",
-    "expected_status",
-    "expected_body",
-    "ignore_cert_errors",
-    "follow_redirects",
-    "port",
-    "address",
-    "created_at",
-    "updated_at",
-)
-STATE_COLUMNS = (
-    "check_id",
-    "host_id",
-    "status",
-    "consecutive_failures",
-    "consecutive_successes",
-    "last_healthy",
-    "last_reason",
-    "last_detail",
-    "last_latency_ms",
-    "last_checked_at",
-    "status_changed_at",
-)
+# The API's own list of writable columns; this benchmark seeds no basic-auth checks (NULL there, as omitted).
+CHECK_COLUMNS = ("id", "host_id", *WRITABLE_COLUMNS, "created_at", "updated_at")
 
 # The rule of shared/host_status.py (_RECOMPUTE_SQL), for every host at once.
 SUMMARY_UPDATE = """
@@ -177,10 +146,6 @@ FROM (
 ) AS summary
 WHERE hosts.id = summary.host_id
 """
-
-
-def with_database(dsn: str, database: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
 
 
 # ---- seeding --------------------------------------------------------------------------------------
@@ -248,30 +213,23 @@ def host_checks(
             }
         else:
             fields = {"service_name": rng.choice(SERVICE_UNITS)}
+        values = {
+            "id": check_id,
+            "host_id": host_id,
+            "name": f"{name}-{check_type}",
+            "check_type": check_type,
+            "enabled": enabled,
+            "critical": critical,
+            "interval_seconds": interval,
+            "timeout_seconds": rng.choice((2.0, 5.0, 10.0)),
+            "failures_before_unhealthy": rng.choice((1, 1, 2, 3)),
+            "successes_before_healthy": rng.choice((1, 1, 2)),
+            **fields,
+            "created_at": created,
+            "updated_at": created,
+        }
         yield (
-            (
-                check_id,
-                host_id,
-                f"{name}-{check_type}",
-                check_type,
-                enabled,
-                critical,
-                interval,
-                rng.choice((2.0, 5.0, 10.0)),
-                rng.choice((1, 1, 2, 3)),
-                rng.choice((1, 1, 2)),
-                fields.get("service_name"),
-                fields.get("url"),
-                fields.get("method"),
-                fields.get("expected_status"),
-                fields.get("expected_body"),
-                fields.get("ignore_cert_errors"),
-                fields.get("follow_redirects"),
-                fields.get("port"),
-                fields.get("address"),
-                created,
-                created,
-            ),
+            tuple(values.get(column) for column in CHECK_COLUMNS),
             check_state(rng, check_id, host_id, enabled, interval, now),
         )
 
@@ -328,10 +286,13 @@ async def seed(connection: asyncpg.Connection) -> Seeded:
     hosts, checks, states, groups = generate_rows(rng)
     # The schedule lives in check_schedule, which this benchmark does not read.
     states = [state[:10] + state[11:] for state in states]
+    tables = [
+        ("hosts", HOST_COLUMNS, hosts),
+        ("health_checks", CHECK_COLUMNS, checks),
+        ("check_state", STATE_COLUMNS, states),
+    ]
     async with connection.transaction():
-        await connection.copy_records_to_table("hosts", records=hosts, columns=HOST_COLUMNS)
-        await connection.copy_records_to_table("health_checks", records=checks, columns=CHECK_COLUMNS)
-        await connection.copy_records_to_table("check_state", records=states, columns=STATE_COLUMNS)
+        await copy_tables(connection, tables, analyze=False)
         await connection.execute(SUMMARY_UPDATE)
     await verify_summaries(connection, rng, [row[0] for row in hosts])
     await connection.execute("VACUUM (ANALYZE) hosts, health_checks, check_state")
@@ -515,8 +476,7 @@ class Samples:
         self.rounds.append(other)
 
     def percentile(self, fraction: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))] * 1000
+        return percentile_by_index(self.latencies, fraction) * 1000
 
     @property
     def p50(self) -> float:
@@ -576,10 +536,6 @@ async def measure(
 
 
 # ---- reporting -------------------------------------------------------------------------------------
-
-
-def verdict(ok: bool) -> str:
-    return "MET" if ok else "NOT MET"
 
 
 def print_table(title: str, results: dict[str, Samples], baseline: str) -> None:
@@ -753,62 +709,6 @@ async def prepare(database_url: str) -> tuple[str, Seeded]:
     return token, seeded
 
 
-async def drop_database(server_url: str, name: str) -> None:
-    connection = await asyncpg.connect(with_database(server_url, "postgres"))
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
-
-
-async def delete_topology(amqp_url: str, exchange: str) -> None:
-    topology = Topology(exchange)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in [topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
-            await channel.queue_delete(queue)
-        for name in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(name)
-
-
-def run_async(coroutine: Awaitable[object]) -> object:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coroutine)  # type: ignore[arg-type]
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(coroutine)  # type: ignore[arg-type]
-
-
-def other_work(seconds: float = 1.0) -> str:
-    """CPU busy on the whole machine while this benchmark sits idle: other work that will add noise."""
-
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat") as stat:
-            values = [int(value) for value in stat.readline().split()[1:]]
-        idle = values[3] + values[4]  # idle, iowait
-        return sum(values[:8]) - idle, sum(values[:8])
-
-    try:
-        busy_before, total_before = sample()
-        time.sleep(seconds)
-        busy_after, total_after = sample()
-    except (OSError, IndexError, ValueError):
-        return "unknown (no /proc/stat)"
-    cores = os.cpu_count() or 1
-    busy = (busy_after - busy_before) / max(1, total_after - total_before) * cores
-    warning = "; expect noisy p99s (the p50s hold)" if busy > 0.15 else ""
-    return f"{busy:.2f} of {cores} cores busy with other work{warning}"
-
-
-def cleanup_step(description: str, action: Callable[[], object]) -> None:
-    try:
-        action()
-    except Exception as exc:  # keep cleaning up the rest
-        print(f"cleanup: could not {description}: {exc}", file=sys.stderr)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer, smaller batches (a smoke run)")
@@ -823,65 +723,31 @@ def main() -> int:
         else Plan(rounds=4, batch=2000, filter_batch=700, warmup=300)
     )
 
-    server_url = os.environ.get("HEALTHGATE_BENCH_DATABASE_URL", DEFAULT_DATABASE_URL)
-    amqp_url = os.environ.get("HEALTHGATE_BENCH_AMQP_URL", DEFAULT_AMQP_URL)
-    run_id = uuid.uuid4().hex[:10]
-    database = f"healthgate_bench_{run_id}"
-    database_url = with_database(server_url, database)
-    exchange = f"hgbench-{run_id}"
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    run = BenchRun.new()
     os.chdir(REPO_ROOT)  # `python -m services.cli` in the API process
     print(
         f"healthgate API benchmark: {HOSTS} hosts, {HOSTS * CHECKS_PER_HOST} checks,"
-        f" page limit {PAGE_LIMIT}, client {arguments.client}, database {database}, exchange {exchange}"
+        f" page limit {PAGE_LIMIT}, client {arguments.client}, database {run.database}, exchange {run.exchange}"
     )
     print(
         f"machine: {os.cpu_count()} CPU cores shared by the API process, PostgreSQL and this load"
         " generator; concurrency 1 is the headline (server latency), concurrency 4 saturates the cores."
     )
-    api: ServiceProcess | None = None
-    exit_code = 1
-    with tempfile.TemporaryDirectory(prefix="hgbench-") as tmp:
-        try:
-            token, seeded = run_async(prepare(database_url))  # type: ignore[misc]
-            port = free_port()
-            env = {
-                "HEALTHGATE_DATABASE_URL": database_url,
-                "HEALTHGATE_AMQP_URL": amqp_url,
-                "HEALTHGATE_EXCHANGE": exchange,
-                "HEALTHGATE_API_HOST": "127.0.0.1",
-                "HEALTHGATE_API_PORT": str(port),
-                "HEALTHGATE_KEY_FILE": str(Path(tmp) / "key"),
-                "HEALTHGATE_LOG_FORMAT": "json",
-            }
-            api = start_service("api", env, Path(tmp) / "api.log", port=port)
-            print(f"API process {api.process.pid} ready on {api.base_url}")
-            if arguments.keep:
-                print(f"token: {token}\ndatabase: {database_url}")
-                input("press Enter to run the benchmark... ")
-            print(f"before measuring: {other_work()}")
-            run_async(load(api.base_url, token, seeded, plan, arguments.client))
-            print(f"\nafter measuring: {other_work()}")
-            exit_code = 0
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            exit_code = 130
-        except Exception:
-            if api is not None:
-                print("API log (last 3,000 characters):\n" + api.log_text()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if api is not None:
-                cleanup_step("stop the API", api.stop)
-            cleanup_step(f"drop database {database}", lambda: run_async(drop_database(server_url, database)))
-            cleanup_step(f"delete exchange {exchange}", lambda: run_async(delete_topology(amqp_url, exchange)))
-    return exit_code
+    noisy = "; expect noisy p99s (the p50s hold)"
+    with (
+        tempfile.TemporaryDirectory(prefix="hgbench-") as tmp,
+        guarded(run.remove, lambda _: run.print_service_logs()) as outcome,
+    ):
+        token, seeded = run_async(prepare(run.database_url))  # type: ignore[misc]
+        api = run.start_api(Path(tmp))
+        print(f"API process {api.process.pid} ready on {api.base_url}")
+        if arguments.keep:
+            print(f"token: {token}\ndatabase: {run.database_url}")
+            input("press Enter to run the benchmark... ")
+        print(f"before measuring: {other_work(noisy=noisy)}")
+        run_async(load(api.base_url, token, seeded, plan, arguments.client))
+        print(f"\nafter measuring: {other_work(noisy=noisy)}")
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

@@ -31,15 +31,14 @@ import datetime as dt
 import json
 import os
 import re
-import signal
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
-from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -48,22 +47,26 @@ import asyncpg
 import httpx
 from _support import (
     REPO_ROOT,
+    STATE_COLUMNS,
+    BenchRun,
     CpuMeter,
-    cleanup_step,
+    connected,
+    copy_tables,
     default_group,
-    delete_topology,
-    drop_database,
+    guarded,
+    load_line,
     machine_note,
     other_work,
+    percentile,
     run_async,
-    server_urls,
-    with_database,
+    verdict,
 )
+from _support import spread as _spread
 
 from shared.database import migrate
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, CheckResult, encode_cloudevent
 from shared.topology import Topology, declare_exchange
-from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.processes import ServiceProcess
 
 RELEASE_P99_GOAL_MS = 25.0
 RECOVERY_P99_GOAL_MS = 500.0
@@ -92,29 +95,7 @@ QUICK = Plan(rounds=1, seconds_per_round=4.0, recoveries=60, memory_jobs=2_000)
 # ---- figures ----------------------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
-
-
-def spread(values: Sequence[float]) -> str:
-    if not values:
-        return "no samples"
-    return (
-        f"p50 {percentile(values, 0.5):.1f}  p99 {percentile(values, 0.99):.1f}"
-        f"  max {max(values):.1f} ms  (n={len(values)})"
-    )
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "NOT MET"
-
-
-def load_line() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cores)"
+spread: Callable[[Sequence[float]], str] = partial(_spread, digits=1, gap="  ")
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -203,25 +184,14 @@ async def seed(database_url: str, plan: Plan) -> Seeded:
         host_id, (check_id,) = add_host("recover", index, 1, False)
         recovering.append((host_id, check_id))
     memory = [add_host("mem", index, 1, False)[0] for index in range(plan.memory_jobs)]
-    connection = await asyncpg.connect(database_url)
-    try:
-        async with connection.transaction():
-            await connection.copy_records_to_table("hosts", records=hosts, columns=["id", "name", "group"])
-            await connection.copy_records_to_table(
-                "health_checks", records=checks,
-                columns=["id", "host_id", "name", "check_type", "enabled", "critical", "interval_seconds",
-                         "timeout_seconds", "port"],
-            )  # fmt: skip
-            await connection.copy_records_to_table(
-                "check_state", records=states,
-                columns=["check_id", "host_id", "status", "consecutive_failures", "consecutive_successes",
-                         "last_healthy", "last_reason", "last_detail", "last_latency_ms", "last_checked_at",
-                         "status_changed_at"],
-            )  # fmt: skip
-        for table in ("hosts", "health_checks", "check_state"):
-            await connection.execute(f"VACUUM ANALYZE {table}")
-    finally:
-        await connection.close()
+    check_columns = ["id", "host_id", "name", "check_type", "enabled", "critical", "interval_seconds",
+                     "timeout_seconds", "port"]  # fmt: skip
+    async with connected(database_url) as connection:
+        await copy_tables(
+            connection,
+            [("hosts", ["id", "name", "group"], hosts), ("health_checks", check_columns, checks),
+             ("check_state", STATE_COLUMNS, states)],
+        )  # fmt: skip
     return Seeded(fresh, recovering, memory)
 
 
@@ -594,86 +564,38 @@ async def measure(
         await pool.close()
 
 
-def persist(cleanup: Callable[[], Coroutine[Any, Any, object]], seconds: float = 30.0) -> None:
-    """Run a clean-up step, retrying while the server is unreachable (e.g. the test suite restarting RabbitMQ)."""
-
-    async def attempt() -> None:
-        deadline = time.monotonic() + seconds
-        while True:
-            try:
-                await cleanup()
-                return
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                print("cleanup: server unreachable, trying again in 2 s", file=sys.stderr)
-                await asyncio.sleep(2)
-
-    run_async(attempt())
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="one short round and 2,000 waiting jobs (a smoke run)")
     arguments = parser.parse_args()
     plan = QUICK if arguments.quick else FULL
 
-    server_url, amqp_url = server_urls()
-    run_id = uuid.uuid4().hex[:10]
-    database = f"healthgate_bench_{run_id}"
-    database_url = with_database(server_url, database)
-    exchange = f"hgbench-{run_id}"
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    run = BenchRun.new()
     os.chdir(REPO_ROOT)  # `python -m services.cli` in the gate process
-    print(f"healthgate gate benchmark: database {database}, exchange {exchange}, one gate process")
+    print(f"healthgate gate benchmark: database {run.database}, exchange {run.exchange}, one gate process")
     print(machine_note())
     print(f"before: {load_line()}; {other_work()}")
-    gate: ServiceProcess | None = None
-    exit_code = 1
-    with tempfile.TemporaryDirectory(prefix="hgbench-gate-") as tmp:
-        try:
-            started = time.perf_counter()
-            run_async(migrate(database_url))
-            seeded: Seeded = run_async(seed(database_url, plan))  # type: ignore[assignment]
-            print(
-                f"seeded in {time.perf_counter() - started:.1f} s: {len(seeded.fresh_hosts)} hosts with"
-                f" {FRESH_CHECKS_PER_HOST} healthy fresh tcp checks each, {len(seeded.recovering)} hosts with one"
-                f" unhealthy check (b), {len(seeded.memory_hosts):,} hosts with one unhealthy check (c)"
-            )
-            port = free_port()
-            env = {
-                "HEALTHGATE_DATABASE_URL": database_url,
-                "HEALTHGATE_AMQP_URL": amqp_url,
-                "HEALTHGATE_EXCHANGE": exchange,
-                # A free port rather than 0: the readiness wait (tests/support/processes.py) polls it.
-                "HEALTHGATE_HEALTH_PORT": str(port),
-                "HEALTHGATE_LOG_FORMAT": "json",
-                "HEALTHGATE_GATE_RETRY_SECONDS": str(RETRY_SECONDS),
-            }
-            gate = start_service("gate", env, Path(tmp) / "gate.log", port=port)
-            print(f"gate process {gate.process.pid} ready; RSS {rss_kib(gate.process.pid)['VmRSS'] / 1024:.1f} MiB")
-            run_async(measure(database_url, amqp_url, exchange, seeded, gate, plan))
-            print(f"\nafter: {load_line()}; {other_work()}")
-            exit_code = 0
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            exit_code = 130
-        except Exception:
-            if gate is not None:
-                print("gate log (last 3,000 characters):\n" + gate.log_text()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
-            if gate is not None:
-                cleanup_step("stop the gate", gate.stop)
-            cleanup_step(f"drop database {database}", lambda: persist(lambda: drop_database(server_url, database)))
-            cleanup_step(f"delete exchange {exchange}", lambda: persist(lambda: delete_topology(amqp_url, exchange)))
-    return exit_code
+    with (
+        tempfile.TemporaryDirectory(prefix="hgbench-gate-") as tmp,
+        # Clean-up retries while a server is unreachable (e.g. the test suite restarting RabbitMQ).
+        guarded(lambda: run.remove(retry_seconds=30.0), lambda _: run.print_service_logs()) as outcome,
+    ):
+        started = time.perf_counter()
+        run_async(migrate(run.database_url))
+        seeded: Seeded = run_async(seed(run.database_url, plan))  # type: ignore[assignment]
+        print(
+            f"seeded in {time.perf_counter() - started:.1f} s: {len(seeded.fresh_hosts)} hosts with"
+            f" {FRESH_CHECKS_PER_HOST} healthy fresh tcp checks each, {len(seeded.recovering)} hosts with one"
+            f" unhealthy check (b), {len(seeded.memory_hosts):,} hosts with one unhealthy check (c)"
+        )
+        # A free port rather than 0: the readiness wait (tests/support/processes.py) polls it.
+        gate = run.start_service(
+            "gate", "HEALTHGATE_HEALTH_PORT", Path(tmp), HEALTHGATE_GATE_RETRY_SECONDS=str(RETRY_SECONDS)
+        )
+        print(f"gate process {gate.process.pid} ready; RSS {rss_kib(gate.process.pid)['VmRSS'] / 1024:.1f} MiB")
+        run_async(measure(run.database_url, run.amqp_url, run.exchange, seeded, gate, plan))
+        print(f"\nafter: {load_line()}; {other_work()}")
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

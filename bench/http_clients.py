@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import signal
 import ssl
 import sys
 import time
@@ -46,6 +45,7 @@ from _support import (
     KEEPALIVE_PATH,
     BenchNginx,
     CpuMeter,
+    guarded,
     machine_note,
     other_work,
     process_tree,
@@ -293,10 +293,6 @@ def main() -> int:
     seconds = arguments.seconds or (QUICK_SECONDS if arguments.quick else SECONDS)
     concurrency = arguments.concurrency
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
     print(
         f"HTTP client benchmark: {concurrency} concurrent checks (GET, status, read body) against one local nginx"
         f" process, {seconds:g} s per measurement; httpx {httpx.__version__}, aiohttp {aiohttp.__version__},"
@@ -304,7 +300,7 @@ def main() -> int:
     )
     print(machine_note())
     nginx = BenchNginx()
-    try:
+    with guarded(nginx.stop) as outcome:
         nginx.start()
         assert nginx.process is not None
         NGINX_PIDS.update(process_tree(nginx.process.pid))
@@ -335,14 +331,7 @@ def main() -> int:
         results = list(totals.values())
         print_report(results, concurrency)
         print(f"\nafter measuring: {other_work()}")
-        return 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        nginx.stop()
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

@@ -60,19 +60,21 @@ from _support import (
     EXPECTED_BODY,
     KEEPALIVE_PATH,
     REPO_ROOT,
+    STATE_COLUMNS,
     BenchNginx,
+    BenchRun,
     CpuMeter,
     CpuUse,
     cleanup_step,
+    connected,
+    copy_tables,
     default_group,
-    delete_topology,
-    drop_database,
+    failure_note,
+    guarded,
     machine_note,
     other_work,
     process_tree,
     run_async,
-    server_urls,
-    with_database,
 )
 
 HOSTS = 10_000
@@ -216,8 +218,6 @@ def relay_main(arguments: list[str]) -> int:
 
 async def seed(database_url: str, hosts: int, url: str) -> list[uuid.UUID]:
     """N hosts with one http check each, all healthy already; schedule rows with next_run_at NULL."""
-    import asyncpg
-
     from shared.database import migrate
 
     await migrate(database_url)
@@ -232,36 +232,22 @@ async def seed(database_url: str, hosts: int, url: str) -> list[uuid.UUID]:
         )  # fmt: skip
         state_rows.append((check_id, host_id, "healthy", 0, 1, True, "ok", "status 200 OK", 1.0, now, now))
         schedule_rows.append((check_id, None))
-    connection = await asyncpg.connect(database_url)
-    try:
-        async with connection.transaction():
-            await connection.copy_records_to_table(
-                "hosts",
-                records=host_rows,
-                columns=["id", "name", "group", "health_check_status", "checks_total", "checks_healthy",
-                         "created_at", "updated_at"],
-            )  # fmt: skip
-            await connection.copy_records_to_table(
-                "health_checks",
-                records=check_rows,
-                columns=["id", "host_id", "name", "check_type", "enabled", "critical", "interval_seconds",
-                         "timeout_seconds", "failures_before_unhealthy", "successes_before_healthy", "url",
-                         "method", "expected_status", "expected_body", "ignore_cert_errors", "follow_redirects",
-                         "created_at", "updated_at"],
-            )  # fmt: skip
-            await connection.copy_records_to_table(
-                "check_state",
-                records=state_rows,
-                columns=["check_id", "host_id", "status", "consecutive_failures", "consecutive_successes",
-                         "last_healthy", "last_reason", "last_detail", "last_latency_ms", "last_checked_at",
-                         "status_changed_at"],
-            )  # fmt: skip
-            await connection.copy_records_to_table(
-                "check_schedule", records=schedule_rows, columns=["check_id", "next_run_at"]
-            )
-        await connection.execute("VACUUM (ANALYZE) hosts, health_checks, check_state, check_schedule")
-    finally:
-        await connection.close()
+    host_columns = ["id", "name", "group", "health_check_status", "checks_total", "checks_healthy", "created_at",
+                    "updated_at"]  # fmt: skip
+    check_columns = ["id", "host_id", "name", "check_type", "enabled", "critical", "interval_seconds",
+                     "timeout_seconds", "failures_before_unhealthy", "successes_before_healthy", "url", "method",
+                     "expected_status", "expected_body", "ignore_cert_errors", "follow_redirects", "created_at",
+                     "updated_at"]  # fmt: skip
+    async with connected(database_url) as connection:
+        await copy_tables(
+            connection,
+            [
+                ("hosts", host_columns, host_rows),
+                ("health_checks", check_columns, check_rows),
+                ("check_state", STATE_COLUMNS, state_rows),
+                ("check_schedule", ["check_id", "next_run_at"], schedule_rows),
+            ],
+        )
     return [row[0] for row in check_rows]
 
 
@@ -532,13 +518,8 @@ CPU_ORDER = ("poller(s)", "bare loop", "blackbox_exporter", "wrk", "nginx", "pos
 
 
 async def set_check_url(database_url: str, url: str) -> None:
-    import asyncpg
-
-    connection = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as connection:
         await connection.execute("UPDATE health_checks SET url = $1", url)
-    finally:
-        await connection.close()
 
 
 class Outbox:
@@ -549,27 +530,17 @@ class Outbox:
         self.marked_sent = 0
 
     async def unsent(self) -> int:
-        import asyncpg
-
-        connection = await asyncpg.connect(self.database_url)
-        try:
+        async with connected(self.database_url) as connection:
             return int(await connection.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"))
-        finally:
-            await connection.close()
 
     async def discard_backlog(self) -> None:
         """Mark unsent events sent without publishing them, so that a phase starts with an empty outbox and
         a relay's catch-up on the previous phase's backlog is not counted as this phase's throughput."""
-        import asyncpg
-
-        connection = await asyncpg.connect(self.database_url)
-        try:
+        async with connected(self.database_url) as connection:
             status = await connection.execute("UPDATE outbox SET sent_at = now() WHERE sent_at IS NULL")
             self.marked_sent += int(status.split()[-1])
             # As autovacuum would, in time: the relays' claim query walks the unsent index from its start.
             await connection.execute("VACUUM outbox")
-        finally:
-            await connection.close()
 
 
 async def measure_pollers(
@@ -933,19 +904,18 @@ def print_ratios(measurements: list[Measurement]) -> None:
             )
 
 
-async def run(arguments: argparse.Namespace, plan: Plan, tmp: Path, state: dict[str, object]) -> None:
-    server_url, amqp_url = server_urls()
-    database_url = with_database(server_url, str(state["database"]))
+async def run(arguments: argparse.Namespace, plan: Plan, tmp: Path, bench: BenchRun, state: dict[str, object]) -> None:
+    database_url, amqp_url = bench.database_url, bench.amqp_url
     nginx: BenchNginx = state["nginx"]  # type: ignore[assignment]
     urls = {mode: nginx.http_url(path) for mode, path in MODES.items()}
 
     started = time.monotonic()
     check_ids = await seed(database_url, arguments.hosts, urls["new-conn"])
     print(f"seeded {len(check_ids)} hosts with one http check each in {time.monotonic() - started:.1f} s")
-    pipeline = Pipeline(amqp_url, str(state["exchange"]), check_ids)
+    pipeline = Pipeline(amqp_url, bench.exchange, check_ids)
     try:
         await pipeline.open()
-        await measure_all(arguments, plan, tmp, state, pipeline, database_url, amqp_url, urls)
+        await measure_all(arguments, plan, tmp, bench, state, pipeline, urls)
     finally:
         await pipeline.close()
 
@@ -954,14 +924,14 @@ async def measure_all(
     arguments: argparse.Namespace,
     plan: Plan,
     tmp: Path,
+    bench: BenchRun,
     state: dict[str, object],
     pipeline: Pipeline,
-    database_url: str,
-    amqp_url: str,
     urls: dict[str, str],
 ) -> None:
+    database_url, amqp_url = bench.database_url, bench.amqp_url
     pollers: list[PollerProcess] = state["pollers"]  # type: ignore[assignment]
-    BENCH_DATABASE.append(str(state["database"]))
+    BENCH_DATABASE.append(bench.database)
     nginx: BenchNginx = state["nginx"]  # type: ignore[assignment]
     assert nginx.process is not None
     OWN_NGINX.update(process_tree(nginx.process.pid))
@@ -985,13 +955,7 @@ async def measure_all(
         done(await blackbox.measure(url, plan.wrk_seconds, mode))
     blackbox.stop()
 
-    env = {
-        "HEALTHGATE_DATABASE_URL": database_url,
-        "HEALTHGATE_AMQP_URL": amqp_url,
-        "HEALTHGATE_EXCHANGE": str(state["exchange"]),
-        "HEALTHGATE_KEY_FILE": str(tmp / "key"),
-        "HEALTHGATE_LOG_FORMAT": "json",
-    }
+    env = bench.service_env(HEALTHGATE_KEY_FILE=str(tmp / "key"))
     profile: list[str] = []
     outbox = Outbox(database_url)
     # (poller processes, an extra relay process too, mode). The extra relay is an experiment of this benchmark:
@@ -1007,7 +971,7 @@ async def measure_all(
             OWN_PIDS[poller.process.pid] = "poller(s)"
             print(f"poller process {poller.process.pid} ready (health port {poller.port})")
         if with_relay and relay is None:
-            relay = await asyncio.to_thread(start_relay, database_url, amqp_url, str(state["exchange"]), tmp)
+            relay = await asyncio.to_thread(start_relay, database_url, amqp_url, bench.exchange, tmp)
             state["relay"] = relay
             OWN_PIDS[relay.pid] = "extra relay process"
         elif relay is not None and not with_relay:
@@ -1029,14 +993,9 @@ async def measure_all(
         await asyncio.to_thread(poller.stop)
     if relay is not None:
         await asyncio.to_thread(stop_process, relay)
-    import asyncpg
-
-    connection = await asyncpg.connect(database_url)
-    try:
+    async with connected(database_url) as connection:
         rows = await connection.fetchval("SELECT count(*) FROM check_results")
         unsent = await connection.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
-    finally:
-        await connection.close()
     events = await pipeline.results()
     for poller in pollers:
         print(summarise_log(poller))
@@ -1069,49 +1028,25 @@ def main() -> int:
     arguments = parser.parse_args()
     plan = QUICK if arguments.quick else FULL
 
-    server_url, amqp_url = server_urls()
-    run_id = uuid.uuid4().hex[:10]
-    state: dict[str, object] = {
-        "database": f"healthgate_bench_{run_id}",
-        "exchange": f"hgbench-{run_id}",
-        "pollers": [],
-    }
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    bench = BenchRun.new()
+    state: dict[str, object] = {"pollers": []}
     print(
         f"healthgate poller benchmark: {arguments.hosts} http checks, ticks of {TICK_SIZE}, database"
-        f" {state['database']}, exchange {state['exchange']}; measurements of {plan.seconds:g} s after"
+        f" {bench.database}, exchange {bench.exchange}; measurements of {plan.seconds:g} s after"
         f" {plan.warmup:g} s warm-up (pollers), {plan.bare_seconds:g} s (bare loops), {plan.wrk_seconds} s (wrk)"
     )
     print(machine_note())
-    exit_code = 1
     with tempfile.TemporaryDirectory(prefix="hgbench-poller-") as tmp_name:
         tmp = Path(tmp_name)
         nginx = BenchNginx()
         state["nginx"] = nginx
-        try:
-            nginx.start()
-            print(f"nginx (1 worker process) {nginx.http_base_url}: new connection per check on {CLOSE_PATH}")
-            run_async(run(arguments, plan, tmp, state))
-            exit_code = 0
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            exit_code = 130
-        except Exception as exc:
-            print(
-                f"\nbenchmark failed: {exc!r}\n(if RabbitMQ or PostgreSQL restarted meanwhile, e.g. for a test suite"
-                " running on the same machine, run the benchmark again)",
-                file=sys.stderr,
-            )
+
+        def failed(exc: Exception) -> None:
+            print(failure_note(exc), file=sys.stderr)
             for poller in state["pollers"]:  # type: ignore[attr-defined]
                 print(f"poller log {poller.log_path.name} (last 3,000 characters):\n{poller.log_text()[-3000:]}")
-            raise
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+        def clean_up() -> None:
             for poller in state["pollers"]:  # type: ignore[attr-defined]
                 cleanup_step(f"stop poller {poller.process.pid}", poller.stop)
             if "relay" in state:
@@ -1119,15 +1054,13 @@ def main() -> int:
             if "blackbox" in state:
                 cleanup_step("stop blackbox_exporter", state["blackbox"].stop)  # type: ignore[attr-defined]
             cleanup_step("stop nginx", nginx.stop)
-            database = str(state["database"])
-            cleanup_step(f"drop database {database}", lambda: run_async(drop_database(server_url, database)))
-            cleanup_step(
-                f"delete exchange {state['exchange']}",
-                lambda: run_async(
-                    delete_topology(amqp_url, str(state["exchange"]), [f"{state['exchange']}.{RESULT_QUEUE_SUFFIX}"])
-                ),
-            )
-    return exit_code
+            bench.remove(extra_queues=[f"{bench.exchange}.{RESULT_QUEUE_SUFFIX}"])
+
+        with guarded(clean_up, failed) as outcome:
+            nginx.start()
+            print(f"nginx (1 worker process) {nginx.http_base_url}: new connection per check on {CLOSE_PATH}")
+            run_async(run(arguments, plan, tmp, bench, state))
+    return outcome.exit_code
 
 
 if __name__ == "__main__":

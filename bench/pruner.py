@@ -37,13 +37,11 @@ import asyncio
 import datetime as dt
 import math
 import multiprocessing
-import os
 import re
 import signal
 import sys
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection as PipeEnd
 from pathlib import Path
@@ -52,7 +50,20 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import asyncpg
-from _support import cleanup_step, drop_database, machine_note, other_work, run_async, server_urls, with_database
+from _support import (
+    BenchRun,
+    cleanup_step,
+    guarded,
+    load_line,
+    machine_note,
+    other_work,
+    percentile,
+    remove_database,
+    run_async,
+    spread,
+    verdict,
+    with_database,
+)
 
 from services.pruner.passes import DELETE_BATCH, Retention, prune_once
 from shared.database import create_pool, ensure_result_partitions, migrate, result_partition_name
@@ -76,34 +87,6 @@ RATIO_GOAL = 1.5
 DROP_LABEL = "DROP TABLE (expired day)"
 DELETE_LABEL = f"DELETE boundary rows (batches of {DELETE_BATCH})"
 RESULT_COLUMNS = ["id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms"]
-
-
-# ---- figures ----------------------------------------------------------------------------------------------
-
-
-def percentile(values: Sequence[float], fraction: float) -> float:
-    ordered = sorted(values)
-    if not ordered:
-        return float("nan")
-    return ordered[min(len(ordered) - 1, max(0, round(fraction * len(ordered) + 0.5) - 1))]
-
-
-def spread(values: Sequence[float]) -> str:
-    if not values:
-        return "no samples"
-    return (
-        f"p50 {percentile(values, 0.5):.2f} p99 {percentile(values, 0.99):.2f} max {max(values):.2f} ms"
-        f" (n={len(values)})"
-    )
-
-
-def verdict(met: bool) -> str:
-    return "MET" if met else "NOT MET"
-
-
-def load_line() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"load average {one:.2f} {five:.2f} {fifteen:.2f} ({os.cpu_count()} cores)"
 
 
 # ---- the pollers: a separate process --------------------------------------------------------------------
@@ -592,14 +575,13 @@ def main() -> int:
     arguments = parser.parse_args()
     sizes = SIZES[:1] if arguments.quick else SIZES
 
-    server_url, _ = server_urls()
-    run_id = uuid.uuid4().hex[:10]
+    run = BenchRun.new()
     databases: list[str] = []
 
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
+    def drop_databases() -> None:
+        for database in databases:
+            remove_database(run.server_url, database)
 
-    signal.signal(signal.SIGTERM, terminate)
     print(
         f"healthgate pruner benchmark: sizes {', '.join(f'{size:,}' for size in sizes)} expired rows,"
         f" retention {RETENTION_HOURS:.0f} h, {WRITER_CONNECTIONS} writer connections x {WRITER_BATCH}-row COPY batches"
@@ -608,36 +590,24 @@ def main() -> int:
     print(f"before: {load_line()}; {other_work()}")
     sized: list[SizeResult] = []
     steady: list[SizeResult] = []
-    exit_code = 1
     began = time.perf_counter()
-    try:
+    with guarded(drop_databases) as outcome:
         for index, size in enumerate(sizes):
-            database = f"healthgate_bench_{run_id}_{size // 1_000_000}m"
+            database = f"{run.database}_{size // 1_000_000}m"
             databases.append(database)
             rounds = arguments.rounds or (2 if arguments.quick else ROUNDS[size])
             steady_rounds = 0 if index else (1 if arguments.quick else 2)
             try:
                 measured: list[SizeResult] = run_async(  # type: ignore[assignment]
-                    measure_size(with_database(server_url, database), size, rounds, steady_rounds)
+                    measure_size(with_database(run.server_url, database), size, rounds, steady_rounds)
                 )
             finally:
-                cleanup_step(
-                    f"drop database {database}", lambda name=database: run_async(drop_database(server_url, name))
-                )
+                remove_database(run.server_url, database)
             sized.append(measured[0])
             steady += measured[1:]
         print_goals(sized, steady)
         print(f"\ntotal {time.perf_counter() - began:.0f} s; after: {load_line()}; {other_work()}")
-        exit_code = 0
-    except KeyboardInterrupt:
-        print("\ninterrupted; cleaning up", file=sys.stderr)
-        exit_code = 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for database in databases:
-            cleanup_step(f"drop database {database}", lambda name=database: run_async(drop_database(server_url, name)))
-    return exit_code
+    return outcome.exit_code
 
 
 def print_goals(sized: list[SizeResult], steady: list[SizeResult]) -> None:

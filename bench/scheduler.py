@@ -43,18 +43,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _support import (
     REPO_ROOT,
+    BenchRun,
     CpuMeter,
     cleanup_step,
+    connected,
+    copy_tables,
     default_group,
-    delete_topology,
-    drop_database,
+    failure_note,
+    guarded,
     machine_note,
     other_work,
     process_cpu_seconds,
     run_async,
-    server_urls,
-    with_database,
+    verdict,
 )
+from _support import percentile_by_index as percentile
 
 CHECKS = 100_000
 CHECKS_PER_HOST = 5
@@ -142,8 +145,6 @@ def scheduler_main(arguments: list[str]) -> int:
 
 
 async def seed(database_url: str, checks: int) -> None:
-    import asyncpg
-
     from shared.database import migrate
 
     await migrate(database_url)
@@ -159,23 +160,17 @@ async def seed(database_url: str, checks: int) -> None:
             rows.append((check_id, host_id, f"tcp-{index}", "tcp", INTERVAL_SECONDS, 2.0, 9, "127.0.0.1"))
             states.append((check_id, host_id))
             schedule.append((check_id, now + dt.timedelta(seconds=rng.uniform(0, INTERVAL_SECONDS))))
-    connection = await asyncpg.connect(database_url)
-    try:
-        async with connection.transaction():
-            await connection.copy_records_to_table("hosts", records=hosts, columns=["id", "name", "group"])
-            await connection.copy_records_to_table(
-                "health_checks",
-                records=rows,
-                columns=["id", "host_id", "name", "check_type", "interval_seconds", "timeout_seconds", "port",
-                         "address"],
-            )  # fmt: skip
-            await connection.copy_records_to_table("check_state", records=states, columns=["check_id", "host_id"])
-            await connection.copy_records_to_table(
-                "check_schedule", records=schedule, columns=["check_id", "next_run_at"]
-            )
-        await connection.execute("VACUUM (ANALYZE) hosts, health_checks, check_state, check_schedule")
-    finally:
-        await connection.close()
+    check_columns = ["id", "host_id", "name", "check_type", "interval_seconds", "timeout_seconds", "port", "address"]
+    async with connected(database_url) as connection:
+        await copy_tables(
+            connection,
+            [
+                ("hosts", ["id", "name", "group"], hosts),
+                ("health_checks", check_columns, rows),
+                ("check_state", ["check_id", "host_id"], states),
+                ("check_schedule", ["check_id", "next_run_at"], schedule),
+            ],
+        )
 
 
 # ---- measuring --------------------------------------------------------------------------------------------
@@ -222,13 +217,6 @@ class TickConsumer:
             await self.connection.close()
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def bucket_percentile(buckets: dict[str, float], fraction: float) -> str:
     """The bucket bound under which `fraction` of a Prometheus histogram's observations fall."""
     bounds = sorted(((float(bound), count) for bound, count in buckets.items()), key=lambda item: item[0])
@@ -253,10 +241,8 @@ def classify_for(scheduler_pid: int, database: str) -> object:
     return classify
 
 
-async def measure(arguments: argparse.Namespace, state: dict[str, object], tmp: Path) -> None:
-    server_url, amqp_url = server_urls()
-    database = str(state["database"])
-    database_url = with_database(server_url, database)
+async def measure(arguments: argparse.Namespace, run: BenchRun, state: dict[str, object], tmp: Path) -> None:
+    database_url, amqp_url = run.database_url, run.amqp_url
     started = time.monotonic()
     await seed(database_url, arguments.checks)
     print(
@@ -264,13 +250,13 @@ async def measure(arguments: argparse.Namespace, state: dict[str, object], tmp: 
         f" {INTERVAL_SECONDS} s, next runs spread over the next {INTERVAL_SECONDS} s, in"
         f" {time.monotonic() - started:.1f} s: {arguments.checks / INTERVAL_SECONDS:,.0f} due a second"
     )
-    consumer = TickConsumer(amqp_url, str(state["exchange"]))
+    consumer = TickConsumer(amqp_url, run.exchange)
     await consumer.start()
     try:
         print(f"before measuring: {other_work()}")
         log = (tmp / "scheduler.log").open("ab")
         process = await asyncio.create_subprocess_exec(
-            sys.executable, THIS_SCRIPT, "--run-scheduler", database_url, amqp_url, str(state["exchange"]),
+            sys.executable, THIS_SCRIPT, "--run-scheduler", database_url, amqp_url, run.exchange,
             stdout=asyncio.subprocess.PIPE, stderr=log, cwd=REPO_ROOT,
         )  # fmt: skip
         log.close()
@@ -282,7 +268,7 @@ async def measure(arguments: argparse.Namespace, state: dict[str, object], tmp: 
         print(f"scheduler process {process.pid} started; warming up {arguments.warmup:g} s")
         await asyncio.sleep(arguments.warmup)
 
-        meter = CpuMeter(classify_for(process.pid, database))  # type: ignore[arg-type]
+        meter = CpuMeter(classify_for(process.pid, run.database))  # type: ignore[arg-type]
         cpu_before = process_cpu_seconds(process.pid) or 0.0
         meter.start()
         window_start = time.time()
@@ -357,11 +343,10 @@ async def measure(arguments: argparse.Namespace, state: dict[str, object], tmp: 
     print("\nGoals:")
     print(
         f"  p99 dispatch lateness {p99 * 1000:.0f} ms <= {LATENESS_GOAL_SECONDS * 1000:.0f} ms:"
-        f" {'MET' if p99 <= LATENESS_GOAL_SECONDS else 'NOT MET'}"
+        f" {verdict(p99 <= LATENESS_GOAL_SECONDS)}"
     )
     print(
-        f"  scheduler CPU {cpu_share * 100:.1f}% <= {CPU_GOAL * 100:.0f}% of one core:"
-        f" {'MET' if cpu_share <= CPU_GOAL else 'NOT MET'}"
+        f"  scheduler CPU {cpu_share * 100:.1f}% <= {CPU_GOAL * 100:.0f}% of one core: {verdict(cpu_share <= CPU_GOAL)}"
     )
     print(f"\nafter measuring: {other_work()}")
 
@@ -377,48 +362,30 @@ def main() -> int:
     arguments.seconds = arguments.seconds or (QUICK_SECONDS if arguments.quick else SECONDS)
     arguments.warmup = 3.0 if arguments.quick else WARMUP_SECONDS
 
-    server_url, amqp_url = server_urls()
-    run_id = uuid.uuid4().hex[:10]
-    state: dict[str, object] = {"database": f"healthgate_bench_{run_id}", "exchange": f"hgbench-{run_id}"}
-
-    def terminate(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    signal.signal(signal.SIGTERM, terminate)
+    run = BenchRun.new()
+    state: dict[str, object] = {}  # "process": the scheduler process, once started
     print(
         f"healthgate scheduler benchmark: {arguments.checks:,} checks every {INTERVAL_SECONDS} s, database"
-        f" {state['database']}, exchange {state['exchange']}, {arguments.seconds:g} s measured"
+        f" {run.database}, exchange {run.exchange}, {arguments.seconds:g} s measured"
     )
     print(machine_note())
-    exit_code = 1
     with tempfile.TemporaryDirectory(prefix="hgbench-scheduler-") as tmp_name:
         tmp = Path(tmp_name)
-        try:
-            run_async(measure(arguments, state, tmp))
-            exit_code = 0
-        except KeyboardInterrupt:
-            print("\ninterrupted; cleaning up", file=sys.stderr)
-            exit_code = 130
-        except Exception as exc:
-            print(
-                f"\nbenchmark failed: {exc!r}\n(if RabbitMQ or PostgreSQL restarted meanwhile, e.g. for a test suite"
-                " running on the same machine, run the benchmark again)",
-                file=sys.stderr,
-            )
+
+        def failed(exc: Exception) -> None:
+            print(failure_note(exc), file=sys.stderr)
             with contextlib.suppress(OSError):
                 print("scheduler log:\n" + (tmp / "scheduler.log").read_text()[-3000:], file=sys.stderr)
-            raise
-        finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)
-            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+        def clean_up() -> None:
             process = state.get("process")
             if process is not None and process.returncode is None:  # type: ignore[attr-defined]
                 cleanup_step("stop the scheduler process", lambda: kill(process.pid))  # type: ignore[attr-defined]
-            database = str(state["database"])
-            exchange = str(state["exchange"])
-            cleanup_step(f"drop database {database}", lambda: run_async(drop_database(server_url, database)))
-            cleanup_step(f"delete exchange {exchange}", lambda: run_async(delete_topology(amqp_url, exchange)))
-    return exit_code
+            run.remove()
+
+        with guarded(clean_up, failed) as outcome:
+            run_async(measure(arguments, run, state, tmp))
+    return outcome.exit_code
 
 
 def kill(pid: int) -> None:
