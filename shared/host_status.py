@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 
@@ -64,25 +65,73 @@ async def refresh_host_status(
     return previous, current
 
 
-async def gating_check_summaries(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[CheckSummary]:
-    """The host's enabled critical checks with their last result, as job events and jobs show them."""
+@dataclass(frozen=True)
+class GatingCheck:
+    """An enabled critical check of the host and what the pollers last learnt of it."""
+
+    check_id: uuid.UUID
+    name: str
+    status: str
+    interval_seconds: int
+    last_healthy: bool | None
+    last_detail: str | None
+    last_checked_at: dt.datetime | None
+
+    def ready(self, now: dt.datetime) -> bool:
+        """Healthy by a result no older than its interval."""
+        if self.status != "healthy" or self.last_checked_at is None:
+            return False
+        return now - self.last_checked_at <= dt.timedelta(seconds=self.interval_seconds)
+
+    def why_not_ready(self, now: dt.datetime) -> str:
+        if self.last_checked_at is None:
+            return "no result yet"
+        if self.status != "healthy":
+            return self.last_detail or self.status
+        age = (now - self.last_checked_at).total_seconds()
+        return f"last result is {age:.0f} s old, older than its {self.interval_seconds} s interval"
+
+    def summary(self) -> CheckSummary:
+        return CheckSummary(
+            check_id=self.check_id,
+            name=self.name,
+            healthy=self.last_healthy,
+            detail=self.last_detail,
+            checked_at=self.last_checked_at,
+        )
+
+
+async def gating_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[GatingCheck] | None:
+    """The host's enabled critical checks; None if the host is unknown."""
     rows = await connection.fetch(
         """
-        SELECT c.id, c.name, s.last_healthy, s.last_detail, s.last_checked_at
-        FROM health_checks c
-        JOIN check_state s ON s.check_id = c.id
-        WHERE c.host_id = $1 AND c.enabled AND c.critical
+        SELECT h.id AS known, c.id, c.name, c.interval_seconds,
+               s.status, s.last_healthy, s.last_detail, s.last_checked_at
+        FROM hosts h
+        LEFT JOIN health_checks c ON c.host_id = h.id AND c.enabled AND c.critical
+        LEFT JOIN check_state s ON s.check_id = c.id
+        WHERE h.id = $1
         ORDER BY c.name
         """,
         host_id,
     )
+    if not rows:
+        return None
     return [
-        CheckSummary(
+        GatingCheck(
             check_id=row["id"],
             name=row["name"],
-            healthy=row["last_healthy"],
-            detail=row["last_detail"],
-            checked_at=row["last_checked_at"],
+            status=row["status"] or "unknown",
+            interval_seconds=row["interval_seconds"],
+            last_healthy=row["last_healthy"],
+            last_detail=row["last_detail"],
+            last_checked_at=row["last_checked_at"],
         )
         for row in rows
+        if row["id"] is not None
     ]
+
+
+async def gating_check_summaries(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[CheckSummary]:
+    """The host's enabled critical checks with their last result, as job events and jobs show them."""
+    return [check.summary() for check in await gating_checks(connection, host_id) or []]

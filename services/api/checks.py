@@ -30,7 +30,9 @@ from services.api.requests import (
 )
 from services.api.schemas import (
     CHECK_WRITE_MODELS,
+    COMMON_WRITABLE_FIELDS,
     FIELDS_OF_TYPE,
+    WRITE_ONLY_FIELDS,
     CheckWriteBase,
     HttpCheckWrite,
     ItemList,
@@ -49,57 +51,16 @@ MAX_CHECKS_PER_HOST = 5
 FIRST_RUN_WITHIN_SECONDS = 5
 TEST_RUN_GRACE_SECONDS = 5
 
-WRITABLE_COLUMNS = (
-    "name",
-    "check_type",
-    "enabled",
-    "critical",
-    "interval_seconds",
-    "timeout_seconds",
-    "failures_before_unhealthy",
-    "successes_before_healthy",
-    "service_name",
-    "url",
-    "method",
-    "expected_status",
-    "expected_body",
-    "ignore_cert_errors",
-    "follow_redirects",
-    "basic_auth_user",
-    "basic_auth_pass_encrypted",
-    "port",
-    "address",
-)
-COMMON_FIELDS = (
-    "id",
-    "host_id",
-    "name",
-    "check_type",
-    "enabled",
-    "critical",
-    "interval_seconds",
-    "timeout_seconds",
-    "failures_before_unhealthy",
-    "successes_before_healthy",
-    "status",
-    "last_result",
-    "created_at",
-    "updated_at",
-    "basic_auth_pass_set",
-)
-TYPE_FIELDS = {
-    "service": ("service_name",),
-    "http": (
-        "url",
-        "method",
-        "expected_status",
-        "expected_body",
-        "ignore_cert_errors",
-        "follow_redirects",
-        "basic_auth_user",
-    ),
-    "tcp": ("port", "address"),
+# A check's own type's columns as the API shows them (the password never), and every stored column.
+TYPE_COLUMNS = {
+    kind: tuple(name for name in names if name not in WRITE_ONLY_FIELDS) for kind, names in FIELDS_OF_TYPE.items()
 }
+WRITABLE_COLUMNS = (
+    *COMMON_WRITABLE_FIELDS,
+    *(name for names in TYPE_COLUMNS.values() for name in names),
+    "basic_auth_pass_encrypted",
+)
+VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "created_at", "updated_at")
 CHECK_SELECT = """
     SELECT c.*, s.status, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms, s.last_checked_at
     FROM health_checks c
@@ -123,10 +84,7 @@ def check_view(row: asyncpg.Record) -> CheckView:
             latency_ms=row["last_latency_ms"],
             checked_at=row["last_checked_at"],
         )
-    values: dict[str, Any] = {
-        name: row[name] for name in COMMON_FIELDS if name not in ("last_result", "basic_auth_pass_set")
-    }
-    values |= {name: row[name] for name in TYPE_FIELDS[row["check_type"]]}
+    values: dict[str, Any] = {name: row[name] for name in (*VIEW_COLUMNS, *TYPE_COLUMNS[row["check_type"]])}
     values["last_result"] = last_result
     values["basic_auth_pass_set"] = row["basic_auth_pass_encrypted"] is not None
     return CheckView.model_validate(values)

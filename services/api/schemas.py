@@ -35,18 +35,20 @@ ExpectedStatus = Annotated[
 TcpAddress = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:%\[\]-]+$")]
 
 HTTP_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#]+\S*$"
-HTTP_ONLY_FIELDS = (
-    "url",
-    "method",
-    "expected_status",
-    "expected_body",
-    "ignore_cert_errors",
-    "follow_redirects",
-    "basic_auth_user",
-    "basic_auth_pass",
-)
-SERVICE_ONLY_FIELDS = ("service_name",)
-TCP_ONLY_FIELDS = ("port", "address")
+# The fields every check has, and those of each type (a check holds only its own type's fields).
+COMMON_WRITABLE_FIELDS = (
+    "name", "check_type", "enabled", "critical", "interval_seconds", "timeout_seconds",
+    "failures_before_unhealthy", "successes_before_healthy",
+)  # fmt: skip
+FIELDS_OF_TYPE: dict[str, tuple[str, ...]] = {
+    "service": ("service_name",),
+    "http": (
+        "url", "method", "expected_status", "expected_body", "ignore_cert_errors", "follow_redirects",
+        "basic_auth_user", "basic_auth_pass",
+    ),
+    "tcp": ("port", "address"),
+}  # fmt: skip
+WRITE_ONLY_FIELDS = frozenset({"basic_auth_pass"})
 READ_ONLY_HOST_FIELDS = (
     "id",
     "health_check_status",
@@ -202,11 +204,6 @@ CHECK_WRITE_MODELS: dict[str, type[CheckWriteBase]] = {
     "service": ServiceCheckWrite,
     "http": HttpCheckWrite,
     "tcp": TcpCheckWrite,
-}
-FIELDS_OF_TYPE = {
-    "service": set(SERVICE_ONLY_FIELDS),
-    "http": set(HTTP_ONLY_FIELDS),
-    "tcp": set(TCP_ONLY_FIELDS),
 }
 
 # ---- results, jobs, audit ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from services.gate.rules import Decision, GatingCheck, Verdict, decide
+from services.gate.rules import Decision, Verdict, decide
 from shared.events import (
     EventModel,
     JobCancelled,
@@ -26,6 +26,7 @@ from shared.events import (
     decision_event_id,
     deterministic_event_id,
 )
+from shared.host_status import GatingCheck, gating_checks
 from shared.outbox import enqueue
 
 EVENT_SOURCE = "/healthgate/gate"
@@ -38,37 +39,6 @@ class Evaluation:
 
     verdict: Verdict | None
     rerun: list[uuid.UUID]
-
-
-async def gating_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[GatingCheck] | None:
-    """The host's enabled critical checks; None if the host is unknown."""
-    rows = await connection.fetch(
-        """
-        SELECT h.id AS known, c.id, c.name, c.interval_seconds,
-               s.status, s.last_healthy, s.last_detail, s.last_checked_at
-        FROM hosts h
-        LEFT JOIN health_checks c ON c.host_id = h.id AND c.enabled AND c.critical
-        LEFT JOIN check_state s ON s.check_id = c.id
-        WHERE h.id = $1
-        ORDER BY c.name
-        """,
-        host_id,
-    )
-    if not rows:
-        return None
-    return [
-        GatingCheck(
-            check_id=row["id"],
-            name=row["name"],
-            status=row["status"] or "unknown",
-            interval_seconds=row["interval_seconds"],
-            last_healthy=row["last_healthy"],
-            last_detail=row["last_detail"],
-            last_checked_at=row["last_checked_at"],
-        )
-        for row in rows
-        if row["id"] is not None
-    ]
 
 
 async def insert_job(connection: asyncpg.Connection, job: JobStart) -> bool:

@@ -3,47 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from dataclasses import dataclass
 from enum import Enum
 
-from shared.events import CheckSummary
-
-
-@dataclass(frozen=True)
-class GatingCheck:
-    """An enabled critical check of the host and what the pollers last learnt of it."""
-
-    check_id: uuid.UUID
-    name: str
-    status: str
-    interval_seconds: int
-    last_healthy: bool | None
-    last_detail: str | None
-    last_checked_at: dt.datetime | None
-
-    def ready(self, now: dt.datetime) -> bool:
-        """Healthy by a result no older than its interval."""
-        if self.status != "healthy" or self.last_checked_at is None:
-            return False
-        return now - self.last_checked_at <= dt.timedelta(seconds=self.interval_seconds)
-
-    def why_not_ready(self, now: dt.datetime) -> str:
-        if self.last_checked_at is None:
-            return "no result yet"
-        if self.status != "healthy":
-            return self.last_detail or self.status
-        age = (now - self.last_checked_at).total_seconds()
-        return f"last result is {age:.0f} s old, older than its {self.interval_seconds} s interval"
-
-    def summary(self) -> CheckSummary:
-        return CheckSummary(
-            check_id=self.check_id,
-            name=self.name,
-            healthy=self.last_healthy,
-            detail=self.last_detail,
-            checked_at=self.last_checked_at,
-        )
+from shared.host_status import GatingCheck
 
 
 class Verdict(Enum):
