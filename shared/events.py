@@ -21,7 +21,10 @@ EVENT_ID_NAMESPACE = uuid.UUID("5b0b3b9e-4a4b-4f0e-9d0a-6865616c7468")
 CheckType = Literal["service", "http", "tcp"]
 CheckStatus = Literal["healthy", "unhealthy", "unknown"]
 HostHealthStatus = Literal["healthy", "degraded", "unhealthy", "unknown", "no_checks"]
-ResultReason = Literal["ok", "dns", "connect", "tls", "timeout", "status", "body", "agent", "blocked"]
+# CONTRACT §4: how a result came out.
+ResultReason = Literal[
+    "ok", "dns", "connect", "tls", "timeout", "status", "body", "agent", "blocked", "protocol", "slow"
+]
 JobId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 
 
@@ -69,6 +72,7 @@ class CheckView(EventModel):
     basic_auth_pass_set: bool | None = None
     port: int | None = None
     address: str | None = None
+    max_latency_ms: int | None = None
     status: CheckStatus
     last_result: CheckResultView | None
     created_at: AwareDatetime
@@ -121,7 +125,7 @@ class JobFailed(EventModel):
     job_id: str
     host_id: uuid.UUID
     failed_at: AwareDatetime
-    reason: Literal["window_closed", "invalid_request", "overridden"]
+    reason: Literal["window_closed", "invalid_request", "overridden", "unknown_host"]
     detail: str
     checks: list[CheckSummary]
     overridden_by: str | None = None

@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IpNetworks = Annotated[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode]
 
-DEFAULT_HEALTH_PORTS = {"api": 8080, "poller": 8081, "gate": 8082, "pruner": 8083}
+DEFAULT_HEALTH_PORTS = {"api": 8080, "poller": 8081, "gate": 8082, "pruner": 8083, "notifier": 8084}
 
 
 class SettingsError(Exception):
@@ -35,6 +35,8 @@ class Settings(BaseSettings):
     poll_interval_seconds: int = Field(300, ge=10, le=86400)
     check_timeout_seconds: float = Field(10, ge=0.1, le=60)
     gate_retry_seconds: float = Field(300, gt=0)
+    # What a job.start for a host healthgate does not know gets (CONTRACT §2, §5).
+    gate_unknown_host: Literal["release", "fail"] = "release"
     result_retention_hours: float = Field(96, gt=0)
     prune_interval_seconds: float = Field(3600, gt=0)
     # Not in the contract's table: how long decided gate jobs and sent outbox rows are kept.

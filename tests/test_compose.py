@@ -16,8 +16,8 @@ from jsonschema.validators import validator_for
 ROOT = Path(__file__).resolve().parents[1]
 COMPOSE_FILE = ROOT / "compose.yaml"
 DOCKERFILE = ROOT / "Dockerfile"
-# shared/ lies beside the repository (see shared/schemas/README.md).
-COMPOSE_SCHEMA = ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+# A copy kept in the repository (Apache-2.0, see tests/schemas/README.md): a clone needs nothing beside it.
+COMPOSE_SCHEMA = ROOT / "tests" / "schemas" / "compose-spec.json"
 KEY_DIR = "/etc/healthgate/keys"
 
 
@@ -63,7 +63,7 @@ def schema_validator_class(schema: dict):
 
 
 def test_compose_file_matches_the_compose_specification() -> None:
-    assert COMPOSE_SCHEMA.is_file(), f"{COMPOSE_SCHEMA} is missing (shared/ must lie beside the repository)"
+    assert COMPOSE_SCHEMA.is_file(), f"{COMPOSE_SCHEMA} is missing"
     schema = json.loads(COMPOSE_SCHEMA.read_text(encoding="utf-8"))
     cls = schema_validator_class(schema)
     cls.check_schema(schema)
