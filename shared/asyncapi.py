@@ -53,8 +53,9 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
     ),
     "job.failed": (
         "The job must not start on the host. reason window_closed: the maintenance window closed (or had already "
-        "closed) while checks were not healthy; invalid_request: the job.start was malformed; overridden: an "
-        "admin failed it by override."
+        "closed) while checks were not healthy; invalid_request: the job.start was malformed (job_id is then the "
+        "job_id as received, whatever it holds); unknown_host: the host is not known to healthgate and "
+        "HEALTHGATE_GATE_UNKNOWN_HOST is fail; overridden: an admin failed it by override."
     ),
     "job.cancelled": "A waiting job host was cancelled by job.cancel.",
     "check.result": "Every stored result of a health check, with the check's status after it.",

@@ -58,6 +58,8 @@ def clip_detail(text: str, limit: int = DETAIL_LIMIT) -> str:
 
 
 def safe_detail(text: str, secrets: Iterable[str | None] = (), limit: int = DETAIL_LIMIT) -> str:
-    """A detail fit to store and publish: NUL-free (PostgreSQL text cannot hold it), credentials
-    redacted, then cut to `limit` characters."""
-    return clip_detail(redact_credentials(text.replace("\x00", "\\0"), secrets), limit)
+    """A detail fit to store and publish: NUL-free and without lone surrogates (PostgreSQL text and
+    UTF-8 cannot hold them; a surrogate becomes its escape, "\\ud800"), credentials redacted, then cut
+    to `limit` characters."""
+    storable = text.replace("\x00", "\\0").encode("utf-8", "backslashreplace").decode("utf-8")
+    return clip_detail(redact_credentials(storable, secrets), limit)

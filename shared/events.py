@@ -7,11 +7,25 @@ CloudEvents or the bare `data` object; the routing key says what a message is.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import unicodedata
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+import ciso8601
+from pydantic import (
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+from pydantic_core import PydanticSerializationError
 
 CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
 EVENT_TYPE_PREFIX = "healthgate."
@@ -25,7 +39,105 @@ HostHealthStatus = Literal["healthy", "degraded", "unhealthy", "unknown", "no_ch
 ResultReason = Literal[
     "ok", "dns", "connect", "tls", "timeout", "status", "body", "agent", "blocked", "protocol", "slow"
 ]
-JobId = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+JOB_ID_MAX_LENGTH = 200
+# Longer than any RFC 3339 timestamp anyone sends ("2024-06-01T12:00:00.123456789+01:00" is 35): a
+# longer string is refused before parsing, so a huge value never reaches the parser or an error message.
+TIMESTAMP_MAX_LENGTH = 64
+
+
+def control_character(text: str) -> tuple[int, str] | None:
+    """The first control character of `text` (Unicode category Cc: C0, DEL and C1, NUL included) or
+    lone surrogate (Cs: not valid Unicode, so no UTF-8 encoder, PostgreSQL included, can store it),
+    as (index, character); None if there is none."""
+    for index, character in enumerate(text):
+        if unicodedata.category(character) in ("Cc", "Cs"):
+            return index, character
+    return None
+
+
+def _job_id_characters(value: object) -> object:
+    # Before pydantic's str validation, which would refuse a lone surrogate without saying where.
+    found = control_character(value) if isinstance(value, str) else None
+    if found is not None:
+        index, character = found
+        kind = "a lone surrogate" if unicodedata.category(character) == "Cs" else "a control character"
+        raise ValueError(f"holds {kind} (U+{ord(character):04X} at index {index}); none is allowed")
+    return value
+
+
+# CONTRACT §5: 1 to 200 characters, no control characters. A valid job_id is therefore always storable
+# as PostgreSQL text (no NUL, valid UTF-8) and fits gate_jobs' CHECK (char_length BETWEEN 1 AND 200).
+JobId = Annotated[
+    str,
+    Strict(),
+    StringConstraints(min_length=1, max_length=JOB_ID_MAX_LENGTH),
+    BeforeValidator(_job_id_characters),
+    Field(json_schema_extra={"pattern": "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"}),
+]
+_JOB_ID = TypeAdapter(JobId)
+
+
+def is_valid_job_id(value: object) -> bool:
+    """Whether `value` is a job_id the contract allows (a string of 1 to 200 characters, no control
+    characters). Every other non-empty string is still answered, as an invalid request."""
+    try:
+        _JOB_ID.validate_python(value)
+    except ValidationError:
+        return False
+    return True
+
+
+def _rfc3339_in_utc(value: object) -> object:
+    """`window_ends_at` of a job.start: an RFC 3339 string with an offset, as a UTC datetime.
+
+    Parsed by ciso8601's strict RFC 3339 mode (pydantic's own datetime parsing also takes numbers,
+    "1893456000" strings, dates without a time and times without an offset). Converted to UTC here so
+    that a value Python cannot represent once in UTC (`9999-12-31T23:59:59-14:00` is in year 10000)
+    is refused now, not later in a comparison or a query. Also refused: year 0 or 10000, a leap second
+    (`23:59:60`: Python's datetime has no second 60), an offset of ±24:00 or more. An aware datetime
+    (a model built in Python, never a decoded message) is taken as it is, in UTC."""
+    if isinstance(value, dt.datetime) and value.utcoffset() is not None:
+        return value.astimezone(dt.UTC)
+    if not isinstance(value, str):
+        raise ValueError(f"must be an RFC 3339 string with an offset, not {_json_type(value)}")
+    if len(value) > TIMESTAMP_MAX_LENGTH:
+        raise ValueError(f"is {len(value)} characters long: not an RFC 3339 timestamp")
+    try:
+        parsed = ciso8601.parse_rfc3339(value)
+    except ValueError as exc:
+        raise ValueError(f"is not an RFC 3339 timestamp with an offset: {exc}") from None
+    try:
+        return parsed.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError("is out of range once converted to UTC (years 1 to 9999)") from None
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+# In UTC, years 1 to 9999 (Python's range; PostgreSQL's timestamptz is wider).
+WindowEndsAt = Annotated[AwareDatetime, BeforeValidator(_rfc3339_in_utc)]
+HostId = uuid.UUID
+_HOST_ID = TypeAdapter(HostId)
+
+
+def parse_host_id(value: object) -> uuid.UUID | None:
+    """`value` as a host id if the inbound models accept it as one, else None."""
+    try:
+        return _HOST_ID.validate_python(value)
+    except ValidationError:
+        return None
 
 
 class EventModel(BaseModel):
@@ -91,14 +203,16 @@ class CheckSummary(EventModel):
 
 
 class JobStart(EventModel):
+    """A job is about to start on a host (CONTRACT §5). Unknown fields are ignored."""
+
     job_id: JobId
-    host_id: uuid.UUID
-    window_ends_at: AwareDatetime
+    host_id: HostId
+    window_ends_at: WindowEndsAt
 
 
 class JobCancel(EventModel):
     job_id: JobId
-    host_id: uuid.UUID
+    host_id: HostId
 
 
 # ---- outbound ------------------------------------------------------------------------------------
@@ -122,6 +236,9 @@ class JobReleased(EventModel):
 
 
 class JobFailed(EventModel):
+    """A job host failed. For `invalid_request`, `job_id` is the job_id as received, whatever it holds
+    (control characters, NUL, more than 200 characters): JSON escapes what needs escaping."""
+
     job_id: str
     host_id: uuid.UUID
     failed_at: AwareDatetime
@@ -227,7 +344,14 @@ class CloudEvent(BaseModel):
 
 
 def deterministic_event_id(*parts: str) -> uuid.UUID:
-    return uuid.uuid5(EVENT_ID_NAMESPACE, "/".join(parts))
+    """uuid5 of the parts joined by "/", in EVENT_ID_NAMESPACE.
+
+    The same as `uuid.uuid5`, whose Python 3.11 version takes only a str it can encode as UTF-8; a
+    job_id received with a lone surrogate (invalid, but still answered) is hashed with "surrogatepass",
+    so every string has an id and every other string keeps the id uuid.uuid5 gives it."""
+    name = "/".join(parts).encode("utf-8", "surrogatepass")
+    digest = hashlib.sha1(EVENT_ID_NAMESPACE.bytes + name, usedforsecurity=False).digest()
+    return uuid.UUID(bytes=digest[:16], version=5)
 
 
 def decision_event_id(job_id: str, host_id: uuid.UUID) -> uuid.UUID:
@@ -256,23 +380,34 @@ def encode_cloudevent(
         time=time or dt.datetime.now(dt.UTC),
         data=data.model_dump(mode="json", exclude_unset=True),
     )
-    return event_id, envelope.model_dump_json(exclude_none=True).encode()
+    try:
+        return event_id, envelope.model_dump_json(exclude_none=True).encode()
+    except PydanticSerializationError:
+        # A string UTF-8 cannot encode: a lone surrogate in a job_id received as "\ud800" (the
+        # job.failed of that invalid request carries the job_id as received). The standard library
+        # writes it back as the same JSON escape, and every other character as an escape too.
+        return event_id, json.dumps(
+            envelope.model_dump(mode="json", exclude_none=True), ensure_ascii=True, separators=(",", ":")
+        ).encode()
 
 
 class MalformedEvent(Exception):
     """An inbound message that can never be processed; it belongs in the dead-letter queue."""
 
-    def __init__(self, message: str, *, data: object = None) -> None:
+    def __init__(self, message: str, *, data: object = None, problems: str | None = None) -> None:
         super().__init__(message)
-        self.data = data
+        self.data = data  # the data object as decoded, if the body was JSON
+        self.problems = problems or message  # what is wrong with `data`, field by field
 
 
 def decode_event(body: bytes, model: type[EventT]) -> EventT:
     """Parse a structured CloudEvent or a bare data object into `model`."""
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # also not UTF-8, and integers longer than Python converts (4,300 digits)
         raise MalformedEvent(f"body is not JSON: {exc}") from None
+    except RecursionError:
+        raise MalformedEvent("body is not JSON this service reads: nested too deeply") from None
     if not isinstance(document, dict):
         raise MalformedEvent("body is not a JSON object")
     data = document.get("data") if "specversion" in document else document
@@ -282,6 +417,7 @@ def decode_event(body: bytes, model: type[EventT]) -> EventT:
         return model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(
-            f"{'.'.join(str(part) for part in error['loc']) or 'data'}: {error['msg']}" for error in exc.errors()
+            f"{'.'.join(str(part) for part in error['loc']) or 'data'}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors()
         )
-        raise MalformedEvent(f"invalid {model.__name__}: {problems}", data=data) from None
+        raise MalformedEvent(f"invalid {model.__name__}: {problems}", data=data, problems=problems) from None

@@ -32,6 +32,26 @@ RETRY_DELAY_SECONDS = 1.0
 BROKER_WAIT_SECONDS = 0.2
 
 
+AMQP_SHORTSTR_BYTES = 255
+
+
+def amqp_correlation_id(value: str | None) -> str | None:
+    """`value` if it can be an AMQP correlation_id stored in the outbox, else None.
+
+    correlation_id is an AMQP short string: at most 255 bytes of UTF-8. A job_id of 200 characters can
+    be 800 bytes; aio-pika refuses to publish a longer one (TypeError), which would leave the row unsent
+    and retried forever. The outbox column is PostgreSQL text, which holds no NUL and no lone
+    surrogate (only invalid job_ids, answered as invalid requests, hold those). Such an event goes out
+    without a correlation_id; its data always has the job_id."""
+    if value is None or "\x00" in value:
+        return None
+    try:
+        encoded = value.encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    return value if len(encoded) <= AMQP_SHORTSTR_BYTES else None
+
+
 async def enqueue(
     connection: asyncpg.Connection,
     routing_key: str,
@@ -42,8 +62,11 @@ async def enqueue(
     correlation_id: str | None = None,
     time: dt.datetime | None = None,
 ) -> uuid.UUID:
-    """Add an event to the outbox within the caller's transaction and wake the relays on commit."""
+    """Add an event to the outbox within the caller's transaction and wake the relays on commit.
+
+    A `correlation_id` that AMQP or PostgreSQL cannot carry is left out (see `amqp_correlation_id`)."""
     event_id, body = encode_cloudevent(routing_key, data, source=source, event_id=event_id, time=time)
+    correlation_id = amqp_correlation_id(correlation_id)
     await connection.execute(
         """
         INSERT INTO outbox (event_id, routing_key, correlation_id, body) VALUES ($1, $2, $3, $4);

@@ -15,8 +15,9 @@ async def serve(settings: Settings) -> bool:
     """Run until SIGINT/SIGTERM; False if it stopped because one of its tasks failed."""
     async with WorkerRuntime("gate", settings, pool_size=20) as runtime:
         gate = Gate(
-            runtime.pool, runtime.broker, GateMetrics(runtime.registry), retry_seconds=settings.gate_retry_seconds
-        )
+            runtime.pool, runtime.broker, GateMetrics(runtime.registry),
+            retry_seconds=settings.gate_retry_seconds, unknown_host=settings.gate_unknown_host,
+        )  # fmt: skip
         runtime.tasks.start(runtime.broker.run(gate.start_consuming), "broker")
         runtime.tasks.start(gate.run_timers(), "timers")
         await runtime.stopped()

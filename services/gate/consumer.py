@@ -21,8 +21,18 @@ from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.gate import jobs
-from services.gate.rules import Verdict
-from shared.events import CheckResult, JobCancel, JobStart, MalformedEvent, ScheduledRun, Tick, decode_event
+from services.gate.rules import UnknownHostPolicy, Verdict
+from shared.details import safe_detail
+from shared.events import (
+    CheckResult,
+    JobCancel,
+    JobStart,
+    MalformedEvent,
+    ScheduledRun,
+    Tick,
+    decode_event,
+    parse_host_id,
+)
 from shared.messaging import Broker, PublishFailed, Unroutable
 from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE, POLLER_TICK_QUEUE, consume
 
@@ -62,24 +72,37 @@ class GateMetrics:
 
 
 def salvage_identity(data: object) -> tuple[str, uuid.UUID] | None:
-    """job_id and host_id of a malformed job.start, when they are usable (CONTRACT §5)."""
+    """job_id and host_id of a malformed job.start, when they are usable (CONTRACT §5): a job_id that
+    is a non-empty string, whatever it holds (too long, control characters: it is answered as received),
+    and a host_id the inbound models accept as a UUID. None otherwise (only dead-lettered then)."""
     if not isinstance(data, dict):
         return None
-    job_id, host_id = data.get("job_id"), data.get("host_id")
-    if not isinstance(job_id, str) or not 1 <= len(job_id) <= 200 or not isinstance(host_id, str):
+    job_id = data.get("job_id")
+    if not isinstance(job_id, str) or not job_id:
         return None
-    try:
-        return job_id, uuid.UUID(host_id)
-    except ValueError:
-        return None
+    host_id = parse_host_id(data.get("host_id"))
+    return None if host_id is None else (job_id, host_id)
 
 
 class Gate:
-    def __init__(self, pool: asyncpg.Pool, broker: Broker, metrics: GateMetrics, *, retry_seconds: float) -> None:
+    """Decides job hosts: consumes job.start/job.cancel and check.result, and runs the timers.
+
+    `retry_seconds`: HEALTHGATE_GATE_RETRY_SECONDS; `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        broker: Broker,
+        metrics: GateMetrics,
+        *,
+        retry_seconds: float,
+        unknown_host: UnknownHostPolicy = "release",
+    ) -> None:
         self._pool = pool
         self._broker = broker
         self._metrics = metrics
         self._retry_seconds = retry_seconds
+        self._unknown_host = unknown_host
 
     async def start_consuming(self, connection: AbstractRobustConnection) -> None:
         topology = self._broker.topology
@@ -99,7 +122,13 @@ class Gate:
             else:
                 outcome = "unexpected"
         except MalformedEvent as exc:
-            log.warning("malformed message dead-lettered", extra={"routing_key": routing_key, "error": str(exc)})
+            # Rejected without requeue at once: a message that cannot be read never gets better, and a
+            # malformed job.start was decided (invalid_request) before this, when it could be.
+            fields: dict[str, object] = {"routing_key": routing_key, "error": safe_detail(str(exc))}
+            identity = salvage_identity(exc.data)
+            if identity is not None:
+                fields |= {"job_id": jobs.loggable_job_id(identity[0]), "host_id": str(identity[1])}
+            log.warning("malformed message dead-lettered", extra=fields)
             self._metrics.messages.labels(routing_key, "dead_lettered").inc()
             await message.reject(requeue=False)
             return
@@ -126,14 +155,15 @@ class Gate:
             identity = salvage_identity(exc.data)
             if identity is not None:
                 job_id, host_id = identity
-                problem = str(exc)
+                problem = exc.problems
                 decided = await self._with_database(lambda c: jobs.record_invalid_request(c, job_id, host_id, problem))
-                if decided:
-                    self._metrics.decisions.labels("invalid_request").inc()
+                if decided is not None:
+                    self._decided(decided)
             raise
         return await self.start(job)
 
     async def start(self, job: JobStart) -> str:
+        """Record a valid job.start and evaluate it at once; "duplicate" if the job host was known."""
         if not await self._with_database(lambda c: jobs.insert_job(c, job)):
             return "duplicate"
         # The row is committed before it is evaluated: a result committed after this evaluation read
@@ -141,6 +171,8 @@ class Gate:
         evaluation = await self._with_database(
             lambda c: self._evaluate_one(c, job.job_id, job.host_id, rerun_failing=True)
         )
+        if evaluation is not None:
+            self._decided(evaluation)
         await self._request_runs(evaluation.rerun if evaluation else [])
         return "started"
 
@@ -150,17 +182,26 @@ class Gate:
         row = await jobs.lock_waiting(connection, job_id, host_id)
         if row is None:
             return None  # decided meanwhile (a timer of another gate, an override, a cancel)
-        evaluation = await jobs.evaluate(
-            connection, row, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing
-        )
-        self._count(evaluation)
-        return evaluation
+        return await self._evaluate(connection, row, rerun_failing=rerun_failing)
+
+    async def _evaluate(
+        self, connection: asyncpg.Connection, row: asyncpg.Record, *, rerun_failing: bool
+    ) -> jobs.Evaluation:
+        return await jobs.evaluate(
+            connection, row, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing,
+            unknown_host=self._unknown_host,
+        )  # fmt: skip
 
     async def _on_job_cancel(self, body: bytes) -> str:
         request = decode_event(body, JobCancel)
         cancelled = await self._with_database(lambda c: jobs.cancel(c, request.job_id, request.host_id))
         if cancelled:
             self._metrics.decisions.labels("cancelled").inc()
+            log.info(
+                "job cancelled",
+                extra={"job_id": request.job_id, "host_id": str(request.host_id), "status": "cancelled",
+                       "reason": None, "detail": "cancelled by job.cancel"},
+            )  # fmt: skip
         return "cancelled" if cancelled else "not_waiting"
 
     # ---- check.result ----------------------------------------------------------------------------
@@ -175,15 +216,18 @@ class Gate:
         # Only a result that leaves its check healthy can complete a host's set of healthy checks.
         if result.status == "healthy":
             try:
-                await self._with_database(lambda c: self._wake_host(c, result.host_id))
+                evaluations = await self._with_database(lambda c: self._wake_host(c, result.host_id))
             except Exception:
                 # A missed wake-up costs one retry interval at most: the timers re-evaluate every job.
                 log.exception("could not evaluate a host's waiting jobs on a result")
+            else:
+                for evaluation in evaluations:
+                    self._decided(evaluation)
         await message.ack()
 
-    async def _wake_host(self, connection: asyncpg.Connection, host_id: uuid.UUID) -> None:
-        for row in await jobs.lock_waiting_on_host(connection, host_id):
-            self._count(await jobs.evaluate(connection, row, retry_seconds=self._retry_seconds, rerun_failing=False))
+    async def _wake_host(self, connection: asyncpg.Connection, host_id: uuid.UUID) -> list[jobs.Evaluation]:
+        rows = await jobs.lock_waiting_on_host(connection, host_id)
+        return [await self._evaluate(connection, row, rerun_failing=False) for row in rows]
 
     # ---- timers ----------------------------------------------------------------------------------
 
@@ -200,23 +244,41 @@ class Gate:
                 await asyncio.sleep(TIMER_INTERVAL_SECONDS)
 
     async def run_due_timers(self) -> int:
-        rerun: list[uuid.UUID] = []
+        evaluations: list[jobs.Evaluation] = []
         async with self._pool.acquire() as connection, connection.transaction():
             due = await jobs.lock_due(connection, TIMER_BATCH)
             for row in due:
-                evaluation = await jobs.evaluate(connection, row, retry_seconds=self._retry_seconds, rerun_failing=True)
-                self._count(evaluation)
-                rerun += evaluation.rerun
-        await self._request_runs(rerun)
+                evaluations.append(await self._evaluate(connection, row, rerun_failing=True))
+        for evaluation in evaluations:
+            self._decided(evaluation)
+        await self._request_runs([check_id for evaluation in evaluations for check_id in evaluation.rerun])
         return len(due)
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    def _count(self, evaluation: jobs.Evaluation) -> None:
-        if evaluation.verdict is Verdict.RELEASE:
-            self._metrics.decisions.labels("released").inc()
-        elif evaluation.verdict is Verdict.WINDOW_CLOSED:
-            self._metrics.decisions.labels("window_closed").inc()
+    def _decided(self, evaluation: jobs.Evaluation) -> None:
+        """Count and log what a committed evaluation did: one line per decision (released, failed
+        with its reason), and one when a job host starts waiting (CONTRACT §2, HEALTHGATE_LOG_FORMAT)."""
+        if evaluation.verdict is Verdict.WAIT:
+            if not evaluation.announced:
+                return
+            message, status = "job waiting", "waiting_health_check"
+        elif evaluation.verdict is Verdict.RELEASE:
+            message, status = "job released", "released"
+        else:
+            message, status = "job failed", "failed"
+        if evaluation.verdict is not Verdict.WAIT:
+            self._metrics.decisions.labels(evaluation.reason or status).inc()
+        log.info(
+            message,
+            extra={
+                "job_id": jobs.loggable_job_id(evaluation.job_id),
+                "host_id": str(evaluation.host_id),
+                "status": status,
+                "reason": evaluation.reason,
+                "detail": evaluation.detail,
+            },
+        )
 
     async def _request_runs(self, check_ids: list[uuid.UUID]) -> None:
         """Ask the pollers to run these checks now. Best effort: the retry timer asks again."""

@@ -9,13 +9,16 @@ columns of the row, so any gate process, including one started after a crash, pi
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import asyncpg
 
-from services.gate.rules import Decision, Verdict, decide
+from services.gate.rules import Decision, UnknownHostPolicy, Verdict, decide
+from shared.details import clip_detail, safe_detail
 from shared.events import (
     EventModel,
     JobCancelled,
@@ -25,20 +28,63 @@ from shared.events import (
     JobWaiting,
     decision_event_id,
     deterministic_event_id,
+    is_valid_job_id,
 )
 from shared.host_status import GatingCheck, gating_checks
 from shared.outbox import enqueue
 
 EVENT_SOURCE = "/healthgate/gate"
 JOB_COLUMNS = "job_id, host_id, status, window_ends_at, received_at, waiting_announced"
+# The key of an invalid job_id starts with U+001A SUBSTITUTE, the control character meant to stand
+# for a value that cannot be represented: no valid job_id holds a control character, so no valid
+# job_id is ever this key, and the key is short, NUL-free text that gate_jobs can hold.
+INVALID_JOB_KEY_PREFIX = "\x1ainvalid-job-id:sha256:"
+LOGGED_JOB_ID_LIMIT = 200
+# asyncpg stores exactly datetime.min and datetime.max (in UTC) as PostgreSQL's -infinity/infinity
+# and reads those back as *naive* datetimes, which then cannot be compared with now (the timers would
+# crash) nor shown as RFC 3339 with an offset. A window ending at either instant is stored one
+# microsecond inside them: no decision changes by that.
+EARLIEST_STORED = dt.datetime.min.replace(tzinfo=dt.UTC) + dt.timedelta(microseconds=1)
+LATEST_STORED = dt.datetime.max.replace(tzinfo=dt.UTC) - dt.timedelta(microseconds=1)
 
 
 @dataclass(frozen=True)
 class Evaluation:
-    """What an evaluation did: the verdict, and the checks to run again now (a waiting job)."""
+    """What an evaluation of a job host did, for the caller to count and log once it has committed.
 
-    verdict: Verdict | None
-    rerun: list[uuid.UUID]
+    `verdict` WAIT: still waiting; `announced`: this evaluation sent its job.waiting; `rerun`: the
+    checks to run again now; `reason` and `detail` as stored with the decision."""
+
+    job_id: str
+    host_id: uuid.UUID
+    verdict: Verdict
+    rerun: list[uuid.UUID] = field(default_factory=list)
+    reason: str | None = None
+    detail: str | None = None
+    announced: bool = False
+
+
+def job_key(job_id: str) -> str:
+    """The `gate_jobs.job_id` under which a received job_id is recorded.
+
+    A valid job_id (CONTRACT §5: 1 to 200 characters, no control characters) is its own key. Any other
+    non-empty string (too long, with NUL or other control characters, with a lone surrogate) gets a
+    key PostgreSQL can hold and that is the same for every copy of it: INVALID_JOB_KEY_PREFIX and the
+    SHA-256 of its UTF-8 ("surrogatepass", so a lone surrogate hashes too), 87 characters. Its events
+    still carry the job_id as received."""
+    if is_valid_job_id(job_id):
+        return job_id
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return INVALID_JOB_KEY_PREFIX + digest
+
+
+def loggable_job_id(job_id: str) -> str:
+    """The job_id for a log line: a valid one as it is; any other with every non-ASCII and control
+    character escaped ("\\x00", "\\u0085", "\\ud800"; backslash as "\\\\") and cut to 200 characters,
+    so that it can neither forge a log line nor flood the log."""
+    if is_valid_job_id(job_id):
+        return job_id
+    return clip_detail(job_id.encode("unicode_escape").decode("ascii"), LOGGED_JOB_ID_LIMIT)
 
 
 async def insert_job(connection: asyncpg.Connection, job: JobStart) -> bool:
@@ -54,15 +100,32 @@ async def insert_job(connection: asyncpg.Connection, job: JobStart) -> bool:
         """,
         job.job_id,
         job.host_id,
-        job.window_ends_at,
+        storable_time(job.window_ends_at),
     )
     return bool(inserted)
 
 
-async def record_invalid_request(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID, problem: str) -> bool:
-    """Decide an invalid job.start as failed (invalid_request), unless the job host is known."""
+def storable_time(moment: dt.datetime) -> dt.datetime:
+    """`moment` (aware) as a timestamptz that asyncpg writes and reads back as itself: the two
+    instants it maps to -infinity/infinity are moved one microsecond inward."""
+    return min(max(moment, EARLIEST_STORED), LATEST_STORED)
+
+
+def _aware(moment: dt.datetime) -> dt.datetime:
+    """A timestamptz as read: asyncpg gives -infinity/infinity as naive datetime.min/max (UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+async def record_invalid_request(
+    connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID, problem: str
+) -> Evaluation | None:
+    """Decide an invalid job.start as failed (invalid_request), unless the job host is known already.
+
+    `job_id` is any non-empty string as received: it is recorded under `job_key(job_id)`, so that a
+    repeat of the same message finds the row and decides nothing, while the job.failed event carries
+    it unchanged. None when the job host had been recorded before (a repeat)."""
     now = dt.datetime.now(dt.UTC)
-    detail = f"invalid job.start: {problem}"
+    detail = safe_detail(f"invalid job.start: {problem}")
     inserted = await connection.fetchval(
         """
         INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, decided_at, reason, detail)
@@ -70,17 +133,16 @@ async def record_invalid_request(connection: asyncpg.Connection, job_id: str, ho
         ON CONFLICT (job_id, host_id) DO NOTHING
         RETURNING true
         """,
-        job_id,
+        job_key(job_id),
         host_id,
         now,
         detail,
     )
-    if inserted:
-        event = JobFailed(
-            job_id=job_id, host_id=host_id, failed_at=now, reason="invalid_request", detail=detail, checks=[]
-        )
-        await _publish_decision(connection, "job.failed", event, job_id, host_id, now)
-    return bool(inserted)
+    if not inserted:
+        return None
+    event = JobFailed(job_id=job_id, host_id=host_id, failed_at=now, reason="invalid_request", detail=detail, checks=[])
+    await _publish_decision(connection, "job.failed", event, job_id, host_id, now)
+    return Evaluation(job_id, host_id, Verdict.INVALID_REQUEST, reason="invalid_request", detail=detail)
 
 
 async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
@@ -123,34 +185,51 @@ async def lock_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.R
 
 
 async def evaluate(
-    connection: asyncpg.Connection, job: asyncpg.Record, *, retry_seconds: float, rerun_failing: bool
+    connection: asyncpg.Connection,
+    job: asyncpg.Record,
+    *,
+    retry_seconds: float,
+    rerun_failing: bool,
+    unknown_host: UnknownHostPolicy = "release",
 ) -> Evaluation:
     """Apply the rules to a locked waiting job host and act on the verdict, in the caller's transaction.
 
     `rerun_failing`: when the job must go on waiting, ask for its failing or stale checks to run again
-    now and move its retry timer on (at start and on each retry, not on every result)."""
+    now and move its retry timer on (at start and on each retry, not on every result).
+    `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST."""
     now = dt.datetime.now(dt.UTC)
-    checks = await gating_checks(connection, job["host_id"])
-    decision = decide(job["window_ends_at"], now, checks)
+    job_id, host_id = job["job_id"], job["host_id"]
+    checks = await gating_checks(connection, host_id)
+    decision = decide(_aware(job["window_ends_at"]), now, checks, unknown_host=unknown_host)
     if decision.verdict is Verdict.RELEASE:
-        await _release(connection, job, decision, now)
-        return Evaluation(Verdict.RELEASE, [])
+        detail = await _release(connection, job, decision, now)
+        return Evaluation(job_id, host_id, Verdict.RELEASE, detail=detail)
     if decision.verdict is Verdict.WINDOW_CLOSED:
-        await _fail_window_closed(connection, job, decision, now)
-        return Evaluation(Verdict.WINDOW_CLOSED, [])
+        detail = decision.failure_detail(now)
+        await _fail(connection, job, "window_closed", detail, decision, now)
+        return Evaluation(job_id, host_id, Verdict.WINDOW_CLOSED, reason="window_closed", detail=detail)
+    if decision.verdict is Verdict.UNKNOWN_HOST:
+        detail = (
+            f"host {host_id} is not known to healthgate, and unknown hosts are failed "
+            "(HEALTHGATE_GATE_UNKNOWN_HOST=fail)"
+        )
+        await _fail(connection, job, "unknown_host", detail, decision, now)
+        return Evaluation(job_id, host_id, Verdict.UNKNOWN_HOST, reason="unknown_host", detail=detail)
+    waiting_detail = "waiting for checks: " + ", ".join(check.name for check in decision.not_ready)
     if not job["waiting_announced"]:
         event = JobWaiting(
             job_id=job["job_id"],
             host_id=job["host_id"],
-            window_ends_at=job["window_ends_at"],
+            window_ends_at=_aware(job["window_ends_at"]),
             failing_checks=[check.summary() for check in decision.not_ready],
         )
         await enqueue(
             connection, "job.waiting", event, source=EVENT_SOURCE, correlation_id=job["job_id"],
             event_id=deterministic_event_id("job-waiting", job["job_id"], str(job["host_id"])), time=now,
         )  # fmt: skip
-    if not rerun_failing and job["waiting_announced"]:
-        return Evaluation(None, [])
+    announced = not job["waiting_announced"]
+    if not rerun_failing and not announced:
+        return Evaluation(job_id, host_id, Verdict.WAIT, detail=waiting_detail)
     await connection.execute(
         """
         UPDATE gate_jobs
@@ -165,10 +244,12 @@ async def evaluate(
         retry_seconds,
         _checks_json(decision.checks),
     )
-    return Evaluation(None, [check.check_id for check in decision.not_ready] if rerun_failing else [])
+    rerun = [check.check_id for check in decision.not_ready] if rerun_failing else []
+    return Evaluation(job_id, host_id, Verdict.WAIT, rerun, detail=waiting_detail, announced=announced)
 
 
 async def cancel(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> bool:
+    """Cancel a waiting job host (job.cancel); False if it is unknown or no longer waiting."""
     now = dt.datetime.now(dt.UTC)
     cancelled = await connection.fetchval(
         """
@@ -187,7 +268,7 @@ async def cancel(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID
     return bool(cancelled)
 
 
-async def _release(connection: asyncpg.Connection, job: asyncpg.Record, decision: Decision, now: dt.datetime) -> None:
+async def _release(connection: asyncpg.Connection, job: asyncpg.Record, decision: Decision, now: dt.datetime) -> str:
     detail = "all gating checks healthy" if decision.checks else "no gating checks on this host"
     if await _decide(connection, job, "released", None, detail, decision, now):
         event = JobReleased(
@@ -198,18 +279,23 @@ async def _release(connection: asyncpg.Connection, job: asyncpg.Record, decision
             checks=[check.summary() for check in decision.checks],
         )
         await _publish_decision(connection, "job.released", event, job["job_id"], job["host_id"], now)
+    return detail
 
 
-async def _fail_window_closed(
-    connection: asyncpg.Connection, job: asyncpg.Record, decision: Decision, now: dt.datetime
+async def _fail(
+    connection: asyncpg.Connection,
+    job: asyncpg.Record,
+    reason: Literal["window_closed", "unknown_host"],
+    detail: str,
+    decision: Decision,
+    now: dt.datetime,
 ) -> None:
-    detail = decision.failure_detail(now)
-    if await _decide(connection, job, "failed", "window_closed", detail, decision, now):
+    if await _decide(connection, job, "failed", reason, detail, decision, now):
         event = JobFailed(
             job_id=job["job_id"],
             host_id=job["host_id"],
             failed_at=now,
-            reason="window_closed",
+            reason=reason,
             detail=detail,
             checks=[check.summary() for check in decision.checks],
         )
