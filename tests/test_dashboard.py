@@ -501,6 +501,54 @@ async def test_form_shows_the_apis_validation_messages(
     assert script_problems(page) == []
 
 
+async def test_form_sets_changes_and_clears_max_latency(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    host_id = await create_host(admin, "a-web-1", "team-a")
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("operator", ("team-a",)))
+    await page.goto(f"{api.base_url}/hosts/{host_id}")
+    form = add_form(page)
+    await form.get_by_label("Name", exact=True).fill("ssh")
+    await form.get_by_label("Type").select_option("tcp")
+    await form.get_by_label("Port").fill("22")
+    await form.get_by_label("Address (default: the host's name)").fill("127.0.0.1")
+    await form.get_by_label("Slower than (ms) is unhealthy").fill("250")
+    await form.get_by_role("button", name="Add check").click()
+    item = check_item(page, "ssh")
+    await expect(item.locator(".target")).to_contain_text("unhealthy above 250 ms")
+    checks_url = f"/api/v1/hosts/{host_id}/health-checks"
+    (check,) = (await admin.get(checks_url)).json()["items"]
+    assert check["max_latency_ms"] == 250
+
+    # The edit form shows it, changes it, and an empty field clears it.
+    for typed, stored in (("900", 900), ("", None)):
+        await item.get_by_text("Edit", exact=True).click()
+        field = item.get_by_label("Slower than (ms) is unhealthy")
+        await expect(field).to_have_value(str(check["max_latency_ms"] or ""))
+        await field.fill(typed)
+        await item.get_by_role("button", name="Save changes").click()
+        await expect(check_item(page, "ssh")).to_be_visible()
+        check = (await admin.get(f"{checks_url}/{check['id']}")).json()
+        assert check["max_latency_ms"] == stored
+        item = check_item(page, "ssh")
+
+    # Out of range: the API's message, shown by the field.
+    form = add_form(page)
+    await form.get_by_label("Name", exact=True).fill("web")
+    await form.get_by_label("Type").select_option("tcp")
+    await form.get_by_label("Port").fill("80")
+    await form.get_by_label("Address (default: the host's name)").fill("127.0.0.1")
+    await form.get_by_label("Slower than (ms) is unhealthy").fill("60001")
+    await form.evaluate("form => { form.noValidate = true; }")
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await form.get_by_role("button", name="Add check").click()
+    assert (await answer.value).status == 422
+    assert await page_errors(page) == {"max_latency_ms": "Input should be less than or equal to 60000"}
+    assert len((await admin.get(checks_url)).json()["items"]) == 1
+    assert script_problems(page) == []
+
+
 # ---- 6. admin override --------------------------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -33,6 +34,7 @@ from services.api.schemas import (
     COMMON_WRITABLE_FIELDS,
     FIELDS_OF_TYPE,
     WRITE_ONLY_FIELDS,
+    CheckCommonFields,
     CheckWriteBase,
     HttpCheckWrite,
     ItemList,
@@ -41,6 +43,7 @@ from services.api.schemas import (
     ServiceCheckWrite,
     TcpCheckWrite,
 )
+from services.api.targets import address_problems
 from shared.events import CheckConfigChanged, CheckResult, CheckResultView, CheckRunRequest, CheckView
 from shared.host_status import refresh_host_status
 from shared.messaging import PublishFailed
@@ -112,27 +115,73 @@ async def audit_check(
     )  # fmt: skip
 
 
-async def read_check_write(request: Request) -> CheckWriteBase:
+@dataclass(frozen=True)
+class CheckRequest:
+    """A check's body as read: its model when the body is valid, every problem found in it, and what
+    the rules about the host need. Nothing raises here, so that one 422 can list the body's problems
+    together with the host's (`checked_against`)."""
+
+    body: CheckWriteBase | None
+    errors: list[dict[str, str]]
+    check_type: str | None
+    has_address: bool
+
+    def checked_against(self, host: asyncpg.Record) -> CheckWriteBase:
+        """The valid body, or a 422 listing every problem of the body and of the rules about `host`
+        (a service check needs the host's agent_url; a tcp check without address connects to the
+        host's name, which must then be a host name or an IP address)."""
+        errors = [*self.errors, *_host_rule_errors(self, host)]
+        if errors or self.body is None:
+            raise field_errors(errors or [{"field": "body", "message": "not a valid check"}])
+        return self.body
+
+
+def _host_rule_errors(submitted: CheckRequest, host: asyncpg.Record) -> list[dict[str, str]]:
+    errors = []
+    if submitted.check_type == "service" and host["agent_url"] is None:
+        errors.append(
+            {"field": "check_type", "message": "a service check needs the host's agent_url; set it on the host first"}
+        )
+    if submitted.check_type == "tcp" and not submitted.has_address:
+        problems = address_problems(host["name"])
+        if problems:
+            errors.append(
+                {
+                    "field": "address",
+                    "message": f"required: without it the check connects to the host's name {host['name']!r}, "
+                    f"which {'; '.join(problems)}",
+                }
+            )
+    return errors
+
+
+async def read_check_write(request: Request) -> CheckRequest:
     return parse_check_write(await read_json(request))
 
 
-def parse_check_write(document: object) -> CheckWriteBase:
-    """A body as the model of its `check_type`; fields of another check type are refused by name."""
+def parse_check_write(document: object) -> CheckRequest:
+    """A body as the model of its `check_type`, with every problem found: fields of another check type
+    are refused by name, and with no known `check_type` the common fields are still checked."""
     if not isinstance(document, dict):
-        raise field_errors([{"field": "body", "message": "must be a JSON object"}])
+        return CheckRequest(None, [{"field": "body", "message": "must be a JSON object"}], None, False)
     check_type = document.get("check_type")
     model = CHECK_WRITE_MODELS.get(check_type) if isinstance(check_type, str) else None
+    known_type = check_type if model is not None else None
+    has_address = document.get("address") is not None
+    errors: list[dict[str, str]] = []
     if model is None:
-        raise field_errors([{"field": "check_type", "message": "must be one of: service, http, tcp"}])
+        errors.append({"field": "check_type", "message": f"must be one of: {', '.join(CHECK_WRITE_MODELS)}"})
+        model = CheckCommonFields
     try:
-        return model.model_validate(document)
+        body = model.model_validate(document)
     except ValidationError as exc:
-        problem = validation_problem(exc)
-        for error in problem.errors or []:
+        for error in validation_problem(exc).errors or []:
             owner = next((kind for kind, names in FIELDS_OF_TYPE.items() if error["field"] in names), None)
             if error["message"] == "unknown field" and owner is not None:
                 error["message"] = f"a field of {owner} checks, not of {check_type} checks"
-        raise problem from None
+            errors.append(error)
+        return CheckRequest(None, errors, known_type, has_address)
+    return CheckRequest(body if not errors else None, errors, known_type, has_address)
 
 
 def column_values(
@@ -148,6 +197,7 @@ def column_values(
         "timeout_seconds": body.timeout_seconds or context.settings.check_timeout_seconds,
         "failures_before_unhealthy": body.failures_before_unhealthy,
         "successes_before_healthy": body.successes_before_healthy,
+        "max_latency_ms": body.max_latency_ms,
     }
     if isinstance(body, ServiceCheckWrite):
         values |= {"check_type": "service", "service_name": body.service_name}
@@ -189,22 +239,10 @@ async def schedule_first_run(connection: asyncpg.Connection, check_id: uuid.UUID
 
 async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record:
     """Lock the host: serialises the 5-check limit and the host summary against concurrent writers."""
-    host = await connection.fetchrow("SELECT id, agent_url FROM hosts WHERE id = $1 FOR UPDATE", host_id)
+    host = await connection.fetchrow("SELECT id, name, agent_url FROM hosts WHERE id = $1 FOR UPDATE", host_id)
     if host is None:
         raise not_found("host")
     return host
-
-
-def _require_agent_for_service(body: CheckWriteBase, host: asyncpg.Record) -> None:
-    if body.check_type == "service" and host["agent_url"] is None:
-        raise field_errors(
-            [
-                {
-                    "field": "check_type",
-                    "message": "a service check needs the host's agent_url; set it on the host first",
-                }
-            ]
-        )
 
 
 async def _fetch_check(
@@ -227,18 +265,18 @@ async def list_checks(request: Request, principal: Principal) -> Response:
 
 
 async def create_check(request: Request, principal: Principal) -> Response:
-    body = await read_check_write(request)
-    view = await create_check_on(context_of(request), principal.name, path_uuid(request, "host_id"), body)
+    submitted = await read_check_write(request)
+    view = await create_check_on(context_of(request), principal.name, path_uuid(request, "host_id"), submitted)
     return json_response(view, 201)
 
 
-async def create_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, body: CheckWriteBase) -> CheckView:
-    """Create a check (the API's POST and the dashboard's form): limit, per-type rules, audit, event."""
+async def create_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, submitted: CheckRequest) -> CheckView:
+    """Create a check (the API's POST and the dashboard's form): rules, limit, audit, event."""
     check_id = uuid.uuid4()
-    values = column_values(body, context, check_id, stored_password=None)
     async with context.pool.acquire() as connection, connection.transaction():
         host = await _lock_host_for_checks(connection, host_id)
-        _require_agent_for_service(body, host)
+        body = submitted.checked_against(host)
+        values = column_values(body, context, check_id, stored_password=None)
         existing = await connection.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", host_id)
         if existing >= MAX_CHECKS_PER_HOST:
             raise conflict(f"a host may have at most {MAX_CHECKS_PER_HOST} health checks; this one has {existing}")
@@ -272,18 +310,18 @@ async def get_check(request: Request, principal: Principal) -> Response:
 
 async def update_check(request: Request, principal: Principal) -> Response:
     host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
-    body = await read_check_write(request)
-    return json_response(await update_check_on(context_of(request), principal.name, host_id, check_id, body))
+    submitted = await read_check_write(request)
+    return json_response(await update_check_on(context_of(request), principal.name, host_id, check_id, submitted))
 
 
 async def update_check_on(
-    context: ApiContext, actor: str, host_id: uuid.UUID, check_id: uuid.UUID, body: CheckWriteBase
+    context: ApiContext, actor: str, host_id: uuid.UUID, check_id: uuid.UUID, submitted: CheckRequest
 ) -> CheckView:
     """Replace a check's writable fields (PUT semantics; the password omitted is kept)."""
     async with context.pool.acquire() as connection, connection.transaction():
         host = await _lock_host_for_checks(connection, host_id)
         before = await _fetch_check(connection, host_id, check_id, for_update=True)
-        _require_agent_for_service(body, host)
+        body = submitted.checked_against(host)
         values = column_values(body, context, check_id, stored_password=before["basic_auth_pass_encrypted"])
         assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(WRITABLE_COLUMNS, start=3))
         try:

@@ -7,7 +7,7 @@ from typing import Any
 
 import asyncpg
 import pydantic_core
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -15,17 +15,19 @@ from services.api.audit import diff, record_audit
 from services.api.auth import Principal
 from services.api.checks import delete_check_rows
 from services.api.context import context_of
-from services.api.problems import conflict, field_errors, not_found
+from services.api.problems import conflict, field_errors, not_found, validation_problem
 from services.api.requests import (
     PageQuery,
     decode_cursor,
     encode_cursor,
     json_response,
     path_uuid,
+    read_json,
     read_model,
     read_query,
 )
 from services.api.schemas import GroupName, HostCreate, HostView, HostWrite
+from services.api.targets import address_problems
 from shared.events import HostHealthStatus
 
 HOST_COLUMNS = """
@@ -132,23 +134,18 @@ async def get_host(request: Request, principal: Principal) -> Response:
 
 async def update_host(request: Request, principal: Principal) -> Response:
     host_id = path_uuid(request, "host_id")
-    body: HostWrite = await read_model(request, HostWrite)
+    document = await read_json(request)
+    try:
+        body: HostWrite | None = HostWrite.model_validate(document)
+        errors: list[dict[str, str]] = []
+    except ValidationError as exc:
+        body, errors = None, validation_problem(exc).errors or []
     context = context_of(request)
     async with context.pool.acquire() as connection, connection.transaction():
         before = await fetch_visible_host(connection, principal, host_id, for_update=True)
-        if body.agent_url is None and before["agent_url"] is not None:
-            service_checks = await connection.fetchval(
-                "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'service'", host_id
-            )
-            if service_checks:
-                raise field_errors(
-                    [
-                        {
-                            "field": "agent_url",
-                            "message": f"required: the host has {service_checks} service check(s)",
-                        }
-                    ]
-                )
+        errors += await _rule_errors(connection, host_id, before, document, errors)
+        if errors or body is None:
+            raise field_errors(errors)
         try:
             row = await connection.fetchrow(
                 f"""
@@ -165,6 +162,45 @@ async def update_host(request: Request, principal: Principal) -> Response:
             raise _host_conflict(exc, body.name, host_id) from None
         await audit_host(connection, principal, "host.update", host_id, diff(host_fields(before), host_fields(body)))
     return json_response(host_view(row))
+
+
+async def _rule_errors(
+    connection: asyncpg.Connection,
+    host_id: uuid.UUID,
+    before: asyncpg.Record,
+    document: Any,
+    field_problems: list[dict[str, str]],
+) -> list[dict[str, str]]:
+    """What the host's checks need of a changed host (CONTRACT §3), read from the raw body so that the
+    answer lists these with the body's own problems: service checks need an `agent_url`; tcp checks
+    without an address connect to the host's `name`, which must then be a host name or IP address."""
+    if not isinstance(document, dict):
+        return []
+    bad_fields = {problem["field"] for problem in field_problems}
+    errors = []
+    if document.get("agent_url") is None and before["agent_url"] is not None:
+        service_checks = await connection.fetchval(
+            "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'service'", host_id
+        )
+        if service_checks:
+            message = f"required: the host has {service_checks} service check(s)"
+            errors.append({"field": "agent_url", "message": message})
+    name = document.get("name")
+    if "name" not in bad_fields and isinstance(name, str) and name != before["name"]:
+        problems = address_problems(name)
+        tcp_checks = problems and await connection.fetchval(
+            "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'tcp' AND address IS NULL",
+            host_id,
+        )
+        if tcp_checks:
+            errors.append(
+                {
+                    "field": "name",
+                    "message": f"the host has {tcp_checks} tcp check(s) without an address, which connect to its "
+                    f"name; this name {'; '.join(problems)}",
+                }
+            )
+    return errors
 
 
 async def delete_host(request: Request, principal: Principal) -> Response:

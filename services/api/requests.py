@@ -6,6 +6,7 @@ import base64
 import binascii
 import json
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
@@ -37,29 +38,61 @@ async def read_json(request: Request) -> Any:
             raise Problem(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
         chunks.append(chunk)
     try:
-        document = json.loads(b"".join(chunks))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        document = json.loads(b"".join(chunks), parse_constant=_refuse_constant, parse_int=_parse_int)
+    except RecursionError:
+        raise Problem(400, "request body is not valid JSON: nested too deeply") from None
+    except (UnicodeDecodeError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
         raise Problem(400, f"request body is not valid JSON: {exc}") from None
-    nul_fields = list(_fields_with_nul(document, ""))
-    if nul_fields:
-        raise field_errors([{"field": name or "body", "message": NUL_MESSAGE} for name in nul_fields])
+    bad_strings = list(_bad_strings(document))
+    if bad_strings:
+        raise field_errors([{"field": name or "body", "message": message} for name, message in bad_strings])
     return document
 
 
 NUL_MESSAGE = "must not contain NUL characters"
+SURROGATE_MESSAGE = "must be valid Unicode (it holds a lone surrogate escape such as \\ud800)"
 
 
-def _fields_with_nul(value: Any, path: str) -> Iterator[str]:
-    """PostgreSQL text cannot hold U+0000, so such input is refused up front, naming the field."""
-    if isinstance(value, str):
-        if "\x00" in value:
-            yield path
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield from _fields_with_nul(item, f"{path}.{key}" if path else str(key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            yield from _fields_with_nul(item, f"{path}.{index}" if path else str(index))
+def _refuse_constant(name: str) -> Any:
+    # Python's json reads NaN and Infinity, which JSON (RFC 8259) does not have.
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def _parse_int(text: str) -> int | float:
+    """Python refuses to read integers of more than 4,300 digits; such a number is out of range of
+    every field, so it becomes an infinity, which validation refuses naming the field."""
+    try:
+        return int(text)
+    except ValueError:
+        return float("-inf") if text.startswith("-") else float("inf")
+
+
+def _bad_strings(document: Any) -> Iterator[tuple[str, str]]:
+    """(field, message) for each string PostgreSQL cannot store: one holding U+0000, or a lone
+    surrogate (valid as a JSON escape, not encodable as UTF-8). Keys are checked as well. Iterative,
+    so a deeply nested body cannot exhaust the stack."""
+    pending: deque[tuple[Any, str]] = deque([(document, "")])
+    while pending:
+        value, path = pending.popleft()
+        if isinstance(value, str):
+            if "\x00" in value:
+                yield path, NUL_MESSAGE
+            elif _has_surrogate(value):
+                yield path, SURROGATE_MESSAGE
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                pending.append((key, path))
+                pending.append((item, f"{path}.{key}" if path else str(key)))
+        elif isinstance(value, list):
+            pending.extend((item, f"{path}.{index}" if path else str(index)) for index, item in enumerate(value))
+
+
+def _has_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def path_text(request: Request, name: str) -> str:

@@ -2,43 +2,154 @@
 
 from __future__ import annotations
 
+import unicodedata
 import uuid
+from collections.abc import Callable
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 from pydantic import (
-    AnyHttpUrl,
+    AfterValidator,
     AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
     StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
+from services.api.targets import address_problems, url_problems
 from shared.events import CheckSummary, HostHealthStatus
 
 ItemT = TypeVar("ItemT")
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
+
+def _explain_pattern(message: str) -> WrapValidator:
+    """Say in words what a pattern asks for, instead of pydantic's "String should match pattern
+    '...'"; the pattern itself stays in the OpenAPI document."""
+
+    def validate(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if any(error["type"] == "string_pattern_mismatch" for error in exc.errors()):
+                raise PydanticCustomError("string_pattern_mismatch", message) from None
+            raise
+
+    return WrapValidator(validate)
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # pydantic's lax mode reads true as 1; a boolean where a number belongs is a mistake, not a 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "must be a number, not true or false")
+    return value
+
+
+def _no_control_characters(value: str) -> str:
+    # Names end up in text logs, terminals and pages: control, format and line-separator characters
+    # there would break lines or hide text.
+    if any(unicodedata.category(character) in ("Cc", "Cf", "Zl", "Zp") for character in value):
+        raise ValueError("must not contain control or invisible formatting characters")
+    return value
+
+
+def _checked(problems_of: Callable[[str], list[str]]) -> AfterValidator:
+    """An after-validator from a function listing a value's problems (all of them in one message)."""
+
+    def validate(value: str) -> str:
+        problems = problems_of(value)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return value
+
+    return AfterValidator(validate)
+
+
+TRIMMED = _explain_pattern("must not be blank, nor begin or end with whitespace")
 NonBlank = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]
-HostName = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^\S(.*\S)?$")]
-GroupName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
-CheckName = Annotated[str, StringConstraints(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$")]
+HostName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=255, pattern=r"^\S(.*\S)?$"),
+    TRIMMED,
+    AfterValidator(_no_control_characters),
+]
+GroupName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$"),
+    TRIMMED,
+    AfterValidator(_no_control_characters),
+]
+CheckName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$"),
+    TRIMMED,
+    AfterValidator(_no_control_characters),
+]
 # systemd unit names: the name becomes a path segment of the agent URL, so no '/' or '..'.
 ServiceName = Annotated[
-    str, StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9:_@-][A-Za-z0-9:_.@-]*$")
+    str,
+    StringConstraints(min_length=1, max_length=200, pattern=r"^[A-Za-z0-9:_@-][A-Za-z0-9:_.@-]*$"),
+    _explain_pattern("a systemd unit name: letters, digits and ':_.@-', not beginning with '.'"),
 ]
+# CONTRACT §3: a code 200-599, a class 2xx-5xx in either case, or a comma list of them. [0-9], not
+# \d, which would also match other scripts' digits.
+EXPECTED_STATUS_PATTERN = r"^\s*[2-5]([0-9][0-9]|[xX][xX])\s*(,\s*[2-5]([0-9][0-9]|[xX][xX])\s*)*$"
 ExpectedStatus = Annotated[
     str,
-    StringConstraints(pattern=r"^\s*([1-5](\d\d|xx))\s*(,\s*([1-5](\d\d|xx))\s*)*$"),
+    StringConstraints(max_length=1000, pattern=EXPECTED_STATUS_PATTERN),
+    _explain_pattern("a status code 200-599, a class 2xx-5xx (2XX too), or a comma list of them, as 200,204"),
 ]
-TcpAddress = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:%\[\]-]+$")]
-
+# Whole numbers: JSON 10 and 10.0 (and "10" from forms) are 10; 10.5, true and 1e400 are refused.
+Whole = Annotated[int, BeforeValidator(_not_a_boolean)]
+Seconds = Annotated[float, BeforeValidator(_not_a_boolean), Field(allow_inf_nan=False)]
 HTTP_URL_PATTERN = r"^[Hh][Tt][Tt][Pp][Ss]?://[^\s/?#]+\S*$"
+ABSOLUTE_HTTP_URL = _explain_pattern("must be an absolute http or https URL, as https://host.example/health")
+CheckUrl = Annotated[
+    str,
+    StringConstraints(max_length=2000, pattern=HTTP_URL_PATTERN),
+    ABSOLUTE_HTTP_URL,
+    _checked(lambda url: url_problems(url, base_url=False)),
+]
+AgentUrl = Annotated[
+    str,
+    StringConstraints(max_length=2000, pattern=HTTP_URL_PATTERN),
+    ABSOLUTE_HTTP_URL,
+    _checked(lambda url: url_problems(url, base_url=True)),
+]
+TcpAddress = Annotated[str, StringConstraints(min_length=1, max_length=255), _checked(address_problems)]
+
+
+def _basic_auth_user_problems(user: str) -> list[str]:
+    problems = []
+    if ":" in user:
+        problems.append("must not contain ':' (Basic authentication puts it between user and password, RFC 7617)")
+    if any(unicodedata.category(character) == "Cc" for character in user):
+        problems.append("must not contain control characters (RFC 7617)")
+    return problems
+
+
+def _basic_auth_pass_problems(password: str) -> list[str]:
+    # The message never repeats the password.
+    if any(unicodedata.category(character) == "Cc" for character in password):
+        return ["must not contain control characters (RFC 7617)"]
+    return []
+
+
+BasicAuthUser = Annotated[str, StringConstraints(min_length=1, max_length=100), _checked(_basic_auth_user_problems)]
+BasicAuthPass = Annotated[str, StringConstraints(max_length=500), _checked(_basic_auth_pass_problems)]
+
 # The fields every check has, and those of each type (a check holds only its own type's fields).
 COMMON_WRITABLE_FIELDS = (
     "name", "check_type", "enabled", "critical", "interval_seconds", "timeout_seconds",
-    "failures_before_unhealthy", "successes_before_healthy",
+    "failures_before_unhealthy", "successes_before_healthy", "max_latency_ms",
 )  # fmt: skip
 FIELDS_OF_TYPE: dict[str, tuple[str, ...]] = {
     "service": ("service_name",),
@@ -73,11 +184,33 @@ class RequestModel(BaseModel):
     model_config = ConfigDict(extra="forbid", str_strip_whitespace=False)
 
 
-def _http_url(value: str, field: str) -> str:
-    parsed = AnyHttpUrl(value)
-    if not parsed.host:
-        raise ValueError(f"{field} must be an absolute http or https URL")
-    return value
+def rule_error(field: str, message: str) -> InitErrorDetails:
+    """A problem found by a rule over several fields, as a pydantic error naming `field`."""
+    return {"type": PydanticCustomError("rule", "{message}", {"message": message}), "loc": (field,), "input": None}
+
+
+def with_rule_errors(
+    data: Any, handler: ModelWrapValidatorHandler[ModelT], rules: Callable[[dict[str, Any]], list[InitErrorDetails]]
+) -> ModelT:
+    """Validate with `handler` and apply `rules` to the raw input as well, so that one answer lists the
+    fields' problems and the rules' together (an after-validator would not run once a field failed).
+    Rules read only the raw values they need and skip values of the wrong type."""
+    problems = rules(data) if isinstance(data, dict) else []
+    try:
+        model = handler(data)
+    except ValidationError as exc:
+        if not problems:
+            raise
+        # Each error is carried over as it reads (type, place, words): a round trip through pydantic's
+        # built-in error types would need each type's context again.
+        carried: list[InitErrorDetails] = [
+            {"type": PydanticCustomError(error["type"], error["msg"]), "loc": error["loc"], "input": None}
+            for error in exc.errors(include_url=False)
+        ]
+        raise ValidationError.from_exception_data(exc.title, [*carried, *problems]) from None
+    if problems:
+        raise ValidationError.from_exception_data(type(model).__name__, problems)
+    return model
 
 
 # ---- hosts ---------------------------------------------------------------------------------------
@@ -88,14 +221,9 @@ class HostWrite(RequestModel):
 
     name: HostName
     group: GroupName
-    agent_url: str | None = Field(
-        None, max_length=2000, pattern=HTTP_URL_PATTERN, description="http(s) base URL of the host's agent"
+    agent_url: AgentUrl | None = Field(
+        None, description="http(s) base URL of the host's agent; no credentials, query string or fragment"
     )
-
-    @field_validator("agent_url")
-    @classmethod
-    def _agent_url_is_http(cls, value: str | None) -> str | None:
-        return None if value is None else _http_url(value, "agent_url")
 
     @model_validator(mode="before")
     @classmethod
@@ -135,10 +263,13 @@ class CheckWriteBase(RequestModel):
     name: CheckName
     enabled: bool = True
     critical: bool = True
-    interval_seconds: int | None = Field(None, ge=10, le=86400, description="default from configuration")
-    timeout_seconds: float | None = Field(None, ge=0.1, le=60, description="default from configuration")
-    failures_before_unhealthy: int = Field(1, ge=1, le=10)
-    successes_before_healthy: int = Field(1, ge=1, le=10)
+    interval_seconds: Whole | None = Field(None, ge=10, le=86400, description="default from configuration")
+    timeout_seconds: Seconds | None = Field(None, ge=0.1, le=60, description="default from configuration")
+    failures_before_unhealthy: Whole = Field(1, ge=1, le=10)
+    successes_before_healthy: Whole = Field(1, ge=1, le=10)
+    max_latency_ms: Whole | None = Field(
+        None, ge=1, le=60000, description="a check that succeeds more slowly is unhealthy, reason slow"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -146,6 +277,12 @@ class CheckWriteBase(RequestModel):
         if isinstance(data, dict):
             return {key: value for key, value in data.items() if key not in READ_ONLY_CHECK_FIELDS}
         return data
+
+
+class CheckCommonFields(CheckWriteBase):
+    """The common fields alone: they are checked too when `check_type` is missing or unknown."""
+
+    model_config = ConfigDict(extra="ignore")
 
 
 class ServiceCheckWrite(CheckWriteBase):
@@ -160,43 +297,51 @@ class ServiceCheckWrite(CheckWriteBase):
         return value
 
 
+def _http_rules(data: dict[str, Any]) -> list[InitErrorDetails]:
+    """CONTRACT §3's rules over several http fields."""
+    problems = []
+    body = data.get("expected_body")
+    if data.get("method") == "HEAD" and isinstance(body, str) and body:
+        problems.append(rule_error("expected_body", "a HEAD answer has no body: use method GET, or no expected_body"))
+    if isinstance(data.get("basic_auth_pass"), str) and data.get("basic_auth_user") is None:
+        problems.append(rule_error("basic_auth_pass", "needs basic_auth_user"))
+    return problems
+
+
 class HttpCheckWrite(CheckWriteBase):
     check_type: Literal["http"]
-    url: str = Field(max_length=2000, pattern=HTTP_URL_PATTERN, description="absolute http or https URL")
+    url: CheckUrl = Field(description="absolute http or https URL; credentials go in basic_auth_user/_pass")
     method: Literal["GET", "HEAD"] = "GET"
-    expected_status: ExpectedStatus = Field("2xx", description="a code (200), a class (3xx) or a comma list (200,204)")
-    expected_body: str | None = Field(None, max_length=500, description="substring of the first 1 MiB")
+    expected_status: ExpectedStatus = Field(
+        "2xx", description="a code (200-599), a class (2xx-5xx, either case) or a comma list (200,204)"
+    )
+    expected_body: str | None = Field(None, max_length=500, description="substring of the first 1 MiB; not with HEAD")
     ignore_cert_errors: bool = True
     follow_redirects: bool = False
-    basic_auth_user: str | None = Field(None, min_length=1, max_length=100)
-    basic_auth_pass: str | None = Field(
+    basic_auth_user: BasicAuthUser | None = Field(None, description="no ':'")
+    basic_auth_pass: BasicAuthPass | None = Field(
         None,
-        max_length=500,
         json_schema_extra={"writeOnly": True},
         description="write-only; on PUT omitted keeps the stored password, null clears it",
     )
 
-    @field_validator("url")
-    @classmethod
-    def _url_is_http(cls, value: str) -> str:
-        return _http_url(value, "url")
-
     @field_validator("expected_status")
     @classmethod
     def _normalise_status(cls, value: str) -> str:
-        return ",".join(part.strip() for part in value.split(","))
+        return ",".join(part.strip().lower() for part in value.split(","))
 
-    @model_validator(mode="after")
-    def _password_needs_user(self) -> HttpCheckWrite:
-        if self.basic_auth_pass is not None and self.basic_auth_user is None:
-            raise ValueError("basic_auth_pass needs basic_auth_user")
-        return self
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_rules(cls, data: Any, handler: ModelWrapValidatorHandler[HttpCheckWrite]) -> HttpCheckWrite:
+        return with_rule_errors(data, handler, _http_rules)
 
 
 class TcpCheckWrite(CheckWriteBase):
     check_type: Literal["tcp"]
-    port: int = Field(ge=1, le=65535)
-    address: TcpAddress | None = Field(None, description="defaults to the host's name")
+    port: Whole = Field(ge=1, le=65535)
+    address: TcpAddress | None = Field(
+        None, description="a host name or an IP address, without brackets or port; defaults to the host's name"
+    )
 
 
 CheckWrite = Annotated[ServiceCheckWrite | HttpCheckWrite | TcpCheckWrite, Field(discriminator="check_type")]

@@ -217,8 +217,8 @@ class Dashboard:
         form = await request.form()
         await _require_visible_host(context, session, host_id)
         try:
-            body = parse_check_write(check_document(form, editing=False))
-            await create_check_on(context, session.principal.name, host_id, body)
+            check = parse_check_write(check_document(form, editing=False))
+            await create_check_on(context, session.principal.name, host_id, check)
         except Problem as problem:
             if problem.status not in (409, 422):
                 raise
@@ -234,8 +234,8 @@ class Dashboard:
         form = await request.form()
         await _require_visible_host(context, session, host_id)
         try:
-            body = parse_check_write(check_document(form, editing=True))
-            await update_check_on(context, session.principal.name, host_id, check_id, body)
+            check = parse_check_write(check_document(form, editing=True))
+            await update_check_on(context, session.principal.name, host_id, check_id, check)
         except Problem as problem:
             if problem.status not in (409, 422):
                 raise
@@ -303,7 +303,11 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
         "enabled": "enabled" in form,
         "critical": "critical" in form,
     }
-    for field in ("interval_seconds", "timeout_seconds", "failures_before_unhealthy", "successes_before_healthy"):
+    numbers = (
+        "interval_seconds", "timeout_seconds", "failures_before_unhealthy", "successes_before_healthy",
+        "max_latency_ms",
+    )  # fmt: skip
+    for field in numbers:
         if form.get(field):
             document[field] = form.get(field)
     if check_type == "service":
@@ -387,7 +391,11 @@ async def _require_visible_host(context: ApiContext, session: sessions.Session, 
 
 
 def _errors(problem: Problem) -> dict[str, str]:
-    errors = {error["field"]: error["message"] for error in problem.errors or []}
+    """The problem's messages by field (a field with several problems shows them all)."""
+    errors: dict[str, str] = {}
+    for error in problem.errors or []:
+        field = error["field"]
+        errors[field] = f"{errors[field]}; {error['message']}" if field in errors else error["message"]
     return errors or {"form": problem.detail}
 
 
