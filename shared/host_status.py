@@ -8,6 +8,7 @@ concurrent writers (several pollers, the API) serialise, and the last to commit 
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from dataclasses import dataclass
 
@@ -15,6 +16,8 @@ import asyncpg
 
 from shared.events import CheckSummary, HostStatusChanged
 from shared.outbox import enqueue
+
+log = logging.getLogger(__name__)
 
 # Precedence: unhealthy, unknown, degraded, healthy (CONTRACT §3).
 _RECOMPUTE_SQL = """
@@ -56,6 +59,10 @@ async def refresh_host_status(
         return None
     current = await connection.fetchval(_RECOMPUTE_SQL, host_id)
     if current != previous:
+        log.info(
+            "host status changed",
+            extra={"host_id": str(host_id), "previous": previous, "current": current},
+        )
         await enqueue(
             connection,
             "host.status_changed",

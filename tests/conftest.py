@@ -27,6 +27,7 @@ from shared.topology import QUEUES, Topology, declare_exchange
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.nginx import nginx  # noqa: F401  (fixture)
 from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
 from tests.support.services import BackingServices, backing_services
 
 APP_TABLES = (

@@ -19,6 +19,9 @@ from shared.details import DETAIL_LIMIT, clip_detail, redact_credentials, safe_d
         ("basic_auth_pass=zz-top-9", "zz-top-9"),
         ("token hg_" + "a" * 43 + " is revoked", "hg_" + "a" * 43),
         ("secret whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw was refused", "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"),
+        ("mode=password=pa-ss-77 set", "pa-ss-77"),  # a secret pair inside an ordinary pair's value
+        ("x=1&db_password=zz9-top&y=2", "zz9-top"),
+        ("see ftp+ssh://root:r00t-pw@10.0.0.2/", "r00t-pw"),
     ],
 )
 def test_credentials_are_redacted(text: str, secret: str) -> None:
@@ -52,3 +55,13 @@ def test_long_details_are_cut_with_an_ellipsis() -> None:
 def test_safe_detail_removes_nul_and_bounds_the_text() -> None:
     detail = safe_detail("a\x00b " + "z" * 5000)
     assert "\x00" not in detail and len(detail) == DETAIL_LIMIT
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a" * 200_000, "x_token_" * 25_000, "a-" * 100_000 + "=", "password" * 25_000, "b." * 100_000 + "://"],
+    ids=["letters", "key-like", "dashes", "secret-words", "scheme-like"],
+)
+def test_long_adversarial_texts_are_bounded(text: str) -> None:
+    """Each pattern is linear in the text: a target's 200,000 characters once took minutes (no timing asserted)."""
+    assert len(safe_detail(text, ["s3cret"])) == DETAIL_LIMIT

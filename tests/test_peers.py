@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import ssl
 import threading
 import time
@@ -10,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.support.blackhole import Blackhole, refused_port, unanswered_port
+from tests.support.blackhole import Blackhole, refused_port, slow_port, unanswered_port
 from tests.support.fake_agent import CLIENT_CN, SERVICES_PREFIX, FakeAgent
 from tests.support.nginx import (
     BASIC_AUTH_PASSWORD,
@@ -19,9 +20,11 @@ from tests.support.nginx import (
     BIG_LATE_MARKER,
     BIG_SIZE,
     BLOCKED_REDIRECT_TARGET,
+    GZIP_BODY,
     STATUS_CODES,
     NginxServer,
 )
+from tests.support.raw_http import RawHttpServer, response
 
 
 def _both(server: NginxServer, path: str) -> list[tuple[str, ssl.SSLContext | bool]]:
@@ -42,6 +45,14 @@ def test_nginx_json(nginx: NginxServer) -> None:
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/json"
     assert response.json() == {"status": "up"}
+
+
+def test_nginx_gzip(nginx: NginxServer) -> None:
+    compressed = httpx.get(nginx.http_url("/gzip"), headers={"Accept-Encoding": "gzip"})
+    assert compressed.headers["content-encoding"] == "gzip"
+    assert compressed.text == GZIP_BODY  # httpx undid it
+    plain = httpx.get(nginx.http_url("/gzip"), headers={"Accept-Encoding": "identity"})
+    assert "content-encoding" not in plain.headers and plain.text == GZIP_BODY
 
 
 def test_nginx_https_verifies_against_its_cert(nginx: NginxServer) -> None:
@@ -310,3 +321,26 @@ def test_unanswered_port_makes_connects_time_out() -> None:
         with pytest.raises(httpx.ConnectTimeout):
             httpx.get(f"http://127.0.0.1:{port}/", timeout=0.5)
         assert 0.4 < time.monotonic() - started < 3
+
+
+# --- raw HTTP server and slow port ------------------------------------------------------------------------------
+def test_raw_http_server_answers_exact_bytes(raw_http: RawHttpServer) -> None:
+    raw_http.set("/exact", response(headers=[("X-Thing", "1")], body=b"hello"))
+    raw_http.set("/late", response(body=b"late"), delay=0.3)
+    answer = httpx.get(raw_http.url("/exact?q=1"))
+    assert (answer.status_code, answer.headers["x-thing"], answer.text) == (200, "1", "hello")
+    started = time.monotonic()
+    assert httpx.get(raw_http.url("/late")).text == "late"
+    assert time.monotonic() - started >= 0.3
+    assert httpx.get(raw_http.url("/unset")).status_code == 404
+    assert raw_http.request_log()[0].startswith(b"GET /exact?q=1 HTTP/1.1\r\n")
+    raw_http.set("/garbage", b"NOT HTTP AT ALL\r\n\r\n")
+    with pytest.raises(httpx.RemoteProtocolError):
+        httpx.get(raw_http.url("/garbage"))
+
+
+def test_slow_port_opens_late() -> None:
+    with slow_port(0.3) as port:
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            assert time.monotonic() - started >= 0.3

@@ -11,11 +11,10 @@ import contextlib
 import datetime as dt
 import logging
 
-import aiohttp
 import asyncpg
 import uvloop
 
-from services.poller.probes import GuardedResolver, Prober, agent_ssl_context
+from services.poller.probes import Prober, agent_ssl_context, probe_session
 from services.poller.scheduler import Scheduler, SchedulerMetrics
 from services.poller.worker import Worker, WorkerMetrics
 from shared.crypto import SecretBox, load_or_create_key
@@ -49,10 +48,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
     except (OSError, ValueError) as exc:
         raise ServiceConfigError(f"cannot load the agent TLS files: {exc}") from None
     async with WorkerRuntime("poller", settings, relay_on_own_thread=True) as runtime:
-        connector = aiohttp.TCPConnector(resolver=GuardedResolver(settings.blocked_networks), limit=0, ttl_dns_cache=10)
-        session = aiohttp.ClientSession(
-            connector=connector, headers={"User-Agent": "healthgate-poller"}, cookie_jar=aiohttp.DummyCookieJar()
-        )
+        session = probe_session(settings.blocked_networks)
         prober = Prober(session, settings.blocked_networks, agent_ssl)
         worker = Worker(
             runtime.pool, runtime.broker, prober, SecretBox(key), WorkerMetrics(runtime.registry),

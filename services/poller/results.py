@@ -10,6 +10,7 @@ order, so the two never deadlock.
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +19,12 @@ import asyncpg
 
 from services.poller.probes import CheckTarget, ProbeOutcome
 from shared.crypto import SecretBox
+from shared.details import safe_detail
 from shared.events import CheckResult, CheckStatus, CheckStatusChanged, EventModel
 from shared.host_status import refresh_host_status
 from shared.outbox import enqueue_many
+
+log = logging.getLogger(__name__)
 
 RESULT_COLUMNS = ["id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms"]
 
@@ -85,6 +89,7 @@ class CheckRow:
             basic_auth_pass=password,
             port=row["port"],
             address=row["address"],
+            max_latency_ms=row["max_latency_ms"],
         )
 
 
@@ -93,7 +98,7 @@ async def load_checks(connection: asyncpg.Connection, check_ids: Sequence[uuid.U
         """
         SELECT c.id, c.host_id, c.check_type, c.enabled, c.timeout_seconds, c.service_name, c.url, c.method,
                c.expected_status, c.expected_body, c.ignore_cert_errors, c.follow_redirects, c.basic_auth_user,
-               c.basic_auth_pass_encrypted, c.port, c.address, h.name AS host_name, h.agent_url
+               c.basic_auth_pass_encrypted, c.port, c.address, c.max_latency_ms, h.name AS host_name, h.agent_url
         FROM health_checks c
         JOIN hosts h ON h.id = c.host_id
         WHERE c.id = ANY($1::uuid[])
@@ -105,18 +110,26 @@ async def load_checks(connection: asyncpg.Connection, check_ids: Sequence[uuid.U
 
 @dataclass(frozen=True)
 class FinishedRun:
+    """A probe's outcome, not yet stored. `secrets` are redacted from its detail when it is (the
+    check's password and encoded credentials, should the target have echoed them)."""
+
     check_id: uuid.UUID
     host_id: uuid.UUID
     slot: dt.datetime | None
     outcome: ProbeOutcome
     checked_at: dt.datetime
+    secrets: tuple[str, ...] = ()
 
 
 async def store_results(
     connection: asyncpg.Connection, runs: Sequence[FinishedRun], *, source: str
 ) -> list[CheckResult]:
     """Write a batch of results in the caller's transaction. Returns the results stored: a run whose
-    check is gone, or whose slot was already stored (a redelivered tick), is dropped."""
+    check is gone, or whose slot was already stored (a redelivered tick), is dropped.
+
+    This is where a probe's outcome becomes a result: its detail goes through `safe_detail` here, once,
+    for the stored row, the check's state, the events and the `/test` reply alike (CONTRACT §4: at most
+    1,000 characters, no credential)."""
     if not runs:
         return []
     host_ids = sorted({run.host_id for run in runs})
@@ -144,6 +157,8 @@ async def store_results(
     events: list[tuple[str, EventModel]] = []
     flipped_hosts: set[uuid.UUID] = set()
     last_run: dict[uuid.UUID, FinishedRun] = {}
+    details: dict[uuid.UUID, str] = {}
+    changes: list[CheckStatusChanged] = []
     for run in sorted(runs, key=lambda run: run.checked_at):
         state = states.get(run.check_id)
         if state is None:
@@ -163,9 +178,10 @@ async def store_results(
             last_slots[run.check_id] = run.slot
         last_run[run.check_id] = run
         outcome = run.outcome
+        detail = details[run.check_id] = safe_detail(outcome.detail, run.secrets)
         results.append(
             (uuid.uuid4(), run.check_id, state["host_id"], run.checked_at, outcome.healthy, outcome.reason,
-             after.status, outcome.detail, outcome.latency_ms)
+             after.status, detail, outcome.latency_ms)
         )  # fmt: skip
         result = CheckResult(
             check_id=run.check_id,
@@ -173,7 +189,7 @@ async def store_results(
             healthy=outcome.healthy,
             reason=outcome.reason,
             status=after.status,
-            detail=outcome.detail,
+            detail=detail,
             latency_ms=outcome.latency_ms,
             checked_at=run.checked_at,
         )
@@ -186,10 +202,11 @@ async def store_results(
                 host_id=state["host_id"],
                 previous=before.status,
                 current=after.status,
-                detail=outcome.detail,
+                detail=detail,
                 at=run.checked_at,
             )
             events.append(("check.status_changed", change))
+            changes.append(change)
     if not results:
         return []
     await connection.copy_records_to_table("check_results", records=results, columns=RESULT_COLUMNS)
@@ -218,12 +235,22 @@ async def store_results(
         [streaks[check_id].successes for check_id in updated],
         [last_run[check_id].outcome.healthy for check_id in updated],
         [last_run[check_id].outcome.reason for check_id in updated],
-        [last_run[check_id].outcome.detail for check_id in updated],
+        [details[check_id] for check_id in updated],
         [last_run[check_id].outcome.latency_ms for check_id in updated],
         [last_run[check_id].checked_at for check_id in updated],
         [last_slots[check_id] for check_id in updated],
     )
     await enqueue_many(connection, events, source=source)
+    for change in changes:
+        log.info(
+            "check status changed",
+            extra={
+                "check_id": str(change.check_id),
+                "host_id": str(change.host_id),
+                "previous": change.previous,
+                "current": change.current,
+            },
+        )
     for host_id in sorted(flipped_hosts):
         await refresh_host_status(connection, host_id, source=source)
     return stored

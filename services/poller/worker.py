@@ -159,6 +159,7 @@ class Worker:
     async def _run_one(self, check: CheckRow, slot: dt.datetime | None) -> FinishedRun:
         async with self._probe_slots:
             checked_at = dt.datetime.now(dt.UTC)
+            secrets: tuple[str, ...] = ()
             try:
                 target = check.target(self._secrets)
             except DecryptionError:
@@ -166,10 +167,11 @@ class Worker:
                 outcome = ProbeOutcome(False, "connect", detail, 0.0)
             else:
                 outcome = await self._prober.run(target)
+                secrets = target.secrets()
         check_type = check.record["check_type"]
         self._metrics.checks.labels(check_type, outcome.reason).inc()
         self._metrics.duration.labels(check_type).observe(outcome.latency_ms / 1000)
-        return FinishedRun(check.check_id, check.record["host_id"], slot, outcome, checked_at)
+        return FinishedRun(check.check_id, check.record["host_id"], slot, outcome, checked_at, secrets)
 
     # ---- /test -----------------------------------------------------------------------------------
 

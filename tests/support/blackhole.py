@@ -7,6 +7,8 @@ on 127.0.0.1 and hold their port for as long as they are open, so no other test 
         ...
     with unanswered_port() as port:      # connecting itself hangs (SYNs dropped): a tcp check times out
         ...
+    with slow_port(0.3) as port:         # connecting succeeds, but only after 0.3 s or more
+        ...
 """
 
 from __future__ import annotations
@@ -126,12 +128,9 @@ def refused_port() -> Iterator[int]:
         yield int(holder.getsockname()[1])
 
 
-@contextlib.contextmanager
-def unanswered_port(max_fillers: int = 8) -> Iterator[int]:
-    """A 127.0.0.1 port where a TCP connect neither succeeds nor is refused, it hangs until the client's timeout.
-
-    A listener with backlog 0 that never accepts, with its accept queue filled by our own connections: Linux then
-    drops further SYNs (the client retransmits until it gives up). Checked before it is handed out."""
+def _listener_with_full_queue(max_fillers: int) -> tuple[socket.socket, list[socket.socket]]:
+    """A 127.0.0.1 listener with backlog 0 whose accept queue our own connections fill: Linux then drops further
+    SYNs (the client retransmits). Checked before it is handed out; the caller closes both."""
     listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     fillers: list[socket.socket] = []
     try:
@@ -145,12 +144,57 @@ def unanswered_port(max_fillers: int = 8) -> Iterator[int]:
                 probe.connect(("127.0.0.1", port))
             except TimeoutError:
                 probe.close()
-                break  # the queue is full: connects now hang
+                return listener, fillers  # the queue is full: connects now hang
             fillers.append(probe)
-        else:
-            raise RuntimeError("could not make connects to a local port hang (accept queue never filled)")
-        yield port
+        raise RuntimeError("could not make connects to a local port hang (accept queue never filled)")
+    except BaseException:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+        raise
+
+
+@contextlib.contextmanager
+def unanswered_port(max_fillers: int = 8) -> Iterator[int]:
+    """A 127.0.0.1 port where a TCP connect neither succeeds nor is refused, it hangs until the client's timeout.
+
+    A listener with backlog 0 that never accepts, with its accept queue filled by our own connections: Linux then
+    drops further SYNs (the client retransmits until it gives up). Checked before it is handed out."""
+    listener, fillers = _listener_with_full_queue(max_fillers)
+    try:
+        yield int(listener.getsockname()[1])
     finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
+
+
+@contextlib.contextmanager
+def slow_port(opens_after: float = 0.3, max_fillers: int = 8) -> Iterator[int]:
+    """A 127.0.0.1 port where a TCP connect succeeds, but slowly: its accept queue stays full for `opens_after`
+    seconds, then a thread accepts (and closes) everything. A connect begun meanwhile completes only with the
+    client's SYN retransmission, about 1 s after it began on Linux, so it takes at least `opens_after`."""
+    listener, fillers = _listener_with_full_queue(max_fillers)
+    stopping = threading.Event()
+
+    def drain() -> None:
+        if stopping.wait(opens_after):
+            return
+        listener.settimeout(0.1)
+        while not stopping.is_set():
+            try:
+                connection, _ = listener.accept()
+            except (TimeoutError, OSError):
+                continue
+            connection.close()
+
+    thread = threading.Thread(target=drain, name="slow-port", daemon=True)
+    thread.start()
+    try:
+        yield int(listener.getsockname()[1])
+    finally:
+        stopping.set()
+        thread.join(10)
         for filler in fillers:
             filler.close()
         listener.close()

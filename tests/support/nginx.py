@@ -42,6 +42,7 @@ BASIC_AUTH_REALM = "healthgate test"
 OK_BODY = "all good\n"
 AUTHORISED_BODY = "authorised\n"
 JSON_BODY = '{"status":"up"}'
+GZIP_BODY = "compressed and fine\n"
 STATUS_CODES = (204, 301, 302, 404, 500, 503)
 BLOCKED_REDIRECT_TARGET = "http://169.254.169.254/latest/meta-data/"
 
@@ -61,6 +62,7 @@ LOCATIONS_DOC = """
 /redirect-to-blocked  302 -> http://169.254.169.254/latest/meta-data/ (a cloud metadata address)
 /big                  200 application/octet-stream, 2 MiB: NEEDLE-EARLY at byte 100, NEEDLE-LATE after 1.5 MiB
 /basic                auth_basic monitor / s3cret-pass: 200 text/plain "authorised\\n", else 401
+/gzip                 200 text/plain "compressed and fine\\n", gzip-encoded for clients that accept gzip
 """
 
 _NGINX_CANDIDATES = ("/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/local/nginx/sbin/nginx")
@@ -228,6 +230,10 @@ class NginxServer:
         location = /redirect-chain {{ return 302 /redirect; }}
         location = /redirect-loop {{ return 302 /redirect-loop; }}
         location = /redirect-to-blocked {{ return 302 {BLOCKED_REDIRECT_TARGET}; }}
+        location = /gzip {{
+            gzip on; gzip_min_length 1; gzip_types text/plain;
+            return 200 "compressed and fine\\n";
+        }}
         location = /big {{ default_type application/octet-stream; alias {self.big_path}; }}
         # `return` runs before the access phase and would skip auth_basic: serve a file instead.
         location = /basic {{
