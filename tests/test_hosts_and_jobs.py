@@ -7,6 +7,8 @@ import base64
 import datetime as dt
 import json
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -17,7 +19,7 @@ import pytest
 
 from services.api.schemas import HostView, Page
 from shared.events import deterministic_event_id
-from tests.conftest import EventCapture
+from tests.conftest import EventCapture, start_gate
 from tests.support.processes import ServiceProcess
 from tests.support.services import BackingServices
 
@@ -262,8 +264,19 @@ async def test_job_ids_that_cannot_exist_in_a_path(admin: httpx.AsyncClient, db:
     assert await db.fetchval("SELECT status FROM gate_jobs") == "waiting_health_check"
 
 
+@pytest.fixture
+def own_gate(service_env: dict[str, str], tmp_path: Path) -> Iterator[ServiceProcess]:
+    """A gate for this test alone: the session's `gate` would stay up and decide the waiting jobs that later
+    tests of other files insert by hand, depending on the order the files run in."""
+    gate = start_gate(service_env, tmp_path / "gate.log")
+    try:
+        yield gate
+    finally:
+        gate.stop()
+
+
 async def test_jobs_started_through_the_gate_are_reached_by_their_encoded_id(
-    admin: httpx.AsyncClient, backing: BackingServices, exchange_name: str, gate: ServiceProcess
+    admin: httpx.AsyncClient, backing: BackingServices, exchange_name: str, own_gate: ServiceProcess
 ) -> None:
     host_id = (await admin.post("/api/v1/hosts", json={"name": "no-checks", "group": "g"})).json()["id"]
     job_ids = ["deploy/2026/42", "déploiement-ü-日本", f"rollout/hosts/{ID_HOST}/override"]
@@ -296,7 +309,7 @@ async def _job_at(
     await db.execute(
         """
         INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, received_at, decided_at)
-        VALUES ($1, $2, $3, $4::timestamptz + interval '1 hour', $4, CASE WHEN $3 = 'waiting_health_check' THEN NULL ELSE $4 END)
+        VALUES ($1, $2, $3, now() + interval '1 hour', $4, CASE WHEN $3 = 'waiting_health_check' THEN NULL ELSE $4::timestamptz END)
         """,
         job_id,
         host_id,
