@@ -17,6 +17,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -84,6 +85,11 @@ def check_url(side: Side) -> str:
     return f"{host_url(side)}/health-checks/{side.check_id}"
 
 
+def job_url(side: Side) -> str:
+    """The job's path with its id percent-encoded as one segment (the ids hold `/`)."""
+    return f"/api/v1/jobs/{quote(side.job_id, safe='')}"
+
+
 HOST = "/api/v1/hosts/{host_id}"
 CHECK = HOST + "/health-checks/{check_id}"
 
@@ -119,13 +125,13 @@ CASES: dict[tuple[str, str], Case] = {
     ("POST", CHECK + "/test"): Case(EDITORS, 200, lambda s: Call("POST", f"{check_url(s)}/test")),
     ("GET", CHECK + "/results"): Case(ALL, 200, lambda s: Call("GET", f"{check_url(s)}/results")),
     ("GET", "/api/v1/jobs"): Case(ALL, 200, lambda s: Call("GET", "/api/v1/jobs")),
-    ("GET", "/api/v1/jobs/{job_id}"): Case(ALL, 200, lambda s: Call("GET", f"/api/v1/jobs/{s.job_id}")),
+    ("GET", "/api/v1/jobs/{job_id}"): Case(ALL, 200, lambda s: Call("GET", job_url(s))),
     ("POST", "/api/v1/jobs/{job_id}/hosts/{host_id}/override"): Case(
         ADMIN,
         200,
         lambda s: Call(
             "POST",
-            f"/api/v1/jobs/{s.job_id}/hosts/{s.host_id}/override",
+            f"{job_url(s)}/hosts/{s.host_id}/override",
             {"decision": "release", "reason": "approved by the change board"},
         ),
     ),
@@ -169,7 +175,7 @@ async def create_side(
     response = await client.post(f"/api/v1/hosts/{host['id']}/health-checks", json=check_body("ssh"), headers=admin)
     assert response.status_code == 201, response.text
     check = response.json()
-    job_id = f"job-{label}"
+    job_id = f"deploy/{label}/42"  # a `/` in every job id: each request below sends it as %2F
     await insert_job(db, job_id, host["id"])
     return Side(host["id"], host["name"], group, check["id"], check["name"], job_id)
 
@@ -335,10 +341,24 @@ async def test_job_list_shows_only_the_callers_groups(
 
 @pytest.mark.parametrize("role", SCOPED_ROLES)
 async def test_job_of_another_group_404(role: str, client: httpx.AsyncClient, world: World) -> None:
-    response = await client.get(f"/api/v1/jobs/{world.hidden.job_id}", headers=world.auth(role))
+    response = await client.get(job_url(world.hidden), headers=world.auth(role))
     assert response.status_code == 404, response.text
-    response = await client.get(f"/api/v1/jobs/{world.hidden.job_id}", headers=world.auth("admin"))
+    response = await client.get(job_url(world.hidden), headers=world.auth("admin"))
     assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize("role", SCOPED_ROLES)
+async def test_job_list_filters_stay_in_the_callers_groups(role: str, client: httpx.AsyncClient, world: World) -> None:
+    """Asking for a hidden host's job hosts by id, or by status, reveals nothing of them."""
+    for params, expected in (
+        ({"host_id": world.hidden.host_id}, []),
+        ({"host_id": world.visible.host_id}, [world.visible.job_id]),
+        ({"status": "waiting_health_check"}, [world.visible.job_id]),
+        ({"status": "waiting_health_check", "host_id": world.hidden.host_id}, []),
+    ):
+        response = await client.get("/api/v1/jobs", params=params, headers=world.auth(role))
+        assert response.status_code == 200, response.text
+        assert [job["job_id"] for job in response.json()["items"]] == expected, params
 
 
 @pytest.mark.parametrize("role", SCOPED_ROLES)

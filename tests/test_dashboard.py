@@ -20,6 +20,7 @@ import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import asyncpg
 import httpx
@@ -588,6 +589,97 @@ async def test_admin_overrides_a_waiting_job(
         "override_reason": "replica checked by hand",
     }
     assert script_problems(page) == []
+
+
+async def test_every_job_id_is_shown_linked_and_overridden(
+    api: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+) -> None:
+    """Job ids with `/`, spaces, `#`, `?`, `%`, non-ASCII, one ending like an override path, one of 200
+    characters: each row says its status in a word and links to the job's page, whose URL carries the id as
+    one percent-encoded segment; both pages override it."""
+    host_id = await create_host(admin, "a-db-1", "team-a")
+    other = await create_host(admin, "a-db-2", "team-a")
+    job_ids = [
+        "deploy/2026/42",
+        "a b",
+        "x#y",
+        "what?",
+        "100%",
+        "déploiement-ü-日本",
+        f"x/hosts/{host_id}/override",
+        "j" * 200,
+    ]
+    for job_id in job_ids:
+        await insert_job(db, job_id, host_id)
+    await insert_job(db, "done/1", other, status="failed", reason="window_closed", detail="closed")
+    await insert_job(db, "..", other)  # a browser resolves /jobs/%2E%2E to /: shown, neither linked nor a form
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("admin", name="alice"))
+    await page.goto(f"{api.base_url}/jobs")
+
+    waiting = page.get_by_role("table", name="Waiting")
+    for job_id in job_ids:
+        row = waiting.locator("tr[data-job]").filter(has=page.get_by_role("rowheader", name=job_id, exact=True))
+        await expect(row.locator("[data-status]")).to_have_text("waiting")
+        link = row.get_by_role("link", name=job_id, exact=True)
+        await expect(link).to_have_attribute("href", "/jobs/" + quote(job_id, safe=""))
+    decided = page.get_by_role("table", name="Decided").locator('tr[data-job="done/1"]')
+    await expect(decided.locator("[data-status]")).to_have_text("failed")
+    dots = waiting.locator('tr[data-job=".."]')
+    await expect(dots.get_by_role("rowheader").get_by_role("link")).to_have_count(0)
+    await expect(dots.locator("form")).to_have_count(0)
+    await expect(dots).to_contain_text("override it with the API")
+
+    # Every link leads to its job's page, the URL as sent keeping the encoding.
+    for job_id in job_ids:
+        await page.goto(f"{api.base_url}/jobs")
+        await page.get_by_role("link", name=job_id, exact=True).click()
+        await page.wait_for_url(f"{api.base_url}/jobs/{quote(job_id, safe='')}")
+        await expect(page.get_by_role("heading", level=1)).to_have_text(f"Job {job_id}")
+        await expect(page.locator("[data-status]")).to_have_text(["waiting"])
+
+    # Overridden from the job's page (back to it) and from the jobs page (back there).
+    await page.goto(f"{api.base_url}/jobs/deploy%2F2026%2F42")
+    await page.get_by_label("Decision").select_option("release")
+    await page.get_by_label("Reason").fill("checked by hand")
+    await page.get_by_role("button", name="Override").click()
+    await page.wait_for_url(f"{api.base_url}/jobs/deploy%2F2026%2F42")
+    await expect(page.locator("[data-status]")).to_have_text(["released"])
+    tricky = f"x/hosts/{host_id}/override"
+    await page.goto(f"{api.base_url}/jobs")
+    row = waiting.locator("tr[data-job]").filter(has=page.get_by_role("rowheader", name=tricky, exact=True))
+    await row.get_by_label("Decision").select_option("fail")
+    await row.get_by_label("Reason").fill("bad disk")
+    await row.get_by_role("button", name="Override").click()
+    await page.wait_for_url(f"{api.base_url}/jobs")
+    decided_row = (
+        page.get_by_role("table", name="Decided")
+        .locator("tr[data-job]")
+        .filter(has=page.get_by_role("rowheader", name=tricky, exact=True))
+    )
+    await expect(decided_row.locator("[data-status]")).to_have_text("failed")
+    stored = dict(await db.fetch("SELECT job_id, status FROM gate_jobs WHERE host_id = $1", uuid.UUID(host_id)))
+    assert stored == dict.fromkeys(job_ids, "waiting_health_check") | {
+        "deploy/2026/42": "released",
+        tricky: "failed",
+    }
+
+    # Signed out, a job's page sends to the sign-in page and back to the same encoded URL.
+    fresh = await new_page(browser)
+    await fresh.goto(f"{api.base_url}/jobs/100%25")
+    await fresh.get_by_label("API token").fill(await make_token("viewer", ("team-a",)))
+    await fresh.get_by_role("button", name="Sign in").click()
+    await fresh.wait_for_url(f"{api.base_url}/jobs/100%25")
+    await expect(fresh.get_by_role("heading", level=1)).to_have_text("Job 100%")
+    await expect(fresh.locator("form.override")).to_have_count(0)  # a viewer sees, never overrides
+    # A job of no host in the viewer's groups does not exist for it.
+    response = await fresh.goto(f"{api.base_url}/jobs/nope%2Fnothing")
+    assert response is not None and response.status == 404
+    assert script_problems(page) == [] and script_problems(fresh) == []
 
 
 # ---- 7. screenshots -----------------------------------------------------------------------------------------------

@@ -17,10 +17,10 @@ import asyncpg
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
 
 from services.api.auth import ROLES, Principal, Role, authenticate
 from services.api.context import context_of
+from services.api.paths import SegmentRoute
 from services.api.problems import Problem, forbidden, not_found
 from services.api.requests import path_uuid
 
@@ -47,8 +47,9 @@ class Endpoint:
     description: str = ""
     extra_responses: dict[int, str] = field(default_factory=dict)
 
-    def route(self) -> Route:
-        return Route(self.path, self._guarded, methods=[self.method], name=self.summary)
+    def route(self) -> SegmentRoute:
+        """Matched segment by segment on the raw path: a `{job_id}` may hold `/` (as `%2F`), see paths.py."""
+        return SegmentRoute(self.path, self._guarded, methods=[self.method], name=self.summary)
 
     async def _guarded(self, request: Request) -> Response:
         context = context_of(request)

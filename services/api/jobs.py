@@ -21,7 +21,7 @@ from services.api.requests import (
     decode_cursor,
     encode_cursor,
     json_response,
-    path_text,
+    path_job_id,
     path_uuid,
     read_model,
     read_query,
@@ -40,8 +40,13 @@ VISIBLE = '($1::text[] IS NULL OR EXISTS (SELECT 1 FROM hosts h WHERE h.id = j.h
 
 
 class JobListQuery(PageQuery):
+    """`GET /api/v1/jobs?status=&host_id=` (CONTRACT §3): both filters optional, combined with AND."""
+
     status: Literal["waiting_health_check", "released", "failed", "cancelled"] | None = Field(
         None, description="only job hosts in this state"
+    )
+    host_id: uuid.UUID | None = Field(
+        None, description="only this host's job hosts (a host outside the caller's groups gives an empty page)"
     )
 
 
@@ -52,7 +57,7 @@ def job_host_fields(row: asyncpg.Record) -> dict[str, Any]:
 
 
 async def get_job(request: Request, principal: Principal) -> Response:
-    job_id = path_text(request, "job_id")
+    job_id = path_job_id(request)
     rows = await context_of(request).pool.fetch(
         f"SELECT {JOB_COLUMNS} FROM gate_jobs j WHERE j.job_id = $2 AND {VISIBLE} ORDER BY j.received_at, j.host_id",
         principal.visible_groups(),
@@ -65,27 +70,42 @@ async def get_job(request: Request, principal: Principal) -> Response:
 
 
 async def list_jobs(request: Request, principal: Principal) -> Response:
+    """A page of job hosts, newest first, scoped, optionally by status and host.
+
+    Keyset pagination on (received_at, job_id, host_id), all descending: a total order (the primary key is in
+    it), so pages never repeat or skip a row, whatever the filters. The cursor holds the last row's key only;
+    the client sends the same filters with it. Only the conditions in use are in the statement, so that each
+    filter gets its index (shared/migrations/0007_job_filters.sql) in a prepared, generic plan too.
+    """
     query = read_query(request, JobListQuery)
-    after: list[Any] = [None, None, None]
+    conditions: list[str] = []
+    values: list[Any] = []
+
+    def value(item: Any) -> str:
+        values.append(item)
+        return f"${len(values)}"
+
+    groups = principal.visible_groups()
+    if groups is not None:
+        conditions.append(f'EXISTS (SELECT 1 FROM hosts h WHERE h.id = j.host_id AND h."group" = ANY({value(groups)}))')
+    if query.status is not None:
+        conditions.append(f"j.status = {value(query.status)}")
+    if query.host_id is not None:
+        conditions.append(f"j.host_id = {value(query.host_id)}")
     if query.cursor is not None:
-        received_at, job_id, host_id = decode_cursor(query.cursor, 3)
-        try:
-            after = [dt.datetime.fromisoformat(received_at), str(job_id), str(host_id)]
-        except (TypeError, ValueError):
-            raise field_errors([{"field": "query.cursor", "message": "not a cursor this list returned"}]) from None
+        received_at, job_id, host_id = _job_cursor(query.cursor)
+        conditions.append(
+            f"(j.received_at, j.job_id, j.host_id) < ({value(received_at)}, {value(job_id)}, {value(host_id)})"
+        )
+    where = " AND ".join(conditions) or "true"
     rows = await context_of(request).pool.fetch(
         f"""
         SELECT {JOB_COLUMNS} FROM gate_jobs j
-        WHERE {VISIBLE}
-          AND ($2::text IS NULL OR j.status = $2)
-          AND ($3::timestamptz IS NULL OR (j.received_at, j.job_id, j.host_id::text) < ($3, $4, $5))
-        ORDER BY j.received_at DESC, j.job_id DESC, j.host_id::text DESC
-        LIMIT $6
+        WHERE {where}
+        ORDER BY j.received_at DESC, j.job_id DESC, j.host_id DESC
+        LIMIT {value(query.limit + 1)}
         """,
-        principal.visible_groups(),
-        query.status,
-        *after,
-        query.limit + 1,
+        *values,
     )
     more = len(rows) > query.limit
     rows = rows[: query.limit]
@@ -97,8 +117,23 @@ async def list_jobs(request: Request, principal: Principal) -> Response:
     return json_response(Page[JobListItem](items=items, next_cursor=next_cursor))
 
 
+def _job_cursor(cursor: str) -> tuple[dt.datetime, str, uuid.UUID]:
+    """The (received_at, job_id, host_id) key a job list cursor holds; 422 naming `query.cursor` otherwise."""
+    received_at, job_id, host_id = decode_cursor(cursor, 3)
+    try:
+        key = (dt.datetime.fromisoformat(received_at), job_id, uuid.UUID(host_id))
+        # NUL or a lone surrogate (JSON allows "\ud800") would fail in PostgreSQL or the driver, not here.
+        valid = key[0].tzinfo is not None and isinstance(job_id, str) and "\x00" not in job_id
+        job_id.encode()
+    except (TypeError, ValueError, AttributeError):  # UnicodeEncodeError is a ValueError
+        valid = False
+    if not valid:
+        raise field_errors([{"field": "query.cursor", "message": "not a cursor this list returned"}])
+    return key
+
+
 async def override_job(request: Request, principal: Principal) -> Response:
-    job_id = path_text(request, "job_id")
+    job_id = path_job_id(request)
     host_id = path_uuid(request, "host_id")
     body: OverrideRequest = await read_model(request, OverrideRequest)
     return json_response(await override_on(context_of(request), principal.name, job_id, host_id, body))

@@ -13,6 +13,11 @@ from services.api.schemas import ProblemDetails
 
 REF_TEMPLATE = "#/components/schemas/{model}"
 PATH_PARAMETER = re.compile(r"{(\w+)}")
+JOB_ID_DESCRIPTION = (
+    "The job id as one percent-encoded path segment: every job id works, `/` sent as `%2F` included "
+    "(`deploy/2026/42` → `deploy%2F2026%2F42`; also `?` `%3F`, `#` `%23`, `%` `%25`, non-ASCII as UTF-8). "
+    "An id holding NUL → 422; one that no job can have (over 200 characters) → 404."
+)
 PROBLEM_STATUSES = {
     400: "The body is not JSON",
     401: "No or unknown token",
@@ -46,11 +51,13 @@ def _parameters(endpoint: Endpoint, schemas: _Schemas) -> list[dict[str, Any]]:
     parameters = []
     for name in PATH_PARAMETER.findall(endpoint.path):
         schema: dict[str, Any] = {"type": "string"}
+        parameter: dict[str, Any] = {"name": name, "in": "path", "required": True, "schema": schema}
         if name.endswith("_id") and name != "job_id":
             schema["format"] = "uuid"
         if name == "job_id":
             schema |= {"minLength": 1, "maxLength": 200}
-        parameters.append({"name": name, "in": "path", "required": True, "schema": schema})
+            parameter["description"] = JOB_ID_DESCRIPTION
+        parameters.append(parameter)
     if endpoint.query is not None:
         query_schema = endpoint.query.model_json_schema(ref_template=REF_TEMPLATE)
         schemas.components.update(query_schema.pop("$defs", {}))

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.problems import Problem, field_errors, validation_problem
+from services.api.problems import Problem, field_errors, not_found, validation_problem
 
 MAX_BODY_BYTES = 64 * 1024
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -96,10 +96,28 @@ def _has_surrogate(text: str) -> bool:
 
 
 def path_text(request: Request, name: str) -> str:
+    """A text path parameter, percent-decoded once (services/api/paths.py); 422 naming `path.<name>` for NUL."""
     value: str = request.path_params[name]
     if "\x00" in value:
         raise field_errors([{"field": f"path.{name}", "message": NUL_MESSAGE}])
     return value
+
+
+MAX_JOB_ID_LENGTH = 200  # CONTRACT §5 job.start; gate_jobs.job_id has the same CHECK
+
+
+def path_job_id(request: Request) -> str:
+    """The `{job_id}` of the path: any text that a job id may be, `/`, `?`, `#`, `%` and non-ASCII included.
+
+    422 naming `path.job_id` for NUL (PostgreSQL text cannot hold it, as for every other input); 404 for an id
+    longer than 200 characters, which no job can have (answered without a query). Other ids that no job can
+    have (control characters) are looked up like any other and are simply not found: the rule about them
+    belongs to the gate, and an id it stored must always be reachable here.
+    """
+    job_id = path_text(request, "job_id")
+    if len(job_id) > MAX_JOB_ID_LENGTH:
+        raise not_found("job")
+    return job_id
 
 
 async def read_model(request: Request, model: type[ModelT] | TypeAdapter[Any]) -> Any:

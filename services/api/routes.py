@@ -39,6 +39,8 @@ async def who_am_i(request: Request, principal: Principal) -> Response:
 
 HOST = "/api/v1/hosts/{host_id}"
 CHECK = HOST + "/health-checks/{check_id}"
+# A job id is one percent-encoded path segment, whatever it holds (`/` as `%2F`): see services/api/paths.py.
+JOB = "/api/v1/jobs/{job_id}"
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/me", who_am_i, "Show the calling token", ALL_ROLES, "tokens", response=Caller),
@@ -169,14 +171,23 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=jobs.JobListQuery,
         response=Page[JobListItem],
         errors=(422,),
-        description="Newest first, scoped by the hosts' groups.",
+        description="Newest first, scoped by the hosts' groups; `status` and `host_id` filter (both: AND). "
+        "The `next_cursor` continues the same filtered list: send the filters again with it.",
     ),
     Endpoint(
-        "GET", "/api/v1/jobs/{job_id}", jobs.get_job, "Show a job", ALL_ROLES, "jobs", response=JobView, errors=(404,)
+        "GET",
+        JOB,
+        jobs.get_job,
+        "Show a job",
+        ALL_ROLES,
+        "jobs",
+        response=JobView,
+        errors=(404, 422),
+        description="Scoped: only the job's hosts in the caller's groups; 404 when there is none.",
     ),
     Endpoint(
         "POST",
-        "/api/v1/jobs/{job_id}/hosts/{host_id}/override",
+        JOB + "/hosts/{host_id}/override",
         jobs.override_job,
         "Decide a waiting job by hand",
         ADMIN,

@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
-from starlette.routing import Mount, Route
+from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
@@ -38,7 +38,9 @@ from services.api.dashboard import sessions
 from services.api.dashboard.charts import Point, history_strip, latency_sparkline
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
 from services.api.jobs import override_on
+from services.api.paths import SegmentRoute, browser_reachable, path_segment
 from services.api.problems import Problem
+from services.api.requests import path_job_id
 from services.api.schemas import OverrideRequest
 from shared.host_status import gating_check_summaries
 
@@ -48,6 +50,16 @@ CHECK_EDITORS = ("admin", "operator")
 HISTORY_LENGTH = 40
 STALE_FORM = Problem(403, "the form was stale or forged; reload the page")
 PAGE_SIZE = 50
+# A job host's status as the jobs pages say it (CONTRACT §3 "every job row shows its status as a word").
+STATUS_WORDS = {
+    "waiting_health_check": "waiting",
+    "released": "released",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "verifying": "verifying",
+    "verified": "verified",
+    "verification_failed": "verification failed",
+}
 Page = Callable[[Request, sessions.Session], Awaitable[Response]]
 
 
@@ -57,22 +69,28 @@ class Dashboard:
         self.templates = Jinja2Templates(env=environment)
         self.templates.env.filters["ago"] = _ago
         self.templates.env.filters["until"] = _until
+        # Links and form actions carry ids as one path segment each: `/jobs/deploy%2F2026%2F42`.
+        self.templates.env.filters["path_segment"] = path_segment
+        self.templates.env.tests["browser_reachable"] = browser_reachable
+        self.templates.env.filters["status_word"] = lambda status: STATUS_WORDS.get(status, status.replace("_", " "))
 
-    def routes(self) -> list[Route | Mount]:
+    def routes(self) -> list[SegmentRoute | Mount]:
+        """Every page is matched segment by segment on the raw path, as the API is (services/api/paths.py)."""
         page = self._page
         return [
-            Route("/", self.home, methods=["GET"]),
-            Route("/login", self.login_form, methods=["GET"]),
-            Route("/login", self.login, methods=["POST"]),
-            Route("/logout", self.logout, methods=["GET", "POST"]),
-            Route("/hosts", page(self.hosts), methods=["GET"]),
-            Route("/hosts/{host_id}", page(self.host), methods=["GET"]),
-            Route("/hosts/{host_id}/checks", page(self.create_check), methods=["POST"]),
-            Route("/hosts/{host_id}/checks/{check_id}", page(self.update_check), methods=["POST"]),
-            Route("/hosts/{host_id}/checks/{check_id}/delete", page(self.delete_check), methods=["POST"]),
-            Route("/hosts/{host_id}/checks/{check_id}/test", page(self.test_check), methods=["POST"]),
-            Route("/jobs", page(self.jobs), methods=["GET"]),
-            Route("/jobs/{job_id}/hosts/{host_id}/override", page(self.override), methods=["POST"]),
+            SegmentRoute("/", self.home, methods=["GET"]),
+            SegmentRoute("/login", self.login_form, methods=["GET"]),
+            SegmentRoute("/login", self.login, methods=["POST"]),
+            SegmentRoute("/logout", self.logout, methods=["GET", "POST"]),
+            SegmentRoute("/hosts", page(self.hosts), methods=["GET"]),
+            SegmentRoute("/hosts/{host_id}", page(self.host), methods=["GET"]),
+            SegmentRoute("/hosts/{host_id}/checks", page(self.create_check), methods=["POST"]),
+            SegmentRoute("/hosts/{host_id}/checks/{check_id}", page(self.update_check), methods=["POST"]),
+            SegmentRoute("/hosts/{host_id}/checks/{check_id}/delete", page(self.delete_check), methods=["POST"]),
+            SegmentRoute("/hosts/{host_id}/checks/{check_id}/test", page(self.test_check), methods=["POST"]),
+            SegmentRoute("/jobs", page(self.jobs), methods=["GET"]),
+            SegmentRoute("/jobs/{job_id}", page(self.job), methods=["GET"]),
+            SegmentRoute("/jobs/{job_id}/hosts/{host_id}/override", page(self.override), methods=["POST"]),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
 
@@ -96,7 +114,7 @@ class Dashboard:
             if session is None:
                 if _wants_json(request):  # "Test now": say so in place rather than follow to the sign-in page
                     return JSONResponse({"detail": "your session has ended; sign in again"}, status_code=401)
-                target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+                target = _raw_target(request)
                 return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
             form = await request.form() if request.method == "POST" else None
             try:
@@ -271,26 +289,44 @@ class Dashboard:
         async with context.pool.acquire() as connection:
             waiting = await _jobs(connection, groups, waiting=True)
             decided = await _jobs(connection, groups, waiting=False)
-            failing = {}
-            for host_id in {row["host_id"] for row in waiting}:
-                failing[host_id] = [
-                    check for check in await gating_check_summaries(connection, host_id) if check.healthy is not True
-                ]
+            failing = await _failing_checks(connection, waiting)
         return self.render(
             request, "jobs.html", session=session, waiting=waiting, decided=decided, failing=failing,
             can_override=session.principal.is_admin, now=dt.datetime.now(dt.UTC),
         )  # fmt: skip
 
+    async def job(self, request: Request, session: sessions.Session) -> Response:
+        """One job's hosts in the caller's groups (404 when none is), each with its status and, while it
+        waits, its failing checks and the admin's override."""
+        job_id = path_job_id(request)
+        context = context_of(request)
+        async with context.pool.acquire() as connection:
+            hosts = await connection.fetch(
+                f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
+                session.principal.visible_groups(),
+                job_id,
+            )
+            if not hosts:
+                raise Problem(404, "job not found")
+            failing = await _failing_checks(connection, [row for row in hosts if row["status"] == WAITING])
+        return self.render(
+            request, "job.html", session=session, job_id=job_id, hosts=hosts, failing=failing,
+            can_override=session.principal.is_admin,
+        )  # fmt: skip
+
     async def override(self, request: Request, session: sessions.Session) -> Response:
         self._require(session, ("admin",), "override a job")
+        job_id = path_job_id(request)
         host_id = _path_uuid(request, "host_id")
         form = await request.form()
         try:
             body = OverrideRequest.model_validate({"decision": form.get("decision"), "reason": form.get("reason")})
         except ValidationError:
             raise Problem(422, "choose release or fail and give a reason (1 to 500 characters)") from None
-        await override_on(context_of(request), session.principal.name, request.path_params["job_id"], host_id, body)
-        return RedirectResponse("/jobs", status_code=303)
+        await override_on(context_of(request), session.principal.name, job_id, host_id, body)
+        # Back to the page the form was on: the job's own page, or the jobs page.
+        back = "/jobs/" + path_segment(job_id) if form.get("back") == "job" else "/jobs"
+        return RedirectResponse(back, status_code=303)
 
 
 def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
@@ -369,19 +405,27 @@ async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.U
     return history
 
 
+WAITING = "waiting_health_check"
+JOB_HOST_SELECT = "SELECT j.*, h.name AS host_name FROM gate_jobs j LEFT JOIN hosts h ON h.id = j.host_id"
+JOB_HOST_VISIBLE = '($1::text[] IS NULL OR h."group" = ANY($1))'
+
+
 async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[asyncpg.Record]:
     order = "j.window_ends_at" if waiting else "j.decided_at DESC"
-    condition = "j.status = 'waiting_health_check'" if waiting else "j.status <> 'waiting_health_check'"
+    condition = f"j.status = '{WAITING}'" if waiting else f"j.status <> '{WAITING}'"
     return await connection.fetch(
-        f"""
-        SELECT j.*, h.name AS host_name FROM gate_jobs j
-        LEFT JOIN hosts h ON h.id = j.host_id
-        WHERE {condition} AND ($1::text[] IS NULL OR h."group" = ANY($1))
-        ORDER BY {order}
-        LIMIT 100
-        """,
-        groups,
+        f"{JOB_HOST_SELECT} WHERE {condition} AND {JOB_HOST_VISIBLE} ORDER BY {order} LIMIT 100", groups
     )
+
+
+async def _failing_checks(connection: asyncpg.Connection, waiting: list[asyncpg.Record]) -> dict[uuid.UUID, list[Any]]:
+    """For each waiting job host's host: its gating checks that are not healthy (what it waits for)."""
+    failing = {}
+    for host_id in {row["host_id"] for row in waiting}:
+        failing[host_id] = [
+            check for check in await gating_check_summaries(connection, host_id) if check.healthy is not True
+        ]
+    return failing
 
 
 async def _require_visible_host(context: ApiContext, session: sessions.Session, host_id: uuid.UUID) -> None:
@@ -404,6 +448,15 @@ def _path_uuid(request: Request, name: str) -> uuid.UUID:
         return uuid.UUID(request.path_params[name])
     except ValueError:
         raise Problem(404, "no such page") from None
+
+
+def _raw_target(request: Request) -> str:
+    """The request's path and query as the browser sent them, still percent-encoded: a `next` that leads back to
+    `/jobs/deploy%2F2026%2F42`, which `request.url.path` (decoded: `/jobs/deploy/2026/42`) would not."""
+    raw_path = request.scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path is not None else request.url.path
+    query = request.scope.get("query_string", b"").decode("latin-1")
+    return path + (f"?{query}" if query else "")
 
 
 def _wants_json(request: Request) -> bool:
