@@ -323,7 +323,7 @@ def summarise_log(poller: PollerProcess) -> str:
     return "\n".join(lines)
 
 
-HEALTH_LINE = re.compile(r'"message": "health endpoints listening".*?"port": (\d+)')
+HEALTH_LINE = re.compile(r'"message": "poller started: health .*?"port": (\d+)')
 
 
 async def start_poller(env: dict[str, str], log_path: Path, started: list[PollerProcess]) -> PollerProcess:

@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 import asyncpg
@@ -127,20 +128,33 @@ async def _migrate(settings: Settings) -> int:
     return 0
 
 
-def run_all(services: Sequence[str]) -> int:
-    """`healthgate up`: one process per service; SIGINT/SIGTERM stops them all within the deadline."""
+def run_all(services: Sequence[str], settings: Settings) -> int:
+    """`healthgate up`: one process per service; SIGINT/SIGTERM stops them all within the deadline.
+
+    When any service exits (one that cannot start exits at once, naming the cause on stderr), the others
+    are stopped and `up` exits 1, never running half-started (CONTRACT §1). 0 after a requested stop."""
+    if settings.health_port:
+        # Every worker would try the same port and all but one would fail: refuse before starting any.
+        raise CommandError(
+            f"HEALTHGATE_HEALTH_PORT={settings.health_port} would give every worker service the same port; "
+            "leave it unset (each service uses its own default) or set it to 0 (free ports, logged at start)"
+        )
     stopping = threading.Event()
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signal_number, lambda *_: stopping.set())
     children = {name: subprocess.Popen([sys.executable, "-m", "services.cli", name]) for name in services}
     log.info("started services", extra={"services": list(children)})
-    failed = None
+    failed: list[str] = []
     while not stopping.is_set():
         for name, child in children.items():
             if child.poll() is not None:
-                failed = name
-                log.error("service exited, stopping the others", extra={"service": name, "code": child.returncode})
+                failed.append(name)
+                log.error(
+                    f"{name} exited with status {child.returncode}; stopping the other services",
+                    extra={"service": name, "code": child.returncode},
+                )
                 stopping.set()
+                break
         stopping.wait(0.2)
     for child in children.values():
         if child.poll() is None:
@@ -153,12 +167,24 @@ def run_all(services: Sequence[str]) -> int:
             log.error("service did not stop in time, killing it", extra={"service": name})
             child.kill()
             child.wait()
+    if failed:
+        log.error(f"stopped all services because {failed[0]} exited", extra={"service": failed[0]})
+        return 1
     log.info("all services stopped")
-    return 1 if failed else 0
+    return 0
+
+
+def package_version() -> str:
+    """The installed package's version (its metadata), for `healthgate --version`."""
+    try:
+        return version("healthgate")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="healthgate", description="Hold patch jobs until hosts are healthy.")
+    parser.add_argument("--version", action="version", version=f"healthgate {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in SERVICES:
         commands.add_parser(name, help=f"run the {name} service")
@@ -193,10 +219,13 @@ _group_name = _bounded_text("a group", 100)
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    # A service's one error line names the service: under `healthgate up` four processes share one stderr.
+    runs_service = arguments.command in SERVICES or arguments.command == "up"
+    prefix = f"healthgate {arguments.command}" if runs_service else "healthgate"
     try:
         settings = load_settings()
     except SettingsError as exc:
-        print(f"healthgate: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
         return 2
     service = arguments.command if arguments.command in SERVICES else "cli"
     configure_logging(service, settings.log_format)
@@ -204,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if arguments.command in SERVICES:
             return SERVICES[arguments.command](settings)
         if arguments.command == "up":
-            return run_all(list(SERVICES))
+            return run_all(list(SERVICES), settings)
         if arguments.command == "migrate":
             return _run_async(_migrate(settings))
         if arguments.command == "prune":
@@ -214,7 +243,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         token_commands = {"create": _token_create, "list": _token_list, "revoke": _token_revoke}
         return _run_async(token_commands[arguments.token_command](settings, arguments))
     except (CommandError, DatabaseUnavailable, KeyFileError, ServiceConfigError) as exc:
-        print(f"healthgate: {exc}", file=sys.stderr)
+        print(f"{prefix}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import ipaddress
 import json
 import logging
 import signal
+import socket
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -23,11 +25,13 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from shared.messaging import Broker
+from shared.settings import ServiceConfigError
 
 log = logging.getLogger(__name__)
 
 HEALTH_CONTENT_TYPE = "application/health+json"
 DEPENDENCY_TIMEOUT_SECONDS = 2.0
+LISTEN_BACKLOG = 2048  # uvicorn's default
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
@@ -124,9 +128,78 @@ def _health_response(body: dict[str, object], status_code: int) -> Response:
     )
 
 
+class CannotListen(ServiceConfigError):
+    """The service cannot listen on its address (port taken, no permission, unknown host): it must not start."""
+
+
+def listen(host: str, port: int) -> list[socket.socket]:
+    """Bind and listen on every address `host` resolves to, as asyncio's create_server would, and return the
+    listening sockets (for uvicorn's `serve(sockets=...)`). Port 0 picks a free port (the same one on every
+    address). Done before anything else starts, so that a service whose port is taken stops at once with one
+    clear line instead of uvicorn logging the error while the rest of the process runs on (CONTRACT §1).
+
+    Raises CannotListen naming host, port and cause ("address already in use", "permission denied", ...).
+    """
+
+    def failure(reason: str) -> CannotListen:
+        return CannotListen(f"cannot listen on {host_port(host, port)}: {reason}")
+
+    try:
+        found = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise failure(_reason(exc)) from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, protocol, _, address in dict.fromkeys(found):
+            listener = socket.socket(family, kind, protocol)
+            sockets.append(listener)
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(sockets) > 1:
+                address = (address[0], sockets[0].getsockname()[1], *address[2:])
+            listener.bind(address)
+            # listen() now, not when uvicorn starts: on Linux, two SO_REUSEADDR sockets may both bind one
+            # port while neither listens, so only listen() proves the port is ours.
+            listener.listen(LISTEN_BACKLOG)
+    except OSError as exc:
+        for listener in sockets:
+            listener.close()
+        raise failure(_reason(exc)) from None
+    return sockets
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        return "address already in use"
+    text = (exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)) or type(exc).__name__
+    return text[:1].lower() + text[1:]
+
+
+def host_port(host: str, port: int) -> str:
+    """`host:port`, with an IPv6 address in brackets as in a URL."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def base_url(listeners: Sequence[socket.socket]) -> str:
+    """`http://host:port` of the first listening socket (the real port when 0 was asked for)."""
+    host, port = listeners[0].getsockname()[:2]
+    return f"http://{host_port(host, port)}"
+
+
 class GracefulServer(uvicorn.Server):
     """uvicorn's server, stopping on SIGINT/SIGTERM as usual but then exiting with status 0 instead of
-    re-raising the signal: a graceful stop is a success for `healthgate up`, compose and systemd."""
+    re-raising the signal: a graceful stop is a success for `healthgate up`, compose and systemd.
+    `on_started` runs once the server accepts connections (for the start line with the URLs served)."""
+
+    def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self._on_started = on_started
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started and self._on_started is not None:
+            self._on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -141,19 +214,24 @@ class GracefulServer(uvicorn.Server):
                 signal.signal(sig, handler)
 
 
-async def serve_health(health: ServiceHealth, registry: CollectorRegistry, host: str, port: int) -> None:
-    """Serve the health endpoints of a worker service until cancelled. Port 0 picks a free one."""
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn inside a service that owns SIGINT/SIGTERM itself: uvicorn would otherwise replace the service's
+    handlers with its own and stop serving /health/live (503 while stopping) at the first signal."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_health(health: ServiceHealth, registry: CollectorRegistry, listeners: list[socket.socket]) -> None:
+    """Serve the health endpoints of a worker service on already listening sockets (see `listen`) until
+    cancelled."""
     app = Starlette(routes=health_routes(health, registry))
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=False, lifespan="off")
-    server = uvicorn.Server(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
-    serving = asyncio.create_task(server.serve())
-    while not server.started and not serving.done():
-        await asyncio.sleep(0.05)
-    if server.started:
-        bound = server.servers[0].sockets[0].getsockname()
-        log.info("health endpoints listening", extra={"host": bound[0], "port": bound[1]})
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off")
+    server = _EmbeddedServer(config)
     try:
-        await serving
+        await server.serve(sockets=listeners)
     finally:
         server.should_exit = True
+        for listening in getattr(server, "servers", []):
+            listening.close()

@@ -52,13 +52,54 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+class _BrokerNoise(logging.Filter):
+    """Turns what aiormq and aio-pika log about a lost or refused broker connection into one warning line
+    per event, without tracebacks: the service copes (it reconnects by itself), so an operator needs to
+    know that it happened and why, not where in the library.
+
+    - aiormq's "error when creating transport" ERROR repeats a failed attempt that the caller (our Broker's
+      first connect, aio-pika's robust reconnect) logs itself as a warning with the retry delay: dropped.
+    - aiormq's "Cancelling cause reader exited abnormally" carries the cause of a lost connection as a
+      traceback: kept as one warning with the cause in `error`.
+    - aiormq's "Unexpected connection close from remote" (the broker closed it, e.g. on shutdown): a warning.
+    - aio-pika's "Callback <OneShotCallback ... RobustChannel._on_close> error" lines, one per channel, say
+      that a channel could not be closed on a connection already gone; the robust connection restores the
+      channels when it reconnects: dropped.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        template = str(record.msg)
+        if template.startswith("error when creating transport"):
+            return False
+        if template.startswith("Callback ") and "RobustChannel._on_close" in record.getMessage():
+            return False
+        if template.startswith("Cancelling cause reader exited abnormally"):
+            error = record.exc_info[1] if record.exc_info else None
+            record.msg, record.args = "lost the connection to RabbitMQ, reconnecting", ()
+            record.error = (str(error) or type(error).__name__) if error is not None else "unknown"
+            record.exc_info, record.exc_text = None, None
+            _as_warning(record)
+        elif template.startswith("Unexpected connection close from remote"):
+            _as_warning(record)
+        return True
+
+
+def _as_warning(record: logging.LogRecord) -> None:
+    record.levelno, record.levelname = logging.WARNING, "WARNING"
+
+
 def configure_logging(service: str, log_format: Literal["json", "text"], level: int = logging.INFO) -> None:
+    """Log records of every library to stderr, one line each, as JSON objects or text."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(service) if log_format == "json" else TextFormatter(service))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aio-pika and uvicorn are chatty at INFO about every reconnect attempt and request.
+    # aio-pika and uvicorn are chatty at INFO about every reconnect attempt, request and server start/stop
+    # ("Started server process", "Waiting for application startup", ...): a service logs its own start line.
     logging.getLogger("aiormq").setLevel(logging.WARNING)
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
+    for noisy in ("aiormq.connection", "aio_pika.tools"):
+        logging.getLogger(noisy).filters[:] = [_BrokerNoise()]

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.connection import make_url
 
 from shared.settings import redact_url
 from shared.topology import Topology, declare_topology
@@ -22,6 +23,7 @@ from shared.topology import Topology, declare_topology
 log = logging.getLogger(__name__)
 
 PUBLISH_TIMEOUT_SECONDS = 5.0
+CONNECT_TIMEOUT_SECONDS = 10.0
 RECONNECT_DELAY_SECONDS = 1.0
 MAX_RECONNECT_DELAY_SECONDS = 15.0
 
@@ -64,12 +66,14 @@ class Broker:
         reconnect by itself. Returns once connected; cancel the task to give up."""
         delay = RECONNECT_DELAY_SECONDS
         while True:
+            connection = aio_pika.RobustConnection(
+                make_url(self.url), client_properties={"connection_name": self.connection_name}
+            )
             try:
-                connection = await aio_pika.connect_robust(
-                    self.url, client_properties={"connection_name": self.connection_name}, timeout=10
-                )
+                await connection.connect(timeout=CONNECT_TIMEOUT_SECONDS)
                 break
             except (TimeoutError, OSError, aiormq.exceptions.AMQPError) as exc:
+                await _abandon(connection)
                 log.warning(
                     "cannot connect to RabbitMQ, retrying",
                     extra={
@@ -80,13 +84,23 @@ class Broker:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, MAX_RECONNECT_DELAY_SECONDS)
+            except BaseException:
+                # Cancelled (the service stops) mid-attempt: close it, or its reconnect loop, which survives
+                # cancellation, keeps the process from ever exiting and logs every 5 s meanwhile.
+                await _abandon(connection)
+                raise
         self.connection = connection
+        connection.reconnect_callbacks.add(self._on_reconnected)
         self._channel = await connection.channel(publisher_confirms=True)  # type: ignore[assignment]
         self._exchange = await declare_topology(self._channel, self.topology)
         if on_connected is not None:
             await on_connected(connection)
         self._ready.set()
         log.info("connected to RabbitMQ", extra={"url": redact_url(self.url)})
+
+    def _on_reconnected(self, *_: object) -> None:
+        # aio-pika says so only at INFO, which the logging set-up mutes with the rest of its chatter.
+        log.info("reconnected to RabbitMQ", extra={"url": redact_url(self.url)})
 
     async def publish(
         self,
@@ -140,6 +154,18 @@ class Broker:
         self._ready.clear()
         if self.connection is not None:
             await self.connection.close()
+
+
+async def _abandon(connection: aio_pika.RobustConnection) -> None:
+    """Close a connection whose first attempt failed or was cancelled. A RobustConnection whose connect()
+    did not succeed still owns a reconnect task; left open, it retries forever in the background, ignores
+    cancellation and keeps the event loop (and so the process) from finishing."""
+    try:
+        await asyncio.shield(connection.close())
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # closing a half-open connection may fail in many ways; it is gone either way
+        log.debug("closing a failed RabbitMQ connection", extra={"error": repr(exc)})
 
 
 async def _confirmed(

@@ -17,7 +17,7 @@ from types import TracebackType
 from prometheus_client import CollectorRegistry
 
 from shared.database import create_pool
-from shared.health import ServiceHealth, serve_health
+from shared.health import ServiceHealth, base_url, listen, serve_health
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay, RelayThread
 from shared.settings import Settings
@@ -48,7 +48,10 @@ class WorkerRuntime:
         self.tasks = TaskGroupOfService(on_failure=self._stopping.set)
 
     async def __aenter__(self) -> WorkerRuntime:
+        """Start everything; raises CannotListen (before anything else starts) if the health port is taken."""
         settings = self.settings
+        # First of all, so that a taken port stops the service at once with one line (CONTRACT §1).
+        self._listeners = listen(settings.api_host, settings.health_port_for(self.name))
         # Connections open on demand: the service starts, and reports not ready, while PostgreSQL is down.
         self.pool = await create_pool(settings.database_url, min_size=0, max_size=self.pool_size)
         self.broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name=f"healthgate-{self.name}")
@@ -59,8 +62,7 @@ class WorkerRuntime:
         loop = asyncio.get_running_loop()
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signal_number, self._stopping.set)
-        port = settings.health_port_for(self.name)
-        self.tasks.start(serve_health(self.health, self.registry, settings.api_host, port), "health")
+        self.tasks.start(serve_health(self.health, self.registry, self._listeners), "health")
         if self.with_broker and self.relay_on_own_thread:
             self._relay_thread = RelayThread(
                 settings.database_url, settings.amqp_url, Topology(settings.exchange), self.name,
@@ -73,9 +75,14 @@ class WorkerRuntime:
         return self
 
     async def stopped(self) -> None:
-        """Mark the service started, then wait for SIGINT/SIGTERM or a failed task."""
+        """Mark the service started, log the one start line with the URLs it serves, then wait for
+        SIGINT/SIGTERM or a failed task."""
         self.health.started = True
-        log.info(f"{self.name} started")
+        url = base_url(self._listeners)
+        log.info(
+            f"{self.name} started: health {url}/health, metrics {url}/metrics",
+            extra={"port": self._listeners[0].getsockname()[1]},
+        )
         await self._stopping.wait()
         self.health.shutting_down = True
         log.info(f"{self.name} stopping")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import sys
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -55,7 +56,8 @@ class Settings(BaseSettings):
             ipaddress.ip_network("fd00:ec2::254/128"),
         )
     )
-    log_format: Literal["json", "text"] = "json"
+    # CONTRACT §2: json, or text when stderr is a terminal (a person reads it); an explicit value wins.
+    log_format: Literal["json", "text"] = Field(default_factory=lambda: default_log_format())
     health_port: int | None = Field(None, ge=0, le=65535)
 
     @field_validator("health_allowed_networks", "blocked_networks", mode="before")
@@ -83,6 +85,11 @@ class Settings(BaseSettings):
             raise ValueError("must be an amqp:// or amqps:// URL")
         return value
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _empty_log_format_is_default(cls, value: object) -> object:
+        return default_log_format() if value == "" else value
+
     @field_validator("health_port", mode="before")
     @classmethod
     def _empty_port_is_default(cls, value: object) -> object:
@@ -93,6 +100,15 @@ class Settings(BaseSettings):
 
     def agent_tls_files(self) -> tuple[Path | None, Path | None, Path | None]:
         return self.agent_ca_file, self.agent_cert_file, self.agent_key_file
+
+
+def default_log_format() -> Literal["json", "text"]:
+    """`text` when stderr is a terminal, else `json` (for log collectors)."""
+    stream = sys.stderr
+    try:
+        return "text" if stream is not None and stream.isatty() else "json"
+    except (AttributeError, ValueError):  # a replaced or closed stderr
+        return "json"
 
 
 def redact_url(url: str) -> str:

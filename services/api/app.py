@@ -21,6 +21,7 @@ from starlette.routing import Route
 from services.api.check_runs import CheckRunClient
 from services.api.context import ApiContext, ApiMetrics
 from services.api.dashboard.views import Dashboard
+from services.api.docs import docs_routes
 from services.api.openapi import build_openapi
 from services.api.problems import (
     Problem,
@@ -32,7 +33,7 @@ from services.api.problems import (
 from services.api.routes import ENDPOINTS
 from shared.crypto import SecretBox, load_or_create_key
 from shared.database import create_pool
-from shared.health import GracefulServer, ServiceHealth, health_routes
+from shared.health import GracefulServer, ServiceHealth, base_url, health_routes, listen
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay
 from shared.settings import Settings
@@ -78,7 +79,6 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
         background.start(broker.run(check_runs.on_connected), "broker-connect")
         background.start(relay.run(), "outbox-relay")
         health.started = True
-        log.info("api started", extra={"host": settings.api_host, "port": settings.api_port})
         try:
             yield
         finally:
@@ -94,6 +94,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
     routes = [
         *(endpoint.route() for endpoint in ENDPOINTS),
         Route("/openapi.json", openapi_document, methods=["GET"]),
+        *docs_routes(),
         *health_routes(health, registry),
         *Dashboard().routes(),
     ]
@@ -112,19 +113,30 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
 
 
 def run_api(settings: Settings) -> int:
-    """Serve until SIGINT/SIGTERM; 1 if it stopped because a background task failed."""
+    """Serve until SIGINT/SIGTERM; 1 if it stopped because a background task failed.
+
+    Raises KeyFileError (unusable key file) or CannotListen (port taken, ...) before anything starts."""
     key = load_or_create_key(settings.key_file)
+    # Listen before the app starts, so that a taken port stops the api at once with one line (CONTRACT §1).
+    listeners = listen(settings.api_host, settings.api_port)
     app = create_app(settings, key)
+    url = base_url(listeners)
+
+    def announce() -> None:
+        log.info(
+            f"api started: dashboard {url}/, API reference {url}/docs, API {url}/api/v1, OpenAPI {url}/openapi.json,"
+            f" health {url}/health, metrics {url}/metrics",
+            extra={"port": listeners[0].getsockname()[1]},
+        )
+
     config = uvicorn.Config(
         app,
-        host=settings.api_host,
-        port=settings.api_port,
         log_config=None,
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
         server_header=False,
     )
-    GracefulServer(config).run()
+    GracefulServer(config, on_started=announce).run(sockets=listeners)
     background = getattr(app.state, "background", None)
     return 1 if background is not None and background.failed else 0

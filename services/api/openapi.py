@@ -18,6 +18,9 @@ JOB_ID_DESCRIPTION = (
     "(`deploy/2026/42` → `deploy%2F2026%2F42`; also `?` `%3F`, `#` `%23`, `%` `%25`, non-ASCII as UTF-8). "
     "An id holding NUL → 422; one that no job can have (over 200 characters) → 404."
 )
+# OpenAPI 3.1 §4.8.7.1: component names match ^[a-zA-Z0-9._-]+$. Anything else becomes "_", as pydantic
+# names its $defs, so `Page[HostView]` is `Page_HostView_` both as an endpoint's model and nested.
+NOT_IN_COMPONENT_NAME = re.compile(r"[^a-zA-Z0-9._-]")
 PROBLEM_STATUSES = {
     400: "The body is not JSON",
     401: "No or unknown token",
@@ -41,10 +44,15 @@ class _Schemas:
         schema = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE, mode=mode)  # type: ignore[arg-type]
         self.components.update(schema.pop("$defs", {}))
         if isinstance(model, type) and issubclass(model, BaseModel):
-            name = schema.get("title", model.__name__)
+            name = component_name(schema.get("title", model.__name__))
             self.components[name] = schema
             return {"$ref": REF_TEMPLATE.format(model=name)}
         return schema
+
+
+def component_name(title: str) -> str:
+    """A model's title as a valid OpenAPI component name (`Page[HostView]` → `Page_HostView_`)."""
+    return NOT_IN_COMPONENT_NAME.sub("_", title)
 
 
 def _parameters(endpoint: Endpoint, schemas: _Schemas) -> list[dict[str, Any]]:

@@ -1,0 +1,418 @@
+"""Start-up and operation (issue 9, CONTRACT §1 "A service that cannot start…", §2 HEALTHGATE_LOG_FORMAT and
+HEALTHGATE_HEALTH_PORT, §3 OpenAPI and /docs): real processes, real ports, real broker and database.
+
+Time limits here are only guards against a hang (a process that never exits fails the test); no test
+asserts how fast something happened.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pty
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from html.parser import HTMLParser
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import pytest
+from openapi_spec_validator import validate
+from playwright.async_api import async_playwright, expect
+
+from services.api.routes import ENDPOINTS
+from tests.support.blackhole import Blackhole, refused_port
+from tests.support.processes import ServiceProcess, free_port
+from tests.support.tcp_proxy import tcp_proxy
+from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, chromium_installed, script_problems, watch
+
+HEALTHGATE = [sys.executable, "-m", "services.cli"]
+WORKERS = ("poller", "gate", "pruner")
+SERVICES = ("api", *WORKERS)
+# Guards against a hang, not speed goals.
+EXIT_GUARD_SECONDS = 60
+# What must never appear in a service's output: a traceback, or asyncio's reports of a task that failed or
+# was dropped without anyone looking.
+NOISE = ("Traceback", "never retrieved", "was destroyed but it is pending", '"exception":')
+
+
+def port_variable(service: str) -> str:
+    return "HEALTHGATE_API_PORT" if service == "api" else "HEALTHGATE_HEALTH_PORT"
+
+
+@contextlib.contextmanager
+def taken_port() -> Iterator[int]:
+    """A 127.0.0.1 port another server is listening on for the duration."""
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        yield int(holder.getsockname()[1])
+
+
+def run_cli(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*HEALTHGATE, *arguments], env={**os.environ, **env}, capture_output=True, text=True,
+        stdin=subprocess.DEVNULL, timeout=EXIT_GUARD_SECONDS,
+    )  # fmt: skip
+
+
+def assert_one_line(stderr: str, *fragments: str) -> str:
+    """stderr is exactly one line, holding every fragment, without a traceback."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    for fragment in fragments:
+        assert fragment in lines[0], stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.fixture
+def dependencies_down() -> Iterator[dict[str, str]]:
+    """Database and broker URLs on which nothing answers: a service cannot lean on them to fail."""
+    with refused_port() as database_port, refused_port() as broker_port:
+        yield {
+            "HEALTHGATE_DATABASE_URL": f"postgresql://postgres@127.0.0.1:{database_port}/healthgate",
+            "HEALTHGATE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{broker_port}/",
+        }
+
+
+# ---- a service that cannot start -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("service", SERVICES)
+@pytest.mark.parametrize("dependencies", ["up", "down"])
+def test_a_taken_port_stops_the_service_with_one_line(
+    service: str, dependencies: str, service_env: dict[str, str], dependencies_down: dict[str, str]
+) -> None:
+    env = service_env | (dependencies_down if dependencies == "down" else {})
+    with taken_port() as port:
+        result = run_cli(service, env=env | {port_variable(service): str(port)})
+    assert result.returncode != 0
+    assert_one_line(result.stderr, f"healthgate {service}:", f"127.0.0.1:{port}", "address already in use")
+    assert result.stdout == ""
+
+
+@pytest.mark.parametrize("service", SERVICES)
+def test_an_address_the_machine_does_not_have_stops_the_service_with_one_line(
+    service: str, service_env: dict[str, str]
+) -> None:
+    # 192.0.2.0/24 is TEST-NET-1: never a local address, and binding sends no packet.
+    result = run_cli(service, env=service_env | {"HEALTHGATE_API_HOST": "192.0.2.1", port_variable(service): "0"})
+    assert result.returncode != 0
+    assert_one_line(result.stderr, f"healthgate {service}:", "cannot listen on 192.0.2.1:0")
+
+
+@pytest.mark.parametrize("service", ["api", "poller"])
+def test_an_unusable_key_file_stops_the_service_with_one_line(
+    service: str, service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path
+) -> None:
+    malformed = tmp_path / "malformed.key"
+    malformed.write_text("not a key")
+    directory = tmp_path / "a-directory.key"  # unreadable as a file, even for root
+    directory.mkdir()
+    blocked = tmp_path / "a-file" / "health-check.key"  # neither there nor creatable: its parent is a file
+    blocked.parent.write_text("")
+    env = service_env | dependencies_down | {port_variable(service): "0"}
+    for key_file, says in ((malformed, "malformed"), (directory, "cannot read"), (blocked, "key file")):
+        result = run_cli(service, env=env | {"HEALTHGATE_KEY_FILE": str(key_file)})
+        assert result.returncode != 0, result.stderr
+        assert_one_line(result.stderr, f"healthgate {service}:", str(key_file), says)
+    assert malformed.read_text() == "not a key"  # never overwritten
+
+
+def test_unusable_agent_tls_files_stop_the_poller_with_one_line(service_env: dict[str, str], tmp_path: Path) -> None:
+    garbage = tmp_path / "ca.pem"
+    garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    for settings in (
+        {"HEALTHGATE_AGENT_CA_FILE": str(tmp_path / "missing.pem")},
+        {"HEALTHGATE_AGENT_CA_FILE": str(garbage)},
+        {"HEALTHGATE_AGENT_CERT_FILE": str(garbage), "HEALTHGATE_AGENT_KEY_FILE": str(garbage)},
+    ):
+        result = run_cli("poller", env=service_env | settings | {"HEALTHGATE_HEALTH_PORT": "0"})
+        assert result.returncode != 0, result.stderr
+        assert_one_line(result.stderr, "healthgate poller:", "agent TLS")
+
+
+@pytest.mark.parametrize("service", [*SERVICES, "up"])
+def test_a_bad_setting_stops_the_service_with_one_line(service: str, service_env: dict[str, str]) -> None:
+    result = run_cli(service, env=service_env | {"HEALTHGATE_PRUNE_INTERVAL_SECONDS": "soon"})
+    assert result.returncode != 0
+    assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_PRUNE_INTERVAL_SECONDS")
+
+
+# ---- healthgate up -------------------------------------------------------------------------------------------------
+
+
+def run_up(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
+    """`healthgate up` in a session of its own, so that the test can see whether any of its children is left."""
+    with log_path.open("wb") as log:
+        return subprocess.Popen(
+            [*HEALTHGATE, "up"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+
+
+def processes_left(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_stops_every_service_and_fails_when_one_cannot_start(service_env: dict[str, str], tmp_path: Path) -> None:
+    log_path = tmp_path / "up.log"
+    with taken_port() as port:
+        up = run_up(service_env | {"HEALTHGATE_API_PORT": str(port), "HEALTHGATE_HEALTH_PORT": "0"}, log_path)
+        try:
+            code = up.wait(EXIT_GUARD_SECONDS)
+        finally:
+            if up.poll() is None:
+                os.killpg(up.pid, signal.SIGKILL)
+    output = log_path.read_text()
+    assert code == 1, output
+    assert f"healthgate api: cannot listen on 127.0.0.1:{port}: address already in use" in output
+    assert "api exited with status 1; stopping the other services" in output
+    assert not processes_left(up.pid), "a service outlived `healthgate up`"
+    assert not any(noise in output for noise in NOISE), output
+
+
+def test_up_refuses_one_health_port_for_every_worker(service_env: dict[str, str], tmp_path: Path) -> None:
+    log_path = tmp_path / "up.log"
+    up = run_up(service_env | {"HEALTHGATE_HEALTH_PORT": str(free_port())}, log_path)
+    assert up.wait(EXIT_GUARD_SECONDS) == 1
+    output = log_path.read_text()
+    assert_one_line(output, "healthgate up:", "HEALTHGATE_HEALTH_PORT")
+    assert not processes_left(up.pid)
+
+
+# ---- the broker down at start, or lost -----------------------------------------------------------------------------
+
+
+def start_unready(service: str, env: dict[str, str], log_path: Path) -> ServiceProcess:
+    """Start a service whose dependencies may be down: wait only for /health/live."""
+    port = free_port()
+    env = env | {port_variable(service): str(port)}
+    with log_path.open("ab") as log:
+        process = subprocess.Popen(
+            [*HEALTHGATE, service], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+    started = ServiceProcess(service, process, log_path, f"http://127.0.0.1:{port}", env, port)
+    deadline = time.monotonic() + EXIT_GUARD_SECONDS
+    while True:
+        assert process.poll() is None, f"{service} exited with {process.returncode}:\n{started.log_text()}"
+        with contextlib.suppress(httpx.HTTPError):
+            if httpx.get(started.base_url + "/health/live", timeout=1).status_code == 200:
+                return started
+        assert time.monotonic() < deadline, f"{service} never answered /health/live:\n{started.log_text()}"
+        time.sleep(0.1)
+
+
+def wait_for_log(service: ServiceProcess, text: str, count: int = 1) -> None:
+    deadline = time.monotonic() + EXIT_GUARD_SECONDS
+    while service.log_text().count(text) < count:
+        assert time.monotonic() < deadline, f"{service.name} never logged {text!r}:\n{service.log_text()}"
+        time.sleep(0.1)
+
+
+def assert_clean_json_log(text: str) -> list[dict[str, Any]]:
+    """Every line of the log is one JSON record, none of them a traceback or asyncio's leftovers."""
+    assert not any(noise in text for noise in NOISE), text
+    return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.parametrize("broker", ["refusing", "silent"])
+def test_services_start_while_the_broker_is_down_without_tracebacks(
+    broker: str, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    with contextlib.ExitStack() as stack:
+        if broker == "refusing":
+            broker_port = stack.enter_context(refused_port())
+        else:  # accepts the connection and never answers: the first attempt is still running when we stop
+            broker_port = stack.enter_context(Blackhole()).port
+        env = service_env | {"HEALTHGATE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{broker_port}/"}
+        services = [start_unready(name, env, tmp_path / f"{name}.log") for name in SERVICES]
+        try:
+            for service in services:
+                assert httpx.get(service.base_url + "/health/ready", timeout=10).status_code == (
+                    200 if service.name == "pruner" else 503  # the pruner needs no broker
+                )
+                if broker == "refusing" and service.name != "pruner":
+                    wait_for_log(service, "cannot connect to RabbitMQ, retrying", count=2)
+            for service in services:
+                service.process.send_signal(signal.SIGTERM)
+            codes = {service.name: service.process.wait(EXIT_GUARD_SECONDS) for service in services}
+        finally:
+            for service in services:
+                service.stop(signal.SIGKILL)
+    assert codes == dict.fromkeys(SERVICES, 0)
+    for service in services:
+        records = assert_clean_json_log(service.log_text())
+        assert not any(record["level"] == "error" for record in records), service.log_text()
+        if broker == "refusing" and service.name != "pruner":
+            retries = [record for record in records if record["message"] == "cannot connect to RabbitMQ, retrying"]
+            assert retries and all(record["level"] == "warning" for record in retries)
+            assert str(broker_port) in retries[0]["url"]
+
+
+@pytest.mark.slow
+def test_a_lost_broker_connection_is_one_warning_and_comes_back(service_env: dict[str, str], tmp_path: Path) -> None:
+    amqp = urlsplit(service_env["HEALTHGATE_AMQP_URL"])
+    with tcp_proxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as proxy:
+        env = service_env | {"HEALTHGATE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/"}
+        services = [start_unready(name, env, tmp_path / f"{name}.log") for name in ("api", "gate")]
+        try:
+            for service in services:
+                wait_for_log(service, "connected to RabbitMQ")
+            proxy.cut()
+            for service in services:
+                wait_for_log(service, "lost the connection to RabbitMQ, reconnecting")
+            proxy.restore()
+            for service in services:
+                wait_for_log(service, "reconnected to RabbitMQ")
+                assert httpx.get(service.base_url + "/health/ready", timeout=10).status_code == 200
+        finally:
+            codes = [service.stop() for service in services]
+    assert codes == [0, 0]
+    for service in services:
+        records = assert_clean_json_log(service.log_text())
+        assert not any(record["level"] == "error" for record in records), service.log_text()
+
+
+# ---- the start line, logs, --version -------------------------------------------------------------------------------
+
+
+def test_each_service_logs_the_urls_it_serves(
+    api: ServiceProcess, service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path
+) -> None:
+    started = [json.loads(line) for line in api.log_text().splitlines() if '"api started' in line]
+    assert len(started) == 1
+    for path in ("/", "/docs", "/api/v1", "/metrics"):
+        assert f"{api.base_url}{path}" in started[0]["message"]
+    # Port 0: the line names the port the service really got, and its URLs answer.
+    env = service_env | dependencies_down | {"HEALTHGATE_HEALTH_PORT": "0"}
+    log_path = tmp_path / "pruner.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([*HEALTHGATE, "pruner"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+    pruner = ServiceProcess("pruner", process, log_path, "", env, 0)
+    try:
+        wait_for_log(pruner, "pruner started")
+        line = next(json.loads(line) for line in pruner.log_text().splitlines() if "pruner started" in line)
+        urls = re.findall(r"http://\S+?(?=,|$)", line["message"])
+        assert [urlsplit(url).path for url in urls] == ["/health", "/metrics"]
+        assert all(urlsplit(url).port == line["port"] != 0 for url in urls)
+        assert httpx.get(urls[0], timeout=10).json()["status"] == "fail"  # its database is down
+        assert "healthgate_pruned_rows" in httpx.get(urls[1], timeout=10).text
+    finally:
+        assert pruner.stop() == 0
+
+
+def test_version() -> None:
+    result = run_cli("--version", env={"HEALTHGATE_CHECK_TIMEOUT_SECONDS": "bad"})  # needs no valid settings
+    assert result.returncode == 0 and result.stdout == f"healthgate {version('healthgate')}\n"
+
+
+def run_with_terminal_stderr(arguments: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """Run with stderr on a pseudo-terminal; its exit code and what it wrote there."""
+    primary, secondary = pty.openpty()
+    process = subprocess.Popen(arguments, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
+    os.close(secondary)
+    output = b""
+    with contextlib.suppress(OSError):  # EIO once the process has closed its end
+        while chunk := os.read(primary, 65536):
+            output += chunk
+    os.close(primary)
+    return process.wait(EXIT_GUARD_SECONDS), output.decode(errors="replace")
+
+
+def test_log_format_is_text_on_a_terminal_and_json_otherwise(service_env: dict[str, str]) -> None:
+    env = {key: value for key, value in {**os.environ, **service_env}.items() if key != "HEALTHGATE_LOG_FORMAT"}
+    piped = subprocess.run([*HEALTHGATE, "migrate"], env=env, capture_output=True, text=True, timeout=EXIT_GUARD_SECONDS)
+    assert piped.returncode == 0, piped.stderr
+    assert json.loads(piped.stderr.splitlines()[-1])["message"] == "database is up to date"
+
+    code, text = run_with_terminal_stderr([*HEALTHGATE, "migrate"], env)
+    assert code == 0, text
+    line = text.strip().splitlines()[-1]
+    assert "INFO cli healthgate: database is up to date" in line
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(line)
+
+    code, text = run_with_terminal_stderr([*HEALTHGATE, "migrate"], env | {"HEALTHGATE_LOG_FORMAT": "json"})
+    assert code == 0 and json.loads(text.strip().splitlines()[-1])["message"] == "database is up to date"
+
+
+# ---- OpenAPI and /docs ---------------------------------------------------------------------------------------------
+
+
+def test_openapi_document_is_valid_openapi_3_1(api: ServiceProcess) -> None:
+    document = httpx.get(f"{api.base_url}/openapi.json", timeout=10).json()
+    assert document["openapi"].startswith("3.1")
+    validate(document)  # openapi-spec-validator: the whole document against the OpenAPI 3.1 schema
+    schemas = document["components"]["schemas"]
+    assert all(re.fullmatch(r"[a-zA-Z0-9._-]+", name) for name in schemas), list(schemas)
+    references = set(re.findall(r'"\$ref": "([^"]+)"', json.dumps(document)))
+    assert references and all(reference.startswith("#/components/schemas/") for reference in references)
+    assert {reference.rsplit("/", 1)[1] for reference in references} <= schemas.keys()
+    assert "Page_HostView_" in schemas
+
+
+class _Assets(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.urls: list[str] = []
+        self.inline_scripts = 0
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        found = dict(attrs)
+        for attribute in ("src", "href"):
+            if found.get(attribute):
+                self.urls.append(found[attribute] or "")
+        if tag == "script" and not found.get("src"):
+            self.inline_scripts += 1
+
+
+def test_docs_page_serves_every_asset_itself(api: ServiceProcess) -> None:
+    page = httpx.get(f"{api.base_url}/docs", timeout=10)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assets = _Assets()
+    assets.feed(page.text)
+    assert assets.inline_scripts == 0 and len(assets.urls) >= 3
+    for url in assets.urls:
+        assert url.startswith("/") and not url.startswith("//"), url  # this origin, never a CDN
+        answer = httpx.get(f"{api.base_url}{url}", timeout=10)
+        assert answer.status_code == 200, url
+        assert answer.content
+    assert "/openapi.json" in httpx.get(f"{api.base_url}/docs/init.js", timeout=10).text
+    # The bundle's demo page (which loads the Petstore from the internet) and anything else are not served.
+    for path in ("/docs/assets/index.html", "/docs/assets/swagger-initializer.js", "/docs/assets/..%2F__init__.py"):
+        assert httpx.get(f"{api.base_url}{path}", timeout=10).status_code == 404, path
+
+
+async def test_docs_page_lists_every_operation_in_a_browser(api: ServiceProcess) -> None:
+    if not chromium_installed():
+        pytest.fail(f"{CHROMIUM} is missing: run `make test-deps` (apt-get install chromium chromium-driver)")
+    async with async_playwright() as playwright:
+        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = watch(await browser.new_page())
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
+            await page.goto(f"{api.base_url}/docs")
+            await expect(page.locator(".opblock")).to_have_count(len(ENDPOINTS), timeout=20_000)
+            await expect(page.locator(".opblock-summary-path").first).to_contain_text("/api/v1/")
+            assert script_problems(page) == []
+            assert requested and all(url.startswith(api.base_url + "/") for url in requested), requested
+        finally:
+            await browser.close()
