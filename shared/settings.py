@@ -76,14 +76,14 @@ class Settings(BaseSettings):
     def _check_database_url(cls, value: str) -> str:
         if urlsplit(value).scheme not in ("postgresql", "postgres"):
             raise ValueError("must be a postgresql:// URL")
-        return value
+        return _with_valid_port(value)
 
     @field_validator("amqp_url")
     @classmethod
     def _check_amqp_url(cls, value: str) -> str:
         if urlsplit(value).scheme not in ("amqp", "amqps"):
             raise ValueError("must be an amqp:// or amqps:// URL")
-        return value
+        return _with_valid_port(value)
 
     @field_validator("log_format", mode="before")
     @classmethod
@@ -109,6 +109,18 @@ def default_log_format() -> Literal["json", "text"]:
         return "text" if stream is not None and stream.isatty() else "json"
     except (AttributeError, ValueError):  # a replaced or closed stderr
         return "json"
+
+
+def _with_valid_port(url: str) -> str:
+    """`url` unchanged if its port (when given) is a number in 1–65535; else ValueError (the message
+    never repeats the URL, which may hold a password)."""
+    try:
+        port = urlsplit(url).port
+    except ValueError:
+        raise ValueError("has a port that is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError("has port 0; give a port from 1 to 65535")
+    return url
 
 
 def redact_url(url: str) -> str:

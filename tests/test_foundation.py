@@ -47,6 +47,10 @@ def run_cli(
         ("HEALTHGATE_HEALTH_ALLOWED_NETWORKS", "10.0.0.0/8,not-a-network"),
         ("HEALTHGATE_DATABASE_URL", "mysql://secret-password@db/x"),
         ("HEALTHGATE_API_PORT", "70000"),
+        ("HEALTHGATE_DATABASE_URL", "postgresql://u:secret-password@127.0.0.1:abc/x"),
+        ("HEALTHGATE_DATABASE_URL", "postgresql://u:secret-password@127.0.0.1:70000/x"),
+        ("HEALTHGATE_AMQP_URL", "amqp://u:secret-password@127.0.0.1:0/"),
+        ("HEALTHGATE_GATE_UNKNOWN_HOST", "ignore"),
     ],
 )
 def test_bad_setting_stops_with_one_line_naming_the_variable(
