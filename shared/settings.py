@@ -112,7 +112,7 @@ def default_log_format() -> Literal["json", "text"]:
 
 
 def _with_valid_port(url: str) -> str:
-    """`url` unchanged if its port (when given) is a number in 1–65535; else ValueError (the message
+    """`url` unchanged if its port (when given) is a number in 1 to 65535; else ValueError (the message
     never repeats the URL, which may hold a password)."""
     try:
         port = urlsplit(url).port
