@@ -184,6 +184,21 @@ async def test_a_restarted_gate_reruns_failing_checks_at_once(own_stack: StackFa
     assert (seen - ready).total_seconds() < retry / 2
 
 
+def through(amqp_url: str, port: int) -> str:
+    """The broker URL with its address replaced by the proxy's (credentials kept)."""
+    parts = urlsplit(amqp_url)
+    credentials = parts.netloc.rpartition("@")[0]
+    return urlunsplit(parts._replace(netloc=f"{credentials}@127.0.0.1:{port}" if credentials else f"127.0.0.1:{port}"))
+
+
+async def wait_ready(service: ServiceProcess, *, ready: bool, timeout: float = 30) -> dt.datetime:
+    """Wait until the service's /health/ready says `ready` (200) or not (503); when that was seen."""
+    async with httpx.AsyncClient(base_url=service.base_url) as client, asyncio.timeout(timeout):
+        while ((await client.get("/health/ready")).status_code == 200) != ready:
+            await asyncio.sleep(0.05)
+    return utcnow()
+
+
 @pytest.mark.slow
 async def test_a_broker_outage_of_the_gate_delays_no_rerun(
     own_stack: StackFactory, fake_agent: FakeAgent, backing: BackingServices
@@ -191,8 +206,10 @@ async def test_a_broker_outage_of_the_gate_delays_no_rerun(
     retry = 12.0
     amqp = urlsplit(backing.amqp_url)
     with tcp_proxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as proxy:
-        through_proxy = urlunsplit(amqp._replace(netloc=f"{amqp.netloc.rpartition('@')[0]}@127.0.0.1:{proxy.port}"))
-        gate_env = {"HEALTHGATE_GATE_RETRY_SECONDS": str(retry), "HEALTHGATE_AMQP_URL": through_proxy}
+        gate_env = {
+            "HEALTHGATE_GATE_RETRY_SECONDS": str(retry),
+            "HEALTHGATE_AMQP_URL": through(backing.amqp_url, proxy.port),
+        }
         async with own_stack(gate_env=gate_env) as stack:
             check = await failing_service_check(stack, fake_agent, "outage.service")
             await stack.jobs.start("outage", check["host_id"], window_seconds=300)
@@ -211,6 +228,43 @@ async def test_a_broker_outage_of_the_gate_delays_no_rerun(
             print(f"re-run result {(seen - first_retry).total_seconds():.2f} s after the retry came due")
             assert cut_still  # the re-run went out while the gate had no broker
             assert (seen - first_retry).total_seconds() < retry / 2
+
+
+@pytest.mark.slow
+async def test_a_rerun_asked_for_during_a_poller_broker_outage_runs_once_it_reconnects(
+    own_stack: StackFactory, fake_agent: FakeAgent, backing: BackingServices
+) -> None:
+    retry = 20.0
+    amqp = urlsplit(backing.amqp_url)
+    with tcp_proxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as proxy:
+        async with own_stack(
+            gate_env={"HEALTHGATE_GATE_RETRY_SECONDS": str(retry)},
+            poller_env={"HEALTHGATE_AMQP_URL": through(backing.amqp_url, proxy.port)},
+        ) as stack:
+            check = await failing_service_check(stack, fake_agent, "poller-outage.service")
+            starting = utcnow()
+            await stack.jobs.start("poller-outage", check["host_id"], window_seconds=300)
+            await wait_all_waiting(stack.db, 1)
+            await wait_result(stack.db, check["id"], after=starting, timeout=10)  # the re-run at its start
+            first_retry = await stack.db.fetchval("SELECT next_retry_at FROM gate_jobs WHERE job_id = 'poller-outage'")
+            proxy.cut()  # the poller's broker is gone until after the gate's retry came due
+            try:
+                await wait_ready(stack.poller, ready=False)
+                async with asyncio.timeout(retry + 5):  # the gate asks for the run: a row, no message
+                    while not await stack.db.fetchval(
+                        "SELECT rerun_requested_at >= $2 FROM check_schedule WHERE check_id = $1",
+                        uuid.UUID(check["id"]), first_retry,
+                    ):  # fmt: skip
+                        await asyncio.sleep(0.1)
+                await asyncio.sleep(1)
+                assert await results_of(stack.db, check["id"], after=first_retry) == []  # no poller can run it
+            finally:
+                proxy.restore()
+            connected = await wait_ready(stack.poller, ready=True)
+            seen = await wait_result(stack.db, check["id"], after=first_retry, timeout=retry * 2)
+        print(f"re-run result {(seen - connected).total_seconds():.2f} s after the poller's broker was back")
+    # Not at the gate's next retry, one period later: the pulled schedule is due as soon as a poller can publish.
+    assert (seen - connected).total_seconds() < retry / 4
 
 
 # ---- item 3: a window that closed while no gate ran --------------------------------------------------
