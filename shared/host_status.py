@@ -148,7 +148,8 @@ async def gating_checks_as_of(
     """`checks` as they stood at `moment`: each with its latest result whose `checked_at` is at or before
     `moment` (the result's `status`, `healthy`, `detail` and time, from `check_results`), or with no
     result (status "unknown") if it had none by then, or none is kept any more (pruned). One backward
-    step of the primary key (check_id, checked_at, id) per check and partition. Same order as `checks`."""
+    step of the primary key (check_id, checked_at, id) per check: the partitions are scanned newest
+    first (an ordered Append) and the first row found ends it. Same order as `checks`."""
     if not checks:
         return []
     rows = await connection.fetch(
