@@ -47,6 +47,18 @@ async def _keep_session_state(connection: asyncpg.Connection) -> None:
     other session state (session advisory locks, SET) must undo it before releasing."""
 
 
+async def locked_now(connection: asyncpg.Connection) -> dt.datetime:
+    """The database's clock now, for a transaction that holds the rows it is about to stamp.
+
+    Writers of one row serialise on its lock, so times read after the lock order their changes as they
+    happened: a gate's job.waiting is never stamped after the decision that ended the wait (an override
+    racing the gate). PostgreSQL's now() cannot serve, being the transaction's *start*, possibly before
+    the wait for the lock; and the database's clock (clock_timestamp()) is the one every gate and api
+    shares, where the processes' own clocks may differ between machines."""
+    moment: dt.datetime = await connection.fetchval("SELECT clock_timestamp()")
+    return moment
+
+
 async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
     """The service's one pool. With min_size=0 it connects on first use, not here."""
     try:

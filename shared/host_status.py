@@ -7,6 +7,7 @@ concurrent writers (several pollers, the API) serialise, and the last to commit 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import logging
 import uuid
@@ -90,9 +91,11 @@ class GatingCheck:
             return False
         return now - self.last_checked_at <= dt.timedelta(seconds=self.interval_seconds)
 
-    def why_not_ready(self, now: dt.datetime) -> str:
+    def why_not_ready(self, now: dt.datetime, *, no_result: str = "no result yet") -> str:
+        """Why the check is not `ready(now)`, in words: its last detail (or status), or how stale its
+        last result is; `no_result` when it has none."""
         if self.last_checked_at is None:
-            return "no result yet"
+            return no_result
         if self.status != "healthy":
             return self.last_detail or self.status
         age = (now - self.last_checked_at).total_seconds()
@@ -136,6 +139,44 @@ async def gating_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> l
         )
         for row in rows
         if row["id"] is not None
+    ]
+
+
+async def gating_checks_as_of(
+    connection: asyncpg.Connection, checks: list[GatingCheck], moment: dt.datetime
+) -> list[GatingCheck]:
+    """`checks` as they stood at `moment`: each with its latest result whose `checked_at` is at or before
+    `moment` (the result's `status`, `healthy`, `detail` and time, from `check_results`), or with no
+    result (status "unknown") if it had none by then, or none is kept any more (pruned). One backward
+    step of the primary key (check_id, checked_at, id) per check: the partitions are scanned newest
+    first (an ordered Append) and the first row found ends it. Same order as `checks`."""
+    if not checks:
+        return []
+    rows = await connection.fetch(
+        """
+        SELECT c.check_id, r.status, r.healthy, r.detail, r.checked_at
+        FROM unnest($1::uuid[]) AS c(check_id)
+        LEFT JOIN LATERAL (
+            SELECT status, healthy, detail, checked_at
+            FROM check_results
+            WHERE check_id = c.check_id AND checked_at <= $2
+            ORDER BY checked_at DESC
+            LIMIT 1
+        ) r ON true
+        """,
+        [check.check_id for check in checks],
+        moment,
+    )
+    then = {row["check_id"]: row for row in rows}
+    return [
+        dataclasses.replace(
+            check,
+            status=then[check.check_id]["status"] or "unknown",
+            last_healthy=then[check.check_id]["healthy"],
+            last_detail=then[check.check_id]["detail"],
+            last_checked_at=then[check.check_id]["checked_at"],
+        )
+        for check in checks
     ]
 
 

@@ -44,14 +44,14 @@ from services.api.schemas import (
     TcpCheckWrite,
 )
 from services.api.targets import address_problems
+from shared.crypto import DecryptionError
 from shared.events import CheckConfigChanged, CheckResult, CheckResultView, CheckRunRequest, CheckView
 from shared.host_status import refresh_host_status
 from shared.messaging import PublishFailed
 from shared.outbox import enqueue
+from shared.schedule import schedule_first_run
 
 MAX_CHECKS_PER_HOST = 5
-# A created, changed or re-enabled check first runs within this many seconds (CONTRACT §4).
-FIRST_RUN_WITHIN_SECONDS = 5
 TEST_RUN_GRACE_SECONDS = 5
 
 # A check's own type's columns as the API shows them (the password never), and every stored column.
@@ -205,7 +205,7 @@ def column_values(
         values |= {"check_type": "tcp", "port": body.port, "address": body.address}
     elif isinstance(body, HttpCheckWrite):
         if "basic_auth_pass" in body.model_fields_set:
-            password = None if body.basic_auth_pass is None else context.secrets.encrypt(body.basic_auth_pass, check_id)
+            password = _stored_password(context, check_id, body.basic_auth_pass, stored_password)
         else:
             password = stored_password
         values |= {
@@ -223,18 +223,21 @@ def column_values(
     return values
 
 
-async def schedule_first_run(connection: asyncpg.Connection, check_id: uuid.UUID, *, enabled: bool) -> None:
-    """A created, changed or re-enabled check runs within seconds; a disabled one is not scheduled.
-    The offset is random so that a bulk import does not start every check in the same instant."""
-    await connection.execute(
-        f"""
-        INSERT INTO check_schedule (check_id, next_run_at)
-        VALUES ($1, CASE WHEN $2 THEN now() + random() * interval '{FIRST_RUN_WITHIN_SECONDS} seconds' END)
-        ON CONFLICT (check_id) DO UPDATE SET next_run_at = excluded.next_run_at
-        """,
-        check_id,
-        enabled,
-    )
+def _stored_password(
+    context: ApiContext, check_id: uuid.UUID, submitted: str | None, stored: bytes | None
+) -> bytes | None:
+    """The ciphertext to store for a submitted password: the stored one when it holds the same password
+    (a fresh nonce would make the same password look changed, and an update that changes nothing must
+    change nothing: no `updated_at`, no event, no reschedule), else a new encryption."""
+    if submitted is None:
+        return None
+    if stored is not None:
+        try:
+            if context.secrets.decrypt(stored, check_id) == submitted:
+                return stored
+        except DecryptionError:
+            pass  # written under another key: the submitted password replaces it
+    return context.secrets.encrypt(submitted, check_id)
 
 
 async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record:
@@ -323,18 +326,19 @@ async def update_check_on(
         before = await _fetch_check(connection, host_id, check_id, for_update=True)
         body = submitted.checked_against(host)
         values = column_values(body, context, check_id, stored_password=before["basic_auth_pass_encrypted"])
-        assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(WRITABLE_COLUMNS, start=3))
-        try:
-            await connection.execute(
-                f"UPDATE health_checks SET {assignments}, updated_at = now() WHERE id = $1 AND host_id = $2",
-                check_id,
-                host_id,
-                *(values[name] for name in WRITABLE_COLUMNS),
-            )
-        except asyncpg.UniqueViolationError:
-            raise conflict(f"this host already has a check named {body.name!r}") from None
         changes = diff(audited_fields(before), audited_fields(values))
+        # An update that changes nothing writes nothing: `updated_at` stays, no event, no reschedule.
         if changes:
+            assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(WRITABLE_COLUMNS, start=3))
+            try:
+                await connection.execute(
+                    f"UPDATE health_checks SET {assignments}, updated_at = now() WHERE id = $1 AND host_id = $2",
+                    check_id,
+                    host_id,
+                    *(values[name] for name in WRITABLE_COLUMNS),
+                )
+            except asyncpg.UniqueViolationError:
+                raise conflict(f"this host already has a check named {body.name!r}") from None
             await schedule_first_run(connection, check_id, enabled=body.enabled)
         await refresh_host_status(connection, host_id, source=context.source)
         view = check_view(await _fetch_check(connection, host_id, check_id))

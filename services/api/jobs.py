@@ -27,6 +27,7 @@ from services.api.requests import (
     read_query,
 )
 from services.api.schemas import JobHostView, JobListItem, JobView, OverrideRequest, Page
+from shared.database import locked_now
 from shared.events import JobFailed, JobReleased, decision_event_id
 from shared.host_status import gating_check_summaries
 from shared.outbox import enqueue
@@ -142,15 +143,28 @@ async def override_job(request: Request, principal: Principal) -> Response:
 async def override_on(
     context: ApiContext, actor: str, job_id: str, host_id: uuid.UUID, body: OverrideRequest
 ) -> JobHostView:
-    """Decide a waiting job host by hand (the API and the dashboard): audited, one decision only."""
+    """Decide a waiting job host by hand (the API and the dashboard): audited, one decision only.
+
+    The row is locked first and its decision time read after that (`locked_now`): a gate evaluating the
+    same job host holds the lock while it stamps its job.waiting, so the override's time is later than
+    any job.waiting, as the order of the two changes is (a time from now(), the transaction's start,
+    could precede it)."""
     async with context.pool.acquire() as connection, connection.transaction():
+        current = await connection.fetchval(
+            "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2 FOR UPDATE", job_id, host_id
+        )
+        if current is None:
+            raise not_found("job host")
+        if current != "waiting_health_check":
+            raise conflict(f"this job host was already decided: {current}")
+        decided_at = await locked_now(connection)
         checks = await gating_check_summaries(connection, host_id)
         status = "released" if body.decision == "release" else "failed"
         detail = f"{status} by {actor}: {body.reason}"
         row = await connection.fetchrow(
             f"""
             UPDATE gate_jobs j
-            SET status = $3, decided_at = now(), reason = $4, detail = $5, checks = $6::jsonb,
+            SET status = $3, decided_at = $9, reason = $4, detail = $5, checks = $6::jsonb,
                 overridden_by = $7, override_reason = $8, next_retry_at = NULL
             WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'waiting_health_check'
             RETURNING {JOB_COLUMNS}
@@ -163,15 +177,9 @@ async def override_on(
             json.dumps([check.model_dump(mode="json") for check in checks]),
             actor,
             body.reason,
+            decided_at,
         )
-        if row is None:
-            current = await connection.fetchval(
-                "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2", job_id, host_id
-            )
-            if current is None:
-                raise not_found("job host")
-            raise conflict(f"this job host was already decided: {current}")
-        decided_at: dt.datetime = row["decided_at"]
+        assert row is not None  # locked and seen waiting above
         event: JobReleased | JobFailed
         if status == "released":
             event = JobReleased(

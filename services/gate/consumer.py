@@ -3,8 +3,9 @@ the timers that retry failing checks and close windows.
 
 Follow a job.start: `GATE_JOBS_QUEUE` → `on_job_message` → `start` → a waiting row (`insert_job`)
 → `evaluate` under the row's lock → a decision and its event in the outbox, or job.waiting and a
-re-run of the failing checks → ack. A message is acked only after its transaction committed; while
-the database is unreachable the message is held and retried, so an outage burns no delivery attempt.
+re-run of the failing checks (their schedule pulled forward, in the same transaction) → ack. A message
+is acked only after its transaction committed; while the database is unreachable the message is held
+and retried, so an outage burns no delivery attempt.
 """
 
 from __future__ import annotations
@@ -28,13 +29,11 @@ from shared.events import (
     JobCancel,
     JobStart,
     MalformedEvent,
-    ScheduledRun,
-    Tick,
     decode_event,
     parse_host_id,
 )
-from shared.messaging import Broker, PublishFailed, Unroutable
-from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE, POLLER_TICK_QUEUE, consume
+from shared.messaging import Broker
+from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE, consume
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,6 @@ JOBS_PREFETCH = 64
 RESULTS_PREFETCH = 256
 TIMER_INTERVAL_SECONDS = 0.25
 TIMER_BATCH = 200
-RERUN_TICK_SIZE = 50
 DATABASE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
 # Lost connections, and a server shutting down or starting (57P01, 57P03): wait for it, don't give up.
 DATABASE_ERRORS = (
@@ -173,7 +171,6 @@ class Gate:
         )
         if evaluation is not None:
             self._decided(evaluation)
-        await self._request_runs(evaluation.rerun if evaluation else [])
         return "started"
 
     async def _evaluate_one(
@@ -232,7 +229,12 @@ class Gate:
     # ---- timers ----------------------------------------------------------------------------------
 
     async def run_timers(self) -> None:
-        """Retries and window ends, from the database: any gate runs them, also after a crash."""
+        """Retries and window ends, from the database: any gate runs them, also after a crash.
+
+        They need only the database, not the broker: a re-run is asked for in the evaluation's own
+        transaction (`shared.schedule.request_reruns`) and decisions go through the outbox. So a gate
+        (re)started acts on every timer that came due while none could, as soon as PostgreSQL answers,
+        even before its broker connection is up, and a broker outage delays no re-run request."""
         while True:
             try:
                 handled = await self.run_due_timers()
@@ -251,7 +253,6 @@ class Gate:
                 evaluations.append(await self._evaluate(connection, row, rerun_failing=True))
         for evaluation in evaluations:
             self._decided(evaluation)
-        await self._request_runs([check_id for evaluation in evaluations for check_id in evaluation.rerun])
         return len(due)
 
     # ---- helpers ---------------------------------------------------------------------------------
@@ -279,20 +280,6 @@ class Gate:
                 "detail": evaluation.detail,
             },
         )
-
-    async def _request_runs(self, check_ids: list[uuid.UUID]) -> None:
-        """Ask the pollers to run these checks now. Best effort: the retry timer asks again."""
-        unique = list(dict.fromkeys(check_ids))
-        for start in range(0, len(unique), RERUN_TICK_SIZE):
-            tick = Tick(runs=[ScheduledRun(check_id=check_id) for check_id in unique[start : start + RERUN_TICK_SIZE]])
-            try:
-                await self._broker.publish(
-                    POLLER_TICK_QUEUE.bindings[0], tick.model_dump_json().encode(),
-                    message_id=str(uuid.uuid4()), content_type="application/json",
-                )  # fmt: skip
-            except (PublishFailed, Unroutable) as exc:
-                log.warning("could not ask for a re-run of failing checks", extra={"error": str(exc)})
-                return
 
     async def _with_database(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
         """Run `work` in a transaction; while PostgreSQL is unreachable, wait and try again."""

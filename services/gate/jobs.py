@@ -17,7 +17,8 @@ from typing import Literal
 
 import asyncpg
 
-from services.gate.rules import Decision, UnknownHostPolicy, Verdict, decide
+from services.gate.rules import Decision, UnknownHostPolicy, Verdict, decide, window_closed
+from shared.database import locked_now
 from shared.details import clip_detail, safe_detail
 from shared.events import (
     EventModel,
@@ -30,8 +31,9 @@ from shared.events import (
     deterministic_event_id,
     is_valid_job_id,
 )
-from shared.host_status import GatingCheck, gating_checks
+from shared.host_status import GatingCheck, gating_checks, gating_checks_as_of
 from shared.outbox import enqueue
+from shared.schedule import request_reruns
 
 EVENT_SOURCE = "/healthgate/gate"
 JOB_COLUMNS = "job_id, host_id, status, window_ends_at, received_at, waiting_announced"
@@ -195,17 +197,23 @@ async def evaluate(
     """Apply the rules to a locked waiting job host and act on the verdict, in the caller's transaction.
 
     `rerun_failing`: when the job must go on waiting, ask for its failing or stale checks to run again
-    now and move its retry timer on (at start and on each retry, not on every result).
-    `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST."""
-    now = dt.datetime.now(dt.UTC)
+    now (`shared.schedule.request_reruns`, in this transaction: the request commits with the
+    evaluation or not at all, and needs no broker) and move its retry timer on (at start and on each
+    retry, not on every result). `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST.
+
+    Every time it stamps (decision, job.waiting) is read after the row's lock is held (`locked_now`).
+    A window_closed failure describes the checks as they were when the window closed (`window_closed`)."""
+    now = await locked_now(connection)
     job_id, host_id = job["job_id"], job["host_id"]
     checks = await gating_checks(connection, host_id)
-    decision = decide(_aware(job["window_ends_at"]), now, checks, unknown_host=unknown_host)
+    window_ends_at = _aware(job["window_ends_at"])
+    decision = decide(window_ends_at, now, checks, unknown_host=unknown_host)
     if decision.verdict is Verdict.RELEASE:
         detail = await _release(connection, job, decision, now)
         return Evaluation(job_id, host_id, Verdict.RELEASE, detail=detail)
     if decision.verdict is Verdict.WINDOW_CLOSED:
-        detail = decision.failure_detail(now)
+        decision = window_closed(await gating_checks_as_of(connection, checks or [], window_ends_at), window_ends_at)
+        detail = decision.failure_detail(window_ends_at)
         await _fail(connection, job, "window_closed", detail, decision, now)
         return Evaluation(job_id, host_id, Verdict.WINDOW_CLOSED, reason="window_closed", detail=detail)
     if decision.verdict is Verdict.UNKNOWN_HOST:
@@ -244,13 +252,18 @@ async def evaluate(
         retry_seconds,
         _checks_json(decision.checks),
     )
-    rerun = [check.check_id for check in decision.not_ready] if rerun_failing else []
+    rerun = []
+    if rerun_failing:
+        rerun = [check.check_id for check in decision.not_ready]
+        await request_reruns(connection, rerun, retry_seconds=retry_seconds)
     return Evaluation(job_id, host_id, Verdict.WAIT, rerun, detail=waiting_detail, announced=announced)
 
 
 async def cancel(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> bool:
     """Cancel a waiting job host (job.cancel); False if it is unknown or no longer waiting."""
-    now = dt.datetime.now(dt.UTC)
+    if await lock_waiting(connection, job_id, host_id) is None:
+        return False
+    now = await locked_now(connection)
     cancelled = await connection.fetchval(
         """
         UPDATE gate_jobs

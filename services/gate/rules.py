@@ -10,6 +10,7 @@ from typing import Literal
 from shared.host_status import GatingCheck
 
 UnknownHostPolicy = Literal["release", "fail"]
+NO_RESULT_BEFORE_CLOSE = "no result before the window closed"
 
 
 class Verdict(Enum):
@@ -26,10 +27,14 @@ class Decision:
     checks: list[GatingCheck]
     not_ready: list[GatingCheck]
 
-    def failure_detail(self, now: dt.datetime) -> str:
+    def failure_detail(self, window_ends_at: dt.datetime) -> str:
+        """The detail of a window_closed failure: each check not ready when the window closed, and why."""
         if not self.not_ready:
             return "the maintenance window had closed"
-        failing = "; ".join(f"{check.name}: {check.why_not_ready(now)}" for check in self.not_ready)
+        failing = "; ".join(
+            f"{check.name}: {check.why_not_ready(window_ends_at, no_result=NO_RESULT_BEFORE_CLOSE)}"
+            for check in self.not_ready
+        )
         return f"the maintenance window closed while checks were not healthy: {failing}"
 
 
@@ -55,3 +60,16 @@ def decide(
     if not not_ready:  # also an unknown host or one without enabled critical checks
         return Decision(Verdict.RELEASE, gating, [])
     return Decision(Verdict.WAIT, gating, not_ready)
+
+
+def window_closed(checks_then: list[GatingCheck], window_ends_at: dt.datetime) -> Decision:
+    """The window_closed verdict, with the gating checks as they stood when the window closed
+    (`checks_then`, see `gating_checks_as_of`) and those not ready at that moment.
+
+    CONTRACT §5: still unhealthy when the window closes → job.failed naming each failing check and its
+    detail; and a job still waiting when its window ends is failed, also when the gate was down then.
+    Applied later (the gate was down, or a job.start arrived after its window), the checks must be
+    described as they were at `window_ends_at`, not as they are when the gate gets to it: a check that
+    recovered since is still named, one that failed only since is not."""
+    not_ready = [check for check in checks_then if not check.ready(window_ends_at)]
+    return Decision(Verdict.WINDOW_CLOSED, checks_then, not_ready)

@@ -4,7 +4,9 @@ Each pass claims due rows with FOR UPDATE SKIP LOCKED, moves them to their next 
 ticks with confirms and only then commits: any number of pollers claim disjoint checks, a failed
 publish rolls the claim back, and a crash after publishing at worst sends a tick twice, whose second
 delivery the result writer drops by its slot. Every check keeps its cadence (slot + interval); after a
-downtime it runs once and resumes, rather than catching up on every missed slot.
+downtime it runs once and resumes, rather than catching up on every missed slot. The claim's SQL,
+like every write of `check_schedule`, is in `shared/schedule.py`; the gate's re-run requests arrive
+through the same table (a pulled-forward `next_run_at`) and go out as ordinary slots.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker, PublishFailed
+from shared.schedule import claim_due
 from shared.topology import POLLER_TICK_QUEUE
 
 log = logging.getLogger(__name__)
@@ -27,29 +30,6 @@ TICK_SIZE = 50
 PASS_INTERVAL_SECONDS = 0.2
 RETRY_DELAY_SECONDS = 1.0
 TICK_ROUTING_KEY = POLLER_TICK_QUEUE.bindings[0]
-
-CLAIM_SQL = """
-WITH due AS (
-    SELECT s.check_id, s.next_run_at AS slot
-    FROM check_schedule s
-    WHERE s.next_run_at <= now()
-    ORDER BY s.next_run_at
-    LIMIT $1
-    FOR UPDATE SKIP LOCKED
-)
-UPDATE check_schedule s
-SET next_run_at = CASE
-    WHEN due.slot + make_interval(secs => c.interval_seconds) > now()
-        THEN due.slot + make_interval(secs => c.interval_seconds)
-    -- Late (the pollers were down): resume with a jitter of up to a tenth of the interval, so that
-    -- the checks that fell due together do not stay bunched.
-    ELSE now() + make_interval(secs => c.interval_seconds * (1 + random() / 10))
-END
-FROM due
-JOIN health_checks c ON c.id = due.check_id
-WHERE s.check_id = due.check_id
-RETURNING due.check_id, due.slot, c.enabled
-"""
 
 
 class SchedulerMetrics:
@@ -87,7 +67,7 @@ class Scheduler:
         if not self._broker.ready:
             return 0
         async with self._pool.acquire() as connection, connection.transaction():
-            rows = await connection.fetch(CLAIM_SQL, CLAIM_LIMIT)
+            rows = await claim_due(connection, CLAIM_LIMIT)
             runs = [ScheduledRun(check_id=row["check_id"], slot=row["slot"]) for row in rows if row["enabled"]]
             ticks = [Tick(runs=runs[start : start + TICK_SIZE]) for start in range(0, len(runs), TICK_SIZE)]
             await asyncio.gather(*(self._publish(tick) for tick in ticks))
