@@ -5,9 +5,11 @@
   for every client, whatever the client's own pooling does.
 - A run's throwaways (`BenchRun`): database and exchange names, the services started on them, their removal;
   `guarded` runs a benchmark so that the removal happens also after errors, Ctrl-C and SIGTERM.
+  `BenchRun.start_service` starts a healthgate service with the tests' helper (tests/support/processes.py).
 - Seeding: COPY of rows into tables (`copy_tables`), the check_state columns.
 - Figures: percentiles, MET/NOT MET, load and "other work" on the machine.
 - CPU accounting from /proc: per process group (PostgreSQL, RabbitMQ, nginx, ...) over a measurement.
+- `find_binary`: a program the benchmarks drive (wrk, blackbox_exporter, py-spy), on PATH or at a known path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -49,6 +52,11 @@ def machine_note() -> str:
         f"machine: {os.cpu_count()} CPU cores shared by everything in this run (the measured process(es),"
         " nginx, PostgreSQL, RabbitMQ and this driver): figures are for this 2-core box, ratios are the point"
     )
+
+
+def find_binary(name: str, *candidates: str) -> str | None:
+    """`name` on PATH, else the first of `candidates` (paths) that is executable; None if there is none."""
+    return shutil.which(name) or next((path for path in candidates if os.access(path, os.X_OK)), None)
 
 
 def server_urls() -> tuple[str, str]:
@@ -120,13 +128,22 @@ class BenchRun:
         }
 
     def start_service(
-        self, name: str, port_setting: str, tmp: Path, *, label: str | None = None, **settings: str
+        self,
+        name: str,
+        port_setting: str,
+        tmp: Path,
+        *,
+        label: str | None = None,
+        log_name: str | None = None,
+        **settings: str,
     ) -> ServiceProcess:
-        """`healthgate NAME` on a free port (the setting `port_setting` gives it), logging to TMP/NAME.log;
-        returns once its /health/ready answers. `label` (default NAME) names it in clean-up and log messages."""
+        """`healthgate NAME` on a free port (the setting `port_setting` gives it), logging to TMP/LOG_NAME.log
+        (default NAME.log); returns once its /health/ready answers (tests/support/processes.py `start_service`:
+        RuntimeError with the log when it exits or is not ready in 30 s). `label` (default NAME) names it in
+        clean-up and log messages; `remove` stops it."""
         port = free_port()
         env = self.service_env(**{port_setting: str(port)}, **settings)
-        service = _start_service(name, env, tmp / f"{name}.log", port=port)
+        service = _start_service(name, env, tmp / f"{log_name or name}.log", port=port)
         self.services.append((label or name, service))
         return service
 
