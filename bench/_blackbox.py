@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from _support import EXPECTED_BODY, CpuMeter, CpuUse, find_binary
+from _support import EXPECTED_BODY, CpuMeter, CpuUse, find_binary, run_child
 
 from tests.support.processes import free_port, stop_process
 
@@ -117,24 +117,19 @@ class Blackbox:
         meter = CpuMeter(classify)
         meter.start()
         children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        process = await asyncio.create_subprocess_exec(
+        status, stdout, _ = await run_child(
             wrk, "-c", "50", "-t", "2", "-d", f"{seconds}s", "-s", str(self.directory / "probes.lua"),
             self.probe_url(target),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            merge_stderr=True,
         )  # fmt: skip
-        try:
-            output = (await process.communicate())[0].decode(errors="replace")
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            raise
         cpu = meter.stop()
         children = resource.getrusage(resource.RUSAGE_CHILDREN)
         cpu.groups["wrk"] = (
             children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
         )  # wrk has exited and been reaped: its CPU is in this process's children's usage
+        output = stdout.decode(errors="replace")
         found = WRK_SUMMARY.search(output)
-        if process.returncode != 0 or found is None:
+        if status != 0 or found is None:
             raise RuntimeError(f"wrk failed:\n{output}")
         return Probes(int(found.group(1)), int(found.group(2)), float(found.group(3)), cpu)
 

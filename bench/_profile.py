@@ -9,11 +9,10 @@ package of the innermost Python frame.
 
 from __future__ import annotations
 
-import asyncio
 from collections import Counter
 from pathlib import Path
 
-from _support import REPO_ROOT, find_binary
+from _support import REPO_ROOT, find_binary, run_child
 
 # Components of the poller: the innermost project function on a sampled stack decides (function-name markers).
 COMPONENTS = (
@@ -105,12 +104,11 @@ async def profile_poller(pid: int, seconds: float, keep: Path | None, directory:
     if py_spy is None:
         return ["  py-spy not found (pip install py-spy into .venv for a one-off profile)"]
     output = keep or directory / "profile.txt"
-    process = await asyncio.create_subprocess_exec(
+    status, log, _ = await run_child(
         py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100", "--format", "raw",
         "--output", str(output),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        merge_stderr=True,
     )  # fmt: skip
-    log = (await process.communicate())[0].decode(errors="replace")
-    if process.returncode != 0 or not output.exists():
-        return [f"  py-spy failed: {log[-1000:]}"]
+    if status != 0 or not output.exists():
+        return [f"  py-spy failed: {log.decode(errors='replace')[-1000:]}"]
     return summarise_profile(output.read_text())

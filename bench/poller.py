@@ -73,9 +73,11 @@ from _support import (
     failure_note,
     guarded,
     machine_note,
+    metric_samples,
     other_work,
     process_tree,
     run_async,
+    run_child,
 )
 
 from tests.support.processes import ServiceProcess, stop_process
@@ -294,24 +296,19 @@ async def poller_metrics(port: int) -> dict[str, float]:
 
     async with httpx.AsyncClient(timeout=5) as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    wanted = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
+    wanted: dict[str, float] = {}
+    for sample in metric_samples(text):
         key = None
-        if name.startswith("healthgate_checks_run_total"):
-            reason = re.search(r'reason="([^"]+)"', name)
-            key = f"checks {reason.group(1) if reason else '?'}"
-        elif name.startswith("healthgate_ticks_total"):
-            outcome = re.search(r'outcome="([^"]+)"', name)
-            key = f"ticks {outcome.group(1) if outcome else '?'}"
-        elif name.startswith("healthgate_outbox_publish_failures_total"):
+        if sample.name == "healthgate_checks_run_total":
+            key = f"checks {sample.labels.get('reason', '?')}"
+        elif sample.name == "healthgate_ticks_total":
+            key = f"ticks {sample.labels.get('outcome', '?')}"
+        elif sample.name == "healthgate_outbox_publish_failures_total":
             key = "outbox publish failures"
-        elif name.startswith("healthgate_results_stored_total"):
+        elif sample.name == "healthgate_results_stored_total":
             key = "results stored"
         if key:
-            wanted[key] = wanted.get(key, 0.0) + float(value)
+            wanted[key] = wanted.get(key, 0.0) + sample.value
     return wanted
 
 
@@ -531,18 +528,11 @@ async def measure_pollers(
 async def run_bare(kind: str, url: str, concurrency: int, seconds: float, mode: str) -> Measurement:
     meter = CpuMeter(classify)
     meter.start()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, THIS_SCRIPT, "--bare-loop", kind, url, str(concurrency), str(seconds),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
-    )  # fmt: skip
-    try:
-        stdout, stderr = await process.communicate()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        raise
+    status, stdout, stderr = await run_child(
+        sys.executable, THIS_SCRIPT, "--bare-loop", kind, url, str(concurrency), str(seconds), cwd=REPO_ROOT
+    )
     cpu = meter.stop()
-    if process.returncode != 0:
+    if status != 0:
         raise RuntimeError(f"bare loop failed: {stderr.decode(errors='replace')[-2000:]}")
     outcome = json.loads(stdout)
     # The child has exited: its own figure (CPU of the measured stretch, without start-up) stands in.
