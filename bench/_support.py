@@ -5,9 +5,11 @@
   for every client, whatever the client's own pooling does.
 - A run's throwaways (`BenchRun`): database and exchange names, the services started on them, their removal;
   `guarded` runs a benchmark so that the removal happens also after errors, Ctrl-C and SIGTERM.
+  `BenchRun.start_service` starts a healthgate service with the tests' helper (tests/support/processes.py).
 - Seeding: COPY of rows into tables (`copy_tables`), the check_state columns.
-- Figures: percentiles, MET/NOT MET, load and "other work" on the machine.
+- Figures: percentiles, MET/NOT MET, load and "other work" on the machine, a service's /metrics samples.
 - CPU accounting from /proc: per process group (PostgreSQL, RabbitMQ, nginx, ...) over a measurement.
+- `find_binary`: a program the benchmarks drive (wrk, blackbox_exporter, py-spy), on PATH or at a known path.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -30,6 +33,8 @@ if str(REPO_ROOT) not in sys.path:
 
 import aio_pika  # noqa: E402
 import asyncpg  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+from prometheus_client.samples import Sample  # noqa: E402
 
 from shared.topology import QUEUES, Topology  # noqa: E402
 from tests.support.nginx import OK_BODY, NginxServer  # noqa: E402
@@ -49,6 +54,11 @@ def machine_note() -> str:
         f"machine: {os.cpu_count()} CPU cores shared by everything in this run (the measured process(es),"
         " nginx, PostgreSQL, RabbitMQ and this driver): figures are for this 2-core box, ratios are the point"
     )
+
+
+def find_binary(name: str, *candidates: str) -> str | None:
+    """`name` on PATH, else the first of `candidates` (paths) that is executable; None if there is none."""
+    return shutil.which(name) or next((path for path in candidates if os.access(path, os.X_OK)), None)
 
 
 def server_urls() -> tuple[str, str]:
@@ -120,13 +130,22 @@ class BenchRun:
         }
 
     def start_service(
-        self, name: str, port_setting: str, tmp: Path, *, label: str | None = None, **settings: str
+        self,
+        name: str,
+        port_setting: str,
+        tmp: Path,
+        *,
+        label: str | None = None,
+        log_name: str | None = None,
+        **settings: str,
     ) -> ServiceProcess:
-        """`healthgate NAME` on a free port (the setting `port_setting` gives it), logging to TMP/NAME.log;
-        returns once its /health/ready answers. `label` (default NAME) names it in clean-up and log messages."""
+        """`healthgate NAME` on a free port (the setting `port_setting` gives it), logging to TMP/LOG_NAME.log
+        (default NAME.log); returns once its /health/ready answers (tests/support/processes.py `start_service`:
+        RuntimeError with the log when it exits or is not ready in 30 s). `label` (default NAME) names it in
+        clean-up and log messages; `remove` stops it."""
         port = free_port()
         env = self.service_env(**{port_setting: str(port)}, **settings)
-        service = _start_service(name, env, tmp / f"{name}.log", port=port)
+        service = _start_service(name, env, tmp / f"{log_name or name}.log", port=port)
         self.services.append((label or name, service))
         return service
 
@@ -203,6 +222,26 @@ def run_async(coroutine: Awaitable[object], *, use_uvloop: bool = True) -> objec
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             return runner.run(coroutine)  # type: ignore[arg-type]
     return asyncio.run(coroutine)  # type: ignore[arg-type]
+
+
+async def run_child(*command: str, merge_stderr: bool = False, cwd: Path | None = None) -> tuple[int, bytes, bytes]:
+    """Run a program (wrk, py-spy, a bare-loop child) to its end: (exit status, stdout, stderr); with
+    `merge_stderr` its stderr goes into stdout and the third item is empty. When the wait is cancelled or
+    interrupted (Ctrl-C, SIGTERM), the program is killed rather than left running."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT if merge_stderr else asyncio.subprocess.PIPE,
+        cwd=cwd,
+    )
+    try:
+        stdout, stderr = await process.communicate()
+    except BaseException:
+        with contextlib.suppress(ProcessLookupError):
+            process.kill()
+        raise
+    assert process.returncode is not None  # communicate() returns once the process has exited
+    return process.returncode, stdout, stderr or b""
 
 
 def cleanup_step(description: str, action: Callable[[], object]) -> None:
@@ -365,6 +404,14 @@ def other_work(seconds: float = 1.0, noisy: str = "; expect noise") -> str:
     busy = (busy_after - busy_before) / max(1, total_after - total_before) * cores
     warning = noisy if busy > 0.15 else ""
     return f"{busy:.2f} of {cores} cores busy with other work{warning}"
+
+
+def metric_samples(text: str) -> Iterator[Sample]:
+    """The samples of a service's /metrics page (Prometheus text format, parsed by prometheus_client's own
+    parser): name with its suffix (`_total`, `_bucket`, `_sum`, `_count`, `_created`), labels (strings as
+    written, e.g. le="+Inf"), value. ValueError for text that is not that format."""
+    for family in text_string_to_metric_families(text):
+        yield from family.samples
 
 
 # ---- CPU accounting ---------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import datetime as dt
 import json
 import os
 import random
-import re
 import sys
 import tempfile
 import time
@@ -51,6 +50,7 @@ from _support import (
     BenchRun,
     copy_tables,
     guarded,
+    metric_samples,
     other_work,
     percentile_by_index,
     run_async,
@@ -669,22 +669,24 @@ async def load(base_url: str, token: str, seeded: Seeded, plan: Plan, client_kin
     print_goals("filter ?status= c=1   ", outcome[1][by_status.label], outcome[1][me.label])
 
 
-METRIC_LINE = re.compile(
-    r'^healthgate_http_request_duration_seconds_(sum|count)\{[^}]*route="([^"]+)"[^}]*\} ([0-9.eE+-]+)$', re.M
-)
+REQUEST_DURATION = "healthgate_http_request_duration_seconds"
 
 
 async def handler_seconds(base_url: str) -> dict[str, tuple[float, int]]:
-    """Per route: (total seconds, requests) of the API's own request-handling histogram."""
+    """Per route: (total seconds, requests) of the API's own request-handling histogram (summed over its other
+    labels)."""
     async with httpx.AsyncClient(base_url=base_url, timeout=10) as http:
         text = (await http.get("/metrics")).text
     sums: dict[str, float] = {}
     counts: dict[str, int] = {}
-    for kind, route, value in METRIC_LINE.findall(text):
-        if kind == "sum":
-            sums[route] = sums.get(route, 0.0) + float(value)
-        else:
-            counts[route] = counts.get(route, 0) + int(float(value))
+    for sample in metric_samples(text):
+        route = sample.labels.get("route")
+        if route is None:
+            continue
+        if sample.name == REQUEST_DURATION + "_sum":
+            sums[route] = sums.get(route, 0.0) + sample.value
+        elif sample.name == REQUEST_DURATION + "_count":
+            counts[route] = counts.get(route, 0) + int(sample.value)
     return {route: (sums.get(route, 0.0), counts[route]) for route in counts}
 
 

@@ -30,7 +30,6 @@ import asyncio
 import datetime as dt
 import json
 import os
-import re
 import sys
 import tempfile
 import time
@@ -56,6 +55,7 @@ from _support import (
     guarded,
     load_line,
     machine_note,
+    metric_samples,
     other_work,
     percentile,
     run_async,
@@ -108,21 +108,20 @@ def rss_kib(pid: int) -> dict[str, int]:
     return figures
 
 
-HANDLING_BUCKET = re.compile(r"^healthgate_gate_handling_seconds_(bucket|sum|count)\{([^}]*)\} ([0-9.eE+-]+)$", re.M)
+HANDLING = "healthgate_gate_handling_seconds"
 
 
 def gate_handling(base_url: str, routing_key: str) -> dict[str, float]:
     """The gate's own handling histogram for one routing key: {'sum':, 'count':, 'le=<bound>': cumulative}."""
     text = httpx.get(base_url + "/metrics", timeout=5).text
     figures: dict[str, float] = {}
-    for kind, labels, value in HANDLING_BUCKET.findall(text):
-        if f'routing_key="{routing_key}"' not in labels:
+    for sample in metric_samples(text):
+        if sample.labels.get("routing_key") != routing_key:
             continue
-        if kind == "bucket":
-            bound = re.search(r'le="([^"]+)"', labels)
-            figures[f"le={bound.group(1) if bound else '?'}"] = float(value)
-        else:
-            figures[kind] = float(value)
+        if sample.name == HANDLING + "_bucket":
+            figures[f"le={sample.labels.get('le', '?')}"] = sample.value
+        elif sample.name in (HANDLING + "_sum", HANDLING + "_count"):
+            figures[sample.name.removeprefix(HANDLING + "_")] = sample.value
     return figures
 
 

@@ -21,9 +21,11 @@ one poller process >= 0.5x the bare loop. Figures only: it never fails on a goal
 
 Set-up: a throwaway database `healthgate_bench_<id>` (migrated; N hosts with one http check each, seeded
 healthy so results flip nothing; schedule rows with next_run_at NULL so the pollers' schedulers dispatch
-nothing), exchange `hgbench-<id>`, `healthgate poller` processes (HEALTHGATE_HEALTH_PORT=0; the port is read
-from the log). This driver publishes the ticks (routing key poller.tick) and keeps the work queue stocked.
-Everything is removed at the end, also on error, Ctrl-C or SIGTERM.
+nothing), exchange `hgbench-<id>`, `healthgate poller` processes (started as the tests start them, on a free
+HEALTHGATE_HEALTH_PORT: bench/_support.py `BenchRun.start_service`). This driver publishes the ticks (routing key
+poller.tick) and keeps the work queue stocked. Everything is removed at the end, also on error, Ctrl-C or SIGTERM.
+
+The blackbox_exporter harness is bench/_blackbox.py; the py-spy profile summary is bench/_profile.py.
 
     .venv/bin/python bench/poller.py [--quick] [--py-spy SECONDS] [--keep-profile PATH]
 
@@ -39,10 +41,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import os
 import re
-import resource
-import shutil
 import signal
 import subprocess
 import sys
@@ -55,6 +54,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _blackbox import Blackbox
+from _profile import profile_poller
 from _support import (
     CLOSE_PATH,
     EXPECTED_BODY,
@@ -72,10 +73,16 @@ from _support import (
     failure_note,
     guarded,
     machine_note,
+    metric_samples,
     other_work,
     process_tree,
     run_async,
+    run_child,
 )
+
+from tests.support.processes import ServiceProcess, stop_process
+
+RELAY_STOP_SECONDS = 10
 
 HOSTS = 10_000
 TICK_SIZE = 50
@@ -251,36 +258,6 @@ async def seed(database_url: str, hosts: int, url: str) -> list[uuid.UUID]:
     return [row[0] for row in check_rows]
 
 
-@dataclass
-class PollerProcess:
-    process: subprocess.Popen[bytes]
-    log_path: Path
-    port: int = 0
-
-    def log_text(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout: float = 20) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def launch_poller(env: dict[str, str], log_path: Path) -> subprocess.Popen[bytes]:
-    with log_path.open("ab") as log_file:
-        return subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "poller"],
-            env={**os.environ, **env, "HEALTHGATE_HEALTH_PORT": "0"},
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            cwd=REPO_ROOT,
-        )
-
-
 def start_relay(database_url: str, amqp_url: str, exchange: str, tmp: Path) -> subprocess.Popen[bytes]:
     with (tmp / "relay.log").open("ab") as log_file:
         process = subprocess.Popen(
@@ -295,17 +272,7 @@ def start_relay(database_url: str, amqp_url: str, exchange: str, tmp: Path) -> s
     return process
 
 
-def stop_process(process: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    if process.poll() is None:
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def summarise_log(poller: PollerProcess) -> str:
+def summarise_log(poller: ServiceProcess) -> str:
     """Warnings and errors in a poller's JSON log: how many, and the distinct messages."""
     seen: Counter[str] = Counter()
     for line in poller.log_text().splitlines():
@@ -323,57 +290,25 @@ def summarise_log(poller: PollerProcess) -> str:
     return "\n".join(lines)
 
 
-HEALTH_LINE = re.compile(r'"message": "poller started: health .*?"port": (\d+)')
-
-
-async def start_poller(env: dict[str, str], log_path: Path, started: list[PollerProcess]) -> PollerProcess:
-    """`healthgate poller` with HEALTHGATE_HEALTH_PORT=0; its port comes from its log; wait for /health/ready."""
-    import httpx
-
-    process = launch_poller(env, log_path)
-    poller = PollerProcess(process, log_path)
-    started.append(poller)  # known to the clean-up from now on
-    deadline = time.monotonic() + 30
-    async with httpx.AsyncClient(timeout=1) as http:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"poller exited with {process.returncode}:\n{poller.log_text()[-3000:]}")
-            if not poller.port:
-                found = HEALTH_LINE.search(poller.log_text())
-                if found:
-                    poller.port = int(found.group(1))
-            if poller.port:
-                with contextlib.suppress(httpx.HTTPError):
-                    if (await http.get(f"http://127.0.0.1:{poller.port}/health/ready")).status_code == 200:
-                        return poller
-            await asyncio.sleep(0.1)
-    raise RuntimeError(f"poller did not become ready:\n{poller.log_text()[-3000:]}")
-
-
 async def poller_metrics(port: int) -> dict[str, float]:
     """The counters this benchmark reads from a poller's /metrics (summed over label sets)."""
     import httpx
 
     async with httpx.AsyncClient(timeout=5) as http:
         text = (await http.get(f"http://127.0.0.1:{port}/metrics")).text
-    wanted = {}
-    for line in text.splitlines():
-        if line.startswith("#"):
-            continue
-        name, _, value = line.rpartition(" ")
+    wanted: dict[str, float] = {}
+    for sample in metric_samples(text):
         key = None
-        if name.startswith("healthgate_checks_run_total"):
-            reason = re.search(r'reason="([^"]+)"', name)
-            key = f"checks {reason.group(1) if reason else '?'}"
-        elif name.startswith("healthgate_ticks_total"):
-            outcome = re.search(r'outcome="([^"]+)"', name)
-            key = f"ticks {outcome.group(1) if outcome else '?'}"
-        elif name.startswith("healthgate_outbox_publish_failures_total"):
+        if sample.name == "healthgate_checks_run_total":
+            key = f"checks {sample.labels.get('reason', '?')}"
+        elif sample.name == "healthgate_ticks_total":
+            key = f"ticks {sample.labels.get('outcome', '?')}"
+        elif sample.name == "healthgate_outbox_publish_failures_total":
             key = "outbox publish failures"
-        elif name.startswith("healthgate_results_stored_total"):
+        elif sample.name == "healthgate_results_stored_total":
             key = "results stored"
         if key:
-            wanted[key] = wanted.get(key, 0.0) + float(value)
+            wanted[key] = wanted.get(key, 0.0) + sample.value
     return wanted
 
 
@@ -544,7 +479,7 @@ class Outbox:
 
 
 async def measure_pollers(
-    pipeline: Pipeline, outbox: Outbox, pollers: list[PollerProcess], mode: str, plan: Plan, label: str
+    pipeline: Pipeline, outbox: Outbox, pollers: list[ServiceProcess], mode: str, plan: Plan, label: str
 ) -> Measurement:
     await outbox.discard_backlog()
     await pipeline.purge()
@@ -593,18 +528,11 @@ async def measure_pollers(
 async def run_bare(kind: str, url: str, concurrency: int, seconds: float, mode: str) -> Measurement:
     meter = CpuMeter(classify)
     meter.start()
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, THIS_SCRIPT, "--bare-loop", kind, url, str(concurrency), str(seconds),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=REPO_ROOT,
-    )  # fmt: skip
-    try:
-        stdout, stderr = await process.communicate()
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        raise
+    status, stdout, stderr = await run_child(
+        sys.executable, THIS_SCRIPT, "--bare-loop", kind, url, str(concurrency), str(seconds), cwd=REPO_ROOT
+    )
     cpu = meter.stop()
-    if process.returncode != 0:
+    if status != 0:
         raise RuntimeError(f"bare loop failed: {stderr.decode(errors='replace')[-2000:]}")
     outcome = json.loads(stdout)
     # The child has exited: its own figure (CPU of the measured stretch, without start-up) stands in.
@@ -620,219 +548,17 @@ async def run_bare(kind: str, url: str, concurrency: int, seconds: float, mode: 
     return measurement
 
 
-BLACKBOX_CONFIG = f"""modules:
-  http_2xx:
-    prober: http
-    timeout: 5s
-    http:
-      method: GET
-      preferred_ip_protocol: ip4
-      fail_if_body_not_matches_regexp:
-        - "{EXPECTED_BODY}"
-"""
-
-# Counts answers whose body says the probe succeeded; wrk's own Requests/sec counts any 200.
-WRK_SCRIPT = """
-local threads = {}
-function setup(thread) table.insert(threads, thread) end
-function init(args) ok = 0; failed = 0 end
-function response(status, headers, body)
-  if status == 200 and string.find(body, "\\nprobe_success 1", 1, true) then ok = ok + 1 else failed = failed + 1 end
-end
-function done(summary, latency, requests)
-  local total_ok, total_failed = 0, 0
-  for _, thread in ipairs(threads) do
-    total_ok = total_ok + thread:get("ok"); total_failed = total_failed + thread:get("failed")
-  end
-  io.write(string.format("PROBES ok=%d failed=%d seconds=%f\\n", total_ok, total_failed, summary.duration / 1e6))
-end
-"""
-
-
-def find_binary(name: str, *candidates: str) -> str | None:
-    return shutil.which(name) or next((path for path in candidates if os.access(path, os.X_OK)), None)
-
-
-class Blackbox:
-    def __init__(self, directory: Path) -> None:
-        self.directory = directory
-        self.process: subprocess.Popen[bytes] | None = None
-        self.port = 0
-
-    def start(self) -> None:
-        from tests.support.processes import free_port
-
-        binary = find_binary("prometheus-blackbox-exporter", "/usr/bin/prometheus-blackbox-exporter")
-        if binary is None:
-            raise RuntimeError("prometheus-blackbox-exporter is not installed: run `make bench-deps`")
-        config = self.directory / "blackbox.yml"
-        config.write_text(BLACKBOX_CONFIG)
-        (self.directory / "probes.lua").write_text(WRK_SCRIPT)
-        self.port = free_port()
-        with (self.directory / "blackbox.log").open("ab") as log:
-            self.process = subprocess.Popen(
-                [binary, f"--config.file={config}", f"--web.listen-address=127.0.0.1:{self.port}",
-                 "--log.level=warn"],
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            )  # fmt: skip
-
-    async def wait_ready(self, target: str) -> None:
-        import httpx
-
-        deadline = time.monotonic() + 15
-        async with httpx.AsyncClient(timeout=2) as http:
-            while time.monotonic() < deadline:
-                if self.process is None or self.process.poll() is not None:
-                    raise RuntimeError("blackbox_exporter exited: " + (self.directory / "blackbox.log").read_text())
-                with contextlib.suppress(httpx.HTTPError):
-                    answer = await http.get(self.probe_url(target))
-                    if "\nprobe_success 1" in answer.text:
-                        return
-                await asyncio.sleep(0.1)
-        raise RuntimeError(f"blackbox_exporter does not probe {target} successfully")
-
-    def probe_url(self, target: str) -> str:
-        return f"http://127.0.0.1:{self.port}/probe?target={target}&module=http_2xx"
-
-    async def measure(self, target: str, seconds: int, mode: str) -> Measurement:
-        wrk = find_binary("wrk", "/usr/bin/wrk")
-        if wrk is None:
-            raise RuntimeError("wrk is not installed: run `make bench-deps`")
-        meter = CpuMeter(classify)
-        meter.start()
-        children_before = resource.getrusage(resource.RUSAGE_CHILDREN)
-        process = await asyncio.create_subprocess_exec(
-            wrk, "-c", "50", "-t", "2", "-d", f"{seconds}s", "-s", str(self.directory / "probes.lua"),
-            self.probe_url(target),
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-        )  # fmt: skip
-        try:
-            output = (await process.communicate())[0].decode(errors="replace")
-        except BaseException:
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            raise
-        cpu = meter.stop()
-        children = resource.getrusage(resource.RUSAGE_CHILDREN)
-        cpu.groups["wrk"] = (
-            children.ru_utime + children.ru_stime - children_before.ru_utime - children_before.ru_stime
-        )  # wrk has exited and been reaped: its CPU is in this process's children's usage
-        found = re.search(r"PROBES ok=(\d+) failed=(\d+) seconds=([0-9.]+)", output)
-        if process.returncode != 0 or found is None:
-            raise RuntimeError(f"wrk failed:\n{output}")
-        ok, failed, wall = int(found.group(1)), int(found.group(2)), float(found.group(3))
-        measurement = Measurement("blackbox_exporter (wrk -c 50 -t 2)", mode, ok / wall, cpu)
-        measurement.notes.append(
-            f"CPU per probe: {cpu.groups.get('blackbox_exporter', 0.0) / max(1, ok) * 1e6:.0f} µs in"
-            f" blackbox_exporter, {cpu_per_check(cpu, ok):.0f} µs with nginx's (wrk's not counted)"
-        )
-        if failed:
-            measurement.notes.append(f"{failed} probes failed or answered non-200 (not counted)")
-        return measurement
-
-    def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-# ---- py-spy --------------------------------------------------------------------------------------------
-
-# Components of the poller: the innermost project function on a sampled stack decides (function-name markers).
-COMPONENTS = (
-    ("store_results", "DB write: store_results (hosts/state locks, COPY results, UPDATE state, outbox COPY)"),
-    ("enqueue_many", "DB write: store_results (hosts/state locks, COPY results, UPDATE state, outbox COPY)"),
-    ("load_checks", "DB read: load_checks"),
-    ("Prober", "HTTP check: Prober + aiohttp request/response (awaited code)"),
-    ("_run_one", "HTTP check: Prober + aiohttp request/response (awaited code)"),
-    ("relay_batch", "outbox relay: claim rows, publish with confirms, mark sent"),
-    ("OutboxRelay", "outbox relay: claim rows, publish with confirms, mark sent"),
-    ("_on_tick", "tick consumption: parse Tick, ack"),
-    ("Scheduler", "scheduler (claims nothing in this benchmark)"),
-    ("serve_health", "health/metrics server"),
-)
-# Stacks without a project function (protocol callbacks run by the event loop), by package on the stack.
-PACKAGES = (
-    ("aiohttp", "HTTP check: aiohttp/aiohappyeyeballs callbacks (connect, parse response, close)"),
-    ("aiohappyeyeballs", "HTTP check: aiohttp/aiohappyeyeballs callbacks (connect, parse response, close)"),
-    ("asyncpg", "DB: asyncpg protocol callbacks"),
-    ("aiormq", "AMQP: aiormq/pamqp (frames in and out, confirms, deliveries)"),
-    ("pamqp", "AMQP: aiormq/pamqp (frames in and out, confirms, deliveries)"),
-    ("aio_pika", "AMQP: aio-pika (deliveries to consumers)"),
-    ("uvicorn", "health/metrics server"),
-)
-
-
-def _frame_parts(frame: str) -> tuple[str, str]:
-    """ "Class.method (package/module.py:12)" -> ("Class.method", "package/module.py")."""
-    function, _, location = frame.partition(" (")
-    return function, location.rpartition(":")[0]
-
-
-def _package(path: str) -> str:
-    if path.startswith("<frozen") or path.startswith("<"):
-        return "stdlib"
-    if path.startswith(("services/", "shared/")):
-        return "/".join(path.split("/")[:2]).removesuffix(".py")
-    return path.split("/")[0].removesuffix(".py")
-
-
-def summarise_profile(raw: str) -> list[str]:
-    """Collapsed stacks ("frame;frame;... count") -> shares by component and by innermost package."""
-    components: Counter[str] = Counter()
-    leaves: Counter[str] = Counter()
-    total = 0
-    for line in raw.splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        total += count
-        frames = [_frame_parts(frame) for frame in stack.split(";")]
-        component = None
-        for function, _path in reversed(frames):  # innermost first
-            names = function.split(".")
-            component = next((name for marker, name in COMPONENTS if marker in names), None)
-            if component:
-                break
-        if component is None:
-            packages = {_package(path) for _, path in frames}
-            component = next((name for marker, name in PACKAGES if marker in packages), None)
-        if component is None:
-            innermost = frames[-1][0]
-            if innermost in ("Runner.run", "run"):
-                component = "event loop itself (uvloop C code: polling, socket syscalls, scheduling callbacks)"
-            else:
-                component = "other: " + innermost
-        components[component] += count
-        leaves[_package(frames[-1][1])] += count
-    if not total:
-        return ["  (no samples)"]
-    lines = [f"  {total} samples; by component (innermost project function on the stack, else package):"]
-    lines += [f"    {share / total * 100:5.1f}%  {name}" for name, share in components.most_common(14)]
-    lines.append("  by package of the innermost Python frame (uvloop's own C code counts as asyncio/runners):")
-    lines += [f"    {share / total * 100:5.1f}%  {name}" for name, share in leaves.most_common(12)]
-    return lines
-
-
-async def profile_poller(pid: int, seconds: float, keep: Path | None, directory: Path) -> list[str]:
-    py_spy = find_binary("py-spy", str(REPO_ROOT / ".venv" / "bin" / "py-spy"))
-    if py_spy is None:
-        return ["  py-spy not found (pip install py-spy into .venv for a one-off profile)"]
-    output = keep or directory / "profile.txt"
-    process = await asyncio.create_subprocess_exec(
-        py_spy, "record", "--pid", str(pid), "--duration", str(int(seconds)), "--rate", "100", "--format", "raw",
-        "--output", str(output),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    log = (await process.communicate())[0].decode(errors="replace")
-    if process.returncode != 0 or not output.exists():
-        return [f"  py-spy failed: {log[-1000:]}"]
-    return summarise_profile(output.read_text())
+async def measure_blackbox(blackbox: Blackbox, url: str, seconds: int, mode: str) -> Measurement:
+    probes = await blackbox.measure(url, seconds, classify)
+    cpu = probes.cpu
+    measurement = Measurement("blackbox_exporter (wrk -c 50 -t 2)", mode, probes.ok / probes.seconds, cpu)
+    measurement.notes.append(
+        f"CPU per probe: {cpu.groups.get('blackbox_exporter', 0.0) / max(1, probes.ok) * 1e6:.0f} µs in"
+        f" blackbox_exporter, {cpu_per_check(cpu, probes.ok):.0f} µs with nginx's (wrk's not counted)"
+    )
+    if probes.failed:
+        measurement.notes.append(f"{probes.failed} probes failed or answered non-200 (not counted)")
+    return measurement
 
 
 # ---- the run ---------------------------------------------------------------------------------------------
@@ -930,7 +656,7 @@ async def measure_all(
     urls: dict[str, str],
 ) -> None:
     database_url, amqp_url = bench.database_url, bench.amqp_url
-    pollers: list[PollerProcess] = state["pollers"]  # type: ignore[assignment]
+    pollers: list[ServiceProcess] = []
     BENCH_DATABASE.append(bench.database)
     nginx: BenchNginx = state["nginx"]  # type: ignore[assignment]
     assert nginx.process is not None
@@ -952,10 +678,9 @@ async def measure_all(
             done(await run_bare("aiohttp", url, concurrency, plan.bare_seconds, mode))
         if mode == "new-conn":
             done(await run_bare("prober", url, 256, plan.bare_seconds, mode))
-        done(await blackbox.measure(url, plan.wrk_seconds, mode))
+        done(await measure_blackbox(blackbox, url, plan.wrk_seconds, mode))
     blackbox.stop()
 
-    env = bench.service_env(HEALTHGATE_KEY_FILE=str(tmp / "key"))
     profile: list[str] = []
     outbox = Outbox(database_url)
     # (poller processes, an extra relay process too, mode). The extra relay is an experiment of this benchmark:
@@ -967,7 +692,12 @@ async def measure_all(
     relay: subprocess.Popen[bytes] | None = None
     for count, with_relay, mode in phases:
         while len(pollers) < count:
-            poller = await start_poller(env, tmp / f"poller-{len(pollers) + 1}.log", pollers)
+            number = len(pollers) + 1
+            poller = await asyncio.to_thread(
+                bench.start_service, "poller", "HEALTHGATE_HEALTH_PORT", tmp, label=f"poller {number}",
+                log_name=f"poller-{number}", HEALTHGATE_KEY_FILE=str(tmp / "key"),
+            )  # fmt: skip
+            pollers.append(poller)
             OWN_PIDS[poller.process.pid] = "poller(s)"
             print(f"poller process {poller.process.pid} ready (health port {poller.port})")
         if with_relay and relay is None:
@@ -975,7 +705,7 @@ async def measure_all(
             state["relay"] = relay
             OWN_PIDS[relay.pid] = "extra relay process"
         elif relay is not None and not with_relay:
-            await asyncio.to_thread(stop_process, relay)
+            await asyncio.to_thread(stop_process, relay, timeout=RELAY_STOP_SECONDS)
             relay = None
         label = f"poller, {count} process{'es' if count > 1 else ''}" + (" + relay process" if with_relay else "")
         await set_check_url(database_url, urls[mode])
@@ -992,7 +722,7 @@ async def measure_all(
     for poller in pollers:
         await asyncio.to_thread(poller.stop)
     if relay is not None:
-        await asyncio.to_thread(stop_process, relay)
+        await asyncio.to_thread(stop_process, relay, timeout=RELAY_STOP_SECONDS)
     async with connected(database_url) as connection:
         rows = await connection.fetchval("SELECT count(*) FROM check_results")
         unsent = await connection.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL")
@@ -1029,7 +759,7 @@ def main() -> int:
     plan = QUICK if arguments.quick else FULL
 
     bench = BenchRun.new()
-    state: dict[str, object] = {"pollers": []}
+    state: dict[str, object] = {}
     print(
         f"healthgate poller benchmark: {arguments.hosts} http checks, ticks of {TICK_SIZE}, database"
         f" {bench.database}, exchange {bench.exchange}; measurements of {plan.seconds:g} s after"
@@ -1043,14 +773,16 @@ def main() -> int:
 
         def failed(exc: Exception) -> None:
             print(failure_note(exc), file=sys.stderr)
-            for poller in state["pollers"]:  # type: ignore[attr-defined]
-                print(f"poller log {poller.log_path.name} (last 3,000 characters):\n{poller.log_text()[-3000:]}")
+            bench.print_service_logs()
 
         def clean_up() -> None:
-            for poller in state["pollers"]:  # type: ignore[attr-defined]
-                cleanup_step(f"stop poller {poller.process.pid}", poller.stop)
+            # The pollers first (they use nginx, the database and the broker), then the rest; `bench.remove`
+            # would stop them too, after the others.
+            for label, service in bench.services:
+                cleanup_step(f"stop {label} (pid {service.process.pid})", service.stop)
             if "relay" in state:
-                cleanup_step("stop the relay process", lambda: stop_process(state["relay"]))  # type: ignore[arg-type]
+                relay: subprocess.Popen[bytes] = state["relay"]  # type: ignore[assignment]
+                cleanup_step("stop the relay process", lambda: stop_process(relay, timeout=RELAY_STOP_SECONDS))
             if "blackbox" in state:
                 cleanup_step("stop blackbox_exporter", state["blackbox"].stop)  # type: ignore[attr-defined]
             cleanup_step("stop nginx", nginx.stop)

@@ -1,4 +1,8 @@
-"""Running healthgate services as real processes, the way `healthgate up` does."""
+"""Running healthgate services as real processes, the way `healthgate up` does.
+
+Used by the test fixtures (tests/conftest.py) and by the benchmarks (bench/_support.py `BenchRun.start_service`),
+so that there is one way of starting a healthgate service and waiting for it to be ready.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +24,20 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def stop_process(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 20) -> int:
+    """Send `sig` to a running process and wait up to `timeout` seconds for it to exit, then SIGKILL it;
+    returns its exit status (negative: the signal that ended it). A process that has already exited is only
+    asked for its status."""
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 @dataclass
 class ServiceProcess:
     name: str
@@ -33,14 +51,7 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, sig, timeout)
 
     def restart(self) -> None:
         """Start it again, with the same environment and port, after a stop."""
@@ -50,7 +61,10 @@ class ServiceProcess:
 def start_service(
     name: str, env: dict[str, str], log_path: Path, *, port: int, ready_timeout: float = 30
 ) -> ServiceProcess:
-    """Start `healthgate NAME` and wait until its /health/live answers."""
+    """Start `healthgate NAME` (its environment: this process's, then `env`; output appended to `log_path`) and
+    wait until its /health/ready on 127.0.0.1:`port` answers 200. Raises RuntimeError with the log when it
+    exits first or is not ready within `ready_timeout` seconds; then, and when the wait is interrupted (Ctrl-C,
+    a signal turned into an exception), the process is not left running."""
     log_file = log_path.open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", name],
@@ -61,14 +75,17 @@ def start_service(
     log_file.close()
     service = ServiceProcess(name, process, log_path, f"http://127.0.0.1:{port}", env, port)
     deadline = time.monotonic() + ready_timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{service.log_text()}")
-        try:
-            if httpx.get(service.base_url + "/health/ready", timeout=1).status_code == 200:
-                return service
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    service.stop(signal.SIGKILL)
-    raise RuntimeError(f"{name} did not become ready:\n{service.log_text()}")
+    try:
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name} exited with {process.returncode}:\n{service.log_text()}")
+            try:
+                if httpx.get(service.base_url + "/health/ready", timeout=1).status_code == 200:
+                    return service
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"{name} did not become ready:\n{service.log_text()}")
+    except BaseException:
+        service.stop(signal.SIGKILL)
+        raise
