@@ -6,7 +6,9 @@ before any packet is sent to them, on every redirect hop too.
 
 What a target answers is read by aiohttp (llhttp), never by a parser of ours: an answer it rejects is
 reason `protocol`, described from aiohttp's own error (never with the 400 aiohttp files it under: the
-target sent no status). The detail is raw here; `safe_detail` bounds and redacts it where it is stored.
+target sent no status). Content-Encodings are undone here with zlib and Brotli (`read_body`), not by
+aiohttp. A URL a target sent is shown only as `shown_url` makes it (no userinfo, no query). The detail is
+otherwise raw here; `safe_detail` bounds, redacts and escapes it where it is stored.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ import json
 import re
 import socket
 import ssl
+import sys
 import time
 import uuid
+import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, urljoin, urlsplit
 
 import aiohappyeyeballs
 import aiohttp
+import brotli
 from aiohttp import http_exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
@@ -43,8 +48,19 @@ REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
 # has no limit on the headers' total, which the per-line and count limits bound (256 x 16 KiB).
 MAX_HEADER_LINE_BYTES = 16 * 1024
 MAX_HEADERS = 256
-# The Content-Encodings aiohttp undoes (br through the Brotli package, a dependency for this reason).
-UNDONE_ENCODINGS = frozenset({"gzip", "deflate", "br"})
+# The Content-Encodings undone (CONTRACT §4), by zlib and the Brotli package (a dependency for this reason);
+# x-gzip is gzip (RFC 9110 §8.4.1.3). The names are case-insensitive.
+UNDONE_ENCODINGS = {"gzip": "gzip", "x-gzip": "gzip", "deflate": "deflate", "br": "br"}
+# Stacked codings are legal (RFC 9110 §8.4); more than this many is no real server's answer.
+MAX_STACKED_ENCODINGS = 4
+# Encoded bytes read at most while the decoded body stays under BODY_LIMIT_BYTES: no real compressor needs
+# more, and it bounds the work a stream of empty deflate blocks can cause.
+ENCODED_LIMIT_BYTES = 8 * BODY_LIMIT_BYTES
+READ_CHUNK_BYTES = 64 * 1024
+# The codings we ask for: aiohttp would also offer zstd when a zstd module is importable, which we do not undo.
+ACCEPT_ENCODING = "gzip, deflate, br"
+# A path is shown in a detail up to this many characters (a Location may be kilobytes long).
+SHOWN_PATH_CHARS = 100
 # As aiohttp connects http checks: the next address is tried after 250 ms, or at once when one fails.
 HAPPY_EYEBALLS_DELAY = 0.25
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -153,12 +169,15 @@ def probe_session(blocked: Sequence[Network]) -> aiohttp.ClientSession:
     """The poller's one HTTP session (create it inside the running event loop; close it at shutdown).
 
     Names are resolved by `GuardedResolver`; no connection limit (the worker bounds concurrency); no
-    cookies; header limits as large as CONTRACT §4 asks."""
+    cookies; header limits as large as CONTRACT §4 asks; bodies arrive still encoded (see `read_body`)."""
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(blocked), limit=0, ttl_dns_cache=10)
     return aiohttp.ClientSession(
         connector=connector,
-        headers={"User-Agent": "healthgate-poller"},
+        headers={"User-Agent": "healthgate-poller", "Accept-Encoding": ACCEPT_ENCODING},
         cookie_jar=aiohttp.DummyCookieJar(),
+        # Bodies are decoded by `read_body`: aiohttp undoes only the first of stacked codings, does not notice
+        # a gzip stream that breaks off, and would try zstd.
+        auto_decompress=False,
         max_line_size=MAX_HEADER_LINE_BYTES,
         max_field_size=MAX_HEADER_LINE_BYTES,
         max_headers=MAX_HEADERS,
@@ -190,6 +209,81 @@ def describe_status(status: int) -> str:
         return str(status)
 
 
+def refuse_invalid_status(status: int, what: str) -> None:
+    """Raise ProtocolViolation for a status code outside 100-599 (RFC 9110 §15: three digits, first 1-5).
+    llhttp reads any three digits ("099", "600"); the code is shown as the three digits the target sent."""
+    if not 100 <= status <= 599:
+        raise ProtocolViolation(
+            f"{what} sent an answer whose status code {status:03d} is not a valid HTTP status (100-599)"
+        )
+
+
+def host_port(host: str, port: int | str) -> str:
+    """`host:port` for a detail; an IPv6 address in brackets (`[::1]:443`, as in a URL, RFC 3986)."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= SHOWN_PATH_CHARS else text[:SHOWN_PATH_CHARS] + "…"
+
+
+def shown_url(url: str) -> str | None:
+    """A URL a target sent (a Location, resolved), as a detail may show it: `scheme://host[:port]/path`, its
+    userinfo removed, its query replaced by "?…", without fragment, host and path cut to SHOWN_PATH_CHARS. A
+    URL without an authority (mailto:, data:) shows only its scheme ("a mailto URL"). None when urllib.parse
+    cannot parse it (a bad IPv6 address or port). Userinfo, queries and fragments are where credentials travel
+    (passwords, X-Amz-Signature, OAuth codes), so no rule about their words is needed."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    scheme = _cut(parts.scheme.lower())
+    # urlsplit drops leading C0 controls and spaces, and tabs and line breaks anywhere (WHATWG); so does this.
+    text = url.lstrip("".join(map(chr, range(0x21)))).translate({9: None, 10: None, 13: None})
+    if not parts.netloc and not text[len(parts.scheme) + 1 if parts.scheme else 0 :].startswith("//"):
+        return f"a {scheme} URL" if scheme else "a URL without a scheme"
+    host = _cut(parts.hostname or "")
+    authority = host_port(host, port) if port is not None else (f"[{host}]" if ":" in host else host)
+    query = "?…" if parts.query else ""
+    return f"{scheme}:" * bool(scheme) + f"//{authority}{_cut(parts.path)}{query}"
+
+
+def _url_fault(url: str) -> str:
+    """Why urllib.parse refuses `url`, in fixed words (its own messages repeat the text)."""
+    try:
+        _port = urlsplit(url).port
+    except ValueError as exc:
+        if "IPv6" in str(exc):
+            return "a Location that is not a valid URL (a bracketed IPv6 host that does not close)"
+        if "Port" in str(exc) or "port" in str(exc):
+            return "a Location that is not a valid URL (its port is not a number from 0 to 65535)"
+    return "a Location that is not a valid URL"
+
+
+def _shown_location(current: str, location: str) -> tuple[str, str | None]:
+    """What a detail shows for a Location received while at `current`, and the host it names (None when
+    urllib.parse cannot read it; its words then only say that)."""
+    try:
+        absolute = urljoin(current, location)
+        shown = shown_url(absolute)
+        host = urlsplit(absolute).hostname if shown is not None else None
+    except ValueError:
+        shown, host, absolute = None, None, location
+    if shown is None:
+        return _url_fault(absolute), None
+    return shown, host or ""
+
+
+def shown_latency(latency_ms: float, limit: int) -> str:
+    """`latency_ms` with as few decimals as show it above `limit` ("1.4", not "1", for 1.4 ms over 1 ms)."""
+    for decimals in range(3):
+        shown = f"{latency_ms:.{decimals}f}"
+        if float(shown) > limit:
+            return shown
+    return f"{latency_ms:.3f}"
+
+
 def decode_body(body: bytes, charset: str | None) -> str:
     """The body as text, in the charset the response declares (CONTRACT §4); UTF-8 when it declares
     none or one Python has no text codec for. Undecodable bytes become U+FFFD, never an error."""
@@ -216,11 +310,6 @@ def _authority(url: str | None) -> str:
     except ValueError:
         netloc = ""
     return netloc.rpartition("@")[2] or "the target"
-
-
-def _shown(url: URL) -> str:
-    """A URL for a detail: without userinfo."""
-    return str(url.with_user(None)) if url.user is not None or url.password is not None else str(url)
 
 
 def _one_line(message: str) -> str:
@@ -260,11 +349,6 @@ def _unencodable(name: str, error: BaseException) -> str:
 def _parser_failure(error: http_exceptions.HttpProcessingError, what: str) -> str:
     """Words for an answer aiohttp could not read; its 400 is not repeated (the target sent none)."""
     message = _one_line(error.message)
-    if isinstance(error, http_exceptions.ContentEncodingError):
-        coding = re.search(r"content-encoding: ([\w-]+)", message, re.IGNORECASE)
-        if coding is not None and "install" not in message:
-            return f"{what} sent a body that is not valid {coding[1]} (its Content-Encoding), so it cannot be undone"
-        return f"{what} sent a body whose Content-Encoding cannot be undone: {message}"
     if isinstance(error, http_exceptions.ContentLengthError):
         counts = re.search(r"received (\d+) of (\d+) bytes", message)
         if counts is not None:
@@ -290,7 +374,8 @@ def classify_failure(exc: BaseException, what: str) -> tuple[ResultReason, str]:
         return "dns", str(exc)
     idna = _idna_failure(exc)
     if idna is not None:
-        return "dns", _unencodable(what.rsplit(":", 1)[0] if what.count(":") == 1 else what, idna)
+        name = what.rsplit(":", 1)[0] if what.count(":") == 1 else what  # an IPv6 literal needs no IDNA
+        return "dns", _unencodable(name, idna)
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
         error = exc.certificate_error
         why = getattr(error, "verify_message", None) or getattr(error, "reason", None) or str(error)
@@ -322,8 +407,9 @@ def classify_failure(exc: BaseException, what: str) -> tuple[ResultReason, str]:
             return "connect", f"the connection to {what} broke while the body was read"
         return "protocol", f"{what} sent an answer that cannot be read: {_one_line(exc.message)}"
     if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-        cause = exc.__cause__
-        return "connect", f"cannot request {exc}: {cause}" if cause else f"cannot request {exc}"
+        # The URL is shown as a Location is (it may be one), never aiohttp's text of it.
+        shown = shown_url(str(exc.url)) or "a URL that is not valid"
+        return "connect", f"cannot request {shown}"
     if isinstance(exc, TimeoutError):
         return "timeout", f"{what} did not answer in time"
     if isinstance(exc, aiohttp.ClientError | OSError):
@@ -331,49 +417,230 @@ def classify_failure(exc: BaseException, what: str) -> tuple[ResultReason, str]:
     return "connect", f"{what}: {type(exc).__name__}: {exc}"
 
 
-async def _read_body(response: aiohttp.ClientResponse) -> bytes:
-    """The first BODY_LIMIT_BYTES of the body, its Content-Encoding undone. Raises ClientPayloadError
-    for a body shorter than announced, broken chunking or undecodable content."""
+class _BadEncoding(Exception):
+    """Bytes that are not valid in the Content-Encoding `coding`."""
+
+    def __init__(self, coding: str) -> None:
+        super().__init__(coding)
+        self.coding = coding
+
+
+class _Decoding:
+    """Undoes one Content-Encoding a bounded amount at a time (a gzip bomb stays cheap): `feed` gives it
+    encoded bytes, `read(limit)` returns at most `limit` decoded bytes and b"" once it needs more input.
+    `fed` says whether any input arrived, `finished` whether the coding's stream has ended."""
+
+    coding: str
+    fed: bool = False
+
+    def feed(self, data: bytes) -> None:
+        raise NotImplementedError
+
+    def read(self, limit: int) -> bytes:
+        raise NotImplementedError
+
+    @property
+    def finished(self) -> bool:
+        raise NotImplementedError
+
+
+def _zlib_header(data: bytes) -> bool:
+    """Whether `data` starts with a zlib header (RFC 1950 §2.2: method 8, window at most 32 KiB, check bits)."""
+    cmf, flg = data[0], data[1]
+    return cmf & 0x0F == 8 and cmf >> 4 <= 7 and (cmf * 256 + flg) % 31 == 0
+
+
+class _ZlibDecoding(_Decoding):
+    """gzip (RFC 1952; members one after another, as Python's gzip reads them: NUL padding after a member is
+    skipped, anything else must be another member) or deflate: zlib-wrapped as RFC 9110 §8.4.1.2 says, or raw
+    deflate as some servers send it and browsers accept (told apart by the first two bytes, as aiohttp does);
+    bytes after a deflate stream are ignored."""
+
+    def __init__(self, coding: str) -> None:
+        self.coding = coding
+        self._pending = b""
+        self._ended = False
+        self._object: Any = zlib.decompressobj(16 + zlib.MAX_WBITS) if coding == "gzip" else None
+
+    def feed(self, data: bytes) -> None:
+        self.fed = self.fed or bool(data)
+        self._pending += data
+
+    @property
+    def finished(self) -> bool:
+        return self._ended
+
+    def read(self, limit: int) -> bytes:
+        while self._pending:
+            if self._ended:
+                rest = self._pending.lstrip(b"\0") if self.coding == "gzip" else b""
+                if not rest:  # after a deflate stream: ignored, as browsers do
+                    self._pending = b""
+                    return b""
+                self._object, self._pending, self._ended = zlib.decompressobj(16 + zlib.MAX_WBITS), rest, False
+            if self._object is None:
+                if len(self._pending) < 2:
+                    return b""
+                wbits = zlib.MAX_WBITS if _zlib_header(self._pending) else -zlib.MAX_WBITS
+                self._object = zlib.decompressobj(wbits)
+            try:
+                out: bytes = self._object.decompress(self._pending, limit)
+            except zlib.error as exc:
+                raise _BadEncoding(self.coding) from exc
+            self._pending = self._object.unconsumed_tail
+            if self._object.eof:
+                self._ended, self._pending = True, self._object.unused_data
+            if out:
+                return out
+        return b""
+
+
+class _BrotliDecoding(_Decoding):
+    """br (RFC 7932) through the Brotli package, its output bounded by `output_buffer_limit`."""
+
+    coding = "br"
+
+    def __init__(self) -> None:
+        self._object = brotli.Decompressor()
+        self._pending = b""
+        self._out = b""
+
+    def feed(self, data: bytes) -> None:
+        self.fed = self.fed or bool(data)
+        self._pending += data
+
+    @property
+    def finished(self) -> bool:
+        return bool(self._object.is_finished())
+
+    def read(self, limit: int) -> bytes:
+        while not self._out:
+            if self._object.is_finished():
+                self._pending = b""  # after the stream: ignored, as browsers do
+                return b""
+            data = b""
+            if self._object.can_accept_more_data():  # else it still holds output for empty calls to give
+                if not self._pending:
+                    return b""
+                data, self._pending = self._pending, b""
+            try:
+                self._out = self._object.process(data, output_buffer_limit=limit)
+            except brotli.error as exc:
+                raise _BadEncoding("br") from exc
+            if not self._out and not data:
+                return b""
+        out, self._out = self._out[:limit], self._out[limit:]
+        return out
+
+
+def _decoding(coding: str) -> _Decoding:
+    return _BrotliDecoding() if coding == "br" else _ZlibDecoding(coding)
+
+
+def content_codings(values: Sequence[str]) -> tuple[list[str], str | None]:
+    """The codings of a response's Content-Encoding lines, in the order they were applied (RFC 9110 §8.4: a
+    comma list, possibly over several lines, names case-insensitive), as names `_decoding` takes: empty members
+    and `identity` dropped, `x-gzip` read as gzip. The second item says why they cannot be undone, or None."""
+    names = [member.strip(" \t").lower() for value in values for member in value.split(",")]
+    codings: list[str] = []
+    for name in names:
+        if name in ("", "identity"):
+            continue
+        if name not in UNDONE_ENCODINGS:
+            shown = name if len(name) <= 40 else name[:40] + "…"
+            return [], (
+                f"Content-Encoding {shown!r}, which cannot be undone: Content-Encoding {shown} is not supported "
+                "(gzip, deflate and br are)"
+            )
+        codings.append(UNDONE_ENCODINGS[name])
+    if len(codings) > MAX_STACKED_ENCODINGS:
+        return [], (
+            f"{len(codings)} stacked Content-Encodings, which are not undone (at most {MAX_STACKED_ENCODINGS} are)"
+        )
+    return codings, None
+
+
+async def read_body(response: aiohttp.ClientResponse, what: str) -> tuple[bytes, bool]:
+    """The first BODY_LIMIT_BYTES of the body with its Content-Encodings undone (the session leaves them on),
+    and whether that is the whole body.
+
+    Stacked codings are undone in reverse order (RFC 9110 §8.4), each a bounded amount at a time, so the limit
+    holds for the decoded body and a small bomb costs little. A body read whole must end where its codings'
+    streams end. Raises ProtocolViolation (words with `what`, host:port) for a coding that is not undone, bytes
+    not valid in their coding or a stream that breaks off; aiohttp raises ClientPayloadError for a body
+    shorter than announced or broken chunking."""
+    codings, refused = content_codings(response.headers.getall("Content-Encoding", ()))
+    if refused is not None:
+        if not await response.content.read(1):
+            return b"", True  # nothing was encoded
+        raise ProtocolViolation(f"{what} sent a body with {refused}")
+    stages = [_decoding(coding) for coding in reversed(codings)]
+    encoded = 0
+    cut = False
+
+    async def pull(index: int, limit: int) -> bytes:
+        """Up to `limit` bytes out of stage `index` (-1: the network); b"" once its input has ended."""
+        nonlocal encoded, cut
+        if index < 0:
+            if encoded >= ENCODED_LIMIT_BYTES:
+                cut = True
+                return b""
+            chunk = await response.content.read(min(limit, ENCODED_LIMIT_BYTES - encoded))
+            encoded += len(chunk)
+            return chunk
+        stage = stages[index]
+        while True:
+            try:
+                out = stage.read(limit)
+            except _BadEncoding as exc:
+                raise ProtocolViolation(
+                    f"{what} sent a body that is not valid {exc.coding} (its Content-Encoding), so it cannot be undone"
+                ) from exc
+            if out:
+                return out
+            data = await pull(index - 1, READ_CHUNK_BYTES)
+            if not data:
+                return b""
+            stage.feed(data)
+
     chunks: list[bytes] = []
-    size = 0
-    while size < BODY_LIMIT_BYTES:
-        chunk = await response.content.read(BODY_LIMIT_BYTES - size)
+    size, wanted = 0, BODY_LIMIT_BYTES + 1  # one byte more tells a body of exactly the limit from a larger one
+    while size < wanted:
+        chunk = await pull(len(stages) - 1, wanted - size)
         if not chunk:
             break
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
-
-
-def _refuse_unknown_encoding(response: aiohttp.ClientResponse, body: bytes, what: str) -> None:
-    """aiohttp undoes a single gzip, deflate or br and passes anything else through still encoded."""
-    header = response.headers.get("Content-Encoding", "")
-    codings = [coding.strip().lower() for coding in header.split(",") if coding.strip()]
-    codings = [coding for coding in codings if coding != "identity"]
-    if not body or not codings or (len(codings) == 1 and codings[0] in UNDONE_ENCODINGS):
-        return
-    raise ProtocolViolation(
-        f"{what} sent a body with Content-Encoding {header.strip()!r}, which cannot be undone "
-        "(one of gzip, deflate or br can)"
-    )
+    whole = size <= BODY_LIMIT_BYTES and not cut
+    if whole:
+        for stage in stages:
+            if stage.fed and not stage.finished:
+                raise ProtocolViolation(
+                    f"{what} sent a body that breaks off inside its {stage.coding} stream (its Content-Encoding), "
+                    "so it cannot be undone"
+                )
+    return b"".join(chunks)[:BODY_LIMIT_BYTES], whole
 
 
 def _redirect_target(current: str, location: str) -> str:
     """The URL a Location header leads to from `current`, without userinfo (credentials go only where
     the check configures them). Raises ProtocolViolation for a Location that is not an http(s) URL,
-    UnencodableName for one whose host cannot be encoded for DNS."""
+    UnencodableName for one whose host cannot be encoded for DNS. Their words show the Location only as
+    `shown_url` does."""
+    shown, host_named = _shown_location(current, location)
     try:
         target = URL(current).join(URL(location))
         host, _port = target.host, target.port  # yarl checks both lazily
     except UnicodeError as exc:
-        name = _authority(location) if "//" in location else location
-        raise UnencodableName(f"redirect to {location!r}: " + _unencodable(name, exc.__cause__ or exc)) from exc
+        name = host_named or "its host"
+        raise UnencodableName(f"redirect to {shown}: " + _unencodable(name, exc.__cause__ or exc)) from exc
     except (ValueError, TypeError) as exc:
-        raise ProtocolViolation(f"redirect to {location!r}, which is not a valid URL ({exc})") from exc
+        words = shown if host_named is None else f"{shown}, which is not a valid URL"
+        raise ProtocolViolation(f"redirect to {words}") from exc
     if target.scheme not in ("http", "https"):
-        raise ProtocolViolation(f"redirect to {_shown(target)}: only http and https redirects are followed")
+        raise ProtocolViolation(f"redirect to {shown}: only http and https redirects are followed")
     if not host:
-        raise ProtocolViolation(f"redirect to {location!r}, which names no host")
+        raise ProtocolViolation(f"redirect to {shown}, which names no host")
     return str(target.with_user(None))
 
 
@@ -421,7 +688,8 @@ class Prober:
         latency_ms = _elapsed_ms(started)
         if healthy and target.max_latency_ms is not None and latency_ms > target.max_latency_ms:
             healthy, reason = False, "slow"
-            detail = f"took {latency_ms:.0f} ms, more than the {target.max_latency_ms} ms allowed ({detail})"
+            shown = shown_latency(latency_ms, target.max_latency_ms)
+            detail = f"took {shown} ms, more than the {target.max_latency_ms} ms allowed ({detail})"
         return ProbeOutcome(healthy, reason, detail, latency_ms)
 
     # ---- http ------------------------------------------------------------------------------------
@@ -440,6 +708,7 @@ class Prober:
                 async with self._session.request(
                     target.method, url, headers=headers, ssl=ssl_option, allow_redirects=False
                 ) as response:
+                    refuse_invalid_status(response.status, _authority(url))
                     location = response.headers.get("Location")
                     if not (target.follow_redirects and response.status in REDIRECT_STATUSES and location):
                         return await self._judge_http(target, response, _authority(url))
@@ -450,7 +719,8 @@ class Prober:
             if _origin(next_url) != _origin(url):
                 headers = {}  # credentials go only to the origin they were configured for
             url = next_url
-        return False, "status", f"more than {MAX_REDIRECTS} redirects, last to {url}"
+        last = shown_url(url) or "a URL that is not valid"
+        return False, "status", f"more than {MAX_REDIRECTS} redirects, last to {last}"
 
     async def _judge_http(
         self, target: CheckTarget, response: aiohttp.ClientResponse, what: str
@@ -462,8 +732,7 @@ class Prober:
             return False, "status", f"status {seen}, expected {target.expected_status}"
         if target.method == "HEAD":
             return True, "ok", f"status {seen}"
-        body = await _read_body(response)
-        _refuse_unknown_encoding(response, body, what)
+        body, _whole = await read_body(response, what)  # the first 1 MiB is judged (CONTRACT §4)
         if target.expected_body:
             if target.expected_body not in decode_body(body, response.charset):
                 return False, "body", f"status {seen} but the body does not contain {target.expected_body!r}"
@@ -485,29 +754,11 @@ class Prober:
         ssl_option: ssl.SSLContext | bool = self._agent_ssl or self._verifying_ssl
         if not url.lower().startswith("https"):
             ssl_option = False
+        what = _authority(url)
         async with self._session.get(url, ssl=ssl_option, allow_redirects=False) as response:
-            raw = await _read_body(response)
-            _refuse_unknown_encoding(response, raw, _authority(url))
-        seen = describe_status(response.status)
-        try:
-            answer: Any = json.loads(raw)
-        except RecursionError:
-            return False, "agent", f"agent answered {seen} with JSON nested too deeply to read"
-        except ValueError:  # not JSON, not UTF-8/16/32, an integer beyond Python's digit limit
-            return False, "agent", f"agent answered {seen} with a body that is not JSON"
-        if response.status != 200:
-            message = answer.get("error") or answer.get("message") if isinstance(answer, dict) else None
-            suffix = f": {message}" if message else ""
-            return False, "agent", f"agent answered {seen}{suffix}"
-        data = answer.get("data") if isinstance(answer, dict) else None
-        if not isinstance(answer, dict) or answer.get("success") is not True or not isinstance(data, dict):
-            return False, "agent", "agent answer lacks success and data"
-        if not isinstance(data.get("healthy"), bool):
-            return False, "agent", "agent answer lacks data.healthy"
-        state = f"{target.service_name} is {data.get('active_state', '?')} ({data.get('sub_state', '?')})"
-        if data["healthy"]:
-            return True, "ok", state
-        return False, "status", state
+            refuse_invalid_status(response.status, what)
+            raw, whole = await read_body(response, what)
+        return judge_agent_answer(response.status, raw, whole, target.service_name)
 
     # ---- tcp -------------------------------------------------------------------------------------
 
@@ -531,13 +782,101 @@ class Prober:
         try:
             sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
         except (OSError, RuntimeError) as exc:  # uvloop raises RuntimeError for some failures
-            return False, "connect", _tcp_failure(exc, f"{host}:{port}", infos)
+            return False, "connect", _tcp_failure(exc, host_port(host, port), infos)
         try:
             address, connected_port = sock.getpeername()[:2]
         finally:
             sock.close()
-        shown = f"[{address}]" if ":" in address else address
-        return True, "ok", f"connected to {shown}:{connected_port}"
+        return True, "ok", f"connected to {host_port(address, connected_port)}"
+
+
+class _NotJson(ValueError):
+    """A body json.loads would take by default that is not JSON (RFC 8259); the message names what."""
+
+
+class _NumberTooLarge(ValueError):
+    """JSON with an integer of more digits than Python converts (sys.get_int_max_str_digits)."""
+
+
+def _refuse_constant(name: str) -> Any:
+    # json.loads takes NaN, Infinity and -Infinity by default; RFC 8259 has no such values.
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def _parse_int(digits: str) -> int:
+    limit = sys.get_int_max_str_digits()
+    if limit and len(digits.lstrip("-")) > limit:
+        raise _NumberTooLarge(f"more than {limit} digits")
+    return int(digits)
+
+
+def _json_type(value: Any) -> str:
+    """The JSON name of a parsed value's type, for a detail (the value itself may be anything)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def judge_agent_answer(status: int, raw: bytes, whole: bool, service_name: str) -> tuple[bool, ResultReason, str]:
+    """Judge an agent's answer (CONTRACT §4): `{"success": true, "data": {..., "healthy": bool}}` with 200;
+    `data.healthy` decides (false → reason `status`). Anything else is reason `agent`, the detail naming what
+    was wrong: a status other than 200, a body larger than BODY_LIMIT_BYTES (`whole` false), not JSON (RFC
+    8259: no NaN or Infinity; UTF-8, -16 or -32, a BOM allowed), nested too deeply, a number beyond Python's
+    digit limit, or a field missing or of the wrong type."""
+    seen = describe_status(status)
+    if not whole:
+        return False, "agent", f"agent answered {seen} with a body larger than {BODY_LIMIT_BYTES // 1024 // 1024} MiB"
+    try:
+        answer: Any = json.loads(raw, parse_constant=_refuse_constant, parse_int=_parse_int)
+    except RecursionError:
+        return False, "agent", f"agent answered {seen} with JSON nested too deeply to read"
+    except _NumberTooLarge as exc:
+        return False, "agent", f"agent answered {seen} with JSON holding a number too large to read ({exc})"
+    except _NotJson as exc:
+        return False, "agent", f"agent answered {seen} with a body that is not JSON ({exc})"
+    except UnicodeDecodeError:
+        return False, "agent", f"agent answered {seen} with a body that is not JSON (not UTF-8, UTF-16 or UTF-32 text)"
+    except ValueError:
+        return False, "agent", f"agent answered {seen} with a body that is not JSON"
+    if status != 200:
+        message = answer.get("error") or answer.get("message") if isinstance(answer, dict) else None
+        suffix = f": {message}" if message else ""
+        return False, "agent", f"agent answered {seen}{suffix}"
+    if not isinstance(answer, dict):
+        return False, "agent", f"agent answered {seen} with JSON that is not an object ({_json_type(answer)})"
+    problem = next(_agent_answer_problems(answer), None)
+    if problem is not None:
+        return False, "agent", problem
+    data = answer["data"]
+    state = f"{service_name} is {data.get('active_state', '?')} ({data.get('sub_state', '?')})"
+    if data["healthy"]:
+        return True, "ok", state
+    return False, "status", state
+
+
+def _agent_answer_problems(answer: dict[str, Any]) -> Iterator[str]:
+    """What is wrong with a 200 answer's fields, the first problem first."""
+    if "success" not in answer:
+        yield "agent answer lacks success"
+    elif not isinstance(answer["success"], bool):
+        yield f"agent answer's success is not a boolean ({_json_type(answer['success'])})"
+    elif not answer["success"]:
+        message = answer.get("error") or answer.get("message")
+        yield "agent answer says success false" + (f": {message}" if message else "")
+    if "data" not in answer:
+        yield "agent answer lacks data"
+    elif not isinstance(answer["data"], dict):
+        yield f"agent answer's data is not an object ({_json_type(answer['data'])})"
+    elif "healthy" not in answer["data"]:
+        yield "agent answer lacks data.healthy"
+    elif not isinstance(answer["data"]["healthy"], bool):
+        yield f"agent answer's data.healthy is not a boolean ({_json_type(answer['data']['healthy'])})"
 
 
 def _tcp_failure(exc: BaseException, what: str, infos: Sequence[AddrInfo]) -> str:
@@ -551,7 +890,7 @@ def _tcp_failure(exc: BaseException, what: str, infos: Sequence[AddrInfo]) -> st
 
 def _target_name(target: CheckTarget) -> str:
     if target.check_type == "tcp":
-        return f"{target.address or target.host_name}:{target.port}"
+        return host_port(target.address or target.host_name, target.port or 0)
     return _authority(target.url if target.check_type == "http" else target.agent_url)
 
 
