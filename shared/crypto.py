@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import errno
 import os
 import secrets
 import uuid
@@ -15,6 +16,8 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from shared.files import UnusableFile, read_regular_file
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -28,32 +31,91 @@ class DecryptionError(Exception):
     """A ciphertext does not belong to this key and check (tampered, moved, or another key)."""
 
 
+KEY_VARIABLE = "HEALTHGATE_KEY_FILE"
+# A key file holds 44 base64 characters and a newline; anything far larger is not a key file (and must not be
+# read whole: a path may name a huge file by mistake).
+MAX_KEY_FILE_BYTES = 4096
+
+
 def _decode_key(text: bytes, path: Path) -> bytes:
+    """The key from the file's text: base64 of 32 bytes. ASCII whitespace anywhere (a trailing newline, CRLF,
+    a key wrapped over lines, spaces pasted around it) is not part of base64 and is dropped; anything else that
+    is not base64 is refused."""
     try:
-        key = base64.b64decode(text.strip(), validate=True)
+        key = base64.b64decode(b"".join(text.split()), validate=True)
     except (binascii.Error, ValueError):
-        raise KeyFileError(f"key file {path} is malformed: expected base64 of {KEY_BYTES} bytes") from None
+        raise KeyFileError(
+            f"key file {path} ({KEY_VARIABLE}) is malformed: expected base64 of {KEY_BYTES} bytes"
+        ) from None
     if len(key) != KEY_BYTES:
-        raise KeyFileError(f"key file {path} is malformed: holds {len(key)} bytes, a 256-bit key needs {KEY_BYTES}")
+        raise KeyFileError(
+            f"key file {path} ({KEY_VARIABLE}) is malformed: holds {len(key)} bytes, a 256-bit key needs {KEY_BYTES}"
+        )
     return key
 
 
 def load_or_create_key(path: Path) -> bytes:
-    """Read the key, creating it (mode 0600) when absent. An existing file is never overwritten."""
+    """Read the 32-byte key from `path` (CONTRACT §2 `HEALTHGATE_KEY_FILE`), creating it (mode 0600, parent
+    directories too) when absent. An existing file is never overwritten.
+
+    Only a regular file of at most 4 KiB is read, without ever blocking: a FIFO, a device (`/dev/zero`), a
+    socket or a directory is refused at once, naming what it is (shared/files.py).
+
+    Raises KeyFileError, one line naming the file and `HEALTHGATE_KEY_FILE`: cannot be created, cannot be read
+    (or is not a regular file), or is malformed.
+    """
+    if not os.path.lexists(path):
+        _create_key(path)
+    try:
+        text = read_regular_file(path, MAX_KEY_FILE_BYTES)
+    except UnusableFile as exc:
+        raise KeyFileError(f"cannot read key file {path} ({KEY_VARIABLE}): it {exc.reason}") from None
+    return _decode_key(text, path)
+
+
+def _create_key(path: Path) -> None:
+    """Write a new key to `path` unless a file appears there first.
+
+    The key is written to a temporary file beside it and then hard-linked into place: `link` fails when the
+    name exists, so an existing key is never overwritten, and a service starting at the same moment (`healthgate
+    up` starts the api and the poller together) sees either no file or the whole key, never an empty file being
+    written. A file system without hard links gets an exclusive create instead."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        pass
+    except FileExistsError:  # mkdir's word for "a part of the path is a file"
+        raise KeyFileError(
+            f"cannot create key file {path} ({KEY_VARIABLE}): a part of its directory {path.parent} is a file"
+        ) from None
     except OSError as exc:
-        raise KeyFileError(f"cannot create key file {path}: {exc.strerror}") from None
-    else:
-        with os.fdopen(descriptor, "wb") as key_file:
-            key_file.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n")
+        raise KeyFileError(f"cannot create key file {path} ({KEY_VARIABLE}): {exc.strerror or exc}") from None
+    content = base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n"
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(8)}.tmp")
     try:
-        return _decode_key(path.read_bytes(), path)
+        _write_new(temporary, content)
+        try:
+            os.link(temporary, path)
+        except FileExistsError:
+            pass  # another process made it first: use theirs
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK, errno.EXDEV):
+                raise
+            try:
+                _write_new(path, content)
+            except FileExistsError:
+                pass
+        finally:
+            temporary.unlink(missing_ok=True)
     except OSError as exc:
-        raise KeyFileError(f"cannot read key file {path}: {exc.strerror}") from None
+        raise KeyFileError(f"cannot create key file {path} ({KEY_VARIABLE}): {exc.strerror or exc}") from None
+
+
+def _write_new(path: Path, content: bytes) -> None:
+    """Create `path` (mode 0600, failing if it exists) holding `content`, flushed to disk."""
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(descriptor, "wb") as created:
+        created.write(content)
+        created.flush()
+        os.fsync(created.fileno())
 
 
 class SecretBox:

@@ -90,6 +90,20 @@ class Settings(BaseSettings):
     def _empty_log_format_is_default(cls, value: object) -> object:
         return default_log_format() if value == "" else value
 
+    @field_validator("agent_ca_file", "agent_cert_file", "agent_key_file", mode="before")
+    @classmethod
+    def _empty_file_is_unset(cls, value: object) -> object:
+        # `HEALTHGATE_AGENT_CA_FILE=` (compose's `${VAR:-}`) means unset, not the current directory.
+        return None if value == "" else value
+
+    @field_validator("key_file", mode="before")
+    @classmethod
+    def _key_file_given(cls, value: object) -> object:
+        # An empty path would be the current directory; the key is too important to guess a default for.
+        if value == "":
+            raise ValueError("is empty: give the key file's path, or leave the variable unset for the default")
+        return value
+
     @field_validator("health_port", mode="before")
     @classmethod
     def _empty_port_is_default(cls, value: object) -> object:

@@ -129,9 +129,12 @@ async def test_config_events_carry_the_check_without_secrets(
         },
     )
     check_id = created.json()["id"]
-    await admin.put(
-        f"{checks_url(host)}/{check_id}", json={"name": "auth", "check_type": "http", "url": "http://127.0.0.1/x"}
+    # The user kept, the password omitted: kept (a PUT dropping the user of a stored password is a 422).
+    updated = await admin.put(
+        f"{checks_url(host)}/{check_id}",
+        json={"name": "auth", "check_type": "http", "url": "http://127.0.0.1/x", "basic_auth_user": "u"},
     )
+    assert updated.status_code == 200, updated.text
     await admin.delete(f"{checks_url(host)}/{check_id}")
     for routing_key in ("check.config.created", "check.config.updated", "check.config.deleted"):
         (event,) = await events.wait_for(routing_key, lambda event: event.data["check"]["id"] == check_id)

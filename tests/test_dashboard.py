@@ -550,6 +550,36 @@ async def test_form_sets_changes_and_clears_max_latency(
     assert script_problems(page) == []
 
 
+async def test_form_keeps_the_password_with_its_user_and_clearing_the_user_clears_it(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, nginx: NginxServer
+) -> None:
+    """The edit form leaves the password field empty: saved with the user it keeps the password; with the user
+    field emptied it clears the password (the API refuses a PUT that drops the user of a stored password
+    unless it says basic_auth_pass: null), never showing an error for it."""
+    host_id = await create_host(admin, "a-web-1", "team-a")
+    check_id = await create_check(
+        admin, host_id, name="login", check_type="http", url=nginx.http_url("/basic"), interval_seconds=3600,
+        basic_auth_user="monitor", basic_auth_pass="s3cret-pass",
+    )  # fmt: skip
+    check_url = f"/api/v1/hosts/{host_id}/health-checks/{check_id}"
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("operator", ("team-a",)))
+    await page.goto(f"{api.base_url}/hosts/{host_id}")
+
+    for user, password_set in (("monitor", True), ("", False)):
+        item = check_item(page, "login")
+        await item.get_by_text("Edit", exact=True).click()
+        await expect(item.get_by_label(re.compile("^Basic-auth password"))).to_have_value("")
+        await item.get_by_label("Basic-auth user").fill(user)
+        async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+            await item.get_by_role("button", name="Save changes").click()
+        assert (await answer.value).status == 303
+        await page.wait_for_url(f"{api.base_url}/hosts/{host_id}")
+        check = (await admin.get(check_url)).json()
+        assert (check["basic_auth_user"], check["basic_auth_pass_set"]) == (user or None, password_set)
+    assert script_problems(page) == []
+
+
 # ---- 6. admin override --------------------------------------------------------------------------------------------
 
 
@@ -616,7 +646,6 @@ async def test_every_job_id_is_shown_linked_and_overridden(
     for job_id in job_ids:
         await insert_job(db, job_id, host_id)
     await insert_job(db, "done/1", other, status="failed", reason="window_closed", detail="closed")
-    await insert_job(db, "..", other)  # a browser resolves /jobs/%2E%2E to /: shown, neither linked nor a form
     page = await new_page(browser)
     await sign_in(page, api.base_url, await make_token("admin", name="alice"))
     await page.goto(f"{api.base_url}/jobs")
@@ -629,10 +658,6 @@ async def test_every_job_id_is_shown_linked_and_overridden(
         await expect(link).to_have_attribute("href", "/jobs/" + quote(job_id, safe=""))
     decided = page.get_by_role("table", name="Decided").locator('tr[data-job="done/1"]')
     await expect(decided.locator("[data-status]")).to_have_text("failed")
-    dots = waiting.locator('tr[data-job=".."]')
-    await expect(dots.get_by_role("rowheader").get_by_role("link")).to_have_count(0)
-    await expect(dots.locator("form")).to_have_count(0)
-    await expect(dots).to_contain_text("override it with the API")
 
     # Every link leads to its job's page, the URL as sent keeping the encoding.
     for job_id in job_ids:
@@ -680,6 +705,91 @@ async def test_every_job_id_is_shown_linked_and_overridden(
     response = await fresh.goto(f"{api.base_url}/jobs/nope%2Fnothing")
     assert response is not None and response.status == 404
     assert script_problems(page) == [] and script_problems(fresh) == []
+
+
+async def test_dot_job_ids_have_pages_links_overrides_and_a_sign_in_return(
+    api: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+) -> None:
+    """Job ids `.` and `..`: a browser resolves `/jobs/%2E%2E` to `/` (WHATWG URL), so their pages are at
+    `/jobs?job_id=..`: linked from the jobs page, overridden from both pages (each form reaching its own job and
+    host, no other), and the sign-in page leads back there. `...` is no dot-segment: a path like any other."""
+    host_id = await create_host(admin, "a-db-1", "team-a")
+    other = await create_host(admin, "a-db-2", "team-a")
+    for job_id in (".", ".."):
+        await insert_job(db, job_id, host_id)
+        await insert_job(db, job_id, other)
+    await insert_job(db, "...", host_id)
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("admin", name="alice"))
+    addresses = {".": "/jobs?job_id=.", "..": "/jobs?job_id=..", "...": "/jobs/..."}
+
+    waiting = page.get_by_role("table", name="Waiting")
+    for job_id, address in addresses.items():
+        await page.goto(f"{api.base_url}/jobs")
+        rows = waiting.locator(f'tr[data-job="{job_id}"]')
+        await expect(rows).to_have_count(1 if job_id == "..." else 2)
+        await expect(rows.locator("form.override")).to_have_count(1 if job_id == "..." else 2)
+        for index in range(await rows.count()):
+            link = rows.nth(index).get_by_role("link", name=job_id, exact=True)
+            await expect(link).to_have_attribute("href", address)
+        await expect(page.get_by_text("override it with the API")).to_have_count(0)
+        await rows.first.get_by_role("link", name=job_id, exact=True).click()
+        await page.wait_for_url(lambda url, address=address: url == api.base_url + address)
+        await expect(page.get_by_role("heading", level=1)).to_have_text(f"Job {job_id}")
+        statuses = ["waiting"] if job_id == "..." else ["waiting", "waiting"]
+        await expect(page.locator("[data-status]")).to_have_text(statuses)
+
+    # From the job page of "..": back to that page, one host released, nothing else touched.
+    await page.goto(f"{api.base_url}/jobs?job_id=..")
+    row = page.locator(f'tr[data-host-id="{host_id}"]')
+    await row.get_by_label("Decision").select_option("release")
+    await row.get_by_label("Reason").fill("checked by hand")
+    await row.get_by_role("button", name="Override").click()
+    await page.wait_for_url(lambda url: url == f"{api.base_url}/jobs?job_id=..")
+    await expect(page.locator(f'tr[data-host-id="{host_id}"] [data-status]')).to_have_text("released")
+    await expect(page.locator(f'tr[data-host-id="{other}"] [data-status]')).to_have_text("waiting")
+
+    # From the jobs page, the "." row of a-db-2: back to the jobs page.
+    await page.goto(f"{api.base_url}/jobs")
+    row = waiting.locator('tr[data-job="."]').filter(has_text="a-db-2")
+    await row.get_by_label("Decision").select_option("fail")
+    await row.get_by_label("Reason").fill("bad disk")
+    await row.get_by_role("button", name="Override").click()
+    await page.wait_for_url(f"{api.base_url}/jobs")
+    decided = page.get_by_role("table", name="Decided").locator('tr[data-job="."]')
+    await expect(decided.locator("[data-status]")).to_have_text("failed")
+    await expect(decided.get_by_role("link", name=".", exact=True)).to_have_attribute("href", "/jobs?job_id=.")
+
+    rows = await db.fetch("SELECT job_id, host_id, status, overridden_by FROM gate_jobs")
+    assert {(row["job_id"], str(row["host_id"])): (row["status"], row["overridden_by"]) for row in rows} == {
+        (".", host_id): ("waiting_health_check", None),
+        (".", other): ("failed", "alice"),
+        ("..", host_id): ("released", "alice"),
+        ("..", other): ("waiting_health_check", None),
+        ("...", host_id): ("waiting_health_check", None),
+    }
+
+    # Signed out, each page sends to the sign-in page and back to itself.
+    viewer_token = await make_token("viewer", ("team-a",))
+    for job_id in (".", ".."):
+        fresh = await new_page(browser)
+        await fresh.goto(f"{api.base_url}{addresses[job_id]}")
+        await fresh.get_by_label("API token").fill(viewer_token)
+        await fresh.get_by_role("button", name="Sign in").click()
+        await fresh.wait_for_url(lambda url, job_id=job_id: url == api.base_url + addresses[job_id])
+        await expect(fresh.get_by_role("heading", level=1)).to_have_text(f"Job {job_id}")
+        await expect(fresh.locator("form.override")).to_have_count(0)  # a viewer sees, never overrides
+        assert script_problems(fresh) == []
+
+    # The query names one existing job, or the answer is 404.
+    for query in ("job_id=", "job_id=nope", "job_id=.&job_id=..", "job_id=" + "j" * 201):
+        response = await page.goto(f"{api.base_url}/jobs?{query}")
+        assert response is not None and response.status == 404, query
+    assert script_problems(page) == []
 
 
 # ---- 7. screenshots -----------------------------------------------------------------------------------------------

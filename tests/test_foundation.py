@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import concurrent.futures
 import json
 import os
 import signal
@@ -94,6 +96,29 @@ def test_malformed_key_is_refused(tmp_path: Path, content: bytes) -> None:
     with pytest.raises(KeyFileError, match="malformed"):
         load_or_create_key(path)
     assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize(
+    "layout",
+    ["{key}\r\n", "  {key}  \n\n", "\t{key}", "{head}\n{tail}\n", "{head}\r\n{tail}\r\n", "{key}"],
+)
+def test_a_key_with_whitespace_around_or_within_is_read(tmp_path: Path, layout: str) -> None:
+    """CRLF line ends, blank lines, indentation and a key wrapped over two lines are whitespace, not key."""
+    key = os.urandom(32)
+    text = base64.b64encode(key).decode()
+    path = tmp_path / "health-check.key"
+    path.write_text(layout.format(key=text, head=text[:20], tail=text[20:]), newline="")
+    assert load_or_create_key(path) == key
+
+
+def test_a_key_file_created_by_many_at_once_is_one_whole_key(tmp_path: Path) -> None:
+    """`healthgate up` starts the api and the poller together: each one creating the key at the same moment
+    reads the same whole key (never a file still being written), and nothing else is left in the directory."""
+    path = tmp_path / "keys" / "health-check.key"
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        keys = list(pool.map(lambda _: load_or_create_key(path), range(64)))
+    assert len(set(keys)) == 1 and len(keys[0]) == 32
+    assert os.listdir(path.parent) == ["health-check.key"]
 
 
 def test_api_with_unusable_key_stops_with_a_clear_error(tmp_path: Path, service_env: dict[str, str]) -> None:

@@ -11,6 +11,7 @@ import pytest
 
 from shared.crypto import DecryptionError, SecretBox, load_or_create_key
 from tests.conftest import EventCapture
+from tests.support.nginx import BASIC_AUTH_PASSWORD, BASIC_AUTH_USER, NginxServer
 from tests.support.processes import ServiceProcess
 
 
@@ -118,3 +119,85 @@ def test_another_key_does_not_decrypt() -> None:
     sealed = SecretBox(bytes(32)).encrypt("pw", check_id)
     with pytest.raises(DecryptionError):
         SecretBox(bytes([1]) * 32).decrypt(sealed, check_id)
+
+
+# ---- a PUT and the stored password (CONTRACT §3: on PUT omitted = keep, null = clear) -------------------------
+
+
+async def test_a_put_keeps_the_password_unless_it_says_null_and_never_drops_it_silently(
+    admin: httpx.AsyncClient, db: asyncpg.Connection, nginx: NginxServer, poller: ServiceProcess, key_file: Path
+) -> None:
+    """A password is kept by a PUT that omits it, cleared only by null; a PUT that drops the user of a stored
+    password without saying null is a 422 naming basic_auth_user (with the body's other problems) and changes
+    nothing; the real target (nginx's basic auth) keeps accepting the kept password."""
+    host_id = await create_host(admin)
+    body = {"name": "login", "check_type": "http", "url": nginx.http_url("/basic"), "interval_seconds": 3600}
+    with_auth = body | {"basic_auth_user": BASIC_AUTH_USER, "basic_auth_pass": BASIC_AUTH_PASSWORD}
+    created = await admin.post(f"/api/v1/hosts/{host_id}/health-checks", json=with_auth)
+    assert created.status_code == 201, created.text
+    check_id = created.json()["id"]
+    check_url = f"/api/v1/hosts/{host_id}/health-checks/{check_id}"
+    secrets = SecretBox(load_or_create_key(key_file))
+
+    async def stored() -> tuple[str | None, str | None]:
+        row = await db.fetchrow(
+            "SELECT basic_auth_user, basic_auth_pass_encrypted FROM health_checks WHERE id = $1", uuid.UUID(check_id)
+        )
+        encrypted = row["basic_auth_pass_encrypted"]
+        return row["basic_auth_user"], None if encrypted is None else secrets.decrypt(encrypted, uuid.UUID(check_id))
+
+    async def run_now() -> dict[str, object]:
+        response = await admin.post(f"{check_url}/test")
+        assert response.status_code == 200, response.text
+        result: dict[str, object] = response.json()
+        return result
+
+    assert (await run_now())["healthy"] is True
+
+    # Dropping the user (the password omitted, or the user null) is refused, listed with every other problem.
+    for dropped in (body, body | {"basic_auth_user": None}, body | {"timeout_seconds": 3}):
+        refused = await admin.put(check_url, json=dropped)
+        assert refused.status_code == 422, refused.text
+        (error,) = [error for error in refused.json()["errors"] if error["field"] == "basic_auth_user"]
+        assert "basic_auth_pass: null" in error["message"] and "user" in error["message"]
+    several = await admin.put(check_url, json=body | {"interval_seconds": 5, "expected_status": "600"})
+    assert several.status_code == 422
+    assert {error["field"] for error in several.json()["errors"]} == {
+        "basic_auth_user", "interval_seconds", "expected_status",
+    }  # fmt: skip
+    assert await stored() == (BASIC_AUTH_USER, BASIC_AUTH_PASSWORD)
+    assert (await admin.get(check_url)).json()["updated_at"] == created.json()["updated_at"]
+
+    # The user with the password omitted keeps it: nginx still lets the check in.
+    kept = await admin.put(check_url, json=body | {"basic_auth_user": BASIC_AUTH_USER, "timeout_seconds": 3})
+    assert kept.status_code == 200, kept.text
+    assert kept.json()["basic_auth_pass_set"] is True and kept.json()["basic_auth_user"] == BASIC_AUTH_USER
+    assert await stored() == (BASIC_AUTH_USER, BASIC_AUTH_PASSWORD)
+    assert (await run_now())["healthy"] is True
+
+    # null clears it, with or without the user; then a PUT with the user alone does not bring it back.
+    cleared = await admin.put(check_url, json=body | {"basic_auth_pass": None})
+    assert cleared.status_code == 200, cleared.text
+    assert cleared.json()["basic_auth_pass_set"] is False and cleared.json()["basic_auth_user"] is None
+    assert await stored() == (None, None)
+    assert (await admin.put(check_url, json=body)).status_code == 200  # nothing stored: nothing to keep
+    again = await admin.put(check_url, json=body | {"basic_auth_user": BASIC_AUTH_USER})
+    assert again.status_code == 200 and again.json()["basic_auth_pass_set"] is False
+    result = await run_now()
+    assert result["healthy"] is False and "401" in str(result["detail"])
+
+    # A new password with the user; null with the user clears the password and keeps the user.
+    replaced = await admin.put(check_url, json=with_auth)
+    assert replaced.status_code == 200 and replaced.json()["basic_auth_pass_set"] is True
+    assert (await run_now())["healthy"] is True
+    user_only = await admin.put(check_url, json=with_auth | {"basic_auth_pass": None})
+    assert user_only.status_code == 200 and user_only.json()["basic_auth_pass_set"] is False
+    assert await stored() == (BASIC_AUTH_USER, None)
+
+    # Changing the type away from http drops every http field, the password included, without a 422.
+    await admin.put(check_url, json=with_auth)
+    as_tcp = await admin.put(check_url, json={"name": "login", "check_type": "tcp", "port": 9, "address": "127.0.0.1"})
+    assert as_tcp.status_code == 200, as_tcp.text
+    assert await stored() == (None, None)
+    back = await admin.put(check_url, json=body | {"basic_auth_user": BASIC_AUTH_USER})
+    assert back.status_code == 200 and back.json()["basic_auth_pass_set"] is False

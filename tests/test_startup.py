@@ -14,6 +14,7 @@ import pty
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -26,11 +27,16 @@ from urllib.parse import urlsplit
 
 import httpx
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from openapi_spec_validator import validate
 from playwright.async_api import async_playwright, expect
 
 from services.api.routes import ENDPOINTS
+from services.poller.agent_tls import agent_ssl_context
+from shared.settings import load_settings
 from tests.support.blackhole import Blackhole, refused_port
+from tests.support.fake_agent import make_agent_certs
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.tcp_proxy import tcp_proxy
 from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, chromium_installed, script_problems, watch
@@ -140,6 +146,165 @@ def test_unusable_agent_tls_files_stop_the_poller_with_one_line(service_env: dic
         result = run_cli("poller", env=service_env | settings | {"HEALTHGATE_HEALTH_PORT": "0"})
         assert result.returncode != 0, result.stderr
         assert_one_line(result.stderr, "healthgate poller:", "agent TLS")
+
+
+@contextlib.contextmanager
+def odd_files(directory: Path) -> Iterator[list[tuple[Path, str]]]:
+    """Paths that name something other than a small regular file, each with what the error line must say:
+    opening a FIFO for reading waits for a writer forever, `/dev/zero` and `/dev/urandom` never end, a socket
+    cannot be opened, a directory cannot be read (even by root, which chmod 000 would not stop), and so on."""
+    directory.mkdir(parents=True, exist_ok=True)
+    fifo = directory / "a-fifo"
+    os.mkfifo(fifo)
+    directory_path = directory / "a-directory"
+    directory_path.mkdir()
+    huge = directory / "huge"
+    with huge.open("wb") as file:
+        file.truncate(64 * 1024 * 1024)  # sparse: large without taking the disk
+    dangling = directory / "dangling"
+    dangling.symlink_to(directory / "nowhere")
+    to_fifo = directory / "link-to-fifo"
+    to_fifo.symlink_to(fifo)
+    with socket.socket(socket.AF_UNIX) as listening:
+        listening.bind(str(directory / "a-socket"))
+        yield [
+            (fifo, "is a FIFO"),
+            (to_fifo, "is a FIFO"),
+            (Path("/dev/zero"), "is a character device"),
+            (Path("/dev/urandom"), "is a character device"),
+            (directory / "a-socket", "is a socket"),
+            (directory_path, "is a directory"),
+            (huge, "is larger than"),
+            (dangling, "symbolic link to a missing file"),
+        ]
+
+
+@pytest.mark.parametrize("service", ["api", "poller"])
+def test_a_key_file_that_is_no_regular_file_stops_the_service_with_one_line(
+    service: str, service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path
+) -> None:
+    """Each exits non-zero (it never waits on a FIFO or reads a device forever) with one line naming the variable,
+    the file and what it is."""
+    env = service_env | dependencies_down | {port_variable(service): "0"}
+    with odd_files(tmp_path) as files:
+        for key_file, says in files:
+            result = run_cli(service, env=env | {"HEALTHGATE_KEY_FILE": str(key_file)})
+            assert result.returncode != 0, result.stderr
+            assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_KEY_FILE", str(key_file), says)
+    assert not (tmp_path / "nowhere").exists()  # a dangling link is not followed to create a key
+
+
+@pytest.mark.parametrize("service", ["api", "poller"])
+def test_an_empty_key_file_setting_stops_the_service_with_one_line(
+    service: str, service_env: dict[str, str], dependencies_down: dict[str, str]
+) -> None:
+    env = service_env | dependencies_down | {port_variable(service): "0", "HEALTHGATE_KEY_FILE": ""}
+    result = run_cli(service, env=env)
+    assert result.returncode != 0
+    assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_KEY_FILE", "empty")
+
+
+def pem_variants(directory: Path) -> dict[str, Path]:
+    """An agent CA, a client certificate and key it signed, and wrong versions of each, as files."""
+    certs = make_agent_certs(directory / "certs")
+    key = serialization.load_pem_private_key(certs.client_key.read_bytes(), password=None)
+    certificate = x509.load_pem_x509_certificate(certs.client_cert.read_bytes())
+    files = {
+        "ca": certs.ca_cert,
+        "cert": certs.client_cert,
+        "key": certs.client_key,
+        "other key": certs.rogue_client_key,
+        "encrypted key": directory / "encrypted.key",
+        "der cert": directory / "client.der",
+        "cert with key": directory / "client-with-key.pem",
+        "cert with encrypted key": directory / "client-with-encrypted-key.pem",
+        "garbage": directory / "garbage.pem",
+        "broken pem": directory / "broken.pem",
+        "empty": directory / "empty.pem",
+    }
+    encrypted = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"a passphrase"),
+    )
+    files["encrypted key"].write_bytes(encrypted)
+    files["der cert"].write_bytes(certificate.public_bytes(serialization.Encoding.DER))
+    files["cert with key"].write_bytes(certs.client_cert.read_bytes() + certs.client_key.read_bytes())
+    files["cert with encrypted key"].write_bytes(certs.client_cert.read_bytes() + encrypted)
+    files["garbage"].write_text("this is not PEM\n")
+    files["broken pem"].write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
+    files["empty"].write_bytes(b"")
+    return files
+
+
+CA, CERT, KEY = "HEALTHGATE_AGENT_CA_FILE", "HEALTHGATE_AGENT_CERT_FILE", "HEALTHGATE_AGENT_KEY_FILE"
+
+
+def test_each_bad_agent_tls_file_stops_the_poller_with_one_line_naming_it(
+    service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path
+) -> None:
+    """Every case exits non-zero with one line naming the variable and the file at fault and saying what is wrong
+    in words (never OpenSSL's "[SSL] PEM lib"); none hangs, not even on a FIFO or a passphrase-protected key."""
+    pem = pem_variants(tmp_path)
+    good = {CA: pem["ca"], CERT: pem["cert"], KEY: pem["key"]}
+    cases: list[tuple[dict[str, Path], str, Path, str]] = [
+        ({CA: tmp_path / "missing.pem"}, CA, tmp_path / "missing.pem", "does not exist"),
+        ({CA: pem["garbage"]}, CA, pem["garbage"], "not a PEM certificate"),
+        ({CA: pem["broken pem"]}, CA, pem["broken pem"], "does not decode"),
+        ({CA: pem["key"]}, CA, pem["key"], "not a PEM certificate"),
+        ({CA: pem["empty"]}, CA, pem["empty"], "empty"),
+        ({CA: pem["der cert"]}, CA, pem["der cert"], "DER"),
+        ({CERT: pem["cert"]}, CERT, pem["cert"], f"no private key and {KEY} is not set"),
+        (good | {KEY: tmp_path / "missing.key"}, KEY, tmp_path / "missing.key", "does not exist"),
+        (good | {KEY: pem["other key"]}, KEY, pem["other key"], f"does not match the certificate in {CERT}"),
+        (good | {KEY: pem["encrypted key"]}, KEY, pem["encrypted key"], "encrypted"),
+        (good | {KEY: pem["garbage"]}, KEY, pem["garbage"], "not a PEM private key"),
+        (good | {KEY: pem["cert"]}, KEY, pem["cert"], "a certificate, not a private key"),
+        (good | {CERT: pem["der cert"]}, CERT, pem["der cert"], "DER"),
+        (good | {CERT: pem["garbage"]}, CERT, pem["garbage"], "not a PEM certificate"),
+        (good | {CERT: pem["key"]}, CERT, pem["key"], "not a PEM certificate"),
+        ({CERT: pem["cert with encrypted key"]}, CERT, pem["cert with encrypted key"], "encrypted"),
+        ({KEY: pem["key"]}, KEY, pem["key"], f"set without {CERT}"),
+    ]
+    with odd_files(tmp_path / "odd") as odd:
+        for path, says in odd:
+            cases += [
+                ({CA: path}, CA, path, says),
+                (good | {CERT: path}, CERT, path, says),
+                (good | {KEY: path}, KEY, path, says),
+            ]
+        env = service_env | dependencies_down | {"HEALTHGATE_HEALTH_PORT": "0"}
+        for settings, variable, path, says in cases:
+            result = run_cli("poller", env=env | {name: str(value) for name, value in settings.items()})
+            assert result.returncode != 0, (settings, result.stderr)
+            line = assert_one_line(result.stderr, "healthgate poller:", "agent TLS", f"{variable} {path}", says)
+            assert "PEM lib" not in line and "Errno" not in line
+
+
+def test_several_bad_agent_tls_files_are_named_in_one_line(
+    service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path
+) -> None:
+    pem = pem_variants(tmp_path)
+    settings = {CA: tmp_path / "missing-ca.pem", CERT: pem["cert"], KEY: pem["other key"]}
+    env = service_env | dependencies_down | {"HEALTHGATE_HEALTH_PORT": "0"}
+    result = run_cli("poller", env=env | {name: str(value) for name, value in settings.items()})
+    assert result.returncode != 0
+    assert_one_line(result.stderr, f"{CA} {settings[CA]} does not exist", f"{KEY} {settings[KEY]}", "does not match")
+
+
+def test_agent_tls_files_that_work(tmp_path: Path) -> None:
+    """The context the poller builds: the CA alone, a certificate with its key in the same file, or in a file of
+    its own; an empty variable is unset (compose's `${VAR:-}`)."""
+    pem = pem_variants(tmp_path)
+    assert agent_ssl_context(None, None, None) is None
+    working = ((pem["ca"], None, None), (pem["ca"], pem["cert with key"], None), (None, pem["cert"], pem["key"]))
+    for ca, cert, key in working:
+        context = agent_ssl_context(ca, cert, key)
+        assert context is not None and context.verify_mode == ssl.CERT_REQUIRED and context.check_hostname
+    with pytest.MonkeyPatch.context() as patch:
+        for variable in (CA, CERT, KEY):
+            patch.setenv(variable, "")
+        assert load_settings().agent_tls_files() == (None, None, None)
 
 
 @pytest.mark.parametrize("service", [*SERVICES, "up"])

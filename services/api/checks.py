@@ -125,15 +125,43 @@ class CheckRequest:
     errors: list[dict[str, str]]
     check_type: str | None
     has_address: bool
+    # What the body says of basic auth, read from the raw document (the rules about a stored password need it
+    # whether or not the rest of the body is valid): a user given (not null), and basic_auth_pass present at all.
+    has_basic_auth_user: bool = False
+    mentions_basic_auth_pass: bool = False
 
-    def checked_against(self, host: asyncpg.Record) -> CheckWriteBase:
-        """The valid body, or a 422 listing every problem of the body and of the rules about `host`
-        (a service check needs the host's agent_url; a tcp check without address connects to the
-        host's name, which must then be a host name or an IP address)."""
-        errors = [*self.errors, *_host_rule_errors(self, host)]
+    def checked_against(self, host: asyncpg.Record, before: asyncpg.Record | None = None) -> CheckWriteBase:
+        """The valid body, or a 422 listing every problem of the body, of the rules about `host` (a service
+        check needs the host's agent_url; a tcp check without address connects to the host's name, which must
+        then be a host name or an IP address) and, on an update, of the rules about the check as stored
+        (`before`: a stored password needs a user, see `_stored_password_errors`)."""
+        errors = [*self.errors, *_host_rule_errors(self, host), *_stored_password_errors(self, before)]
         if errors or self.body is None:
             raise field_errors(errors or [{"field": "body", "message": "not a valid check"}])
         return self.body
+
+
+STORED_PASSWORD_NEEDS_USER = (
+    "required while a basic_auth_pass is stored: the password is sent only with a user. Give the user to keep "
+    "the password, or send basic_auth_pass: null to clear it"
+)
+
+
+def _stored_password_errors(submitted: CheckRequest, before: asyncpg.Record | None) -> list[dict[str, str]]:
+    """CONTRACT §3: on PUT an omitted basic_auth_pass is kept and only null clears it. A password without a
+    user cannot be kept (Basic authentication is sent only when basic_auth_user is set, §4), so an http PUT
+    that drops the user of a check with a stored password, and does not say basic_auth_pass: null, would
+    either erase the password silently or keep one that is never sent: it is refused, naming
+    basic_auth_user. A change to another check type drops every http field, the password included."""
+    if (
+        before is not None
+        and before["basic_auth_pass_encrypted"] is not None
+        and submitted.check_type == "http"
+        and not submitted.has_basic_auth_user
+        and not submitted.mentions_basic_auth_pass
+    ):
+        return [{"field": "basic_auth_user", "message": STORED_PASSWORD_NEEDS_USER}]
+    return []
 
 
 def _host_rule_errors(submitted: CheckRequest, host: asyncpg.Record) -> list[dict[str, str]]:
@@ -168,6 +196,10 @@ def parse_check_write(document: object) -> CheckRequest:
     model = CHECK_WRITE_MODELS.get(check_type) if isinstance(check_type, str) else None
     known_type = check_type if model is not None else None
     has_address = document.get("address") is not None
+    basic_auth = {
+        "has_basic_auth_user": document.get("basic_auth_user") is not None,
+        "mentions_basic_auth_pass": "basic_auth_pass" in document,
+    }
     errors: list[dict[str, str]] = []
     if model is None:
         errors.append({"field": "check_type", "message": f"must be one of: {', '.join(CHECK_WRITE_MODELS)}"})
@@ -180,8 +212,8 @@ def parse_check_write(document: object) -> CheckRequest:
             if error["message"] == "unknown field" and owner is not None:
                 error["message"] = f"a field of {owner} checks, not of {check_type} checks"
             errors.append(error)
-        return CheckRequest(None, errors, known_type, has_address)
-    return CheckRequest(body if not errors else None, errors, known_type, has_address)
+        return CheckRequest(None, errors, known_type, has_address, **basic_auth)
+    return CheckRequest(body if not errors else None, errors, known_type, has_address, **basic_auth)
 
 
 def column_values(
@@ -217,7 +249,8 @@ def column_values(
             "ignore_cert_errors": body.ignore_cert_errors,
             "follow_redirects": body.follow_redirects,
             "basic_auth_user": body.basic_auth_user,
-            # Without a user there is nothing to send a password with: it is cleared too.
+            # Without a user there is nothing to send a password with. A PUT that drops the user of a stored
+            # password is refused before this (`_stored_password_errors`) unless it clears the password.
             "basic_auth_pass_encrypted": password if body.basic_auth_user is not None else None,
         }
     return values
@@ -324,7 +357,7 @@ async def update_check_on(
     async with context.pool.acquire() as connection, connection.transaction():
         host = await _lock_host_for_checks(connection, host_id)
         before = await _fetch_check(connection, host_id, check_id, for_update=True)
-        body = submitted.checked_against(host)
+        body = submitted.checked_against(host, before)
         values = column_values(body, context, check_id, stored_password=before["basic_auth_pass_encrypted"])
         changes = diff(audited_fields(before), audited_fields(values))
         # An update that changes nothing writes nothing: `updated_at` stays, no event, no reschedule.

@@ -40,7 +40,8 @@ def path_segment(value: str) -> str:
 def browser_reachable(value: str) -> bool:
     """Whether a browser keeps `path_segment(value)` in a URL. The WHATWG URL Standard, unlike RFC 3986, reads
     `%2E` as `.` in dot-segments, so `/jobs/%2E%2E` becomes `/` in any browser: ids `.` and `..` work in the
-    API (curl, httpx, any RFC 3986 client) but cannot be in a dashboard URL."""
+    API's paths (curl, httpx, any RFC 3986 client), and the dashboard gives them an address in the query
+    instead (`/jobs?job_id=..`, services/api/dashboard/views.py `job_url`)."""
     return value not in (".", "..")
 
 

@@ -126,7 +126,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=CheckWrite,
         response=CheckView,
         errors=(400, 404, 409, 413, 422),
-        description="Replaces every writable field; basic_auth_pass omitted keeps it, null clears it.",
+        description=(
+            "Replaces every writable field; basic_auth_pass omitted keeps it, null clears it. A stored password"
+            " needs basic_auth_user: an http check's PUT without the user answers 422 naming basic_auth_user"
+            " unless it sends basic_auth_pass: null. Changing check_type away from http clears the password."
+        ),
     ),
     Endpoint(
         "DELETE",

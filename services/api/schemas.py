@@ -318,7 +318,9 @@ class HttpCheckWrite(CheckWriteBase):
     expected_body: str | None = Field(None, max_length=500, description="substring of the first 1 MiB; not with HEAD")
     ignore_cert_errors: bool = True
     follow_redirects: bool = False
-    basic_auth_user: BasicAuthUser | None = Field(None, description="no ':'")
+    basic_auth_user: BasicAuthUser | None = Field(
+        None, description="no ':'; required on PUT while a password is stored, unless basic_auth_pass is null"
+    )
     basic_auth_pass: BasicAuthPass | None = Field(
         None,
         json_schema_extra={"writeOnly": True},

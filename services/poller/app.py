@@ -14,13 +14,14 @@ import logging
 import asyncpg
 import uvloop
 
-from services.poller.probes import Prober, agent_ssl_context, probe_session
+from services.poller.agent_tls import agent_ssl_context
+from services.poller.probes import Prober, probe_session
 from services.poller.scheduler import Scheduler, SchedulerMetrics
 from services.poller.worker import Worker, WorkerMetrics
 from shared.crypto import SecretBox, load_or_create_key
 from shared.database import ensure_result_partitions
 from shared.service import WorkerRuntime
-from shared.settings import ServiceConfigError, Settings
+from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,7 @@ async def keep_result_partitions(pool: asyncpg.Pool) -> None:
 
 async def serve(settings: Settings, key: bytes) -> bool:
     """Run until SIGINT/SIGTERM; False if it stopped because one of its tasks failed."""
-    ca_file, cert_file, key_file = (str(path) if path else None for path in settings.agent_tls_files())
-    try:
-        agent_ssl = agent_ssl_context(ca_file, cert_file, key_file)
-    except (OSError, ValueError) as exc:
-        raise ServiceConfigError(f"cannot load the agent TLS files: {exc}") from None
+    agent_ssl = agent_ssl_context(*settings.agent_tls_files())  # AgentTlsError: one line naming each file
     async with WorkerRuntime("poller", settings, relay_on_own_thread=True) as runtime:
         session = probe_session(settings.blocked_networks)
         prober = Prober(session, settings.blocked_networks, agent_ssl)

@@ -892,13 +892,3 @@ def _target_name(target: CheckTarget) -> str:
     if target.check_type == "tcp":
         return host_port(target.address or target.host_name, target.port or 0)
     return _authority(target.url if target.check_type == "http" else target.agent_url)
-
-
-def agent_ssl_context(ca_file: str | None, cert_file: str | None, key_file: str | None) -> ssl.SSLContext | None:
-    """The TLS context for host agents: trust `ca_file`, present `cert_file`/`key_file` (mTLS)."""
-    if not (ca_file or cert_file):
-        return None
-    context = ssl.create_default_context(cafile=ca_file)
-    if cert_file:
-        context.load_cert_chain(cert_file, key_file)
-    return context

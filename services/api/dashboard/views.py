@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import quote, urlencode
 
 import asyncpg
 import jinja2
@@ -40,7 +40,7 @@ from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_hos
 from services.api.jobs import override_on
 from services.api.paths import SegmentRoute, browser_reachable, path_segment
 from services.api.problems import Problem
-from services.api.requests import path_job_id
+from services.api.requests import MAX_JOB_ID_LENGTH, path_job_id
 from services.api.schemas import OverrideRequest
 from shared.host_status import gating_check_summaries
 
@@ -71,7 +71,8 @@ class Dashboard:
         self.templates.env.filters["until"] = _until
         # Links and form actions carry ids as one path segment each: `/jobs/deploy%2F2026%2F42`.
         self.templates.env.filters["path_segment"] = path_segment
-        self.templates.env.tests["browser_reachable"] = browser_reachable
+        self.templates.env.globals["job_url"] = job_url
+        self.templates.env.globals["override_url"] = override_url
         self.templates.env.filters["status_word"] = lambda status: STATUS_WORDS.get(status, status.replace("_", " "))
 
     def routes(self) -> list[SegmentRoute | Mount]:
@@ -88,9 +89,10 @@ class Dashboard:
             SegmentRoute("/hosts/{host_id}/checks/{check_id}", page(self.update_check), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks/{check_id}/delete", page(self.delete_check), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks/{check_id}/test", page(self.test_check), methods=["POST"]),
-            SegmentRoute("/jobs", page(self.jobs), methods=["GET"]),
+            SegmentRoute("/jobs", page(self.jobs), methods=["GET"]),  # with ?job_id=: that job's page
             SegmentRoute("/jobs/{job_id}", page(self.job), methods=["GET"]),
             SegmentRoute("/jobs/{job_id}/hosts/{host_id}/override", page(self.override), methods=["POST"]),
+            SegmentRoute("/jobs/hosts/{host_id}/override", page(self.override), methods=["POST"]),  # ?job_id=
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
 
@@ -215,6 +217,15 @@ class Dashboard:
             host = await fetch_visible_host(connection, session.principal, host_id)
             rows = await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
             history = await _recent_results(connection, [row["id"] for row in rows])
+        editing, edit_values = form_state.get("editing"), form_state.get("edit_values")
+        if editing is not None and edit_values is not None:
+            # A form shown again with its errors holds what was sent; whether a password is stored (the hint
+            # "set; leave empty to keep" and the box that clears it) comes from the check.
+            stored = next((row for row in rows if str(row["id"]) == editing), None)
+            if stored is not None:
+                form_state["edit_values"] = edit_values | {
+                    "basic_auth_pass_set": stored["basic_auth_pass_encrypted"] is not None
+                }
         checks = [
             {
                 "view": check_view(row),
@@ -284,6 +295,9 @@ class Dashboard:
     # ---- jobs ------------------------------------------------------------------------------------
 
     async def jobs(self, request: Request, session: sessions.Session) -> Response:
+        """The jobs page; `/jobs?job_id=ID` is the page of the job ID (see `job_url`)."""
+        if "job_id" in request.query_params:
+            return await self.job(request, session)
         context = context_of(request)
         groups = session.principal.visible_groups()
         async with context.pool.acquire() as connection:
@@ -297,8 +311,8 @@ class Dashboard:
 
     async def job(self, request: Request, session: sessions.Session) -> Response:
         """One job's hosts in the caller's groups (404 when none is), each with its status and, while it
-        waits, its failing checks and the admin's override."""
-        job_id = path_job_id(request)
+        waits, its failing checks and the admin's override. At `/jobs/{job_id}` or `/jobs?job_id=`."""
+        job_id = dashboard_job_id(request)
         context = context_of(request)
         async with context.pool.acquire() as connection:
             hosts = await connection.fetch(
@@ -316,7 +330,7 @@ class Dashboard:
 
     async def override(self, request: Request, session: sessions.Session) -> Response:
         self._require(session, ("admin",), "override a job")
-        job_id = path_job_id(request)
+        job_id = dashboard_job_id(request)
         host_id = _path_uuid(request, "host_id")
         form = await request.form()
         try:
@@ -325,13 +339,53 @@ class Dashboard:
             raise Problem(422, "choose release or fail and give a reason (1 to 500 characters)") from None
         await override_on(context_of(request), session.principal.name, job_id, host_id, body)
         # Back to the page the form was on: the job's own page, or the jobs page.
-        back = "/jobs/" + path_segment(job_id) if form.get("back") == "job" else "/jobs"
+        back = job_url(job_id) if form.get("back") == "job" else "/jobs"
         return RedirectResponse(back, status_code=303)
+
+
+def job_url(job_id: str) -> str:
+    """The dashboard address of a job's page (CONTRACT §3 "Dashboard": every job id works there).
+
+    `/jobs/<id as one percent-encoded segment>` for every id a browser keeps in a path; for `.` and `..`,
+    which browsers resolve as dot-segments even percent-encoded (services/api/paths.py `browser_reachable`),
+    `/jobs?job_id=<id>`: a browser leaves a query alone. The two cannot be confused: `/jobs` with a `job_id`
+    query is never the jobs list, and a job id is always one whole path segment after `/jobs/`.
+    """
+    if browser_reachable(job_id):
+        return "/jobs/" + path_segment(job_id)
+    return "/jobs?" + urlencode({"job_id": job_id}, quote_via=quote)
+
+
+def override_url(job_id: str, host_id: uuid.UUID | str) -> str:
+    """Where the override form of a job host posts: `/jobs/<id>/hosts/<host>/override`, or for the ids a browser
+    cannot keep in a path `/jobs/hosts/<host>/override?job_id=<id>` (four segments: never a job's page, which
+    has two, nor the other override path, which has five)."""
+    host = path_segment(str(host_id))
+    if browser_reachable(job_id):
+        return f"/jobs/{path_segment(job_id)}/hosts/{host}/override"
+    return f"/jobs/hosts/{host}/override?" + urlencode({"job_id": job_id}, quote_via=quote)
+
+
+def dashboard_job_id(request: Request) -> str:
+    """The job id of a dashboard request: the `{job_id}` path segment, else the `job_id` query parameter (`job_url`).
+
+    The query's id follows the path's rules (`path_job_id`): NUL → 422, longer than 200 characters → 404; an
+    empty or repeated `job_id` names no one job → 404.
+    """
+    if "job_id" in request.path_params:
+        return path_job_id(request)
+    values = request.query_params.getlist("job_id")
+    if len(values) != 1 or not values[0] or len(values[0]) > MAX_JOB_ID_LENGTH:
+        raise Problem(404, "job not found")
+    if "\x00" in values[0]:
+        raise Problem(422, "a job id cannot contain NUL")
+    return values[0]
 
 
 def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
     """A check's API body from a form: only the chosen type's fields, booleans from checkboxes, empty
-    inputs left out so that defaults apply, and the write-only password kept unless given or cleared."""
+    inputs left out so that defaults apply, and the write-only password kept unless given or cleared (by its
+    checkbox, or by emptying the user field)."""
     check_type = form.get("check_type")
     document: dict[str, Any] = {
         "name": form.get("name", ""),
@@ -364,7 +418,9 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
                 document[field] = form.get(field)
         if form.get("basic_auth_pass"):
             document["basic_auth_pass"] = form.get("basic_auth_pass")
-        elif editing and "clear_basic_auth_pass" in form:
+        elif editing and ("clear_basic_auth_pass" in form or not form.get("basic_auth_user")):
+            # An emptied user field means no basic auth: the stored password goes too (the API refuses a PUT
+            # that drops the user of a stored password without saying basic_auth_pass: null).
             document["basic_auth_pass"] = None
     return document
 
