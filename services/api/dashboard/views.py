@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 
 import asyncpg
 import jinja2
+from markupsafe import Markup, escape
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -42,6 +43,7 @@ from services.api.paths import SegmentRoute, browser_reachable, path_segment
 from services.api.problems import Problem
 from services.api.requests import path_job_id
 from services.api.schemas import OverrideRequest
+from shared.events import control_character, job_key, received_job_id
 from shared.host_status import gating_check_summaries
 
 HERE = Path(__file__).parent
@@ -72,6 +74,9 @@ class Dashboard:
         # Links and form actions carry ids as one path segment each: `/jobs/deploy%2F2026%2F42`.
         self.templates.env.filters["path_segment"] = path_segment
         self.templates.env.tests["browser_reachable"] = browser_reachable
+        # Job ids as received (the gate answers invalid ones too): control characters made visible, cut if long.
+        self.templates.env.filters["job_id_html"] = job_id_html
+        self.templates.env.filters["job_id_text"] = job_id_text
         self.templates.env.filters["status_word"] = lambda status: STATUS_WORDS.get(status, status.replace("_", " "))
 
     def routes(self) -> list[SegmentRoute | Mount]:
@@ -301,10 +306,12 @@ class Dashboard:
         job_id = path_job_id(request)
         context = context_of(request)
         async with context.pool.acquire() as connection:
-            hosts = await connection.fetch(
-                f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
-                session.principal.visible_groups(),
-                job_id,
+            hosts = _shown(
+                await connection.fetch(
+                    f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
+                    session.principal.visible_groups(),
+                    job_key(job_id),  # as the API does: an invalid job_id's row is under its key
+                )
             )
             if not hosts:
                 raise Problem(404, "job not found")
@@ -410,15 +417,64 @@ JOB_HOST_SELECT = "SELECT j.*, h.name AS host_name FROM gate_jobs j LEFT JOIN ho
 JOB_HOST_VISIBLE = '($1::text[] IS NULL OR h."group" = ANY($1))'
 
 
-async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[asyncpg.Record]:
+async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
     order = "j.window_ends_at" if waiting else "j.decided_at DESC"
     condition = f"j.status = '{WAITING}'" if waiting else f"j.status <> '{WAITING}'"
-    return await connection.fetch(
-        f"{JOB_HOST_SELECT} WHERE {condition} AND {JOB_HOST_VISIBLE} ORDER BY {order} LIMIT 100", groups
+    return _shown(
+        await connection.fetch(
+            f"{JOB_HOST_SELECT} WHERE {condition} AND {JOB_HOST_VISIBLE} ORDER BY {order} LIMIT 100", groups
+        )
     )
 
 
-async def _failing_checks(connection: asyncpg.Connection, waiting: list[asyncpg.Record]) -> dict[uuid.UUID, list[Any]]:
+def _shown(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    """Job host rows as the pages show them: `job_id` the one received, not the key an invalid one is stored
+    under (migration 0009)."""
+    shown = []
+    for row in rows:
+        values = dict(row)
+        values["job_id"] = received_job_id(values["job_id"], values.pop("received_job_id"))
+        shown.append(values)
+    return shown
+
+
+# A job_id shown on a page: the gate answers (and stores) job_ids of any length, 2 MB too.
+SHOWN_JOB_ID_LENGTH = 200
+
+
+def job_id_html(job_id: str) -> Markup:
+    """A job_id as HTML: escaped, each control character or lone surrogate (which HTML cannot carry: NUL becomes
+    U+FFFD, a surrogate cannot even be encoded) shown as a marked `U+0000`, and cut after 200 characters with
+    how long it is."""
+    parts: list[str] = []
+    text, rest = _cut(job_id)
+    while (found := control_character(text)) is not None:
+        index, character = found
+        parts.append(str(escape(text[:index])))
+        code = f"U+{ord(character):04X}"
+        kind = "lone surrogate" if 0xD800 <= ord(character) <= 0xDFFF else "control character"
+        parts.append(f'<span class="control-character" title="{kind} {code}">{code}</span>')
+        text = text[index + 1 :]
+    parts.append(str(escape(text)))
+    if rest:
+        parts.append(f'<span class="muted">… ({len(job_id)} characters)</span>')
+    return Markup("".join(parts))
+
+
+def job_id_text(job_id: str) -> str:
+    """A job_id as plain text (a page title, an attribute): as `job_id_html`, without the markup."""
+    text, rest = _cut(job_id)
+    shown = "".join(
+        f"U+{ord(character):04X}" if control_character(character) is not None else character for character in text
+    )
+    return f"{shown}… ({len(job_id)} characters)" if rest else shown
+
+
+def _cut(job_id: str) -> tuple[str, str]:
+    return job_id[:SHOWN_JOB_ID_LENGTH], job_id[SHOWN_JOB_ID_LENGTH:]
+
+
+async def _failing_checks(connection: asyncpg.Connection, waiting: list[dict[str, Any]]) -> dict[uuid.UUID, list[Any]]:
     """For each waiting job host's host: its gating checks that are not healthy (what it waits for)."""
     failing = {}
     for host_id in {row["host_id"] for row in waiting}:
