@@ -30,9 +30,10 @@ import ijson
 
 # Below this depth, containers of a deeply nested text are counted through, not built.
 KEPT_DEPTH = 64
-# A text too deep for `json` is read event by event in Python, about 0.25 µs per byte (yajl2_c) or
-# 1 µs (the pure Python backend): this bounds that to about a second (a job.start is under 1 KiB).
-MAX_DEEP_TEXT_BYTES = 4 * 1024 * 1024
+# A text too deep for `json` is read event by event in Python, on the consumer's event loop: about
+# 0.25 µs per byte (yajl2_c) or 0.6 µs (the pure Python backend), measured on a 4 MiB text. This bounds
+# that to about a second at most (a job.start is under 1 KiB).
+MAX_DEEP_TEXT_BYTES = 2 * 1024 * 1024
 # JSON strings (whole, so that digits inside them are never taken for a number) or number tokens.
 _STRING_OR_NUMBER = re.compile(
     rb'"[^"\\]*(?:\\.[^"\\]*)*"|(?<![0-9A-Za-z.+-])-?[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?', re.DOTALL
@@ -178,39 +179,45 @@ def _events(text: bytes, backend: str) -> Iterator[tuple[str, Any]]:
 
 def _build(events: Iterable[tuple[str, Any]]) -> Any:
     """The value of a stream of `ijson.basic_parse` events, built iteratively (no recursion) down to
-    KEPT_DEPTH levels. Duplicate keys: the last one wins, as in `json.loads`."""
+    KEPT_DEPTH levels; a deeper container is only counted through. Duplicate keys: the last one wins, as
+    in `json.loads`."""
     root: list[Any] = []
-    # One entry per open container: the container being built (None below KEPT_DEPTH) and the key of
-    # its next value (objects only).
-    stack: list[list[Any]] = [[root, None]]
+    containers: list[Any] = [root]  # the open containers that are built, innermost last
+    keys: list[Any] = [None]  # the key of each one's next value (objects only)
+    skipped = 0  # how many containers not built are open, innermost first
     for event, value in events:
+        if skipped:
+            if event == "start_array" or event == "start_map":
+                skipped += 1
+            elif event == "end_array" or event == "end_map":
+                skipped -= 1
+            continue
         if event == "map_key":
-            stack[-1][1] = value
+            keys[-1] = value
             continue
-        if event in ("end_map", "end_array"):
-            stack.pop()
+        if event == "end_array" or event == "end_map":
+            containers.pop()
+            keys.pop()
             continue
-        parent, key = stack[-1]
-        if event in ("start_map", "start_array"):
-            if parent is None:
-                stack.append([None, None])  # inside a container that is not built
-                continue
-            item: Any
-            if len(stack) > KEPT_DEPTH:
-                item, built = NestedTooDeep("an object" if event == "start_map" else "an array"), None
+        opened = None
+        if event == "start_array" or event == "start_map":
+            if len(containers) > KEPT_DEPTH:
+                item: Any = NestedTooDeep("an object" if event == "start_map" else "an array")
+                skipped = 1
             else:
-                item = built = {} if event == "start_map" else []
-            stack.append([built, None])
-        elif parent is None:
-            continue
+                item = opened = {} if event == "start_map" else []
         elif event == "number":
             item = _number(value)
         else:  # string, boolean, null
             item = value
-        if isinstance(parent, list):
+        parent = containers[-1]
+        if type(parent) is list:
             parent.append(item)
         else:
-            parent[key] = item
+            parent[keys[-1]] = item
+        if opened is not None:
+            containers.append(opened)
+            keys.append(None)
     return root[0]
 
 

@@ -298,6 +298,11 @@ def test_load_json_reads_every_json_text_and_stands_in_for_what_python_cannot_ho
     assert len(level) == 1 and isinstance(level[0], NestedTooDeep) and level[0].kind == "an array"
     assert load_json(b'{"a": 1, "a": 2, "x": ' + nested(3000) + b"}")["a"] == 2  # the last one, as json.loads
     assert load_json(('{"a": "é", "x": ' + "[" * 3000 + "]" * 3000 + "}").encode("utf-16"))["a"] == "é"
+    # Read event by event up to MAX_DEEP_TEXT_BYTES, not beyond (bounded work on the consumer's event loop).
+    depth = (MAX_DEEP_TEXT_BYTES - len(b'{"a": , "b": 1}')) // 2
+    assert load_json(b'{"a": ' + nested(depth) + b', "b": 1}')["b"] == 1
+    with pytest.raises(ValueError, match="nested deeper than Python's json decoder goes"):
+        load_json(b'{"a": ' + nested(depth) + b', "b": 123}')
     for text in (b"NaN", b'{"a": Infinity}', b"{", b"", b'{"a": 1} x', b"[NaN, " + nested(3000) + b"]", b"\xff"):
         with pytest.raises(ValueError, match="body is not JSON"):
             load_json(text)
