@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from decimal import Decimal
 from typing import Any
@@ -136,11 +137,12 @@ def _load_deep(text: bytes, what: str) -> Any:
             text = text.decode(encoding).encode("utf-8")
         except UnicodeError as exc:
             raise JsonInputError(f"{what} is not JSON: {exc}") from None
-    if re.search(rb"[0-9]{4301}", text):
+    too_long = _too_many_digits()
+    if too_long is not None and too_long.search(text):
         # Both ijson backends convert every integer (and a Decimal's exponent) with int(), which
         # refuses such a number and stops the whole parse: each number token of that many digits
         # becomes 1e99999 first, read as out of range as `json.loads` reads it here.
-        text = _STRING_OR_NUMBER.sub(_out_of_range_token, text)
+        text = _STRING_OR_NUMBER.sub(lambda match: _out_of_range_token(match, too_long), text)
     backend = "python" if _SURROGATE_ESCAPE.search(text) else "yajl2_c"
     try:
         return _build(_events(text, backend))
@@ -160,9 +162,16 @@ def _first_line(error: Exception) -> str:
     return lines[0] if lines else type(error).__name__
 
 
-def _out_of_range_token(match: re.Match[bytes]) -> bytes:
+def _too_many_digits() -> re.Pattern[bytes] | None:
+    """A run of more digits than int() converts (`sys.get_int_max_str_digits()`, 4,300 unless configured;
+    None: no limit)."""
+    limit = sys.get_int_max_str_digits()
+    return re.compile(rb"[0-9]{%d}" % (limit + 1)) if limit else None
+
+
+def _out_of_range_token(match: re.Match[bytes], too_long: re.Pattern[bytes]) -> bytes:
     token = match.group()
-    if token.startswith(b'"') or not re.search(rb"[0-9]{4301}", token):
+    if token.startswith(b'"') or not too_long.search(token):
         return token
     return b"-1e99999" if token.startswith(b"-") else b"1e99999"
 
