@@ -6,9 +6,11 @@ CloudEvents or the bare `data` object; the routing key says what a message is.
 
 from __future__ import annotations
 
+import binascii
 import datetime as dt
 import hashlib
 import json
+import re
 import unicodedata
 import uuid
 from typing import Annotated, Any, Literal, TypeVar
@@ -26,6 +28,8 @@ from pydantic import (
     ValidationError,
 )
 from pydantic_core import PydanticSerializationError
+
+from shared.json_input import JsonInputError, json_type, load_json
 
 CLOUDEVENTS_CONTENT_TYPE = "application/cloudevents+json"
 EVENT_TYPE_PREFIX = "healthgate."
@@ -45,14 +49,17 @@ JOB_ID_MAX_LENGTH = 200
 TIMESTAMP_MAX_LENGTH = 64
 
 
+# Unicode categories Cc (C0, DEL and C1, NUL included: exactly U+0000 to U+001F and U+007F to U+009F) and Cs
+# (surrogates, U+D800 to U+DFFF), as one character class: a scan in C, so a 2 MB job_id costs milliseconds.
+_CONTROL_OR_SURROGATE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+
+
 def control_character(text: str) -> tuple[int, str] | None:
     """The first control character of `text` (Unicode category Cc: C0, DEL and C1, NUL included) or
     lone surrogate (Cs: not valid Unicode, so no UTF-8 encoder, PostgreSQL included, can store it),
     as (index, character); None if there is none."""
-    for index, character in enumerate(text):
-        if unicodedata.category(character) in ("Cc", "Cs"):
-            return index, character
-    return None
+    found = _CONTROL_OR_SURROGATE.search(text)
+    return None if found is None else (found.start(), found.group())
 
 
 def _job_id_characters(value: object) -> object:
@@ -87,6 +94,52 @@ def is_valid_job_id(value: object) -> bool:
     return True
 
 
+def job_key(job_id: str) -> str:
+    """The key under which a received job_id is stored (`gate_jobs.job_id`) and looked up (the API's paths).
+
+    A valid job_id (CONTRACT §5: 1 to 200 characters, no control characters) is its own key. Any other
+    non-empty string (too long, with NUL or other control characters, with a lone surrogate) gets a key
+    PostgreSQL text can hold and that is the same for every copy of it: INVALID_JOB_KEY_PREFIX and the
+    SHA-256 of its UTF-8 ("surrogatepass", so a lone surrogate hashes too), 87 characters. The gate stores
+    such a row with the job_id as received beside it (`received_job_id_bytes`), and the API finds it by
+    the same key when a path holds that job_id."""
+    if is_valid_job_id(job_id):
+        return job_id
+    digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()
+    return INVALID_JOB_KEY_PREFIX + digest
+
+
+# The key of an invalid job_id starts with U+001A SUBSTITUTE, the control character meant to stand
+# for a value that cannot be represented: no valid job_id holds a control character, so no valid
+# job_id is ever this key, and the key is short, NUL-free text that gate_jobs can hold.
+INVALID_JOB_KEY_PREFIX = "\x1ainvalid-job-id:sha256:"
+
+
+def received_job_id_bytes(job_id: str) -> bytes | None:
+    """What `gate_jobs.received_job_id` (bytea) holds for a received job_id: None for a valid one (its
+    own key), else its UTF-8 with "surrogatepass", which holds every Python string, NUL and lone
+    surrogates included, and which `received_job_id` turns back into the same string."""
+    return None if is_valid_job_id(job_id) else job_id.encode("utf-8", "surrogatepass")
+
+
+def received_job_id(key: str, stored: bytes | None) -> str:
+    """The job_id as received, from a `gate_jobs` row's `job_id` (the key) and `received_job_id`.
+
+    A row keyed by an invalid job_id's key from before migration 0009 has no received id: its key is
+    all there is, and is shown."""
+    return key if stored is None else bytes(stored).decode("utf-8", "surrogatepass")
+
+
+# RFC 3339 §5.6 timestamps are ASCII: digits, "-", ":", "T", ".", "Z", "+" (either case for T and Z),
+# and a space for the T (allowed by its §5.6 note; ciso8601 takes it).
+RFC3339_CHARACTERS = frozenset("0123456789-:.+TtZz ")
+RFC3339_EXAMPLE = "2026-12-01T02:00:00Z"
+NOT_RFC3339 = f"is not an RFC 3339 timestamp with an offset such as {RFC3339_EXAMPLE}"
+_OFFSET_AT_END = re.compile(r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})\Z")
+# RFC 3339's date-time up to its seconds is of fixed width: "2026-12-01T02:00:00".
+_SECONDS_END = 19
+
+
 def _rfc3339_in_utc(value: object) -> object:
     """`window_ends_at` of a job.start: an RFC 3339 string with an offset, as a UTC datetime.
 
@@ -95,35 +148,44 @@ def _rfc3339_in_utc(value: object) -> object:
     that a value Python cannot represent once in UTC (`9999-12-31T23:59:59-14:00` is in year 10000)
     is refused now, not later in a comparison or a query. Also refused: year 0 or 10000, a leap second
     (`23:59:60`: Python's datetime has no second 60), an offset of ±24:00 or more. An aware datetime
-    (a model built in Python, never a decoded message) is taken as it is, in UTC."""
+    (a model built in Python, never a decoded message) is taken as it is, in UTC.
+
+    Every error says what is wrong in true words: a character no timestamp holds is named with its
+    index before ciso8601 sees it (a C parser: it takes NUL for the end of the text, and says "UTC
+    offset is mandatory" for any stray character after the seconds), and so is what follows the
+    seconds when ciso8601 asks for an offset that is there (`_parser_reason`)."""
     if isinstance(value, dt.datetime) and value.utcoffset() is not None:
         return value.astimezone(dt.UTC)
     if not isinstance(value, str):
-        raise ValueError(f"must be an RFC 3339 string with an offset, not {_json_type(value)}")
+        raise ValueError(f"must be an RFC 3339 string with an offset such as {RFC3339_EXAMPLE}, not {json_type(value)}")
     if len(value) > TIMESTAMP_MAX_LENGTH:
-        raise ValueError(f"is {len(value)} characters long: not an RFC 3339 timestamp")
+        raise ValueError(f"is {len(value)} characters long: {NOT_RFC3339}")
+    for index, character in enumerate(value):
+        if character not in RFC3339_CHARACTERS:
+            shown = f"{character!r} (U+{ord(character):04X})" if character.isprintable() else f"U+{ord(character):04X}"
+            hint = " (RFC 3339 writes a fraction of a second with '.')" if character == "," else ""
+            raise ValueError(f"{NOT_RFC3339}: it holds {shown} at index {index}, which no such timestamp holds{hint}")
     try:
         parsed = ciso8601.parse_rfc3339(value)
     except ValueError as exc:
-        raise ValueError(f"is not an RFC 3339 timestamp with an offset: {exc}") from None
+        raise ValueError(f"{NOT_RFC3339}: {_parser_reason(value, exc)}") from None
     try:
         return parsed.astimezone(dt.UTC)
     except OverflowError:
         raise ValueError("is out of range once converted to UTC (years 1 to 9999)") from None
 
 
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, list):
-        return "an array"
-    if isinstance(value, dict):
-        return "an object"
-    return type(value).__name__
+def _parser_reason(value: str, error: ValueError) -> str:
+    """ciso8601's reason, unless it is untrue: it says "UTC offset is mandatory" for whatever it finds
+    after the seconds (and a fraction) that does not start an offset, also when the value does end with
+    one (`2030-01-01T00:00:00.5.5Z`, `2030-01-01T00:00:00 +01:00`); then what is there is named."""
+    reason = str(error).rstrip(".")
+    if reason.startswith("UTC offset is mandatory") and _OFFSET_AT_END.search(value):
+        return (
+            f"{value[_SECONDS_END:]!r} follows the seconds, where RFC 3339 allows only a fraction of a second "
+            "('.' and digits) and then the offset"
+        )
+    return reason
 
 
 # In UTC, years 1 to 9999 (Python's range; PostgreSQL's timestamptz is wider).
@@ -401,18 +463,22 @@ class MalformedEvent(Exception):
 
 
 def decode_event(body: bytes, model: type[EventT]) -> EventT:
-    """Parse a structured CloudEvent or a bare data object into `model`."""
+    """Parse an inbound message into `model`: the one decoding of every inbound message (CONTRACT §5).
+
+    `body` is a structured CloudEvent (an object with `specversion`) whose data is in `data`, or in
+    `data_base64` as base64 of a JSON object (CloudEvents JSON format §3.1; never both), or else the
+    bare data object. Any valid JSON is read (`shared.json_input.load_json`: integers of any length,
+    any depth); unknown fields are ignored.
+
+    Raises MalformedEvent. Its `data` is the data object when there is one (so a caller can salvage
+    the job's identity from it), with what is wrong in `problems`."""
     try:
-        document = json.loads(body)
-    except ValueError as exc:  # also not UTF-8, and integers longer than Python converts (4,300 digits)
-        raise MalformedEvent(f"body is not JSON: {exc}") from None
-    except RecursionError:
-        raise MalformedEvent("body is not JSON this service reads: nested too deeply") from None
+        document = load_json(body)
+    except JsonInputError as exc:
+        raise MalformedEvent(str(exc)) from None
     if not isinstance(document, dict):
         raise MalformedEvent("body is not a JSON object")
-    data = document.get("data") if "specversion" in document else document
-    if not isinstance(data, dict):
-        raise MalformedEvent("CloudEvent has no JSON object in data", data=data)
+    data = _cloudevent_data(document) if "specversion" in document else document
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -421,3 +487,32 @@ def decode_event(body: bytes, model: type[EventT]) -> EventT:
             for error in exc.errors()
         )
         raise MalformedEvent(f"invalid {model.__name__}: {problems}", data=data, problems=problems) from None
+
+
+def _cloudevent_data(envelope: dict[str, Any]) -> dict[str, Any]:
+    """The data object of a structured CloudEvent, from `data` or `data_base64`."""
+    data = envelope.get("data")
+    if "data_base64" in envelope:
+        if "data" in envelope:
+            # The data object still names the job: the caller may answer it (invalid_request).
+            problem = "the CloudEvent has both data and data_base64 (CloudEvents JSON format §3.1 allows one)"
+            raise MalformedEvent(problem, data=data if isinstance(data, dict) else None)
+        encoded = envelope["data_base64"]
+        if not isinstance(encoded, str):
+            raise MalformedEvent(f"data_base64 must be a base64 string, not {json_type(encoded)}")
+        try:
+            # Strict: the base64 alphabet only, padded, nothing after the padding (b64decode's validate=True
+            # still takes excess padding and what follows it).
+            decoded = binascii.a2b_base64(encoded.encode("ascii"), strict_mode=True)
+        except (binascii.Error, ValueError) as exc:  # ValueError: a character that is not ASCII
+            raise MalformedEvent(f"data_base64 is not base64 (RFC 4648 §4): {exc}") from None
+        try:
+            data = load_json(decoded, what="data_base64")
+        except JsonInputError as exc:
+            raise MalformedEvent(str(exc)) from None
+        if not isinstance(data, dict):
+            raise MalformedEvent(f"data_base64 holds {json_type(data)}, not a JSON object", data=data)
+        return data
+    if not isinstance(data, dict):
+        raise MalformedEvent("CloudEvent has no JSON object in data", data=data)
+    return data

@@ -22,8 +22,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.gate.jobs import INVALID_JOB_KEY_PREFIX, job_key
-from shared.events import decision_event_id
+from services.gate.jobs import job_key
+from shared.events import INVALID_JOB_KEY_PREFIX, decision_event_id
 from shared.topology import QUEUES, Topology
 from tests.conftest import EventCapture, start_gate
 from tests.support.fake_agent import FakeAgent

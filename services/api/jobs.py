@@ -28,13 +28,13 @@ from services.api.requests import (
 )
 from services.api.schemas import JobHostView, JobListItem, JobView, OverrideRequest, Page
 from shared.database import locked_now
-from shared.events import JobFailed, JobReleased, decision_event_id
+from shared.events import JobFailed, JobReleased, decision_event_id, job_key, received_job_id
 from shared.host_status import gating_check_summaries
 from shared.outbox import enqueue
 
 JOB_COLUMNS = """
     j.job_id, j.host_id, j.status, j.window_ends_at, j.received_at, j.decided_at, j.reason, j.detail,
-    j.checks, j.overridden_by, j.override_reason
+    j.checks, j.overridden_by, j.override_reason, j.received_job_id
 """
 # Scoping: admins see every job host; others those whose host is in one of their groups.
 VISIBLE = '($1::text[] IS NULL OR EXISTS (SELECT 1 FROM hosts h WHERE h.id = j.host_id AND h."group" = ANY($1)))'
@@ -52,17 +52,21 @@ class JobListQuery(PageQuery):
 
 
 def job_host_fields(row: asyncpg.Record) -> dict[str, Any]:
+    """A gate_jobs row (JOB_COLUMNS) as the fields of a job host view, its `job_id` the one received."""
     values = dict(row)
     values["checks"] = json.loads(values["checks"]) if isinstance(values["checks"], str) else values["checks"]
+    values["job_id"] = received_job_id(values["job_id"], values.pop("received_job_id"))
     return values
 
 
 async def get_job(request: Request, principal: Principal) -> Response:
+    """A job's hosts, found by the key the gate stored the job_id under (`job_key`: the job_id itself when it
+    is valid), and shown with the job_id as received (CONTRACT §3: every job id works)."""
     job_id = path_job_id(request)
     rows = await context_of(request).pool.fetch(
         f"SELECT {JOB_COLUMNS} FROM gate_jobs j WHERE j.job_id = $2 AND {VISIBLE} ORDER BY j.received_at, j.host_id",
         principal.visible_groups(),
-        job_id,
+        job_key(job_id),
     )
     if not rows:
         raise not_found("job")
@@ -71,7 +75,7 @@ async def get_job(request: Request, principal: Principal) -> Response:
 
 
 async def list_jobs(request: Request, principal: Principal) -> Response:
-    """A page of job hosts, newest first, scoped, optionally by status and host.
+    """A page of job hosts, newest first, scoped, optionally by status and host, each with its job_id as received.
 
     Keyset pagination on (received_at, job_id, host_id), all descending: a total order (the primary key is in
     it), so pages never repeat or skip a row, whatever the filters. The cursor holds the last row's key only;
@@ -134,6 +138,8 @@ def _job_cursor(cursor: str) -> tuple[dt.datetime, str, uuid.UUID]:
 
 
 async def override_job(request: Request, principal: Principal) -> Response:
+    """Decide a waiting job host by hand. An invalid job_id's row (found by its key) was decided when it came:
+    409, like any decided one."""
     job_id = path_job_id(request)
     host_id = path_uuid(request, "host_id")
     body: OverrideRequest = await read_model(request, OverrideRequest)
@@ -148,10 +154,13 @@ async def override_on(
     The row is locked first and its decision time read after that (`locked_now`): a gate evaluating the
     same job host holds the lock while it stamps its job.waiting, so the override's time is later than
     any job.waiting, as the order of the two changes is (a time from now(), the transaction's start,
-    could precede it)."""
+    could precede it).
+
+    `job_id` as received (in the path); the row is found by `job_key(job_id)`. Only a valid job_id, its own
+    key, can be waiting: the gate decides every invalid one when it comes."""
     async with context.pool.acquire() as connection, connection.transaction():
         current = await connection.fetchval(
-            "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2 FOR UPDATE", job_id, host_id
+            "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2 FOR UPDATE", job_key(job_id), host_id
         )
         if current is None:
             raise not_found("job host")

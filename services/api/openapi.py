@@ -16,7 +16,8 @@ PATH_PARAMETER = re.compile(r"{(\w+)}")
 JOB_ID_DESCRIPTION = (
     "The job id as one percent-encoded path segment: every job id works, `/` sent as `%2F` included "
     "(`deploy/2026/42` → `deploy%2F2026%2F42`; also `?` `%3F`, `#` `%23`, `%` `%25`, non-ASCII as UTF-8). "
-    "An id holding NUL → 422; one that no job can have (over 200 characters) → 404."
+    "A job_id the gate answered as an invalid request (over 200 characters, control characters, NUL as `%00`) "
+    "is found by it too, and shown as received."
 )
 # OpenAPI 3.1 §4.8.7.1: component names match ^[a-zA-Z0-9._-]+$. Anything else becomes "_", as pydantic
 # names its $defs, so `Page[HostView]` is `Page_HostView_` both as an endpoint's model and nested.
@@ -63,7 +64,7 @@ def _parameters(endpoint: Endpoint, schemas: _Schemas) -> list[dict[str, Any]]:
         if name.endswith("_id") and name != "job_id":
             schema["format"] = "uuid"
         if name == "job_id":
-            schema |= {"minLength": 1, "maxLength": 200}
+            schema |= {"minLength": 1}  # any length: the gate answers (and keeps) longer job_ids too
             parameter["description"] = JOB_ID_DESCRIPTION
         parameters.append(parameter)
     if endpoint.query is not None:

@@ -10,6 +10,9 @@ non-empty segment, so `%2F` inside an id is part of the id and can never be mist
 
 Rules (CONTRACT §3, "A `job_id` in a path is percent-encoded: every job id works"):
 - A segment whose percent-decoded bytes are not UTF-8 (`%FF`) matches nothing (→ 404): no id holds such text.
+  The one exception is a lone surrogate encoded as if it were a character (`%ED%A0%80` for U+D800, "surrogatepass"):
+  JSON can carry one (`"\ud800"`), so a job.start's job_id can hold one, and its path must reach it as every other
+  job id's does. No other parameter can hold one (a UUID cannot), and none is ever sent to the database as text.
 - A literal segment also matches when sent percent-encoded (`%6Aobs` is `jobs`, RFC 3986 §6.2.2.2).
 - When something rewrote `scope["path"]` after the server (Starlette's trailing-slash redirect tries the
   path with and without a final `/`), the raw path no longer describes the request; the route then falls
@@ -31,10 +34,16 @@ _CACHE_KEY = "healthgate.path_segments"
 
 
 def path_segment(value: str) -> str:
-    """One path segment, percent-encoded so that any text (`/`, `?`, `#`, `%`, spaces, non-ASCII) round-trips
-    through `SegmentRoute`. `.` and `..` are encoded too: a browser or client would resolve them as dot-segments."""
-    encoded = quote(value, safe="")
+    """One path segment, percent-encoded so that any text (`/`, `?`, `#`, `%`, spaces, non-ASCII, NUL and other
+    control characters, a lone surrogate) round-trips through `SegmentRoute`. `.` and `..` are encoded too: a
+    browser or client would resolve them as dot-segments."""
+    encoded = quote(value, safe="", errors="surrogatepass")
     return encoded.replace(".", "%2E") if encoded in (".", "..") else encoded
+
+
+# RFC 9110 §4.1: senders and recipients should support URIs of at least 8000 octets; a longer one may be refused
+# by a proxy or server on the way (nginx's default buffers hold 8 KiB request lines).
+MAX_LINKED_SEGMENT = 8000
 
 
 def browser_reachable(value: str) -> bool:
@@ -45,9 +54,18 @@ def browser_reachable(value: str) -> bool:
     return value not in (".", "..")
 
 
+def linkable(value: str) -> bool:
+    """Whether a dashboard page may link to this job id: its address stays under MAX_LINKED_SEGMENT characters
+    (the gate answers a job_id of any length: a 2 MB one is shown, not linked)."""
+    if len(value) > MAX_LINKED_SEGMENT:  # length first: quoting 2 MB takes a while
+        return False
+    return len(path_segment(value)) <= MAX_LINKED_SEGMENT
+
+
 def request_segments(scope: Scope) -> tuple[str, ...] | None:
     """The request path's segments (after `root_path`), each percent-decoded once; None when one of them is
-    not UTF-8. `/a/b%2Fc` → `("a", "b/c")`; `/` → `("",)`. Cached on the scope: every route asks."""
+    not UTF-8 (a lone surrogate's three bytes aside, see above). `/a/b%2Fc` → `("a", "b/c")`; `/` → `("",)`.
+    Cached on the scope: every route asks."""
     raw_path: bytes | None = scope.get("raw_path")
     path: str = scope["path"]
     root_path: str = scope.get("root_path", "")
@@ -70,7 +88,7 @@ def _split(raw_path: bytes | None, path: str, root_path: str) -> tuple[str, ...]
     if not raw.startswith("/"):
         return None
     try:
-        return tuple(unquote_to_bytes(segment).decode("utf-8") for segment in raw.split("/")[1:])
+        return tuple(unquote_to_bytes(segment).decode("utf-8", "surrogatepass") for segment in raw.split("/")[1:])
     except UnicodeDecodeError:
         return None
 

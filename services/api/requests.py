@@ -11,10 +11,11 @@ from collections.abc import Iterator
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+from pydantic_core import PydanticSerializationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.problems import Problem, field_errors, not_found, validation_problem
+from services.api.problems import Problem, field_errors, validation_problem
 
 MAX_BODY_BYTES = 64 * 1024
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -96,27 +97,25 @@ def _has_surrogate(text: str) -> bool:
 
 
 def path_text(request: Request, name: str) -> str:
-    """A text path parameter, percent-decoded once (services/api/paths.py); 422 naming `path.<name>` for NUL."""
+    """A text path parameter to store or query as PostgreSQL text, percent-decoded once (services/api/paths.py);
+    422 naming `path.<name>` for NUL or a lone surrogate (`%ED%A0%80`, which the paths decode for job ids). A job
+    id is read with `path_job_id` instead: any text is a job id."""
     value: str = request.path_params[name]
     if "\x00" in value:
         raise field_errors([{"field": f"path.{name}", "message": NUL_MESSAGE}])
+    if _has_surrogate(value):
+        raise field_errors([{"field": f"path.{name}", "message": SURROGATE_MESSAGE}])
     return value
 
 
-MAX_JOB_ID_LENGTH = 200  # CONTRACT §5 job.start; gate_jobs.job_id has the same CHECK
-
-
 def path_job_id(request: Request) -> str:
-    """The `{job_id}` of the path: any text that a job id may be, `/`, `?`, `#`, `%` and non-ASCII included.
+    """The `{job_id}` of the path, exactly as sent: any text, `/`, `?`, `#`, `%`, non-ASCII, NUL and other
+    control characters, more than 200 characters, a lone surrogate (services/api/paths.py) included.
 
-    422 naming `path.job_id` for NUL (PostgreSQL text cannot hold it, as for every other input); 404 for an id
-    longer than 200 characters, which no job can have (answered without a query). Other ids that no job can
-    have (control characters) are looked up like any other and are simply not found: the rule about them
-    belongs to the gate, and an id it stored must always be reachable here.
-    """
-    job_id = path_text(request, "job_id")
-    if len(job_id) > MAX_JOB_ID_LENGTH:
-        raise not_found("job")
+    CONTRACT §3, "every job id works": a job_id the gate answered as an invalid request (too long, control
+    characters) is stored under `shared.events.job_key(job_id)`, so callers look every job id up by that key
+    (a valid job_id is its own key), never by the text itself, which PostgreSQL may not be able to hold."""
+    job_id: str = request.path_params["job_id"]
     return job_id
 
 
@@ -171,6 +170,13 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
 
 
 def json_response(body: BaseModel | None, status_code: int = 200) -> Response:
+    """`body` as JSON. A string UTF-8 cannot encode (a lone surrogate, in a job_id received as `"\ud800"`, which
+    pydantic refuses to serialise) is written as the same JSON escape, by the standard library, which then
+    escapes every non-ASCII character too: the same JSON value either way."""
     if body is None:
         return Response(status_code=status_code)
-    return Response(body.model_dump_json(exclude_unset=True), status_code=status_code, media_type="application/json")
+    try:
+        content = body.model_dump_json(exclude_unset=True)
+    except PydanticSerializationError:
+        content = json.dumps(body.model_dump(mode="json", exclude_unset=True), ensure_ascii=True, separators=(",", ":"))
+    return Response(content, status_code=status_code, media_type="application/json")

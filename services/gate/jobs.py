@@ -9,7 +9,6 @@ columns of the row, so any gate process, including one started after a crash, pi
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import uuid
 from dataclasses import dataclass, field
@@ -30,6 +29,8 @@ from shared.events import (
     decision_event_id,
     deterministic_event_id,
     is_valid_job_id,
+    job_key,
+    received_job_id_bytes,
 )
 from shared.host_status import GatingCheck, gating_checks, gating_checks_as_of
 from shared.outbox import enqueue
@@ -37,10 +38,6 @@ from shared.schedule import request_reruns
 
 EVENT_SOURCE = "/healthgate/gate"
 JOB_COLUMNS = "job_id, host_id, status, window_ends_at, received_at, waiting_announced"
-# The key of an invalid job_id starts with U+001A SUBSTITUTE, the control character meant to stand
-# for a value that cannot be represented: no valid job_id holds a control character, so no valid
-# job_id is ever this key, and the key is short, NUL-free text that gate_jobs can hold.
-INVALID_JOB_KEY_PREFIX = "\x1ainvalid-job-id:sha256:"
 LOGGED_JOB_ID_LIMIT = 200
 # asyncpg stores exactly datetime.min and datetime.max (in UTC) as PostgreSQL's -infinity/infinity
 # and reads those back as *naive* datetimes, which then cannot be compared with now (the timers would
@@ -64,20 +61,6 @@ class Evaluation:
     reason: str | None = None
     detail: str | None = None
     announced: bool = False
-
-
-def job_key(job_id: str) -> str:
-    """The `gate_jobs.job_id` under which a received job_id is recorded.
-
-    A valid job_id (CONTRACT §5: 1 to 200 characters, no control characters) is its own key. Any other
-    non-empty string (too long, with NUL or other control characters, with a lone surrogate) gets a
-    key PostgreSQL can hold and that is the same for every copy of it: INVALID_JOB_KEY_PREFIX and the
-    SHA-256 of its UTF-8 ("surrogatepass", so a lone surrogate hashes too), 87 characters. Its events
-    still carry the job_id as received."""
-    if is_valid_job_id(job_id):
-        return job_id
-    digest = hashlib.sha256(job_id.encode("utf-8", "surrogatepass")).hexdigest()
-    return INVALID_JOB_KEY_PREFIX + digest
 
 
 def loggable_job_id(job_id: str) -> str:
@@ -125,13 +108,14 @@ async def record_invalid_request(
 
     `job_id` is any non-empty string as received: it is recorded under `job_key(job_id)`, so that a
     repeat of the same message finds the row and decides nothing, while the job.failed event carries
-    it unchanged. None when the job host had been recorded before (a repeat)."""
+    it unchanged, and so does the row (`received_job_id`, for the API, when it is not its own key).
+    None when the job host had been recorded before (a repeat)."""
     now = dt.datetime.now(dt.UTC)
     detail = safe_detail(f"invalid job.start: {problem}")
     inserted = await connection.fetchval(
         """
-        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, decided_at, reason, detail)
-        VALUES ($1, $2, 'failed', NULL, $3, 'invalid_request', $4)
+        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, decided_at, reason, detail, received_job_id)
+        VALUES ($1, $2, 'failed', NULL, $3, 'invalid_request', $4, $5)
         ON CONFLICT (job_id, host_id) DO NOTHING
         RETURNING true
         """,
@@ -139,6 +123,7 @@ async def record_invalid_request(
         host_id,
         now,
         detail,
+        received_job_id_bytes(job_id),
     )
     if not inserted:
         return None

@@ -15,6 +15,7 @@ from urllib.parse import quote, urlencode
 
 import asyncpg
 import jinja2
+from markupsafe import Markup, escape
 from pydantic import ValidationError
 from starlette.datastructures import FormData
 from starlette.requests import Request
@@ -38,10 +39,11 @@ from services.api.dashboard import sessions
 from services.api.dashboard.charts import Point, history_strip, latency_sparkline
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
 from services.api.jobs import override_on
-from services.api.paths import SegmentRoute, browser_reachable, path_segment
+from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
 from services.api.problems import Problem
-from services.api.requests import MAX_JOB_ID_LENGTH, path_job_id
+from services.api.requests import path_job_id
 from services.api.schemas import OverrideRequest
+from shared.events import control_character, job_key, received_job_id
 from shared.host_status import gating_check_summaries
 
 HERE = Path(__file__).parent
@@ -73,6 +75,10 @@ class Dashboard:
         self.templates.env.filters["path_segment"] = path_segment
         self.templates.env.globals["job_url"] = job_url
         self.templates.env.globals["override_url"] = override_url
+        self.templates.env.tests["linkable"] = linkable
+        # Job ids as received (the gate answers invalid ones too): control characters made visible, cut if long.
+        self.templates.env.filters["job_id_html"] = job_id_html
+        self.templates.env.filters["job_id_text"] = job_id_text
         self.templates.env.filters["status_word"] = lambda status: STATUS_WORDS.get(status, status.replace("_", " "))
 
     def routes(self) -> list[SegmentRoute | Mount]:
@@ -315,10 +321,12 @@ class Dashboard:
         job_id = dashboard_job_id(request)
         context = context_of(request)
         async with context.pool.acquire() as connection:
-            hosts = await connection.fetch(
-                f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
-                session.principal.visible_groups(),
-                job_id,
+            hosts = _shown(
+                await connection.fetch(
+                    f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
+                    session.principal.visible_groups(),
+                    job_key(job_id),  # as the API does: an invalid job_id's row is under its key
+                )
             )
             if not hosts:
                 raise Problem(404, "job not found")
@@ -369,16 +377,14 @@ def override_url(job_id: str, host_id: uuid.UUID | str) -> str:
 def dashboard_job_id(request: Request) -> str:
     """The job id of a dashboard request: the `{job_id}` path segment, else the `job_id` query parameter (`job_url`).
 
-    The query's id follows the path's rules (`path_job_id`): NUL → 422, longer than 200 characters → 404; an
-    empty or repeated `job_id` names no one job → 404.
+    The query's id follows the path's rules (`path_job_id`): any text, looked up by its `job_key`; an empty or
+    repeated `job_id` names no one job → 404.
     """
     if "job_id" in request.path_params:
         return path_job_id(request)
     values = request.query_params.getlist("job_id")
-    if len(values) != 1 or not values[0] or len(values[0]) > MAX_JOB_ID_LENGTH:
+    if len(values) != 1 or not values[0]:
         raise Problem(404, "job not found")
-    if "\x00" in values[0]:
-        raise Problem(422, "a job id cannot contain NUL")
     return values[0]
 
 
@@ -466,15 +472,64 @@ JOB_HOST_SELECT = "SELECT j.*, h.name AS host_name FROM gate_jobs j LEFT JOIN ho
 JOB_HOST_VISIBLE = '($1::text[] IS NULL OR h."group" = ANY($1))'
 
 
-async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[asyncpg.Record]:
+async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
     order = "j.window_ends_at" if waiting else "j.decided_at DESC"
     condition = f"j.status = '{WAITING}'" if waiting else f"j.status <> '{WAITING}'"
-    return await connection.fetch(
-        f"{JOB_HOST_SELECT} WHERE {condition} AND {JOB_HOST_VISIBLE} ORDER BY {order} LIMIT 100", groups
+    return _shown(
+        await connection.fetch(
+            f"{JOB_HOST_SELECT} WHERE {condition} AND {JOB_HOST_VISIBLE} ORDER BY {order} LIMIT 100", groups
+        )
     )
 
 
-async def _failing_checks(connection: asyncpg.Connection, waiting: list[asyncpg.Record]) -> dict[uuid.UUID, list[Any]]:
+def _shown(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
+    """Job host rows as the pages show them: `job_id` the one received, not the key an invalid one is stored
+    under (migration 0009)."""
+    shown = []
+    for row in rows:
+        values = dict(row)
+        values["job_id"] = received_job_id(values["job_id"], values.pop("received_job_id"))
+        shown.append(values)
+    return shown
+
+
+# A job_id shown on a page: the gate answers (and stores) job_ids of any length, 2 MB too.
+SHOWN_JOB_ID_LENGTH = 200
+
+
+def job_id_html(job_id: str) -> Markup:
+    """A job_id as HTML: escaped, each control character or lone surrogate (which HTML cannot carry: NUL becomes
+    U+FFFD, a surrogate cannot even be encoded) shown as a marked `U+0000`, and cut after 200 characters with
+    how long it is."""
+    parts: list[str] = []
+    text, rest = _cut(job_id)
+    while (found := control_character(text)) is not None:
+        index, character = found
+        parts.append(str(escape(text[:index])))
+        code = f"U+{ord(character):04X}"
+        kind = "lone surrogate" if 0xD800 <= ord(character) <= 0xDFFF else "control character"
+        parts.append(f'<span class="control-character" title="{kind} {code}">{code}</span>')
+        text = text[index + 1 :]
+    parts.append(str(escape(text)))
+    if rest:
+        parts.append(f'<span class="muted">… ({len(job_id)} characters)</span>')
+    return Markup("".join(parts))
+
+
+def job_id_text(job_id: str) -> str:
+    """A job_id as plain text (a page title, an attribute): as `job_id_html`, without the markup."""
+    text, rest = _cut(job_id)
+    shown = "".join(
+        f"U+{ord(character):04X}" if control_character(character) is not None else character for character in text
+    )
+    return f"{shown}… ({len(job_id)} characters)" if rest else shown
+
+
+def _cut(job_id: str) -> tuple[str, str]:
+    return job_id[:SHOWN_JOB_ID_LENGTH], job_id[SHOWN_JOB_ID_LENGTH:]
+
+
+async def _failing_checks(connection: asyncpg.Connection, waiting: list[dict[str, Any]]) -> dict[uuid.UUID, list[Any]]:
     """For each waiting job host's host: its gating checks that are not healthy (what it waits for)."""
     failing = {}
     for host_id in {row["host_id"] for row in waiting}:
