@@ -42,15 +42,16 @@ class ServiceProcess:
                 self.process.wait()
         return self.process.returncode
 
-    def restart(self) -> None:
+    def restart(self, *, until: str = "ready") -> None:
         """Start it again, with the same environment and port, after a stop."""
-        self.process = start_service(self.name, self.env, self.log_path, port=self.port).process
+        self.process = start_service(self.name, self.env, self.log_path, port=self.port, until=until).process
 
 
 def start_service(
-    name: str, env: dict[str, str], log_path: Path, *, port: int, ready_timeout: float = 30
+    name: str, env: dict[str, str], log_path: Path, *, port: int, ready_timeout: float = 30, until: str = "ready"
 ) -> ServiceProcess:
-    """Start `healthgate NAME` and wait until its /health/live answers."""
+    """Start `healthgate NAME` and wait until its /health/ready answers 200, or only its /health/live with
+    `until="live"` (a service whose database or broker is down is live but not ready)."""
     log_file = log_path.open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", name],
@@ -65,7 +66,7 @@ def start_service(
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with {process.returncode}:\n{service.log_text()}")
         try:
-            if httpx.get(service.base_url + "/health/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{service.base_url}/health/{until}", timeout=1).status_code == 200:
                 return service
         except httpx.HTTPError:
             pass
