@@ -71,9 +71,10 @@ class DatabaseWatch:
     with the outage's length. It starts as not up: the first probe decides (a service that starts
     while PostgreSQL is down logs the outage once, and its consumers wait for the database).
 
-    When an outage is confirmed, the pool's idle connections are expired, so that after the recovery
-    no task is handed a connection that died with the old server. `run()` must be running (a service
-    task); `quiet` logs at DEBUG (a second pool of the same process, whose outages the first logs)."""
+    On every report the pool's idle connections are expired, so that after a recovery (or a server
+    restart quicker than the probe) no task is handed a connection that died with the old server.
+    `run()` must be running (a service task); `quiet` logs at DEBUG (a second pool of the same process,
+    whose outages the first logs)."""
 
     def __init__(self, dsn: str, pool: asyncpg.Pool | None = None, *, quiet: bool = False) -> None:
         self._dsn = dsn
@@ -111,13 +112,15 @@ class DatabaseWatch:
         while True:
             await self._suspect.wait()
             self._suspect.clear()
+            if self._pool is not None:
+                # The pool's idle connections may have died with the server (even if it is back already,
+                # after a quick restart): each would fail once more. Connections in use close on release.
+                await self._pool.expire_connections()
             confirmed = False
             while (error := await self.probe()) is not None:
                 if not confirmed:
                     confirmed = True
                     self._log.down(error)
-                    if self._pool is not None:
-                        await self._pool.expire_connections()
                 await asyncio.sleep(PROBE_INTERVAL_SECONDS)
             self._suspect.clear()  # reports made while probing are answered by this success
             self._log.up()
@@ -134,7 +137,7 @@ class DatabaseWatch:
                     await connection.fetchval("SELECT 1")
                 finally:
                     await connection.close(timeout=PROBE_TIMEOUT_SECONDS)
-        except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+        except Exception as exc:  # whatever keeps it from answering (refused, auth, missing database, timeout)
             return exc
         return None
 

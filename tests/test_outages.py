@@ -30,7 +30,7 @@ from prometheus_client import CollectorRegistry
 
 import shared.consuming
 from shared.consuming import HANDBACK_HEADER, ConsumerMetrics, Consumers
-from shared.database import DatabaseWatch, create_pool
+from shared.database import DatabaseWatch, create_pool, is_transient_database_error
 from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker
 from shared.topology import GATE_JOBS_QUEUE, POLLER_TICK_QUEUE, QUEUES, Topology
@@ -546,3 +546,24 @@ async def _not(value: bool) -> bool:
 async def _true(value: bool) -> bool:
     return value
 
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (ConnectionRefusedError(111, "refused"), True),
+        (TimeoutError(), True),
+        (asyncpg.ConnectionDoesNotExistError("connection was closed in the middle of operation"), True),
+        (asyncpg.InterfaceError("connection is closed"), True),
+        (asyncpg.AdminShutdownError("terminating connection due to administrator command"), True),
+        (asyncpg.CannotConnectNowError("the database system is starting up"), True),
+        (asyncpg.TooManyConnectionsError("sorry, too many clients already"), True),
+        (asyncpg.QueryCanceledError("canceling statement due to statement timeout"), False),
+        (asyncpg.DataError("invalid input for query argument $1"), False),
+        (asyncpg.UniqueViolationError("duplicate key"), False),
+        (asyncpg.exceptions.ClientConfigurationError("bad option"), False),
+        (ValueError("a bug"), False),
+    ],
+)
+def test_which_database_errors_are_an_outage(error: BaseException, transient: bool) -> None:
+    assert is_transient_database_error(error) is transient
