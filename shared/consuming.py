@@ -60,6 +60,8 @@ HANDBACK_HEADER = "healthgate-handbacks"
 HANDBACK_LIMIT = 50
 FAILED_MESSAGE_BACKOFF_SECONDS = 1.0
 RECONCILE_SECONDS = 1.0
+# After the grace period: how long the messages still at work get to be handed back (one confirmed publish).
+HAND_BACK_SECONDS = 6.0
 # What acking, nacking or consuming raises when the message was settled already or its channel is gone.
 SETTLE_ERRORS = (
     aiormq.exceptions.AMQPError,
@@ -70,6 +72,8 @@ SETTLE_ERRORS = (
 
 
 class ConsumerMetrics:
+    """`healthgate_messages_handed_back_total{queue}` and `healthgate_messages_failed_total{queue}`."""
+
     def __init__(self, registry: CollectorRegistry) -> None:
         self.handed_back = Counter(
             "healthgate_messages_handed_back", "Messages put back in their queue without counting a delivery",
@@ -152,7 +156,7 @@ class Consumers:
         for work in self._working:
             work.cancel()
         if self._deliveries:
-            await asyncio.wait(set(self._deliveries), timeout=grace_seconds)
+            await asyncio.wait(set(self._deliveries), timeout=HAND_BACK_SECONDS)
 
     async def _reconcile(self) -> None:
         """Subscribe or cancel each consumer so that it consumes exactly while it should."""

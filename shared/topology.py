@@ -94,6 +94,7 @@ async def declare_exchange(channel: AbstractChannel, topology: Topology) -> Abst
 
 
 async def declare_requeue_exchange(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    """The durable headers exchange through which consumers hand messages back (`Topology.requeue_exchange`)."""
     return await channel.declare_exchange(topology.requeue_exchange, aio_pika.ExchangeType.HEADERS, durable=True)
 
 
