@@ -115,11 +115,6 @@ class Consumers:
         """Consume the topology's queue `spec` with `handler`, at most `prefetch` messages at once."""
         self._consumers.append(_Consumer(spec, handler, prefetch))
 
-    @property
-    def consuming(self) -> bool:
-        """True while every consumer is subscribed."""
-        return bool(self._consumers) and all(consumer.tag is not None for consumer in self._consumers)
-
     async def attach(self, connection: AbstractRobustConnection) -> None:
         """Open each queue on a channel of its own (Broker.run's on-connected hook); consuming starts
         when the database answers."""
@@ -168,7 +163,7 @@ class Consumers:
                 if wanted and consumer.tag is None:
                     try:
                         consumer.tag = await consumer.queue.consume(functools.partial(self._deliver, consumer))
-                    except Exception as exc:  # tried again on the broker's return, or in a second
+                    except (Exception, asyncio.CancelledError) as exc:  # tried again on the broker's return, or soon
                         _log_broker_error("could not start consuming", consumer.queue.name, exc)
                 elif not wanted and consumer.tag is not None:
                     tag, consumer.tag = consumer.tag, None
@@ -176,7 +171,7 @@ class Consumers:
                         # The robust queue forgets the consumer first, so it is not restored on a reconnect
                         # even if this fails (the channel is gone: its messages went back with it).
                         await consumer.queue.cancel(tag, timeout=5)
-                    except Exception as exc:
+                    except (Exception, asyncio.CancelledError) as exc:
                         _log_broker_error("could not cancel a consumer", consumer.queue.name, exc)
 
     async def _deliver(self, consumer: _Consumer, message: AbstractIncomingMessage) -> None:
@@ -256,10 +251,15 @@ class Consumers:
         await _settle(message.ack())
 
 
-def _log_broker_error(message: str, queue: str, error: Exception) -> None:
-    # While the broker is away these fail as expected (its outage is logged once by the Broker); anything
-    # else is worth a line.
-    level = logging.DEBUG if isinstance(error, (*SETTLE_ERRORS, TimeoutError, OSError)) else logging.WARNING
+def _log_broker_error(message: str, queue: str, error: BaseException) -> None:
+    """While the broker is away these fail as expected (its outage is logged once by the Broker); anything
+    else is worth a line. A CancelledError is re-raised when this task is being cancelled (the service
+    stops); one that only says that aiormq closed the channel under the call is an error like the others."""
+    current = asyncio.current_task()
+    if isinstance(error, asyncio.CancelledError) and (current is None or current.cancelling()):
+        raise error
+    expected = (*SETTLE_ERRORS, TimeoutError, OSError, asyncio.CancelledError)
+    level = logging.DEBUG if isinstance(error, expected) else logging.WARNING
     log.log(level, message, extra={"queue": queue, "error": describe_error(error)})
 
 
