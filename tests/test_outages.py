@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import json
 import signal
 import socket
@@ -81,9 +82,15 @@ async def wait_for_log(service: ServiceProcess, text: str, count: int = 1) -> No
             await asyncio.sleep(0.1)
 
 
-async def wait_until(condition: Callable[[], Awaitable[object]], timeout: float = GUARD_SECONDS) -> None:
+async def wait_until(condition: Callable[[], object], timeout: float = GUARD_SECONDS) -> None:
+    """Until `condition()` (or what it returns, if awaitable) is true."""
     async with asyncio.timeout(timeout):
-        while not await condition():
+        while True:
+            value = condition()
+            if inspect.isawaitable(value):
+                value = await value
+            if value:
+                return
             await asyncio.sleep(0.2)
 
 
@@ -551,14 +558,14 @@ async def test_a_message_that_meets_an_outage_is_handed_back_without_a_delivery_
         await asyncio.wait_for(holding.wait(), GUARD_SECONDS)
         await asyncio.to_thread(own_postgres.stop)
         release.set()  # the handler now meets the outage
-        await wait_until(lambda: _not(harness.database.is_up))
+        await wait_until(lambda: not harness.database.is_up)
         await harness.publish(b"second")  # not taken while the database is down
         await asyncio.sleep(1)
         queue_name = harness.topology.queue_name(SPEC)
         assert await ready_messages(backing.amqp_url, queue_name) == 2
         assert [body for body, _, _ in seen] == [b"first"]
         await asyncio.to_thread(own_postgres.start)
-        await wait_until(lambda: _true(len(seen) == 3))
+        await wait_until(lambda: len(seen) == 3)
         await asyncio.sleep(0.5)
         assert await ready_messages(backing.amqp_url, queue_name) == 0
         assert await ready_messages(backing.amqp_url, harness.topology.dead_letter_queue) == 0
@@ -591,14 +598,6 @@ async def test_messages_still_at_work_when_the_grace_period_ends_are_handed_back
             await message.ack()
     assert message.body == b"stuck"
     assert (message.headers or {}).get("x-delivery-count", 0) == 0 and (message.headers or {})[HANDBACK_HEADER] == 1
-
-
-async def _not(value: bool) -> bool:
-    return not value
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 
