@@ -309,7 +309,7 @@ async def delete_topology(amqp_url: str, exchange: str, extra_queues: Iterable[s
         channel = await connection.channel()
         for queue in [*extra_queues, topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
             await channel.queue_delete(queue)
-        for name in (topology.exchange, topology.dead_letter_exchange):
+        for name in (topology.exchange, topology.dead_letter_exchange, topology.requeue_exchange):
             await channel.exchange_delete(name)
 
 

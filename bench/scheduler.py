@@ -78,7 +78,7 @@ async def scheduler_process(database_url: str, amqp_url: str, exchange: str) -> 
     from prometheus_client import CollectorRegistry
 
     from services.poller.scheduler import Scheduler, SchedulerMetrics
-    from shared.database import create_pool
+    from shared.database import DatabaseWatch, create_pool
     from shared.messaging import Broker
     from shared.topology import Topology
 
@@ -114,11 +114,14 @@ async def scheduler_process(database_url: str, amqp_url: str, exchange: str) -> 
     for signal_number in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signal_number, stopping.set)
     print(json.dumps({"ready": True}), flush=True)
-    task = asyncio.create_task(TimedScheduler(pool, broker, metrics).run())
+    database = DatabaseWatch(database_url, pool)
+    watching = asyncio.create_task(database.run())
+    task = asyncio.create_task(TimedScheduler(pool, broker, metrics, database).run())
     await stopping.wait()
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for running in (task, watching):
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
     await broker.close()
     await pool.close()
     buckets = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 from collections.abc import Iterable
@@ -11,6 +12,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from shared.outages import OutageLog, describe_error
 from shared.settings import redact_url
 
 log = logging.getLogger(__name__)
@@ -20,8 +22,124 @@ MIGRATION_LOCK_ID = 0x6865616C74686761  # "healthga"
 RESULT_PARTITION_DAYS_AHEAD = 7
 
 
+# What PostgreSQL being unreachable looks like to a client: the one list every service uses to tell "the
+# database is down (or restarting), wait for it" from "this failed" (a bug, a bad query, a conflict).
+# - OSError: refused, reset, unreachable, and TimeoutError (a connect or command timeout);
+# - PostgresConnectionError: SQLSTATE class 08 (and asyncpg's "connection was closed in the middle of
+#   operation", ConnectionDoesNotExistError);
+# - InterfaceError: a connection used after it closed, or a pool closing;
+# - 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now (starting, shutting down, in
+#   recovery) — not the rest of class 57, such as 57014 query_canceled (a statement timeout);
+# - 53300 too many connections: the server is full, not our query.
+TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+)
+# asyncpg InterfaceErrors that are our mistake, not an outage.
+_NOT_TRANSIENT: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+)
+PROBE_INTERVAL_SECONDS = 0.5
+PROBE_TIMEOUT_SECONDS = 3.0
+
+
+def is_transient_database_error(error: BaseException) -> bool:
+    """True if `error` says that PostgreSQL is unreachable (down, restarting, full), not that the work
+    failed: see TRANSIENT_DATABASE_ERRORS."""
+    return isinstance(error, TRANSIENT_DATABASE_ERRORS) and not isinstance(error, _NOT_TRANSIENT)
+
+
 class DatabaseUnavailable(Exception):
     """PostgreSQL cannot be reached or refused the connection."""
+
+
+class DatabaseWatch:
+    """Whether PostgreSQL answers, as one process sees it; logs each outage once.
+
+    Any part of the service that meets a transient error calls `report(error)`. The watch then stops
+    counting the database as up at once (`wait_down` returns: consumers stop taking messages) and
+    probes it (a fresh connection and `SELECT 1`): if it answers at once, the error was a single lost
+    connection and nothing is logged; otherwise one warning "PostgreSQL unavailable" is logged and the
+    probe repeats every `PROBE_INTERVAL_SECONDS` until it answers, then one "PostgreSQL recovered" line
+    with the outage's length. It starts as not up: the first probe decides (a service that starts
+    while PostgreSQL is down logs the outage once, and its consumers wait for the database).
+
+    On every report the pool's idle connections are expired, so that after a recovery (or a server
+    restart quicker than the probe) no task is handed a connection that died with the old server.
+    `run()` must be running (a service task); `quiet` logs at DEBUG (a second pool of the same process,
+    whose outages the first logs)."""
+
+    def __init__(self, dsn: str, pool: asyncpg.Pool | None = None, *, quiet: bool = False) -> None:
+        self._dsn = dsn
+        self._pool = pool
+        self._log = OutageLog(
+            log, "PostgreSQL unavailable, waiting for it", "PostgreSQL recovered",
+            fields={"url": redact_url(dsn)}, quiet=quiet,
+        )  # fmt: skip
+        self._up = asyncio.Event()
+        self._down = asyncio.Event()
+        self._down.set()
+        self._suspect = asyncio.Event()
+        self._suspect.set()
+
+    @property
+    def is_up(self) -> bool:
+        return self._up.is_set()
+
+    async def wait_up(self) -> None:
+        await self._up.wait()
+
+    async def wait_down(self) -> None:
+        await self._down.wait()
+
+    def report(self, error: BaseException) -> None:
+        """A task met a transient error: count the database as down until a probe says otherwise."""
+        if self._up.is_set():
+            log.debug("database error reported", extra={"error": describe_error(error)})
+        self._up.clear()
+        self._down.set()
+        self._suspect.set()
+
+    async def run(self) -> None:
+        """Probe whenever an error was reported (and at start) until the database answers. Never returns."""
+        while True:
+            await self._suspect.wait()
+            self._suspect.clear()
+            if self._pool is not None:
+                # The pool's idle connections may have died with the server (even if it is back already,
+                # after a quick restart): each would fail once more. Connections in use close on release.
+                await self._pool.expire_connections()
+            confirmed = False
+            while (error := await self.probe()) is not None:
+                if not confirmed:
+                    confirmed = True
+                    self._log.down(error)
+                await asyncio.sleep(PROBE_INTERVAL_SECONDS)
+            self._suspect.clear()  # reports made while probing are answered by this success
+            self._log.up()
+            self._down.clear()
+            self._up.set()
+
+    async def probe(self) -> BaseException | None:
+        """One `SELECT 1` on a connection of its own (the pool may be full or hold dead connections);
+        None if it answered, else the error."""
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_SECONDS):
+                connection = await asyncpg.connect(self._dsn, timeout=PROBE_TIMEOUT_SECONDS)
+                try:
+                    await connection.fetchval("SELECT 1")
+                finally:
+                    await connection.close(timeout=PROBE_TIMEOUT_SECONDS)
+        except Exception as exc:  # whatever keeps it from answering (refused, auth, missing database, timeout)
+            return exc
+        return None
 
 
 @dataclass(frozen=True)

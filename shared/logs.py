@@ -53,39 +53,34 @@ class TextFormatter(logging.Formatter):
 
 
 class _BrokerNoise(logging.Filter):
-    """Turns what aiormq and aio-pika log about a lost or refused broker connection into one warning line
-    per event, without tracebacks: the service copes (it reconnects by itself), so an operator needs to
-    know that it happened and why, not where in the library.
+    """Drops what aiormq and aio-pika log about a lost or refused broker connection: the service copes (it
+    reconnects by itself), and `shared.messaging.Broker` logs each outage once, as one warning with its cause
+    and one line when it is over. An operator needs to know that it happened and why, not each attempt, nor
+    where in the library.
 
-    - aiormq's "error when creating transport" ERROR repeats a failed attempt that the caller (our Broker's
-      first connect, aio-pika's robust reconnect) logs itself as a warning with the retry delay: dropped.
-    - aiormq's "Cancelling cause reader exited abnormally" carries the cause of a lost connection as a
-      traceback: kept as one warning with the cause in `error`.
-    - aiormq's "Unexpected connection close from remote" (the broker closed it, e.g. on shutdown): a warning.
+    - aiormq's "error when creating transport" repeats a failed attempt that our Broker's first connect
+      logs itself as a warning with the retry delay;
+    - aiormq's "Unexpected connection close from remote" and "Cancelling cause reader exited abnormally"
+      (a traceback) say that the connection was lost;
+    - aio-pika's "Connection attempt to ... failed/cancelled. Reconnecting after 5 seconds.", one per attempt
+      while the broker is away;
     - aio-pika's "Callback <OneShotCallback ... RobustChannel._on_close> error" lines, one per channel, say
       that a channel could not be closed on a connection already gone; the robust connection restores the
-      channels when it reconnects: dropped.
+      channels when it reconnects.
     """
+
+    DROPPED = (
+        "error when creating transport",
+        "Unexpected connection close from remote",
+        "Cancelling cause reader exited abnormally",
+        "Connection attempt to ",
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         template = str(record.msg)
-        if template.startswith("error when creating transport"):
+        if template.startswith(self.DROPPED):
             return False
-        if template.startswith("Callback ") and "RobustChannel._on_close" in record.getMessage():
-            return False
-        if template.startswith("Cancelling cause reader exited abnormally"):
-            error = record.exc_info[1] if record.exc_info else None
-            record.msg, record.args = "lost the connection to RabbitMQ, reconnecting", ()
-            record.error = (str(error) or type(error).__name__) if error is not None else "unknown"
-            record.exc_info, record.exc_text = None, None
-            _as_warning(record)
-        elif template.startswith("Unexpected connection close from remote"):
-            _as_warning(record)
-        return True
-
-
-def _as_warning(record: logging.LogRecord) -> None:
-    record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return not (template.startswith("Callback ") and "RobustChannel._on_close" in record.getMessage())
 
 
 def configure_logging(service: str, log_format: Literal["json", "text"], level: int = logging.INFO) -> None:
@@ -101,5 +96,5 @@ def configure_logging(service: str, log_format: Literal["json", "text"], level: 
     logging.getLogger("aio_pika").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
     logging.getLogger("uvicorn.error").setLevel(logging.WARNING)
-    for noisy in ("aiormq.connection", "aio_pika.tools"):
+    for noisy in ("aiormq.connection", "aio_pika.tools", "aio_pika.robust_connection"):
         logging.getLogger(noisy).filters[:] = [_BrokerNoise()]

@@ -14,11 +14,17 @@ from collections.abc import Awaitable, Callable
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractExchange, AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+)
 from aio_pika.connection import make_url
 
+from shared.outages import OutageLog
 from shared.settings import redact_url
-from shared.topology import Topology, declare_topology
+from shared.topology import REQUEUE_HEADER, Topology, declare_requeue_exchange, declare_topology
 
 log = logging.getLogger(__name__)
 
@@ -39,14 +45,27 @@ class Unroutable(Exception):
 
 
 class Broker:
-    def __init__(self, url: str, topology: Topology, *, connection_name: str) -> None:
+    """The service's one robust connection to RabbitMQ, with a confirm channel for publishing.
+
+    A lost connection is logged once as a warning ("lost the connection to RabbitMQ, reconnecting",
+    with the error) and its return once ("RabbitMQ recovered: reconnected to RabbitMQ", with the
+    outage's length), however many attempts the robust connection makes in between. `quiet` logs both
+    at DEBUG: for a second connection of the same process (the poller's relay thread)."""
+
+    def __init__(self, url: str, topology: Topology, *, connection_name: str, quiet: bool = False) -> None:
         self.url = url
         self.topology = topology
         self.connection_name = connection_name
         self.connection: AbstractRobustConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchange: AbstractExchange | None = None
+        self._requeue_exchange: AbstractExchange | None = None
         self._ready = asyncio.Event()
+        self._closing = False
+        self.outage = OutageLog(
+            log, "lost the connection to RabbitMQ, reconnecting", "RabbitMQ recovered: reconnected to RabbitMQ",
+            fields={"url": redact_url(url)}, quiet=quiet,
+        )  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -54,6 +73,7 @@ class Broker:
             self._ready.is_set()
             and self.connection is not None
             and not self.connection.is_closed
+            and self.connection.connected.is_set()  # cleared while the robust connection reconnects
             and self._channel is not None
             and not self._channel.is_closed
         )
@@ -91,16 +111,24 @@ class Broker:
                 raise
         self.connection = connection
         connection.reconnect_callbacks.add(self._on_reconnected)
+        connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await connection.channel(publisher_confirms=True)  # type: ignore[assignment]
         self._exchange = await declare_topology(self._channel, self.topology)
+        self._requeue_exchange = await declare_requeue_exchange(self._channel, self.topology)
         if on_connected is not None:
             await on_connected(connection)
         self._ready.set()
         log.info("connected to RabbitMQ", extra={"url": redact_url(self.url)})
 
+    def _on_connection_lost(self, _: object, error: BaseException | None = None) -> None:
+        # aiormq and aio-pika log the loss and every reconnect attempt in their own words (shared/logs.py
+        # drops those lines); this is the one line an operator gets.
+        if self._closing:
+            return
+        self.outage.down(error if error is not None and not isinstance(error, asyncio.CancelledError) else "closed")
+
     def _on_reconnected(self, *_: object) -> None:
-        # aio-pika says so only at INFO, which the logging set-up mutes with the rest of its chatter.
-        log.info("reconnected to RabbitMQ", extra={"url": redact_url(self.url)})
+        self.outage.up()
 
     async def publish(
         self,
@@ -142,6 +170,35 @@ class Broker:
             unroutable=f"reply queue {reply_to!r} is gone",
         )  # fmt: skip
 
+    async def requeue(self, message: AbstractIncomingMessage, queue_name: str, headers: dict[str, object]) -> None:
+        """Put a copy of a delivered message back at the end of one queue, with confirm: the same body,
+        routing key and properties, `headers` added, and without `x-delivery-count`, so that the copy starts
+        with no delivery counted. It goes through the requeue exchange, which routes only to `queue_name`:
+        other subscribers of the main exchange never see it twice. PublishFailed or Unroutable if it does
+        not go; the caller still holds the original then."""
+        if not self.ready or self._channel is None or self._requeue_exchange is None:
+            raise PublishFailed("not connected to RabbitMQ")
+        kept = {key: value for key, value in (message.headers or {}).items() if key != "x-delivery-count"}
+        copy = aio_pika.Message(
+            message.body,
+            headers=kept | headers | {REQUEUE_HEADER: queue_name},
+            content_type=message.content_type,
+            content_encoding=message.content_encoding,
+            delivery_mode=message.delivery_mode or aio_pika.DeliveryMode.PERSISTENT,
+            priority=message.priority,
+            correlation_id=message.correlation_id,
+            reply_to=message.reply_to,
+            expiration=message.expiration,
+            message_id=message.message_id,
+            timestamp=message.timestamp,
+            type=message.type,
+            app_id=message.app_id,
+        )
+        await _confirmed(
+            self._requeue_exchange, copy, message.routing_key or "", PUBLISH_TIMEOUT_SECONDS,
+            unroutable=f"queue {queue_name!r} is not bound to {self.topology.requeue_exchange!r}",
+        )  # fmt: skip
+
     async def ping(self, timeout: float = 2.0) -> float:
         """Round trip to the broker in milliseconds (a passive declare of our exchange)."""
         if not self.ready or self._channel is None:
@@ -152,6 +209,7 @@ class Broker:
 
     async def close(self) -> None:
         self._ready.clear()
+        self._closing = True
         if self.connection is not None:
             await self.connection.close()
 

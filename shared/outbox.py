@@ -18,7 +18,7 @@ import uuid
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shared.database import create_pool
+from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, create_pool, is_transient_database_error
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
 from shared.messaging import Broker, PublishFailed, Unroutable
 from shared.topology import Topology
@@ -124,10 +124,18 @@ class OutboxMetrics:
 
 
 class OutboxRelay:
-    def __init__(self, pool: asyncpg.Pool, broker: Broker, metrics: OutboxMetrics) -> None:
+    """Publishes the outbox. Outages are reported, not logged here: a lost database goes to `database`
+    (the process's watch, which logs it once and says when it is back; without one, the relay retries
+    every second), a lost broker is logged by the Broker; a failed publish while the broker is up gets a
+    warning of its own."""
+
+    def __init__(
+        self, pool: asyncpg.Pool, broker: Broker, metrics: OutboxMetrics, database: DatabaseWatch | None = None
+    ) -> None:
         self._pool = pool
         self._broker = broker
         self._metrics = metrics
+        self._database = database
         self._wakeup = asyncio.Event()
 
     def _on_notify(self, *_: object) -> None:
@@ -143,14 +151,18 @@ class OutboxRelay:
                     try:
                         await self._relay_until_connection_lost(listener)
                     finally:
-                        if not listener.is_closed():
+                        if not _lost(listener):
                             await listener.remove_listener(NOTIFY_CHANNEL, self._on_notify)
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                log.warning("outbox relay lost the database, will retry", extra={"error": str(exc)})
-                await asyncio.sleep(RETRY_DELAY_SECONDS)
+            except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+                if is_transient_database_error(exc) and self._database is not None:
+                    self._database.report(exc)
+                    await self._database.wait_up()
+                else:
+                    log.warning("outbox relay failed, will retry", extra={"error": str(exc)})
+                    await asyncio.sleep(RETRY_DELAY_SECONDS)
 
     async def _relay_until_connection_lost(self, listener: asyncpg.Connection) -> None:
-        while not listener.is_closed():
+        while not _lost(listener):
             self._wakeup.clear()
             if not self._broker.ready:
                 # Rows wait in the table while the broker is away; nothing is lost meanwhile.
@@ -160,7 +172,8 @@ class OutboxRelay:
                 handled = await self.relay_batch()
             except PublishFailed as exc:
                 self._metrics.publish_failures.inc()
-                log.warning("outbox publish failed, will retry", extra={"error": str(exc)})
+                if self._broker.ready:  # else the broker's outage, which the Broker logs once
+                    log.warning("outbox publish failed, will retry", extra={"error": str(exc)})
                 await asyncio.sleep(RETRY_DELAY_SECONDS)
                 continue
             if handled < BATCH_SIZE:
@@ -220,6 +233,16 @@ class OutboxRelay:
         self._metrics.published.labels(routing_key).inc()
 
 
+def _lost(listener: asyncpg.Connection) -> bool:
+    """Whether the LISTEN connection is gone. When the server closes a pooled connection, asyncpg
+    releases it back to the pool at once, and every later call on it (`is_closed()` too) raises
+    InterfaceError "connection has been released back to the pool": that means lost as well."""
+    try:
+        return listener.is_closed()
+    except asyncpg.InterfaceError:
+        return True
+
+
 class RelayThread:
     """The outbox relay on a thread with its own event loop, pool and broker connection.
 
@@ -255,17 +278,22 @@ class RelayThread:
             loop.close()
 
     async def _relay(self) -> None:
-        # Created once, on this thread's loop, for the life of the thread.
+        # Created once, on this thread's loop, for the life of the thread. Their outages are the service's
+        # outages, which the main loop's watch and broker log: here they are logged at DEBUG only.
         pool = await create_pool(self._dsn, min_size=0, max_size=3)
-        broker = Broker(self._amqp_url, self._topology, connection_name=f"healthgate-{self._name}-relay")
+        broker = Broker(self._amqp_url, self._topology, connection_name=f"healthgate-{self._name}-relay", quiet=True)
+        database = DatabaseWatch(self._dsn, pool, quiet=True)
         self._task = asyncio.current_task()
         self._started.set()
+        watching = asyncio.create_task(database.run())
         try:
             await broker.run()
-            await OutboxRelay(pool, broker, self._metrics).run()
+            await OutboxRelay(pool, broker, self._metrics, database).run()
         except asyncio.CancelledError:
             pass
         finally:
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
             await broker.close()
             await pool.close()
 

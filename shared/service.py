@@ -1,8 +1,10 @@
 """What every worker service (poller, gate, pruner) runs on: one pool, one broker connection, the
-outbox relay, health endpoints and /metrics, signal handling, and an orderly stop.
+outbox relay, the database watch and the consumers that follow it, health endpoints and /metrics,
+signal handling, and an orderly stop.
 
     async with WorkerRuntime("gate", settings) as runtime:
-        runtime.tasks.start(runtime.broker.run(gate.start_consuming), "broker")
+        runtime.consumers.add(GATE_JOBS_QUEUE, gate.on_job_message, prefetch=64)
+        runtime.start_broker()
         await runtime.stopped()
     return runtime.succeeded
 """
@@ -16,7 +18,8 @@ from types import TracebackType
 
 from prometheus_client import CollectorRegistry
 
-from shared.database import create_pool
+from shared.consuming import ConsumerMetrics, Consumers
+from shared.database import DatabaseWatch, create_pool
 from shared.health import ServiceHealth, base_url, listen, serve_health
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay, RelayThread
@@ -26,8 +29,15 @@ from shared.topology import Topology
 
 log = logging.getLogger(__name__)
 
+# SIGTERM: how long the handlers at work get to finish before their messages are handed back.
+CONSUMER_GRACE_SECONDS = 10.0
+
 
 class WorkerRuntime:
+    """`database` (a DatabaseWatch, running) is where every task reports transient database errors;
+    `consumers` (with a broker) consume only while it says PostgreSQL answers; `consumer_grace_seconds`
+    bounds how long SIGTERM waits for the handlers at work."""
+
     def __init__(
         self,
         name: str,
@@ -36,12 +46,14 @@ class WorkerRuntime:
         pool_size: int = 10,
         with_broker: bool = True,
         relay_on_own_thread: bool = False,
+        consumer_grace_seconds: float = CONSUMER_GRACE_SECONDS,
     ) -> None:
         self.name = name
         self.settings = settings
         self.pool_size = pool_size
         self.with_broker = with_broker
         self.relay_on_own_thread = relay_on_own_thread
+        self.consumer_grace_seconds = consumer_grace_seconds
         self._relay_thread: RelayThread | None = None
         self.registry = CollectorRegistry()
         self._stopping = asyncio.Event()
@@ -55,6 +67,8 @@ class WorkerRuntime:
         # Connections open on demand: the service starts, and reports not ready, while PostgreSQL is down.
         self.pool = await create_pool(settings.database_url, min_size=0, max_size=self.pool_size)
         self.broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name=f"healthgate-{self.name}")
+        self.database = DatabaseWatch(settings.database_url, self.pool)
+        self.consumers = Consumers(self.broker, self.database, ConsumerMetrics(self.registry))
         self.health = ServiceHealth(
             self.name, pool=self.pool, broker=self.broker if self.with_broker else None,
             allowed_networks=settings.health_allowed_networks,
@@ -63,6 +77,7 @@ class WorkerRuntime:
         for signal_number in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signal_number, self._stopping.set)
         self.tasks.start(serve_health(self.health, self.registry, self._listeners), "health")
+        self.tasks.start(self.database.run(), "database-watch")
         if self.with_broker and self.relay_on_own_thread:
             self._relay_thread = RelayThread(
                 settings.database_url, settings.amqp_url, Topology(settings.exchange), self.name,
@@ -70,9 +85,14 @@ class WorkerRuntime:
             )  # fmt: skip
             self._relay_thread.start()
         elif self.with_broker:
-            relay = OutboxRelay(self.pool, self.broker, OutboxMetrics(self.registry))
+            relay = OutboxRelay(self.pool, self.broker, OutboxMetrics(self.registry), self.database)
             self.tasks.start(relay.run(), "outbox-relay")
         return self
+
+    def start_broker(self) -> None:
+        """Connect to the broker (retrying until it answers) and run the consumers added so far."""
+        self.tasks.start(self.broker.run(self.consumers.attach), "broker")
+        self.tasks.start(self.consumers.run(), "consumers")
 
     async def stopped(self) -> None:
         """Mark the service started, log the one start line with the URLs it serves, then wait for
@@ -95,6 +115,9 @@ class WorkerRuntime:
         self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
     ) -> None:
         self.health.shutting_down = True
+        # Consumers first: no message is taken any more, and those at work finish or are handed back
+        # while the broker and the pool are still there.
+        await self.consumers.stop(self.consumer_grace_seconds)
         await self.tasks.cancel_all()
         if self._relay_thread is not None:
             # Give the relay a moment to publish what the last ticks committed; any rest waits in the

@@ -6,20 +6,16 @@ its consumer first ran still waits in the consumer's queue. No other module spel
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractExchange,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractRobustConnection,
-)
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 
 # A message redelivered this many times (consumer crashes, nacks) is dead-lettered, never looped.
 DEFAULT_DELIVERY_LIMIT = 5
+# The header by which the requeue exchange routes a message back into one queue (headers exchanges
+# ignore headers starting with "x-" for matching, so it has none).
+REQUEUE_HEADER = "healthgate-requeue-to"
 
 
 @dataclass(frozen=True)
@@ -67,6 +63,12 @@ class Topology:
     def dead_letter_queue(self) -> str:
         return f"{self.exchange}.dead"
 
+    @property
+    def requeue_exchange(self) -> str:
+        """Headers exchange that puts a message back into one queue of the topology (the one named in its
+        REQUEUE_HEADER), keeping its routing key: see shared/consuming.py."""
+        return f"{self.exchange}.requeue"
+
     def queue_name(self, spec: QueueSpec) -> str:
         return f"{self.exchange}.{spec.suffix}"
 
@@ -89,6 +91,11 @@ class Topology:
 
 async def declare_exchange(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
     return await channel.declare_exchange(topology.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+
+
+async def declare_requeue_exchange(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
+    """The durable headers exchange through which consumers hand messages back (`Topology.requeue_exchange`)."""
+    return await channel.declare_exchange(topology.requeue_exchange, aio_pika.ExchangeType.HEADERS, durable=True)
 
 
 async def declare_topology(channel: AbstractChannel, topology: Topology) -> AbstractExchange:
@@ -117,25 +124,22 @@ async def declare_reply_queue(channel: AbstractChannel, topology: Topology, inst
 async def declare_queue(
     channel: AbstractChannel, topology: Topology, spec: QueueSpec, exchange: AbstractExchange
 ) -> AbstractQueue:
-    queue = await channel.declare_queue(
-        topology.queue_name(spec), durable=True, arguments=topology.queue_arguments(spec)
-    )
+    name = topology.queue_name(spec)
+    queue = await channel.declare_queue(name, durable=True, arguments=topology.queue_arguments(spec))
     for routing_key in spec.bindings:
         await queue.bind(exchange, routing_key)
+    # A binding, unlike the queue's arguments, can be added to a queue that already exists.
+    requeue = await declare_requeue_exchange(channel, topology)
+    await queue.bind(requeue, "", arguments={"x-match": "all", REQUEUE_HEADER: name})
     return queue
 
 
-async def consume(
-    connection: AbstractRobustConnection,
-    topology: Topology,
-    spec: QueueSpec,
-    handler: Callable[[AbstractIncomingMessage], Awaitable[None]],
-    *,
-    prefetch: int,
-) -> tuple[AbstractQueue, str]:
-    """Consume a queue of the topology on a channel of its own with this prefetch; returns the queue
-    and consumer tag (for cancelling). The robust connection restores the consumer after reconnects."""
+async def open_queue(
+    connection: AbstractRobustConnection, topology: Topology, spec: QueueSpec, *, prefetch: int
+) -> AbstractQueue:
+    """A queue of the topology on a channel of its own with this prefetch, ready to consume (which
+    `shared.consuming.Consumers` does, only while the database answers). The robust connection restores
+    the channel, the queue and its consumers after reconnects."""
     channel = await connection.channel()
     await channel.set_qos(prefetch_count=prefetch)
-    queue = await declare_queue(channel, topology, spec, await declare_exchange(channel, topology))
-    return queue, await queue.consume(handler)
+    return await declare_queue(channel, topology, spec, await declare_exchange(channel, topology))

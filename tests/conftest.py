@@ -26,7 +26,9 @@ from shared.database import migrate
 from shared.topology import QUEUES, Topology, declare_exchange
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.nginx import nginx  # noqa: F401  (fixture)
+from tests.support.postgres import PostgresCluster, postgres_available, postgres_cluster
 from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.rabbitmq import RabbitNode, rabbit_node, rabbitmq_available
 from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
 from tests.support.services import BackingServices, backing_services
 
@@ -89,6 +91,56 @@ async def private_database(backing: BackingServices, session_id: str) -> AsyncIt
 
 
 @pytest.fixture(scope="session")
+def postgres_of_our_own() -> Iterator[PostgresCluster]:
+    """A PostgreSQL cluster of the tests' own (tests/support/postgres.py), created at first use."""
+    if not postgres_available():
+        pytest.skip("PostgreSQL's server binaries (initdb, pg_ctl) are not installed")
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_postgres(postgres_of_our_own: PostgresCluster) -> Iterator[PostgresCluster]:
+    """The tests' own PostgreSQL, which this test may stop and start: never the shared one. It is
+    running again after the test, whatever the test did."""
+    postgres_of_our_own.ensure_running()
+    yield postgres_of_our_own
+    postgres_of_our_own.ensure_running()
+
+
+@pytest.fixture
+async def own_database(own_postgres: PostgresCluster) -> AsyncIterator[str]:
+    """A migrated database of the test's own on `own_postgres`."""
+    dsn = own_postgres.database_url(f"healthgate_{uuid.uuid4().hex[:8]}")
+    await migrate(dsn)
+    yield dsn
+    own_postgres.ensure_running()
+    connection = await asyncpg.connect(own_postgres.url)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{urlsplit(dsn).path.lstrip("/")}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+@pytest.fixture(scope="session")
+def rabbit_of_our_own() -> Iterator[RabbitNode]:
+    """A RabbitMQ node of the tests' own (tests/support/rabbitmq.py), started at first use."""
+    if not rabbitmq_available():
+        pytest.skip("RabbitMQ's server (rabbitmq-server, rabbitmqctl) is not installed")
+    with rabbit_node() as node:
+        yield node
+
+
+@pytest.fixture
+def own_rabbit(rabbit_of_our_own: RabbitNode) -> Iterator[RabbitNode]:
+    """The tests' own RabbitMQ node, which this test may stop, restart or kill: never the shared broker.
+    It is running again after the test."""
+    rabbit_of_our_own.ensure_running()
+    yield rabbit_of_our_own
+    rabbit_of_our_own.ensure_running()
+
+
+@pytest.fixture(scope="session")
 def exchange_name(backing: BackingServices, session_id: str) -> Iterator[str]:
     name = f"hgtest-{session_id}"
     yield name
@@ -100,7 +152,7 @@ def exchange_name(backing: BackingServices, session_id: str) -> Iterator[str]:
             channel = await connection.channel()
             for queue in [topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
                 await channel.queue_delete(queue)
-            for exchange in (topology.exchange, topology.dead_letter_exchange):
+            for exchange in (topology.exchange, topology.dead_letter_exchange, topology.requeue_exchange):
                 await channel.exchange_delete(exchange)
 
     asyncio.run(delete_topology())

@@ -18,11 +18,13 @@ import asyncpg
 import httpx
 import pytest
 
+from services.api.auth import create_token
 from shared.events import decision_event_id
-from tests.conftest import CapturedEvent, EventCapture, start_gate
+from tests.conftest import CapturedEvent, EventCapture, start_gate, start_poller
 from tests.support.fake_agent import FakeAgent
 from tests.support.nginx import NginxServer
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.rabbitmq import RabbitNode
 from tests.support.services import BackingServices
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
@@ -337,25 +339,46 @@ async def test_gate_killed_while_jobs_wait_decides_each_once_after_restart(
 
 @pytest.mark.slow
 async def test_broker_restart_while_jobs_wait(
-    jobs: Publisher, admin: httpx.AsyncClient, fake_agent: FakeAgent, db: asyncpg.Connection, events: EventCapture
+    own_rabbit: RabbitNode, private_database: str, service_env: dict[str, str], fake_agent: FakeAgent, tmp_path: Path
 ) -> None:
-    host_id = await waiting_host(admin, fake_agent, "broker.service")
-    for index in range(10):
-        await jobs.start(f"broker-{index}", host_id)
-    async with asyncio.timeout(15):
-        while await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'broker-%' AND waiting_announced") < 10:
-            await asyncio.sleep(0.1)
-    restart = await asyncio.create_subprocess_shell(
-        "rabbitmqctl stop_app >/dev/null && rabbitmqctl start_app >/dev/null && rabbitmqctl await_startup >/dev/null"
-    )
-    assert await restart.wait() == 0
-    fake_agent.set("broker.service", "healthy")
-    await wait_all_decided(db, "broker-", 10, timeout=90)
-    assert set((await db.fetch("SELECT DISTINCT status FROM gate_jobs WHERE job_id LIKE 'broker-%'"))[0]) == {"released"}
-    assert set((await decisions_in_outbox(db, "broker-")).values()) == {1}
-    async with asyncio.timeout(30):  # and the decisions reach the broker once it is back
-        while await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL AND routing_key = ANY($1)", list(DECISIONS)):
-            await asyncio.sleep(0.2)
+    # On a RabbitMQ node of the test's own: restarting the shared broker would disturb every other test session.
+    env = service_env | {
+        "HEALTHGATE_DATABASE_URL": private_database, "HEALTHGATE_AMQP_URL": own_rabbit.amqp_url,
+        "HEALTHGATE_EXCHANGE": f"hgtest-{uuid.uuid4().hex[:10]}-broker",
+    }  # fmt: skip
+    api_port = free_port()
+    services = [
+        start_service("api", env | {"HEALTHGATE_API_PORT": str(api_port)}, tmp_path / "api.log", port=api_port),
+        start_poller(env, tmp_path / "poller.log"),
+        start_gate(env, tmp_path / "gate.log"),
+    ]
+    db = await asyncpg.connect(private_database)
+    try:
+        token = await create_token(db, name="broker-admin", role="admin", groups=(), actor="test")  # type: ignore[arg-type]
+        connection = await aio_pika.connect(own_rabbit.amqp_url)
+        async with connection, httpx.AsyncClient(
+            base_url=services[0].base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+        ) as admin:
+            jobs = Publisher(await (await connection.channel(publisher_confirms=True)).get_exchange(env["HEALTHGATE_EXCHANGE"]))
+            host_id = await waiting_host(admin, fake_agent, "broker.service")
+            for index in range(10):
+                await jobs.start(f"broker-{index}", host_id)
+            async with asyncio.timeout(15):
+                while await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'broker-%' AND waiting_announced") < 10:
+                    await asyncio.sleep(0.1)
+        await asyncio.to_thread(own_rabbit.stop_app)
+        await asyncio.to_thread(own_rabbit.start_app)
+        fake_agent.set("broker.service", "healthy")
+        await wait_all_decided(db, "broker-", 10, timeout=90)
+        assert set((await db.fetch("SELECT DISTINCT status FROM gate_jobs WHERE job_id LIKE 'broker-%'"))[0]) == {"released"}
+        assert set((await decisions_in_outbox(db, "broker-")).values()) == {1}
+        async with asyncio.timeout(30):  # and the decisions reach the broker once it is back
+            while await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL AND routing_key = ANY($1)", list(DECISIONS)):
+                await asyncio.sleep(0.2)
+    finally:
+        await db.close()
+        for service in services:
+            service.stop()
 
 
 @pytest.mark.slow

@@ -441,7 +441,7 @@ async def delete_topology(amqp_url: str, name: str) -> None:
         channel = await connection.channel()
         for queue_name in [topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
             await channel.queue_delete(queue_name)
-        for exchange_name in (topology.exchange, topology.dead_letter_exchange):
+        for exchange_name in (topology.exchange, topology.dead_letter_exchange, topology.requeue_exchange):
             await channel.exchange_delete(exchange_name)
 
 

@@ -9,7 +9,6 @@ import signal
 from collections.abc import AsyncIterator
 from importlib.metadata import version
 
-import asyncpg
 import uvicorn
 from prometheus_client import CollectorRegistry
 from starlette.applications import Starlette
@@ -32,7 +31,7 @@ from services.api.problems import (
 )
 from services.api.routes import ENDPOINTS
 from shared.crypto import SecretBox, load_or_create_key
-from shared.database import create_pool
+from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, create_pool, is_transient_database_error
 from shared.health import GracefulServer, ServiceHealth, base_url, health_routes, listen
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay
@@ -46,7 +45,12 @@ GRACEFUL_SHUTDOWN_SECONDS = 15
 
 
 async def handle_database_down(request: Request, exc: Exception) -> Response:
-    log.warning("database unavailable", extra={"path": request.url.path, "error": str(exc)})
+    """503 while PostgreSQL is unreachable. The outage is logged once by the api's DatabaseWatch (one
+    warning, then one line when it is back), not once per request."""
+    if not is_transient_database_error(exc):
+        return await handle_unexpected(request, exc)
+    request.app.state.database.report(exc)
+    log.debug("database unavailable", extra={"path": request.url.path, "error": str(exc)})
     return problem_response(Problem(503, "the database is unavailable; try again shortly"))
 
 
@@ -61,8 +65,10 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
         # Connections open on demand, so the API serves (and reports not ready) while PostgreSQL is down.
         pool = await create_pool(settings.database_url, min_size=0, max_size=20)
         broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name="healthgate-api")
+        database = DatabaseWatch(settings.database_url, pool)
+        app.state.database = database
         check_runs = CheckRunClient(broker)
-        relay = OutboxRelay(pool, broker, OutboxMetrics(registry))
+        relay = OutboxRelay(pool, broker, OutboxMetrics(registry), database)
         app.state.context = ApiContext(
             settings=settings,
             pool=pool,
@@ -76,6 +82,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
         # handles gracefully) so that its supervisor restarts it.
         background = TaskGroupOfService(on_failure=lambda: os.kill(os.getpid(), signal.SIGTERM))
         app.state.background = background
+        background.start(database.run(), "database-watch")
         background.start(broker.run(check_runs.on_connected), "broker-connect")
         background.start(relay.run(), "outbox-relay")
         health.started = True
@@ -104,9 +111,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
         exception_handlers={
             Problem: handle_problem,
             HTTPException: handle_http_exception,
-            asyncpg.PostgresConnectionError: handle_database_down,
-            asyncpg.InterfaceError: handle_database_down,
-            OSError: handle_database_down,
+            **dict.fromkeys(TRANSIENT_DATABASE_ERRORS, handle_database_down),
             Exception: handle_unexpected,
         },
     )

@@ -13,7 +13,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import asyncpg
 from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,8 +22,8 @@ from services.api.context import context_of
 from services.api.paths import SegmentRoute
 from services.api.problems import Problem, forbidden, not_found
 from services.api.requests import path_uuid
+from shared.database import TRANSIENT_DATABASE_ERRORS
 
-DATABASE_DOWN = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError)
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 ALL_ROLES: frozenset[Role] = frozenset(ROLES)
 ADMIN: frozenset[Role] = frozenset({"admin"})
@@ -67,7 +66,7 @@ class Endpoint:
         except Problem as problem:
             status = problem.status
             raise
-        except DATABASE_DOWN:
+        except TRANSIENT_DATABASE_ERRORS:
             status = 503
             raise
         finally:

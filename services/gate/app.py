@@ -15,10 +15,11 @@ async def serve(settings: Settings) -> bool:
     """Run until SIGINT/SIGTERM; False if it stopped because one of its tasks failed."""
     async with WorkerRuntime("gate", settings, pool_size=20) as runtime:
         gate = Gate(
-            runtime.pool, runtime.broker, GateMetrics(runtime.registry),
+            runtime.pool, runtime.broker, GateMetrics(runtime.registry), runtime.database,
             retry_seconds=settings.gate_retry_seconds, unknown_host=settings.gate_unknown_host,
         )  # fmt: skip
-        runtime.tasks.start(runtime.broker.run(gate.start_consuming), "broker")
+        gate.consume(runtime.consumers)
+        runtime.start_broker()
         runtime.tasks.start(gate.run_timers(), "timers")
         await runtime.stopped()
     return runtime.succeeded

@@ -4,8 +4,10 @@ the timers that retry failing checks and close windows.
 Follow a job.start: `GATE_JOBS_QUEUE` → `on_job_message` → `start` → a waiting row (`insert_job`)
 → `evaluate` under the row's lock → a decision and its event in the outbox, or job.waiting and a
 re-run of the failing checks (their schedule pulled forward, in the same transaction) → ack. A message
-is acked only after its transaction committed; while the database is unreachable the message is held
-and retried, so an outage burns no delivery attempt.
+is acked only after its transaction committed. The consumers run on `shared.consuming.Consumers`: they
+take messages only while the database answers, and a handler that meets a transient database error
+raises it, so that the message is handed back without a delivery counted (an outage and the restarts
+during it never dead-letter a valid message).
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from services.gate import jobs
 from services.gate.rules import UnknownHostPolicy, Verdict
+from shared.consuming import Consumers
+from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
 from shared.details import safe_detail
 from shared.events import (
     CheckResult,
@@ -33,7 +37,7 @@ from shared.events import (
     parse_host_id,
 )
 from shared.messaging import Broker
-from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE, consume
+from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +45,6 @@ JOBS_PREFETCH = 64
 RESULTS_PREFETCH = 256
 TIMER_INTERVAL_SECONDS = 0.25
 TIMER_BATCH = 200
-DATABASE_RETRY_SECONDS = (0.2, 0.5, 1.0, 2.0, 5.0)
-# Lost connections, and a server shutting down or starting (57P01, 57P03): wait for it, don't give up.
-DATABASE_ERRORS = (
-    OSError,
-    asyncpg.PostgresConnectionError,
-    asyncpg.InterfaceError,
-    asyncpg.AdminShutdownError,
-    asyncpg.CrashShutdownError,
-    asyncpg.CannotConnectNowError,
-)
 ResultT = TypeVar("ResultT")
 
 
@@ -85,13 +79,15 @@ def salvage_identity(data: object) -> tuple[str, uuid.UUID] | None:
 class Gate:
     """Decides job hosts: consumes job.start/job.cancel and check.result, and runs the timers.
 
-    `retry_seconds`: HEALTHGATE_GATE_RETRY_SECONDS; `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST."""
+    `retry_seconds`: HEALTHGATE_GATE_RETRY_SECONDS; `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST;
+    `database`: the process's watch, told of transient database errors."""
 
     def __init__(
         self,
         pool: asyncpg.Pool,
         broker: Broker,
         metrics: GateMetrics,
+        database: DatabaseWatch,
         *,
         retry_seconds: float,
         unknown_host: UnknownHostPolicy = "release",
@@ -99,13 +95,14 @@ class Gate:
         self._pool = pool
         self._broker = broker
         self._metrics = metrics
+        self._database = database
         self._retry_seconds = retry_seconds
         self._unknown_host = unknown_host
 
-    async def start_consuming(self, connection: AbstractRobustConnection) -> None:
-        topology = self._broker.topology
-        await consume(connection, topology, GATE_JOBS_QUEUE, self.on_job_message, prefetch=JOBS_PREFETCH)
-        await consume(connection, topology, GATE_RESULTS_QUEUE, self.on_result_message, prefetch=RESULTS_PREFETCH)
+    def consume(self, consumers: Consumers) -> None:
+        """Register the gate's two consumers (they run while the database answers)."""
+        consumers.add(GATE_JOBS_QUEUE, self.on_job_message, prefetch=JOBS_PREFETCH)
+        consumers.add(GATE_RESULTS_QUEUE, self.on_result_message, prefetch=RESULTS_PREFETCH)
 
     # ---- job.start / job.cancel ------------------------------------------------------------------
 
@@ -130,7 +127,9 @@ class Gate:
             self._metrics.messages.labels(routing_key, "dead_lettered").inc()
             await message.reject(requeue=False)
             return
-        except Exception:
+        except Exception as exc:
+            if is_transient_database_error(exc):
+                raise  # the database is away: handed back without a delivery counted (shared/consuming.py)
             # Not the message's fault as far as we know (a deadlock, a bug): deliver it again later;
             # past the queue's delivery limit it is dead-lettered rather than looping forever.
             log.exception("could not handle a message, returning it", extra={"routing_key": routing_key})
@@ -154,7 +153,7 @@ class Gate:
             if identity is not None:
                 job_id, host_id = identity
                 problem = exc.problems
-                decided = await self._with_database(lambda c: jobs.record_invalid_request(c, job_id, host_id, problem))
+                decided = await self._transaction(lambda c: jobs.record_invalid_request(c, job_id, host_id, problem))
                 if decided is not None:
                     self._decided(decided)
             raise
@@ -162,11 +161,11 @@ class Gate:
 
     async def start(self, job: JobStart) -> str:
         """Record a valid job.start and evaluate it at once; "duplicate" if the job host was known."""
-        if not await self._with_database(lambda c: jobs.insert_job(c, job)):
+        if not await self._transaction(lambda c: jobs.insert_job(c, job)):
             return "duplicate"
         # The row is committed before it is evaluated: a result committed after this evaluation read
         # the checks finds the row (and waits for its lock), so no wake-up falls between the two.
-        evaluation = await self._with_database(
+        evaluation = await self._transaction(
             lambda c: self._evaluate_one(c, job.job_id, job.host_id, rerun_failing=True)
         )
         if evaluation is not None:
@@ -191,7 +190,7 @@ class Gate:
 
     async def _on_job_cancel(self, body: bytes) -> str:
         request = decode_event(body, JobCancel)
-        cancelled = await self._with_database(lambda c: jobs.cancel(c, request.job_id, request.host_id))
+        cancelled = await self._transaction(lambda c: jobs.cancel(c, request.job_id, request.host_id))
         if cancelled:
             self._metrics.decisions.labels("cancelled").inc()
             log.info(
@@ -213,8 +212,10 @@ class Gate:
         # Only a result that leaves its check healthy can complete a host's set of healthy checks.
         if result.status == "healthy":
             try:
-                evaluations = await self._with_database(lambda c: self._wake_host(c, result.host_id))
-            except Exception:
+                evaluations = await self._transaction(lambda c: self._wake_host(c, result.host_id))
+            except Exception as exc:
+                if is_transient_database_error(exc):
+                    raise  # handed back: it wakes the host's jobs once the database is back
                 # A missed wake-up costs one retry interval at most: the timers re-evaluate every job.
                 log.exception("could not evaluate a host's waiting jobs on a result")
             else:
@@ -238,9 +239,13 @@ class Gate:
         while True:
             try:
                 handled = await self.run_due_timers()
-            except (*DATABASE_ERRORS, asyncpg.PostgresError) as exc:
-                log.warning("gate timers failed, will retry", extra={"error": str(exc)})
-                await asyncio.sleep(1)
+            except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+                if is_transient_database_error(exc):
+                    self._database.report(exc)  # logged once by the watch
+                    await self._database.wait_up()
+                else:
+                    log.warning("gate timers failed, will retry", extra={"error": str(exc)})
+                    await asyncio.sleep(1)
                 continue
             if handled < TIMER_BATCH:
                 await asyncio.sleep(TIMER_INTERVAL_SECONDS)
@@ -281,15 +286,8 @@ class Gate:
             },
         )
 
-    async def _with_database(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
-        """Run `work` in a transaction; while PostgreSQL is unreachable, wait and try again."""
-        attempt = 0
-        while True:
-            try:
-                async with self._pool.acquire() as connection, connection.transaction():
-                    return await work(connection)
-            except DATABASE_ERRORS as exc:
-                delay = DATABASE_RETRY_SECONDS[min(attempt, len(DATABASE_RETRY_SECONDS) - 1)]
-                log.warning("database unavailable, holding the message", extra={"error": str(exc), "retry_in": delay})
-                attempt += 1
-                await asyncio.sleep(delay)
+    async def _transaction(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
+        """Run `work` in a transaction of its own. A transient database error is raised as it is: the
+        consumer hands the message back and waits for the database (shared/consuming.py)."""
+        async with self._pool.acquire() as connection, connection.transaction():
+            return await work(connection)

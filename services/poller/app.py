@@ -1,7 +1,8 @@
 """The poller service: scheduler, workers, outbox relay and health endpoints in one process.
 
 Everything it needs (pool, broker, HTTP session, TLS contexts, key) is created here once and passed
-down. SIGTERM stops the consumers, lets running ticks finish and ack, then closes the connections.
+down. SIGTERM stops the consumers, lets running ticks finish and ack (those that do not finish in time
+are handed back), then closes the connections.
 """
 
 from __future__ import annotations
@@ -19,7 +20,12 @@ from services.poller.probes import Prober, probe_session
 from services.poller.scheduler import Scheduler, SchedulerMetrics
 from services.poller.worker import Worker, WorkerMetrics
 from shared.crypto import SecretBox, load_or_create_key
-from shared.database import ensure_result_partitions
+from shared.database import (
+    TRANSIENT_DATABASE_ERRORS,
+    DatabaseWatch,
+    ensure_result_partitions,
+    is_transient_database_error,
+)
 from shared.service import WorkerRuntime
 from shared.settings import Settings
 
@@ -30,13 +36,18 @@ SHUTDOWN_GRACE_SECONDS = 15.0
 PARTITION_CHECK_SECONDS = 3600.0
 
 
-async def keep_result_partitions(pool: asyncpg.Pool) -> None:
-    """Create the coming days' result partitions, now and hourly, so an insert never lacks one."""
+async def keep_result_partitions(pool: asyncpg.Pool, database: DatabaseWatch) -> None:
+    """Create the coming days' result partitions, now and hourly, so an insert never lacks one; after a
+    database outage, as soon as it is back."""
     while True:
         try:
             async with pool.acquire() as connection:
                 await ensure_result_partitions(connection, dt.datetime.now(dt.UTC).date())
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+            if is_transient_database_error(exc):
+                database.report(exc)  # logged once by the watch
+                await database.wait_up()
+                continue
             log.warning("could not create result partitions", extra={"error": str(exc)})
         await asyncio.sleep(PARTITION_CHECK_SECONDS)
 
@@ -51,15 +62,17 @@ async def serve(settings: Settings, key: bytes) -> bool:
             runtime.pool, runtime.broker, prober, SecretBox(key), WorkerMetrics(runtime.registry),
             concurrency=PROBE_CONCURRENCY,
         )  # fmt: skip
-        scheduler = Scheduler(runtime.pool, runtime.broker, SchedulerMetrics(runtime.registry))
-        runtime.tasks.start(runtime.broker.run(worker.start_consuming), "broker")
+        scheduler = Scheduler(runtime.pool, runtime.broker, SchedulerMetrics(runtime.registry), runtime.database)
+        worker.consume(runtime.consumers)
+        runtime.start_broker()
         scheduling = runtime.tasks.start(scheduler.run(), "scheduler")
-        runtime.tasks.start(keep_result_partitions(runtime.pool), "partitions")
+        runtime.tasks.start(keep_result_partitions(runtime.pool, runtime.database), "partitions")
         try:
             await runtime.stopped()
         finally:
             scheduling.cancel()  # no new ticks from this process
-            await worker.stop(SHUTDOWN_GRACE_SECONDS)
+            # Before the probes' HTTP session closes: the ticks at work finish, or are handed back.
+            await runtime.consumers.stop(SHUTDOWN_GRACE_SECONDS)
             await session.close()
     return runtime.succeeded
 

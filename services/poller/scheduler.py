@@ -18,6 +18,7 @@ import logging
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
 from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker, PublishFailed
 from shared.schedule import claim_due
@@ -45,18 +46,24 @@ class SchedulerMetrics:
 
 
 class Scheduler:
-    def __init__(self, pool: asyncpg.Pool, broker: Broker, metrics: SchedulerMetrics) -> None:
+    def __init__(self, pool: asyncpg.Pool, broker: Broker, metrics: SchedulerMetrics, database: DatabaseWatch) -> None:
         self._pool = pool
         self._broker = broker
         self._metrics = metrics
+        self._database = database
 
     async def run(self) -> None:
         while True:
             try:
                 claimed = await self.dispatch_due()
-            except (PublishFailed, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except (PublishFailed, *TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
                 self._metrics.failures.inc()
-                log.warning("scheduler pass failed, will retry", extra={"error": str(exc)})
+                if is_transient_database_error(exc):
+                    self._database.report(exc)  # logged once by the watch
+                    await self._database.wait_up()
+                    continue
+                if not isinstance(exc, PublishFailed) or self._broker.ready:  # else the broker's outage, logged once
+                    log.warning("scheduler pass failed, will retry", extra={"error": str(exc)})
                 await asyncio.sleep(RETRY_DELAY_SECONDS)
                 continue
             if claimed < CLAIM_LIMIT:

@@ -3,7 +3,9 @@
 A tick is acked only after its results are committed, so a poller that dies mid-batch loses nothing:
 RabbitMQ redelivers the tick and the writer drops slots already stored. A tick that cannot be parsed
 is rejected into the dead-letter queue at once; one that keeps failing for another reason reaches the
-queue's delivery limit and is dead-lettered too.
+queue's delivery limit and is dead-lettered too. The consumers run on `shared.consuming.Consumers`:
+while the database is unreachable no tick is taken, and one that meets the outage is handed back
+without a delivery counted, to run once the database is back.
 """
 
 from __future__ import annotations
@@ -11,19 +13,21 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 
 import asyncpg
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from pydantic import ValidationError
 
 from services.poller.probes import ProbeOutcome, Prober
 from services.poller.results import CheckRow, FinishedRun, load_checks, store_results
+from shared.consuming import Consumers
 from shared.crypto import DecryptionError, SecretBox
+from shared.database import is_transient_database_error
 from shared.events import CheckResult, CheckRunRequest, ScheduledRun, Tick
 from shared.messaging import Broker, PublishFailed, Unroutable
-from shared.topology import POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, consume
+from shared.topology import POLLER_TEST_QUEUE, POLLER_TICK_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -32,8 +36,6 @@ TICK_PREFETCH = 16
 TEST_PREFETCH = 8
 FAILED_TICK_BACKOFF_SECONDS = 1.0
 FLUSH_AFTER_SECONDS = 0.2
-MessageHandler = Callable[[AbstractIncomingMessage], Awaitable[None]]
-DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 class WorkerMetrics:
@@ -69,41 +71,12 @@ class Worker:
         self._secrets = secrets
         self._metrics = metrics
         self._probe_slots = asyncio.Semaphore(concurrency)
-        self._queues: list[tuple[AbstractQueue, str]] = []
-        self._in_flight: set[asyncio.Task[object]] = set()
 
-    async def start_consuming(self, connection: AbstractRobustConnection) -> None:
-        """Consume ticks and test requests; the robust connection restores the consumers."""
-        topology = self._broker.topology
-        for spec, prefetch, handler in (
-            (POLLER_TICK_QUEUE, TICK_PREFETCH, self._on_tick),
-            (POLLER_TEST_QUEUE, TEST_PREFETCH, self._on_test_request),
-        ):
-            self._queues.append(await consume(connection, topology, spec, self._tracked(handler), prefetch=prefetch))
-
-    def _tracked(self, handler: MessageHandler) -> MessageHandler:
-        """The handler, with its running task known to `stop` so that shutdown can wait for it."""
-
-        async def run(message: AbstractIncomingMessage) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._in_flight.add(task)
-            try:
-                await handler(message)
-            finally:
-                self._in_flight.discard(task)
-
-        return run
-
-    async def stop(self, grace_seconds: float) -> None:
-        """Take no new messages; let the ones being handled finish (their ticks get acked)."""
-        for queue, tag in self._queues:
-            try:
-                await queue.cancel(tag)
-            except Exception as exc:  # the channel may already be gone; unacked ticks return anyway
-                log.info("could not cancel a consumer", extra={"error": str(exc)})
-        if self._in_flight:
-            await asyncio.wait(list(self._in_flight), timeout=grace_seconds)
+    def consume(self, consumers: Consumers) -> None:
+        """Register the tick and test-request consumers (they run while the database answers; on SIGTERM
+        the ticks at work get the runtime's grace period to finish and be acked)."""
+        consumers.add(POLLER_TICK_QUEUE, self._on_tick, prefetch=TICK_PREFETCH)
+        consumers.add(POLLER_TEST_QUEUE, self._on_test_request, prefetch=TEST_PREFETCH)
 
     # ---- ticks -----------------------------------------------------------------------------------
 
@@ -121,6 +94,8 @@ class Worker:
         try:
             await self.run_tick(tick.runs)
         except Exception as exc:
+            if is_transient_database_error(exc):
+                raise  # handed back without a delivery counted; it runs once the database is back
             # Back off, then let RabbitMQ deliver the tick again (to any poller); past the delivery
             # limit the tick is dead-lettered rather than looping forever.
             log.warning("tick failed, returning it to the queue", extra={"error": repr(exc)}, exc_info=True)
@@ -184,7 +159,9 @@ class Worker:
             return
         try:
             stored = await self.run_tick([ScheduledRun(check_id=request.check_id)], include_disabled=True)
-        except DATABASE_ERRORS as exc:
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            if is_transient_database_error(exc):
+                raise  # handed back: no request is taken while the database is away
             log.warning("test run failed", extra={"error": str(exc), "check_id": str(request.check_id)})
             await message.reject(requeue=False)  # the asking API answers 504; a retry would come too late
             return

@@ -11,7 +11,13 @@ import asyncpg
 import uvloop
 
 from services.pruner.passes import PrunerMetrics, Retention, prune_once
-from shared.database import DatabaseUnavailable, create_pool
+from shared.database import (
+    TRANSIENT_DATABASE_ERRORS,
+    DatabaseUnavailable,
+    DatabaseWatch,
+    create_pool,
+    is_transient_database_error,
+)
 from shared.service import WorkerRuntime
 from shared.settings import Settings
 
@@ -21,12 +27,20 @@ FAILED_PASS_RETRY_SECONDS = 30.0
 DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
-async def prune_forever(pool: asyncpg.Pool, retention: Retention, interval: float, metrics: PrunerMetrics) -> None:
+async def prune_forever(
+    pool: asyncpg.Pool, retention: Retention, interval: float, metrics: PrunerMetrics, database: DatabaseWatch
+) -> None:
+    """A pass now and every `interval` seconds. Every step is idempotent: the next pass finishes what a
+    failed one left, at once when the database is back after an outage (which the watch logs once),
+    else after at most FAILED_PASS_RETRY_SECONDS."""
     while True:
         try:
             report = await prune_once(pool, retention)
-        except DATABASE_ERRORS as exc:
-            # Every step is idempotent: the next pass finishes what this one left.
+        except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+            if is_transient_database_error(exc):
+                database.report(exc)
+                await database.wait_up()
+                continue
             log.warning("pruning pass failed, will retry", extra={"error": str(exc)})
             await asyncio.sleep(min(interval, FAILED_PASS_RETRY_SECONDS))
             continue
@@ -39,7 +53,9 @@ async def serve(settings: Settings) -> bool:
     async with WorkerRuntime("pruner", settings, pool_size=3, with_broker=False) as runtime:
         metrics = PrunerMetrics(runtime.registry)
         retention = Retention.from_settings(settings)
-        runtime.tasks.start(prune_forever(runtime.pool, retention, settings.prune_interval_seconds, metrics), "prune")
+        runtime.tasks.start(
+            prune_forever(runtime.pool, retention, settings.prune_interval_seconds, metrics, runtime.database), "prune"
+        )
         await runtime.stopped()
     return runtime.succeeded
 

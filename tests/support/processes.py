@@ -53,18 +53,19 @@ class ServiceProcess:
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int:
         return stop_process(self.process, sig, timeout)
 
-    def restart(self) -> None:
+    def restart(self, *, until: str = "ready") -> None:
         """Start it again, with the same environment and port, after a stop."""
-        self.process = start_service(self.name, self.env, self.log_path, port=self.port).process
+        self.process = start_service(self.name, self.env, self.log_path, port=self.port, until=until).process
 
 
 def start_service(
-    name: str, env: dict[str, str], log_path: Path, *, port: int, ready_timeout: float = 30
+    name: str, env: dict[str, str], log_path: Path, *, port: int, ready_timeout: float = 30, until: str = "ready"
 ) -> ServiceProcess:
     """Start `healthgate NAME` (its environment: this process's, then `env`; output appended to `log_path`) and
-    wait until its /health/ready on 127.0.0.1:`port` answers 200. Raises RuntimeError with the log when it
-    exits first or is not ready within `ready_timeout` seconds; then, and when the wait is interrupted (Ctrl-C,
-    a signal turned into an exception), the process is not left running."""
+    wait until its /health/ready on 127.0.0.1:`port` answers 200, or only its /health/live with `until="live"`
+    (a service whose database or broker is down is live but not ready). Raises RuntimeError with the log when
+    it exits first or does not get there within `ready_timeout` seconds; then, and when the wait is interrupted
+    (Ctrl-C, a signal turned into an exception), the process is not left running."""
     log_file = log_path.open("ab")
     process = subprocess.Popen(
         [sys.executable, "-m", "services.cli", name],
@@ -80,7 +81,7 @@ def start_service(
             if process.poll() is not None:
                 raise RuntimeError(f"{name} exited with {process.returncode}:\n{service.log_text()}")
             try:
-                if httpx.get(service.base_url + "/health/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{service.base_url}/health/{until}", timeout=1).status_code == 200:
                     return service
             except httpx.HTTPError:
                 pass
