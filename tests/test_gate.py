@@ -287,6 +287,24 @@ async def test_cancel_of_a_waiting_job_and_override(
     await assert_one_decision_each(db)
 
 
+async def test_a_cancel_that_overtakes_its_start_decides_the_job_host(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """A job.start handed back during a database outage goes behind a later job.cancel: the cancel must
+    still win, the start then being a duplicate (never released after its executor cancelled it)."""
+    host_id, _ = await host_with_checks(admin, [])  # no checks: a job.start alone would be released at once
+    await jobs.send("job.cancel", {"job_id": "cancel-first", "host_id": host_id})
+    cancelled = await wait_decision(events, "cancel-first")
+    assert cancelled.routing_key == "job.cancelled"
+    await jobs.start("cancel-first", host_id)
+    await jobs.send("job.cancel", {"job_id": "cancel-first", "host_id": host_id})  # a repeat: nothing new
+    await asyncio.sleep(2)
+    assert [event.routing_key for event in decision_of(events, "cancel-first")] == ["job.cancelled"]
+    row = await db.fetchrow("SELECT status, detail FROM gate_jobs WHERE job_id = 'cancel-first'")
+    assert row["status"] == "cancelled" and "before its job.start" in row["detail"]
+    await assert_one_decision_each(db)
+
+
 # ---- crashes, restarts, concurrency ---------------------------------------------------------------
 
 

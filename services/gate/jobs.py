@@ -245,9 +245,15 @@ async def evaluate(
 
 
 async def cancel(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> bool:
-    """Cancel a waiting job host (job.cancel); False if it is unknown or no longer waiting."""
+    """Cancel a waiting job host (job.cancel); False if it is already decided.
+
+    A job.cancel may overtake its job.start: a job.start being handled when the database went away is
+    handed back to the end of the queue (shared/consuming.py), behind a cancel sent after it. So a cancel
+    for a job host the gate has not seen yet is recorded as that job host's decision (`cancelled`, with
+    job.cancelled), and the job.start that follows is a duplicate: the job host is never released after
+    its executor cancelled it."""
     if await lock_waiting(connection, job_id, host_id) is None:
-        return False
+        return await _cancel_before_start(connection, job_id, host_id)
     now = await locked_now(connection)
     cancelled = await connection.fetchval(
         """
@@ -264,6 +270,26 @@ async def cancel(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID
         event = JobCancelled(job_id=job_id, host_id=host_id, cancelled_at=now)
         await _publish_decision(connection, "job.cancelled", event, job_id, host_id, now)
     return bool(cancelled)
+
+
+async def _cancel_before_start(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> bool:
+    """Record a cancel that arrived before its job.start; False when the job host exists (decided)."""
+    now = await locked_now(connection)
+    inserted = await connection.fetchval(
+        """
+        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, received_at, decided_at, detail)
+        VALUES ($1, $2, 'cancelled', NULL, $3, $3, 'cancelled by job.cancel before its job.start arrived')
+        ON CONFLICT (job_id, host_id) DO NOTHING
+        RETURNING true
+        """,
+        job_id,
+        host_id,
+        now,
+    )
+    if inserted:
+        event = JobCancelled(job_id=job_id, host_id=host_id, cancelled_at=now)
+        await _publish_decision(connection, "job.cancelled", event, job_id, host_id, now)
+    return bool(inserted)
 
 
 async def _release(connection: asyncpg.Connection, job: asyncpg.Record, decision: Decision, now: dt.datetime) -> str:
