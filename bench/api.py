@@ -60,8 +60,8 @@ from _support import (
 from services.api.auth import create_token
 from services.api.checks import WRITABLE_COLUMNS
 from services.api.requests import encode_cursor
-from shared.database import migrate
 from shared.host_status import refresh_host_status
+from shared.schema import migrate
 
 HOSTS = 10_000
 CHECKS_PER_HOST = 5

@@ -17,8 +17,9 @@ from typing import Any
 import asyncpg
 
 from shared.crypto import KeyFileError
-from shared.database import DatabaseUnavailable, migrate
+from shared.database import DATABASE_ERRORS, DatabaseUnavailable
 from shared.logs import configure_logging
+from shared.schema import migrate
 from shared.settings import ServiceConfigError, Settings, SettingsError, load_settings, redact_url
 
 log = logging.getLogger("healthgate")
@@ -71,7 +72,7 @@ def _run_async(coroutine: Coroutine[Any, Any, int]) -> int:
 async def _connect(settings: Settings) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(settings.database_url)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         raise CommandError(f"cannot connect to {redact_url(settings.database_url)}: {exc}") from None
 
 

@@ -22,7 +22,7 @@ import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
 from services.api.auth import create_token
-from shared.database import migrate
+from shared.schema import migrate
 from shared.topology import QUEUES, Topology, declare_exchange
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.nginx import nginx  # noqa: F401  (fixture)

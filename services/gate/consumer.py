@@ -26,7 +26,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from services.gate import jobs
 from services.gate.rules import UnknownHostPolicy, Verdict
 from shared.consuming import Consumers
-from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
+from shared.database import DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
 from shared.details import safe_detail
 from shared.events import (
     CheckResult,
@@ -239,11 +239,8 @@ class Gate:
         while True:
             try:
                 handled = await self.run_due_timers()
-            except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
-                if is_transient_database_error(exc):
-                    self._database.report(exc)  # logged once by the watch
-                    await self._database.wait_up()
-                else:
+            except DATABASE_ERRORS as exc:
+                if not await self._database.wait_out(exc):  # an outage is logged once, by the watch
                     log.warning("gate timers failed, will retry", extra={"error": str(exc)})
                     await asyncio.sleep(1)
                 continue
