@@ -77,7 +77,7 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
 
 
 async def _token_create(settings: Settings, arguments: argparse.Namespace) -> int:
-    from services.api.auth import TokenNameTaken, create_token
+    from shared.tokens import TokenNameTaken, create_token
 
     connection = await _connect(settings)
     try:
@@ -95,7 +95,7 @@ async def _token_create(settings: Settings, arguments: argparse.Namespace) -> in
 
 
 async def _token_list(settings: Settings, arguments: argparse.Namespace) -> int:
-    from services.api.auth import list_tokens
+    from shared.tokens import list_tokens
 
     connection = await _connect(settings)
     try:
@@ -110,7 +110,7 @@ async def _token_list(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 async def _token_revoke(settings: Settings, arguments: argparse.Namespace) -> int:
-    from services.api.auth import revoke_token
+    from shared.tokens import revoke_token
 
     connection = await _connect(settings)
     try:

@@ -12,7 +12,6 @@ from pydantic import Field
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.audit import record_audit
 from services.api.auth import Principal
 from services.api.context import ApiContext, context_of
 from services.api.problems import conflict, field_errors, not_found
@@ -27,9 +26,10 @@ from services.api.requests import (
     read_query,
 )
 from services.api.schemas import JobHostView, JobListItem, JobView, OverrideRequest, Page
+from shared.audit import record_audit
 from shared.database import locked_now
 from shared.events import JobFailed, JobReleased, decision_event_id, job_key, received_job_id
-from shared.host_status import gating_check_summaries
+from shared.gating import gating_check_summaries
 from shared.outbox import enqueue
 
 JOB_COLUMNS = """

@@ -32,7 +32,7 @@ from shared.events import (
     job_key,
     received_job_id_bytes,
 )
-from shared.host_status import GatingCheck, gating_checks, gating_checks_as_of
+from shared.gating import GatingCheck, gating_checks, gating_checks_as_of
 from shared.outbox import enqueue
 from shared.schedule import request_reruns
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared import outbox, results
+from shared import outbox, results, sessions
 from shared.database import delete_in_batches
 from shared.settings import Settings
 
@@ -128,10 +128,7 @@ async def prune_once(pool: asyncpg.Pool, retention: Retention) -> PassReport:
                 now - retention.decided_jobs,
             )  # fmt: skip
             report.outbox_rows_deleted = await outbox.prune_sent(pool, now - retention.sent_outbox)
-            report.sessions_deleted = await delete_in_batches(
-                pool, "DELETE FROM dashboard_sessions WHERE id_sha256 IN ("
-                "SELECT id_sha256 FROM dashboard_sessions WHERE expires_at < $1 LIMIT $2)", now,
-            )  # fmt: skip
+            report.sessions_deleted = await sessions.prune_expired(pool, now)
             oldest = await results.oldest_result_since(lock_connection, cutoff)
             if oldest is not None:
                 report.oldest_result_age_seconds = max(0.0, (now - oldest).total_seconds())

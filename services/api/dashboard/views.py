@@ -26,7 +26,6 @@ from starlette.templating import Jinja2Templates
 
 from services.api.auth import Principal
 from services.api.checks import (
-    CHECK_SELECT,
     check_view,
     create_check_on,
     delete_check_on,
@@ -43,8 +42,9 @@ from services.api.paths import SegmentRoute, browser_reachable, linkable, path_s
 from services.api.problems import Problem
 from services.api.requests import path_job_id
 from services.api.schemas import OverrideRequest
+from shared import checks, hosts, results
 from shared.events import control_character, job_key, received_job_id
-from shared.host_status import gating_check_summaries
+from shared.gating import gating_check_summaries
 
 HERE = Path(__file__).parent
 STATUSES = ("unhealthy", "unknown", "degraded", "healthy", "no_checks")
@@ -221,7 +221,7 @@ class Dashboard:
         context = context_of(request)
         async with context.pool.acquire() as connection:
             host = await fetch_visible_host(connection, session.principal, host_id)
-            rows = await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
+            rows = await checks.checks_of_host(connection, host_id)
             history = await _recent_results(connection, [row["id"] for row in rows])
         editing, edit_values = form_state.get("editing"), form_state.get("edit_values")
         if editing is not None and edit_values is not None:
@@ -232,7 +232,7 @@ class Dashboard:
                 form_state["edit_values"] = edit_values | {
                     "basic_auth_pass_set": stored["basic_auth_pass_encrypted"] is not None
                 }
-        checks = [
+        shown = [
             {
                 "view": check_view(row),
                 "strip": history_strip(history.get(row["id"], [])),
@@ -242,7 +242,7 @@ class Dashboard:
         ]
         return self.render(
             request, "host.html", status_code=form_state.pop("status_code", 200), session=session, host=host,
-            checks=checks, can_edit=session.principal.role in CHECK_EDITORS, max_checks=5, **form_state,
+            checks=shown, can_edit=session.principal.role in CHECK_EDITORS, max_checks=5, **form_state,
         )  # fmt: skip
 
     async def create_check(self, request: Request, session: sessions.Session) -> Response:
@@ -321,18 +321,18 @@ class Dashboard:
         job_id = dashboard_job_id(request)
         context = context_of(request)
         async with context.pool.acquire() as connection:
-            hosts = _shown(
+            job_hosts = _shown(
                 await connection.fetch(
                     f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
                     session.principal.visible_groups(),
                     job_key(job_id),  # as the API does: an invalid job_id's row is under its key
                 )
             )
-            if not hosts:
+            if not job_hosts:
                 raise Problem(404, "job not found")
-            failing = await _failing_checks(connection, [row for row in hosts if row["status"] == WAITING])
+            failing = await _failing_checks(connection, [row for row in job_hosts if row["status"] == WAITING])
         return self.render(
-            request, "job.html", session=session, job_id=job_id, hosts=hosts, failing=failing,
+            request, "job.html", session=session, job_id=job_id, hosts=job_hosts, failing=failing,
             can_override=session.principal.is_admin,
         )  # fmt: skip
 
@@ -432,15 +432,7 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
 
 
 async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
-    groups = principal.visible_groups()
-    rows = await pool.fetch(
-        """
-        SELECT health_check_status, "group", count(*) AS hosts FROM hosts
-        WHERE $1::text[] IS NULL OR "group" = ANY($1)
-        GROUP BY 1, 2
-        """,
-        groups,
-    )
+    rows = await hosts.status_counts(pool, principal.visible_groups())
     counts = dict.fromkeys(STATUSES, 0)
     for row in rows:
         counts[row["health_check_status"]] += row["hosts"]
@@ -448,17 +440,7 @@ async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, 
 
 
 async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Point]]:
-    rows = await connection.fetch(
-        f"""
-        SELECT c.id, r.healthy, r.reason, r.detail, r.latency_ms, r.checked_at
-        FROM unnest($1::uuid[]) AS c(id)
-        CROSS JOIN LATERAL (
-            SELECT healthy, reason, detail, latency_ms, checked_at FROM check_results
-            WHERE check_id = c.id ORDER BY checked_at DESC LIMIT {HISTORY_LENGTH}
-        ) r
-        """,
-        check_ids,
-    )
+    rows = await results.recent_results(connection, check_ids, HISTORY_LENGTH)
     history: dict[uuid.UUID, list[Point]] = {}
     for row in rows:
         history.setdefault(row["id"], []).append(
