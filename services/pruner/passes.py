@@ -19,8 +19,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared import outbox, results, sessions
-from shared.database import delete_in_batches
+from shared import jobs, outbox, results, sessions
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,11 +121,7 @@ async def prune_once(pool: asyncpg.Pool, retention: Retention) -> PassReport:
             report.partitions_dropped = pruned.partitions_dropped
             report.partition_rows_dropped = pruned.rows_in_dropped_partitions
             report.result_rows_deleted = pruned.rows_deleted
-            report.gate_jobs_deleted = await delete_in_batches(
-                pool, "DELETE FROM gate_jobs WHERE (job_id, host_id) IN ("
-                "SELECT job_id, host_id FROM gate_jobs WHERE decided_at < $1 LIMIT $2)",
-                now - retention.decided_jobs,
-            )  # fmt: skip
+            report.gate_jobs_deleted = await jobs.prune_decided(pool, now - retention.decided_jobs)
             report.outbox_rows_deleted = await outbox.prune_sent(pool, now - retention.sent_outbox)
             report.sessions_deleted = await sessions.prune_expired(pool, now)
             oldest = await results.oldest_result_since(lock_connection, cutoff)

@@ -42,9 +42,10 @@ from services.api.paths import SegmentRoute, browser_reachable, linkable, path_s
 from services.api.problems import Problem
 from services.api.requests import path_job_id
 from services.api.schemas import OverrideRequest
-from shared import checks, hosts, results
-from shared.events import control_character, job_key, received_job_id
+from shared import checks, hosts, jobs, results
+from shared.events import control_character, job_key
 from shared.gating import gating_check_summaries
+from shared.jobs import WAITING
 
 HERE = Path(__file__).parent
 STATUSES = ("unhealthy", "unknown", "degraded", "healthy", "no_checks")
@@ -52,6 +53,7 @@ CHECK_EDITORS = ("admin", "operator")
 HISTORY_LENGTH = 40
 STALE_FORM = Problem(403, "the form was stale or forged; reload the page")
 PAGE_SIZE = 50
+JOBS_SHOWN = 100  # waiting ones, and decided ones, on the jobs page
 # A job host's status as the jobs pages say it (CONTRACT §3 "every job row shows its status as a word").
 STATUS_WORDS = {
     "waiting_health_check": "waiting",
@@ -321,13 +323,9 @@ class Dashboard:
         job_id = dashboard_job_id(request)
         context = context_of(request)
         async with context.pool.acquire() as connection:
-            job_hosts = _shown(
-                await connection.fetch(
-                    f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
-                    session.principal.visible_groups(),
-                    job_key(job_id),  # as the API does: an invalid job_id's row is under its key
-                )
-            )
+            # As the API does: an invalid job_id's row is under its key.
+            rows = await jobs.job_with_host_names(connection, job_key(job_id), session.principal.visible_groups())
+            job_hosts = [jobs.as_received(row) for row in rows]
             if not job_hosts:
                 raise Problem(404, "job not found")
             failing = await _failing_checks(connection, [row for row in job_hosts if row["status"] == WAITING])
@@ -449,30 +447,10 @@ async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.U
     return history
 
 
-WAITING = "waiting_health_check"
-JOB_HOST_SELECT = "SELECT j.*, h.name AS host_name FROM gate_jobs j LEFT JOIN hosts h ON h.id = j.host_id"
-JOB_HOST_VISIBLE = '($1::text[] IS NULL OR h."group" = ANY($1))'
-
-
 async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
-    order = "j.window_ends_at" if waiting else "j.decided_at DESC"
-    condition = f"j.status = '{WAITING}'" if waiting else f"j.status <> '{WAITING}'"
-    return _shown(
-        await connection.fetch(
-            f"{JOB_HOST_SELECT} WHERE {condition} AND {JOB_HOST_VISIBLE} ORDER BY {order} LIMIT 100", groups
-        )
-    )
-
-
-def _shown(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    """Job host rows as the pages show them: `job_id` the one received, not the key an invalid one is stored
-    under (migration 0009)."""
-    shown = []
-    for row in rows:
-        values = dict(row)
-        values["job_id"] = received_job_id(values["job_id"], values.pop("received_job_id"))
-        shown.append(values)
-    return shown
+    """The jobs page's waiting or decided job hosts, each with its job_id as received (`shared.jobs.as_received`)."""
+    rows = await jobs.job_hosts_with_host_names(connection, groups, waiting=waiting, limit=JOBS_SHOWN)
+    return [jobs.as_received(row) for row in rows]
 
 
 # A job_id shown on a page: the gate answers (and stores) job_ids of any length, 2 MB too.
