@@ -20,15 +20,7 @@ from starlette.responses import Response
 from services.api.auth import Principal
 from services.api.context import ApiContext, context_of
 from services.api.problems import Problem, conflict, field_errors, not_found, validation_problem
-from services.api.requests import (
-    PageQuery,
-    decode_cursor,
-    encode_cursor,
-    json_response,
-    path_uuid,
-    read_json,
-    read_query,
-)
+from services.api.requests import Keyset, PageQuery, json_response, path_uuid, read_json, read_query
 from services.api.schemas import (
     CHECK_WRITE_MODELS,
     COMMON_WRITABLE_FIELDS,
@@ -67,6 +59,12 @@ WRITABLE_COLUMNS = (
     "basic_auth_pass_encrypted",
 )
 VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "created_at", "updated_at")
+# A check's results page newest first by (checked_at, id); the cursor holds the last row's.
+RESULT_PAGES: Keyset[tuple[dt.datetime, uuid.UUID]] = Keyset(
+    2,
+    lambda checked_at, result_id: (dt.datetime.fromisoformat(checked_at), uuid.UUID(result_id)),
+    lambda row: (row["checked_at"].isoformat(), str(row["id"])),
+)
 
 
 class ResultListQuery(PageQuery):
@@ -428,20 +426,13 @@ async def run_check_now(context: ApiContext, actor: str, host_id: uuid.UUID, che
 async def list_results(request: Request, principal: Principal) -> Response:
     host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
     query = read_query(request, ResultListQuery)
-    before: tuple[dt.datetime, uuid.UUID] | None = None
-    if query.cursor is not None:
-        checked_at, result_id = decode_cursor(query.cursor, 2)
-        try:
-            before = (dt.datetime.fromisoformat(checked_at), uuid.UUID(result_id))
-        except (TypeError, ValueError):
-            raise field_errors([{"field": "query.cursor", "message": "not a cursor this list returned"}]) from None
+    after = RESULT_PAGES.after(query.cursor)
     async with context_of(request).pool.acquire() as connection:
         await _fetch_check(connection, host_id, check_id)
         rows = await results.result_page(
-            connection, check_id, since=query.since, until=query.until, after=before, limit=query.limit + 1
-        )
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    next_cursor = encode_cursor(rows[-1]["checked_at"].isoformat(), str(rows[-1]["id"])) if more else None
+            connection, check_id, since=query.since, until=query.until, after=after,
+            limit=RESULT_PAGES.rows_to_fetch(query.limit),
+        )  # fmt: skip
+    rows, next_cursor = RESULT_PAGES.page(rows, query.limit)
     items = [ResultView.model_validate(dict(row)) for row in rows]
     return json_response(Page[ResultView](items=items, next_cursor=next_cursor))

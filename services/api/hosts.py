@@ -15,21 +15,15 @@ from services.api.auth import Principal
 from services.api.checks import delete_check_rows
 from services.api.context import context_of
 from services.api.problems import conflict, field_errors, not_found, validation_problem
-from services.api.requests import (
-    PageQuery,
-    decode_cursor,
-    encode_cursor,
-    json_response,
-    path_uuid,
-    read_json,
-    read_model,
-    read_query,
-)
+from services.api.requests import Keyset, PageQuery, json_response, path_uuid, read_json, read_model, read_query
 from services.api.schemas import GroupName, HostCreate, HostView, HostWrite
 from services.api.targets import address_problems
 from shared import checks, hosts
 from shared.audit import diff, record_audit
 from shared.events import HostHealthStatus
+
+# Hosts page by name (unique); the cursor holds the last name.
+HOST_PAGES: Keyset[str] = Keyset(1, lambda name: str(name), lambda row: (row["name"],))
 
 
 class HostListQuery(PageQuery):
@@ -70,16 +64,11 @@ async def fetch_host_page(
     pool: asyncpg.Pool, principal: Principal, query: HostListQuery
 ) -> tuple[list[asyncpg.Record], str | None]:
     """A page of the caller's hosts by name, and the cursor of the next page (the API and dashboard)."""
-    after_name = None
-    if query.cursor is not None:
-        (after_name,) = decode_cursor(query.cursor, 1)
     rows = await hosts.host_page(
         pool, groups=principal.visible_groups(), group=query.group, status=query.health_check_status,
-        after_name=None if after_name is None else str(after_name), limit=query.limit + 1,
+        after_name=HOST_PAGES.after(query.cursor), limit=HOST_PAGES.rows_to_fetch(query.limit),
     )  # fmt: skip
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    return rows, encode_cursor(rows[-1]["name"]) if more else None
+    return HOST_PAGES.page(rows, query.limit)
 
 
 async def create_host(request: Request, principal: Principal) -> Response:

@@ -19,17 +19,8 @@ from starlette.responses import Response
 import shared.jobs
 from services.api.auth import Principal
 from services.api.context import ApiContext, context_of
-from services.api.problems import conflict, field_errors, not_found
-from services.api.requests import (
-    PageQuery,
-    decode_cursor,
-    encode_cursor,
-    json_response,
-    path_job_id,
-    path_uuid,
-    read_model,
-    read_query,
-)
+from services.api.problems import conflict, not_found
+from services.api.requests import Keyset, PageQuery, json_response, path_job_id, path_uuid, read_model, read_query
 from services.api.schemas import JobHostView, JobListItem, JobView, OverrideRequest, Page
 from shared.audit import record_audit
 from shared.database import locked_now
@@ -45,6 +36,24 @@ class JobListQuery(PageQuery):
     host_id: uuid.UUID | None = Field(
         None, description="only this host's job hosts (a host outside the caller's groups gives an empty page)"
     )
+
+
+def _job_key_of_cursor(received_at: Any, job_id: Any, host_id: Any) -> tuple[dt.datetime, str, uuid.UUID]:
+    """The (received_at, job_id, host_id) key a job list cursor holds; ValueError when it is not one."""
+    key = (dt.datetime.fromisoformat(received_at), job_id, uuid.UUID(host_id))
+    # NUL or a lone surrogate (JSON allows "\ud800") would fail in PostgreSQL or the driver, not here.
+    if key[0].tzinfo is None or not isinstance(job_id, str) or "\x00" in job_id:
+        raise ValueError("not a job list key")
+    job_id.encode()  # UnicodeEncodeError (a ValueError) for a lone surrogate
+    return key
+
+
+# Job hosts page newest first by (received_at, job_id, host_id), all descending: a total order (the primary
+# key is in it), so pages never repeat or skip a row, whatever the filters. The cursor holds the last row's
+# key only, the stored key (`job_key`) of its job_id.
+JOB_PAGES: Keyset[tuple[dt.datetime, str, uuid.UUID]] = Keyset(
+    3, _job_key_of_cursor, lambda row: (row["received_at"].isoformat(), row["job_id"], str(row["host_id"]))
+)
 
 
 def job_host_fields(row: asyncpg.Record) -> dict[str, Any]:
@@ -66,40 +75,17 @@ async def get_job(request: Request, principal: Principal) -> Response:
 
 
 async def list_jobs(request: Request, principal: Principal) -> Response:
-    """A page of job hosts, newest first, scoped, optionally by status and host, each with its job_id as received.
-
-    Keyset pagination on (received_at, job_id, host_id), all descending (`shared.jobs.job_host_page`). The cursor
-    holds the last row's key only; the client sends the same filters with it.
-    """
+    """A page of job hosts, newest first, scoped, optionally by status and host, each with its job_id as received
+    (`JOB_PAGES`; the client sends the same filters with the cursor)."""
     query = read_query(request, JobListQuery)
-    after = _job_cursor(query.cursor) if query.cursor is not None else None
+    after = JOB_PAGES.after(query.cursor)
     rows = await shared.jobs.job_host_page(
         context_of(request).pool, groups=principal.visible_groups(), status=query.status, host_id=query.host_id,
-        after=after, limit=query.limit + 1,
+        after=after, limit=JOB_PAGES.rows_to_fetch(query.limit),
     )  # fmt: skip
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    next_cursor = None
-    if more:
-        last = rows[-1]
-        next_cursor = encode_cursor(last["received_at"].isoformat(), last["job_id"], str(last["host_id"]))
+    rows, next_cursor = JOB_PAGES.page(rows, query.limit)
     items = [JobListItem.model_validate(job_host_fields(row)) for row in rows]
     return json_response(Page[JobListItem](items=items, next_cursor=next_cursor))
-
-
-def _job_cursor(cursor: str) -> tuple[dt.datetime, str, uuid.UUID]:
-    """The (received_at, job_id, host_id) key a job list cursor holds; 422 naming `query.cursor` otherwise."""
-    received_at, job_id, host_id = decode_cursor(cursor, 3)
-    try:
-        key = (dt.datetime.fromisoformat(received_at), job_id, uuid.UUID(host_id))
-        # NUL or a lone surrogate (JSON allows "\ud800") would fail in PostgreSQL or the driver, not here.
-        valid = key[0].tzinfo is not None and isinstance(job_id, str) and "\x00" not in job_id
-        job_id.encode()
-    except (TypeError, ValueError, AttributeError):  # UnicodeEncodeError is a ValueError
-        valid = False
-    if not valid:
-        raise field_errors([{"field": "query.cursor", "message": "not a cursor this list returned"}])
-    return key
 
 
 async def override_job(request: Request, principal: Principal) -> Response:

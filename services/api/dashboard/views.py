@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -26,6 +26,7 @@ from starlette.templating import Jinja2Templates
 
 from services.api.auth import Principal
 from services.api.checks import (
+    MAX_CHECKS_PER_HOST,
     check_view,
     create_check_on,
     delete_check_on,
@@ -36,6 +37,7 @@ from services.api.checks import (
 from services.api.context import ApiContext, context_of
 from services.api.dashboard import sessions
 from services.api.dashboard.charts import Point, history_strip, latency_sparkline
+from services.api.endpoints import ADMIN, CHECK_EDITORS
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
 from services.api.jobs import override_on
 from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
@@ -45,11 +47,10 @@ from services.api.schemas import OverrideRequest
 from shared import checks, hosts, jobs, results
 from shared.events import control_character, job_key
 from shared.gating import gating_check_summaries
+from shared.hosts import HOST_STATUSES
 from shared.jobs import WAITING
 
 HERE = Path(__file__).parent
-STATUSES = ("unhealthy", "unknown", "degraded", "healthy", "no_checks")
-CHECK_EDITORS = ("admin", "operator")
 HISTORY_LENGTH = 40
 STALE_FORM = Problem(403, "the form was stale or forged; reload the page")
 PAGE_SIZE = 50
@@ -144,7 +145,8 @@ class Dashboard:
         return self.render(request, "error.html", status_code=problem.status, session=session, problem=problem)
 
     @staticmethod
-    def _require(session: sessions.Session, roles: tuple[str, ...], what: str) -> None:
+    def _require(session: sessions.Session, roles: Collection[str], what: str) -> None:
+        """403 unless the session's role is one of `roles` (the API's: services/api/endpoints.py)."""
         if session.principal.role not in roles:
             role = session.principal.role
             raise Problem(403, f"{'an' if role[0] in 'aeiou' else 'a'} {role} may not {what}")
@@ -200,7 +202,7 @@ class Dashboard:
         params = request.query_params
         group = params.get("group") or None
         status = params.get("status") or None
-        if status not in (None, *STATUSES):
+        if status not in (None, *HOST_STATUSES):
             raise Problem(422, f"unknown status {status!r}")
         try:
             query = HostListQuery(
@@ -214,7 +216,7 @@ class Dashboard:
         template = "_hosts_region.html" if params.get("fragment") else "hosts.html"
         return self.render(
             request, template, session=session, hosts=rows, next_cursor=next_cursor, counts=counts,
-            total=sum(counts.values()), groups=groups, group=group, status=status, statuses=STATUSES,
+            total=sum(counts.values()), groups=groups, group=group, status=status, statuses=HOST_STATUSES,
             filters=urlencode({key: value for key, value in (("group", group), ("status", status)) if value}),
         )  # fmt: skip
 
@@ -244,7 +246,8 @@ class Dashboard:
         ]
         return self.render(
             request, "host.html", status_code=form_state.pop("status_code", 200), session=session, host=host,
-            checks=shown, can_edit=session.principal.role in CHECK_EDITORS, max_checks=5, **form_state,
+            checks=shown, can_edit=session.principal.role in CHECK_EDITORS, max_checks=MAX_CHECKS_PER_HOST,
+            **form_state,
         )  # fmt: skip
 
     async def create_check(self, request: Request, session: sessions.Session) -> Response:
@@ -335,7 +338,7 @@ class Dashboard:
         )  # fmt: skip
 
     async def override(self, request: Request, session: sessions.Session) -> Response:
-        self._require(session, ("admin",), "override a job")
+        self._require(session, ADMIN, "override a job")
         job_id = dashboard_job_id(request)
         host_id = _path_uuid(request, "host_id")
         form = await request.form()
@@ -431,7 +434,7 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
 
 async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
     rows = await hosts.status_counts(pool, principal.visible_groups())
-    counts = dict.fromkeys(STATUSES, 0)
+    counts = dict.fromkeys(HOST_STATUSES, 0)
     for row in rows:
         counts[row["health_check_status"]] += row["hosts"]
     return counts, sorted({row["group"] for row in rows})
