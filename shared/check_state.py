@@ -23,6 +23,8 @@ from shared.events import CheckStatus, ResultReason
 
 @dataclass(frozen=True)
 class Streak:
+    """A check's status and its current run of consecutive failures and successes."""
+
     status: CheckStatus
     failures: int
     successes: int

@@ -88,10 +88,12 @@ async def checks_of_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> 
 
 
 async def check_ids_of_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[uuid.UUID]:
+    """The ids of the host's checks (a host being deleted deletes each one first)."""
     return [row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)]
 
 
 async def count_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> int:
+    """How many checks the host has (the api's 5-check limit; the caller holds the host's lock)."""
     count: int = await connection.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", host_id)
     return count
 

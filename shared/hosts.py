@@ -165,6 +165,7 @@ async def fetch_host(
 
 
 async def host_exists(connection: asyncpg.Connection, host_id: uuid.UUID) -> bool:
+    """Whether there is a host with this id."""
     return bool(await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id))
 
 

@@ -34,6 +34,7 @@ PARTITION_NAME = re.compile(r"^check_results_(\d{8})$")
 
 
 def result_partition_name(day: dt.date) -> str:
+    """The partition holding the results of one UTC day: `check_results_YYYYMMDD`."""
     return f"check_results_{day:%Y%m%d}"
 
 

@@ -28,6 +28,8 @@ MIGRATION_LOCK_ID = 0x6865616C74686761  # "healthga"
 
 @dataclass(frozen=True)
 class Migration:
+    """One file of shared/migrations: NNNN (version), its name and its SQL."""
+
     version: int
     name: str
     sql: str

@@ -55,6 +55,7 @@ async def find_session(pool: asyncpg.Pool, session_id: str) -> asyncpg.Record | 
 
 
 async def delete_session(pool: asyncpg.Pool, session_id: str) -> None:
+    """End a session (sign-out); nothing happens for an unknown one."""
     await pool.execute("DELETE FROM dashboard_sessions WHERE id_sha256 = $1", _digest(session_id))
 
 

@@ -28,6 +28,7 @@ class TokenNameTaken(Exception):
 
 
 def generate_token() -> str:
+    """A new token: TOKEN_PREFIX and 256 random bits, URL-safe."""
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
@@ -80,6 +81,7 @@ async def create_token(
 
 
 async def list_tokens(connection: asyncpg.Connection) -> list[asyncpg.Record]:
+    """Every token's name, role, groups and creation time (never its hash), by name."""
     return await connection.fetch("SELECT name, role, groups, created_at FROM api_tokens ORDER BY name")
 
 

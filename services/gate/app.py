@@ -22,4 +22,5 @@ async def serve(settings: Settings) -> bool:
 
 
 def run_gate(settings: Settings) -> int:
+    """`healthgate gate`: run until SIGINT/SIGTERM; the process's exit status (`run_service`)."""
     return run_service(serve(settings))

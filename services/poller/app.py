@@ -70,5 +70,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
 
 
 def run_poller(settings: Settings) -> int:
+    """`healthgate poller`: run until SIGINT/SIGTERM; the process's exit status (`run_service`). Raises
+    KeyFileError for an unusable key file, before anything starts."""
     key = load_or_create_key(settings.key_file)
     return run_service(serve(settings, key))

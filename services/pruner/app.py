@@ -50,6 +50,7 @@ async def serve(settings: Settings) -> bool:
 
 
 def run_pruner(settings: Settings) -> int:
+    """`healthgate pruner`: run until SIGINT/SIGTERM; the process's exit status (`run_service`)."""
     return run_service(serve(settings))
 
 
