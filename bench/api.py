@@ -7,7 +7,7 @@ under load.
 
 Set-up: a throwaway database `healthgate_bench_<id>` on the server of HEALTHGATE_BENCH_DATABASE_URL
 (migrated with the real migrations, seeded with COPY, summaries set by one UPDATE that mirrors
-shared/host_status.py and is cross-checked against it), an exchange `hgbench-<id>` on
+shared/hosts.py and is cross-checked against it), an exchange `hgbench-<id>` on
 HEALTHGATE_BENCH_AMQP_URL, and one `healthgate api` process. All of it is removed at the end, also on
 error, Ctrl-C or SIGTERM.
 
@@ -57,11 +57,11 @@ from _support import (
     verdict,
 )
 
-from services.api.auth import create_token
 from services.api.checks import WRITABLE_COLUMNS
 from services.api.requests import encode_cursor
-from shared.database import migrate
-from shared.host_status import refresh_host_status
+from shared.hosts import refresh_host_status
+from shared.schema import migrate
+from shared.tokens import create_token
 
 HOSTS = 10_000
 CHECKS_PER_HOST = 5
@@ -124,7 +124,7 @@ HOST_COLUMNS = ("id", "name", "group", "agent_url", "created_at", "updated_at")
 # The API's own list of writable columns; this benchmark seeds no basic-auth checks (NULL there, as omitted).
 CHECK_COLUMNS = ("id", "host_id", *WRITABLE_COLUMNS, "created_at", "updated_at")
 
-# The rule of shared/host_status.py (_RECOMPUTE_SQL), for every host at once.
+# The rule of shared/hosts.py (_RECOMPUTE_SQL), for every host at once.
 SUMMARY_UPDATE = """
 UPDATE hosts
 SET health_check_status = summary.status, checks_total = summary.total, checks_healthy = summary.healthy

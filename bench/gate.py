@@ -63,8 +63,8 @@ from _support import (
 )
 from _support import spread as _spread
 
-from shared.database import migrate
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, CheckResult, encode_cloudevent
+from shared.schema import migrate
 from shared.topology import Topology, declare_exchange
 from tests.support.processes import ServiceProcess
 

@@ -225,7 +225,7 @@ def relay_main(arguments: list[str]) -> int:
 
 async def seed(database_url: str, hosts: int, url: str) -> list[uuid.UUID]:
     """N hosts with one http check each, all healthy already; schedule rows with next_run_at NULL."""
-    from shared.database import migrate
+    from shared.schema import migrate
 
     await migrate(database_url)
     now = dt.datetime.now(dt.UTC)

@@ -65,8 +65,10 @@ from _support import (
     with_database,
 )
 
-from services.pruner.passes import DELETE_BATCH, Retention, prune_once
-from shared.database import create_pool, ensure_result_partitions, migrate, result_partition_name
+from services.pruner.passes import Retention, prune_once
+from shared.database import DELETE_BATCH, create_pool
+from shared.results import ensure_result_partitions, result_partition_name
+from shared.schema import migrate
 
 SIZES = (1_000_000, 5_000_000, 10_000_000)
 ROUNDS = {1_000_000: 3, 5_000_000: 3, 10_000_000: 2}

@@ -148,7 +148,7 @@ def scheduler_main(arguments: list[str]) -> int:
 
 
 async def seed(database_url: str, checks: int) -> None:
-    from shared.database import migrate
+    from shared.schema import migrate
 
     await migrate(database_url)
     rng = random.Random(SEED)

@@ -17,8 +17,9 @@ from typing import Any
 import asyncpg
 
 from shared.crypto import KeyFileError
-from shared.database import DatabaseUnavailable, migrate
+from shared.database import DATABASE_ERRORS, DatabaseUnavailable
 from shared.logs import configure_logging
+from shared.schema import migrate
 from shared.settings import ServiceConfigError, Settings, SettingsError, load_settings, redact_url
 
 log = logging.getLogger("healthgate")
@@ -71,12 +72,12 @@ def _run_async(coroutine: Coroutine[Any, Any, int]) -> int:
 async def _connect(settings: Settings) -> asyncpg.Connection:
     try:
         return await asyncpg.connect(settings.database_url)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         raise CommandError(f"cannot connect to {redact_url(settings.database_url)}: {exc}") from None
 
 
 async def _token_create(settings: Settings, arguments: argparse.Namespace) -> int:
-    from services.api.auth import TokenNameTaken, create_token
+    from shared.tokens import TokenNameTaken, create_token
 
     connection = await _connect(settings)
     try:
@@ -94,7 +95,7 @@ async def _token_create(settings: Settings, arguments: argparse.Namespace) -> in
 
 
 async def _token_list(settings: Settings, arguments: argparse.Namespace) -> int:
-    from services.api.auth import list_tokens
+    from shared.tokens import list_tokens
 
     connection = await _connect(settings)
     try:
@@ -109,7 +110,7 @@ async def _token_list(settings: Settings, arguments: argparse.Namespace) -> int:
 
 
 async def _token_revoke(settings: Settings, arguments: argparse.Namespace) -> int:
-    from services.api.auth import revoke_token
+    from shared.tokens import revoke_token
 
     connection = await _connect(settings)
     try:

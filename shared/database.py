@@ -1,14 +1,12 @@
-"""PostgreSQL: the connection pool, database creation, migrations and result partitions."""
+"""PostgreSQL: the connection pool, what an outage looks like and the watch that waits it out, the
+database's clock, and batched deletes. The schema and its migrations are in `shared/schema.py`; each table's
+rows are written by its owner (docs/architecture.md, "Who writes which table")."""
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
 import logging
-from collections.abc import Iterable
-from dataclasses import dataclass
-from importlib import resources
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -17,9 +15,8 @@ from shared.settings import redact_url
 
 log = logging.getLogger(__name__)
 
-# Any fixed 64-bit number, the same in every process: serialises concurrent `healthgate migrate`.
-MIGRATION_LOCK_ID = 0x6865616C74686761  # "healthga"
-RESULT_PARTITION_DAYS_AHEAD = 7
+# Rows per DELETE of `delete_in_batches`: each batch is its own short transaction.
+DELETE_BATCH = 5000
 
 
 # What PostgreSQL being unreachable looks like to a client: the one list every service uses to tell "the
@@ -40,6 +37,10 @@ TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
 )
+# Every error of the database or of the connection to it: an outage (above), or PostgreSQL refusing the
+# work (asyncpg.PostgresError: a bad query, a constraint, a conflict). What a task that must not die on
+# either catches, before it asks `is_transient_database_error` (or `DatabaseWatch.wait_out`) which it was.
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
 # asyncpg InterfaceErrors that are our mistake, not an outage.
 _NOT_TRANSIENT: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.ClientConfigurationError,
@@ -107,6 +108,16 @@ class DatabaseWatch:
         self._down.set()
         self._suspect.set()
 
+    async def wait_out(self, error: BaseException) -> bool:
+        """For a task that loops: if `error` is transient (`is_transient_database_error`), report it, wait
+        until the database answers again and return True (try again at once; the watch logs the outage
+        once). False for any other error, which the caller logs and backs off from."""
+        if not is_transient_database_error(error):
+            return False
+        self.report(error)
+        await self.wait_up()
+        return True
+
     async def run(self) -> None:
         """Probe whenever an error was reported (and at start) until the database answers. Never returns."""
         while True:
@@ -142,23 +153,6 @@ class DatabaseWatch:
         return None
 
 
-@dataclass(frozen=True)
-class Migration:
-    version: int
-    name: str
-    sql: str
-
-
-def bundled_migrations() -> list[Migration]:
-    """The ordered SQL files shipped in shared/migrations, named NNNN_description.sql."""
-    migrations = []
-    for entry in resources.files("shared.migrations").iterdir():
-        if entry.name.endswith(".sql"):
-            version, _, name = entry.name.removesuffix(".sql").partition("_")
-            migrations.append(Migration(int(version), name, entry.read_text()))
-    return sorted(migrations, key=lambda migration: migration.version)
-
-
 async def _keep_session_state(connection: asyncpg.Connection) -> None:
     """Skip asyncpg's per-release reset query (a round trip on every pooled call: about 100 µs of a
     1 ms request). asyncpg still rolls back open transactions and drops listeners; code that sets
@@ -183,118 +177,23 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         pool = await asyncpg.create_pool(
             dsn, min_size=min_size, max_size=max_size, command_timeout=30, reset=_keep_session_state
         )
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+    except DATABASE_ERRORS as exc:
         raise DatabaseUnavailable(f"cannot connect to {redact_url(dsn)}: {exc}") from None
     assert pool is not None
     return pool
 
 
-async def ensure_database(dsn: str) -> bool:
-    """Create the database named in the DSN when it does not exist. True if it was created."""
-    parts = urlsplit(dsn)
-    database = parts.path.lstrip("/") or parts.username or "postgres"
-    maintenance_dsn = urlunsplit(parts._replace(path="/postgres"))
-    try:
-        connection = await asyncpg.connect(maintenance_dsn)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact_url(maintenance_dsn)}: {exc}") from None
-    try:
-        exists = await connection.fetchval("SELECT true FROM pg_database WHERE datname = $1", database)
-        if exists:
-            return False
-        quoted = '"' + database.replace('"', '""') + '"'
-        try:
-            await connection.execute(f"CREATE DATABASE {quoted}")
-        except (asyncpg.DuplicateDatabaseError, asyncpg.UniqueViolationError):
-            # Another `healthgate migrate` created it at the same moment.
-            return False
-        log.info("created database", extra={"database": database})
-        return True
-    finally:
-        await connection.close()
+async def delete_in_batches(pool: asyncpg.Pool, statement: str, before: dt.datetime, batch: int = DELETE_BATCH) -> int:
+    """Run a batched DELETE (`$1` the time bound, `$2` the batch size), each batch in a transaction of its
+    own, until a batch deletes fewer than `batch` rows; returns how many were deleted. The statement comes
+    from the table's owner (a pruning function), which alone spells a write of its table."""
+    total = 0
+    while True:
+        async with pool.acquire() as connection:
+            status = await connection.execute(statement, before, batch)
+        deleted = int(status.split()[-1])
+        total += deleted
+        if deleted < batch:
+            return total
 
 
-async def apply_migrations(connection: asyncpg.Connection, migrations: Iterable[Migration]) -> list[int]:
-    """Apply the migrations not yet recorded, each in its own transaction, under an advisory lock."""
-    applied_now = []
-    await connection.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_ID)
-    try:
-        await connection.execute(
-            """
-            CREATE TABLE IF NOT EXISTS schema_migrations (
-                version integer PRIMARY KEY,
-                name text NOT NULL,
-                applied_at timestamptz NOT NULL DEFAULT now()
-            )
-            """
-        )
-        done = {row["version"] for row in await connection.fetch("SELECT version FROM schema_migrations")}
-        for migration in migrations:
-            if migration.version in done:
-                continue
-            async with connection.transaction():
-                await connection.execute(migration.sql)
-                await connection.execute(
-                    "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
-                    migration.version,
-                    migration.name,
-                )
-            applied_now.append(migration.version)
-            log.info("applied migration", extra={"version": migration.version, "migration": migration.name})
-        await ensure_result_partitions(connection, dt.datetime.now(dt.UTC).date())
-    finally:
-        await connection.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_ID)
-    return applied_now
-
-
-async def migrate(dsn: str) -> list[int]:
-    """`healthgate migrate`: create the database if needed and apply pending migrations."""
-    await ensure_database(dsn)
-    try:
-        connection = await asyncpg.connect(dsn)
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise DatabaseUnavailable(f"cannot connect to {redact_url(dsn)}: {exc}") from None
-    try:
-        return await apply_migrations(connection, bundled_migrations())
-    finally:
-        await connection.close()
-
-
-def result_partition_name(day: dt.date) -> str:
-    return f"check_results_{day:%Y%m%d}"
-
-
-async def ensure_result_partitions(
-    connection: asyncpg.Connection, today: dt.date, days_ahead: int = RESULT_PARTITION_DAYS_AHEAD
-) -> list[str]:
-    """Create the daily result partitions from yesterday to `days_ahead` days on. Idempotent."""
-    existing = {
-        row["relname"]
-        for row in await connection.fetch(
-            """
-            SELECT child.relname
-            FROM pg_inherits
-            JOIN pg_class parent ON parent.oid = pg_inherits.inhparent
-            JOIN pg_class child ON child.oid = pg_inherits.inhrelid
-            WHERE parent.relname = 'check_results'
-            """
-        )
-    }
-    created = []
-    for offset in range(-1, days_ahead + 1):
-        day = today + dt.timedelta(days=offset)
-        name = result_partition_name(day)
-        if name in existing:
-            continue
-        start = dt.datetime.combine(day, dt.time(), dt.UTC)
-        end = start + dt.timedelta(days=1)
-        try:
-            await connection.execute(
-                f"CREATE TABLE IF NOT EXISTS {name} PARTITION OF check_results "
-                f"FOR VALUES FROM ('{start.isoformat()}') TO ('{end.isoformat()}')"
-            )
-        except asyncpg.InvalidObjectDefinitionError:
-            # Another process created an overlapping partition at the same moment.
-            continue
-        created.append(name)
-    return created

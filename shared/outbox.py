@@ -1,4 +1,5 @@
-"""Transactional outbox: an event commits with the change that caused it, a relay publishes it.
+"""Transactional outbox: an event commits with the change that caused it, a relay publishes it. This
+module is the only one that writes the `outbox` table (docs/architecture.md, "Who writes which table").
 
 `enqueue` runs inside the caller's transaction, so an event exists exactly when its change does.
 `OutboxRelay` claims unsent rows (SKIP LOCKED: any number of relays may run), publishes them with
@@ -18,7 +19,7 @@ import uuid
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, create_pool, is_transient_database_error
+from shared.database import DATABASE_ERRORS, DatabaseWatch, create_pool, delete_in_batches
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
 from shared.messaging import Broker, PublishFailed, Unroutable
 from shared.topology import Topology
@@ -101,6 +102,14 @@ async def enqueue_many(
     return [row[0] for row in rows]
 
 
+async def prune_sent(pool: asyncpg.Pool, before: dt.datetime) -> int:
+    """Delete the rows sent before `before` (the pruner: HEALTHGATE_OUTBOX_RETENTION_HOURS), in batches of
+    short transactions; unsent rows are never deleted. Returns how many were deleted."""
+    return await delete_in_batches(
+        pool, "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < $1 LIMIT $2)", before
+    )
+
+
 class OutboxMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.published = Counter(
@@ -153,11 +162,8 @@ class OutboxRelay:
                     finally:
                         if not _lost(listener):
                             await listener.remove_listener(NOTIFY_CHANNEL, self._on_notify)
-            except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
-                if is_transient_database_error(exc) and self._database is not None:
-                    self._database.report(exc)
-                    await self._database.wait_up()
-                else:
+            except DATABASE_ERRORS as exc:
+                if self._database is None or not await self._database.wait_out(exc):
                     log.warning("outbox relay failed, will retry", extra={"error": str(exc)})
                     await asyncio.sleep(RETRY_DELAY_SECONDS)
 

@@ -7,15 +7,21 @@ signal handling, and an orderly stop.
         runtime.start_broker()
         await runtime.stopped()
     return runtime.succeeded
+
+and its process runs that with `run_service(serve(settings))`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any
 
+import uvloop
 from prometheus_client import CollectorRegistry
 
 from shared.consuming import ConsumerMetrics, Consumers
@@ -31,6 +37,15 @@ log = logging.getLogger(__name__)
 
 # SIGTERM: how long the handlers at work get to finish before their messages are handed back.
 CONSUMER_GRACE_SECONDS = 10.0
+
+
+def run_service(service: Coroutine[Any, Any, bool]) -> int:
+    """Run a worker service's `serve(...)` (True when it stopped as asked) on uvloop until it returns, and
+    give the process's exit status: 0 after SIGINT/SIGTERM or Ctrl-C (KeyboardInterrupt ends it without a
+    traceback), 1 when it stopped because one of its tasks failed, so that its supervisor restarts it."""
+    with contextlib.suppress(KeyboardInterrupt):
+        return 0 if uvloop.run(service) else 1
+    return 0
 
 
 class WorkerRuntime:

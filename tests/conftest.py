@@ -21,8 +21,8 @@ import httpx
 import pytest
 from aio_pika.abc import AbstractIncomingMessage
 
-from services.api.auth import create_token
-from shared.database import migrate
+from shared.schema import migrate
+from shared.tokens import create_token
 from shared.topology import QUEUES, Topology, declare_exchange
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.nginx import nginx  # noqa: F401  (fixture)

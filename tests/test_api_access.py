@@ -23,9 +23,9 @@ import asyncpg
 import httpx
 import pytest
 
-from services.api.auth import ROLES
 from services.api.endpoints import Endpoint
 from services.api.routes import ENDPOINTS
+from shared.tokens import ROLES
 from tests.conftest import TokenFactory
 from tests.support.processes import ServiceProcess
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 
 import asyncpg
@@ -96,6 +98,37 @@ async def test_body_that_is_not_an_object_is_422(admin: httpx.AsyncClient, body:
 async def test_bad_query_is_422(admin: httpx.AsyncClient, query: str) -> None:
     body = assert_problem(await admin.get(f"/api/v1/hosts?{query}"), 422)
     assert str(body["errors"][0]["field"]).startswith("query.")  # type: ignore[index]
+
+
+def forged_cursor(values: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(values).encode()).decode().rstrip("=")
+
+
+# Cursors of the right length whose values are not a key the list wrote: each list answers 422 naming
+# query.cursor (services/api/requests.py Keyset), never 500.
+FORGED_CURSORS = {
+    "hosts": [[None, None], "name", {"name": "x"}],
+    "results": [["2026-03-01T12:00:00+00:00", 5], [7, str(uuid.uuid4())], ["yesterday", str(uuid.uuid4())],
+                ["2026-03-01T12:00:00+00:00", "not-a-uuid"], ["2026-03-01T12:00:00+00:00", None]],
+    "audit": [["7"], [None], [1.5], [[1]], [1, 2]],
+    "jobs": [["2026-03-01T12:00:00+00:00", "job", 5], ["2026-03-01T12:00:00+00:00", ["job"], str(uuid.uuid4())]],
+}
+
+
+async def test_forged_cursors_of_every_list_are_422(admin: httpx.AsyncClient, host_id: str) -> None:
+    check = await admin.post(
+        f"/api/v1/hosts/{host_id}/health-checks", json={"name": "c", "check_type": "tcp", "port": 1, "address": "127.0.0.1"}
+    )
+    lists = {
+        "hosts": "/api/v1/hosts",
+        "results": f"/api/v1/hosts/{host_id}/health-checks/{check.json()['id']}/results",
+        "audit": "/api/v1/audit",
+        "jobs": "/api/v1/jobs",
+    }
+    for name, cursors in FORGED_CURSORS.items():
+        for values in cursors:
+            body = assert_problem(await admin.get(lists[name], params={"cursor": forged_cursor(values)}), 422)
+            assert [error["field"] for error in body["errors"]] == ["query.cursor"], (name, values)  # type: ignore[union-attr]
 
 
 async def test_bad_path_values_are_4xx(admin: httpx.AsyncClient, host_id: str) -> None:

@@ -20,8 +20,8 @@ import httpx
 import pytest
 
 from shared.crypto import KeyFileError, load_or_create_key
-from shared.database import bundled_migrations
 from shared.events import JobStart, MalformedEvent, decode_event, encode_cloudevent
+from shared.schema import bundled_migrations
 from shared.settings import SettingsError, load_settings
 from tests.support.processes import ServiceProcess, free_port, start_service
 

@@ -18,8 +18,8 @@ import asyncpg
 import httpx
 import pytest
 
-from services.api.auth import create_token
 from shared.events import decision_event_id
+from shared.tokens import create_token
 from tests.conftest import CapturedEvent, EventCapture, start_gate, start_poller
 from tests.support.fake_agent import FakeAgent
 from tests.support.nginx import NginxServer

@@ -25,7 +25,7 @@ import asyncpg
 import httpx
 import pytest
 
-from services.api.auth import create_token
+from shared.tokens import create_token
 from shared.topology import QUEUES, Topology
 from tests.conftest import EventCapture, start_gate, start_poller
 from tests.support.fake_agent import FakeAgent

@@ -22,8 +22,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.gate.jobs import job_key
-from shared.events import INVALID_JOB_KEY_PREFIX, decision_event_id
+from shared.events import INVALID_JOB_KEY_PREFIX, decision_event_id, job_key
 from shared.topology import QUEUES, Topology
 from tests.conftest import EventCapture, start_gate
 from tests.support.fake_agent import FakeAgent
@@ -537,9 +536,10 @@ async def test_the_gate_logs_one_line_per_decision(
 
 
 def test_event_ids_keys_and_correlation_ids_for_any_received_job_id() -> None:
-    from services.gate.jobs import loggable_job_id, storable_time
+    from services.gate.evaluation import loggable_job_id
     from shared.details import safe_detail
     from shared.events import EVENT_ID_NAMESPACE, deterministic_event_id
+    from shared.jobs import storable_time
     from shared.outbox import amqp_correlation_id
 
     for name in ("patch-1", "é" * 200, "\U0001f600", "a/b"):  # the ids uuid.uuid5 gave before stay the same

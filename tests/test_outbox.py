@@ -13,10 +13,10 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.api.auth import create_token
 from shared.events import HostStatusChanged
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay, enqueue
+from shared.tokens import create_token
 from shared.topology import Topology
 from tests.conftest import EventCapture
 from tests.support.processes import free_port, start_service

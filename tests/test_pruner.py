@@ -19,7 +19,7 @@ import httpx
 import pytest
 
 from services.pruner.passes import Retention, prune_once
-from shared.database import ensure_result_partitions
+from shared.results import ensure_result_partitions
 from tests.support.processes import free_port, start_service
 from tests.support.tcp_proxy import tcp_proxy
 

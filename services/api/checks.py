@@ -1,7 +1,8 @@
 """Health checks of a host: `/api/v1/hosts/{host_id}/health-checks[/{check_id}[/test|/results]]`.
 
 Every change commits together with its audit entry, the host's recomputed summary and its
-`check.config.*` event in the outbox.
+`check.config.*` event in the outbox. Each table is written through its owner: shared/checks.py,
+shared/check_state.py, shared/schedule.py, shared/hosts.py, shared/audit.py, shared/outbox.py.
 """
 
 from __future__ import annotations
@@ -16,19 +17,10 @@ from pydantic import AwareDatetime, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.audit import diff, record_audit
 from services.api.auth import Principal
 from services.api.context import ApiContext, context_of
 from services.api.problems import Problem, conflict, field_errors, not_found, validation_problem
-from services.api.requests import (
-    PageQuery,
-    decode_cursor,
-    encode_cursor,
-    json_response,
-    path_uuid,
-    read_json,
-    read_query,
-)
+from services.api.requests import Keyset, PageQuery, json_response, path_uuid, read_json, read_query
 from services.api.schemas import (
     CHECK_WRITE_MODELS,
     COMMON_WRITABLE_FIELDS,
@@ -44,9 +36,12 @@ from services.api.schemas import (
     TcpCheckWrite,
 )
 from services.api.targets import address_problems
+from shared import checks, results
+from shared.audit import diff, record_audit
+from shared.check_state import create_state
 from shared.crypto import DecryptionError
 from shared.events import CheckConfigChanged, CheckResult, CheckResultView, CheckRunRequest, CheckView
-from shared.host_status import refresh_host_status
+from shared.hosts import host_exists, lock_host, refresh_host_status
 from shared.messaging import PublishFailed
 from shared.outbox import enqueue
 from shared.schedule import schedule_first_run
@@ -64,11 +59,12 @@ WRITABLE_COLUMNS = (
     "basic_auth_pass_encrypted",
 )
 VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "created_at", "updated_at")
-CHECK_SELECT = """
-    SELECT c.*, s.status, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms, s.last_checked_at
-    FROM health_checks c
-    JOIN check_state s ON s.check_id = c.id
-"""
+# A check's results page newest first by (checked_at, id); the cursor holds the last row's.
+RESULT_PAGES: Keyset[tuple[dt.datetime, uuid.UUID]] = Keyset(
+    2,
+    lambda checked_at, result_id: (dt.datetime.fromisoformat(checked_at), uuid.UUID(result_id)),
+    lambda row: (row["checked_at"].isoformat(), str(row["id"])),
+)
 
 
 class ResultListQuery(PageQuery):
@@ -256,6 +252,11 @@ def column_values(
     return values
 
 
+def _writable(values: dict[str, Any]) -> dict[str, Any]:
+    """The stored columns of `column_values`, in WRITABLE_COLUMNS order."""
+    return {name: values[name] for name in WRITABLE_COLUMNS}
+
+
 def _stored_password(
     context: ApiContext, check_id: uuid.UUID, submitted: str | None, stored: bytes | None
 ) -> bytes | None:
@@ -275,7 +276,7 @@ def _stored_password(
 
 async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record:
     """Lock the host: serialises the 5-check limit and the host summary against concurrent writers."""
-    host = await connection.fetchrow("SELECT id, name, agent_url FROM hosts WHERE id = $1 FOR UPDATE", host_id)
+    host = await lock_host(connection, host_id)
     if host is None:
         raise not_found("host")
     return host
@@ -284,8 +285,7 @@ async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UU
 async def _fetch_check(
     connection: asyncpg.Connection, host_id: uuid.UUID, check_id: uuid.UUID, *, for_update: bool = False
 ) -> asyncpg.Record:
-    lock = " FOR UPDATE OF c" if for_update else ""
-    row = await connection.fetchrow(f"{CHECK_SELECT} WHERE c.id = $1 AND c.host_id = $2{lock}", check_id, host_id)
+    row = await checks.fetch_check(connection, host_id, check_id, for_update=for_update)
     if row is None:
         raise not_found("health check")
     return row
@@ -294,9 +294,9 @@ async def _fetch_check(
 async def list_checks(request: Request, principal: Principal) -> Response:
     host_id = path_uuid(request, "host_id")
     async with context_of(request).pool.acquire() as connection:
-        if not await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id):
+        if not await host_exists(connection, host_id):
             raise not_found("host")
-        rows = await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
+        rows = await checks.checks_of_host(connection, host_id)
     return json_response(ItemList[CheckView](items=[check_view(row) for row in rows]))
 
 
@@ -313,21 +313,14 @@ async def create_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, s
         host = await _lock_host_for_checks(connection, host_id)
         body = submitted.checked_against(host)
         values = column_values(body, context, check_id, stored_password=None)
-        existing = await connection.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", host_id)
+        existing = await checks.count_checks(connection, host_id)
         if existing >= MAX_CHECKS_PER_HOST:
             raise conflict(f"a host may have at most {MAX_CHECKS_PER_HOST} health checks; this one has {existing}")
-        columns = ", ".join(WRITABLE_COLUMNS)
-        placeholders = ", ".join(f"${index}" for index in range(3, len(WRITABLE_COLUMNS) + 3))
         try:
-            await connection.execute(
-                f"INSERT INTO health_checks (id, host_id, {columns}) VALUES ($1, $2, {placeholders})",
-                check_id,
-                host_id,
-                *(values[name] for name in WRITABLE_COLUMNS),
-            )
+            await checks.insert_check(connection, check_id, host_id, _writable(values))
         except asyncpg.UniqueViolationError:
             raise conflict(f"this host already has a check named {body.name!r}") from None
-        await connection.execute("INSERT INTO check_state (check_id, host_id) VALUES ($1, $2)", check_id, host_id)
+        await create_state(connection, check_id, host_id)
         await schedule_first_run(connection, check_id, enabled=body.enabled)
         await refresh_host_status(connection, host_id, source=context.source)
         row = await _fetch_check(connection, host_id, check_id)
@@ -362,14 +355,8 @@ async def update_check_on(
         changes = diff(audited_fields(before), audited_fields(values))
         # An update that changes nothing writes nothing: `updated_at` stays, no event, no reschedule.
         if changes:
-            assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(WRITABLE_COLUMNS, start=3))
             try:
-                await connection.execute(
-                    f"UPDATE health_checks SET {assignments}, updated_at = now() WHERE id = $1 AND host_id = $2",
-                    check_id,
-                    host_id,
-                    *(values[name] for name in WRITABLE_COLUMNS),
-                )
+                await checks.update_check(connection, check_id, host_id, _writable(values))
             except asyncpg.UniqueViolationError:
                 raise conflict(f"this host already has a check named {body.name!r}") from None
             await schedule_first_run(connection, check_id, enabled=body.enabled)
@@ -392,8 +379,7 @@ async def delete_check_rows(
 ) -> None:
     """Delete a check with its state and results, audited, and publish `check.config.deleted`."""
     before = await _fetch_check(connection, host_id, check_id, for_update=True)
-    await connection.execute("DELETE FROM check_results WHERE check_id = $1", check_id)
-    await connection.execute("DELETE FROM health_checks WHERE id = $1", check_id)
+    await checks.delete_check(connection, check_id)
     if refresh_host:
         await refresh_host_status(connection, host_id, source=context.source)
     await audit_check(connection, actor, "health_check.delete", host_id, check_id, audited_fields(before))
@@ -440,35 +426,13 @@ async def run_check_now(context: ApiContext, actor: str, host_id: uuid.UUID, che
 async def list_results(request: Request, principal: Principal) -> Response:
     host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
     query = read_query(request, ResultListQuery)
-    before: tuple[dt.datetime, uuid.UUID] | None = None
-    if query.cursor is not None:
-        checked_at, result_id = decode_cursor(query.cursor, 2)
-        try:
-            before = (dt.datetime.fromisoformat(checked_at), uuid.UUID(result_id))
-        except (TypeError, ValueError):
-            raise field_errors([{"field": "query.cursor", "message": "not a cursor this list returned"}]) from None
+    after = RESULT_PAGES.after(query.cursor)
     async with context_of(request).pool.acquire() as connection:
         await _fetch_check(connection, host_id, check_id)
-        rows = await connection.fetch(
-            """
-            SELECT id, healthy, reason, status, detail, latency_ms, checked_at
-            FROM check_results
-            WHERE check_id = $1
-              AND ($2::timestamptz IS NULL OR checked_at >= $2)
-              AND ($3::timestamptz IS NULL OR checked_at < $3)
-              AND ($4::timestamptz IS NULL OR (checked_at, id) < ($4, $5::uuid))
-            ORDER BY checked_at DESC, id DESC
-            LIMIT $6
-            """,
-            check_id,
-            query.since,
-            query.until,
-            before[0] if before else None,
-            before[1] if before else None,
-            query.limit + 1,
-        )
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    next_cursor = encode_cursor(rows[-1]["checked_at"].isoformat(), str(rows[-1]["id"])) if more else None
+        rows = await results.result_page(
+            connection, check_id, since=query.since, until=query.until, after=after,
+            limit=RESULT_PAGES.rows_to_fetch(query.limit),
+        )  # fmt: skip
+    rows, next_cursor = RESULT_PAGES.page(rows, query.limit)
     items = [ResultView.model_validate(dict(row)) for row in rows]
     return json_response(Page[ResultView](items=items, next_cursor=next_cursor))

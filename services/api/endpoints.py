@@ -17,15 +17,18 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.auth import ROLES, Principal, Role, authenticate
+from services.api.auth import Principal, authenticate
 from services.api.context import context_of
 from services.api.paths import SegmentRoute
 from services.api.problems import Problem, forbidden, not_found
 from services.api.requests import path_uuid
 from shared.database import TRANSIENT_DATABASE_ERRORS
+from shared.hosts import host_group
+from shared.tokens import ROLES, Role
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
 ALL_ROLES: frozenset[Role] = frozenset(ROLES)
+# Who may do what (CONTRACT §3); the dashboard checks the same sets.
 ADMIN: frozenset[Role] = frozenset({"admin"})
 CHECK_EDITORS: frozenset[Role] = frozenset({"admin", "operator"})
 
@@ -79,6 +82,6 @@ async def _require_visible_host(request: Request, principal: Principal, host_id:
     404 themselves where a host must exist (jobs may name hosts the gate has never heard of)."""
     if principal.is_admin:
         return
-    group = await context_of(request).pool.fetchval('SELECT "group" FROM hosts WHERE id = $1', host_id)
+    group = await host_group(context_of(request).pool, host_id)
     if group is None or not principal.sees_group(group):
         raise not_found("host")

@@ -1,4 +1,4 @@
-"""Hosts: `/api/v1/hosts` and `/api/v1/hosts/{host_id}`."""
+"""Hosts: `/api/v1/hosts` and `/api/v1/hosts/{host_id}`. The rows are written by shared/hosts.py."""
 
 from __future__ import annotations
 
@@ -11,28 +11,19 @@ from pydantic import BaseModel, Field, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.audit import diff, record_audit
 from services.api.auth import Principal
 from services.api.checks import delete_check_rows
 from services.api.context import context_of
 from services.api.problems import conflict, field_errors, not_found, validation_problem
-from services.api.requests import (
-    PageQuery,
-    decode_cursor,
-    encode_cursor,
-    json_response,
-    path_uuid,
-    read_json,
-    read_model,
-    read_query,
-)
+from services.api.requests import Keyset, PageQuery, json_response, path_uuid, read_json, read_model, read_query
 from services.api.schemas import GroupName, HostCreate, HostView, HostWrite
 from services.api.targets import address_problems
+from shared import checks, hosts
+from shared.audit import diff, record_audit
 from shared.events import HostHealthStatus
 
-HOST_COLUMNS = """
-    id, name, "group", agent_url, health_check_status, checks_total, checks_healthy, created_at, updated_at
-"""
+# Hosts page by name (unique); the cursor holds the last name.
+HOST_PAGES: Keyset[str] = Keyset(1, lambda name: str(name), lambda row: (row["name"],))
 
 
 class HostListQuery(PageQuery):
@@ -54,8 +45,7 @@ def host_fields(row: asyncpg.Record | HostWrite) -> dict[str, Any]:
 async def fetch_visible_host(
     connection: asyncpg.Connection, principal: Principal, host_id: uuid.UUID, *, for_update: bool = False
 ) -> asyncpg.Record:
-    lock = " FOR UPDATE" if for_update else ""
-    row = await connection.fetchrow(f"SELECT {HOST_COLUMNS} FROM hosts WHERE id = $1{lock}", host_id)
+    row = await hosts.fetch_host(connection, host_id, for_update=for_update)
     if row is None or not principal.sees_group(row["group"]):
         raise not_found("host")
     return row
@@ -74,33 +64,11 @@ async def fetch_host_page(
     pool: asyncpg.Pool, principal: Principal, query: HostListQuery
 ) -> tuple[list[asyncpg.Record], str | None]:
     """A page of the caller's hosts by name, and the cursor of the next page (the API and dashboard)."""
-    conditions: list[str] = []
-    arguments: list[Any] = []
-
-    def where(condition: str, value: Any) -> None:
-        arguments.append(value)
-        conditions.append(condition.format(f"${len(arguments)}"))
-
-    groups = principal.visible_groups()
-    if groups is not None:
-        where('"group" = ANY({}::text[])', groups)
-    if query.group is not None:
-        where('"group" = {}', query.group)
-    if query.health_check_status is not None:
-        where("health_check_status = {}", query.health_check_status)
-    if query.cursor is not None:
-        (after_name,) = decode_cursor(query.cursor, 1)
-        where("name > {}", str(after_name))
-    arguments.append(query.limit + 1)
-    sql = (
-        f"SELECT {HOST_COLUMNS} FROM hosts"
-        + (" WHERE " + " AND ".join(conditions) if conditions else "")
-        + f" ORDER BY name LIMIT ${len(arguments)}"
-    )
-    rows = await pool.fetch(sql, *arguments)
-    more = len(rows) > query.limit
-    rows = rows[: query.limit]
-    return rows, encode_cursor(rows[-1]["name"]) if more else None
+    rows = await hosts.host_page(
+        pool, groups=principal.visible_groups(), group=query.group, status=query.health_check_status,
+        after_name=HOST_PAGES.after(query.cursor), limit=HOST_PAGES.rows_to_fetch(query.limit),
+    )  # fmt: skip
+    return HOST_PAGES.page(rows, query.limit)
 
 
 async def create_host(request: Request, principal: Principal) -> Response:
@@ -109,15 +77,8 @@ async def create_host(request: Request, principal: Principal) -> Response:
     context = context_of(request)
     async with context.pool.acquire() as connection, connection.transaction():
         try:
-            row = await connection.fetchrow(
-                f"""
-                INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)
-                RETURNING {HOST_COLUMNS}
-                """,
-                host_id,
-                body.name,
-                body.group,
-                body.agent_url,
+            row = await hosts.insert_host(
+                connection, host_id, name=body.name, group=body.group, agent_url=body.agent_url
             )
         except asyncpg.UniqueViolationError as exc:
             raise _host_conflict(exc, body.name, host_id) from None
@@ -147,16 +108,8 @@ async def update_host(request: Request, principal: Principal) -> Response:
         if errors or body is None:
             raise field_errors(errors)
         try:
-            row = await connection.fetchrow(
-                f"""
-                UPDATE hosts SET name = $2, "group" = $3, agent_url = $4, updated_at = now()
-                WHERE id = $1
-                RETURNING {HOST_COLUMNS}
-                """,
-                host_id,
-                body.name,
-                body.group,
-                body.agent_url,
+            row = await hosts.update_host(
+                connection, host_id, name=body.name, group=body.group, agent_url=body.agent_url
             )
         except asyncpg.UniqueViolationError as exc:
             raise _host_conflict(exc, body.name, host_id) from None
@@ -179,19 +132,14 @@ async def _rule_errors(
     bad_fields = {problem["field"] for problem in field_problems}
     errors = []
     if document.get("agent_url") is None and before["agent_url"] is not None:
-        service_checks = await connection.fetchval(
-            "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'service'", host_id
-        )
+        service_checks = await checks.count_service_checks(connection, host_id)
         if service_checks:
             message = f"required: the host has {service_checks} service check(s)"
             errors.append({"field": "agent_url", "message": message})
     name = document.get("name")
     if "name" not in bad_fields and isinstance(name, str) and name != before["name"]:
         problems = address_problems(name)
-        tcp_checks = problems and await connection.fetchval(
-            "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'tcp' AND address IS NULL",
-            host_id,
-        )
+        tcp_checks = problems and await checks.count_tcp_checks_without_address(connection, host_id)
         if tcp_checks:
             errors.append(
                 {
@@ -208,12 +156,9 @@ async def delete_host(request: Request, principal: Principal) -> Response:
     context = context_of(request)
     async with context.pool.acquire() as connection, connection.transaction():
         before = await fetch_visible_host(connection, principal, host_id, for_update=True)
-        check_ids = [
-            row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)
-        ]
-        for check_id in check_ids:
+        for check_id in await checks.check_ids_of_host(connection, host_id):
             await delete_check_rows(connection, context, host_id, check_id, actor=principal.name, refresh_host=False)
-        await connection.execute("DELETE FROM hosts WHERE id = $1", host_id)
+        await hosts.delete_host(connection, host_id)
         await audit_host(connection, principal, "host.delete", host_id, host_fields(before))
     return Response(status_code=204)
 

@@ -7,8 +7,9 @@ import binascii
 import json
 import uuid
 from collections import deque
-from collections.abc import Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 from pydantic_core import PydanticSerializationError
@@ -19,6 +20,8 @@ from services.api.problems import Problem, field_errors, validation_problem
 
 MAX_BODY_BYTES = 64 * 1024
 ModelT = TypeVar("ModelT", bound=BaseModel)
+KeyT = TypeVar("KeyT")
+RowT = TypeVar("RowT")
 
 
 class PageQuery(BaseModel):
@@ -159,14 +162,54 @@ def encode_cursor(*values: object) -> str:
     return base64.urlsafe_b64encode(json.dumps(values, default=str).encode()).decode().rstrip("=")
 
 
+NOT_A_CURSOR = "not a cursor this list returned"
+
+
 def decode_cursor(cursor: str, arity: int) -> list[Any]:
     try:
         values = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
     except (binascii.Error, ValueError):
         values = None
     if not isinstance(values, list) or len(values) != arity:
-        raise field_errors([{"field": "query.cursor", "message": "not a cursor this list returned"}])
+        raise field_errors([{"field": "query.cursor", "message": NOT_A_CURSOR}])
     return values
+
+
+@dataclass(frozen=True)
+class Keyset(Generic[KeyT]):
+    """Keyset pagination of one list (CONTRACT §3: `limit`, `cursor`, `next_cursor`): a page is the first
+    `limit` rows after the key of the previous page's last row, in the list's total order, so pages never
+    repeat or skip a row. The cursor holds only that key (`encode_cursor` of its JSON values); the client
+    sends the same filters with it.
+
+    `parse(*values)` reads the key back from a cursor's `arity` JSON values, and raises TypeError,
+    ValueError or AttributeError when they are not a key this list wrote (the cursor was forged or cut):
+    422 naming `query.cursor`. `values(row)` gives a row's key as JSON values."""
+
+    arity: int
+    parse: Callable[..., KeyT]
+    values: Callable[[Any], tuple[Any, ...]]
+
+    def after(self, cursor: str | None) -> KeyT | None:
+        """The key a page starts after: None for the first page (no cursor)."""
+        if cursor is None:
+            return None
+        values = decode_cursor(cursor, self.arity)
+        try:
+            return self.parse(*values)
+        except (TypeError, ValueError, AttributeError):  # UnicodeEncodeError is a ValueError
+            raise field_errors([{"field": "query.cursor", "message": NOT_A_CURSOR}]) from None
+
+    @staticmethod
+    def rows_to_fetch(limit: int) -> int:
+        """Fetch one row more than a page holds: whether it came says whether there is a next page."""
+        return limit + 1
+
+    def page(self, rows: Sequence[RowT], limit: int) -> tuple[list[RowT], str | None]:
+        """The page of `rows` (fetched with `rows_to_fetch(limit)`) and the next page's cursor, or None."""
+        shown = list(rows[:limit])
+        next_cursor = encode_cursor(*self.values(shown[-1])) if len(rows) > limit else None
+        return shown, next_cursor
 
 
 def json_response(body: BaseModel | None, status_code: int = 200) -> Response:

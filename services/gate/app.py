@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-
-import uvloop
-
 from services.gate.consumer import Gate, GateMetrics
-from shared.service import WorkerRuntime
+from shared.service import WorkerRuntime, run_service
 from shared.settings import Settings
 
 
@@ -26,6 +22,5 @@ async def serve(settings: Settings) -> bool:
 
 
 def run_gate(settings: Settings) -> int:
-    with contextlib.suppress(KeyboardInterrupt):
-        return 0 if uvloop.run(serve(settings)) else 1
-    return 0
+    """`healthgate gate`: run until SIGINT/SIGTERM; the process's exit status (`run_service`)."""
+    return run_service(serve(settings))

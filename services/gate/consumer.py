@@ -1,7 +1,7 @@
 """The gate's message handling: job.start and job.cancel in, check.result to wake waiting jobs, and
 the timers that retry failing checks and close windows.
 
-Follow a job.start: `GATE_JOBS_QUEUE` → `on_job_message` → `start` → a waiting row (`insert_job`)
+Follow a job.start: `GATE_JOBS_QUEUE` → `on_job_message` → `start` → a waiting row (`shared.jobs.insert_waiting`)
 → `evaluate` under the row's lock → a decision and its event in the outbox, or job.waiting and a
 re-run of the failing checks (their schedule pulled forward, in the same transaction) → ack. A message
 is acked only after its transaction committed. The consumers run on `shared.consuming.Consumers`: they
@@ -23,10 +23,18 @@ import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from services.gate import jobs
+from services.gate.evaluation import (
+    Evaluation,
+    cancel,
+    evaluate,
+    evaluate_job_host,
+    loggable_job_id,
+    record_invalid_request,
+)
 from services.gate.rules import UnknownHostPolicy, Verdict
+from shared import jobs
 from shared.consuming import Consumers
-from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
+from shared.database import DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
 from shared.details import safe_detail
 from shared.events import (
     CheckResult,
@@ -122,7 +130,7 @@ class Gate:
             fields: dict[str, object] = {"routing_key": routing_key, "error": safe_detail(str(exc))}
             identity = salvage_identity(exc.data)
             if identity is not None:
-                fields |= {"job_id": jobs.loggable_job_id(identity[0]), "host_id": str(identity[1])}
+                fields |= {"job_id": loggable_job_id(identity[0]), "host_id": str(identity[1])}
             log.warning("malformed message dead-lettered", extra=fields)
             self._metrics.messages.labels(routing_key, "dead_lettered").inc()
             await message.reject(requeue=False)
@@ -153,7 +161,7 @@ class Gate:
             if identity is not None:
                 job_id, host_id = identity
                 problem = exc.problems
-                decided = await self._transaction(lambda c: jobs.record_invalid_request(c, job_id, host_id, problem))
+                decided = await self._transaction(lambda c: record_invalid_request(c, job_id, host_id, problem))
                 if decided is not None:
                     self._decided(decided)
             raise
@@ -161,7 +169,7 @@ class Gate:
 
     async def start(self, job: JobStart) -> str:
         """Record a valid job.start and evaluate it at once; "duplicate" if the job host was known."""
-        if not await self._transaction(lambda c: jobs.insert_job(c, job)):
+        if not await self._transaction(lambda c: jobs.insert_waiting(c, job)):
             return "duplicate"
         # The row is committed before it is evaluated: a result committed after this evaluation read
         # the checks finds the row (and waits for its lock), so no wake-up falls between the two.
@@ -174,23 +182,24 @@ class Gate:
 
     async def _evaluate_one(
         self, connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID, *, rerun_failing: bool
-    ) -> jobs.Evaluation | None:
-        row = await jobs.lock_waiting(connection, job_id, host_id)
-        if row is None:
-            return None  # decided meanwhile (a timer of another gate, an override, a cancel)
-        return await self._evaluate(connection, row, rerun_failing=rerun_failing)
+    ) -> Evaluation | None:
+        # None: decided meanwhile (a timer of another gate, an override, a cancel).
+        return await evaluate_job_host(
+            connection, job_id, host_id, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing,
+            unknown_host=self._unknown_host,
+        )  # fmt: skip
 
     async def _evaluate(
         self, connection: asyncpg.Connection, row: asyncpg.Record, *, rerun_failing: bool
-    ) -> jobs.Evaluation:
-        return await jobs.evaluate(
+    ) -> Evaluation:
+        return await evaluate(
             connection, row, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing,
             unknown_host=self._unknown_host,
         )  # fmt: skip
 
     async def _on_job_cancel(self, body: bytes) -> str:
         request = decode_event(body, JobCancel)
-        cancelled = await self._transaction(lambda c: jobs.cancel(c, request.job_id, request.host_id))
+        cancelled = await self._transaction(lambda c: cancel(c, request.job_id, request.host_id))
         if cancelled:
             self._metrics.decisions.labels("cancelled").inc()
             log.info(
@@ -223,7 +232,7 @@ class Gate:
                     self._decided(evaluation)
         await message.ack()
 
-    async def _wake_host(self, connection: asyncpg.Connection, host_id: uuid.UUID) -> list[jobs.Evaluation]:
+    async def _wake_host(self, connection: asyncpg.Connection, host_id: uuid.UUID) -> list[Evaluation]:
         rows = await jobs.lock_waiting_on_host(connection, host_id)
         return [await self._evaluate(connection, row, rerun_failing=False) for row in rows]
 
@@ -239,11 +248,8 @@ class Gate:
         while True:
             try:
                 handled = await self.run_due_timers()
-            except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
-                if is_transient_database_error(exc):
-                    self._database.report(exc)  # logged once by the watch
-                    await self._database.wait_up()
-                else:
+            except DATABASE_ERRORS as exc:
+                if not await self._database.wait_out(exc):  # an outage is logged once, by the watch
                     log.warning("gate timers failed, will retry", extra={"error": str(exc)})
                     await asyncio.sleep(1)
                 continue
@@ -251,7 +257,7 @@ class Gate:
                 await asyncio.sleep(TIMER_INTERVAL_SECONDS)
 
     async def run_due_timers(self) -> int:
-        evaluations: list[jobs.Evaluation] = []
+        evaluations: list[Evaluation] = []
         async with self._pool.acquire() as connection, connection.transaction():
             due = await jobs.lock_due(connection, TIMER_BATCH)
             for row in due:
@@ -262,7 +268,7 @@ class Gate:
 
     # ---- helpers ---------------------------------------------------------------------------------
 
-    def _decided(self, evaluation: jobs.Evaluation) -> None:
+    def _decided(self, evaluation: Evaluation) -> None:
         """Count and log what a committed evaluation did: one line per decision (released, failed
         with its reason), and one when a job host starts waiting (CONTRACT §2, HEALTHGATE_LOG_FORMAT)."""
         if evaluation.verdict is Verdict.WAIT:
@@ -278,7 +284,7 @@ class Gate:
         log.info(
             message,
             extra={
-                "job_id": jobs.loggable_job_id(evaluation.job_id),
+                "job_id": loggable_job_id(evaluation.job_id),
                 "host_id": str(evaluation.host_id),
                 "status": status,
                 "reason": evaluation.reason,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from shared.host_status import GatingCheck
+from shared.gating import GatingCheck
 
 UnknownHostPolicy = Literal["release", "fail"]
 NO_RESULT_BEFORE_CLOSE = "no result before the window closed"

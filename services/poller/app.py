@@ -8,25 +8,19 @@ are handed back), then closes the connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import logging
 
 import asyncpg
-import uvloop
 
 from services.poller.agent_tls import agent_ssl_context
 from services.poller.probes import Prober, probe_session
 from services.poller.scheduler import Scheduler, SchedulerMetrics
 from services.poller.worker import Worker, WorkerMetrics
 from shared.crypto import SecretBox, load_or_create_key
-from shared.database import (
-    TRANSIENT_DATABASE_ERRORS,
-    DatabaseWatch,
-    ensure_result_partitions,
-    is_transient_database_error,
-)
-from shared.service import WorkerRuntime
+from shared.database import DATABASE_ERRORS, DatabaseWatch
+from shared.results import ensure_result_partitions
+from shared.service import WorkerRuntime, run_service
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -43,10 +37,8 @@ async def keep_result_partitions(pool: asyncpg.Pool, database: DatabaseWatch) ->
         try:
             async with pool.acquire() as connection:
                 await ensure_result_partitions(connection, dt.datetime.now(dt.UTC).date())
-        except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
-            if is_transient_database_error(exc):
-                database.report(exc)  # logged once by the watch
-                await database.wait_up()
+        except DATABASE_ERRORS as exc:
+            if await database.wait_out(exc):  # an outage is logged once, by the watch
                 continue
             log.warning("could not create result partitions", extra={"error": str(exc)})
         await asyncio.sleep(PARTITION_CHECK_SECONDS)
@@ -78,7 +70,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
 
 
 def run_poller(settings: Settings) -> int:
+    """`healthgate poller`: run until SIGINT/SIGTERM; the process's exit status (`run_service`). Raises
+    KeyFileError for an unusable key file, before anything starts."""
     key = load_or_create_key(settings.key_file)
-    with contextlib.suppress(KeyboardInterrupt):
-        return 0 if uvloop.run(serve(settings, key)) else 1
-    return 0
+    return run_service(serve(settings, key))

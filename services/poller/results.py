@@ -4,7 +4,8 @@ A batch writes every result (COPY), updates each check's state with its persiste
 publishes `check.result`, `check.status_changed` and `host.status_changed` through the outbox and
 recomputes the summary of hosts whose checks flipped — all in one commit, before the tick is acked.
 Locks are taken hosts first, then check states, each in id order: the API takes them in the same
-order, so the two never deadlock.
+order, so the two never deadlock. Each table is written through its owner (shared/results.py,
+shared/check_state.py, shared/outbox.py, shared/hosts.py); the statements and their order are these.
 """
 
 from __future__ import annotations
@@ -18,38 +19,16 @@ from dataclasses import dataclass
 import asyncpg
 
 from services.poller.probes import CheckTarget, ProbeOutcome
+from shared.check_state import StateAfter, Streak, advance, lock_for_results, store_states
+from shared.checks import checks_to_run
 from shared.crypto import SecretBox
 from shared.details import safe_detail
-from shared.events import CheckResult, CheckStatus, CheckStatusChanged, EventModel
-from shared.host_status import refresh_host_status
+from shared.events import CheckResult, CheckStatusChanged, EventModel
+from shared.hosts import lock_hosts, refresh_host_status
 from shared.outbox import enqueue_many
+from shared.results import copy_results
 
 log = logging.getLogger(__name__)
-
-RESULT_COLUMNS = ["id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms"]
-
-
-@dataclass(frozen=True)
-class Streak:
-    status: CheckStatus
-    failures: int
-    successes: int
-
-
-def advance(streak: Streak, healthy: bool, *, failures_needed: int, successes_needed: int) -> Streak:
-    """The check's state after one more result. The first result sets the status directly; later
-    flips need `failures_needed` / `successes_needed` consecutive results (CONTRACT §3)."""
-    failures = 0 if healthy else streak.failures + 1
-    successes = streak.successes + 1 if healthy else 0
-    status = streak.status
-    if status == "unknown":
-        status = "healthy" if healthy else "unhealthy"
-    elif healthy and status == "unhealthy" and successes >= successes_needed:
-        status = "healthy"
-    elif not healthy and status == "healthy" and failures >= failures_needed:
-        status = "unhealthy"
-    return Streak(status, failures, successes)
-
 
 @dataclass(frozen=True)
 class CheckRow:
@@ -94,18 +73,8 @@ class CheckRow:
 
 
 async def load_checks(connection: asyncpg.Connection, check_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, CheckRow]:
-    rows = await connection.fetch(
-        """
-        SELECT c.id, c.host_id, c.check_type, c.enabled, c.timeout_seconds, c.service_name, c.url, c.method,
-               c.expected_status, c.expected_body, c.ignore_cert_errors, c.follow_redirects, c.basic_auth_user,
-               c.basic_auth_pass_encrypted, c.port, c.address, c.max_latency_ms, h.name AS host_name, h.agent_url
-        FROM health_checks c
-        JOIN hosts h ON h.id = c.host_id
-        WHERE c.id = ANY($1::uuid[])
-        """,
-        list(check_ids),
-    )
-    return {row["id"]: CheckRow(row) for row in rows}
+    """The checks a tick names, by id; a check deleted since is missing."""
+    return {row["id"]: CheckRow(row) for row in await checks_to_run(connection, check_ids)}
 
 
 @dataclass(frozen=True)
@@ -132,20 +101,8 @@ async def store_results(
     1,000 characters, no credential)."""
     if not runs:
         return []
-    host_ids = sorted({run.host_id for run in runs})
-    await connection.execute("SELECT 1 FROM hosts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", host_ids)
-    state_rows = await connection.fetch(
-        """
-        SELECT s.check_id, s.host_id, s.status, s.consecutive_failures, s.consecutive_successes, s.last_slot,
-               c.failures_before_unhealthy, c.successes_before_healthy
-        FROM check_state s
-        JOIN health_checks c ON c.id = s.check_id
-        WHERE s.check_id = ANY($1::uuid[])
-        ORDER BY s.check_id
-        FOR UPDATE OF s
-        """,
-        sorted({run.check_id for run in runs}),
-    )
+    await lock_hosts(connection, sorted({run.host_id for run in runs}))
+    state_rows = await lock_for_results(connection, sorted({run.check_id for run in runs}))
     states = {row["check_id"]: row for row in state_rows}
     streaks = {
         check_id: Streak(row["status"], row["consecutive_failures"], row["consecutive_successes"])
@@ -209,37 +166,21 @@ async def store_results(
             changes.append(change)
     if not results:
         return []
-    await connection.copy_records_to_table("check_results", records=results, columns=RESULT_COLUMNS)
-    updated = list(last_run)
-    await connection.execute(
-        """
-        UPDATE check_state s
-        SET status = u.status,
-            consecutive_failures = u.failures,
-            consecutive_successes = u.successes,
-            last_healthy = u.healthy,
-            last_reason = u.reason,
-            last_detail = u.detail,
-            last_latency_ms = u.latency_ms,
-            last_checked_at = u.checked_at,
-            last_slot = u.last_slot,
-            status_changed_at = CASE WHEN s.status <> u.status THEN u.checked_at ELSE s.status_changed_at END
-        FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::bool[], $6::text[], $7::text[],
-                    $8::float8[], $9::timestamptz[], $10::timestamptz[])
-            AS u(check_id, status, failures, successes, healthy, reason, detail, latency_ms, checked_at, last_slot)
-        WHERE s.check_id = u.check_id
-        """,
-        updated,
-        [streaks[check_id].status for check_id in updated],
-        [streaks[check_id].failures for check_id in updated],
-        [streaks[check_id].successes for check_id in updated],
-        [last_run[check_id].outcome.healthy for check_id in updated],
-        [last_run[check_id].outcome.reason for check_id in updated],
-        [details[check_id] for check_id in updated],
-        [last_run[check_id].outcome.latency_ms for check_id in updated],
-        [last_run[check_id].checked_at for check_id in updated],
-        [last_slots[check_id] for check_id in updated],
-    )
+    await copy_results(connection, results)
+    states = [
+        StateAfter(
+            check_id=check_id,
+            streak=streaks[check_id],
+            healthy=run.outcome.healthy,
+            reason=run.outcome.reason,
+            detail=details[check_id],
+            latency_ms=run.outcome.latency_ms,
+            checked_at=run.checked_at,
+            last_slot=last_slots[check_id],
+        )
+        for check_id, run in last_run.items()
+    ]
+    await store_states(connection, states)
     await enqueue_many(connection, events, source=source)
     for change in changes:
         log.info(

@@ -18,7 +18,7 @@ import logging
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
-from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
+from shared.database import DATABASE_ERRORS, DatabaseWatch
 from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker, PublishFailed
 from shared.schedule import claim_due
@@ -56,11 +56,9 @@ class Scheduler:
         while True:
             try:
                 claimed = await self.dispatch_due()
-            except (PublishFailed, *TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
+            except (PublishFailed, *DATABASE_ERRORS) as exc:
                 self._metrics.failures.inc()
-                if is_transient_database_error(exc):
-                    self._database.report(exc)  # logged once by the watch
-                    await self._database.wait_up()
+                if await self._database.wait_out(exc):  # an outage is logged once, by the watch
                     continue
                 if not isinstance(exc, PublishFailed) or self._broker.ready:  # else the broker's outage, logged once
                     log.warning("scheduler pass failed, will retry", extra={"error": str(exc)})

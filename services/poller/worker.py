@@ -24,7 +24,7 @@ from services.poller.probes import ProbeOutcome, Prober
 from services.poller.results import CheckRow, FinishedRun, load_checks, store_results
 from shared.consuming import Consumers
 from shared.crypto import DecryptionError, SecretBox
-from shared.database import is_transient_database_error
+from shared.database import DATABASE_ERRORS, is_transient_database_error
 from shared.events import CheckResult, CheckRunRequest, ScheduledRun, Tick
 from shared.messaging import Broker, PublishFailed, Unroutable
 from shared.topology import POLLER_TEST_QUEUE, POLLER_TICK_QUEUE
@@ -159,7 +159,7 @@ class Worker:
             return
         try:
             stored = await self.run_tick([ScheduledRun(check_id=request.check_id)], include_disabled=True)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DATABASE_ERRORS as exc:
             if is_transient_database_error(exc):
                 raise  # handed back: no request is taken while the database is away
             log.warning("test run failed", extra={"error": str(exc), "check_id": str(request.check_id)})

@@ -3,28 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 
 import asyncpg
-import uvloop
 
 from services.pruner.passes import PrunerMetrics, Retention, prune_once
-from shared.database import (
-    TRANSIENT_DATABASE_ERRORS,
-    DatabaseUnavailable,
-    DatabaseWatch,
-    create_pool,
-    is_transient_database_error,
-)
-from shared.service import WorkerRuntime
+from shared.database import DATABASE_ERRORS, DatabaseUnavailable, DatabaseWatch, create_pool
+from shared.service import WorkerRuntime, run_service
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 FAILED_PASS_RETRY_SECONDS = 30.0
-DATABASE_ERRORS = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 async def prune_forever(
@@ -36,10 +27,8 @@ async def prune_forever(
     while True:
         try:
             report = await prune_once(pool, retention)
-        except (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError) as exc:
-            if is_transient_database_error(exc):
-                database.report(exc)
-                await database.wait_up()
+        except DATABASE_ERRORS as exc:
+            if await database.wait_out(exc):  # an outage is logged once, by the watch
                 continue
             log.warning("pruning pass failed, will retry", extra={"error": str(exc)})
             await asyncio.sleep(min(interval, FAILED_PASS_RETRY_SECONDS))
@@ -61,9 +50,8 @@ async def serve(settings: Settings) -> bool:
 
 
 def run_pruner(settings: Settings) -> int:
-    with contextlib.suppress(KeyboardInterrupt):
-        return 0 if uvloop.run(serve(settings)) else 1
-    return 0
+    """`healthgate pruner`: run until SIGINT/SIGTERM; the process's exit status (`run_service`)."""
+    return run_service(serve(settings))
 
 
 async def prune_command(settings: Settings) -> int:

@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import re
 import time
 from dataclasses import dataclass, field
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared.database import ensure_result_partitions
+from shared import jobs, outbox, results, sessions
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
 
 # Any fixed 64-bit number, the same in every pruner: one pass at a time.
 PRUNE_LOCK_ID = 0x6865616C74687072  # "healthpr"
-DELETE_BATCH = 5000
-PARTITION_NAME = re.compile(r"^check_results_(\d{8})$")
 
 
 @dataclass
@@ -118,99 +115,19 @@ async def prune_once(pool: asyncpg.Pool, retention: Retention) -> PassReport:
             return report
         try:
             now = await lock_connection.fetchval("SELECT now()")
-            report.partitions_created = await ensure_result_partitions(lock_connection, now.date())
+            report.partitions_created = await results.ensure_result_partitions(lock_connection, now.date())
             cutoff = now - retention.results
-            boundary = await _drop_expired_partitions(lock_connection, cutoff, report)
-            for name in boundary:
-                # ctid identifies a row within one table only, so each partition is addressed by name.
-                report.result_rows_deleted += await _delete_in_batches(
-                    pool, f"DELETE FROM {name} WHERE ctid = ANY(ARRAY("
-                    f"SELECT ctid FROM {name} WHERE checked_at < $1 LIMIT $2))", cutoff,
-                )  # fmt: skip
-            report.gate_jobs_deleted = await _delete_in_batches(
-                pool, "DELETE FROM gate_jobs WHERE (job_id, host_id) IN ("
-                "SELECT job_id, host_id FROM gate_jobs WHERE decided_at < $1 LIMIT $2)",
-                now - retention.decided_jobs,
-            )  # fmt: skip
-            report.outbox_rows_deleted = await _delete_in_batches(
-                pool, "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox WHERE sent_at < $1 LIMIT $2)",
-                now - retention.sent_outbox,
-            )  # fmt: skip
-            report.sessions_deleted = await _delete_in_batches(
-                pool, "DELETE FROM dashboard_sessions WHERE id_sha256 IN ("
-                "SELECT id_sha256 FROM dashboard_sessions WHERE expires_at < $1 LIMIT $2)", now,
-            )  # fmt: skip
-            # Bounded by the cutoff: the index entries of rows just deleted would otherwise be walked.
-            oldest = await lock_connection.fetchval(
-                "SELECT min(checked_at) FROM check_results WHERE checked_at >= $1", cutoff
-            )
+            pruned = await results.prune_expired(pool, lock_connection, cutoff)
+            report.partitions_dropped = pruned.partitions_dropped
+            report.partition_rows_dropped = pruned.rows_in_dropped_partitions
+            report.result_rows_deleted = pruned.rows_deleted
+            report.gate_jobs_deleted = await jobs.prune_decided(pool, now - retention.decided_jobs)
+            report.outbox_rows_deleted = await outbox.prune_sent(pool, now - retention.sent_outbox)
+            report.sessions_deleted = await sessions.prune_expired(pool, now)
+            oldest = await results.oldest_result_since(lock_connection, cutoff)
             if oldest is not None:
                 report.oldest_result_age_seconds = max(0.0, (now - oldest).total_seconds())
         finally:
             await lock_connection.execute("SELECT pg_advisory_unlock($1)", PRUNE_LOCK_ID)
     report.seconds = time.perf_counter() - started
     return report
-
-
-async def _result_partitions(connection: asyncpg.Connection) -> list[tuple[str, dt.date, bool]]:
-    """(name, day, detach pending) of every daily result partition."""
-    rows = await connection.fetch(
-        """
-        SELECT child.relname AS name, inh.inhdetachpending AS detaching
-        FROM pg_inherits inh
-        JOIN pg_class parent ON parent.oid = inh.inhparent
-        JOIN pg_class child ON child.oid = inh.inhrelid
-        WHERE parent.relname = 'check_results'
-        """
-    )
-    partitions = []
-    for row in rows:
-        match = PARTITION_NAME.match(row["name"])
-        if match:
-            partitions.append((row["name"], dt.datetime.strptime(match.group(1), "%Y%m%d").date(), row["detaching"]))
-    return sorted(partitions, key=lambda partition: partition[1])
-
-
-async def _drop_expired_partitions(
-    connection: asyncpg.Connection, cutoff: dt.datetime, report: PassReport
-) -> list[str]:
-    """Drop every partition whose whole day lies before the cutoff, without blocking writers.
-    Returns the boundary partitions: those holding both expired and kept rows."""
-    boundary = []
-    for name, day, detaching in await _result_partitions(connection):
-        day_starts = dt.datetime.combine(day, dt.time(), dt.UTC)
-        if day_starts + dt.timedelta(days=1) > cutoff:
-            if day_starts < cutoff:
-                boundary.append(name)
-            continue
-        rows = await connection.fetchval(f"SELECT reltuples::bigint FROM pg_class WHERE relname = '{name}'")
-        if detaching:
-            # A pass that was interrupted during the detach left it pending: finish it.
-            await connection.execute(f"ALTER TABLE check_results DETACH PARTITION {name} FINALIZE")
-        else:
-            await connection.execute(f"ALTER TABLE check_results DETACH PARTITION {name} CONCURRENTLY")
-        await connection.execute(f"DROP TABLE {name}")
-        report.partitions_dropped.append(name)
-        report.partition_rows_dropped += max(0, rows or 0)
-        log.info("dropped an expired result partition", extra={"partition": name, "approximate_rows": rows})
-    # Detached (not dropped) leftovers of an interrupted pass.
-    leftovers = """
-        SELECT relname FROM pg_class
-        WHERE relname ~ '^check_results_[0-9]{8}$' AND relkind = 'r' AND NOT relispartition
-    """
-    for row in await connection.fetch(leftovers):
-        await connection.execute(f"DROP TABLE IF EXISTS {row['relname']}")
-        report.partitions_dropped.append(row["relname"])
-    return boundary
-
-
-async def _delete_in_batches(pool: asyncpg.Pool, statement: str, before: dt.datetime) -> int:
-    """Run a batched DELETE (`$1` the time bound, `$2` the batch size) until nothing is left."""
-    total = 0
-    while True:
-        async with pool.acquire() as connection:
-            status = await connection.execute(statement, before, DELETE_BATCH)
-        deleted = int(status.split()[-1])
-        total += deleted
-        if deleted < DELETE_BATCH:
-            return total

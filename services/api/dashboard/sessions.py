@@ -1,14 +1,13 @@
 """Dashboard sign-in: sessions that stand for an API token without holding it, and CSRF tokens.
 
 The cookie carries a random session id (HttpOnly, SameSite=Lax, Secure over HTTPS); the database
-keeps only its SHA-256 and the token's row id. Every form carries the session's CSRF token; the
+keeps only its SHA-256 and the token's row id (shared/sessions.py). Every form carries the session's CSRF token; the
 sign-in form, before any session exists, a double-submit token from its own short-lived cookie.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
@@ -17,7 +16,9 @@ import asyncpg
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api.auth import Principal, hash_token
+from services.api.auth import Principal
+from shared.sessions import create_session, delete_session, find_session
+from shared.tokens import find_token
 
 SESSION_COOKIE = "healthgate_session"
 LOGIN_CSRF_COOKIE = "healthgate_login_csrf"
@@ -30,32 +31,16 @@ class Session:
     csrf_token: str
 
 
-def _digest(session_id: str) -> bytes:
-    return hashlib.sha256(session_id.encode()).digest()
-
-
 def is_secure(request: Request) -> bool:
     return request.url.scheme == "https" or request.headers.get("x-forwarded-proto", "").lower() == "https"
 
 
 async def sign_in(pool: asyncpg.Pool, token: str) -> tuple[str, Principal] | None:
     """A new session id for a valid token, or None."""
-    row = await pool.fetchrow(
-        "SELECT id, name, role, groups FROM api_tokens WHERE token_sha256 = $1", hash_token(token.strip())
-    )
+    row = await find_token(pool, token)
     if row is None:
         return None
-    session_id = secrets.token_urlsafe(32)
-    await pool.execute(
-        """
-        INSERT INTO dashboard_sessions (id_sha256, token_id, csrf_token, expires_at)
-        VALUES ($1, $2, $3, now() + $4::interval)
-        """,
-        _digest(session_id),
-        row["id"],
-        secrets.token_urlsafe(32),
-        SESSION_LIFETIME,
-    )
+    session_id = await create_session(pool, row["id"], SESSION_LIFETIME)
     return session_id, Principal(row["name"], row["role"], tuple(row["groups"]))
 
 
@@ -63,15 +48,7 @@ async def current_session(pool: asyncpg.Pool, request: Request) -> Session | Non
     session_id = request.cookies.get(SESSION_COOKIE)
     if not session_id:
         return None
-    row = await pool.fetchrow(
-        """
-        SELECT t.name, t.role, t.groups, s.csrf_token
-        FROM dashboard_sessions s
-        JOIN api_tokens t ON t.id = s.token_id
-        WHERE s.id_sha256 = $1 AND s.expires_at > now()
-        """,
-        _digest(session_id),
-    )
+    row = await find_session(pool, session_id)
     if row is None:
         return None
     return Session(Principal(row["name"], row["role"], tuple(row["groups"])), row["csrf_token"])
@@ -80,7 +57,7 @@ async def current_session(pool: asyncpg.Pool, request: Request) -> Session | Non
 async def sign_out(pool: asyncpg.Pool, request: Request) -> None:
     session_id = request.cookies.get(SESSION_COOKIE)
     if session_id:
-        await pool.execute("DELETE FROM dashboard_sessions WHERE id_sha256 = $1", _digest(session_id))
+        await delete_session(pool, session_id)
 
 
 def set_session_cookie(response: Response, request: Request, session_id: str) -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -26,7 +26,7 @@ from starlette.templating import Jinja2Templates
 
 from services.api.auth import Principal
 from services.api.checks import (
-    CHECK_SELECT,
+    MAX_CHECKS_PER_HOST,
     check_view,
     create_check_on,
     delete_check_on,
@@ -37,21 +37,24 @@ from services.api.checks import (
 from services.api.context import ApiContext, context_of
 from services.api.dashboard import sessions
 from services.api.dashboard.charts import Point, history_strip, latency_sparkline
+from services.api.endpoints import ADMIN, CHECK_EDITORS
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
 from services.api.jobs import override_on
 from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
 from services.api.problems import Problem
 from services.api.requests import path_job_id
 from services.api.schemas import OverrideRequest
-from shared.events import control_character, job_key, received_job_id
-from shared.host_status import gating_check_summaries
+from shared import checks, hosts, jobs, results
+from shared.events import control_character, job_key
+from shared.gating import gating_check_summaries
+from shared.hosts import HOST_STATUSES
+from shared.jobs import WAITING
 
 HERE = Path(__file__).parent
-STATUSES = ("unhealthy", "unknown", "degraded", "healthy", "no_checks")
-CHECK_EDITORS = ("admin", "operator")
 HISTORY_LENGTH = 40
 STALE_FORM = Problem(403, "the form was stale or forged; reload the page")
 PAGE_SIZE = 50
+JOBS_SHOWN = 100  # waiting ones, and decided ones, on the jobs page
 # A job host's status as the jobs pages say it (CONTRACT §3 "every job row shows its status as a word").
 STATUS_WORDS = {
     "waiting_health_check": "waiting",
@@ -142,7 +145,8 @@ class Dashboard:
         return self.render(request, "error.html", status_code=problem.status, session=session, problem=problem)
 
     @staticmethod
-    def _require(session: sessions.Session, roles: tuple[str, ...], what: str) -> None:
+    def _require(session: sessions.Session, roles: Collection[str], what: str) -> None:
+        """403 unless the session's role is one of `roles` (the API's: services/api/endpoints.py)."""
         if session.principal.role not in roles:
             role = session.principal.role
             raise Problem(403, f"{'an' if role[0] in 'aeiou' else 'a'} {role} may not {what}")
@@ -198,7 +202,7 @@ class Dashboard:
         params = request.query_params
         group = params.get("group") or None
         status = params.get("status") or None
-        if status not in (None, *STATUSES):
+        if status not in (None, *HOST_STATUSES):
             raise Problem(422, f"unknown status {status!r}")
         try:
             query = HostListQuery(
@@ -212,7 +216,7 @@ class Dashboard:
         template = "_hosts_region.html" if params.get("fragment") else "hosts.html"
         return self.render(
             request, template, session=session, hosts=rows, next_cursor=next_cursor, counts=counts,
-            total=sum(counts.values()), groups=groups, group=group, status=status, statuses=STATUSES,
+            total=sum(counts.values()), groups=groups, group=group, status=status, statuses=HOST_STATUSES,
             filters=urlencode({key: value for key, value in (("group", group), ("status", status)) if value}),
         )  # fmt: skip
 
@@ -221,7 +225,7 @@ class Dashboard:
         context = context_of(request)
         async with context.pool.acquire() as connection:
             host = await fetch_visible_host(connection, session.principal, host_id)
-            rows = await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
+            rows = await checks.checks_of_host(connection, host_id)
             history = await _recent_results(connection, [row["id"] for row in rows])
         editing, edit_values = form_state.get("editing"), form_state.get("edit_values")
         if editing is not None and edit_values is not None:
@@ -232,7 +236,7 @@ class Dashboard:
                 form_state["edit_values"] = edit_values | {
                     "basic_auth_pass_set": stored["basic_auth_pass_encrypted"] is not None
                 }
-        checks = [
+        shown = [
             {
                 "view": check_view(row),
                 "strip": history_strip(history.get(row["id"], [])),
@@ -242,7 +246,8 @@ class Dashboard:
         ]
         return self.render(
             request, "host.html", status_code=form_state.pop("status_code", 200), session=session, host=host,
-            checks=checks, can_edit=session.principal.role in CHECK_EDITORS, max_checks=5, **form_state,
+            checks=shown, can_edit=session.principal.role in CHECK_EDITORS, max_checks=MAX_CHECKS_PER_HOST,
+            **form_state,
         )  # fmt: skip
 
     async def create_check(self, request: Request, session: sessions.Session) -> Response:
@@ -321,23 +326,19 @@ class Dashboard:
         job_id = dashboard_job_id(request)
         context = context_of(request)
         async with context.pool.acquire() as connection:
-            hosts = _shown(
-                await connection.fetch(
-                    f"{JOB_HOST_SELECT} WHERE j.job_id = $2 AND {JOB_HOST_VISIBLE} ORDER BY j.received_at, j.host_id",
-                    session.principal.visible_groups(),
-                    job_key(job_id),  # as the API does: an invalid job_id's row is under its key
-                )
-            )
-            if not hosts:
+            # As the API does: an invalid job_id's row is under its key.
+            rows = await jobs.job_with_host_names(connection, job_key(job_id), session.principal.visible_groups())
+            job_hosts = [jobs.as_received(row) for row in rows]
+            if not job_hosts:
                 raise Problem(404, "job not found")
-            failing = await _failing_checks(connection, [row for row in hosts if row["status"] == WAITING])
+            failing = await _failing_checks(connection, [row for row in job_hosts if row["status"] == WAITING])
         return self.render(
-            request, "job.html", session=session, job_id=job_id, hosts=hosts, failing=failing,
+            request, "job.html", session=session, job_id=job_id, hosts=job_hosts, failing=failing,
             can_override=session.principal.is_admin,
         )  # fmt: skip
 
     async def override(self, request: Request, session: sessions.Session) -> Response:
-        self._require(session, ("admin",), "override a job")
+        self._require(session, ADMIN, "override a job")
         job_id = dashboard_job_id(request)
         host_id = _path_uuid(request, "host_id")
         form = await request.form()
@@ -432,33 +433,15 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
 
 
 async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
-    groups = principal.visible_groups()
-    rows = await pool.fetch(
-        """
-        SELECT health_check_status, "group", count(*) AS hosts FROM hosts
-        WHERE $1::text[] IS NULL OR "group" = ANY($1)
-        GROUP BY 1, 2
-        """,
-        groups,
-    )
-    counts = dict.fromkeys(STATUSES, 0)
+    rows = await hosts.status_counts(pool, principal.visible_groups())
+    counts = dict.fromkeys(HOST_STATUSES, 0)
     for row in rows:
         counts[row["health_check_status"]] += row["hosts"]
     return counts, sorted({row["group"] for row in rows})
 
 
 async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Point]]:
-    rows = await connection.fetch(
-        f"""
-        SELECT c.id, r.healthy, r.reason, r.detail, r.latency_ms, r.checked_at
-        FROM unnest($1::uuid[]) AS c(id)
-        CROSS JOIN LATERAL (
-            SELECT healthy, reason, detail, latency_ms, checked_at FROM check_results
-            WHERE check_id = c.id ORDER BY checked_at DESC LIMIT {HISTORY_LENGTH}
-        ) r
-        """,
-        check_ids,
-    )
+    rows = await results.recent_results(connection, check_ids, HISTORY_LENGTH)
     history: dict[uuid.UUID, list[Point]] = {}
     for row in rows:
         history.setdefault(row["id"], []).append(
@@ -467,30 +450,10 @@ async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.U
     return history
 
 
-WAITING = "waiting_health_check"
-JOB_HOST_SELECT = "SELECT j.*, h.name AS host_name FROM gate_jobs j LEFT JOIN hosts h ON h.id = j.host_id"
-JOB_HOST_VISIBLE = '($1::text[] IS NULL OR h."group" = ANY($1))'
-
-
 async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
-    order = "j.window_ends_at" if waiting else "j.decided_at DESC"
-    condition = f"j.status = '{WAITING}'" if waiting else f"j.status <> '{WAITING}'"
-    return _shown(
-        await connection.fetch(
-            f"{JOB_HOST_SELECT} WHERE {condition} AND {JOB_HOST_VISIBLE} ORDER BY {order} LIMIT 100", groups
-        )
-    )
-
-
-def _shown(rows: list[asyncpg.Record]) -> list[dict[str, Any]]:
-    """Job host rows as the pages show them: `job_id` the one received, not the key an invalid one is stored
-    under (migration 0009)."""
-    shown = []
-    for row in rows:
-        values = dict(row)
-        values["job_id"] = received_job_id(values["job_id"], values.pop("received_job_id"))
-        shown.append(values)
-    return shown
+    """The jobs page's waiting or decided job hosts, each with its job_id as received (`shared.jobs.as_received`)."""
+    rows = await jobs.job_hosts_with_host_names(connection, groups, waiting=waiting, limit=JOBS_SHOWN)
+    return [jobs.as_received(row) for row in rows]
 
 
 # A job_id shown on a page: the gate answers (and stores) job_ids of any length, 2 MB too.

@@ -1,76 +1,21 @@
-"""A host's `health_check_status` summary, recomputed whenever one of its checks or their state changes.
-
-The summary is stored on the host row so that listing and filtering hosts never aggregates checks.
-Callers recompute inside the transaction that changed the check; the host row lock taken first makes
-concurrent writers (several pollers, the API) serialise, and the last to commit sees every change.
+"""The gate's view of a host's checks: its enabled critical checks ("gating checks") and what the pollers
+last learnt of each, now (`gating_checks`, from `check_state`) or as they stood at a moment
+(`gating_checks_as_of`, from `check_results`). Read-only: the tables are written by their owners
+(docs/architecture.md, "Who writes which table"). The gate's rules (services/gate/rules.py) judge these,
+and the job events and the API's override describe a job host's checks with them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import logging
 import uuid
 from dataclasses import dataclass
 
 import asyncpg
 
-from shared.events import CheckSummary, HostStatusChanged
-from shared.outbox import enqueue
-
-log = logging.getLogger(__name__)
-
-# Precedence: unhealthy, unknown, degraded, healthy (CONTRACT §3).
-_RECOMPUTE_SQL = """
-WITH checks AS (
-    SELECT c.critical, s.status
-    FROM health_checks c
-    JOIN check_state s ON s.check_id = c.id
-    WHERE c.host_id = $1 AND c.enabled
-), summary AS (
-    SELECT
-        count(*) AS total,
-        count(*) FILTER (WHERE status = 'healthy') AS healthy,
-        CASE
-            WHEN count(*) = 0 THEN 'no_checks'
-            WHEN bool_or(critical AND status = 'unhealthy') THEN 'unhealthy'
-            WHEN bool_or(status = 'unknown') THEN 'unknown'
-            WHEN bool_or(status = 'unhealthy') THEN 'degraded'
-            ELSE 'healthy'
-        END AS status
-    FROM checks
-)
-UPDATE hosts
-SET health_check_status = summary.status, checks_total = summary.total, checks_healthy = summary.healthy
-FROM summary
-WHERE hosts.id = $1
-RETURNING hosts.health_check_status
-"""
-
-
-async def refresh_host_status(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, source: str
-) -> tuple[str, str] | None:
-    """Recompute and store the host's summary; publish `host.status_changed` (via the outbox) on a flip.
-
-    Must run inside a transaction. Returns (previous, current), or None if the host is gone.
-    """
-    previous = await connection.fetchval("SELECT health_check_status FROM hosts WHERE id = $1 FOR UPDATE", host_id)
-    if previous is None:
-        return None
-    current = await connection.fetchval(_RECOMPUTE_SQL, host_id)
-    if current != previous:
-        log.info(
-            "host status changed",
-            extra={"host_id": str(host_id), "previous": previous, "current": current},
-        )
-        await enqueue(
-            connection,
-            "host.status_changed",
-            HostStatusChanged(host_id=host_id, previous=previous, current=current, at=dt.datetime.now(dt.UTC)),
-            source=source,
-        )
-    return previous, current
+from shared.events import CheckSummary
+from shared.results import latest_results_at
 
 
 @dataclass(frozen=True)
@@ -152,22 +97,7 @@ async def gating_checks_as_of(
     first (an ordered Append) and the first row found ends it. Same order as `checks`."""
     if not checks:
         return []
-    rows = await connection.fetch(
-        """
-        SELECT c.check_id, r.status, r.healthy, r.detail, r.checked_at
-        FROM unnest($1::uuid[]) AS c(check_id)
-        LEFT JOIN LATERAL (
-            SELECT status, healthy, detail, checked_at
-            FROM check_results
-            WHERE check_id = c.check_id AND checked_at <= $2
-            ORDER BY checked_at DESC
-            LIMIT 1
-        ) r ON true
-        """,
-        [check.check_id for check in checks],
-        moment,
-    )
-    then = {row["check_id"]: row for row in rows}
+    then = await latest_results_at(connection, [check.check_id for check in checks], moment)
     return [
         dataclasses.replace(
             check,

@@ -1,0 +1,75 @@
+"""`audit_log`: one entry per change of hosts, checks, tokens and job overrides, never pruned. This module is
+the only one that writes the table (docs/architecture.md, "Who writes which table").
+
+Every entry is written in the transaction of the change it records (`record_audit`), so an entry exists
+exactly when its change does. Secrets never reach it: a check's `basic_auth_pass` is only marked
+"<changed>" (`redact`, `diff`).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+import asyncpg
+
+SECRET_FIELDS = frozenset({"basic_auth_pass"})
+SECRET_MARK = "<changed>"
+
+
+def redact(values: Mapping[str, Any]) -> dict[str, Any]:
+    """The values with every secret replaced by a mark, whatever its value."""
+    return {key: SECRET_MARK if key in SECRET_FIELDS else value for key, value in values.items()}
+
+
+def diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
+    """`{field: {"from": old, "to": new}}` for changed fields; a changed secret is only marked."""
+    changes: dict[str, Any] = {}
+    for key in sorted(set(before) | set(after)):
+        old, new = before.get(key), after.get(key)
+        if old == new:
+            continue
+        changes[key] = SECRET_MARK if key in SECRET_FIELDS else {"from": old, "to": new}
+    return changes
+
+
+async def record_audit(
+    connection: asyncpg.Connection,
+    *,
+    actor: str,
+    action: str,
+    entity_type: str,
+    entity_id: str,
+    changes: Mapping[str, Any],
+    host_id: uuid.UUID | None = None,
+) -> None:
+    """Write one entry in the caller's transaction; `changes` is stored redacted (`redact`), as JSON."""
+    await connection.execute(
+        """
+        INSERT INTO audit_log (actor, action, entity_type, entity_id, host_id, changes)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+        """,
+        actor,
+        action,
+        entity_type,
+        entity_id,
+        host_id,
+        json.dumps(redact(changes), default=str),
+    )
+
+
+async def audit_page(connection: asyncpg.Connection, *, limit: int, before_id: int | None) -> list[asyncpg.Record]:
+    """Up to `limit` entries, newest first, with an id below `before_id` (the previous page's last)."""
+    return await connection.fetch(
+        """
+        SELECT id, at, actor, action, entity_type, entity_id, host_id, changes
+        FROM audit_log
+        WHERE $1::bigint IS NULL OR id < $1
+        ORDER BY id DESC
+        LIMIT $2
+        """,
+        before_id,
+        limit,
+    )

@@ -1,0 +1,131 @@
+"""`health_checks`: the checks' configuration, all three types in one table. This module is the only one
+that writes the table (docs/architecture.md, "Who writes which table").
+
+Only the api changes checks (`insert_check`, `update_check`, `delete_check`), each in a transaction that
+has locked the host first (shared/hosts.py `lock_host`), and that also writes the check's state
+(shared/check_state.py), its schedule (shared/schedule.py), the host summary, the audit entry and the
+event. The column values come validated from the api; which columns exist is the api's schema.
+
+The reads of checks are here as well: the api's and dashboard's view (a check with its state), the
+counts behind the host rules, and the checks a poller's tick names.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import asyncpg
+
+from shared.results import delete_results_of_check
+
+# A check with what the pollers last learnt of it, as the api and the dashboard show it.
+CHECK_SELECT = """
+    SELECT c.*, s.status, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms, s.last_checked_at
+    FROM health_checks c
+    JOIN check_state s ON s.check_id = c.id
+"""
+
+
+# ---- writes ----------------------------------------------------------------------------------------
+
+
+async def insert_check(
+    connection: asyncpg.Connection, check_id: uuid.UUID, host_id: uuid.UUID, values: Mapping[str, Any]
+) -> None:
+    """Create a check: `values` maps each writable column to its value. Raises
+    asyncpg.UniqueViolationError when the host has a check of that name."""
+    columns = ", ".join(values)
+    placeholders = ", ".join(f"${index}" for index in range(3, len(values) + 3))
+    await connection.execute(
+        f"INSERT INTO health_checks (id, host_id, {columns}) VALUES ($1, $2, {placeholders})",
+        check_id,
+        host_id,
+        *values.values(),
+    )
+
+
+async def update_check(
+    connection: asyncpg.Connection, check_id: uuid.UUID, host_id: uuid.UUID, values: Mapping[str, Any]
+) -> None:
+    """Replace a check's writable columns (`values`) and stamp `updated_at`. Raises
+    asyncpg.UniqueViolationError when the host has another check of that name."""
+    assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(values, start=3))
+    await connection.execute(
+        f"UPDATE health_checks SET {assignments}, updated_at = now() WHERE id = $1 AND host_id = $2",
+        check_id,
+        host_id,
+        *values.values(),
+    )
+
+
+async def delete_check(connection: asyncpg.Connection, check_id: uuid.UUID) -> None:
+    """Delete a check and its results (a partitioned table has no foreign key here, so they are deleted
+    explicitly); its state and schedule cascade."""
+    await delete_results_of_check(connection, check_id)
+    await connection.execute("DELETE FROM health_checks WHERE id = $1", check_id)
+
+
+# ---- reads -----------------------------------------------------------------------------------------
+
+
+async def fetch_check(
+    connection: asyncpg.Connection, host_id: uuid.UUID, check_id: uuid.UUID, *, for_update: bool = False
+) -> asyncpg.Record | None:
+    """A check of the host (CHECK_SELECT: the check with its state), its row locked when `for_update`;
+    None if the host has no such check."""
+    lock = " FOR UPDATE OF c" if for_update else ""
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"{CHECK_SELECT} WHERE c.id = $1 AND c.host_id = $2{lock}", check_id, host_id
+    )
+    return row
+
+
+async def checks_of_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
+    """The host's checks (CHECK_SELECT), oldest first."""
+    return await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
+
+
+async def check_ids_of_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[uuid.UUID]:
+    """The ids of the host's checks (a host being deleted deletes each one first)."""
+    return [row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)]
+
+
+async def count_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> int:
+    """How many checks the host has (the api's 5-check limit; the caller holds the host's lock)."""
+    count: int = await connection.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", host_id)
+    return count
+
+
+async def count_service_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> int:
+    """The host's service checks, which need its agent_url."""
+    count: int = await connection.fetchval(
+        "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'service'", host_id
+    )
+    return count
+
+
+async def count_tcp_checks_without_address(connection: asyncpg.Connection, host_id: uuid.UUID) -> int:
+    """The host's tcp checks without an address, which connect to the host's name."""
+    count: int = await connection.fetchval(
+        "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'tcp' AND address IS NULL",
+        host_id,
+    )
+    return count
+
+
+async def checks_to_run(connection: asyncpg.Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    """What a poller needs to run these checks: each check's settings (its password still encrypted), its
+    host's name (`host_name`) and `agent_url`. A check deleted since has no row."""
+    return await connection.fetch(
+        """
+        SELECT c.id, c.host_id, c.check_type, c.enabled, c.timeout_seconds, c.service_name, c.url, c.method,
+               c.expected_status, c.expected_body, c.ignore_cert_errors, c.follow_redirects, c.basic_auth_user,
+               c.basic_auth_pass_encrypted, c.port, c.address, c.max_latency_ms, h.name AS host_name, h.agent_url
+        FROM health_checks c
+        JOIN hosts h ON h.id = c.host_id
+        WHERE c.id = ANY($1::uuid[])
+        """,
+        list(check_ids),
+    )

@@ -1,0 +1,223 @@
+"""`hosts`: the hosts and their denormalised health summary. This module is the only one that writes the
+table (docs/architecture.md, "Who writes which table").
+
+- the api creates, changes and deletes hosts (`insert_host`, `update_host`, `delete_host`);
+- whoever changes a check or its state recomputes the host's summary in the same transaction
+  (`refresh_host_status`): the api on every check change, the pollers when a check flips. The summary is
+  stored on the host row so that listing and filtering hosts never aggregates checks.
+
+**Lock order.** A transaction that changes a host's checks or their state locks the host row first
+(`lock_host`, `lock_hosts` in id order), and only then `check_state` rows: the api and the pollers take
+them in that order, so they never deadlock, and the host lock serialises the 5-check limit and the
+summary (the last writer to commit sees every change).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import asyncpg
+
+from shared.events import HostHealthStatus, HostStatusChanged
+from shared.outbox import enqueue
+
+log = logging.getLogger(__name__)
+
+HOST_COLUMNS = """
+    id, name, "group", agent_url, health_check_status, checks_total, checks_healthy, created_at, updated_at
+"""
+# Every summary, in the order of precedence of CONTRACT §3 (a critical check unhealthy first, then any
+# unknown, then any unhealthy: degraded), and a host without enabled checks last.
+HOST_STATUSES: tuple[HostHealthStatus, ...] = ("unhealthy", "unknown", "degraded", "healthy", "no_checks")
+
+# Precedence: unhealthy, unknown, degraded, healthy (CONTRACT §3).
+_RECOMPUTE_SQL = """
+WITH checks AS (
+    SELECT c.critical, s.status
+    FROM health_checks c
+    JOIN check_state s ON s.check_id = c.id
+    WHERE c.host_id = $1 AND c.enabled
+), summary AS (
+    SELECT
+        count(*) AS total,
+        count(*) FILTER (WHERE status = 'healthy') AS healthy,
+        CASE
+            WHEN count(*) = 0 THEN 'no_checks'
+            WHEN bool_or(critical AND status = 'unhealthy') THEN 'unhealthy'
+            WHEN bool_or(status = 'unknown') THEN 'unknown'
+            WHEN bool_or(status = 'unhealthy') THEN 'degraded'
+            ELSE 'healthy'
+        END AS status
+    FROM checks
+)
+UPDATE hosts
+SET health_check_status = summary.status, checks_total = summary.total, checks_healthy = summary.healthy
+FROM summary
+WHERE hosts.id = $1
+RETURNING hosts.health_check_status
+"""
+
+
+# ---- writes ----------------------------------------------------------------------------------------
+
+
+async def insert_host(
+    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+) -> asyncpg.Record:
+    """Create a host (HOST_COLUMNS of the new row). Raises asyncpg.UniqueViolationError when the name
+    (constraint `hosts_name_unique`) or the id is taken."""
+    row: asyncpg.Record = await connection.fetchrow(
+        f"""
+        INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)
+        RETURNING {HOST_COLUMNS}
+        """,
+        host_id,
+        name,
+        group,
+        agent_url,
+    )
+    return row
+
+
+async def update_host(
+    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+) -> asyncpg.Record:
+    """Replace a host's writable fields (HOST_COLUMNS of the row after). Raises asyncpg.UniqueViolationError
+    when the name is taken."""
+    row: asyncpg.Record = await connection.fetchrow(
+        f"""
+        UPDATE hosts SET name = $2, "group" = $3, agent_url = $4, updated_at = now()
+        WHERE id = $1
+        RETURNING {HOST_COLUMNS}
+        """,
+        host_id,
+        name,
+        group,
+        agent_url,
+    )
+    return row
+
+
+async def delete_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> None:
+    """Delete a host; its checks, their state and schedule cascade (the caller deletes each check first,
+    through shared.checks, for its results, audit entry and event)."""
+    await connection.execute("DELETE FROM hosts WHERE id = $1", host_id)
+
+
+async def refresh_host_status(
+    connection: asyncpg.Connection, host_id: uuid.UUID, *, source: str
+) -> tuple[str, str] | None:
+    """Recompute and store the host's summary; publish `host.status_changed` (via the outbox) on a flip.
+
+    Must run inside a transaction. Returns (previous, current), or None if the host is gone.
+    """
+    previous = await connection.fetchval("SELECT health_check_status FROM hosts WHERE id = $1 FOR UPDATE", host_id)
+    if previous is None:
+        return None
+    current = await connection.fetchval(_RECOMPUTE_SQL, host_id)
+    if current != previous:
+        log.info(
+            "host status changed",
+            extra={"host_id": str(host_id), "previous": previous, "current": current},
+        )
+        await enqueue(
+            connection,
+            "host.status_changed",
+            HostStatusChanged(host_id=host_id, previous=previous, current=current, at=dt.datetime.now(dt.UTC)),
+            source=source,
+        )
+    return previous, current
+
+
+# ---- locks -----------------------------------------------------------------------------------------
+
+
+async def lock_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record | None:
+    """Lock the host row (id, name, agent_url) before its checks are changed: serialises the 5-check limit
+    and the host summary against concurrent writers. None if there is no such host."""
+    row: asyncpg.Record | None = await connection.fetchrow(
+        "SELECT id, name, agent_url FROM hosts WHERE id = $1 FOR UPDATE", host_id
+    )
+    return row
+
+
+async def lock_hosts(connection: asyncpg.Connection, host_ids: Sequence[uuid.UUID]) -> None:
+    """Lock these host rows in id order (`host_ids` sorted): a result batch, before its check states."""
+    await connection.execute("SELECT 1 FROM hosts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", host_ids)
+
+
+# ---- reads -----------------------------------------------------------------------------------------
+
+
+async def fetch_host(
+    connection: asyncpg.Connection, host_id: uuid.UUID, *, for_update: bool = False
+) -> asyncpg.Record | None:
+    """A host's HOST_COLUMNS, locked when `for_update`; None if there is none."""
+    lock = " FOR UPDATE" if for_update else ""
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"SELECT {HOST_COLUMNS} FROM hosts WHERE id = $1{lock}", host_id
+    )
+    return row
+
+
+async def host_exists(connection: asyncpg.Connection, host_id: uuid.UUID) -> bool:
+    """Whether there is a host with this id."""
+    return bool(await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id))
+
+
+async def host_group(pool: asyncpg.Pool, host_id: uuid.UUID) -> str | None:
+    """The host's group; None if there is no such host."""
+    group: str | None = await pool.fetchval('SELECT "group" FROM hosts WHERE id = $1', host_id)
+    return group
+
+
+async def host_page(
+    pool: asyncpg.Pool,
+    *,
+    groups: list[str] | None,
+    group: str | None,
+    status: str | None,
+    after_name: str | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Up to `limit` hosts by name after `after_name`, of `groups` (None: every group), optionally of one
+    group and one summary. Only the conditions in use are in the statement, so each finds its index."""
+    conditions: list[str] = []
+    arguments: list[Any] = []
+
+    def where(condition: str, value: Any) -> None:
+        arguments.append(value)
+        conditions.append(condition.format(f"${len(arguments)}"))
+
+    if groups is not None:
+        where('"group" = ANY({}::text[])', groups)
+    if group is not None:
+        where('"group" = {}', group)
+    if status is not None:
+        where("health_check_status = {}", status)
+    if after_name is not None:
+        where("name > {}", after_name)
+    arguments.append(limit)
+    sql = (
+        f"SELECT {HOST_COLUMNS} FROM hosts"
+        + (" WHERE " + " AND ".join(conditions) if conditions else "")
+        + f" ORDER BY name LIMIT ${len(arguments)}"
+    )
+    return await pool.fetch(sql, *arguments)
+
+
+async def status_counts(pool: asyncpg.Pool, groups: list[str] | None) -> list[asyncpg.Record]:
+    """How many hosts of `groups` (None: every group) have each summary: rows of (health_check_status,
+    group, hosts)."""
+    return await pool.fetch(
+        """
+        SELECT health_check_status, "group", count(*) AS hosts FROM hosts
+        WHERE $1::text[] IS NULL OR "group" = ANY($1)
+        GROUP BY 1, 2
+        """,
+        groups,
+    )

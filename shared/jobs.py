@@ -1,0 +1,395 @@
+"""`gate_jobs`: one row per (job_id, host_id), decided at most once. This module is the only one that writes
+the table (docs/architecture.md, "Who writes which table"), and it holds the reads of it too.
+
+- the gate records a job.start as waiting (`insert_waiting`), locks waiting rows to evaluate them
+  (`lock_waiting`, `lock_waiting_on_host`, and the timers' `lock_due`), keeps a row waiting with its
+  job.waiting announced once and its retry timer moved on (`keep_waiting`), and decides;
+- the api's override (and the dashboard's) locks the row (`lock_job_host`) and decides;
+- the api and the dashboard list and show job hosts; the pruner deletes decided rows past their
+  retention (`prune_decided`).
+
+**Exactly one decision per job host.** `decide` is the only way a job host is decided: the gate's release
+and failures (window closed, unknown host), an invalid job.start, a job.cancel, and the api's override all
+call it. It changes a row only while it is still waiting (an UPDATE … WHERE status = 'waiting_health_check',
+or for a job host not recorded yet an INSERT … ON CONFLICT DO NOTHING), and only when it did, it writes
+the decision's event to the outbox in the same transaction, under the one id every decider uses
+(`shared.events.decision_event_id`). So a decision and its event commit together, and of two deciders
+racing on one job host the second changes nothing and publishes nothing. The callers lock the row before
+they read the time they stamp (`shared.database.locked_now`), so times follow the order of the changes.
+
+Timers (retries, window ends) are columns of the row, so any gate process, including one started after a
+crash, picks them up.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Final, Literal, get_args
+
+import asyncpg
+
+from shared.database import delete_in_batches
+from shared.events import (
+    CheckSummary,
+    JobCancelled,
+    JobFailed,
+    JobReleased,
+    JobStart,
+    JobWaiting,
+    decision_event_id,
+    deterministic_event_id,
+    job_key,
+    received_job_id,
+    received_job_id_bytes,
+)
+from shared.outbox import enqueue
+
+JobStatus = Literal["waiting_health_check", "released", "failed", "cancelled"]
+JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
+WAITING: Final = "waiting_health_check"
+DecidedStatus = Literal["released", "failed", "cancelled"]
+FailureReason = Literal["window_closed", "invalid_request", "overridden", "unknown_host"]
+
+# What the gate reads of a row it evaluates.
+LOCKED_COLUMNS = "job_id, host_id, status, window_ends_at, received_at, waiting_announced"
+# What the api and the dashboard show of a job host (`received_job_id`: see `as_received`).
+VIEW_COLUMNS = """
+    j.job_id, j.host_id, j.status, j.window_ends_at, j.received_at, j.decided_at, j.reason, j.detail,
+    j.checks, j.overridden_by, j.override_reason, j.received_job_id
+"""
+# Scoping: admins (groups None) see every job host; others those whose host is in one of their groups.
+_VISIBLE = '($1::text[] IS NULL OR EXISTS (SELECT 1 FROM hosts h WHERE h.id = j.host_id AND h."group" = ANY($1)))'
+_WITH_HOST_NAME = "SELECT j.*, h.name AS host_name FROM gate_jobs j LEFT JOIN hosts h ON h.id = j.host_id"
+_HOST_VISIBLE = '($1::text[] IS NULL OR h."group" = ANY($1))'
+
+# asyncpg stores exactly datetime.min and datetime.max (in UTC) as PostgreSQL's -infinity/infinity
+# and reads those back as *naive* datetimes, which then cannot be compared with now (the timers would
+# crash) nor shown as RFC 3339 with an offset. A window ending at either instant is stored one
+# microsecond inside them: no decision changes by that.
+EARLIEST_STORED = dt.datetime.min.replace(tzinfo=dt.UTC) + dt.timedelta(microseconds=1)
+LATEST_STORED = dt.datetime.max.replace(tzinfo=dt.UTC) - dt.timedelta(microseconds=1)
+
+
+def storable_time(moment: dt.datetime) -> dt.datetime:
+    """`moment` (aware) as a timestamptz that asyncpg writes and reads back as itself: the two
+    instants it maps to -infinity/infinity are moved one microsecond inward."""
+    return min(max(moment, EARLIEST_STORED), LATEST_STORED)
+
+
+def aware(moment: dt.datetime) -> dt.datetime:
+    """A timestamptz as read: asyncpg gives -infinity/infinity as naive datetime.min/max (UTC)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=dt.UTC)
+
+
+def _checks_json(checks: list[CheckSummary] | None) -> str | None:
+    return None if checks is None else json.dumps([check.model_dump(mode="json") for check in checks])
+
+
+# ---- waiting ---------------------------------------------------------------------------------------
+
+
+async def insert_waiting(connection: asyncpg.Connection, job: JobStart) -> bool:
+    """Record a new job host as waiting. False if it exists already (a repeated job.start, or a job host
+    decided before its job.start came: an invalid request, an early job.cancel).
+
+    Its first evaluation is due at once: if the gate dies before evaluating, the timer finds it."""
+    inserted = await connection.fetchval(
+        """
+        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, next_retry_at)
+        VALUES ($1, $2, 'waiting_health_check', $3, now())
+        ON CONFLICT (job_id, host_id) DO NOTHING
+        RETURNING true
+        """,
+        job.job_id,
+        job.host_id,
+        storable_time(job.window_ends_at),
+    )
+    return bool(inserted)
+
+
+async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+    """The job host (LOCKED_COLUMNS), locked, if it is still waiting; waits for whoever holds it."""
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"""
+        SELECT {LOCKED_COLUMNS} FROM gate_jobs
+        WHERE job_id = $1 AND host_id = $2 AND status = 'waiting_health_check'
+        FOR UPDATE
+        """,
+        job_id,
+        host_id,
+    )
+    return row
+
+
+async def lock_waiting_on_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
+    """Waiting jobs of a host, locked; waits for a gate evaluating them now, then sees its outcome."""
+    return await connection.fetch(
+        f"""
+        SELECT {LOCKED_COLUMNS} FROM gate_jobs
+        WHERE host_id = $1 AND status = 'waiting_health_check'
+        ORDER BY job_id
+        FOR UPDATE
+        """,
+        host_id,
+    )
+
+
+async def lock_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+    """Waiting jobs whose retry or window end has come; other gates take the others (SKIP LOCKED)."""
+    return await connection.fetch(
+        f"""
+        SELECT {LOCKED_COLUMNS} FROM gate_jobs
+        WHERE status = 'waiting_health_check' AND (next_retry_at <= now() OR window_ends_at <= now())
+        ORDER BY LEAST(next_retry_at, window_ends_at)
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+        """,
+        limit,
+    )
+
+
+async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> str | None:
+    """Lock the job host stored under `key` (`job_key` of its job_id), whatever its status, and return
+    that status; None if there is no such job host."""
+    status: str | None = await connection.fetchval(
+        "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2 FOR UPDATE", key, host_id
+    )
+    return status
+
+
+async def keep_waiting(
+    connection: asyncpg.Connection,
+    job: asyncpg.Record,
+    *,
+    checks: list[CheckSummary],
+    failing: list[CheckSummary],
+    retry_in: float | None,
+    at: dt.datetime,
+    source: str,
+) -> bool:
+    """A locked waiting job host (`job`: LOCKED_COLUMNS) goes on waiting, in the caller's transaction.
+
+    The first time, its job.waiting (`failing`: the checks it waits for) goes to the outbox, stamped `at`,
+    under a deterministic id (`job-waiting/<job_id>/<host_id>`). The row keeps `checks` as its snapshot,
+    and with `retry_in` (seconds) its retry timer moves on from now; with neither a first time nor a
+    `retry_in` nothing is written. True if this call announced it."""
+    announce = not job["waiting_announced"]
+    if announce:
+        event = JobWaiting(
+            job_id=job["job_id"], host_id=job["host_id"], window_ends_at=aware(job["window_ends_at"]),
+            failing_checks=failing,
+        )  # fmt: skip
+        await enqueue(
+            connection, "job.waiting", event, source=source, correlation_id=job["job_id"],
+            event_id=deterministic_event_id("job-waiting", job["job_id"], str(job["host_id"])), time=at,
+        )  # fmt: skip
+    if retry_in is None and not announce:
+        return False
+    await connection.execute(
+        """
+        UPDATE gate_jobs
+        SET waiting_announced = true,
+            next_retry_at = CASE WHEN $3 THEN now() + make_interval(secs => $4) ELSE next_retry_at END,
+            checks = $5::jsonb
+        WHERE job_id = $1 AND host_id = $2
+        """,
+        job["job_id"],
+        job["host_id"],
+        retry_in is not None,
+        retry_in or 0.0,
+        _checks_json(checks),
+    )
+    return announce
+
+
+# ---- the decision ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class JobDecision:
+    """How one job host is decided.
+
+    `job_id` as received, whatever it holds: the events carry it, and the row is keyed by `job_key(job_id)`
+    (the job_id itself when it is valid). `reason`: a failure's (CONTRACT §5). `checks`: the gating checks
+    the decision was made on, stored as the row's snapshot and carried by job.released and job.failed;
+    None keeps the row's snapshot (a cancel). `overridden_by` and `override_reason`: an override's."""
+
+    job_id: str
+    host_id: uuid.UUID
+    status: DecidedStatus
+    detail: str
+    reason: FailureReason | None = None
+    checks: list[CheckSummary] | None = None
+    overridden_by: str | None = None
+    override_reason: str | None = None
+
+
+_DECIDE_WAITING_SQL = f"""
+UPDATE gate_jobs j
+SET status = $3, reason = $4, detail = $5, checks = COALESCE($6::jsonb, j.checks), decided_at = $7,
+    overridden_by = $8, override_reason = $9, next_retry_at = NULL
+WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'waiting_health_check'
+RETURNING {VIEW_COLUMNS}
+"""
+_DECIDE_UNSEEN_SQL = f"""
+INSERT INTO gate_jobs AS j (
+    job_id, host_id, status, reason, detail, checks, decided_at, overridden_by, override_reason, window_ends_at,
+    received_at, received_job_id
+)
+VALUES ($1, $2, $3, $4, $5, COALESCE($6::jsonb, '[]'::jsonb), $7, $8, $9, NULL, $7, $10)
+ON CONFLICT (job_id, host_id) DO NOTHING
+RETURNING {VIEW_COLUMNS}
+"""
+
+
+async def decide(
+    connection: asyncpg.Connection, decision: JobDecision, *, at: dt.datetime, source: str, unseen: bool = False
+) -> asyncpg.Record | None:
+    """Decide a job host at `at`, with its event, in the caller's transaction; the row after (VIEW_COLUMNS),
+    or None when it was decided already, by anyone (nothing is written then).
+
+    `unseen` False: the job host is waiting (the caller holds its lock: `lock_waiting`, `lock_job_host`),
+    and its row is updated if it still is. `unseen` True: the job host has not been recorded (an invalid
+    job.start; a job.cancel that overtook its job.start): it is recorded decided, received at `at`, with
+    the job_id as received beside its key (`received_job_id`), unless it exists; a waiting row is then
+    left alone. The event (job.released, job.failed or job.cancelled) has the id `decision_event_id(job_id,
+    host_id)`, the time `at` and the correlation_id `job_id` (where AMQP can carry it)."""
+    key = job_key(decision.job_id)
+    arguments: list[Any] = [
+        key, decision.host_id, decision.status, decision.reason, decision.detail, _checks_json(decision.checks), at,
+        decision.overridden_by, decision.override_reason,
+    ]  # fmt: skip
+    if unseen:
+        row = await connection.fetchrow(_DECIDE_UNSEEN_SQL, *arguments, received_job_id_bytes(decision.job_id))
+    else:
+        row = await connection.fetchrow(_DECIDE_WAITING_SQL, *arguments)
+    if row is None:
+        return None
+    override: dict[str, Any] = {}
+    if decision.overridden_by is not None:
+        override = {"overridden_by": decision.overridden_by, "override_reason": decision.override_reason}
+    event: JobReleased | JobFailed | JobCancelled
+    if decision.status == "released":
+        event = JobReleased(
+            job_id=decision.job_id, host_id=decision.host_id, released_at=at,
+            waited_seconds=round((at - row["received_at"]).total_seconds(), 3), checks=decision.checks or [],
+            **override,
+        )  # fmt: skip
+    elif decision.status == "failed":
+        assert decision.reason is not None, "a failure has a reason"
+        event = JobFailed(
+            job_id=decision.job_id, host_id=decision.host_id, failed_at=at, reason=decision.reason,
+            detail=decision.detail, checks=decision.checks or [], **override,
+        )  # fmt: skip
+    else:
+        event = JobCancelled(job_id=decision.job_id, host_id=decision.host_id, cancelled_at=at)
+    await enqueue(
+        connection, f"job.{decision.status}", event, source=source, correlation_id=decision.job_id,
+        event_id=decision_event_id(decision.job_id, decision.host_id), time=at,
+    )  # fmt: skip
+    return row
+
+
+# ---- reads -----------------------------------------------------------------------------------------
+
+
+def as_received(row: asyncpg.Record) -> dict[str, Any]:
+    """A job host row as shown: its fields, with `job_id` the one received (`received_job_id` taken out),
+    not the key an invalid one is stored under (migration 0009)."""
+    values = dict(row)
+    values["job_id"] = received_job_id(values["job_id"], values.pop("received_job_id"))
+    return values
+
+
+async def job_hosts_of_job(pool: asyncpg.Pool, key: str, groups: list[str] | None) -> list[asyncpg.Record]:
+    """The hosts (VIEW_COLUMNS) of the job stored under `key`, in `groups` (None: all), oldest first."""
+    return await pool.fetch(
+        f"SELECT {VIEW_COLUMNS} FROM gate_jobs j WHERE j.job_id = $2 AND {_VISIBLE} ORDER BY j.received_at, j.host_id",
+        groups,
+        key,
+    )
+
+
+async def job_host_page(
+    pool: asyncpg.Pool,
+    *,
+    groups: list[str] | None,
+    status: str | None,
+    host_id: uuid.UUID | None,
+    after: tuple[dt.datetime, str, uuid.UUID] | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Up to `limit` job hosts (VIEW_COLUMNS) of `groups` (None: all), newest first, optionally of one
+    status and one host, after the key (received_at, job_id, host_id) of the previous page's last row.
+
+    All three descending: a total order (the primary key is in it), so pages never repeat or skip a row,
+    whatever the filters. Only the conditions in use are in the statement, so that each filter gets its
+    index (shared/migrations/0007_job_filters.sql) in a prepared, generic plan too."""
+    conditions: list[str] = []
+    values: list[Any] = []
+
+    def value(item: Any) -> str:
+        values.append(item)
+        return f"${len(values)}"
+
+    if groups is not None:
+        conditions.append(f'EXISTS (SELECT 1 FROM hosts h WHERE h.id = j.host_id AND h."group" = ANY({value(groups)}))')
+    if status is not None:
+        conditions.append(f"j.status = {value(status)}")
+    if host_id is not None:
+        conditions.append(f"j.host_id = {value(host_id)}")
+    if after is not None:
+        received_at, job_id, after_host_id = after
+        conditions.append(
+            f"(j.received_at, j.job_id, j.host_id) < ({value(received_at)}, {value(job_id)}, {value(after_host_id)})"
+        )
+    where = " AND ".join(conditions) or "true"
+    return await pool.fetch(
+        f"""
+        SELECT {VIEW_COLUMNS} FROM gate_jobs j
+        WHERE {where}
+        ORDER BY j.received_at DESC, j.job_id DESC, j.host_id DESC
+        LIMIT {value(limit)}
+        """,
+        *values,
+    )
+
+
+async def job_hosts_with_host_names(
+    connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool, limit: int
+) -> list[asyncpg.Record]:
+    """For the dashboard's jobs page: up to `limit` job hosts of `groups` (None: all), every column and the
+    host's name (`host_name`, NULL for an unknown host); the waiting ones by window end, soonest first, or
+    the decided ones, newest decision first."""
+    order = "j.window_ends_at" if waiting else "j.decided_at DESC"
+    condition = f"j.status = '{WAITING}'" if waiting else f"j.status <> '{WAITING}'"
+    return await connection.fetch(
+        f"{_WITH_HOST_NAME} WHERE {condition} AND {_HOST_VISIBLE} ORDER BY {order} LIMIT {int(limit)}", groups
+    )
+
+
+async def job_with_host_names(
+    connection: asyncpg.Connection, key: str, groups: list[str] | None
+) -> list[asyncpg.Record]:
+    """For the dashboard's job page: the hosts of the job stored under `key`, in `groups`, every column and
+    the host's name, oldest first."""
+    return await connection.fetch(
+        f"{_WITH_HOST_NAME} WHERE j.job_id = $2 AND {_HOST_VISIBLE} ORDER BY j.received_at, j.host_id", groups, key
+    )
+
+
+# ---- pruning ---------------------------------------------------------------------------------------
+
+
+async def prune_decided(pool: asyncpg.Pool, before: dt.datetime) -> int:
+    """Delete the job hosts decided before `before` (the pruner: HEALTHGATE_JOB_RETENTION_DAYS), in
+    batches; waiting ones are never deleted. Returns how many were deleted."""
+    return await delete_in_batches(
+        pool,
+        "DELETE FROM gate_jobs WHERE (job_id, host_id) IN ("
+        "SELECT job_id, host_id FROM gate_jobs WHERE decided_at < $1 LIMIT $2)",
+        before,
+    )
