@@ -24,6 +24,7 @@ from aio_pika.abc import AbstractIncomingMessage
 from shared.schema import migrate
 from shared.tokens import create_token
 from shared.topology import QUEUES, Topology, declare_exchange
+from tests.support.database import empty_tables
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.nginx import nginx  # noqa: F401  (fixture)
 from tests.support.postgres import PostgresCluster, postgres_available, postgres_cluster
@@ -31,17 +32,6 @@ from tests.support.processes import ServiceProcess, free_port, start_service
 from tests.support.rabbitmq import RabbitNode, rabbit_node, rabbitmq_available
 from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
 from tests.support.services import BackingServices, backing_services
-
-APP_TABLES = (
-    "hosts",
-    "health_checks",
-    "check_state",
-    "check_results",
-    "gate_jobs",
-    "audit_log",
-    "api_tokens",
-    "outbox",
-)
 
 
 @pytest.fixture(scope="session")
@@ -234,7 +224,7 @@ def exclusive_poller(
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the session's database, with every table emptied first."""
     connection = await asyncpg.connect(database_url)
-    await connection.execute(f"TRUNCATE {', '.join(APP_TABLES)} CASCADE")
+    await empty_tables(connection)
     yield connection
     await connection.close()
 
