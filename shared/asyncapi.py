@@ -42,6 +42,24 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
     "job.cancel": (
         "Withdraws a waiting job host. The gate answers job.cancelled; a job host already decided is left alone."
     ),
+    "job.finished": (
+        "The executor is done with a released host (outcome succeeded or failed). The gate verifies the host: "
+        "job.verified or job.verification_failed, once. For a job host that is not released (a duplicate, an "
+        "unknown job, a waiting job) it changes nothing; outcome failed counts toward the job's max_failed_hosts."
+    ),
+    "job.verified": (
+        "After job.finished (or the window's end, outcome null), every gating check that was healthy at release is "
+        "healthy again, and has been for the group's stable_seconds since the patch finished."
+    ),
+    "job.verification_failed": (
+        "The host did not become healthy (and stable) within verify_delay_seconds + verify_timeout_seconds after "
+        "job.finished; detail names each failing check."
+    ),
+    "job.halted": (
+        "The job stops releasing hosts: more hosts failed than its max_failed_hosts (reason max_failed_hosts), or "
+        "an admin halted it (reason manual, by = the token's name). Its waiting hosts fail with job_halted."
+    ),
+    "job.resumed": "An admin let a halted job go on: new job.start messages of the job are gated again.",
     "job.waiting": (
         "A job host must wait: some gating checks are failing, stale or have no result yet. Sent at most once "
         "per job host; failing_checks names them."
@@ -55,7 +73,8 @@ EVENT_DESCRIPTIONS: dict[str, str] = {
         "The job must not start on the host. reason window_closed: the maintenance window closed (or had already "
         "closed) while checks were not healthy; invalid_request: the job.start was malformed (job_id is then the "
         "job_id as received, whatever it holds); unknown_host: the host is not known to healthgate and "
-        "HEALTHGATE_GATE_UNKNOWN_HOST is fail; overridden: an admin failed it by override."
+        "HEALTHGATE_GATE_UNKNOWN_HOST is fail; overridden: an admin failed it by override; no_checks: the host has no "
+        "enabled critical checks and its group's policy says fail; job_halted: the job is halted."
     ),
     "job.cancelled": "A waiting job host was cancelled by job.cancel.",
     "check.result": "Every stored result of a health check, with the check's status after it.",

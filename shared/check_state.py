@@ -84,7 +84,9 @@ async def lock_for_results(connection: asyncpg.Connection, check_ids: Sequence[u
 
 async def store_states(connection: asyncpg.Connection, states: Sequence[StateAfter]) -> None:
     """Store each check's state after a batch in one statement, in the batch's transaction (rows locked
-    by `lock_for_results`); `status_changed_at` moves to the result's time when the status changed."""
+    by `lock_for_results`); `status_changed_at` moves to the result's time when the status changed, and
+    `healthy_since` (CONTRACT §3, §6 stable_seconds) is that time when the check becomes healthy, kept while it
+    stays healthy, NULL otherwise."""
     await connection.execute(
         """
         UPDATE check_state s
@@ -97,7 +99,12 @@ async def store_states(connection: asyncpg.Connection, states: Sequence[StateAft
             last_latency_ms = u.latency_ms,
             last_checked_at = u.checked_at,
             last_slot = u.last_slot,
-            status_changed_at = CASE WHEN s.status <> u.status THEN u.checked_at ELSE s.status_changed_at END
+            status_changed_at = CASE WHEN s.status <> u.status THEN u.checked_at ELSE s.status_changed_at END,
+            healthy_since = CASE
+                WHEN u.status <> 'healthy' THEN NULL
+                WHEN s.status = 'healthy' THEN COALESCE(s.healthy_since, u.checked_at)
+                ELSE u.checked_at
+            END
         FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::bool[], $6::text[], $7::text[],
                     $8::float8[], $9::timestamptz[], $10::timestamptz[])
             AS u(check_id, status, failures, successes, healthy, reason, detail, latency_ms, checked_at, last_slot)

@@ -23,6 +23,7 @@ from pydantic import (
     ConfigDict,
     Field,
     Strict,
+    StrictInt,
     StringConstraints,
     TypeAdapter,
     ValidationError,
@@ -43,6 +44,13 @@ HostHealthStatus = Literal["healthy", "degraded", "unhealthy", "unknown", "no_ch
 ResultReason = Literal[
     "ok", "dns", "connect", "tls", "timeout", "status", "body", "agent", "blocked", "protocol", "slow"
 ]
+# CONTRACT §5 job.failed reasons; §6 adds no_checks and job_halted.
+FailureReason = Literal[
+    "window_closed", "invalid_request", "overridden", "unknown_host", "no_checks", "job_halted"
+]
+# CONTRACT §6: what a waiting job host waits for.
+WaitingFor = Literal["checks", "stability", "budget"]
+HaltReason = Literal["max_failed_hosts", "manual"]
 JOB_ID_MAX_LENGTH = 200
 # Longer than any RFC 3339 timestamp anyone sends ("2024-06-01T12:00:00.123456789+01:00" is 35): a
 # longer string is refused before parsing, so a huge value never reaches the parser or an error message.
@@ -270,11 +278,23 @@ class JobStart(EventModel):
     job_id: JobId
     host_id: HostId
     window_ends_at: WindowEndsAt
+    # CONTRACT §6 "Halting a job": the job halts once more hosts than this failed; None: no limit. Taken
+    # from the job's first job.start that carries it. A bool is not a count (StrictInt).
+    max_failed_hosts: Annotated[StrictInt, Field(ge=0)] | None = None
 
 
 class JobCancel(EventModel):
     job_id: JobId
     host_id: HostId
+
+
+class JobFinished(EventModel):
+    """The executor is done with a released host (CONTRACT §5, §6 "Verification after patching")."""
+
+    job_id: JobId
+    host_id: HostId
+    outcome: Literal["succeeded", "failed"]
+    detail: Annotated[str, Field(max_length=1000)] | None = None
 
 
 # ---- outbound ------------------------------------------------------------------------------------
@@ -285,6 +305,7 @@ class JobWaiting(EventModel):
     host_id: uuid.UUID
     window_ends_at: AwareDatetime
     failing_checks: list[CheckSummary]
+    waiting_for: list[WaitingFor] = []
 
 
 class JobReleased(EventModel):
@@ -304,7 +325,7 @@ class JobFailed(EventModel):
     job_id: str
     host_id: uuid.UUID
     failed_at: AwareDatetime
-    reason: Literal["window_closed", "invalid_request", "overridden", "unknown_host"]
+    reason: FailureReason
     detail: str
     checks: list[CheckSummary]
     overridden_by: str | None = None
@@ -315,6 +336,49 @@ class JobCancelled(EventModel):
     job_id: str
     host_id: uuid.UUID
     cancelled_at: AwareDatetime
+
+
+class JobVerified(EventModel):
+    """After job.finished (or the window's end), the host is healthy again (CONTRACT §6). `outcome`: the
+    executor's, null when no job.finished came."""
+
+    job_id: str
+    host_id: uuid.UUID
+    verified_at: AwareDatetime
+    outcome: Literal["succeeded", "failed"] | None
+    checks: list[CheckSummary]
+
+
+class JobVerificationFailed(EventModel):
+    """The host did not become healthy (and stable) in time after job.finished (CONTRACT §6)."""
+
+    job_id: str
+    host_id: uuid.UUID
+    failed_at: AwareDatetime
+    outcome: Literal["succeeded", "failed"] | None
+    detail: str
+    checks: list[CheckSummary]
+
+
+class JobHalted(EventModel):
+    """A job stops releasing hosts (CONTRACT §6 "Halting a job"). `by`: the admin token's name for a manual
+    halt, else None; `detail`: the admin's reason, or which hosts failed."""
+
+    job_id: str
+    at: AwareDatetime
+    reason: HaltReason
+    failed_hosts: list[uuid.UUID]
+    detail: str
+    by: str | None
+
+
+class JobResumed(EventModel):
+    """An admin lets a halted job go on (CONTRACT §6)."""
+
+    job_id: str
+    at: AwareDatetime
+    detail: str
+    by: str | None
 
 
 class CheckResult(EventModel):
@@ -335,6 +399,7 @@ class CheckStatusChanged(EventModel):
     current: CheckStatus
     detail: str
     at: AwareDatetime
+    in_maintenance: bool = False
 
 
 class HostStatusChanged(EventModel):
@@ -342,6 +407,7 @@ class HostStatusChanged(EventModel):
     previous: HostHealthStatus
     current: HostHealthStatus
     at: AwareDatetime
+    in_maintenance: bool = False
 
 
 class CheckConfigChanged(EventModel):
@@ -374,12 +440,20 @@ class Tick(EventModel):
 
 
 # Routing key -> model. The routing key, not the CloudEvent type, says what a message is.
-INBOUND_EVENTS: dict[str, type[EventModel]] = {"job.start": JobStart, "job.cancel": JobCancel}
+INBOUND_EVENTS: dict[str, type[EventModel]] = {
+    "job.start": JobStart,
+    "job.cancel": JobCancel,
+    "job.finished": JobFinished,
+}
 OUTBOUND_EVENTS: dict[str, type[EventModel]] = {
     "job.waiting": JobWaiting,
     "job.released": JobReleased,
     "job.failed": JobFailed,
     "job.cancelled": JobCancelled,
+    "job.verified": JobVerified,
+    "job.verification_failed": JobVerificationFailed,
+    "job.halted": JobHalted,
+    "job.resumed": JobResumed,
     "check.result": CheckResult,
     "check.status_changed": CheckStatusChanged,
     "host.status_changed": HostStatusChanged,

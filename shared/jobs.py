@@ -34,6 +34,7 @@ import asyncpg
 from shared.database import delete_in_batches
 from shared.events import (
     CheckSummary,
+    FailureReason,
     JobCancelled,
     JobFailed,
     JobReleased,
@@ -51,7 +52,6 @@ JobStatus = Literal["waiting_health_check", "released", "failed", "cancelled"]
 JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 WAITING: Final = "waiting_health_check"
 DecidedStatus = Literal["released", "failed", "cancelled"]
-FailureReason = Literal["window_closed", "invalid_request", "overridden", "unknown_host"]
 
 # What the gate reads of a row it evaluates.
 LOCKED_COLUMNS = "job_id, host_id, status, window_ends_at, received_at, waiting_announced"
@@ -86,6 +86,24 @@ def aware(moment: dt.datetime) -> dt.datetime:
 
 def _checks_json(checks: list[CheckSummary] | None) -> str | None:
     return None if checks is None else json.dumps([check.model_dump(mode="json") for check in checks])
+
+
+# ---- jobs (halting, CONTRACT §6) --------------------------------------------------------------------
+
+
+async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hosts: int | None) -> None:
+    """Record the job of a job.start (keyed by `job_key(job_id)`, like its job hosts), in the caller's
+    transaction. `max_failed_hosts` comes from the job's first job.start that carries one (CONTRACT §6
+    "Halting a job"): a later value never replaces it."""
+    await connection.execute(
+        """
+        INSERT INTO jobs (job_id, max_failed_hosts) VALUES ($1, $2)
+        ON CONFLICT (job_id) DO UPDATE SET max_failed_hosts = EXCLUDED.max_failed_hosts
+        WHERE jobs.max_failed_hosts IS NULL AND EXCLUDED.max_failed_hosts IS NOT NULL
+        """,
+        job_key(job_id),
+        max_failed_hosts,
+    )
 
 
 # ---- waiting ---------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ POLLER_TEST_QUEUE = QueueSpec("poller.test", bindings=("poller.test",), dead_let
 POLLER_TICK_QUEUE = QueueSpec("poller.ticks", bindings=("poller.tick",))
 
 # Inbound job requests for the gate; they wait here while no gate runs.
-GATE_JOBS_QUEUE = QueueSpec("gate.jobs", bindings=("job.start", "job.cancel"))
+GATE_JOBS_QUEUE = QueueSpec("gate.jobs", bindings=("job.start", "job.cancel", "job.finished"))
 # Results wake waiting jobs at once. The gate re-reads check state from the database, so a result it
 # never saw costs at most one retry interval: while no gate runs, results older than a minute (or
 # beyond 100,000) are dropped instead of piling up, and none is dead-lettered.

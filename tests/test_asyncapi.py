@@ -30,8 +30,13 @@ from shared.events import (
     JobCancel,
     JobCancelled,
     JobFailed,
+    JobFinished,
+    JobHalted,
     JobReleased,
+    JobResumed,
     JobStart,
+    JobVerificationFailed,
+    JobVerified,
     JobWaiting,
     decode_event,
     encode_cloudevent,
@@ -164,6 +169,15 @@ SAMPLES: dict[str, EventModel] = {
         checks=[SUMMARY], overridden_by="alice", override_reason="no",
     ),
     "job.cancelled": JobCancelled(job_id="patch-1", host_id=HOST_ID, cancelled_at=NOW),
+    "job.finished": JobFinished(job_id="patch-1", host_id=HOST_ID, outcome="succeeded", detail="patched in 42 s"),
+    "job.verified": JobVerified(job_id="patch-1", host_id=HOST_ID, verified_at=NOW, outcome="succeeded", checks=[]),
+    "job.verification_failed": JobVerificationFailed(
+        job_id="patch-1", host_id=HOST_ID, failed_at=NOW, outcome=None, detail="web: HTTP 503", checks=[SUMMARY]
+    ),
+    "job.halted": JobHalted(
+        job_id="patch-1", at=NOW, reason="max_failed_hosts", failed_hosts=[HOST_ID], detail="2 hosts failed", by=None
+    ),
+    "job.resumed": JobResumed(job_id="patch-1", at=NOW, detail="fixed the patch", by="alice"),
     "check.result": CheckResult(
         check_id=CHECK_ID, host_id=HOST_ID, healthy=False, reason="timeout", status="unhealthy",
         detail="no answer within 10 s", latency_ms=10000.0, checked_at=NOW,
