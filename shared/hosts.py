@@ -23,6 +23,7 @@ from typing import Any
 import asyncpg
 
 from shared.events import HostHealthStatus, HostStatusChanged
+from shared.jobs import maintenance_of_hosts
 from shared.outbox import enqueue
 
 log = logging.getLogger(__name__)
@@ -124,12 +125,17 @@ async def refresh_host_status(
             "host status changed",
             extra={"host_id": str(host_id), "previous": previous, "current": current},
         )
+        # CONTRACT §6: whether a job is patching the host, as read in this transaction (it holds the host's lock).
+        in_maintenance = host_id in await maintenance_of_hosts(connection, [host_id])
         await enqueue(
             connection,
             "host.status_changed",
-            HostStatusChanged(host_id=host_id, previous=previous, current=current, at=dt.datetime.now(dt.UTC)),
+            HostStatusChanged(
+                host_id=host_id, previous=previous, current=current, at=dt.datetime.now(dt.UTC),
+                in_maintenance=in_maintenance,
+            ),
             source=source,
-        )
+        )  # fmt: skip
     return previous, current
 
 

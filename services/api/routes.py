@@ -13,6 +13,7 @@ from services.api.requests import json_response
 from services.api.schemas import (
     AuditEntry,
     CheckWrite,
+    HaltRequest,
     HostCreate,
     HostView,
     HostWrite,
@@ -199,6 +200,33 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=OverrideRequest,
         response=JobHostView,
         errors=(400, 404, 409, 413, 422),
+    ),
+    *(
+        Endpoint(
+            "POST",
+            JOB + "/" + action,
+            handler,
+            summary,
+            ALL_ROLES,
+            "jobs",
+            body=HaltRequest,
+            response=JobView,
+            errors=(400, 403, 404, 409, 413, 422),
+            description="Admins only (403 for others who see the job; 404 when none of its hosts is in the caller's"
+            " groups); audited job." + action + ". " + effect,
+        )
+        for action, handler, summary, effect in (
+            (
+                "halt", jobs.halt_job, "Halt a job",
+                "Its waiting hosts fail with reason job_halted and later job.starts fail at once; job.halted (reason"
+                " manual) is published. 409 when the job is already halted.",
+            ),
+            (
+                "resume", jobs.resume_job, "Resume a halted job",
+                "New job.starts are gated again; hosts that failed stay failed; job.resumed is published. 409 when the"
+                " job is not halted.",
+            ),
+        )
     ),
     Endpoint(
         "GET",
