@@ -548,10 +548,10 @@ async def start_verifying(
     row: asyncpg.Record | None = await connection.fetchrow(
         f"""
         UPDATE gate_jobs j
-        SET status = 'verifying', finished_at = $3, outcome = $4, detail = $5,
-            verify_from_at = $3 + make_interval(secs => $6),
-            verify_deadline_at = $3 + make_interval(secs => $6 + $7),
-            next_retry_at = $3 + make_interval(secs => $6)
+        SET status = 'verifying', finished_at = $3::timestamptz, outcome = $4, detail = $5,
+            verify_from_at = $3::timestamptz + make_interval(secs => $6),
+            verify_deadline_at = $3::timestamptz + make_interval(secs => $6 + $7),
+            next_retry_at = $3::timestamptz + make_interval(secs => $6)
         WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'released'
         RETURNING {VERIFY_COLUMNS}
         """,

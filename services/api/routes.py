@@ -207,13 +207,13 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             JOB + "/" + action,
             handler,
             summary,
-            ALL_ROLES,
+            ADMIN,
             "jobs",
             body=HaltRequest,
             response=JobView,
             errors=(400, 403, 404, 409, 413, 422),
-            description="Admins only (403 for others who see the job; 404 when none of its hosts is in the caller's"
-            " groups); audited job." + action + ". " + effect,
+            description="404 when none of the job's hosts is in the caller's groups, 403 for a non-admin who sees"
+            " it; audited job." + action + ". " + effect,
         )
         for action, handler, summary, effect in (
             (
