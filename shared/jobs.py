@@ -652,7 +652,10 @@ async def lock_job(connection: asyncpg.Connection, key: str) -> asyncpg.Record:
     """The job stored under `key` (JOB_COLUMNS), locked; recorded first (without max_failed_hosts) when it is
     not: a job whose hosts came before migration 0010."""
     await connection.execute("INSERT INTO jobs (job_id) VALUES ($1) ON CONFLICT (job_id) DO NOTHING", key)
-    row: asyncpg.Record = await connection.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1 FOR UPDATE", key)
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1 FOR UPDATE", key
+    )
+    assert row is not None  # inserted above, and jobs rows are never deleted
     return row
 
 

@@ -142,6 +142,10 @@ async def test_host_that_recovers_is_verified(
         "check.status_changed", lambda event: event.data["host_id"] == host_id and event.data["current"] == "unhealthy"
     )
     assert flipped.data["in_maintenance"] is True  # the job is patching it: alerting can ignore this
+    host_flip, = await events.wait_for(
+        "host.status_changed", lambda event: event.data["host_id"] == host_id and event.data["current"] == "unhealthy"
+    )
+    assert host_flip.data["in_maintenance"] is True
     job = (await admin.get("/api/v1/jobs/v-ok")).json()
     assert job["hosts"][0]["status"] == "verifying" and job["hosts"][0]["outcome"] == "succeeded"
     assert job["hosts"][0]["finished_at"] is not None and job["hosts"][0]["verified_at"] is None
@@ -178,6 +182,7 @@ async def test_host_that_stays_down_fails_verification_at_the_timeout_and_duplic
     assert row["verify_deadline_at"] - row["verify_from_at"] == dt.timedelta(seconds=10)
     await finish(jobs, "v-down", host_id, outcome="failed")  # a duplicate (another outcome, even): ignored
     await finish(jobs, "v-none", host_id)  # an unknown job: acked, not dead-lettered
+    await finish(jobs, "v-down", host_id, outcome="maybe")  # malformed: dead-lettered
     failed = await outcome_of(events, "v-down", host_id, timeout=30)
     assert failed.routing_key == "job.verification_failed"
     assert failed.data["outcome"] == "succeeded"  # the first job.finished's
@@ -193,6 +198,7 @@ async def test_host_that_stays_down_fails_verification_at_the_timeout_and_duplic
     assert metric(metrics, 'healthgate_gate_messages_total{outcome="not_released",routing_key="job.finished"}') >= 2
     assert metric(metrics, 'healthgate_gate_messages_total{outcome="unknown_job_host",routing_key="job.finished"}') >= 1
     assert metric(metrics, 'healthgate_verifications_total{outcome="verification_failed"}') >= 1
+    assert metric(metrics, 'healthgate_gate_messages_total{outcome="dead_lettered",routing_key="job.finished"}') >= 1
 
 
 async def test_gate_killed_during_verification_gives_exactly_one_outcome_each(
@@ -289,7 +295,9 @@ async def test_max_failed_hosts_halts_at_the_second_failure_and_fails_waiting_ho
     await released(events, "halt-me", second)
     await events.wait_for("job.waiting", lambda event: event.data["host_id"] == waiting)
     await finish(jobs, "halt-me", first, outcome="failed")  # one failed host: not more than 1
-    await wait_status(db, "halt-me", first, "verifying")
+    # It goes on to its outcome: verified (its check is healthy), although its patch failed; the job goes on.
+    assert (await outcome_of(events, "halt-me", first)).routing_key == "job.verified"
+    assert events.matching("job.halted", lambda event: event.data["job_id"] == "halt-me") == []
     fake_agent.set("h2.service", "unhealthy")
     await finish(jobs, "halt-me", second)  # succeeded, but the host stays down: the second failure
     halted, = await events.wait_for("job.halted", lambda event: event.data["job_id"] == "halt-me", timeout=30)
@@ -299,7 +307,6 @@ async def test_max_failed_hosts_halts_at_the_second_failure_and_fails_waiting_ho
     assert failure.routing_key == "job.verification_failed"
     stopped = await wait_decision_of(events, "halt-me", waiting)
     assert stopped.routing_key == "job.failed" and stopped.data["reason"] == "job_halted"
-    # The first job host goes on to its outcome: verified (its check is healthy), although its patch failed.
     assert (await outcome_of(events, "halt-me", first)).data["outcome"] == "failed"
     late = await patched_host(admin, fake_agent, "h4.service", "halting")
     await start(jobs, "halt-me", late)

@@ -168,7 +168,7 @@ class Verifier:
         many job hosts it handled."""
         done = await self._transaction(self._due)
         for key, host_id in list(done.due_failures):
-            done.add(await self._transaction(lambda c, key=key, host_id=host_id: self._fail_due(c, key, host_id)))
+            done.add(await self._fail_due_alone(key, host_id))
         await self._after(done)
         return done.handled
 
@@ -195,6 +195,10 @@ class Verifier:
             done.add(await self._verify(connection, row, policy, rerun=True, may_fail=False))
         done.handled = max(len(ended), len(due))
         return done
+
+    async def _fail_due_alone(self, key: str, host_id: uuid.UUID) -> Done:
+        async with self._pool.acquire() as connection, connection.transaction():
+            return await self._fail_due(connection, key, host_id)
 
     async def _fail_due(self, connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> Done:
         """A verifying job host whose deadline came: the job's row locked, then the job host's, verified once more
@@ -326,7 +330,8 @@ class Verifier:
             )  # fmt: skip
         groups = sorted({outcome["group"] for outcome in done.outcomes if outcome["group"] is not None})
         for group in groups:
-            await self._transaction(lambda c, group=group: on_budget_freed(c, group))
+            async with self._pool.acquire() as connection, connection.transaction():
+                await on_budget_freed(connection, group)
 
     async def _transaction(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
         async with self._pool.acquire() as connection, connection.transaction():
