@@ -49,6 +49,7 @@ _NOT_TRANSIENT: tuple[type[BaseException], ...] = (
 )
 PROBE_INTERVAL_SECONDS = 0.5
 PROBE_TIMEOUT_SECONDS = 3.0
+POOL_CLOSE_SECONDS = 3.0
 
 
 def is_transient_database_error(error: BaseException) -> bool:
@@ -181,6 +182,18 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         raise DatabaseUnavailable(f"cannot connect to {redact_url(dsn)}: {exc}") from None
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = POOL_CLOSE_SECONDS) -> None:
+    """Close the pool politely if it can be done within `timeout` seconds, else cut every connection
+    (`terminate`). A plain `close()` waits for every connection in use to be released and each to say
+    goodbye to the server: on a database that stopped answering (hung, or cut off by the network) it
+    would wait for ever, and a service asked to stop (a deploy's SIGTERM) would be killed instead."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        log.info("PostgreSQL did not answer while closing the pool; closing its connections at once")
+        pool.terminate()
 
 
 async def delete_in_batches(pool: asyncpg.Pool, statement: str, before: dt.datetime, batch: int = DELETE_BATCH) -> int:

@@ -19,7 +19,7 @@ import uuid
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shared.database import DATABASE_ERRORS, DatabaseWatch, create_pool, delete_in_batches
+from shared.database import DATABASE_ERRORS, DatabaseWatch, close_pool, create_pool, delete_in_batches
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
 from shared.messaging import Broker, PublishFailed, Unroutable
 from shared.topology import Topology
@@ -301,7 +301,7 @@ class RelayThread:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
             await broker.close()
-            await pool.close()
+            await close_pool(pool)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._loop is not None and self._task is not None and not self._loop.is_closed():
