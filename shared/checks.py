@@ -22,7 +22,8 @@ from shared.results import delete_results_of_check
 
 # A check with what the pollers last learnt of it, as the api and the dashboard show it.
 CHECK_SELECT = """
-    SELECT c.*, s.status, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms, s.last_checked_at
+    SELECT c.*, s.status, s.healthy_since, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms,
+           s.last_checked_at
     FROM health_checks c
     JOIN check_state s ON s.check_id = c.id
 """

@@ -58,7 +58,7 @@ WRITABLE_COLUMNS = (
     *(name for names in TYPE_COLUMNS.values() for name in names),
     "basic_auth_pass_encrypted",
 )
-VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "created_at", "updated_at")
+VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "healthy_since", "created_at", "updated_at")
 # A check's results page newest first by (checked_at, id); the cursor holds the last row's.
 RESULT_PAGES: Keyset[tuple[dt.datetime, uuid.UUID]] = Keyset(
     2,

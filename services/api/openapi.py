@@ -19,6 +19,7 @@ JOB_ID_DESCRIPTION = (
     "A job_id the gate answered as an invalid request (over 200 characters, control characters, NUL as `%00`) "
     "is found by it too, and shown as received."
 )
+GROUP_DESCRIPTION = "The group's name as one percent-encoded path segment (`/` as `%2F`)."
 # OpenAPI 3.1 §4.8.7.1: component names match ^[a-zA-Z0-9._-]+$. Anything else becomes "_", as pydantic
 # names its $defs, so `Page[HostView]` is `Page_HostView_` both as an endpoint's model and nested.
 NOT_IN_COMPONENT_NAME = re.compile(r"[^a-zA-Z0-9._-]")
@@ -66,6 +67,9 @@ def _parameters(endpoint: Endpoint, schemas: _Schemas) -> list[dict[str, Any]]:
         if name == "job_id":
             schema |= {"minLength": 1}  # any length: the gate answers (and keeps) longer job_ids too
             parameter["description"] = JOB_ID_DESCRIPTION
+        if name == "group":
+            schema |= {"minLength": 1, "maxLength": 100}
+            parameter["description"] = GROUP_DESCRIPTION
         parameters.append(parameter)
     if endpoint.query is not None:
         query_schema = endpoint.query.model_json_schema(ref_template=REF_TEMPLATE)
@@ -127,7 +131,7 @@ def build_openapi(endpoints: Sequence[Endpoint], *, version: str) -> dict[str, A
         "info": {
             "title": "healthgate",
             "version": version,
-            "description": "Hosts, health checks, results, gate jobs and audit of healthgate.",
+            "description": "Hosts, health checks, results, gate jobs, group policies and audit of healthgate.",
         },
         "paths": paths,
         "components": {
