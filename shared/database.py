@@ -7,13 +7,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from typing import TypeAlias
 
 import asyncpg
+import asyncpg.pool
 
 from shared.outages import OutageLog, describe_error
 from shared.settings import redact_url
 
 log = logging.getLogger(__name__)
+
+# What a function that runs queries takes: a connection of its own (`asyncpg.connect`) or one acquired from
+# the pool. `Pool.acquire()` yields a PoolConnectionProxy, which forwards every call to its Connection but
+# is not a subclass of it (asyncpg's design), so annotating either alone would refuse the other.
+Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 # Rows per DELETE of `delete_in_batches`: each batch is its own short transaction.
 DELETE_BATCH = 5000
@@ -160,7 +167,7 @@ async def _keep_session_state(connection: asyncpg.Connection) -> None:
     other session state (session advisory locks, SET) must undo it before releasing."""
 
 
-async def locked_now(connection: asyncpg.Connection) -> dt.datetime:
+async def locked_now(connection: Connection) -> dt.datetime:
     """The database's clock now, for a transaction that holds the rows it is about to stamp.
 
     Writers of one row serialise on its lock, so times read after the lock order their changes as they

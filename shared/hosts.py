@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from shared.database import Connection
 from shared.events import HostHealthStatus, HostStatusChanged
 from shared.outbox import enqueue
 
@@ -66,7 +67,7 @@ RETURNING hosts.health_check_status
 
 
 async def insert_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+    connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
     """Create a host (HOST_COLUMNS of the new row). Raises asyncpg.UniqueViolationError when the name
     (constraint `hosts_name_unique`) or the id is taken."""
@@ -84,7 +85,7 @@ async def insert_host(
 
 
 async def update_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+    connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
     """Replace a host's writable fields (HOST_COLUMNS of the row after). Raises asyncpg.UniqueViolationError
     when the name is taken."""
@@ -102,15 +103,13 @@ async def update_host(
     return row
 
 
-async def delete_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> None:
+async def delete_host(connection: Connection, host_id: uuid.UUID) -> None:
     """Delete a host; its checks, their state and schedule cascade (the caller deletes each check first,
     through shared.checks, for its results, audit entry and event)."""
     await connection.execute("DELETE FROM hosts WHERE id = $1", host_id)
 
 
-async def refresh_host_status(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, source: str
-) -> tuple[str, str] | None:
+async def refresh_host_status(connection: Connection, host_id: uuid.UUID, *, source: str) -> tuple[str, str] | None:
     """Recompute and store the host's summary; publish `host.status_changed` (via the outbox) on a flip.
 
     Must run inside a transaction. Returns (previous, current), or None if the host is gone.
@@ -136,7 +135,7 @@ async def refresh_host_status(
 # ---- locks -----------------------------------------------------------------------------------------
 
 
-async def lock_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_host(connection: Connection, host_id: uuid.UUID) -> asyncpg.Record | None:
     """Lock the host row (id, name, agent_url) before its checks are changed: serialises the 5-check limit
     and the host summary against concurrent writers. None if there is no such host."""
     row: asyncpg.Record | None = await connection.fetchrow(
@@ -145,7 +144,7 @@ async def lock_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> async
     return row
 
 
-async def lock_hosts(connection: asyncpg.Connection, host_ids: Sequence[uuid.UUID]) -> None:
+async def lock_hosts(connection: Connection, host_ids: Sequence[uuid.UUID]) -> None:
     """Lock these host rows in id order (`host_ids` sorted): a result batch, before its check states."""
     await connection.execute("SELECT 1 FROM hosts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", host_ids)
 
@@ -153,9 +152,7 @@ async def lock_hosts(connection: asyncpg.Connection, host_ids: Sequence[uuid.UUI
 # ---- reads -----------------------------------------------------------------------------------------
 
 
-async def fetch_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, for_update: bool = False
-) -> asyncpg.Record | None:
+async def fetch_host(connection: Connection, host_id: uuid.UUID, *, for_update: bool = False) -> asyncpg.Record | None:
     """A host's HOST_COLUMNS, locked when `for_update`; None if there is none."""
     lock = " FOR UPDATE" if for_update else ""
     row: asyncpg.Record | None = await connection.fetchrow(
@@ -164,7 +161,7 @@ async def fetch_host(
     return row
 
 
-async def host_exists(connection: asyncpg.Connection, host_id: uuid.UUID) -> bool:
+async def host_exists(connection: Connection, host_id: uuid.UUID) -> bool:
     """Whether there is a host with this id."""
     return bool(await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id))
 

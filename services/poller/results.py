@@ -22,6 +22,7 @@ from services.poller.probes import CheckTarget, ProbeOutcome
 from shared.check_state import StateAfter, Streak, advance, lock_for_results, store_states
 from shared.checks import checks_to_run
 from shared.crypto import SecretBox
+from shared.database import Connection
 from shared.details import safe_detail
 from shared.events import CheckResult, CheckStatusChanged, EventModel
 from shared.hosts import lock_hosts, refresh_host_status
@@ -72,7 +73,7 @@ class CheckRow:
         )
 
 
-async def load_checks(connection: asyncpg.Connection, check_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, CheckRow]:
+async def load_checks(connection: Connection, check_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, CheckRow]:
     """The checks a tick names, by id; a check deleted since is missing."""
     return {row["id"]: CheckRow(row) for row in await checks_to_run(connection, check_ids)}
 
@@ -91,7 +92,7 @@ class FinishedRun:
 
 
 async def store_results(
-    connection: asyncpg.Connection, runs: Sequence[FinishedRun], *, source: str
+    connection: Connection, runs: Sequence[FinishedRun], *, source: str
 ) -> list[CheckResult]:
     """Write a batch of results in the caller's transaction. Returns the results stored: a run whose
     check is gone, or whose slot was already stored (a redelivered tick), is dropped.
