@@ -35,7 +35,7 @@ DELETE_BATCH = 5000
 # - 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now (starting, shutting down, in
 #   recovery) — not the rest of class 57, such as 57014 query_canceled (a statement timeout);
 # - 53300 too many connections: the server is full, not our query.
-TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -47,9 +47,9 @@ TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 # Every error of the database or of the connection to it: an outage (above), or PostgreSQL refusing the
 # work (asyncpg.PostgresError: a bad query, a constraint, a conflict). What a task that must not die on
 # either catches, before it asks `is_transient_database_error` (or `DatabaseWatch.wait_out`) which it was.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
 # asyncpg InterfaceErrors that are our mistake, not an outage.
-_NOT_TRANSIENT: tuple[type[BaseException], ...] = (
+_NOT_TRANSIENT: tuple[type[Exception], ...] = (
     asyncpg.exceptions.ClientConfigurationError,
     asyncpg.exceptions.UnsupportedClientFeatureError,
     asyncpg.exceptions.UnsupportedServerFeatureError,

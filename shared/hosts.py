@@ -71,7 +71,7 @@ async def insert_host(
 ) -> asyncpg.Record:
     """Create a host (HOST_COLUMNS of the new row). Raises asyncpg.UniqueViolationError when the name
     (constraint `hosts_name_unique`) or the id is taken."""
-    row: asyncpg.Record = await connection.fetchrow(
+    row = await connection.fetchrow(
         f"""
         INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)
         RETURNING {HOST_COLUMNS}
@@ -81,15 +81,17 @@ async def insert_host(
         group,
         agent_url,
     )
+    assert row is not None  # INSERT ... RETURNING returns the row it inserted, or raises
     return row
 
 
 async def update_host(
     connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
-    """Replace a host's writable fields (HOST_COLUMNS of the row after). Raises asyncpg.UniqueViolationError
-    when the name is taken."""
-    row: asyncpg.Record = await connection.fetchrow(
+    """Replace a host's writable fields (HOST_COLUMNS of the row after). The host must exist: the caller
+    holds its row lock (`fetch_host(..., for_update=True)`). Raises asyncpg.UniqueViolationError when the
+    name is taken."""
+    row = await connection.fetchrow(
         f"""
         UPDATE hosts SET name = $2, "group" = $3, agent_url = $4, updated_at = now()
         WHERE id = $1
@@ -100,6 +102,7 @@ async def update_host(
         group,
         agent_url,
     )
+    assert row is not None  # the caller holds the host's row lock: it still exists
     return row
 
 

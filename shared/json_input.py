@@ -208,7 +208,7 @@ def _build(events: Iterable[tuple[str, Any]]) -> Any:
             containers.pop()
             keys.pop()
             continue
-        opened = None
+        opened: dict[Any, Any] | list[Any] | None = None
         if event == "start_array" or event == "start_map":
             if len(containers) > KEPT_DEPTH:
                 item: Any = NestedTooDeep("an object" if event == "start_map" else "an array")
