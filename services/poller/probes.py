@@ -407,9 +407,11 @@ def classify_failure(exc: BaseException, what: str) -> tuple[ResultReason, str]:
             return "connect", f"the connection to {what} broke while the body was read"
         return "protocol", f"{what} sent an answer that cannot be read: {_one_line(exc.message)}"
     if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-        # The URL is shown as a Location is (it may be one), never aiohttp's text of it.
-        shown = shown_url(str(exc.url)) or "a URL that is not valid"
-        return "connect", f"cannot request {shown}"
+        # The URL is shown as a Location is (it may be one), never aiohttp's text of it. InvalidURL keeps it
+        # as `url`; NonHttpUrlClientError (a scheme aiohttp does not request) only as its argument.
+        url = exc.url if isinstance(exc, aiohttp.InvalidURL) else exc.args[0] if exc.args else None
+        shown = shown_url(str(url)) if url is not None else None
+        return "connect", f"cannot request {shown or 'a URL that is not valid'}"
     if isinstance(exc, TimeoutError):
         return "timeout", f"{what} did not answer in time"
     if isinstance(exc, aiohttp.ClientError | OSError):
