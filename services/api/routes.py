@@ -9,7 +9,7 @@ from starlette.responses import Response
 from services.api import audit, checks, hosts, jobs
 from services.api.auth import Principal
 from services.api.endpoints import ADMIN, ALL_ROLES, CHECK_EDITORS, Endpoint
-from services.api.requests import json_response
+from services.api.requests import PageQuery, json_response
 from services.api.schemas import (
     AuditEntry,
     CheckWrite,
@@ -207,7 +207,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "List the audit log",
         ADMIN,
         "audit",
-        query=audit.PageQuery,
+        query=PageQuery,
         response=Page[AuditEntry],
         errors=(422,),
         description="Newest first.",

@@ -331,7 +331,8 @@ def _http_error(exc: BaseException) -> http_exceptions.HttpProcessingError | Non
     """The most specific error aiohttp's parser raised behind `exc` (it re-wraps them generically)."""
     found = [error for error in _chain(exc) if isinstance(error, http_exceptions.HttpProcessingError)]
     specific = [error for error in found if type(error) is not http_exceptions.HttpProcessingError]
-    return (specific or found or [None])[-1]
+    chosen = specific or found
+    return chosen[-1] if chosen else None
 
 
 def _idna_failure(exc: BaseException) -> UnicodeError | None:
@@ -400,9 +401,9 @@ def classify_failure(exc: BaseException, what: str) -> tuple[ResultReason, str]:
             return "protocol", f"{what} closed the connection in the middle of the response headers"
         return "connect", f"{what} closed the connection without answering"
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        error = _http_error(exc)
-        if error is not None:
-            return "protocol", _parser_failure(error, what)
+        parser_error = _http_error(exc)
+        if parser_error is not None:
+            return "protocol", _parser_failure(parser_error, what)
         if isinstance(exc, aiohttp.ClientPayloadError):
             return "connect", f"the connection to {what} broke while the body was read"
         return "protocol", f"{what} sent an answer that cannot be read: {_one_line(exc.message)}"

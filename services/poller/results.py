@@ -39,11 +39,13 @@ class CheckRow:
 
     @property
     def check_id(self) -> uuid.UUID:
-        return self.record["id"]  # type: ignore[no-any-return]
+        check_id: uuid.UUID = self.record["id"]
+        return check_id
 
     @property
     def enabled(self) -> bool:
-        return self.record["enabled"]  # type: ignore[no-any-return]
+        enabled: bool = self.record["enabled"]
+        return enabled
 
     def target(self, secrets: SecretBox) -> CheckTarget:
         """The probe's view; the password is decrypted here, just before the run, and only in memory."""
@@ -168,7 +170,7 @@ async def store_results(
     if not results:
         return []
     await copy_results(connection, results)
-    states = [
+    states_after = [
         StateAfter(
             check_id=check_id,
             streak=streaks[check_id],
@@ -181,7 +183,7 @@ async def store_results(
         )
         for check_id, run in last_run.items()
     ]
-    await store_states(connection, states)
+    await store_states(connection, states_after)
     await enqueue_many(connection, events, source=source)
     for change in changes:
         log.info(

@@ -435,7 +435,7 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
 
 async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
     rows = await hosts.status_counts(pool, principal.visible_groups())
-    counts = dict.fromkeys(HOST_STATUSES, 0)
+    counts: dict[str, int] = dict.fromkeys(HOST_STATUSES, 0)
     for row in rows:
         counts[row["health_check_status"]] += row["hosts"]
     return counts, sorted({row["group"] for row in rows})
