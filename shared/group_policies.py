@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 import asyncpg
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
 
+from shared.database import Connection
+
 NoChecksPolicy = Literal["release", "fail"]
 _PERCENT = re.compile(r"^(?P<value>[0-9]{1,3})%$")
 
@@ -89,13 +91,13 @@ def _from_row(row: asyncpg.Record | None) -> GroupPolicy:
     )
 
 
-async def policy_of(connection: asyncpg.Connection | asyncpg.Pool, group: str) -> GroupPolicy:
+async def policy_of(connection: Connection | asyncpg.Pool, group: str) -> GroupPolicy:
     """The group's policy, the defaults when it has none."""
     row = await connection.fetchrow(f'SELECT {POLICY_COLUMNS} FROM group_policies WHERE "group" = $1', group)
     return _from_row(row)
 
 
-async def policies_of(connection: asyncpg.Connection | asyncpg.Pool, groups: list[str]) -> dict[str, GroupPolicy]:
+async def policies_of(connection: Connection | asyncpg.Pool, groups: list[str]) -> dict[str, GroupPolicy]:
     """The policies of `groups`, by group; the defaults for a group without one."""
     rows = await connection.fetch(
         f'SELECT "group", {POLICY_COLUMNS} FROM group_policies WHERE "group" = ANY($1::text[])', groups
@@ -104,12 +106,12 @@ async def policies_of(connection: asyncpg.Connection | asyncpg.Pool, groups: lis
     return {group: found.get(group, GroupPolicy()) for group in groups}
 
 
-async def has_policy(connection: asyncpg.Connection | asyncpg.Pool, group: str) -> bool:
+async def has_policy(connection: Connection | asyncpg.Pool, group: str) -> bool:
     """Whether the group has a stored policy (a group exists while a host or a policy names it)."""
     return bool(await connection.fetchval('SELECT true FROM group_policies WHERE "group" = $1', group))
 
 
-async def put_policy(connection: asyncpg.Connection, group: str, policy: GroupPolicy) -> GroupPolicy:
+async def put_policy(connection: Connection, group: str, policy: GroupPolicy) -> GroupPolicy:
     """Store the group's policy, replacing every field (CONTRACT §6: PUT replaces; omitted → default), in the
     caller's transaction (which also writes the audit entry). Returns the policy as stored."""
     row = await connection.fetchrow(

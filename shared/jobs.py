@@ -91,7 +91,7 @@ def _checks_json(checks: list[CheckSummary] | None) -> str | None:
 # ---- jobs (halting, CONTRACT §6) --------------------------------------------------------------------
 
 
-async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hosts: int | None) -> None:
+async def record_job(connection: Connection, job_id: str, max_failed_hosts: int | None) -> None:
     """Record the job of a job.start (keyed by `job_key(job_id)`, like its job hosts), in the caller's
     transaction. `max_failed_hosts` comes from the job's first job.start that carries one (CONTRACT §6
     "Halting a job"): a later value never replaces it."""
