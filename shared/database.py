@@ -7,13 +7,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from typing import TypeAlias
 
 import asyncpg
+import asyncpg.pool
 
 from shared.outages import OutageLog, describe_error
 from shared.settings import redact_url
 
 log = logging.getLogger(__name__)
+
+# What a function that runs queries takes: a connection of its own (`asyncpg.connect`) or one acquired from
+# the pool. `Pool.acquire()` yields a PoolConnectionProxy, which forwards every call to its Connection but
+# is not a subclass of it (asyncpg's design), so annotating either alone would refuse the other.
+Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 # Rows per DELETE of `delete_in_batches`: each batch is its own short transaction.
 DELETE_BATCH = 5000
@@ -28,7 +35,7 @@ DELETE_BATCH = 5000
 # - 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now (starting, shutting down, in
 #   recovery) — not the rest of class 57, such as 57014 query_canceled (a statement timeout);
 # - 53300 too many connections: the server is full, not our query.
-TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -40,9 +47,9 @@ TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 # Every error of the database or of the connection to it: an outage (above), or PostgreSQL refusing the
 # work (asyncpg.PostgresError: a bad query, a constraint, a conflict). What a task that must not die on
 # either catches, before it asks `is_transient_database_error` (or `DatabaseWatch.wait_out`) which it was.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
 # asyncpg InterfaceErrors that are our mistake, not an outage.
-_NOT_TRANSIENT: tuple[type[BaseException], ...] = (
+_NOT_TRANSIENT: tuple[type[Exception], ...] = (
     asyncpg.exceptions.ClientConfigurationError,
     asyncpg.exceptions.UnsupportedClientFeatureError,
     asyncpg.exceptions.UnsupportedServerFeatureError,
@@ -160,7 +167,7 @@ async def _keep_session_state(connection: asyncpg.Connection) -> None:
     other session state (session advisory locks, SET) must undo it before releasing."""
 
 
-async def locked_now(connection: asyncpg.Connection) -> dt.datetime:
+async def locked_now(connection: Connection) -> dt.datetime:
     """The database's clock now, for a transaction that holds the rows it is about to stamp.
 
     Writers of one row serialise on its lock, so times read after the lock order their changes as they

@@ -22,6 +22,8 @@ from pydantic import (
     field_validator,
 )
 
+from shared.database import Connection
+
 NoChecksPolicy = Literal["release", "fail"]
 PERCENT_PATTERN = r"^[0-9]{1,3}%$"
 _PERCENT = re.compile(r"^(?P<value>[0-9]{1,3})%$")
@@ -109,13 +111,13 @@ def _from_row(row: asyncpg.Record | None) -> GroupPolicy:
     )
 
 
-async def policy_of(connection: asyncpg.Connection | asyncpg.Pool, group: str) -> GroupPolicy:
+async def policy_of(connection: Connection | asyncpg.Pool, group: str) -> GroupPolicy:
     """The group's policy, the defaults when it has none."""
     row = await connection.fetchrow(f'SELECT {POLICY_COLUMNS} FROM group_policies WHERE "group" = $1', group)
     return _from_row(row)
 
 
-async def policies_of(connection: asyncpg.Connection | asyncpg.Pool, groups: list[str]) -> dict[str, GroupPolicy]:
+async def policies_of(connection: Connection | asyncpg.Pool, groups: list[str]) -> dict[str, GroupPolicy]:
     """The policies of `groups`, by group; the defaults for a group without one."""
     rows = await connection.fetch(
         f'SELECT "group", {POLICY_COLUMNS} FROM group_policies WHERE "group" = ANY($1::text[])', groups
@@ -124,19 +126,19 @@ async def policies_of(connection: asyncpg.Connection | asyncpg.Pool, groups: lis
     return {group: found.get(group, GroupPolicy()) for group in groups}
 
 
-async def has_policy(connection: asyncpg.Connection | asyncpg.Pool, group: str) -> bool:
+async def has_policy(connection: Connection | asyncpg.Pool, group: str) -> bool:
     """Whether the group has a stored policy (a group exists while a host or a policy names it)."""
     return bool(await connection.fetchval('SELECT true FROM group_policies WHERE "group" = $1', group))
 
 
-async def lock_group(connection: asyncpg.Connection, group: str) -> None:
+async def lock_group(connection: Connection, group: str) -> None:
     """Take the group's transaction-scoped advisory lock (key hashtextextended('healthgate.group:' || group, 0):
     the lock under which the gate decides every release of the group), in the caller's transaction. A policy
     change then waits for a budget pass of the group in progress, and the next pass reads the new policy."""
     await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended('healthgate.group:' || $1, 0))", group)
 
 
-async def put_policy(connection: asyncpg.Connection, group: str, policy: GroupPolicy) -> GroupPolicy:
+async def put_policy(connection: Connection, group: str, policy: GroupPolicy) -> GroupPolicy:
     """Store the group's policy, replacing every field (CONTRACT §6: PUT replaces; omitted → default), in the
     caller's transaction (which also writes the audit entry). Returns the policy as stored."""
     row = await connection.fetchrow(
@@ -173,7 +175,7 @@ async def put_policy(connection: asyncpg.Connection, group: str, policy: GroupPo
 _IN_PATCH = "EXISTS (SELECT 1 FROM gate_jobs j WHERE j.host_id = h.id AND j.status IN ('released', 'verifying'))"
 
 
-async def group_exists(connection: asyncpg.Connection | asyncpg.Pool, group: str) -> bool:
+async def group_exists(connection: Connection | asyncpg.Pool, group: str) -> bool:
     """Whether the group exists: a host or a policy names it (CONTRACT §6 "Group policies")."""
     return bool(
         await connection.fetchval(
@@ -185,7 +187,7 @@ async def group_exists(connection: asyncpg.Connection | asyncpg.Pool, group: str
 
 
 async def group_page(
-    connection: asyncpg.Connection | asyncpg.Pool, *, groups: list[str] | None, after: str | None, limit: int
+    connection: Connection | asyncpg.Pool, *, groups: list[str] | None, after: str | None, limit: int
 ) -> list[asyncpg.Record]:
     """Up to `limit` groups of `groups` (None: every group) by name after `after`, each a row of `group`,
     `hosts_total`, `hosts_unhealthy` (summary unhealthy), `hosts_in_maintenance` (a job host in patch) and

@@ -22,6 +22,7 @@ from typing import Any
 
 import asyncpg
 
+from shared.database import Connection
 from shared.events import HostHealthStatus, HostStatusChanged, received_job_id
 from shared.outbox import enqueue
 
@@ -84,12 +85,12 @@ RETURNING hosts.health_check_status
 
 
 async def insert_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+    connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
     """Create a host (HOST_VIEW_COLUMNS of the new row: a host id may be reused, and the gate may have released a
     job for it before it existed, CONTRACT §5 unknown hosts). Raises asyncpg.UniqueViolationError when the name
     (constraint `hosts_name_unique`) or the id is taken."""
-    row: asyncpg.Record = await connection.fetchrow(
+    row = await connection.fetchrow(
         f"""
         WITH h AS (
             INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)
@@ -102,15 +103,17 @@ async def insert_host(
         group,
         agent_url,
     )
+    assert row is not None  # INSERT ... RETURNING returns the row it inserted, or raises
     return row
 
 
 async def update_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+    connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
-    """Replace a host's writable fields (HOST_VIEW_COLUMNS of the row after). Raises asyncpg.UniqueViolationError
-    when the name is taken."""
-    row: asyncpg.Record = await connection.fetchrow(
+    """Replace a host's writable fields (HOST_VIEW_COLUMNS of the row after). The host must exist: the caller
+    holds its row lock (`fetch_host(..., for_update=True)`). Raises asyncpg.UniqueViolationError when the
+    name is taken."""
+    row = await connection.fetchrow(
         f"""
         WITH h AS (
             UPDATE hosts SET name = $2, "group" = $3, agent_url = $4, updated_at = now()
@@ -124,18 +127,17 @@ async def update_host(
         group,
         agent_url,
     )
+    assert row is not None  # the caller holds the host's row lock: it still exists
     return row
 
 
-async def delete_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> None:
+async def delete_host(connection: Connection, host_id: uuid.UUID) -> None:
     """Delete a host; its checks, their state and schedule cascade (the caller deletes each check first,
     through shared.checks, for its results, audit entry and event)."""
     await connection.execute("DELETE FROM hosts WHERE id = $1", host_id)
 
 
-async def refresh_host_status(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, source: str
-) -> tuple[str, str] | None:
+async def refresh_host_status(connection: Connection, host_id: uuid.UUID, *, source: str) -> tuple[str, str] | None:
     """Recompute and store the host's summary; publish `host.status_changed` (via the outbox) on a flip.
 
     Must run inside a transaction. Returns (previous, current), or None if the host is gone.
@@ -161,7 +163,7 @@ async def refresh_host_status(
 # ---- locks -----------------------------------------------------------------------------------------
 
 
-async def lock_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_host(connection: Connection, host_id: uuid.UUID) -> asyncpg.Record | None:
     """Lock the host row (id, name, agent_url) before its checks are changed: serialises the 5-check limit
     and the host summary against concurrent writers. None if there is no such host."""
     row: asyncpg.Record | None = await connection.fetchrow(
@@ -170,7 +172,7 @@ async def lock_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> async
     return row
 
 
-async def lock_hosts(connection: asyncpg.Connection, host_ids: Sequence[uuid.UUID]) -> None:
+async def lock_hosts(connection: Connection, host_ids: Sequence[uuid.UUID]) -> None:
     """Lock these host rows in id order (`host_ids` sorted): a result batch, before its check states."""
     await connection.execute("SELECT 1 FROM hosts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", host_ids)
 
@@ -178,9 +180,7 @@ async def lock_hosts(connection: asyncpg.Connection, host_ids: Sequence[uuid.UUI
 # ---- reads -----------------------------------------------------------------------------------------
 
 
-async def fetch_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, for_update: bool = False
-) -> asyncpg.Record | None:
+async def fetch_host(connection: Connection, host_id: uuid.UUID, *, for_update: bool = False) -> asyncpg.Record | None:
     """A host's HOST_VIEW_COLUMNS (`host_values` makes them the host as shown), its row locked when `for_update`;
     None if there is none."""
     lock = " FOR UPDATE OF h" if for_update else ""
@@ -201,7 +201,7 @@ def host_values(row: asyncpg.Record) -> dict[str, Any]:
     return values
 
 
-async def host_exists(connection: asyncpg.Connection, host_id: uuid.UUID) -> bool:
+async def host_exists(connection: Connection, host_id: uuid.UUID) -> bool:
     """Whether there is a host with this id."""
     return bool(await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id))
 
@@ -249,7 +249,7 @@ async def host_page(
     return await pool.fetch(sql, *arguments)
 
 
-async def hosts_of_groups(connection: asyncpg.Connection | asyncpg.Pool, groups: list[str]) -> list[asyncpg.Record]:
+async def hosts_of_groups(connection: Connection | asyncpg.Pool, groups: list[str]) -> list[asyncpg.Record]:
     """Every host of `groups` (HOST_VIEW_COLUMNS: see `host_values`), by group and name: the dashboard's groups
     page shows each group's hosts by state and who holds its disruption budget."""
     return await connection.fetch(

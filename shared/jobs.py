@@ -31,7 +31,7 @@ from typing import Any, Final, Literal, get_args
 
 import asyncpg
 
-from shared.database import delete_in_batches
+from shared.database import Connection, delete_in_batches
 from shared.events import (
     CheckSummary,
     FailureReason,
@@ -91,7 +91,7 @@ def _checks_json(checks: list[CheckSummary] | None) -> str | None:
 # ---- jobs (halting, CONTRACT §6) --------------------------------------------------------------------
 
 
-async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hosts: int | None) -> None:
+async def record_job(connection: Connection, job_id: str, max_failed_hosts: int | None) -> None:
     """Record the job of a job.start (keyed by `job_key(job_id)`, like its job hosts), in the caller's
     transaction. `max_failed_hosts` comes from the job's first job.start that carries one (CONTRACT §6
     "Halting a job"): a later value never replaces it."""
@@ -109,7 +109,7 @@ async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hos
 # ---- waiting ---------------------------------------------------------------------------------------
 
 
-async def insert_waiting(connection: asyncpg.Connection, job: JobStart) -> bool:
+async def insert_waiting(connection: Connection, job: JobStart) -> bool:
     """Record a new job host as waiting. False if it exists already (a repeated job.start, or a job host
     decided before its job.start came: an invalid request, an early job.cancel).
 
@@ -128,7 +128,7 @@ async def insert_waiting(connection: asyncpg.Connection, job: JobStart) -> bool:
     return bool(inserted)
 
 
-async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_waiting(connection: Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
     """The job host (LOCKED_COLUMNS), locked, if it is still waiting; waits for whoever holds it."""
     row: asyncpg.Record | None = await connection.fetchrow(
         f"""
@@ -142,7 +142,7 @@ async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uui
     return row
 
 
-async def lock_waiting_on_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
+async def lock_waiting_on_host(connection: Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
     """Waiting jobs of a host, locked; waits for a gate evaluating them now, then sees its outcome."""
     return await connection.fetch(
         f"""
@@ -155,7 +155,7 @@ async def lock_waiting_on_host(connection: asyncpg.Connection, host_id: uuid.UUI
     )
 
 
-async def lock_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def lock_due(connection: Connection, limit: int) -> list[asyncpg.Record]:
     """Waiting jobs whose retry or window end has come; other gates take the others (SKIP LOCKED)."""
     return await connection.fetch(
         f"""
@@ -169,7 +169,7 @@ async def lock_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.R
     )
 
 
-async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> str | None:
+async def lock_job_host(connection: Connection, key: str, host_id: uuid.UUID) -> str | None:
     """Lock the job host stored under `key` (`job_key` of its job_id), whatever its status, and return
     that status; None if there is no such job host."""
     status: str | None = await connection.fetchval(
@@ -179,7 +179,7 @@ async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.
 
 
 async def keep_waiting(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job: asyncpg.Record,
     *,
     checks: list[CheckSummary],
@@ -264,7 +264,7 @@ RETURNING {VIEW_COLUMNS}
 
 
 async def decide(
-    connection: asyncpg.Connection, decision: JobDecision, *, at: dt.datetime, source: str, unseen: bool = False
+    connection: Connection, decision: JobDecision, *, at: dt.datetime, source: str, unseen: bool = False
 ) -> asyncpg.Record | None:
     """Decide a job host at `at`, with its event, in the caller's transaction; the row after (VIEW_COLUMNS),
     or None when it was decided already, by anyone (nothing is written then).
@@ -377,7 +377,7 @@ async def job_host_page(
 
 
 async def job_hosts_with_host_names(
-    connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool, limit: int
+    connection: Connection, groups: list[str] | None, *, waiting: bool, limit: int
 ) -> list[asyncpg.Record]:
     """For the dashboard's jobs page: up to `limit` job hosts of `groups` (None: all), every column and the
     host's name (`host_name`, NULL for an unknown host); the waiting ones by window end, soonest first, or
@@ -389,9 +389,7 @@ async def job_hosts_with_host_names(
     )
 
 
-async def job_with_host_names(
-    connection: asyncpg.Connection, key: str, groups: list[str] | None
-) -> list[asyncpg.Record]:
+async def job_with_host_names(connection: Connection, key: str, groups: list[str] | None) -> list[asyncpg.Record]:
     """For the dashboard's job page: the hosts of the job stored under `key`, in `groups`, every column and
     the host's name, oldest first."""
     return await connection.fetch(

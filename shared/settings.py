@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
@@ -156,10 +156,11 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read and validate the environment; raise SettingsError with a one-line message."""
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the environment; raise SettingsError with a one-line message. `overrides` (field
+    names) take the place of environment variables, and are validated as they would be."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

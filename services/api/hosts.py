@@ -20,6 +20,7 @@ from services.api.schemas import GroupName, HostCreate, HostView, HostWrite
 from services.api.targets import address_problems
 from shared import checks, hosts
 from shared.audit import diff, record_audit
+from shared.database import Connection
 from shared.events import HostHealthStatus
 
 # Hosts page by name (unique); the cursor holds the last name.
@@ -44,7 +45,7 @@ def host_fields(row: asyncpg.Record | HostWrite) -> dict[str, Any]:
 
 
 async def fetch_visible_host(
-    connection: asyncpg.Connection, principal: Principal, host_id: uuid.UUID, *, for_update: bool = False
+    connection: Connection, principal: Principal, host_id: uuid.UUID, *, for_update: bool = False
 ) -> asyncpg.Record:
     row = await hosts.fetch_host(connection, host_id, for_update=for_update)
     if row is None or not principal.sees_group(row["group"]):
@@ -119,7 +120,7 @@ async def update_host(request: Request, principal: Principal) -> Response:
 
 
 async def _rule_errors(
-    connection: asyncpg.Connection,
+    connection: Connection,
     host_id: uuid.UUID,
     before: asyncpg.Record,
     document: Any,
@@ -165,7 +166,7 @@ async def delete_host(request: Request, principal: Principal) -> Response:
 
 
 async def audit_host(
-    connection: asyncpg.Connection, principal: Principal, action: str, host_id: uuid.UUID, changes: dict[str, Any]
+    connection: Connection, principal: Principal, action: str, host_id: uuid.UUID, changes: dict[str, Any]
 ) -> None:
     await record_audit(
         connection, actor=principal.name, action=action, entity_type="host", entity_id=str(host_id),

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
 from services.api.endpoints import Endpoint
 from services.api.schemas import ProblemDetails
@@ -42,8 +43,8 @@ class _Schemas:
     def __init__(self) -> None:
         self.components: dict[str, Any] = {}
 
-    def reference(self, model: Any, mode: str) -> dict[str, Any]:
-        schema = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE, mode=mode)  # type: ignore[arg-type]
+    def reference(self, model: Any, mode: JsonSchemaMode) -> dict[str, Any]:
+        schema = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE, mode=mode)
         self.components.update(schema.pop("$defs", {}))
         if isinstance(model, type) and issubclass(model, BaseModel):
             name = component_name(schema.get("title", model.__name__))
@@ -89,7 +90,8 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
     alternatives = [option for option in schema.get("anyOf", []) if option != {"type": "null"}]
     if len(alternatives) == 1:
         rest = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
-        return alternatives[0] | rest
+        only: dict[str, Any] = alternatives[0]
+        return only | rest
     return schema
 
 

@@ -9,7 +9,7 @@ from starlette.responses import Response
 from services.api import audit, checks, groups, hosts, jobs
 from services.api.auth import Principal
 from services.api.endpoints import ADMIN, ALL_ROLES, CHECK_EDITORS, Endpoint
-from services.api.requests import json_response
+from services.api.requests import PageQuery, json_response
 from services.api.schemas import (
     AuditEntry,
     CheckWrite,
@@ -211,7 +211,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "List groups",
         ALL_ROLES,
         "groups",
-        query=groups.PageQuery,
+        query=PageQuery,
         response=Page[GroupView],
         errors=(422,),
         description="The caller's groups by name: every group a host or a policy names, with its host counts, "
@@ -251,7 +251,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         "List the audit log",
         ADMIN,
         "audit",
-        query=audit.PageQuery,
+        query=PageQuery,
         response=Page[AuditEntry],
         errors=(422,),
         description="Newest first.",

@@ -34,7 +34,7 @@ from services.gate.evaluation import (
 from services.gate.rules import UnknownHostPolicy, Verdict
 from shared import jobs
 from shared.consuming import Consumers
-from shared.database import DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
+from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, is_transient_database_error
 from shared.details import safe_detail
 from shared.events import (
     CheckResult,
@@ -181,7 +181,7 @@ class Gate:
         return "started"
 
     async def _evaluate_one(
-        self, connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID, *, rerun_failing: bool
+        self, connection: Connection, job_id: str, host_id: uuid.UUID, *, rerun_failing: bool
     ) -> Evaluation | None:
         # None: decided meanwhile (a timer of another gate, an override, a cancel).
         return await evaluate_job_host(
@@ -189,9 +189,7 @@ class Gate:
             unknown_host=self._unknown_host,
         )  # fmt: skip
 
-    async def _evaluate(
-        self, connection: asyncpg.Connection, row: asyncpg.Record, *, rerun_failing: bool
-    ) -> Evaluation:
+    async def _evaluate(self, connection: Connection, row: asyncpg.Record, *, rerun_failing: bool) -> Evaluation:
         return await evaluate(
             connection, row, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing,
             unknown_host=self._unknown_host,
@@ -232,7 +230,7 @@ class Gate:
                     self._decided(evaluation)
         await message.ack()
 
-    async def _wake_host(self, connection: asyncpg.Connection, host_id: uuid.UUID) -> list[Evaluation]:
+    async def _wake_host(self, connection: Connection, host_id: uuid.UUID) -> list[Evaluation]:
         rows = await jobs.lock_waiting_on_host(connection, host_id)
         return [await self._evaluate(connection, row, rerun_failing=False) for row in rows]
 
@@ -292,7 +290,7 @@ class Gate:
             },
         )
 
-    async def _transaction(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
+    async def _transaction(self, work: Callable[[Connection], Awaitable[ResultT]]) -> ResultT:
         """Run `work` in a transaction of its own. A transient database error is raised as it is: the
         consumer hands the message back and waits for the database (shared/consuming.py)."""
         async with self._pool.acquire() as connection, connection.transaction():

@@ -47,6 +47,7 @@ from services.api.problems import Problem
 from services.api.requests import PageQuery, path_job_id
 from services.api.schemas import OverrideRequest
 from shared import checks, group_policies, hosts, jobs, results
+from shared.database import Connection
 from shared.events import control_character, job_key
 from shared.gating import gating_check_summaries
 from shared.group_policies import GroupPolicy, budget_limit
@@ -536,13 +537,13 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
 
 async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
     rows = await hosts.status_counts(pool, principal.visible_groups())
-    counts = dict.fromkeys(HOST_STATUSES, 0)
+    counts: dict[str, int] = dict.fromkeys(HOST_STATUSES, 0)
     for row in rows:
         counts[row["health_check_status"]] += row["hosts"]
     return counts, sorted({row["group"] for row in rows})
 
 
-async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Point]]:
+async def _recent_results(connection: Connection, check_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Point]]:
     rows = await results.recent_results(connection, check_ids, HISTORY_LENGTH)
     history: dict[uuid.UUID, list[Point]] = {}
     for row in rows:
@@ -552,7 +553,7 @@ async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.U
     return history
 
 
-async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
+async def _jobs(connection: Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
     """The jobs page's waiting or decided job hosts, each with its job_id as received (`shared.jobs.as_received`)."""
     rows = await jobs.job_hosts_with_host_names(connection, groups, waiting=waiting, limit=JOBS_SHOWN)
     return [jobs.as_received(row) for row in rows]
@@ -594,7 +595,7 @@ def _cut(job_id: str) -> tuple[str, str]:
     return job_id[:SHOWN_JOB_ID_LENGTH], job_id[SHOWN_JOB_ID_LENGTH:]
 
 
-async def _failing_checks(connection: asyncpg.Connection, waiting: list[dict[str, Any]]) -> dict[uuid.UUID, list[Any]]:
+async def _failing_checks(connection: Connection, waiting: list[dict[str, Any]]) -> dict[uuid.UUID, list[Any]]:
     """For each waiting job host's host: its gating checks that are not healthy (what it waits for)."""
     failing = {}
     for host_id in {row["host_id"] for row in waiting}:
