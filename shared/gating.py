@@ -12,8 +12,7 @@ import datetime as dt
 import uuid
 from dataclasses import dataclass
 
-import asyncpg
-
+from shared.database import Connection
 from shared.events import CheckSummary
 from shared.results import latest_results_at
 
@@ -59,7 +58,7 @@ class GatingCheck:
         )
 
 
-async def gating_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[GatingCheck] | None:
+async def gating_checks(connection: Connection, host_id: uuid.UUID) -> list[GatingCheck] | None:
     """The host's enabled critical checks; None if the host is unknown."""
     rows = await connection.fetch(
         """
@@ -92,7 +91,7 @@ async def gating_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> l
 
 
 async def gating_checks_as_of(
-    connection: asyncpg.Connection, checks: list[GatingCheck], moment: dt.datetime
+    connection: Connection, checks: list[GatingCheck], moment: dt.datetime
 ) -> list[GatingCheck]:
     """`checks` as they stood at `moment`: each with its latest result whose `checked_at` is at or before
     `moment` (the result's `status`, `healthy`, `detail` and time, from `check_results`), or with no
@@ -114,6 +113,6 @@ async def gating_checks_as_of(
     ]
 
 
-async def gating_check_summaries(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[CheckSummary]:
+async def gating_check_summaries(connection: Connection, host_id: uuid.UUID) -> list[CheckSummary]:
     """The host's enabled critical checks with their last result, as job events and jobs show them."""
     return [check.summary() for check in await gating_checks(connection, host_id) or []]

@@ -32,7 +32,7 @@ from typing import Any, Final, Literal, get_args
 
 import asyncpg
 
-from shared.database import delete_in_batches, locked_now
+from shared.database import Connection, delete_in_batches, locked_now
 from shared.details import clip_detail
 from shared.events import (
     CheckSummary,
@@ -101,7 +101,7 @@ def _checks_json(checks: list[CheckSummary] | None) -> str | None:
 # ---- jobs (halting, CONTRACT §6) --------------------------------------------------------------------
 
 
-async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hosts: int | None) -> None:
+async def record_job(connection: Connection, job_id: str, max_failed_hosts: int | None) -> None:
     """Record the job of a job.start (keyed by `job_key(job_id)`, like its job hosts), in the caller's
     transaction. `max_failed_hosts` comes from the job's first job.start that carries one (CONTRACT §6
     "Halting a job"): a later value never replaces it."""
@@ -119,7 +119,7 @@ async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hos
 # ---- waiting ---------------------------------------------------------------------------------------
 
 
-async def insert_waiting(connection: asyncpg.Connection, job: JobStart) -> bool:
+async def insert_waiting(connection: Connection, job: JobStart) -> bool:
     """Record a new job host as waiting. False if it exists already (a repeated job.start, or a job host
     decided before its job.start came: an invalid request, an early job.cancel).
 
@@ -138,7 +138,7 @@ async def insert_waiting(connection: asyncpg.Connection, job: JobStart) -> bool:
     return bool(inserted)
 
 
-async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_waiting(connection: Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
     """The job host (LOCKED_COLUMNS), locked, if it is still waiting; waits for whoever holds it."""
     row: asyncpg.Record | None = await connection.fetchrow(
         f"""
@@ -152,7 +152,7 @@ async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uui
     return row
 
 
-async def lock_waiting_on_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
+async def lock_waiting_on_host(connection: Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
     """Waiting jobs of a host, locked; waits for a gate evaluating them now, then sees its outcome."""
     return await connection.fetch(
         f"""
@@ -165,7 +165,7 @@ async def lock_waiting_on_host(connection: asyncpg.Connection, host_id: uuid.UUI
     )
 
 
-async def lock_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def lock_due(connection: Connection, limit: int) -> list[asyncpg.Record]:
     """Waiting jobs whose retry or window end has come; other gates take the others (SKIP LOCKED)."""
     return await connection.fetch(
         f"""
@@ -179,7 +179,7 @@ async def lock_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.R
     )
 
 
-async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> str | None:
+async def lock_job_host(connection: Connection, key: str, host_id: uuid.UUID) -> str | None:
     """Lock the job host stored under `key` (`job_key` of its job_id), whatever its status, and return
     that status; None if there is no such job host."""
     status: str | None = await connection.fetchval(
@@ -189,7 +189,7 @@ async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.
 
 
 async def keep_waiting(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job: asyncpg.Record,
     *,
     checks: list[CheckSummary],
@@ -276,7 +276,7 @@ RETURNING {VIEW_COLUMNS}
 
 
 async def decide(
-    connection: asyncpg.Connection, decision: JobDecision, *, at: dt.datetime, source: str, unseen: bool = False
+    connection: Connection, decision: JobDecision, *, at: dt.datetime, source: str, unseen: bool = False
 ) -> asyncpg.Record | None:
     """Decide a job host at `at`, with its event, in the caller's transaction; the row after (VIEW_COLUMNS),
     or None when it was decided already, by anyone (nothing is written then).
@@ -389,7 +389,7 @@ async def job_host_page(
 
 
 async def job_hosts_with_host_names(
-    connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool, limit: int
+    connection: Connection, groups: list[str] | None, *, waiting: bool, limit: int
 ) -> list[asyncpg.Record]:
     """For the dashboard's jobs page: up to `limit` job hosts of `groups` (None: all), every column and the
     host's name (`host_name`, NULL for an unknown host); the waiting ones by window end, soonest first, or
@@ -401,9 +401,7 @@ async def job_hosts_with_host_names(
     )
 
 
-async def job_with_host_names(
-    connection: asyncpg.Connection, key: str, groups: list[str] | None
-) -> list[asyncpg.Record]:
+async def job_with_host_names(connection: Connection, key: str, groups: list[str] | None) -> list[asyncpg.Record]:
     """For the dashboard's job page: the hosts of the job stored under `key`, in `groups`, every column and
     the host's name, oldest first."""
     return await connection.fetch(
@@ -464,7 +462,7 @@ def release_checks_of(row: asyncpg.Record) -> list[CheckSummary] | None:
     return [CheckSummary.model_validate(item) for item in items]
 
 
-async def lock_for_finish(connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_for_finish(connection: Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:
     """The job host stored under `key` (VERIFY_COLUMNS), locked, whatever its status; None if there is none."""
     row: asyncpg.Record | None = await connection.fetchrow(
         f"SELECT {VERIFY_COLUMNS} FROM gate_jobs j WHERE j.job_id = $1 AND j.host_id = $2 FOR UPDATE", key, host_id
@@ -472,7 +470,7 @@ async def lock_for_finish(connection: asyncpg.Connection, key: str, host_id: uui
     return row
 
 
-async def lock_verifying(connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_verifying(connection: Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:
     """The job host (VERIFY_COLUMNS), locked, if it is still verifying; waits for whoever holds it."""
     row: asyncpg.Record | None = await connection.fetchrow(
         f"""
@@ -486,7 +484,7 @@ async def lock_verifying(connection: asyncpg.Connection, key: str, host_id: uuid
     return row
 
 
-async def lock_verifying_on_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
+async def lock_verifying_on_host(connection: Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
     """The host's verifying job hosts (VERIFY_COLUMNS), locked in job order (a healthy result wakes them)."""
     return await connection.fetch(
         f"""
@@ -499,7 +497,7 @@ async def lock_verifying_on_host(connection: asyncpg.Connection, host_id: uuid.U
     )
 
 
-async def lock_due_verifications(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def lock_due_verifications(connection: Connection, limit: int) -> list[asyncpg.Record]:
     """Verifying job hosts whose timer came (a retry, the end of the delay, the deadline: `next_retry_at` is
     never later than `verify_deadline_at`), locked; other gates take the others (SKIP LOCKED)."""
     return await connection.fetch(
@@ -514,7 +512,7 @@ async def lock_due_verifications(connection: asyncpg.Connection, limit: int) -> 
     )
 
 
-async def lock_ended_windows(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def lock_ended_windows(connection: Connection, limit: int) -> list[asyncpg.Record]:
     """Released job hosts whose window ended without a job.finished (VERIFY_COLUMNS), locked; other gates take
     the others (SKIP LOCKED). Found after the fact too, when no gate ran at the window's end."""
     return await connection.fetch(
@@ -530,7 +528,7 @@ async def lock_ended_windows(connection: asyncpg.Connection, limit: int) -> list
 
 
 async def start_verifying(
-    connection: asyncpg.Connection,
+    connection: Connection,
     key: str,
     host_id: uuid.UUID,
     *,
@@ -567,7 +565,7 @@ async def start_verifying(
 
 
 async def keep_verifying(
-    connection: asyncpg.Connection, key: str, host_id: uuid.UUID, *, next_at: dt.datetime, sooner_only: bool = False
+    connection: Connection, key: str, host_id: uuid.UUID, *, next_at: dt.datetime, sooner_only: bool = False
 ) -> None:
     """Set a verifying job host's timer to `next_at` (never past its deadline), in the caller's transaction, which
     holds the row. `sooner_only`: only move it earlier (a wake-up that found a check to become stable sooner)."""
@@ -606,7 +604,7 @@ RETURNING {VIEW_COLUMNS}, (SELECT h."group" FROM hosts h WHERE h.id = j.host_id)
 
 
 async def conclude_verification(
-    connection: asyncpg.Connection, outcome: VerificationOutcome, *, at: dt.datetime, source: str
+    connection: Connection, outcome: VerificationOutcome, *, at: dt.datetime, source: str
 ) -> asyncpg.Record | None:
     """Record a verifying job host's outcome at `at` with its event, in the caller's transaction (which holds the
     row, and read `at` after locking it); the row after (VIEW_COLUMNS and `group`), or None when it was not
@@ -648,7 +646,7 @@ async def conclude_verification(
 JOB_COLUMNS = "job_id, max_failed_hosts, created_at, halted_at, halt_reason, halt_detail, halted_by, halt_count"
 
 
-async def lock_job(connection: asyncpg.Connection, key: str) -> asyncpg.Record:
+async def lock_job(connection: Connection, key: str) -> asyncpg.Record:
     """The job stored under `key` (JOB_COLUMNS), locked; recorded first (without max_failed_hosts) when it is
     not: a job whose hosts came before migration 0010."""
     await connection.execute("INSERT INTO jobs (job_id) VALUES ($1) ON CONFLICT (job_id) DO NOTHING", key)
@@ -659,18 +657,18 @@ async def lock_job(connection: asyncpg.Connection, key: str) -> asyncpg.Record:
     return row
 
 
-async def job_of(connection: asyncpg.Connection | asyncpg.Pool, key: str) -> asyncpg.Record | None:
+async def job_of(connection: Connection | asyncpg.Pool, key: str) -> asyncpg.Record | None:
     """The job stored under `key` (JOB_COLUMNS), None when there is no such row."""
     row: asyncpg.Record | None = await connection.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1", key)
     return row
 
 
-async def is_halted(connection: asyncpg.Connection, key: str) -> bool:
+async def is_halted(connection: Connection, key: str) -> bool:
     """Whether the job stored under `key` is halted now."""
     return bool(await connection.fetchval("SELECT halted_at IS NOT NULL FROM jobs WHERE job_id = $1", key))
 
 
-async def failed_hosts(connection: asyncpg.Connection, key: str) -> list[uuid.UUID]:
+async def failed_hosts(connection: Connection, key: str) -> list[uuid.UUID]:
     """The hosts the job failed (CONTRACT §6): job.finished with outcome failed, or verification_failed."""
     rows = await connection.fetch(
         """
@@ -699,7 +697,7 @@ def _summaries_of(value: Any) -> list[CheckSummary]:
 
 
 async def halt_job(
-    connection: asyncpg.Connection, job_id: str, *, reason: HaltReason, detail: str, by: str | None, source: str
+    connection: Connection, job_id: str, *, reason: HaltReason, detail: str, by: str | None, source: str
 ) -> Halt | None:
     """Halt the job (the caller holds `lock_job`), in the caller's transaction; None when it is halted already.
 
@@ -746,7 +744,7 @@ async def halt_job(
 
 
 async def resume_job(
-    connection: asyncpg.Connection, job_id: str, *, detail: str, by: str | None, source: str
+    connection: Connection, job_id: str, *, detail: str, by: str | None, source: str
 ) -> asyncpg.Record | None:
     """Let a halted job go on (the caller holds `lock_job`), in the caller's transaction: the job after
     (JOB_COLUMNS), with job.resumed in the outbox (id `job-resumed/<job_id>/<halt_count>`), or None when it is
@@ -774,7 +772,7 @@ async def resume_job(
 
 
 async def maintenance_of_hosts(
-    connection: asyncpg.Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]
+    connection: Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, str]:
     """The hosts among `host_ids` that are in maintenance (a job host of theirs is released or verifying), each
     with the earliest such job by `decided_at` (its release): {host_id: job_id}. Hosts not in patch are absent."""

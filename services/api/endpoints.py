@@ -1,9 +1,9 @@
 """An endpoint is declared once: its route, who may call it, and the models of its query, body and
 answer. The same declaration builds the Starlette route and the OpenAPI document.
 
-Access is decided in a fixed order: no or unknown token → 401; a host outside the caller's groups →
-404 (its existence is not revealed), and so is, for a role that may not act on it, a job with no host in the
-caller's groups; a role that may not do this → 403.
+Access is decided in a fixed order: no or unknown token → 401; a host or a group outside the caller's
+groups → 404 (its existence is not revealed), and so is, for a role that may not act on it, a job with no host
+in the caller's groups; a role that may not do this → 403.
 """
 
 from __future__ import annotations
@@ -64,6 +64,8 @@ class Endpoint:
             principal = await authenticate(context.pool, request.headers.get("authorization"))
             if "host_id" in request.path_params:
                 await _require_visible_host(request, principal, path_uuid(request, "host_id"))
+            if "group" in request.path_params and not principal.sees_group(request.path_params["group"]):
+                raise not_found("group")
             if "job_id" in request.path_params and principal.role not in self.roles:
                 await _require_visible_job(request, principal)
             if principal.role not in self.roles:

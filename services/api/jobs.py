@@ -28,7 +28,7 @@ from shared.audit import record_audit
 from shared.database import locked_now
 from shared.events import job_key
 from shared.gating import gating_check_summaries
-from shared.jobs import WAITING, JobDecision, JobStatus
+from shared.jobs import WAITING, DecidedStatus, JobDecision, JobStatus
 
 
 class JobListQuery(PageQuery):
@@ -132,7 +132,7 @@ async def override_on(
             raise conflict(f"this job host was already decided: {current}")
         decided_at = await locked_now(connection)
         checks = await gating_check_summaries(connection, host_id)
-        status = "released" if body.decision == "release" else "failed"
+        status: DecidedStatus = "released" if body.decision == "release" else "failed"
         decision = JobDecision(
             job_id, host_id, status, f"{status} by {actor}: {body.reason}",
             reason="overridden" if status == "failed" else None, checks=checks, overridden_by=actor,

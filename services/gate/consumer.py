@@ -35,7 +35,7 @@ from services.gate.rules import UnknownHostPolicy, Verdict
 from services.gate.verification import VerificationMetrics, Verifier
 from shared import jobs
 from shared.consuming import Consumers
-from shared.database import DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
+from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, is_transient_database_error
 from shared.details import safe_detail
 from shared.events import (
     CheckResult,
@@ -185,19 +185,19 @@ class Gate:
             self._decided(evaluation)
         return "started"
 
-    async def _record(self, connection: asyncpg.Connection, job: JobStart) -> bool:
+    async def _record(self, connection: Connection, job: JobStart) -> bool:
         # The job's row first (its lock, then the job host's: the lock order of halting), so a halt either
         # sees this waiting row or committed before it and is seen by `fail_if_halted`.
         await jobs.record_job(connection, job.job_id, job.max_failed_hosts)
         return await jobs.insert_waiting(connection, job)
 
-    async def _evaluate_started(self, connection: asyncpg.Connection, job: JobStart) -> Evaluation | None:
+    async def _evaluate_started(self, connection: Connection, job: JobStart) -> Evaluation | None:
         if await self._verifier.fail_if_halted(connection, job.job_id, job.host_id):
             return None  # failed job_halted, counted and logged
         return await self._evaluate_one(connection, job.job_id, job.host_id, rerun_failing=True)
 
     async def _evaluate_one(
-        self, connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID, *, rerun_failing: bool
+        self, connection: Connection, job_id: str, host_id: uuid.UUID, *, rerun_failing: bool
     ) -> Evaluation | None:
         # None: decided meanwhile (a timer of another gate, an override, a cancel).
         return await evaluate_job_host(
@@ -205,9 +205,7 @@ class Gate:
             unknown_host=self._unknown_host,
         )  # fmt: skip
 
-    async def _evaluate(
-        self, connection: asyncpg.Connection, row: asyncpg.Record, *, rerun_failing: bool
-    ) -> Evaluation:
+    async def _evaluate(self, connection: Connection, row: asyncpg.Record, *, rerun_failing: bool) -> Evaluation:
         return await evaluate(
             connection, row, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing,
             unknown_host=self._unknown_host,
@@ -255,7 +253,7 @@ class Gate:
                 log.exception("could not verify a host's verifying jobs on a result")
         await message.ack()
 
-    async def _wake_host(self, connection: asyncpg.Connection, host_id: uuid.UUID) -> list[Evaluation]:
+    async def _wake_host(self, connection: Connection, host_id: uuid.UUID) -> list[Evaluation]:
         rows = await jobs.lock_waiting_on_host(connection, host_id)
         return [await self._evaluate(connection, row, rerun_failing=False) for row in rows]
 
@@ -315,7 +313,7 @@ class Gate:
             },
         )
 
-    async def _transaction(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
+    async def _transaction(self, work: Callable[[Connection], Awaitable[ResultT]]) -> ResultT:
         """Run `work` in a transaction of its own. A transient database error is raised as it is: the
         consumer hands the message back and waits for the database (shared/consuming.py)."""
         async with self._pool.acquire() as connection, connection.transaction():

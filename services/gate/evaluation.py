@@ -20,7 +20,7 @@ import asyncpg
 from services.gate import rules
 from services.gate.rules import UnknownHostPolicy, Verdict
 from shared import jobs
-from shared.database import locked_now
+from shared.database import Connection, locked_now
 from shared.details import clip_detail, safe_detail
 from shared.events import CheckSummary, is_valid_job_id
 from shared.gating import GatingCheck, gating_checks, gating_checks_as_of
@@ -63,7 +63,7 @@ def _summaries(checks: list[GatingCheck]) -> list[CheckSummary]:
 
 
 async def record_invalid_request(
-    connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID, problem: str
+    connection: Connection, job_id: str, host_id: uuid.UUID, problem: str
 ) -> Evaluation | None:
     """Decide an invalid job.start as failed (invalid_request), unless the job host is known already.
 
@@ -80,7 +80,7 @@ async def record_invalid_request(
 
 
 async def evaluate_job_host(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job_id: str,
     host_id: uuid.UUID,
     *,
@@ -99,7 +99,7 @@ async def evaluate_job_host(
 
 
 async def evaluate(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job: asyncpg.Record,
     *,
     retry_seconds: float,
@@ -157,7 +157,7 @@ async def evaluate(
     return Evaluation(job_id, host_id, Verdict.WAIT, rerun, detail=waiting_detail, announced=announced)
 
 
-async def cancel(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> bool:
+async def cancel(connection: Connection, job_id: str, host_id: uuid.UUID) -> bool:
     """Cancel a waiting job host (job.cancel); False if it is already decided.
 
     A job.cancel may overtake its job.start: a job.start being handled when the database went away is

@@ -32,7 +32,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry, Counter
 
 from shared import jobs
-from shared.database import locked_now
+from shared.database import Connection, locked_now
 from shared.details import safe_detail
 from shared.events import JobFinished, decode_event, job_key
 from shared.gating import gating_checks
@@ -47,7 +47,7 @@ EVENT_SOURCE = "/healthgate/gate"
 ResultT = TypeVar("ResultT")
 
 
-async def on_budget_freed(connection: asyncpg.Connection, group: str | None) -> None:
+async def on_budget_freed(connection: Connection, group: str | None) -> None:
     """Called after a job host of `group` (None: an unknown host, which holds no budget) stopped being in patch
     (its verification outcome committed), in a transaction of its own on `connection`: the place where the gate's
     per-group release pass plugs in, so that waiting job hosts of the group are released as soon as the budget
@@ -115,7 +115,7 @@ class Verifier:
         await self._after(done)
         return outcome
 
-    async def _finish(self, connection: asyncpg.Connection, finished: JobFinished) -> tuple[str, Done]:
+    async def _finish(self, connection: Connection, finished: JobFinished) -> tuple[str, Done]:
         key = job_key(finished.job_id)
         done = Done()
         if finished.outcome == "failed":
@@ -152,7 +152,7 @@ class Verifier:
         done = await self._transaction(lambda c: self._wake(c, host_id))
         await self._after(done)
 
-    async def _wake(self, connection: asyncpg.Connection, host_id: uuid.UUID) -> Done:
+    async def _wake(self, connection: Connection, host_id: uuid.UUID) -> Done:
         done = Done()
         for row in await jobs.lock_verifying_on_host(connection, host_id):
             policy = await self._policy(connection, row["group"])
@@ -172,7 +172,7 @@ class Verifier:
         await self._after(done)
         return done.handled
 
-    async def _due(self, connection: asyncpg.Connection) -> Done:
+    async def _due(self, connection: Connection) -> Done:
         done = Done()
         policies: dict[str | None, GroupPolicy] = {}
         ended = await jobs.lock_ended_windows(connection, self._batch)
@@ -200,7 +200,7 @@ class Verifier:
         async with self._pool.acquire() as connection, connection.transaction():
             return await self._fail_due(connection, key, host_id)
 
-    async def _fail_due(self, connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> Done:
+    async def _fail_due(self, connection: Connection, key: str, host_id: uuid.UUID) -> Done:
         """A verifying job host whose deadline came: the job's row locked, then the job host's, verified once more
         (it may have recovered meanwhile), and its outcome recorded; a failure counts toward halting."""
         await jobs.lock_job(connection, key)
@@ -216,7 +216,7 @@ class Verifier:
     # ---- the rule and its outcome ----------------------------------------------------------------
 
     async def _verify(
-        self, connection: asyncpg.Connection, row: asyncpg.Record, policy: GroupPolicy, *, rerun: bool, may_fail: bool
+        self, connection: Connection, row: asyncpg.Record, policy: GroupPolicy, *, rerun: bool, may_fail: bool
     ) -> Done:
         """Apply the rule to a locked verifying job host and act on it, in the caller's transaction. `rerun`: ask
         for the checks it waits for to run again and move its timer on (at start and on each timer, not on
@@ -251,7 +251,7 @@ class Verifier:
             done.outcomes.append(concluded)
         return done
 
-    async def _count_failure(self, connection: asyncpg.Connection, job_id: str) -> Done:
+    async def _count_failure(self, connection: Connection, job_id: str) -> Done:
         """The job failed a host (the caller holds the job's lock, taken before the job host's): halt it once when
         more hosts failed than its max_failed_hosts (CONTRACT §6 "Halting a job")."""
         done = Done()
@@ -274,7 +274,7 @@ class Verifier:
 
     # ---- job.start of a halted job ---------------------------------------------------------------
 
-    async def fail_if_halted(self, connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> bool:
+    async def fail_if_halted(self, connection: Connection, job_id: str, host_id: uuid.UUID) -> bool:
         """A waiting job host of a halted job fails at once with reason job_halted (CONTRACT §6), in the caller's
         transaction; True if it did. A halt that commits after this read fails the job host itself: it locks the
         job's waiting rows, this one included."""
@@ -301,7 +301,7 @@ class Verifier:
     # ---- helpers ---------------------------------------------------------------------------------
 
     async def _policy(
-        self, connection: asyncpg.Connection, group: str | None, cache: dict[str | None, GroupPolicy] | None = None
+        self, connection: Connection, group: str | None, cache: dict[str | None, GroupPolicy] | None = None
     ) -> GroupPolicy:
         # An unknown host has no group: the defaults.
         if cache is not None and group in cache:
@@ -333,6 +333,6 @@ class Verifier:
             async with self._pool.acquire() as connection, connection.transaction():
                 await on_budget_freed(connection, group)
 
-    async def _transaction(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
+    async def _transaction(self, work: Callable[[Connection], Awaitable[ResultT]]) -> ResultT:
         async with self._pool.acquire() as connection, connection.transaction():
             return await work(connection)
