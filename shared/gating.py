@@ -28,6 +28,9 @@ class GatingCheck:
     last_healthy: bool | None
     last_detail: str | None
     last_checked_at: dt.datetime | None
+    # When the check last became healthy (check_state.healthy_since): None unless healthy. CONTRACT §6
+    # stable_seconds counts from it.
+    healthy_since: dt.datetime | None = None
 
     def ready(self, now: dt.datetime) -> bool:
         """Healthy by a result no older than its interval."""
@@ -60,7 +63,7 @@ async def gating_checks(connection: Connection, host_id: uuid.UUID) -> list[Gati
     rows = await connection.fetch(
         """
         SELECT h.id AS known, c.id, c.name, c.interval_seconds,
-               s.status, s.last_healthy, s.last_detail, s.last_checked_at
+               s.status, s.last_healthy, s.last_detail, s.last_checked_at, s.healthy_since
         FROM hosts h
         LEFT JOIN health_checks c ON c.host_id = h.id AND c.enabled AND c.critical
         LEFT JOIN check_state s ON s.check_id = c.id
@@ -80,6 +83,7 @@ async def gating_checks(connection: Connection, host_id: uuid.UUID) -> list[Gati
             last_healthy=row["last_healthy"],
             last_detail=row["last_detail"],
             last_checked_at=row["last_checked_at"],
+            healthy_since=row["healthy_since"],
         )
         for row in rows
         if row["id"] is not None

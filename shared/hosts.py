@@ -24,6 +24,7 @@ import asyncpg
 
 from shared.database import Connection
 from shared.events import HostHealthStatus, HostStatusChanged, received_job_id
+from shared.jobs import maintenance_of_hosts
 from shared.outbox import enqueue
 
 log = logging.getLogger(__name__)
@@ -151,12 +152,17 @@ async def refresh_host_status(connection: Connection, host_id: uuid.UUID, *, sou
             "host status changed",
             extra={"host_id": str(host_id), "previous": previous, "current": current},
         )
+        # CONTRACT §6: whether a job is patching the host, as read in this transaction (it holds the host's lock).
+        in_maintenance = host_id in await maintenance_of_hosts(connection, [host_id])
         await enqueue(
             connection,
             "host.status_changed",
-            HostStatusChanged(host_id=host_id, previous=previous, current=current, at=dt.datetime.now(dt.UTC)),
+            HostStatusChanged(
+                host_id=host_id, previous=previous, current=current, at=dt.datetime.now(dt.UTC),
+                in_maintenance=in_maintenance,
+            ),
             source=source,
-        )
+        )  # fmt: skip
     return previous, current
 
 

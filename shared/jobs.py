@@ -26,19 +26,26 @@ from __future__ import annotations
 import datetime as dt
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
 import asyncpg
 
-from shared.database import Connection, delete_in_batches
+from shared.database import Connection, delete_in_batches, locked_now
+from shared.details import clip_detail
 from shared.events import (
     CheckSummary,
     FailureReason,
+    HaltReason,
     JobCancelled,
     JobFailed,
+    JobHalted,
     JobReleased,
+    JobResumed,
     JobStart,
+    JobVerificationFailed,
+    JobVerified,
     JobWaiting,
     decision_event_id,
     deterministic_event_id,
@@ -48,7 +55,9 @@ from shared.events import (
 )
 from shared.outbox import enqueue
 
-JobStatus = Literal["waiting_health_check", "released", "failed", "cancelled"]
+JobStatus = Literal[
+    "waiting_health_check", "released", "failed", "cancelled", "verifying", "verified", "verification_failed"
+]
 JOB_STATUSES: tuple[JobStatus, ...] = get_args(JobStatus)
 WAITING: Final = "waiting_health_check"
 DecidedStatus = Literal["released", "failed", "cancelled"]
@@ -58,7 +67,8 @@ LOCKED_COLUMNS = "job_id, host_id, status, window_ends_at, received_at, waiting_
 # What the api and the dashboard show of a job host (`received_job_id`: see `as_received`).
 VIEW_COLUMNS = """
     j.job_id, j.host_id, j.status, j.window_ends_at, j.received_at, j.decided_at, j.reason, j.detail,
-    j.checks, j.overridden_by, j.override_reason, j.received_job_id
+    j.checks, j.overridden_by, j.override_reason, j.received_job_id, j.waiting_for, j.finished_at, j.outcome,
+    j.verified_at
 """
 # Scoping: admins (groups None) see every job host; others those whose host is in one of their groups.
 _VISIBLE = '($1::text[] IS NULL OR EXISTS (SELECT 1 FROM hosts h WHERE h.id = j.host_id AND h."group" = ANY($1)))'
@@ -248,7 +258,9 @@ class JobDecision:
 _DECIDE_WAITING_SQL = f"""
 UPDATE gate_jobs j
 SET status = $3, reason = $4, detail = $5, checks = COALESCE($6::jsonb, j.checks), decided_at = $7,
-    overridden_by = $8, override_reason = $9, next_retry_at = NULL
+    overridden_by = $8, override_reason = $9, next_retry_at = NULL,
+    -- What verification after patching waits for (CONTRACT §6): the gating checks as they were at release.
+    release_checks = CASE WHEN $3 = 'released' THEN COALESCE($6::jsonb, j.checks) END
 WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'waiting_health_check'
 RETURNING {VIEW_COLUMNS}
 """
@@ -400,12 +412,378 @@ async def job_with_host_names(connection: Connection, key: str, groups: list[str
 # ---- pruning ---------------------------------------------------------------------------------------
 
 
+# A job host in one of these states changes no more: only these are pruned. A released or verifying one is
+# in patch (CONTRACT §6), whatever its age: it holds its group's budget and awaits its verification outcome.
+FINAL_STATUSES: Final = ("failed", "cancelled", "verified", "verification_failed")
+_FINAL_LIST = ", ".join(f"'{status}'" for status in FINAL_STATUSES)
+
+
 async def prune_decided(pool: asyncpg.Pool, before: dt.datetime) -> int:
-    """Delete the job hosts decided before `before` (the pruner: HEALTHGATE_JOB_RETENTION_DAYS), in
-    batches; waiting ones are never deleted. Returns how many were deleted."""
+    """Delete the job hosts in a final status (`FINAL_STATUSES`) whose last change (the verification outcome,
+    else the decision) came before `before` (the pruner: HEALTHGATE_JOB_RETENTION_DAYS), in batches; waiting,
+    released and verifying ones are never deleted. Returns how many were deleted."""
     return await delete_in_batches(
         pool,
         "DELETE FROM gate_jobs WHERE (job_id, host_id) IN ("
-        "SELECT job_id, host_id FROM gate_jobs WHERE decided_at < $1 LIMIT $2)",
+        f"SELECT job_id, host_id FROM gate_jobs WHERE status IN ({_FINAL_LIST}) "
+        "AND COALESCE(verified_at, decided_at) < $1 LIMIT $2)",
         before,
     )
+
+
+# ---- verification after patching (CONTRACT §6) -----------------------------------------------------
+# A released job host is in patch until its verification outcome: released → verifying (job.finished, or the
+# window's end without one) → verified | verification_failed, exactly once, like a decision: the outcome is an
+# UPDATE … WHERE status = 'verifying' and its event goes to the outbox in the same transaction, under one id
+# (`verification_event_id`), so of two gates racing on a job host (a crash, a timer and a wake-up) the second
+# changes nothing and publishes nothing. The timer (`next_retry_at`) is a column, as for waiting rows.
+
+# What the gate reads of a job host it verifies, and its host's group (NULL for an unknown host). A scalar
+# subquery rather than a join: FOR UPDATE then locks the job host alone, never the host row the pollers lock.
+VERIFY_COLUMNS = """
+    j.job_id, j.host_id, j.status, j.window_ends_at, j.finished_at, j.outcome, j.verify_from_at,
+    j.verify_deadline_at, j.release_checks, (SELECT h."group" FROM hosts h WHERE h.id = j.host_id) AS "group"
+"""
+
+
+def verification_event_id(job_id: str, host_id: uuid.UUID) -> uuid.UUID:
+    """The id of a job host's verification outcome (job.verified or job.verification_failed): one outcome per
+    job host, whichever gate publishes it."""
+    return deterministic_event_id("job-verification", job_id, str(host_id))
+
+
+def release_checks_of(row: asyncpg.Record) -> list[CheckSummary] | None:
+    """The gating checks a job host was released on (`release_checks`), None when they were not recorded (a job
+    host released before migration 0010)."""
+    value = row["release_checks"]
+    if value is None:
+        return None
+    items = json.loads(value) if isinstance(value, str) else value
+    return [CheckSummary.model_validate(item) for item in items]
+
+
+async def lock_for_finish(connection: Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+    """The job host stored under `key` (VERIFY_COLUMNS), locked, whatever its status; None if there is none."""
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"SELECT {VERIFY_COLUMNS} FROM gate_jobs j WHERE j.job_id = $1 AND j.host_id = $2 FOR UPDATE", key, host_id
+    )
+    return row
+
+
+async def lock_verifying(connection: Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+    """The job host (VERIFY_COLUMNS), locked, if it is still verifying; waits for whoever holds it."""
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"""
+        SELECT {VERIFY_COLUMNS} FROM gate_jobs j
+        WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'verifying'
+        FOR UPDATE
+        """,
+        key,
+        host_id,
+    )
+    return row
+
+
+async def lock_verifying_on_host(connection: Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
+    """The host's verifying job hosts (VERIFY_COLUMNS), locked in job order (a healthy result wakes them)."""
+    return await connection.fetch(
+        f"""
+        SELECT {VERIFY_COLUMNS} FROM gate_jobs j
+        WHERE j.host_id = $1 AND j.status = 'verifying'
+        ORDER BY j.job_id
+        FOR UPDATE
+        """,
+        host_id,
+    )
+
+
+async def lock_due_verifications(connection: Connection, limit: int) -> list[asyncpg.Record]:
+    """Verifying job hosts whose timer came (a retry, the end of the delay, the deadline: `next_retry_at` is
+    never later than `verify_deadline_at`), locked; other gates take the others (SKIP LOCKED)."""
+    return await connection.fetch(
+        f"""
+        SELECT {VERIFY_COLUMNS} FROM gate_jobs j
+        WHERE j.status = 'verifying' AND j.next_retry_at <= now()
+        ORDER BY j.next_retry_at
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+        """,
+        limit,
+    )
+
+
+async def lock_ended_windows(connection: Connection, limit: int) -> list[asyncpg.Record]:
+    """Released job hosts whose window ended without a job.finished (VERIFY_COLUMNS), locked; other gates take
+    the others (SKIP LOCKED). Found after the fact too, when no gate ran at the window's end."""
+    return await connection.fetch(
+        f"""
+        SELECT {VERIFY_COLUMNS} FROM gate_jobs j
+        WHERE j.status = 'released' AND j.window_ends_at <= now()
+        ORDER BY j.window_ends_at
+        LIMIT $1
+        FOR UPDATE SKIP LOCKED
+        """,
+        limit,
+    )
+
+
+async def start_verifying(
+    connection: Connection,
+    key: str,
+    host_id: uuid.UUID,
+    *,
+    finished_at: dt.datetime,
+    outcome: Literal["succeeded", "failed"] | None,
+    detail: str,
+    delay_seconds: int,
+    timeout_seconds: int,
+) -> asyncpg.Record | None:
+    """A released job host (locked by the caller) starts verifying, in the caller's transaction: `finished_at`
+    and the executor's `outcome` (None when the window ended without job.finished) are recorded,
+    `verify_from_at` = finished_at + `delay_seconds`, `verify_deadline_at` = verify_from_at + `timeout_seconds`
+    (the group's verify_delay_seconds and verify_timeout_seconds, fixed now), and its timer is set to
+    verify_from_at. The row after (VERIFY_COLUMNS), or None when it is not released (nothing written)."""
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"""
+        UPDATE gate_jobs j
+        SET status = 'verifying', finished_at = $3::timestamptz, outcome = $4, detail = $5,
+            verify_from_at = $3::timestamptz + make_interval(secs => $6),
+            verify_deadline_at = $3::timestamptz + make_interval(secs => $6 + $7),
+            next_retry_at = $3::timestamptz + make_interval(secs => $6)
+        WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'released'
+        RETURNING {VERIFY_COLUMNS}
+        """,
+        key,
+        host_id,
+        finished_at,
+        outcome,
+        detail,
+        float(delay_seconds),
+        float(timeout_seconds),
+    )
+    return row
+
+
+async def keep_verifying(
+    connection: Connection, key: str, host_id: uuid.UUID, *, next_at: dt.datetime, sooner_only: bool = False
+) -> None:
+    """Set a verifying job host's timer to `next_at` (never past its deadline), in the caller's transaction, which
+    holds the row. `sooner_only`: only move it earlier (a wake-up that found a check to become stable sooner)."""
+    await connection.execute(
+        """
+        UPDATE gate_jobs
+        SET next_retry_at = CASE WHEN $4 THEN LEAST(next_retry_at, $3, verify_deadline_at)
+                                 ELSE LEAST($3, verify_deadline_at) END
+        WHERE job_id = $1 AND host_id = $2 AND status = 'verifying'
+        """,
+        key,
+        host_id,
+        next_at,
+        sooner_only,
+    )
+
+
+@dataclass(frozen=True)
+class VerificationOutcome:
+    """A verifying job host's outcome. `job_id` as received (a verifying job_id is always valid: its own key);
+    `verified`: job.verified, else job.verification_failed; `checks`: the host's gating checks now."""
+
+    job_id: str
+    host_id: uuid.UUID
+    verified: bool
+    detail: str
+    checks: list[CheckSummary]
+
+
+_CONCLUDE_SQL = f"""
+UPDATE gate_jobs j
+SET status = $3, detail = $4, checks = $5::jsonb, verified_at = $6, next_retry_at = NULL
+WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'verifying'
+RETURNING {VIEW_COLUMNS}, (SELECT h."group" FROM hosts h WHERE h.id = j.host_id) AS "group"
+"""
+
+
+async def conclude_verification(
+    connection: Connection, outcome: VerificationOutcome, *, at: dt.datetime, source: str
+) -> asyncpg.Record | None:
+    """Record a verifying job host's outcome at `at` with its event, in the caller's transaction (which holds the
+    row, and read `at` after locking it); the row after (VIEW_COLUMNS and `group`), or None when it was not
+    verifying any more (nothing written, nothing published). `verified_at` is the outcome's time, either way.
+
+    The event, job.verified or job.verification_failed, has the id `verification_event_id(job_id, host_id)`, the
+    time `at`, the correlation_id `job_id`, and carries the executor's `outcome` (null without job.finished)."""
+    status = "verified" if outcome.verified else "verification_failed"
+    row = await connection.fetchrow(
+        _CONCLUDE_SQL, job_key(outcome.job_id), outcome.host_id, status, outcome.detail,
+        _checks_json(outcome.checks), at,
+    )  # fmt: skip
+    if row is None:
+        return None
+    event: JobVerified | JobVerificationFailed
+    if outcome.verified:
+        event = JobVerified(
+            job_id=outcome.job_id, host_id=outcome.host_id, verified_at=at, outcome=row["outcome"],
+            checks=outcome.checks,
+        )  # fmt: skip
+    else:
+        event = JobVerificationFailed(
+            job_id=outcome.job_id, host_id=outcome.host_id, failed_at=at, outcome=row["outcome"],
+            detail=outcome.detail, checks=outcome.checks,
+        )  # fmt: skip
+    await enqueue(
+        connection, f"job.{status}", event, source=source, correlation_id=outcome.job_id,
+        event_id=verification_event_id(outcome.job_id, outcome.host_id), time=at,
+    )  # fmt: skip
+    return row
+
+
+# ---- halting a job (CONTRACT §6) -------------------------------------------------------------------
+# A job fails a host on job.finished with outcome failed or on job.verification_failed; when more hosts failed
+# than its max_failed_hosts, it halts once: job.halted, and each of its waiting job hosts fails job_halted.
+# Lock order: the jobs row (`lock_job`) before any of the job's gate_jobs rows, in every writer; the count of
+# failed hosts is read under that lock, so two failures committing at once are counted by the second.
+
+JOB_COLUMNS = "job_id, max_failed_hosts, created_at, halted_at, halt_reason, halt_detail, halted_by, halt_count"
+
+
+async def lock_job(connection: Connection, key: str) -> asyncpg.Record:
+    """The job stored under `key` (JOB_COLUMNS), locked; recorded first (without max_failed_hosts) when it is
+    not: a job whose hosts came before migration 0010."""
+    await connection.execute("INSERT INTO jobs (job_id) VALUES ($1) ON CONFLICT (job_id) DO NOTHING", key)
+    row: asyncpg.Record | None = await connection.fetchrow(
+        f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1 FOR UPDATE", key
+    )
+    assert row is not None  # inserted above, and jobs rows are never deleted
+    return row
+
+
+async def job_of(connection: Connection | asyncpg.Pool, key: str) -> asyncpg.Record | None:
+    """The job stored under `key` (JOB_COLUMNS), None when there is no such row."""
+    row: asyncpg.Record | None = await connection.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1", key)
+    return row
+
+
+async def is_halted(connection: Connection, key: str) -> bool:
+    """Whether the job stored under `key` is halted now."""
+    return bool(await connection.fetchval("SELECT halted_at IS NOT NULL FROM jobs WHERE job_id = $1", key))
+
+
+async def failed_hosts(connection: Connection, key: str) -> list[uuid.UUID]:
+    """The hosts the job failed (CONTRACT §6): job.finished with outcome failed, or verification_failed."""
+    rows = await connection.fetch(
+        """
+        SELECT host_id FROM gate_jobs
+        WHERE job_id = $1 AND (outcome = 'failed' OR status = 'verification_failed')
+        ORDER BY host_id
+        """,
+        key,
+    )
+    return [row["host_id"] for row in rows]
+
+
+@dataclass(frozen=True)
+class Halt:
+    """A halt that happened: the job after (JOB_COLUMNS), the hosts it had failed, and the waiting job hosts
+    this halt failed (reason job_halted)."""
+
+    job: asyncpg.Record
+    failed_hosts: list[uuid.UUID]
+    failed_waiting: list[uuid.UUID]
+
+
+def _summaries_of(value: Any) -> list[CheckSummary]:
+    items = json.loads(value) if isinstance(value, str) else (value or [])
+    return [CheckSummary.model_validate(item) for item in items]
+
+
+async def halt_job(
+    connection: Connection, job_id: str, *, reason: HaltReason, detail: str, by: str | None, source: str
+) -> Halt | None:
+    """Halt the job (the caller holds `lock_job`), in the caller's transaction; None when it is halted already.
+
+    Its waiting job hosts are locked (after the job, the lock order), the time read after that (`locked_now`),
+    the job marked halted (`halt_count` + 1), job.halted put in the outbox (id `job-halted/<job_id>/<halt_count>`:
+    once per halt), and each waiting job host decided failed with reason job_halted through `decide` (its
+    snapshot of checks kept). `by`: the admin's token name for a manual halt, else None."""
+    key = job_key(job_id)
+    waiting = await connection.fetch(
+        "SELECT host_id, checks FROM gate_jobs WHERE job_id = $1 AND status = 'waiting_health_check' "
+        "ORDER BY host_id FOR UPDATE",
+        key,
+    )
+    at = await locked_now(connection)
+    job: asyncpg.Record | None = await connection.fetchrow(
+        f"""
+        UPDATE jobs SET halted_at = $2, halt_reason = $3, halt_detail = $4, halted_by = $5, halt_count = halt_count + 1
+        WHERE job_id = $1 AND halted_at IS NULL
+        RETURNING {JOB_COLUMNS}
+        """,
+        key,
+        at,
+        reason,
+        detail,
+        by,
+    )
+    if job is None:
+        return None
+    failed = await failed_hosts(connection, key)
+    event = JobHalted(job_id=job_id, at=at, reason=reason, failed_hosts=failed, detail=detail, by=by)
+    await enqueue(
+        connection, "job.halted", event, source=source, correlation_id=job_id,
+        event_id=deterministic_event_id("job-halted", job_id, str(job["halt_count"])), time=at,
+    )  # fmt: skip
+    decided: list[uuid.UUID] = []
+    failure = clip_detail(f"job {job_id} halted ({reason}): {detail}")
+    for row in waiting:
+        decision = JobDecision(
+            job_id, row["host_id"], "failed", failure, reason="job_halted", checks=_summaries_of(row["checks"])
+        )
+        if await decide(connection, decision, at=at, source=source) is not None:
+            decided.append(row["host_id"])
+    return Halt(job, failed, decided)
+
+
+async def resume_job(
+    connection: Connection, job_id: str, *, detail: str, by: str | None, source: str
+) -> asyncpg.Record | None:
+    """Let a halted job go on (the caller holds `lock_job`), in the caller's transaction: the job after
+    (JOB_COLUMNS), with job.resumed in the outbox (id `job-resumed/<job_id>/<halt_count>`), or None when it is
+    not halted. Job hosts that failed stay failed; new job.starts are gated again."""
+    at = await locked_now(connection)
+    job: asyncpg.Record | None = await connection.fetchrow(
+        f"""
+        UPDATE jobs SET halted_at = NULL, halt_reason = NULL, halt_detail = NULL, halted_by = NULL
+        WHERE job_id = $1 AND halted_at IS NOT NULL
+        RETURNING {JOB_COLUMNS}
+        """,
+        job_key(job_id),
+    )
+    if job is None:
+        return None
+    event = JobResumed(job_id=job_id, at=at, detail=detail, by=by)
+    await enqueue(
+        connection, "job.resumed", event, source=source, correlation_id=job_id,
+        event_id=deterministic_event_id("job-resumed", job_id, str(job["halt_count"])), time=at,
+    )  # fmt: skip
+    return job
+
+
+# ---- maintenance (CONTRACT §6) ---------------------------------------------------------------------
+
+
+async def maintenance_of_hosts(
+    connection: Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, str]:
+    """The hosts among `host_ids` that are in maintenance (a job host of theirs is released or verifying), each
+    with the earliest such job by `decided_at` (its release): {host_id: job_id}. Hosts not in patch are absent."""
+    if not host_ids:
+        return {}
+    rows = await connection.fetch(
+        """
+        SELECT DISTINCT ON (host_id) host_id, job_id FROM gate_jobs
+        WHERE host_id = ANY($1::uuid[]) AND status IN ('released', 'verifying')
+        ORDER BY host_id, decided_at, job_id
+        """,
+        list(set(host_ids)),
+    )
+    return {row["host_id"]: row["job_id"] for row in rows}

@@ -65,11 +65,13 @@ class Call:
 
 @dataclass(frozen=True)
 class Case:
-    """Who may call an endpoint, its success code, and how to call it against a side."""
+    """Who may call an endpoint, its success code, and how to call it against a side; `setup`: calls an admin
+    makes first, for the success case only (a resume needs a halted job)."""
 
     who: frozenset[str]
     success: int
     build: Callable[[Side], Call]
+    setup: Callable[[Side], list[Call]] = lambda side: []
 
 
 def check_body(name: str, port: int = 22) -> dict[str, Any]:
@@ -140,6 +142,15 @@ CASES: dict[tuple[str, str], Case] = {
             {"decision": "release", "reason": "approved by the change board"},
         ),
     ),
+    ("POST", "/api/v1/jobs/{job_id}/halt"): Case(
+        ADMIN, 200, lambda s: Call("POST", f"{job_url(s)}/halt", {"reason": "patch breaks hosts"})
+    ),
+    ("POST", "/api/v1/jobs/{job_id}/resume"): Case(
+        ADMIN,
+        200,
+        lambda s: Call("POST", f"{job_url(s)}/resume", {"reason": "fixed"}),
+        setup=lambda s: [Call("POST", f"{job_url(s)}/halt", {"reason": "patch breaks hosts"})],
+    ),
     ("GET", "/api/v1/audit"): Case(ADMIN, 200, lambda s: Call("GET", "/api/v1/audit")),
     ("GET", "/api/v1/groups"): Case(ALL, 200, lambda s: Call("GET", "/api/v1/groups")),
     ("GET", GROUP_POLICY): Case(ALL, 200, lambda s: Call("GET", group_policy_url(s))),
@@ -160,8 +171,9 @@ def name(endpoint: Endpoint) -> str:
 
 
 def scoped(endpoint: Endpoint) -> bool:
-    """Whether the path names a host or a group, which may be outside the caller's groups."""
-    return "{host_id}" in endpoint.path or "{group}" in endpoint.path
+    """Whether the path names a host, a group or a job, which may be outside the caller's groups (CONTRACT §3,
+    §6: a job with no host in the caller's groups answers 404)."""
+    return "{host_id}" in endpoint.path or "{group}" in endpoint.path or "{job_id}" in endpoint.path
 
 
 def as_role(endpoint: Endpoint, role: str) -> Any:
@@ -299,6 +311,8 @@ async def test_role_that_may_succeeds(
     endpoint: Endpoint, role: str, client: httpx.AsyncClient, world: World, poller: ServiceProcess
 ) -> None:
     case = CASES[key(endpoint)]
+    for call in case.setup(world.visible):
+        assert (await send(client, call, world.auth("admin"))).is_success
     response = await send(client, case.build(world.visible), world.auth(role))
     assert response.status_code == case.success, response.text
     if key(endpoint) == TEST_RUN:

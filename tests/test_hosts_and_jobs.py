@@ -384,7 +384,7 @@ async def test_job_list_filters_by_status_and_host_across_pages(
     for params, field in (
         ({"host_id": "not-a-uuid"}, "query.host_id"),
         ({"host_id": ""}, "query.host_id"),
-        ({"status": "verifying"}, "query.status"),
+        ({"status": "verify"}, "query.status"),
         ({"status": "unknown"}, "query.status"),
         ({"status": "released", "host_id": "x"}, "query.host_id"),
         ({"host_id": "a\x00b"}, "query.host_id"),

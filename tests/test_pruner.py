@@ -176,9 +176,12 @@ async def test_decided_jobs_and_sent_outbox_rows_expire(pool: asyncpg.Pool) -> N
     await pool.execute(
         """
         INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, received_at, decided_at)
-        VALUES ('old', $1, 'released', now(), now() - interval '40 days', now() - interval '31 days'),
-               ('recent', $1, 'released', now(), now() - interval '2 days', now() - interval '1 day'),
-               ('waiting', $1, 'waiting_health_check', now() + interval '1 hour', now() - interval '40 days', NULL)
+        VALUES ('old', $1, 'failed', now(), now() - interval '40 days', now() - interval '31 days'),
+               ('recent', $1, 'cancelled', now(), now() - interval '2 days', now() - interval '1 day'),
+               ('waiting', $1, 'waiting_health_check', now() + interval '1 hour', now() - interval '40 days', NULL),
+               -- In patch (CONTRACT §6), however old: kept.
+               ('patching', $1, 'released', now(), now() - interval '40 days', now() - interval '31 days'),
+               ('verifying', $1, 'verifying', now(), now() - interval '40 days', now() - interval '31 days')
         """,
         host_id,
     )
@@ -193,7 +196,9 @@ async def test_decided_jobs_and_sent_outbox_rows_expire(pool: asyncpg.Pool) -> N
     await pool.execute("INSERT INTO audit_log (actor, action, entity_type, entity_id, at) VALUES ('cli', 'host.create', 'host', 'x', now() - interval '400 days')")
     report = await prune_once(pool, retention(96))
     assert (report.gate_jobs_deleted, report.outbox_rows_deleted) == (1, 1)
-    assert {row["job_id"] for row in await pool.fetch("SELECT job_id FROM gate_jobs")} == {"recent", "waiting"}
+    assert {row["job_id"] for row in await pool.fetch("SELECT job_id FROM gate_jobs")} == {
+        "recent", "waiting", "patching", "verifying",
+    }  # fmt: skip
     assert await pool.fetchval("SELECT count(*) FROM outbox") == 2
     assert await pool.fetchval("SELECT count(*) FROM audit_log") == 1  # the audit log is kept
 

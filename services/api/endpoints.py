@@ -2,7 +2,8 @@
 answer. The same declaration builds the Starlette route and the OpenAPI document.
 
 Access is decided in a fixed order: no or unknown token → 401; a host or a group outside the caller's
-groups → 404 (its existence is not revealed); a role that may not do this → 403.
+groups → 404 (its existence is not revealed), and so is, for a role that may not act on it, a job with no host
+in the caller's groups; a role that may not do this → 403.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from services.api.auth import Principal, authenticate
 from services.api.context import context_of
 from services.api.paths import SegmentRoute
 from services.api.problems import Problem, forbidden, not_found
-from services.api.requests import path_uuid
+from services.api.requests import path_job_id, path_uuid
 from shared.database import TRANSIENT_DATABASE_ERRORS
+from shared.events import job_key
 from shared.hosts import host_group
+from shared.jobs import job_hosts_of_job
 from shared.tokens import ROLES, Role
 
 Handler = Callable[[Request, Principal], Awaitable[Response]]
@@ -63,6 +66,8 @@ class Endpoint:
                 await _require_visible_host(request, principal, path_uuid(request, "host_id"))
             if "group" in request.path_params and not principal.sees_group(request.path_params["group"]):
                 raise not_found("group")
+            if "job_id" in request.path_params and principal.role not in self.roles:
+                await _require_visible_job(request, principal)
             if principal.role not in self.roles:
                 raise forbidden(f"role {principal.role!r} may not {self.summary.lower()}")
             response = await self.handler(request, principal)
@@ -87,3 +92,12 @@ async def _require_visible_host(request: Request, principal: Principal, host_id:
     group = await host_group(context_of(request).pool, host_id)
     if group is None or not principal.sees_group(group):
         raise not_found("host")
+
+
+async def _require_visible_job(request: Request, principal: Principal) -> None:
+    """404 unless the job has a host in the caller's groups, for a caller whose role may not act on it anyway
+    (CONTRACT §6: halt and resume answer 404 for a job with no host in the caller's groups, 403 for a non-admin
+    who sees it). Those who may act check the job themselves."""
+    key = job_key(path_job_id(request))
+    if not await job_hosts_of_job(context_of(request).pool, key, principal.visible_groups()):
+        raise not_found("job")

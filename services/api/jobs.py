@@ -1,7 +1,9 @@
-"""Gate jobs as the API shows them, read from the gate's table, and the admin's manual override.
+"""Gate jobs as the API shows them, read from the gate's table, the admin's manual override, and halting and
+resuming a job by hand (CONTRACT §6).
 
 The rows are read and written by their owner, shared/jobs.py; an override decides through
-`shared.jobs.decide`, the same function as the gate's own decisions, so a job host is decided once.
+`shared.jobs.decide`, the same function as the gate's own decisions, so a job host is decided once; a manual halt
+goes through `shared.jobs.halt_job`, the gate's own halt.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from services.api.auth import Principal
 from services.api.context import ApiContext, context_of
 from services.api.problems import conflict, not_found
 from services.api.requests import Keyset, PageQuery, json_response, path_job_id, path_uuid, read_model, read_query
-from services.api.schemas import JobHostView, JobListItem, JobView, OverrideRequest, Page
+from services.api.schemas import HaltRequest, JobHostView, JobListItem, JobView, OverrideRequest, Page
 from shared.audit import record_audit
 from shared.database import locked_now
 from shared.events import job_key
@@ -60,6 +62,8 @@ def job_host_fields(row: asyncpg.Record) -> dict[str, Any]:
     """A gate_jobs row (VIEW_COLUMNS) as the fields of a job host view, its `job_id` the one received."""
     values = shared.jobs.as_received(row)
     values["checks"] = json.loads(values["checks"]) if isinstance(values["checks"], str) else values["checks"]
+    # CONTRACT §6: `waiting_for` is [] for a job host that is not waiting, whatever the row last held.
+    values["waiting_for"] = list(values["waiting_for"] or []) if values["status"] == WAITING else []
     return values
 
 
@@ -70,8 +74,18 @@ async def get_job(request: Request, principal: Principal) -> Response:
     rows = await shared.jobs.job_hosts_of_job(context_of(request).pool, job_key(job_id), principal.visible_groups())
     if not rows:
         raise not_found("job")
+    return json_response(await _job_view(context_of(request).pool, job_id, rows))
+
+
+async def _job_view(pool: asyncpg.Pool, job_id: str, rows: list[asyncpg.Record]) -> JobView:
+    """The job (its halt state from `jobs`, none for a job recorded before migration 0010) and its hosts `rows`."""
+    job = await shared.jobs.job_of(pool, job_key(job_id))
     hosts = [JobHostView.model_validate(job_host_fields(row)) for row in rows]
-    return json_response(JobView(job_id=job_id, hosts=hosts))
+    halted_at = None if job is None else job["halted_at"]
+    return JobView(
+        job_id=job_id, max_failed_hosts=None if job is None else job["max_failed_hosts"], halted=halted_at is not None,
+        halted_at=halted_at, halt_reason=None if job is None else job["halt_reason"], hosts=hosts,
+    )  # fmt: skip
 
 
 async def list_jobs(request: Request, principal: Principal) -> Response:
@@ -140,3 +154,54 @@ async def override_on(
             },
         )
     return JobHostView.model_validate(job_host_fields(row))
+
+
+async def halt_job(request: Request, principal: Principal) -> Response:
+    """Halt a job by hand (CONTRACT §6): `POST /api/v1/jobs/{job_id}/halt` with {"reason"}."""
+    return await _halt_or_resume(request, principal, halt=True)
+
+
+async def resume_job(request: Request, principal: Principal) -> Response:
+    """Let a halted job go on (CONTRACT §6): `POST /api/v1/jobs/{job_id}/resume` with {"reason"}."""
+    return await _halt_or_resume(request, principal, halt=False)
+
+
+async def _halt_or_resume(request: Request, principal: Principal, *, halt: bool) -> Response:
+    """Halt or resume a job (admins: the endpoint's guard answered 404 or 403 to the others): 404 without such a
+    job, then the body (422), then 409 when it is already halted / not halted.
+
+    One transaction: the job's row locked (`shared.jobs.lock_job`, before any job host: the lock order of
+    halting), the halt (its waiting job hosts failed job_halted, job.halted with `by` = the token's name) or
+    the resume (job.resumed), and the audit entry (`job.halt` / `job.resume`) commit together. 200 with the
+    job as `GET /api/v1/jobs/{job_id}` shows it to the caller."""
+    job_id = path_job_id(request)
+    context = context_of(request)
+    key = job_key(job_id)
+    if not await shared.jobs.job_hosts_of_job(context.pool, key, principal.visible_groups()):
+        raise not_found("job")  # an admin's 404; other roles were answered before (services/api/endpoints.py)
+    body: HaltRequest = await read_model(request, HaltRequest)
+    async with context.pool.acquire() as connection, connection.transaction():
+        await shared.jobs.lock_job(connection, key)
+        if halt:
+            done = await shared.jobs.halt_job(
+                connection, job_id, reason="manual", detail=body.reason, by=principal.name, source=context.source
+            )
+            if done is None:
+                raise conflict("this job is already halted")
+            changes: dict[str, Any] = {
+                "reason": body.reason,
+                "halted": {"from": False, "to": True},
+                "failed_waiting_hosts": [str(host_id) for host_id in done.failed_waiting],
+            }
+        else:
+            if await shared.jobs.resume_job(
+                connection, job_id, detail=body.reason, by=principal.name, source=context.source
+            ) is None:  # fmt: skip
+                raise conflict("this job is not halted")
+            changes = {"reason": body.reason, "halted": {"from": True, "to": False}}
+        await record_audit(
+            connection, actor=principal.name, action="job.halt" if halt else "job.resume", entity_type="job",
+            entity_id=job_id, changes=changes,
+        )  # fmt: skip
+    rows = await shared.jobs.job_hosts_of_job(context.pool, key, principal.visible_groups())
+    return json_response(await _job_view(context.pool, job_id, rows))

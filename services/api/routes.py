@@ -14,6 +14,7 @@ from services.api.schemas import (
     AuditEntry,
     CheckWrite,
     GroupView,
+    HaltRequest,
     HostCreate,
     HostView,
     HostWrite,
@@ -203,6 +204,33 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         body=OverrideRequest,
         response=JobHostView,
         errors=(400, 404, 409, 413, 422),
+    ),
+    *(
+        Endpoint(
+            "POST",
+            JOB + "/" + action,
+            handler,
+            summary,
+            ADMIN,
+            "jobs",
+            body=HaltRequest,
+            response=JobView,
+            errors=(400, 403, 404, 409, 413, 422),
+            description="404 when none of the job's hosts is in the caller's groups, 403 for a non-admin who sees"
+            " it; audited job." + action + ". " + effect,
+        )
+        for action, handler, summary, effect in (
+            (
+                "halt", jobs.halt_job, "Halt a job",
+                "Its waiting hosts fail with reason job_halted and later job.starts fail at once; job.halted (reason"
+                " manual) is published. 409 when the job is already halted.",
+            ),
+            (
+                "resume", jobs.resume_job, "Resume a halted job",
+                "New job.starts are gated again; hosts that failed stay failed; job.resumed is published. 409 when the"
+                " job is not halted.",
+            ),
+        )
     ),
     Endpoint(
         "GET",

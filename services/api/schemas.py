@@ -25,8 +25,9 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from services.api.targets import address_problems, url_problems
-from shared.events import CheckSummary, HostHealthStatus
+from shared.events import CheckSummary, HaltReason, HostHealthStatus, WaitingFor
 from shared.group_policies import GroupPolicy
+from shared.jobs import JobStatus
 
 ItemT = TypeVar("ItemT")
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -377,10 +378,22 @@ class ResultView(BaseModel):
 
 class JobHostView(BaseModel):
     host_id: uuid.UUID
-    status: Literal["waiting_health_check", "released", "failed", "cancelled"]
+    status: JobStatus
+    waiting_for: list[WaitingFor] = Field(
+        description="what a waiting job host waits for (CONTRACT §6); [] when it is not waiting"
+    )
     window_ends_at: AwareDatetime | None = Field(description="null only for an invalid request")
     received_at: AwareDatetime
     decided_at: AwareDatetime | None
+    finished_at: AwareDatetime | None = Field(
+        description="when the executor was done (job.finished), or the window's end without one; null before"
+    )
+    outcome: Literal["succeeded", "failed"] | None = Field(
+        description="the executor's outcome from job.finished; null without one"
+    )
+    verified_at: AwareDatetime | None = Field(
+        description="when verification after patching ended (verified or verification_failed); null before"
+    )
     reason: str | None
     detail: str | None
     checks: list[CheckSummary]
@@ -390,6 +403,10 @@ class JobHostView(BaseModel):
 
 class JobView(BaseModel):
     job_id: str
+    max_failed_hosts: int | None = Field(description="from the job's first job.start that carried it; null: no limit")
+    halted: bool
+    halted_at: AwareDatetime | None
+    halt_reason: HaltReason | None = Field(description="max_failed_hosts or manual; null when not halted")
     hosts: list[JobHostView]
 
 
@@ -413,6 +430,12 @@ class GroupView(BaseModel):
         description="the group's unavailable hosts: in maintenance or unhealthy, each counted once"
     )
     policy: GroupPolicy
+
+
+class HaltRequest(RequestModel):
+    """`POST /api/v1/jobs/{job_id}/halt` and `/resume` (CONTRACT §6): why, in the admin's words."""
+
+    reason: Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"\S")]
 
 
 class AuditEntry(BaseModel):

@@ -1,5 +1,5 @@
-"""The gate's message handling: job.start and job.cancel in, check.result to wake waiting jobs, and
-the timers that retry failing checks and close windows.
+"""The gate's message handling: job.start, job.cancel and job.finished in, check.result to wake waiting and
+verifying jobs, and the timers that retry failing checks, close windows and verify (services/gate/verification.py).
 
 Follow a job.start: `GATE_JOBS_QUEUE` → `on_job_message` → `start` → a waiting row (`shared.jobs.insert_waiting`)
 → `evaluate` under the row's lock → a decision and its event in the outbox, or job.waiting and a
@@ -32,6 +32,7 @@ from services.gate.evaluation import (
     record_invalid_request,
 )
 from services.gate.rules import UnknownHostPolicy, Verdict
+from services.gate.verification import VerificationMetrics, Verifier
 from shared import jobs
 from shared.consuming import Consumers
 from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, is_transient_database_error
@@ -69,6 +70,7 @@ class GateMetrics:
             "healthgate_gate_handling_seconds", "Time to handle an inbound message", ["routing_key"],
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=registry,
         )  # fmt: skip
+        self.verification = VerificationMetrics(registry)
 
 
 def salvage_identity(data: object) -> tuple[str, uuid.UUID] | None:
@@ -106,6 +108,9 @@ class Gate:
         self._database = database
         self._retry_seconds = retry_seconds
         self._unknown_host = unknown_host
+        self._verifier = Verifier(
+            pool, metrics.verification, metrics.decisions, retry_seconds=retry_seconds, batch=TIMER_BATCH
+        )
 
     def consume(self, consumers: Consumers) -> None:
         """Register the gate's two consumers (they run while the database answers)."""
@@ -122,6 +127,8 @@ class Gate:
                 outcome = await self._on_job_start(message.body)
             elif routing_key == "job.cancel":
                 outcome = await self._on_job_cancel(message.body)
+            elif routing_key == "job.finished":
+                outcome = await self._verifier.on_job_finished(message.body)
             else:
                 outcome = "unexpected"
         except MalformedEvent as exc:
@@ -169,16 +176,25 @@ class Gate:
 
     async def start(self, job: JobStart) -> str:
         """Record a valid job.start and evaluate it at once; "duplicate" if the job host was known."""
-        if not await self._transaction(lambda c: jobs.insert_waiting(c, job)):
+        if not await self._transaction(lambda c: self._record(c, job)):
             return "duplicate"
         # The row is committed before it is evaluated: a result committed after this evaluation read
         # the checks finds the row (and waits for its lock), so no wake-up falls between the two.
-        evaluation = await self._transaction(
-            lambda c: self._evaluate_one(c, job.job_id, job.host_id, rerun_failing=True)
-        )
+        evaluation = await self._transaction(lambda c: self._evaluate_started(c, job))
         if evaluation is not None:
             self._decided(evaluation)
         return "started"
+
+    async def _record(self, connection: Connection, job: JobStart) -> bool:
+        # The job's row first (its lock, then the job host's: the lock order of halting), so a halt either
+        # sees this waiting row or committed before it and is seen by `fail_if_halted`.
+        await jobs.record_job(connection, job.job_id, job.max_failed_hosts)
+        return await jobs.insert_waiting(connection, job)
+
+    async def _evaluate_started(self, connection: Connection, job: JobStart) -> Evaluation | None:
+        if await self._verifier.fail_if_halted(connection, job.job_id, job.host_id):
+            return None  # failed job_halted, counted and logged
+        return await self._evaluate_one(connection, job.job_id, job.host_id, rerun_failing=True)
 
     async def _evaluate_one(
         self, connection: Connection, job_id: str, host_id: uuid.UUID, *, rerun_failing: bool
@@ -228,6 +244,13 @@ class Gate:
             else:
                 for evaluation in evaluations:
                     self._decided(evaluation)
+            try:
+                await self._verifier.on_healthy_result(result.host_id)
+            except Exception as exc:
+                if is_transient_database_error(exc):
+                    raise
+                # A missed wake-up costs one retry interval at most: the verification timer comes.
+                log.exception("could not verify a host's verifying jobs on a result")
         await message.ack()
 
     async def _wake_host(self, connection: Connection, host_id: uuid.UUID) -> list[Evaluation]:
@@ -262,7 +285,7 @@ class Gate:
                 evaluations.append(await self._evaluate(connection, row, rerun_failing=True))
         for evaluation in evaluations:
             self._decided(evaluation)
-        return len(due)
+        return max(len(due), await self._verifier.run_due_timers())
 
     # ---- helpers ---------------------------------------------------------------------------------
 

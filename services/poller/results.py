@@ -26,6 +26,7 @@ from shared.database import Connection
 from shared.details import safe_detail
 from shared.events import CheckResult, CheckStatusChanged, EventModel
 from shared.hosts import lock_hosts, refresh_host_status
+from shared.jobs import maintenance_of_hosts
 from shared.outbox import enqueue_many
 from shared.results import copy_results
 
@@ -119,6 +120,9 @@ async def store_results(
     last_run: dict[uuid.UUID, FinishedRun] = {}
     details: dict[uuid.UUID, str] = {}
     changes: list[CheckStatusChanged] = []
+    # CONTRACT §6: status events say whether a job is patching the host, as read in this transaction (which
+    # holds the hosts' locks); asked only for hosts whose check flips, once per batch.
+    maintenance: dict[uuid.UUID, bool] = {}
     for run in sorted(runs, key=lambda run: run.checked_at):
         state = states.get(run.check_id)
         if state is None:
@@ -157,6 +161,9 @@ async def store_results(
         events.append(("check.result", result))
         if after.status != before.status:
             flipped_hosts.add(state["host_id"])
+            if state["host_id"] not in maintenance:
+                in_patch = await maintenance_of_hosts(connection, [state["host_id"]])
+                maintenance[state["host_id"]] = state["host_id"] in in_patch
             change = CheckStatusChanged(
                 check_id=run.check_id,
                 host_id=state["host_id"],
@@ -164,6 +171,7 @@ async def store_results(
                 current=after.status,
                 detail=detail,
                 at=run.checked_at,
+                in_maintenance=maintenance[state["host_id"]],
             )
             events.append(("check.status_changed", change))
             changes.append(change)
