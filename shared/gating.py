@@ -1,7 +1,7 @@
 """The gate's view of a host's checks: its enabled critical checks ("gating checks") and what the pollers
 last learnt of each, now (`gating_checks`, from `check_state`) or as they stood at a moment
 (`gating_checks_as_of`, from `check_results`). Read-only: the tables are written by their owners
-(docs/architecture.md, "Who writes which table"). The gate's rules (services/gate/rules.py) judge these,
+(docs/architecture.md, "Who writes which table"). The gate's rules (shared/gate_rules.py) judge these,
 and the job events and the API's override describe a job host's checks with them.
 """
 

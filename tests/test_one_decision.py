@@ -27,7 +27,7 @@ from services.api.problems import Problem
 from services.api.schemas import OverrideRequest
 from services.gate.evaluation import EVENT_SOURCE as GATE_SOURCE
 from services.gate.evaluation import cancel, evaluate_job_host
-from services.gate.rules import Verdict
+from shared.gate_rules import Verdict
 from shared import hosts
 from shared.crypto import SecretBox
 from shared.database import create_pool

@@ -31,7 +31,7 @@ from services.gate.evaluation import (
     loggable_job_id,
     record_invalid_request,
 )
-from services.gate.rules import UnknownHostPolicy, Verdict
+from shared.gate_rules import UnknownHostPolicy, Verdict
 from shared import jobs
 from shared.consuming import Consumers
 from shared.database import DATABASE_ERRORS, DatabaseWatch, is_transient_database_error

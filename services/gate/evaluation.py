@@ -1,4 +1,4 @@
-"""The gate's evaluation of a job host: the rules (services/gate/rules.py) applied to a waiting row, and what
+"""The gate's evaluation of a job host: the rules (shared/gate_rules.py) applied to a waiting row, and what
 follows from the verdict. The rows are written by their owner, shared/jobs.py: every decision goes through
 `shared.jobs.decide`, the one function the api's override calls too, so a job host is decided at most once
 and its event commits with it.
@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.gate import rules
-from services.gate.rules import UnknownHostPolicy, Verdict
+from shared import gate_rules as rules
+from shared.gate_rules import UnknownHostPolicy, Verdict
 from shared import jobs
 from shared.database import locked_now
 from shared.details import clip_detail, safe_detail
