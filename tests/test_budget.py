@@ -296,3 +296,20 @@ async def test_override_may_exceed_the_budget_and_says_so(
         f"; disruption budget exceeded: disruption budget of group {group}: 1 of 1 unavailable: {holder} (job {job} patching)"
     )
     await events.wait_for("job.released", of_job(job), count=2)
+
+
+async def test_job_start_of_a_halted_job_fails_at_once(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+) -> None:
+    """The release side reads jobs.halted_at (halting itself is written by shared/jobs.py's halting section):
+    here the job is halted in SQL; a host of a group and an unknown host both fail job_halted."""
+    ((host_id, _),) = await make_hosts(admin, group_name(), 1)
+    job = f"halted-{uuid.uuid4().hex[:6]}"
+    await db.execute(
+        "INSERT INTO jobs (job_id, halted_at, halt_reason, halt_count) VALUES ($1, now(), 'manual', 1)", job
+    )
+    for host in (host_id, str(uuid.uuid4())):
+        await jobs.start(job, host)
+    failed = await events.wait_for("job.failed", of_job(job), count=2)
+    assert {event.data["reason"] for event in failed} == {"job_halted"}
+    assert events.matching("job.released", of_job(job)) == []
