@@ -2,7 +2,8 @@
 the table (docs/architecture.md, "Who writes which table"), and it holds the reads of it too.
 
 - the gate records a job.start as waiting (`insert_waiting`), locks waiting rows to evaluate them
-  (`lock_waiting`, `lock_waiting_on_host`, and the timers' `lock_due`), keeps a row waiting with its
+  (`lock_waiting`; a group's release pass: `lock_group`, then `lock_waiting_in_group`; the timers find due
+  rows with `due_waiting`), keeps a row waiting with its
   job.waiting announced once and its retry timer moved on (`keep_waiting`), and decides;
 - the api's override (and the dashboard's) locks the row (`lock_job_host`) and decides;
 - the api and the dashboard list and show job hosts; the pruner deletes decided rows past their
@@ -148,33 +149,6 @@ async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uui
         host_id,
     )
     return row
-
-
-async def lock_waiting_on_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
-    """Waiting jobs of a host, locked; waits for a gate evaluating them now, then sees its outcome."""
-    return await connection.fetch(
-        f"""
-        SELECT {LOCKED_COLUMNS} FROM gate_jobs
-        WHERE host_id = $1 AND status = 'waiting_health_check'
-        ORDER BY job_id
-        FOR UPDATE
-        """,
-        host_id,
-    )
-
-
-async def lock_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
-    """Waiting jobs whose retry or window end has come; other gates take the others (SKIP LOCKED)."""
-    return await connection.fetch(
-        f"""
-        SELECT {LOCKED_COLUMNS} FROM gate_jobs
-        WHERE status = 'waiting_health_check' AND (next_retry_at <= now() OR window_ends_at <= now())
-        ORDER BY LEAST(next_retry_at, window_ends_at)
-        LIMIT $1
-        FOR UPDATE SKIP LOCKED
-        """,
-        limit,
-    )
 
 
 async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> str | None:
