@@ -93,13 +93,15 @@ else
 	done
 endif
 
-## lint: static checks (formatting is not enforced).
+## lint: static checks (formatting is not enforced): ruff, then mypy in strict mode on shared/ and services/
+## (configured in pyproject.toml, [tool.mypy]).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 ## clean: caches and build output. Keeps .venv and var/ (var/ holds the key file: never delete it casually).
 clean:
-	rm -rf build dist .pytest_cache .ruff_cache *.egg-info
+	rm -rf build dist .pytest_cache .ruff_cache .mypy_cache *.egg-info
 	find . -path ./$(VENV) -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
 
 ## distclean: clean, and remove the virtualenv too.

@@ -15,6 +15,8 @@ from typing import Any
 
 import asyncpg
 
+from shared.database import Connection
+
 SECRET_FIELDS = frozenset({"basic_auth_pass"})
 SECRET_MARK = "<changed>"
 
@@ -36,7 +38,7 @@ def diff(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
 
 
 async def record_audit(
-    connection: asyncpg.Connection,
+    connection: Connection,
     *,
     actor: str,
     action: str,
@@ -60,7 +62,7 @@ async def record_audit(
     )
 
 
-async def audit_page(connection: asyncpg.Connection, *, limit: int, before_id: int | None) -> list[asyncpg.Record]:
+async def audit_page(connection: Connection, *, limit: int, before_id: int | None) -> list[asyncpg.Record]:
     """Up to `limit` entries, newest first, with an id below `before_id` (the previous page's last)."""
     return await connection.fetch(
         """

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from shared.database import Connection
 from shared.events import CheckStatus, ResultReason
 
 
@@ -59,12 +60,12 @@ class StateAfter:
     last_slot: dt.datetime | None
 
 
-async def create_state(connection: asyncpg.Connection, check_id: uuid.UUID, host_id: uuid.UUID) -> None:
+async def create_state(connection: Connection, check_id: uuid.UUID, host_id: uuid.UUID) -> None:
     """The state of a new check (unknown, no result yet), in the transaction that creates the check."""
     await connection.execute("INSERT INTO check_state (check_id, host_id) VALUES ($1, $2)", check_id, host_id)
 
 
-async def lock_for_results(connection: asyncpg.Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+async def lock_for_results(connection: Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
     """Lock the states of these checks in id order (`check_ids` sorted), after their hosts: rows of
     check_id, host_id, status, consecutive_failures, consecutive_successes, last_slot and the check's
     failures_before_unhealthy and successes_before_healthy. A deleted check has no row."""
@@ -82,7 +83,7 @@ async def lock_for_results(connection: asyncpg.Connection, check_ids: Sequence[u
     )
 
 
-async def store_states(connection: asyncpg.Connection, states: Sequence[StateAfter]) -> None:
+async def store_states(connection: Connection, states: Sequence[StateAfter]) -> None:
     """Store each check's state after a batch in one statement, in the batch's transaction (rows locked
     by `lock_for_results`); `status_changed_at` moves to the result's time when the status changed, and
     `healthy_since` (CONTRACT §3, §6 stable_seconds) is that time when the check becomes healthy, kept while it

@@ -18,11 +18,13 @@ from typing import Any
 
 import asyncpg
 
+from shared.database import Connection
 from shared.results import delete_results_of_check
 
 # A check with what the pollers last learnt of it, as the api and the dashboard show it.
 CHECK_SELECT = """
-    SELECT c.*, s.status, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms, s.last_checked_at
+    SELECT c.*, s.status, s.healthy_since, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms,
+           s.last_checked_at
     FROM health_checks c
     JOIN check_state s ON s.check_id = c.id
 """
@@ -32,7 +34,7 @@ CHECK_SELECT = """
 
 
 async def insert_check(
-    connection: asyncpg.Connection, check_id: uuid.UUID, host_id: uuid.UUID, values: Mapping[str, Any]
+    connection: Connection, check_id: uuid.UUID, host_id: uuid.UUID, values: Mapping[str, Any]
 ) -> None:
     """Create a check: `values` maps each writable column to its value. Raises
     asyncpg.UniqueViolationError when the host has a check of that name."""
@@ -47,7 +49,7 @@ async def insert_check(
 
 
 async def update_check(
-    connection: asyncpg.Connection, check_id: uuid.UUID, host_id: uuid.UUID, values: Mapping[str, Any]
+    connection: Connection, check_id: uuid.UUID, host_id: uuid.UUID, values: Mapping[str, Any]
 ) -> None:
     """Replace a check's writable columns (`values`) and stamp `updated_at`. Raises
     asyncpg.UniqueViolationError when the host has another check of that name."""
@@ -60,7 +62,7 @@ async def update_check(
     )
 
 
-async def delete_check(connection: asyncpg.Connection, check_id: uuid.UUID) -> None:
+async def delete_check(connection: Connection, check_id: uuid.UUID) -> None:
     """Delete a check and its results (a partitioned table has no foreign key here, so they are deleted
     explicitly); its state and schedule cascade."""
     await delete_results_of_check(connection, check_id)
@@ -71,7 +73,7 @@ async def delete_check(connection: asyncpg.Connection, check_id: uuid.UUID) -> N
 
 
 async def fetch_check(
-    connection: asyncpg.Connection, host_id: uuid.UUID, check_id: uuid.UUID, *, for_update: bool = False
+    connection: Connection, host_id: uuid.UUID, check_id: uuid.UUID, *, for_update: bool = False
 ) -> asyncpg.Record | None:
     """A check of the host (CHECK_SELECT: the check with its state), its row locked when `for_update`;
     None if the host has no such check."""
@@ -82,23 +84,23 @@ async def fetch_check(
     return row
 
 
-async def checks_of_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
+async def checks_of_host(connection: Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
     """The host's checks (CHECK_SELECT), oldest first."""
     return await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
 
 
-async def check_ids_of_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[uuid.UUID]:
+async def check_ids_of_host(connection: Connection, host_id: uuid.UUID) -> list[uuid.UUID]:
     """The ids of the host's checks (a host being deleted deletes each one first)."""
     return [row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)]
 
 
-async def count_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> int:
+async def count_checks(connection: Connection, host_id: uuid.UUID) -> int:
     """How many checks the host has (the api's 5-check limit; the caller holds the host's lock)."""
     count: int = await connection.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", host_id)
     return count
 
 
-async def count_service_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> int:
+async def count_service_checks(connection: Connection, host_id: uuid.UUID) -> int:
     """The host's service checks, which need its agent_url."""
     count: int = await connection.fetchval(
         "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'service'", host_id
@@ -106,7 +108,7 @@ async def count_service_checks(connection: asyncpg.Connection, host_id: uuid.UUI
     return count
 
 
-async def count_tcp_checks_without_address(connection: asyncpg.Connection, host_id: uuid.UUID) -> int:
+async def count_tcp_checks_without_address(connection: Connection, host_id: uuid.UUID) -> int:
     """The host's tcp checks without an address, which connect to the host's name."""
     count: int = await connection.fetchval(
         "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'tcp' AND address IS NULL",
@@ -115,7 +117,7 @@ async def count_tcp_checks_without_address(connection: asyncpg.Connection, host_
     return count
 
 
-async def checks_to_run(connection: asyncpg.Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+async def checks_to_run(connection: Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
     """What a poller needs to run these checks: each check's settings (its password still encrypted), its
     host's name (`host_name`) and `agent_url`. A check deleted since has no row."""
     return await connection.fetch(

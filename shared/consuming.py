@@ -18,7 +18,9 @@ delivery for each: after five, a valid job.start would be dead-lettered and neve
   queue only, and the original is acked. If that publish fails, the original is nacked with requeue as a
   last resort (counted).
 - On SIGTERM (`stop`), consuming stops first, the handlers at work get `grace_seconds` to finish, and
-  the messages of those that do not are handed back.
+  the messages of those that do not are handed back at once, without waiting for the handler to end (a
+  query to a database that stopped answering ends only at its command timeout, past what a supervisor
+  waits before it kills the process, which would count a delivery for each message held).
 
 What still counts a delivery is what the limit is for: a handler that fails for another reason (a bug,
 a conflict) nacks with requeue after a second, and a process that dies while it handles a message (in
@@ -110,6 +112,8 @@ class Consumers:
         self._stopping = False
         self._working: set[asyncio.Task[None]] = set()
         self._deliveries: set[asyncio.Task[None]] = set()
+        # Set by `stop` when the grace period is over: deliveries stop waiting for their handlers.
+        self._given_up = asyncio.Event()
 
     def add(self, spec: QueueSpec, handler: Handler, *, prefetch: int) -> None:
         """Consume the topology's queue `spec` with `handler`, at most `prefetch` messages at once."""
@@ -148,8 +152,7 @@ class Consumers:
         await self._reconcile()
         if self._working:
             await asyncio.wait(set(self._working), timeout=grace_seconds)
-        for work in self._working:
-            work.cancel()
+        self._given_up.set()
         if self._deliveries:
             await asyncio.wait(set(self._deliveries), timeout=HAND_BACK_SECONDS)
 
@@ -184,19 +187,31 @@ class Consumers:
                 await self._pause_then_hand_back(consumer, message)
                 return
             work = asyncio.ensure_future(consumer.handler(message))
+            work.add_done_callback(_retrieve)
             self._working.add(work)
+            giving_up = asyncio.ensure_future(self._given_up.wait())
             try:
-                await work
+                await asyncio.wait({work, giving_up}, return_when=asyncio.FIRST_COMPLETED)
             except asyncio.CancelledError:
-                if delivery.cancelling():
-                    raise  # the channel closed under us: the broker has the message back already
-                await self._pause_then_hand_back(consumer, message)  # stop() ran out of patience
-                return
-            except Exception as exc:
-                await self._failed(consumer, message, exc)
-                return
+                work.cancel()  # the channel closed under us: the broker has the message back already
+                raise
             finally:
+                giving_up.cancel()
                 self._working.discard(work)
+            if not work.done() or work.cancelled():
+                # stop() ran out of patience. The work may be stuck where a cancel does not reach at
+                # once (a query to a database that stopped answering ends only at its command timeout):
+                # the message is handed back now, not when the work ends. Should the work still commit
+                # later, the copy is a second delivery, which every handler tolerates.
+                work.cancel()
+                await self._pause_then_hand_back(consumer, message)
+                return
+            error = work.exception()
+            if isinstance(error, Exception):
+                await self._failed(consumer, message, error)
+                return
+            if error is not None:
+                raise error
             if not _processed(message):  # the handler may have settled it (a reject)
                 await _settle(message.ack())
         finally:
@@ -261,6 +276,13 @@ def _log_broker_error(message: str, queue: str, error: BaseException) -> None:
     expected = (*SETTLE_ERRORS, TimeoutError, OSError, asyncio.CancelledError)
     level = logging.DEBUG if isinstance(error, expected) else logging.WARNING
     log.log(level, message, extra={"queue": queue, "error": describe_error(error)})
+
+
+def _retrieve(work: asyncio.Future[None]) -> None:
+    """Done callback of a handler's task: one that `stop` abandoned may end later with an error (its
+    message was handed back meanwhile, so acking it fails); that is expected, not "never retrieved"."""
+    if not work.cancelled():
+        work.exception()
 
 
 def _handbacks(message: AbstractIncomingMessage) -> int:

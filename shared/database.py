@@ -7,13 +7,20 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+from typing import TypeAlias
 
 import asyncpg
+import asyncpg.pool
 
 from shared.outages import OutageLog, describe_error
 from shared.settings import redact_url
 
 log = logging.getLogger(__name__)
+
+# What a function that runs queries takes: a connection of its own (`asyncpg.connect`) or one acquired from
+# the pool. `Pool.acquire()` yields a PoolConnectionProxy, which forwards every call to its Connection but
+# is not a subclass of it (asyncpg's design), so annotating either alone would refuse the other.
+Connection: TypeAlias = asyncpg.Connection | asyncpg.pool.PoolConnectionProxy
 
 # Rows per DELETE of `delete_in_batches`: each batch is its own short transaction.
 DELETE_BATCH = 5000
@@ -28,7 +35,7 @@ DELETE_BATCH = 5000
 # - 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now (starting, shutting down, in
 #   recovery) — not the rest of class 57, such as 57014 query_canceled (a statement timeout);
 # - 53300 too many connections: the server is full, not our query.
-TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
+TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
     asyncpg.InterfaceError,
@@ -40,15 +47,16 @@ TRANSIENT_DATABASE_ERRORS: tuple[type[BaseException], ...] = (
 # Every error of the database or of the connection to it: an outage (above), or PostgreSQL refusing the
 # work (asyncpg.PostgresError: a bad query, a constraint, a conflict). What a task that must not die on
 # either catches, before it asks `is_transient_database_error` (or `DatabaseWatch.wait_out`) which it was.
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
+DATABASE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
 # asyncpg InterfaceErrors that are our mistake, not an outage.
-_NOT_TRANSIENT: tuple[type[BaseException], ...] = (
+_NOT_TRANSIENT: tuple[type[Exception], ...] = (
     asyncpg.exceptions.ClientConfigurationError,
     asyncpg.exceptions.UnsupportedClientFeatureError,
     asyncpg.exceptions.UnsupportedServerFeatureError,
 )
 PROBE_INTERVAL_SECONDS = 0.5
 PROBE_TIMEOUT_SECONDS = 3.0
+POOL_CLOSE_SECONDS = 3.0
 
 
 def is_transient_database_error(error: BaseException) -> bool:
@@ -159,7 +167,7 @@ async def _keep_session_state(connection: asyncpg.Connection) -> None:
     other session state (session advisory locks, SET) must undo it before releasing."""
 
 
-async def locked_now(connection: asyncpg.Connection) -> dt.datetime:
+async def locked_now(connection: Connection) -> dt.datetime:
     """The database's clock now, for a transaction that holds the rows it is about to stamp.
 
     Writers of one row serialise on its lock, so times read after the lock order their changes as they
@@ -181,6 +189,18 @@ async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asy
         raise DatabaseUnavailable(f"cannot connect to {redact_url(dsn)}: {exc}") from None
     assert pool is not None
     return pool
+
+
+async def close_pool(pool: asyncpg.Pool, timeout: float = POOL_CLOSE_SECONDS) -> None:
+    """Close the pool politely if it can be done within `timeout` seconds, else cut every connection
+    (`terminate`). A plain `close()` waits for every connection in use to be released and each to say
+    goodbye to the server: on a database that stopped answering (hung, or cut off by the network) it
+    would wait for ever, and a service asked to stop (a deploy's SIGTERM) would be killed instead."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout)
+    except TimeoutError:
+        log.info("PostgreSQL did not answer while closing the pool; closing its connections at once")
+        pool.terminate()
 
 
 async def delete_in_batches(pool: asyncpg.Pool, statement: str, before: dt.datetime, batch: int = DELETE_BATCH) -> int:

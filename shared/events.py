@@ -256,6 +256,8 @@ class CheckView(EventModel):
     address: str | None = None
     max_latency_ms: int | None = None
     status: CheckStatus
+    # CONTRACT §3, §6 stable_seconds: when the check last became healthy; null unless it is healthy.
+    healthy_since: AwareDatetime | None = None
     last_result: CheckResultView | None
     created_at: AwareDatetime
     updated_at: AwareDatetime

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from shared.database import Connection
 from shared.events import CheckSummary
 from shared.results import latest_results_at
 
@@ -83,13 +84,13 @@ def _gating_check(row: asyncpg.Record) -> GatingCheck:
     )
 
 
-async def gating_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[GatingCheck] | None:
+async def gating_checks(connection: Connection, host_id: uuid.UUID) -> list[GatingCheck] | None:
     """The host's enabled critical checks; None if the host is unknown."""
     return (await gating_checks_of_hosts(connection, [host_id])).get(host_id)
 
 
 async def gating_checks_of_hosts(
-    connection: asyncpg.Connection, host_ids: list[uuid.UUID]
+    connection: Connection, host_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, list[GatingCheck]]:
     """The enabled critical checks of each of `host_ids`, by host, in one statement (a group's release pass
     reads all its waiting hosts at once); an unknown host is absent."""
@@ -102,7 +103,7 @@ async def gating_checks_of_hosts(
 
 
 async def gating_checks_as_of(
-    connection: asyncpg.Connection, checks: list[GatingCheck], moment: dt.datetime
+    connection: Connection, checks: list[GatingCheck], moment: dt.datetime
 ) -> list[GatingCheck]:
     """`checks` as they stood at `moment`: each with its latest result whose `checked_at` is at or before
     `moment` (the result's `status`, `healthy`, `detail` and time, from `check_results`), or with no
@@ -132,6 +133,6 @@ def _healthy_since_then(check: GatingCheck, status_then: str | None, moment: dt.
     return check.healthy_since
 
 
-async def gating_check_summaries(connection: asyncpg.Connection, host_id: uuid.UUID) -> list[CheckSummary]:
+async def gating_check_summaries(connection: Connection, host_id: uuid.UUID) -> list[CheckSummary]:
     """The host's enabled critical checks with their last result, as job events and jobs show them."""
     return [check.summary() for check in await gating_checks(connection, host_id) or []]

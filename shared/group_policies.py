@@ -9,13 +9,29 @@ written "N%" (1-100), rounded down and at least 1 (`budget_limit`). It is stored
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import asyncpg
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    field_validator,
+)
+
+from shared.database import Connection
 
 NoChecksPolicy = Literal["release", "fail"]
+PERCENT_PATTERN = r"^[0-9]{1,3}%$"
 _PERCENT = re.compile(r"^(?P<value>[0-9]{1,3})%$")
+# The count is stored as a PostgreSQL integer.
+MAX_BUDGET_COUNT = 2**31 - 1
+BudgetCount = Annotated[StrictInt, Field(ge=1, le=MAX_BUDGET_COUNT)]
+BudgetPercent = Annotated[str, Field(pattern=PERCENT_PATTERN)]
+BUDGET_MESSAGE = f'must be null, an integer from 1 to {MAX_BUDGET_COUNT}, or a percentage "N%" with N from 1 to 100'
 
 POLICY_COLUMNS = (
     "stable_seconds, release_cutoff_seconds, no_checks, max_unavailable_count, max_unavailable_percent, "
@@ -33,16 +49,22 @@ class GroupPolicy(BaseModel):
     stable_seconds: Annotated[StrictInt, Field(ge=0, le=86400)] = 0
     release_cutoff_seconds: Annotated[StrictInt, Field(ge=0, le=86400)] = 0
     no_checks: NoChecksPolicy = "release"
-    max_unavailable: Annotated[StrictInt, Field(ge=1)] | str | None = None
+    max_unavailable: BudgetCount | BudgetPercent | None = None
     verify_delay_seconds: Annotated[StrictInt, Field(ge=0, le=3600)] = 0
     verify_timeout_seconds: Annotated[StrictInt, Field(ge=10, le=86400)] = 900
 
-    @field_validator("max_unavailable")
+    @field_validator("max_unavailable", mode="wrap")
     @classmethod
-    def _budget(cls, value: int | str | None) -> int | str | None:
-        if isinstance(value, str) and percent_of(value) is None:
-            raise ValueError('must be null, an integer ≥ 1, or a percentage "N%" with N from 1 to 100')
-        return value
+    def _budget(cls, value: Any, handler: ValidatorFunctionWrapHandler) -> int | str | None:
+        # One message for any bad value: pydantic's own would be one per alternative of the union
+        # ("max_unavailable.constrained-int", "max_unavailable.str"), which names no field a client sent.
+        try:
+            budget: int | str | None = handler(value)
+        except ValidationError:
+            raise ValueError(BUDGET_MESSAGE) from None
+        if isinstance(budget, str) and percent_of(budget) is None:
+            raise ValueError(BUDGET_MESSAGE)
+        return budget
 
     @property
     def max_unavailable_count(self) -> int | None:
@@ -89,13 +111,13 @@ def _from_row(row: asyncpg.Record | None) -> GroupPolicy:
     )
 
 
-async def policy_of(connection: asyncpg.Connection | asyncpg.Pool, group: str) -> GroupPolicy:
+async def policy_of(connection: Connection | asyncpg.Pool, group: str) -> GroupPolicy:
     """The group's policy, the defaults when it has none."""
     row = await connection.fetchrow(f'SELECT {POLICY_COLUMNS} FROM group_policies WHERE "group" = $1', group)
     return _from_row(row)
 
 
-async def policies_of(connection: asyncpg.Connection | asyncpg.Pool, groups: list[str]) -> dict[str, GroupPolicy]:
+async def policies_of(connection: Connection | asyncpg.Pool, groups: list[str]) -> dict[str, GroupPolicy]:
     """The policies of `groups`, by group; the defaults for a group without one."""
     rows = await connection.fetch(
         f'SELECT "group", {POLICY_COLUMNS} FROM group_policies WHERE "group" = ANY($1::text[])', groups
@@ -104,12 +126,19 @@ async def policies_of(connection: asyncpg.Connection | asyncpg.Pool, groups: lis
     return {group: found.get(group, GroupPolicy()) for group in groups}
 
 
-async def has_policy(connection: asyncpg.Connection | asyncpg.Pool, group: str) -> bool:
+async def has_policy(connection: Connection | asyncpg.Pool, group: str) -> bool:
     """Whether the group has a stored policy (a group exists while a host or a policy names it)."""
     return bool(await connection.fetchval('SELECT true FROM group_policies WHERE "group" = $1', group))
 
 
-async def put_policy(connection: asyncpg.Connection, group: str, policy: GroupPolicy) -> GroupPolicy:
+async def lock_group(connection: Connection, group: str) -> None:
+    """Take the group's transaction-scoped advisory lock (key hashtextextended('healthgate.group:' || group, 0):
+    the lock under which the gate decides every release of the group), in the caller's transaction. A policy
+    change then waits for a budget pass of the group in progress, and the next pass reads the new policy."""
+    await connection.execute("SELECT pg_advisory_xact_lock(hashtextextended('healthgate.group:' || $1, 0))", group)
+
+
+async def put_policy(connection: Connection, group: str, policy: GroupPolicy) -> GroupPolicy:
     """Store the group's policy, replacing every field (CONTRACT §6: PUT replaces; omitted → default), in the
     caller's transaction (which also writes the audit entry). Returns the policy as stored."""
     row = await connection.fetchrow(
@@ -137,3 +166,60 @@ async def put_policy(connection: asyncpg.Connection, group: str, policy: GroupPo
         policy.verify_timeout_seconds,
     )
     return _from_row(row)
+
+
+# ---- groups (reads of hosts and gate_jobs, for the API's and the dashboard's group pages) ------------------------
+
+# A host is unavailable while one of its job hosts is in patch (released or verifying), and while its summary is
+# unhealthy (CONTRACT §6 "Disruption budget"). `h` is the host.
+_IN_PATCH = "EXISTS (SELECT 1 FROM gate_jobs j WHERE j.host_id = h.id AND j.status IN ('released', 'verifying'))"
+
+
+async def group_exists(connection: Connection | asyncpg.Pool, group: str) -> bool:
+    """Whether the group exists: a host or a policy names it (CONTRACT §6 "Group policies")."""
+    return bool(
+        await connection.fetchval(
+            'SELECT EXISTS (SELECT 1 FROM hosts WHERE "group" = $1) OR EXISTS (SELECT 1 FROM group_policies '
+            'WHERE "group" = $1)',
+            group,
+        )
+    )
+
+
+async def group_page(
+    connection: Connection | asyncpg.Pool, *, groups: list[str] | None, after: str | None, limit: int
+) -> list[asyncpg.Record]:
+    """Up to `limit` groups of `groups` (None: every group) by name after `after`, each a row of `group`,
+    `hosts_total`, `hosts_unhealthy` (summary unhealthy), `hosts_in_maintenance` (a job host in patch) and
+    `budget_in_use` (hosts that are either: the group's unavailable hosts, each counted once). A group exists
+    while a host or a policy names it; a policy's group without hosts has zeros. The policies are read apart
+    (`policies_of`)."""
+    return await connection.fetch(
+        f"""
+        WITH names AS (
+            SELECT "group" FROM hosts
+            WHERE ($1::text[] IS NULL OR "group" = ANY($1)) AND ($2::text IS NULL OR "group" > $2)
+            UNION
+            SELECT "group" FROM group_policies
+            WHERE ($1::text[] IS NULL OR "group" = ANY($1)) AND ($2::text IS NULL OR "group" > $2)
+        ), page AS (
+            SELECT "group" FROM names ORDER BY "group" LIMIT $3
+        ), state AS (
+            SELECT h."group", h.health_check_status = 'unhealthy' AS unhealthy, {_IN_PATCH} AS in_patch
+            FROM hosts h
+            WHERE h."group" IN (SELECT "group" FROM page)
+        )
+        SELECT p."group",
+               count(s."group") AS hosts_total,
+               count(s."group") FILTER (WHERE s.unhealthy) AS hosts_unhealthy,
+               count(s."group") FILTER (WHERE s.in_patch) AS hosts_in_maintenance,
+               count(s."group") FILTER (WHERE s.unhealthy OR s.in_patch) AS budget_in_use
+        FROM page p
+        LEFT JOIN state s ON s."group" = p."group"
+        GROUP BY p."group"
+        ORDER BY p."group"
+        """,
+        groups,
+        after,
+        limit,
+    )

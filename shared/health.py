@@ -13,7 +13,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import asyncpg
@@ -85,10 +85,10 @@ class ServiceHealth:
         return (time.perf_counter() - started) * 1000
 
     @staticmethod
-    async def _probe(component_type: str, ping: object, now: str) -> dict[str, object]:
+    async def _probe(component_type: str, ping: Callable[[], Awaitable[float]], now: str) -> dict[str, object]:
         entry: dict[str, object] = {"componentType": component_type, "observedUnit": "ms", "time": now}
         try:
-            entry["observedValue"] = round(await ping(), 3)  # type: ignore[operator]
+            entry["observedValue"] = round(await ping(), 3)
             entry["status"] = "pass"
         except Exception as exc:  # any failure of a dependency is reported, not raised
             entry["status"] = "fail"

@@ -22,13 +22,32 @@ from typing import Any
 
 import asyncpg
 
-from shared.events import HostHealthStatus, HostStatusChanged
+from shared.database import Connection
+from shared.events import HostHealthStatus, HostStatusChanged, received_job_id
 from shared.outbox import enqueue
 
 log = logging.getLogger(__name__)
 
 HOST_COLUMNS = """
     id, name, "group", agent_url, health_check_status, checks_total, checks_healthy, created_at, updated_at
+"""
+# A host as the api and the dashboard show it (`host_values`): its columns (of `h`) and whether a job is patching
+# it (CONTRACT §3, §6 "Maintenance"): `in_maintenance`, and the earliest job in patch by release
+# (`maintenance_job_key`, the key its job_id is stored under, with `maintenance_received_job_id`: see
+# `host_values`). Read through `_IN_PATCH_JOIN`, which finds it by the partial index gate_jobs_in_patch_host_idx.
+HOST_VIEW_COLUMNS = """
+    h.id, h.name, h."group", h.agent_url, h.health_check_status, h.checks_total, h.checks_healthy, h.created_at,
+    h.updated_at, m.job_id IS NOT NULL AS in_maintenance, m.job_id AS maintenance_job_key,
+    m.received_job_id AS maintenance_received_job_id
+"""
+# A job host is in patch from its release until its verification outcome (CONTRACT §6, migration 0010).
+_IN_PATCH_JOIN = """
+LEFT JOIN LATERAL (
+    SELECT j.job_id, j.received_job_id FROM gate_jobs j
+    WHERE j.host_id = h.id AND j.status IN ('released', 'verifying')
+    ORDER BY j.decided_at, j.job_id
+    LIMIT 1
+) m ON true
 """
 # Every summary, in the order of precedence of CONTRACT §3 (a critical check unhealthy first, then any
 # unknown, then any unhealthy: degraded), and a host without enabled checks last.
@@ -66,51 +85,59 @@ RETURNING hosts.health_check_status
 
 
 async def insert_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+    connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
-    """Create a host (HOST_COLUMNS of the new row). Raises asyncpg.UniqueViolationError when the name
+    """Create a host (HOST_VIEW_COLUMNS of the new row: a host id may be reused, and the gate may have released a
+    job for it before it existed, CONTRACT §5 unknown hosts). Raises asyncpg.UniqueViolationError when the name
     (constraint `hosts_name_unique`) or the id is taken."""
-    row: asyncpg.Record = await connection.fetchrow(
+    row = await connection.fetchrow(
         f"""
-        INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)
-        RETURNING {HOST_COLUMNS}
+        WITH h AS (
+            INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)
+            RETURNING {HOST_COLUMNS}
+        )
+        SELECT {HOST_VIEW_COLUMNS} FROM h {_IN_PATCH_JOIN}
         """,
         host_id,
         name,
         group,
         agent_url,
     )
+    assert row is not None  # INSERT ... RETURNING returns the row it inserted, or raises
     return row
 
 
 async def update_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
+    connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
-    """Replace a host's writable fields (HOST_COLUMNS of the row after). Raises asyncpg.UniqueViolationError
-    when the name is taken."""
-    row: asyncpg.Record = await connection.fetchrow(
+    """Replace a host's writable fields (HOST_VIEW_COLUMNS of the row after). The host must exist: the caller
+    holds its row lock (`fetch_host(..., for_update=True)`). Raises asyncpg.UniqueViolationError when the
+    name is taken."""
+    row = await connection.fetchrow(
         f"""
-        UPDATE hosts SET name = $2, "group" = $3, agent_url = $4, updated_at = now()
-        WHERE id = $1
-        RETURNING {HOST_COLUMNS}
+        WITH h AS (
+            UPDATE hosts SET name = $2, "group" = $3, agent_url = $4, updated_at = now()
+            WHERE id = $1
+            RETURNING {HOST_COLUMNS}
+        )
+        SELECT {HOST_VIEW_COLUMNS} FROM h {_IN_PATCH_JOIN}
         """,
         host_id,
         name,
         group,
         agent_url,
     )
+    assert row is not None  # the caller holds the host's row lock: it still exists
     return row
 
 
-async def delete_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> None:
+async def delete_host(connection: Connection, host_id: uuid.UUID) -> None:
     """Delete a host; its checks, their state and schedule cascade (the caller deletes each check first,
     through shared.checks, for its results, audit entry and event)."""
     await connection.execute("DELETE FROM hosts WHERE id = $1", host_id)
 
 
-async def refresh_host_status(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, source: str
-) -> tuple[str, str] | None:
+async def refresh_host_status(connection: Connection, host_id: uuid.UUID, *, source: str) -> tuple[str, str] | None:
     """Recompute and store the host's summary; publish `host.status_changed` (via the outbox) on a flip.
 
     Must run inside a transaction. Returns (previous, current), or None if the host is gone.
@@ -136,7 +163,7 @@ async def refresh_host_status(
 # ---- locks -----------------------------------------------------------------------------------------
 
 
-async def lock_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_host(connection: Connection, host_id: uuid.UUID) -> asyncpg.Record | None:
     """Lock the host row (id, name, agent_url) before its checks are changed: serialises the 5-check limit
     and the host summary against concurrent writers. None if there is no such host."""
     row: asyncpg.Record | None = await connection.fetchrow(
@@ -145,7 +172,7 @@ async def lock_host(connection: asyncpg.Connection, host_id: uuid.UUID) -> async
     return row
 
 
-async def lock_hosts(connection: asyncpg.Connection, host_ids: Sequence[uuid.UUID]) -> None:
+async def lock_hosts(connection: Connection, host_ids: Sequence[uuid.UUID]) -> None:
     """Lock these host rows in id order (`host_ids` sorted): a result batch, before its check states."""
     await connection.execute("SELECT 1 FROM hosts WHERE id = ANY($1::uuid[]) ORDER BY id FOR UPDATE", host_ids)
 
@@ -153,23 +180,33 @@ async def lock_hosts(connection: asyncpg.Connection, host_ids: Sequence[uuid.UUI
 # ---- reads -----------------------------------------------------------------------------------------
 
 
-async def fetch_host(
-    connection: asyncpg.Connection, host_id: uuid.UUID, *, for_update: bool = False
-) -> asyncpg.Record | None:
-    """A host's HOST_COLUMNS, locked when `for_update`; None if there is none."""
-    lock = " FOR UPDATE" if for_update else ""
+async def fetch_host(connection: Connection, host_id: uuid.UUID, *, for_update: bool = False) -> asyncpg.Record | None:
+    """A host's HOST_VIEW_COLUMNS (`host_values` makes them the host as shown), its row locked when `for_update`;
+    None if there is none."""
+    lock = " FOR UPDATE OF h" if for_update else ""
     row: asyncpg.Record | None = await connection.fetchrow(
-        f"SELECT {HOST_COLUMNS} FROM hosts WHERE id = $1{lock}", host_id
+        f"SELECT {HOST_VIEW_COLUMNS} FROM hosts h {_IN_PATCH_JOIN} WHERE h.id = $1{lock}", host_id
     )
     return row
 
 
-async def host_exists(connection: asyncpg.Connection, host_id: uuid.UUID) -> bool:
+def host_values(row: asyncpg.Record) -> dict[str, Any]:
+    """A host row (HOST_VIEW_COLUMNS) as the host is shown (CONTRACT §3): its fields, `in_maintenance`, and
+    `maintenance_job_id` the job_id as received (`shared.events.received_job_id`; a released job's is always
+    its own key, as only valid job_ids are ever released, but the row says so rather than this module)."""
+    values = dict(row)
+    key = values.pop("maintenance_job_key")
+    received = values.pop("maintenance_received_job_id")
+    values["maintenance_job_id"] = None if key is None else received_job_id(key, received)
+    return values
+
+
+async def host_exists(connection: Connection, host_id: uuid.UUID) -> bool:
     """Whether there is a host with this id."""
     return bool(await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id))
 
 
-async def host_group(pool: asyncpg.Pool | asyncpg.Connection, host_id: uuid.UUID) -> str | None:
+async def host_group(pool: asyncpg.Pool | Connection, host_id: uuid.UUID) -> str | None:
     """The host's group; None if there is no such host."""
     group: str | None = await pool.fetchval('SELECT "group" FROM hosts WHERE id = $1', host_id)
     return group
@@ -184,8 +221,9 @@ async def host_page(
     after_name: str | None,
     limit: int,
 ) -> list[asyncpg.Record]:
-    """Up to `limit` hosts by name after `after_name`, of `groups` (None: every group), optionally of one
-    group and one summary. Only the conditions in use are in the statement, so each finds its index."""
+    """Up to `limit` hosts (HOST_VIEW_COLUMNS: see `host_values`) by name after `after_name`, of `groups` (None:
+    every group), optionally of one group and one summary. Only the conditions in use are in the statement, so
+    each finds its index."""
     conditions: list[str] = []
     arguments: list[Any] = []
 
@@ -194,20 +232,31 @@ async def host_page(
         conditions.append(condition.format(f"${len(arguments)}"))
 
     if groups is not None:
-        where('"group" = ANY({}::text[])', groups)
+        where('h."group" = ANY({}::text[])', groups)
     if group is not None:
-        where('"group" = {}', group)
+        where('h."group" = {}', group)
     if status is not None:
-        where("health_check_status = {}", status)
+        where("h.health_check_status = {}", status)
     if after_name is not None:
-        where("name > {}", after_name)
+        where("h.name > {}", after_name)
     arguments.append(limit)
+    # The page is chosen first and only its rows look for a job in patch.
     sql = (
-        f"SELECT {HOST_COLUMNS} FROM hosts"
+        f"SELECT {HOST_VIEW_COLUMNS} FROM (SELECT * FROM hosts h"
         + (" WHERE " + " AND ".join(conditions) if conditions else "")
-        + f" ORDER BY name LIMIT ${len(arguments)}"
+        + f" ORDER BY h.name LIMIT ${len(arguments)}) h {_IN_PATCH_JOIN} ORDER BY h.name"
     )
     return await pool.fetch(sql, *arguments)
+
+
+async def hosts_of_groups(connection: Connection | asyncpg.Pool, groups: list[str]) -> list[asyncpg.Record]:
+    """Every host of `groups` (HOST_VIEW_COLUMNS: see `host_values`), by group and name: the dashboard's groups
+    page shows each group's hosts by state and who holds its disruption budget."""
+    return await connection.fetch(
+        f'SELECT {HOST_VIEW_COLUMNS} FROM hosts h {_IN_PATCH_JOIN} WHERE h."group" = ANY($1::text[]) '
+        'ORDER BY h."group", h.name',
+        groups,
+    )
 
 
 async def status_counts(pool: asyncpg.Pool, groups: list[str] | None) -> list[asyncpg.Record]:

@@ -32,7 +32,7 @@ from typing import Any, Final, Literal, get_args
 
 import asyncpg
 
-from shared.database import delete_in_batches
+from shared.database import Connection, delete_in_batches
 from shared.events import (
     CheckSummary,
     FailureReason,
@@ -97,7 +97,7 @@ def _checks_json(checks: list[CheckSummary] | None) -> str | None:
 # ---- jobs (halting, CONTRACT §6) --------------------------------------------------------------------
 
 
-async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hosts: int | None) -> None:
+async def record_job(connection: Connection, job_id: str, max_failed_hosts: int | None) -> None:
     """Record the job of a job.start (keyed by `job_key(job_id)`, like its job hosts), in the caller's
     transaction. `max_failed_hosts` comes from the job's first job.start that carries one (CONTRACT §6
     "Halting a job"): a later value never replaces it."""
@@ -115,7 +115,7 @@ async def record_job(connection: asyncpg.Connection, job_id: str, max_failed_hos
 # ---- waiting ---------------------------------------------------------------------------------------
 
 
-async def insert_waiting(connection: asyncpg.Connection, job: JobStart) -> bool:
+async def insert_waiting(connection: Connection, job: JobStart) -> bool:
     """Record a new job host as waiting. False if it exists already (a repeated job.start, or a job host
     decided before its job.start came: an invalid request, an early job.cancel).
 
@@ -137,7 +137,7 @@ async def insert_waiting(connection: asyncpg.Connection, job: JobStart) -> bool:
     return bool(inserted)
 
 
-async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
+async def lock_waiting(connection: Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
     """The job host (LOCKED_COLUMNS), locked, if it is still waiting; waits for whoever holds it."""
     row: asyncpg.Record | None = await connection.fetchrow(
         f"""
@@ -151,7 +151,7 @@ async def lock_waiting(connection: asyncpg.Connection, job_id: str, host_id: uui
     return row
 
 
-async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.UUID) -> str | None:
+async def lock_job_host(connection: Connection, key: str, host_id: uuid.UUID) -> str | None:
     """Lock the job host stored under `key` (`job_key` of its job_id), whatever its status, and return
     that status; None if there is no such job host."""
     status: str | None = await connection.fetchval(
@@ -161,7 +161,7 @@ async def lock_job_host(connection: asyncpg.Connection, key: str, host_id: uuid.
 
 
 async def keep_waiting(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job: asyncpg.Record,
     *,
     checks: list[CheckSummary],
@@ -262,7 +262,7 @@ RETURNING {VIEW_COLUMNS}
 
 
 async def decide(
-    connection: asyncpg.Connection, decision: JobDecision, *, at: dt.datetime, source: str, unseen: bool = False
+    connection: Connection, decision: JobDecision, *, at: dt.datetime, source: str, unseen: bool = False
 ) -> asyncpg.Record | None:
     """Decide a job host at `at`, with its event, in the caller's transaction; the row after (VIEW_COLUMNS),
     or None when it was decided already, by anyone (nothing is written then).
@@ -317,7 +317,7 @@ async def decide(
 _GROUP_LOCK_KEY = "hashtextextended('healthgate.group:' || $1, 0)"
 
 
-async def lock_group(connection: asyncpg.Connection, group: str, *, wait: bool = True) -> bool:
+async def lock_group(connection: Connection, group: str, *, wait: bool = True) -> bool:
     """Take the group's advisory lock for the rest of the caller's transaction; with `wait` False only if it
     is free at once (False then: another transaction holds it)."""
     if wait:
@@ -327,7 +327,7 @@ async def lock_group(connection: asyncpg.Connection, group: str, *, wait: bool =
 
 
 async def lock_waiting_in_group(
-    connection: asyncpg.Connection,
+    connection: Connection,
     group: str,
     *,
     host_ids: list[uuid.UUID] | None = None,
@@ -360,7 +360,7 @@ async def lock_waiting_in_group(
     )
 
 
-async def group_hosts(connection: asyncpg.Connection, group: str) -> list[asyncpg.Record]:
+async def group_hosts(connection: Connection, group: str) -> list[asyncpg.Record]:
     """Every host of the group with what makes it unavailable (CONTRACT §6): `host_id`, `name`, `unhealthy`
     (its health_check_status) and `patching_job`, the earliest (by decision) of its job hosts released or
     verifying, NULL when none is."""
@@ -377,7 +377,7 @@ async def group_hosts(connection: asyncpg.Connection, group: str) -> list[asyncp
     )
 
 
-async def group_budget(connection: asyncpg.Connection, group: str) -> tuple[GroupPolicy, GroupBudget | None]:
+async def group_budget(connection: Connection, group: str) -> tuple[GroupPolicy, GroupBudget | None]:
     """The group's policy and its disruption budget now (None when it has no `max_unavailable`): the limit for
     its hosts_total and its unavailable hosts, as the gate's release pass, the override and the preview judge
     it. Consistent with the gate's releases only under the group's lock (`lock_group`)."""
@@ -395,7 +395,7 @@ async def group_budget(connection: asyncpg.Connection, group: str) -> tuple[Grou
     return policy, GroupBudget(group, limit, holders, {row["host_id"]: row["name"] for row in hosts})
 
 
-async def halted_jobs(connection: asyncpg.Connection, job_ids: list[str]) -> set[str]:
+async def halted_jobs(connection: Connection, job_ids: list[str]) -> set[str]:
     """Which of `job_ids` (keys, as gate_jobs stores them) are halted now."""
     rows = await connection.fetch(
         "SELECT job_id FROM jobs WHERE job_id = ANY($1::text[]) AND halted_at IS NOT NULL", job_ids
@@ -403,7 +403,7 @@ async def halted_jobs(connection: asyncpg.Connection, job_ids: list[str]) -> set
     return {row["job_id"] for row in rows}
 
 
-async def due_waiting(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def due_waiting(connection: Connection, limit: int) -> list[asyncpg.Record]:
     """Waiting job hosts whose retry or window end has come, soonest first, not locked: `job_id`, `host_id`
     and the host's `group` (NULL for an unknown host). The timers run a release pass for each group among
     them (a pass locks the group first, then its rows), and evaluate those of unknown hosts alone."""
@@ -419,7 +419,7 @@ async def due_waiting(connection: asyncpg.Connection, limit: int) -> list[asyncp
     )
 
 
-async def groups_waiting_for_budget(connection: asyncpg.Connection, limit: int) -> list[str]:
+async def groups_waiting_for_budget(connection: Connection, limit: int) -> list[str]:
     """Groups with a job host waiting for the budget: the gate passes over them every second or so, so that
     budget freed without an event of the gate's own (a policy raised, a host deleted) is used soon."""
     rows = await connection.fetch(
@@ -433,7 +433,7 @@ async def groups_waiting_for_budget(connection: asyncpg.Connection, limit: int) 
     return [row["group"] for row in rows]
 
 
-async def budget_usage(connection: asyncpg.Connection | asyncpg.Pool) -> list[asyncpg.Record]:
+async def budget_usage(connection: Connection | asyncpg.Pool) -> list[asyncpg.Record]:
     """Each group with hosts: `group`, `hosts_total` and `in_use` (its unavailable hosts, CONTRACT §6)."""
     return await connection.fetch(
         """
@@ -513,7 +513,7 @@ async def job_host_page(
 
 
 async def job_hosts_with_host_names(
-    connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool, limit: int
+    connection: Connection, groups: list[str] | None, *, waiting: bool, limit: int
 ) -> list[asyncpg.Record]:
     """For the dashboard's jobs page: up to `limit` job hosts of `groups` (None: all), every column and the
     host's name (`host_name`, NULL for an unknown host); the waiting ones by window end, soonest first, or
@@ -525,9 +525,7 @@ async def job_hosts_with_host_names(
     )
 
 
-async def job_with_host_names(
-    connection: asyncpg.Connection, key: str, groups: list[str] | None
-) -> list[asyncpg.Record]:
+async def job_with_host_names(connection: Connection, key: str, groups: list[str] | None) -> list[asyncpg.Record]:
     """For the dashboard's job page: the hosts of the job stored under `key`, in `groups`, every column and
     the host's name, oldest first."""
     return await connection.fetch(

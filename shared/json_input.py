@@ -183,7 +183,8 @@ def _events(text: bytes, backend: str) -> Iterator[tuple[str, Any]]:
         parser = ijson.get_backend("python")
     # One buffer for the whole text: the pure Python backend would otherwise grow a long string
     # chunk by chunk, copying it each time.
-    return parser.basic_parse(text, buf_size=max(len(text), 1))  # type: ignore[no-any-return]
+    events: Iterator[tuple[str, Any]] = parser.basic_parse(text, buf_size=max(len(text), 1))  # ijson is untyped
+    return events
 
 
 def _build(events: Iterable[tuple[str, Any]]) -> Any:
@@ -208,7 +209,7 @@ def _build(events: Iterable[tuple[str, Any]]) -> Any:
             containers.pop()
             keys.pop()
             continue
-        opened = None
+        opened: dict[Any, Any] | list[Any] | None = None
         if event == "start_array" or event == "start_map":
             if len(containers) > KEPT_DEPTH:
                 item: Any = NestedTooDeep("an object" if event == "start_map" else "an array")

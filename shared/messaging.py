@@ -19,6 +19,7 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractRobustChannel,
     AbstractRobustConnection,
+    HeadersType,
 )
 from aio_pika.connection import make_url
 
@@ -112,7 +113,7 @@ class Broker:
         self.connection = connection
         connection.reconnect_callbacks.add(self._on_reconnected)
         connection.close_callbacks.add(self._on_connection_lost)
-        self._channel = await connection.channel(publisher_confirms=True)  # type: ignore[assignment]
+        self._channel = await connection.channel(publisher_confirms=True)
         self._exchange = await declare_topology(self._channel, self.topology)
         self._requeue_exchange = await declare_requeue_exchange(self._channel, self.topology)
         if on_connected is not None:
@@ -170,7 +171,7 @@ class Broker:
             unroutable=f"reply queue {reply_to!r} is gone",
         )  # fmt: skip
 
-    async def requeue(self, message: AbstractIncomingMessage, queue_name: str, headers: dict[str, object]) -> None:
+    async def requeue(self, message: AbstractIncomingMessage, queue_name: str, headers: HeadersType) -> None:
         """Put a copy of a delivered message back at the end of one queue, with confirm: the same body,
         routing key and properties, `headers` added, and without `x-delivery-count`, so that the copy starts
         with no delivery counted. It goes through the requeue exchange, which routes only to `queue_name`:

@@ -19,7 +19,7 @@ import uuid
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shared.database import DATABASE_ERRORS, DatabaseWatch, create_pool, delete_in_batches
+from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, close_pool, create_pool, delete_in_batches
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
 from shared.messaging import Broker, PublishFailed, Unroutable
 from shared.topology import Topology
@@ -54,7 +54,7 @@ def amqp_correlation_id(value: str | None) -> str | None:
 
 
 async def enqueue(
-    connection: asyncpg.Connection,
+    connection: Connection,
     routing_key: str,
     data: EventModel,
     *,
@@ -83,7 +83,7 @@ async def enqueue(
 
 
 async def enqueue_many(
-    connection: asyncpg.Connection,
+    connection: Connection,
     events: list[tuple[str, EventModel]],
     *,
     source: str,
@@ -167,7 +167,7 @@ class OutboxRelay:
                     log.warning("outbox relay failed, will retry", extra={"error": str(exc)})
                     await asyncio.sleep(RETRY_DELAY_SECONDS)
 
-    async def _relay_until_connection_lost(self, listener: asyncpg.Connection) -> None:
+    async def _relay_until_connection_lost(self, listener: Connection) -> None:
         while not _lost(listener):
             self._wakeup.clear()
             if not self._broker.ready:
@@ -239,7 +239,7 @@ class OutboxRelay:
         self._metrics.published.labels(routing_key).inc()
 
 
-def _lost(listener: asyncpg.Connection) -> bool:
+def _lost(listener: Connection) -> bool:
     """Whether the LISTEN connection is gone. When the server closes a pooled connection, asyncpg
     releases it back to the pool at once, and every later call on it (`is_closed()` too) raises
     InterfaceError "connection has been released back to the pool": that means lost as well."""
@@ -301,7 +301,7 @@ class RelayThread:
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
             await broker.close()
-            await pool.close()
+            await close_pool(pool)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._loop is not None and self._task is not None and not self._loop.is_closed():

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from shared.database import delete_in_batches
+from shared.database import Connection, delete_in_batches
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,19 @@ def result_partition_name(day: dt.date) -> str:
 # ---- writes ----------------------------------------------------------------------------------------
 
 
-async def copy_results(connection: asyncpg.Connection, records: Sequence[tuple[object, ...]]) -> None:
+async def copy_results(connection: Connection, records: Sequence[tuple[object, ...]]) -> None:
     """Write a batch of results in one COPY, in the caller's transaction; each record holds RESULT_COLUMNS
     in that order."""
     await connection.copy_records_to_table("check_results", records=records, columns=RESULT_COLUMNS)
 
 
-async def delete_results_of_check(connection: asyncpg.Connection, check_id: uuid.UUID) -> None:
+async def delete_results_of_check(connection: Connection, check_id: uuid.UUID) -> None:
     """Delete every result of a check that is being deleted, in the caller's transaction."""
     await connection.execute("DELETE FROM check_results WHERE check_id = $1", check_id)
 
 
 async def ensure_result_partitions(
-    connection: asyncpg.Connection, today: dt.date, days_ahead: int = RESULT_PARTITION_DAYS_AHEAD
+    connection: Connection, today: dt.date, days_ahead: int = RESULT_PARTITION_DAYS_AHEAD
 ) -> list[str]:
     """Create the daily result partitions from yesterday to `days_ahead` days on. Idempotent; returns
     the names of those it created."""
@@ -97,7 +97,7 @@ class ResultsPruned:
     rows_deleted: int = 0
 
 
-async def prune_expired(pool: asyncpg.Pool, connection: asyncpg.Connection, cutoff: dt.datetime) -> ResultsPruned:
+async def prune_expired(pool: asyncpg.Pool, connection: Connection, cutoff: dt.datetime) -> ResultsPruned:
     """Remove the results older than `cutoff` at a cost that depends on the number of days, not the data.
 
     On `connection` (the pruner's, holding its advisory lock), each partition whose whole day lies before
@@ -116,7 +116,7 @@ async def prune_expired(pool: asyncpg.Pool, connection: asyncpg.Connection, cuto
     return pruned
 
 
-async def _result_partitions(connection: asyncpg.Connection) -> list[tuple[str, dt.date, bool]]:
+async def _result_partitions(connection: Connection) -> list[tuple[str, dt.date, bool]]:
     """(name, day, detach pending) of every daily result partition, oldest first."""
     partitions = []
     for row in await connection.fetch(_PARTITIONS_SQL):
@@ -127,9 +127,7 @@ async def _result_partitions(connection: asyncpg.Connection) -> list[tuple[str, 
     return sorted(partitions, key=lambda partition: partition[1])
 
 
-async def _drop_expired_partitions(
-    connection: asyncpg.Connection, cutoff: dt.datetime, pruned: ResultsPruned
-) -> list[str]:
+async def _drop_expired_partitions(connection: Connection, cutoff: dt.datetime, pruned: ResultsPruned) -> list[str]:
     """Drop every partition whose whole day lies before the cutoff, without blocking writers.
     Returns the boundary partitions: those holding both expired and kept rows."""
     boundary = []
@@ -163,7 +161,7 @@ async def _drop_expired_partitions(
 # ---- reads -----------------------------------------------------------------------------------------
 
 
-async def oldest_result_since(connection: asyncpg.Connection, cutoff: dt.datetime) -> dt.datetime | None:
+async def oldest_result_since(connection: Connection, cutoff: dt.datetime) -> dt.datetime | None:
     """The time of the oldest result at or after `cutoff` (the pruner's figure after a pass). Bounded by
     the cutoff: the index entries of rows just deleted would otherwise be walked."""
     oldest: dt.datetime | None = await connection.fetchval(
@@ -173,7 +171,7 @@ async def oldest_result_since(connection: asyncpg.Connection, cutoff: dt.datetim
 
 
 async def result_page(
-    connection: asyncpg.Connection,
+    connection: Connection,
     check_id: uuid.UUID,
     *,
     since: dt.datetime | None,
@@ -203,9 +201,7 @@ async def result_page(
     )
 
 
-async def recent_results(
-    connection: asyncpg.Connection, check_ids: list[uuid.UUID], per_check: int
-) -> list[asyncpg.Record]:
+async def recent_results(connection: Connection, check_ids: list[uuid.UUID], per_check: int) -> list[asyncpg.Record]:
     """The `per_check` newest results of each check, as rows (id = the check's id, healthy, reason,
     detail, latency_ms, checked_at), newest first within a check."""
     return await connection.fetch(
@@ -222,7 +218,7 @@ async def recent_results(
 
 
 async def latest_results_at(
-    connection: asyncpg.Connection, check_ids: list[uuid.UUID], moment: dt.datetime
+    connection: Connection, check_ids: list[uuid.UUID], moment: dt.datetime
 ) -> dict[uuid.UUID, asyncpg.Record]:
     """Each check's latest result whose `checked_at` is at or before `moment` (status, healthy, detail,
     checked_at: all NULL when it had none by then, or none is kept any more). One backward step of the

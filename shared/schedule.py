@@ -24,6 +24,8 @@ from collections.abc import Sequence
 
 import asyncpg
 
+from shared.database import Connection
+
 FIRST_RUN_WITHIN_SECONDS = 5
 
 _FIRST_RUN_SQL = f"""
@@ -85,7 +87,7 @@ RETURNING s.check_id
 """
 
 
-async def schedule_first_run(connection: asyncpg.Connection, check_id: uuid.UUID, *, enabled: bool) -> None:
+async def schedule_first_run(connection: Connection, check_id: uuid.UUID, *, enabled: bool) -> None:
     """Schedule a created, changed or re-enabled check to run within FIRST_RUN_WITHIN_SECONDS (a random
     offset, so that a bulk import does not start every check in the same instant), unless a run is
     already due sooner; a disabled check is not scheduled (NULL). In the caller's transaction, which
@@ -93,7 +95,7 @@ async def schedule_first_run(connection: asyncpg.Connection, check_id: uuid.UUID
     await connection.execute(_FIRST_RUN_SQL, check_id, enabled)
 
 
-async def claim_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.Record]:
+async def claim_due(connection: Connection, limit: int) -> list[asyncpg.Record]:
     """Claim up to `limit` due checks (oldest first; rows other schedulers hold are skipped) and move
     each to its next slot: `slot + interval_seconds` if that is still ahead (a cadence that does not
     drift with dispatch delays), else `now() + interval` with up to 10 % jitter (after a downtime a
@@ -103,7 +105,7 @@ async def claim_due(connection: asyncpg.Connection, limit: int) -> list[asyncpg.
 
 
 async def request_reruns(
-    connection: asyncpg.Connection, check_ids: Sequence[uuid.UUID], *, retry_seconds: float
+    connection: Connection, check_ids: Sequence[uuid.UUID], *, retry_seconds: float
 ) -> list[uuid.UUID]:
     """Ask for these checks to run now: pull each one's next run to the present, unless it is disabled,
     already due, locked by another writer (a run is coming anyway), or was pulled less than

@@ -16,7 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from shared.database import DATABASE_ERRORS, DatabaseUnavailable
+from shared.database import DATABASE_ERRORS, Connection, DatabaseUnavailable
 from shared.results import ensure_result_partitions
 from shared.settings import redact_url
 
@@ -72,7 +72,7 @@ async def ensure_database(dsn: str) -> bool:
         await connection.close()
 
 
-async def apply_migrations(connection: asyncpg.Connection, migrations: Iterable[Migration]) -> list[int]:
+async def apply_migrations(connection: Connection, migrations: Iterable[Migration]) -> list[int]:
     """Apply the migrations not yet recorded, each in its own transaction, under an advisory lock; then
     create the result partitions from yesterday to a week ahead. Returns the versions applied now."""
     applied_now = []

@@ -25,7 +25,7 @@ import uvloop
 from prometheus_client import CollectorRegistry
 
 from shared.consuming import ConsumerMetrics, Consumers
-from shared.database import DatabaseWatch, create_pool
+from shared.database import DatabaseWatch, close_pool, create_pool
 from shared.health import ServiceHealth, base_url, listen, serve_health
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay, RelayThread
@@ -140,5 +140,5 @@ class WorkerRuntime:
             await asyncio.to_thread(self._relay_thread.stop)
         if self.with_broker:
             await self.broker.close()
-        await self.pool.close()
+        await close_pool(self.pool)
         log.info(f"{self.name} stopped")

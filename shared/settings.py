@@ -5,13 +5,18 @@ from __future__ import annotations
 import ipaddress
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 IpNetworks = Annotated[tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...], NoDecode]
+
+# The longest duration a setting may give: a year for periods, a century for retentions.
+MAX_SECONDS = 365 * 86400
+MAX_DAYS = 100 * 365
+MAX_HOURS = MAX_DAYS * 24
 
 DEFAULT_HEALTH_PORTS = {"api": 8080, "poller": 8081, "gate": 8082, "pruner": 8083, "notifier": 8084}
 
@@ -35,14 +40,18 @@ class Settings(BaseSettings):
     key_file: Path = Path("./var/health-check.key")
     poll_interval_seconds: int = Field(300, ge=10, le=86400)
     check_timeout_seconds: float = Field(10, ge=0.1, le=60)
-    gate_retry_seconds: float = Field(300, gt=0)
+    # Durations have an upper bound and are finite: each is added to or taken from the present, in Python
+    # (timedelta, datetime) or PostgreSQL (make_interval, timestamptz), and a value out of their range
+    # (`1e300`, `inf`) passed validation before and then failed every evaluation of a waiting job (its
+    # job.start dead-lettered, the timers looping on "timestamp out of range"), or the pruner at start.
+    gate_retry_seconds: float = Field(300, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     # What a job.start for a host healthgate does not know gets (CONTRACT §2, §5).
     gate_unknown_host: Literal["release", "fail"] = "release"
-    result_retention_hours: float = Field(96, gt=0)
-    prune_interval_seconds: float = Field(3600, gt=0)
+    result_retention_hours: float = Field(96, gt=0, le=MAX_HOURS, allow_inf_nan=False)
+    prune_interval_seconds: float = Field(3600, gt=0, le=MAX_SECONDS, allow_inf_nan=False)
     # Not in the contract's table: how long decided gate jobs and sent outbox rows are kept.
-    job_retention_days: float = Field(30, gt=0)
-    outbox_retention_hours: float = Field(24, gt=0)
+    job_retention_days: float = Field(30, gt=0, le=MAX_DAYS, allow_inf_nan=False)
+    outbox_retention_hours: float = Field(24, gt=0, le=MAX_HOURS, allow_inf_nan=False)
     health_allowed_networks: IpNetworks = Field(
         default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     )
@@ -147,10 +156,11 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{user}:***@{netloc}"))
 
 
-def load_settings(**overrides: object) -> Settings:
-    """Read and validate the environment; raise SettingsError with a one-line message."""
+def load_settings(**overrides: Any) -> Settings:
+    """Read and validate the environment; raise SettingsError with a one-line message. `overrides` (field
+    names) take the place of environment variables, and are validated as they would be."""
     try:
-        return Settings(**overrides)  # type: ignore[arg-type]
+        return Settings(**overrides)
     except ValidationError as exc:
         problems = []
         for error in exc.errors():

@@ -10,6 +10,10 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+# How long cancelled tasks get to end when a service stops. One stuck on a database that stopped
+# answering is left behind: the service then cuts its connections (`shared.database.close_pool`).
+TASKS_STOP_SECONDS = 3.0
+
 
 class TaskGroupOfService:
     def __init__(self, on_failure: Callable[[], None]) -> None:
@@ -37,7 +41,11 @@ class TaskGroupOfService:
         )
         self._on_failure()
 
-    async def cancel_all(self) -> None:
+    async def cancel_all(self, timeout: float = TASKS_STOP_SECONDS) -> None:
+        """Cancel every task and wait up to `timeout` seconds for them to end. A task
+        may be stuck where a cancel does not reach at once (a query to a database that stopped
+        answering ends only at its command timeout); the caller then closes what it waits on."""
         for task in self.tasks:
             task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        if self.tasks:
+            await asyncio.wait(self.tasks, timeout=timeout)

@@ -17,6 +17,7 @@ from typing import Literal
 import asyncpg
 
 from shared.audit import record_audit
+from shared.database import Connection
 
 Role = Literal["admin", "operator", "viewer"]
 ROLES: tuple[Role, ...] = ("admin", "operator", "viewer")
@@ -46,9 +47,7 @@ async def find_token(pool: asyncpg.Pool, token: str) -> asyncpg.Record | None:
     return row
 
 
-async def create_token(
-    connection: asyncpg.Connection, *, name: str, role: Role, groups: Sequence[str], actor: str
-) -> str:
+async def create_token(connection: Connection, *, name: str, role: Role, groups: Sequence[str], actor: str) -> str:
     """Store a new token's hash and audit it; returns the token, which is never stored.
 
     Raises TokenNameTaken when a token of that name exists."""
@@ -80,12 +79,12 @@ async def create_token(
     return token
 
 
-async def list_tokens(connection: asyncpg.Connection) -> list[asyncpg.Record]:
+async def list_tokens(connection: Connection) -> list[asyncpg.Record]:
     """Every token's name, role, groups and creation time (never its hash), by name."""
     return await connection.fetch("SELECT name, role, groups, created_at FROM api_tokens ORDER BY name")
 
 
-async def revoke_token(connection: asyncpg.Connection, *, name: str, actor: str) -> bool:
+async def revoke_token(connection: Connection, *, name: str, actor: str) -> bool:
     """Delete the token named `name` and audit it; False if there is none."""
     async with connection.transaction():
         revoked = await connection.fetchval("DELETE FROM api_tokens WHERE name = $1 RETURNING name", name)

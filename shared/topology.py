@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import aio_pika
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection, FieldValue
 
 # A message redelivered this many times (consumer crashes, nacks) is dead-lettered, never looped.
 DEFAULT_DELIVERY_LIMIT = 5
@@ -24,7 +24,7 @@ class QueueSpec:
     bindings: tuple[str, ...] = ()
     delivery_limit: int = DEFAULT_DELIVERY_LIMIT
     dead_letter: bool = True
-    extra_arguments: dict[str, object] = field(default_factory=dict)
+    extra_arguments: dict[str, FieldValue] = field(default_factory=dict)
 
 
 # Test-run requests are answered within seconds or not at all: an expired request is dropped rather
@@ -76,8 +76,8 @@ class Topology:
         """A process's own queue for replies to its requests, addressed through the default exchange."""
         return f"{self.exchange}.replies.{instance_id}"
 
-    def queue_arguments(self, spec: QueueSpec) -> dict[str, object]:
-        arguments: dict[str, object] = {"x-queue-type": "quorum", "x-delivery-limit": spec.delivery_limit}
+    def queue_arguments(self, spec: QueueSpec) -> dict[str, FieldValue]:
+        arguments: dict[str, FieldValue] = {"x-queue-type": "quorum", "x-delivery-limit": spec.delivery_limit}
         if spec.dead_letter:
             # at-least-once dead-lettering keeps a poison message even if the dead-letter queue's
             # node is briefly unavailable; RabbitMQ requires reject-publish overflow for it.

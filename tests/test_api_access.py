@@ -1,7 +1,7 @@
 """Who may call what (CONTRACT §3, "Authentication and roles"): every endpoint, every role.
 
 Access is decided in a fixed order: no or unknown token → 401 (with `WWW-Authenticate: Bearer`); a
-host outside the caller's groups → 404; a role that may not do this → 403; else the handler answers.
+host or a group outside the caller's groups → 404; a role that may not do this → 403; else the handler answers.
 The matrix is derived from `ENDPOINTS`, so an endpoint added without a request here fails
 `test_every_endpoint_has_a_request`.
 
@@ -90,8 +90,13 @@ def job_url(side: Side) -> str:
     return f"/api/v1/jobs/{quote(side.job_id, safe='')}"
 
 
+def group_policy_url(side: Side) -> str:
+    return f"/api/v1/groups/{quote(side.group, safe='')}/policy"
+
+
 HOST = "/api/v1/hosts/{host_id}"
 CHECK = HOST + "/health-checks/{check_id}"
+GROUP_POLICY = "/api/v1/groups/{group}/policy"
 
 ALL = frozenset({"admin", "operator", "viewer"})
 ADMIN = frozenset({"admin"})
@@ -136,6 +141,11 @@ CASES: dict[tuple[str, str], Case] = {
         ),
     ),
     ("GET", "/api/v1/audit"): Case(ADMIN, 200, lambda s: Call("GET", "/api/v1/audit")),
+    ("GET", "/api/v1/groups"): Case(ALL, 200, lambda s: Call("GET", "/api/v1/groups")),
+    ("GET", GROUP_POLICY): Case(ALL, 200, lambda s: Call("GET", group_policy_url(s))),
+    ("PUT", GROUP_POLICY): Case(
+        ADMIN, 200, lambda s: Call("PUT", group_policy_url(s), {"max_unavailable": "40%", "stable_seconds": 30})
+    ),
 }
 
 TEST_RUN = ("POST", CHECK + "/test")
@@ -149,8 +159,9 @@ def name(endpoint: Endpoint) -> str:
     return f"{endpoint.method} {endpoint.path}"
 
 
-def has_host(endpoint: Endpoint) -> bool:
-    return "{host_id}" in endpoint.path
+def scoped(endpoint: Endpoint) -> bool:
+    """Whether the path names a host or a group, which may be outside the caller's groups."""
+    return "{host_id}" in endpoint.path or "{group}" in endpoint.path
 
 
 def as_role(endpoint: Endpoint, role: str) -> Any:
@@ -159,7 +170,7 @@ def as_role(endpoint: Endpoint, role: str) -> Any:
 
 ALLOWED = [as_role(e, role) for e in ENDPOINTS for role in ROLES if role in e.roles]
 FORBIDDEN = [as_role(e, role) for e in ENDPOINTS for role in ROLES if role not in e.roles]
-HIDDEN = [as_role(e, role) for e in ENDPOINTS if has_host(e) for role in SCOPED_ROLES]
+HIDDEN = [as_role(e, role) for e in ENDPOINTS if scoped(e) for role in SCOPED_ROLES]
 EVERY_ENDPOINT = [pytest.param(e, id=name(e)) for e in ENDPOINTS]
 
 
@@ -216,6 +227,7 @@ async def snapshot(db: asyncpg.Connection) -> dict[str, Any]:
         "hosts": await rows('SELECT id, name, "group", agent_url, updated_at FROM hosts ORDER BY id'),
         "checks": await rows("SELECT id, name, port, updated_at FROM health_checks ORDER BY id"),
         "jobs": await rows("SELECT job_id, host_id, status, decided_at FROM gate_jobs ORDER BY 1, 2"),
+        "policies": await rows('SELECT "group", updated_at FROM group_policies ORDER BY 1'),
     }
 
 
@@ -261,10 +273,10 @@ async def test_without_a_valid_token_401(
 
 
 @pytest.mark.parametrize(("endpoint", "role"), HIDDEN)
-async def test_host_outside_the_callers_groups_404(
+async def test_host_or_group_outside_the_callers_groups_404(
     endpoint: Endpoint, role: str, client: httpx.AsyncClient, db: asyncpg.Connection, world: World
 ) -> None:
-    """Even where the role could not act anyway: the host's existence is not revealed."""
+    """Even where the role could not act anyway: the host's or group's existence is not revealed."""
     before = await snapshot(db)
     response = await send(client, CASES[key(endpoint)].build(world.hidden), world.auth(role))
     assert response.status_code == 404, response.text

@@ -112,6 +112,7 @@ FORGED_CURSORS = {
                 ["2026-03-01T12:00:00+00:00", "not-a-uuid"], ["2026-03-01T12:00:00+00:00", None]],
     "audit": [["7"], [None], [1.5], [[1]], [1, 2]],
     "jobs": [["2026-03-01T12:00:00+00:00", "job", 5], ["2026-03-01T12:00:00+00:00", ["job"], str(uuid.uuid4())]],
+    "groups": [[None], [5], [["web"]], ["a\u0000b"], ["\ud800"], ["web", "db"]],
 }
 
 
@@ -124,6 +125,7 @@ async def test_forged_cursors_of_every_list_are_422(admin: httpx.AsyncClient, ho
         "results": f"/api/v1/hosts/{host_id}/health-checks/{check.json()['id']}/results",
         "audit": "/api/v1/audit",
         "jobs": "/api/v1/jobs",
+        "groups": "/api/v1/groups",
     }
     for name, cursors in FORGED_CURSORS.items():
         for values in cursors:
@@ -142,6 +144,9 @@ async def test_bad_path_values_are_4xx(admin: httpx.AsyncClient, host_id: str) -
     # every job id works; tests/test_invalid_job_ids.py), and no job has it.
     assert_problem(await admin.get("/api/v1/jobs/a%00b"), 404)
     assert_problem(await admin.get("/api/v1/hosts?group=a%00b"), 422)
+    assert_problem(await admin.get("/api/v1/groups/a%00b/policy"), 422)
+    assert_problem(await admin.put("/api/v1/groups/a%00b/policy", json={}), 422)
+    assert_problem(await admin.get("/api/v1/groups/%ED%A0%80/policy"), 422)  # a lone surrogate: no group holds one
 
 
 async def test_results_time_range_must_be_aware(admin: httpx.AsyncClient, host_id: str) -> None:

@@ -792,6 +792,113 @@ async def test_dot_job_ids_have_pages_links_overrides_and_a_sign_in_return(
     assert script_problems(page) == []
 
 
+# ---- 6b. patch campaigns: groups and a job's hosts by status (CONTRACT §3 "Dashboard", §6) ---------------------
+
+
+async def test_groups_page_shows_hosts_by_state_policy_budget_and_who_holds_it(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, db: asyncpg.Connection
+) -> None:
+    web = [await create_host(admin, f"web-{index}", "team-a") for index in range(1, 6)]
+    await create_host(admin, "b-web-1", "team-b")
+    assert (await admin.put("/api/v1/groups/team-a/policy", json={"max_unavailable": "40%"})).status_code == 200
+    assert (await admin.put("/api/v1/groups/team-c/policy", json={"stable_seconds": 60})).status_code == 200
+    await insert_job(db, "patch/7", web[0], status="released")
+    await insert_job(db, "patch/7", web[1], status="verifying")
+    await insert_job(db, "patch/7", web[2], status="waiting_health_check")
+    await db.execute("UPDATE hosts SET health_check_status = 'unhealthy' WHERE id = $1", uuid.UUID(web[3]))
+
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("viewer", ("team-a", "team-c")))
+    await page.get_by_role("link", name="Groups").click()
+    await page.wait_for_url(f"{api.base_url}/groups")
+    await expect(page.get_by_role("heading", level=1)).to_have_text("Groups")
+    sections = page.locator("section[data-group]")
+    await expect(sections).to_have_count(2)  # team-b is not the viewer's
+    team_a = page.locator('section[data-group="team-a"]')
+    await expect(team_a.locator('[data-count="total"] .count')).to_have_text("5")
+    await expect(team_a.locator('[data-count="unhealthy"] .count')).to_have_text("1")
+    await expect(team_a.locator('[data-count="no_checks"] .count')).to_have_text("4")
+    await expect(team_a.locator('[data-count="in_maintenance"] .count')).to_have_text("2")
+    # 40% of 5 hosts is 2; web-1 and web-2 are in patch and web-4 is unhealthy: 3 of 2.
+    budget = " ".join((await team_a.locator("[data-budget]").inner_text()).split())
+    assert budget == "Disruption budget: 3 of 2 in use (40% of 5 hosts) — over the limit", budget
+    holders = team_a.locator("[data-holder]")
+    await expect(holders).to_have_text(
+        ["web-1 (job patch/7 patching)", "web-2 (job patch/7 patching)", "web-4 (unhealthy)"]
+    )
+    await expect(holders.first.get_by_role("link", name="patch/7")).to_have_attribute("href", "/jobs/patch%2F7")
+    await team_a.get_by_text("Policy").click()
+    await expect(team_a.locator('[data-field="max_unavailable"]')).to_have_text("40%")
+    team_c = page.locator('section[data-group="team-c"]')
+    await expect(team_c.locator('[data-count="total"] .count')).to_have_text("0")
+    await expect(team_c.locator("[data-budget]")).to_contain_text("0 unavailable, no limit")
+    await team_c.get_by_text("Policy").click()
+    await expect(team_c.locator('[data-field="stable_seconds"]')).to_have_text("60 s")
+
+    # A state's count leads to the hosts page, filtered by the group and the state.
+    await team_a.locator('[data-count="unhealthy"] a').click()
+    await page.wait_for_url(re.compile(r"/hosts\?group=team-a&status=unhealthy$"))
+    assert await listed_hosts(page) == ["web-4"]
+    await page.goto(f"{api.base_url}/hosts")
+    await expect(page.locator('tr[data-host="web-1"] [data-maintenance]')).to_have_text("in maintenance")
+    await expect(page.locator('tr[data-host="web-3"] [data-maintenance]')).to_have_count(0)
+    await page.goto(f"{api.base_url}/hosts/{web[0]}")
+    await expect(page.locator("[data-maintenance]")).to_have_text("In maintenance: job patch/7 is patching this host.")
+    assert script_problems(page) == []
+
+
+STATUS_HEADINGS = {
+    "waiting_health_check": "Waiting",
+    "released": "Released",
+    "verifying": "Verifying",
+    "verified": "Verified",
+    "verification_failed": "Verification failed",
+    "failed": "Failed",
+}
+
+
+async def test_job_page_groups_hosts_by_status_with_what_each_waits_for(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, db: asyncpg.Connection
+) -> None:
+    statuses = ["waiting_health_check", "released", "verifying", "verified", "verification_failed", "failed"]
+    hosts = {status: await create_host(admin, f"h-{status}", "team-a") for status in statuses}
+    waiting_too = await create_host(admin, "h-waiting-2", "team-a")
+    for status, host_id in hosts.items():
+        await insert_job(db, "wave", host_id, status=status, reason="window_closed" if status == "failed" else None)
+    await insert_job(db, "wave", waiting_too)
+    await db.execute(
+        "UPDATE gate_jobs SET waiting_for = $2, detail = $3 WHERE host_id = $1",
+        uuid.UUID(hosts["waiting_health_check"]),
+        ["budget"],
+        "disruption budget of group team-a: 2 of 2 unavailable",
+    )
+    await db.execute(
+        "UPDATE gate_jobs SET waiting_for = $2 WHERE host_id = $1", uuid.UUID(waiting_too), ["checks", "stability"]
+    )
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("admin"))
+    await page.goto(f"{api.base_url}/jobs/wave")
+    await expect(page.get_by_role("heading", level=2)).to_have_text(
+        ["Waiting (2)", "Released (1)", "Verifying (1)", "Verified (1)", "Verification failed (1)", "Failed (1)"]
+    )
+    # Each host in the table of its status, named by its heading.
+    for status, host_id in hosts.items():
+        table = page.get_by_role("table", name=re.compile(f"^{STATUS_HEADINGS[status]} \\("))
+        row = table.locator(f'tr[data-host-id="{host_id}"]')
+        await expect(row.locator("[data-status]")).to_have_attribute("data-status", status)
+    waiting = page.get_by_role("table", name="Waiting (2)")
+    budget_row = waiting.locator(f'tr[data-host-id="{hosts["waiting_health_check"]}"]')
+    await expect(budget_row.locator("[data-waiting-for]")).to_have_attribute("data-waiting-for", "budget")
+    await expect(budget_row.locator("[data-waiting-for]")).to_contain_text("the group's disruption budget")
+    await expect(budget_row.locator("[data-waiting-for]")).to_contain_text("2 of 2 unavailable")
+    checks_row = waiting.locator(f'tr[data-host-id="{waiting_too}"]')
+    await expect(checks_row.locator("[data-waiting-for]")).to_have_attribute("data-waiting-for", "checks stability")
+    await expect(checks_row.locator(".waiting-for li")).to_have_count(2)
+    await expect(waiting.locator("form.override")).to_have_count(2)  # only waiting job hosts can be overridden
+    await expect(page.locator("form.override")).to_have_count(2)
+    assert script_problems(page) == []
+
+
 # ---- 7. screenshots -----------------------------------------------------------------------------------------------
 
 

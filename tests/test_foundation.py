@@ -53,6 +53,15 @@ def run_cli(
         ("HEALTHGATE_DATABASE_URL", "postgresql://u:secret-password@127.0.0.1:70000/x"),
         ("HEALTHGATE_AMQP_URL", "amqp://u:secret-password@127.0.0.1:0/"),
         ("HEALTHGATE_GATE_UNKNOWN_HOST", "ignore"),
+        # Out of what a timestamp can be moved by (issue 10: accepted, then every evaluation failed).
+        ("HEALTHGATE_GATE_RETRY_SECONDS", "1e300"),
+        ("HEALTHGATE_GATE_RETRY_SECONDS", "inf"),
+        ("HEALTHGATE_GATE_RETRY_SECONDS", "nan"),
+        ("HEALTHGATE_RESULT_RETENTION_HOURS", "1e12"),
+        ("HEALTHGATE_RESULT_RETENTION_HOURS", "inf"),
+        ("HEALTHGATE_JOB_RETENTION_DAYS", "1e7"),
+        ("HEALTHGATE_OUTBOX_RETENTION_HOURS", "Infinity"),
+        ("HEALTHGATE_PRUNE_INTERVAL_SECONDS", "inf"),
     ],
 )
 def test_bad_setting_stops_with_one_line_naming_the_variable(

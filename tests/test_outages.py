@@ -343,6 +343,94 @@ async def test_poller_restarted_during_a_database_outage_runs_the_tick_once_it_i
     assert len(messages(pollers[-1], DB_BACK)) == 1
 
 
+# ---- a database that stops answering (hung, or cut off by the network) ------------------------------------------------
+
+
+async def take_messages(amqp_url: str, queue_name: str, expected: int) -> list[AbstractIncomingMessage]:
+    """Take `expected` messages out of the queue (acked), waiting for them."""
+    taken: list[AbstractIncomingMessage] = []
+    connection = await aio_pika.connect(amqp_url)
+    async with connection, asyncio.timeout(GUARD_SECONDS):
+        queue = await (await connection.channel()).get_queue(queue_name)
+        while len(taken) < expected:
+            message = await queue.get(fail=False)
+            if message is None:
+                await asyncio.sleep(0.1)
+                continue
+            await message.ack()
+            taken.append(message)
+    return taken
+
+
+@pytest.mark.slow
+async def test_a_gate_stopped_while_the_database_hangs_exits_and_hands_its_messages_back(
+    own_postgres: PostgresCluster, own_database: str, backing: BackingServices, service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """A deploy's SIGTERM while PostgreSQL answers nothing (SIGSTOP: connections stay open, no reply, no
+    refusal): the gate's handlers wait on queries that end only at their command timeout, and closing
+    the pool would wait for them for ever. The gate must still exit cleanly within its grace period
+    (or its supervisor kills it, and every message it holds counts a delivery) and hand back what it
+    holds without a count."""
+    exchange = own_exchange("gate-hang")
+    topology = Topology(exchange)
+    env = service_env | {"HEALTHGATE_DATABASE_URL": own_database, "HEALTHGATE_EXCHANGE": exchange}
+    gate = start_unready("gate", env, tmp_path / "gate.log")
+    try:
+        await wait_until(lambda: _ready(gate))
+        own_postgres.freeze()
+        async with publisher(backing.amqp_url, exchange) as publish:
+            for index in range(5):
+                job = {"job_id": f"hung-{index}", "host_id": str(uuid.uuid4()), "window_ends_at": in_an_hour()}
+                await publish("job.start", job)
+        # The gate cannot tell a hung database from a slow one yet: it takes the messages and waits.
+        await wait_until(lambda: _all_taken(backing.amqp_url, topology.queue_name(GATE_JOBS_QUEUE)))
+        assert gate.stop(signal.SIGTERM, timeout=30) == 0, gate.log_text()
+        back = await take_messages(backing.amqp_url, topology.queue_name(GATE_JOBS_QUEUE), 5)
+        assert sorted(json.loads(message.body)["job_id"] for message in back) == [f"hung-{i}" for i in range(5)]
+        for message in back:
+            headers = message.headers or {}
+            assert headers.get("x-delivery-count", 0) == 0 and headers[HANDBACK_HEADER] == 1, headers
+    finally:
+        own_postgres.thaw()
+        gate.stop(signal.SIGKILL)
+        await delete_topology(backing.amqp_url, exchange)
+    log_records(gate)  # no traceback
+
+
+async def _all_taken(amqp_url: str, queue_name: str) -> bool:
+    return await ready_messages(amqp_url, queue_name) == 0
+
+
+@pytest.mark.slow
+async def test_every_service_stopped_while_the_database_hangs_exits_cleanly(
+    own_postgres: PostgresCluster, own_database: str, backing: BackingServices, service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    exchange = own_exchange("all-hang")
+    env = service_env | {
+        "HEALTHGATE_DATABASE_URL": own_database, "HEALTHGATE_EXCHANGE": exchange,
+        "HEALTHGATE_PRUNE_INTERVAL_SECONDS": "0.5",
+    }  # fmt: skip
+    services = await ready_services(("api", "gate", "poller", "pruner"), env, tmp_path)
+    try:
+        own_postgres.freeze()
+        async with httpx.AsyncClient(timeout=1) as client:  # a request in flight on the api's side too
+            with contextlib.suppress(httpx.HTTPError):
+                await client.get(services[0].base_url + "/api/v1/hosts", headers={"Authorization": "Bearer x"})
+        await asyncio.sleep(2)  # every task of every service now waits on the database
+        codes = [service.stop(signal.SIGTERM, timeout=30) for service in services]
+    finally:
+        own_postgres.thaw()
+        for service in services:
+            service.stop(signal.SIGKILL)
+        await delete_topology(backing.amqp_url, exchange)
+    assert codes == [0, 0, 0, 0], [service.log_text()[-2000:] for service in services]
+    # Not the api: uvicorn logs the traceback of the request it cancels when its graceful period ends.
+    for service in services[1:]:
+        log_records(service)
+
+
 # ---- one warning and one "recovered" line per service -----------------------------------------------------------------
 
 
@@ -360,10 +448,8 @@ async def test_a_database_restart_is_one_warning_and_one_recovered_line_per_serv
         "HEALTHGATE_DATABASE_URL": own_database, "HEALTHGATE_EXCHANGE": exchange,
         "HEALTHGATE_PRUNE_INTERVAL_SECONDS": "0.5",  # so that the pruner meets the outage too
     }  # fmt: skip
-    services = [start_unready(name, env, tmp_path / f"{name}.log") for name in ("api", "gate", "poller", "pruner")]
+    services = await ready_services(("api", "gate", "poller", "pruner"), env, tmp_path)
     try:
-        for service in services:
-            await wait_until(lambda service=service: _ready(service))
         own_postgres.stop()
         for service in services:
             await wait_for_log(service, DB_DOWN)
@@ -387,6 +473,14 @@ async def test_a_database_restart_is_one_warning_and_one_recovered_line_per_serv
         assert warnings_of(service) == [DB_DOWN], service.log_text()
         assert len(messages(service, DB_BACK)) == 1, service.log_text()
         assert messages(service, DB_DOWN)[0]["error"]
+
+
+async def ready_services(names: tuple[str, ...], env: dict[str, str], tmp_path: Path) -> list[ServiceProcess]:
+    """Start these services (logs in `tmp_path`) and wait until each is ready."""
+    services = [start_unready(name, env, tmp_path / f"{name}.log") for name in names]
+    for service in services:
+        await wait_until(lambda service=service: _ready(service))
+    return services
 
 
 async def _ready(service: ServiceProcess) -> bool:
@@ -492,18 +586,7 @@ class Harness:
         await self.broker.publish(routing_key, body, message_id=str(uuid.uuid4()), content_type="application/json")
 
     async def dead_letters(self, expected: int) -> list[AbstractIncomingMessage]:
-        found: list[AbstractIncomingMessage] = []
-        connection = await aio_pika.connect(self.amqp_url)
-        async with connection, asyncio.timeout(GUARD_SECONDS):
-            queue = await (await connection.channel()).get_queue(self.topology.dead_letter_queue)
-            while len(found) < expected:
-                message = await queue.get(fail=False)
-                if message is None:
-                    await asyncio.sleep(0.1)
-                    continue
-                await message.ack()
-                found.append(message)
-        return found
+        return await take_messages(self.amqp_url, self.topology.dead_letter_queue, expected)
 
 
 async def test_a_handler_bug_still_reaches_the_delivery_limit(backing: BackingServices, database_url: str) -> None:

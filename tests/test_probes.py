@@ -551,6 +551,17 @@ async def test_ipv6_addresses_are_shown_in_brackets_with_their_port(session: Any
     assert (connected.reason, connected.detail) == ("ok", f"connected to [::1]:{port}")
 
 
+async def test_a_url_aiohttp_refuses_to_request_is_named_in_the_detail(session: Any) -> None:
+    """A check URL that is not http(s) (the API refuses one; a row written otherwise may hold it): aiohttp
+    raises NonHttpUrlClientError, which has no `url` attribute, unlike InvalidURL. Found by mypy."""
+    target = CheckTarget(
+        check_id=uuid.uuid4(), host_id=uuid.uuid4(), check_type="http", timeout_seconds=5,
+        host_name="ignored", url="ftp://127.0.0.1/health",
+    )  # fmt: skip
+    outcome = await Prober(session, [], None).run(target)
+    assert (outcome.healthy, outcome.reason, outcome.detail) == (False, "connect", "cannot request ftp://127.0.0.1/health")
+
+
 def test_latency_is_shown_precisely_enough_to_be_over_the_limit() -> None:
     """A 1.4 ms run over a 1 ms limit "took 1.4 ms", not "took 1 ms, more than the 1 ms allowed"."""
     assert shown_latency(1.4, 1) == "1.4"

@@ -31,7 +31,13 @@ from services.api.problems import (
 )
 from services.api.routes import ENDPOINTS
 from shared.crypto import SecretBox, load_or_create_key
-from shared.database import TRANSIENT_DATABASE_ERRORS, DatabaseWatch, create_pool, is_transient_database_error
+from shared.database import (
+    TRANSIENT_DATABASE_ERRORS,
+    DatabaseWatch,
+    close_pool,
+    create_pool,
+    is_transient_database_error,
+)
 from shared.health import GracefulServer, ServiceHealth, base_url, health_routes, listen
 from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay
@@ -92,7 +98,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
             health.shutting_down = True
             await background.cancel_all()
             await broker.close()
-            await pool.close()
+            await close_pool(pool)
             log.info("api stopped")
 
     async def openapi_document(request: Request) -> Response:

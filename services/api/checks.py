@@ -40,6 +40,7 @@ from shared import checks, results
 from shared.audit import diff, record_audit
 from shared.check_state import create_state
 from shared.crypto import DecryptionError
+from shared.database import Connection
 from shared.events import CheckConfigChanged, CheckResult, CheckResultView, CheckRunRequest, CheckView
 from shared.hosts import host_exists, lock_host, refresh_host_status
 from shared.messaging import PublishFailed
@@ -58,7 +59,7 @@ WRITABLE_COLUMNS = (
     *(name for names in TYPE_COLUMNS.values() for name in names),
     "basic_auth_pass_encrypted",
 )
-VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "created_at", "updated_at")
+VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "healthy_since", "created_at", "updated_at")
 # A check's results page newest first by (checked_at, id); the cursor holds the last row's.
 RESULT_PAGES: Keyset[tuple[dt.datetime, uuid.UUID]] = Keyset(
     2,
@@ -98,7 +99,7 @@ def audited_fields(values: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
 
 
 async def audit_check(
-    connection: asyncpg.Connection,
+    connection: Connection,
     actor: str,
     action: str,
     host_id: uuid.UUID,
@@ -274,7 +275,7 @@ def _stored_password(
     return context.secrets.encrypt(submitted, check_id)
 
 
-async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UUID) -> asyncpg.Record:
+async def _lock_host_for_checks(connection: Connection, host_id: uuid.UUID) -> asyncpg.Record:
     """Lock the host: serialises the 5-check limit and the host summary against concurrent writers."""
     host = await lock_host(connection, host_id)
     if host is None:
@@ -283,7 +284,7 @@ async def _lock_host_for_checks(connection: asyncpg.Connection, host_id: uuid.UU
 
 
 async def _fetch_check(
-    connection: asyncpg.Connection, host_id: uuid.UUID, check_id: uuid.UUID, *, for_update: bool = False
+    connection: Connection, host_id: uuid.UUID, check_id: uuid.UUID, *, for_update: bool = False
 ) -> asyncpg.Record:
     row = await checks.fetch_check(connection, host_id, check_id, for_update=for_update)
     if row is None:
@@ -369,7 +370,7 @@ async def update_check_on(
 
 
 async def delete_check_rows(
-    connection: asyncpg.Connection,
+    connection: Connection,
     context: ApiContext,
     host_id: uuid.UUID,
     check_id: uuid.UUID,

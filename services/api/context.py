@@ -45,4 +45,5 @@ class ApiContext:
 
 
 def context_of(request: Request) -> ApiContext:
-    return request.app.state.context  # type: ignore[no-any-return]
+    context: ApiContext = request.app.state.context  # set by the app's lifespan
+    return context

@@ -1,8 +1,8 @@
 """An endpoint is declared once: its route, who may call it, and the models of its query, body and
 answer. The same declaration builds the Starlette route and the OpenAPI document.
 
-Access is decided in a fixed order: no or unknown token → 401; a host outside the caller's groups →
-404 (its existence is not revealed); a role that may not do this → 403.
+Access is decided in a fixed order: no or unknown token → 401; a host or a group outside the caller's
+groups → 404 (its existence is not revealed); a role that may not do this → 403.
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ class Endpoint:
             principal = await authenticate(context.pool, request.headers.get("authorization"))
             if "host_id" in request.path_params:
                 await _require_visible_host(request, principal, path_uuid(request, "host_id"))
+            if "group" in request.path_params and not principal.sees_group(request.path_params["group"]):
+                raise not_found("group")
             if principal.role not in self.roles:
                 raise forbidden(f"role {principal.role!r} may not {self.summary.lower()}")
             response = await self.handler(request, principal)

@@ -20,6 +20,7 @@ from services.api.schemas import GroupName, HostCreate, HostView, HostWrite
 from services.api.targets import address_problems
 from shared import checks, hosts
 from shared.audit import diff, record_audit
+from shared.database import Connection
 from shared.events import HostHealthStatus
 
 # Hosts page by name (unique); the cursor holds the last name.
@@ -32,7 +33,8 @@ class HostListQuery(PageQuery):
 
 
 def host_view(row: asyncpg.Record) -> HostView:
-    return HostView.model_validate(dict(row))
+    """A host row (shared.hosts.HOST_VIEW_COLUMNS) as the API shows it."""
+    return HostView.model_validate(hosts.host_values(row))
 
 
 def host_fields(row: asyncpg.Record | HostWrite) -> dict[str, Any]:
@@ -43,7 +45,7 @@ def host_fields(row: asyncpg.Record | HostWrite) -> dict[str, Any]:
 
 
 async def fetch_visible_host(
-    connection: asyncpg.Connection, principal: Principal, host_id: uuid.UUID, *, for_update: bool = False
+    connection: Connection, principal: Principal, host_id: uuid.UUID, *, for_update: bool = False
 ) -> asyncpg.Record:
     row = await hosts.fetch_host(connection, host_id, for_update=for_update)
     if row is None or not principal.sees_group(row["group"]):
@@ -56,7 +58,7 @@ async def list_hosts(request: Request, principal: Principal) -> Response:
     rows, next_cursor = await fetch_host_page(context_of(request).pool, principal, query)
     # The hottest page: rows go straight to JSON (the same bytes as Page[HostView]) without building
     # a model per row, which was a third of the handler's time.
-    page = {"items": [dict(row) for row in rows], "next_cursor": next_cursor}
+    page = {"items": [hosts.host_values(row) for row in rows], "next_cursor": next_cursor}
     return Response(pydantic_core.to_json(page), media_type="application/json")
 
 
@@ -118,7 +120,7 @@ async def update_host(request: Request, principal: Principal) -> Response:
 
 
 async def _rule_errors(
-    connection: asyncpg.Connection,
+    connection: Connection,
     host_id: uuid.UUID,
     before: asyncpg.Record,
     document: Any,
@@ -164,7 +166,7 @@ async def delete_host(request: Request, principal: Principal) -> Response:
 
 
 async def audit_host(
-    connection: asyncpg.Connection, principal: Principal, action: str, host_id: uuid.UUID, changes: dict[str, Any]
+    connection: Connection, principal: Principal, action: str, host_id: uuid.UUID, changes: dict[str, Any]
 ) -> None:
     await record_audit(
         connection, actor=principal.name, action=action, entity_type="host", entity_id=str(host_id),

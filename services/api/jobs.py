@@ -27,7 +27,7 @@ from shared.database import locked_now
 from shared.events import job_key
 from shared.gating import gating_check_summaries
 from shared.hosts import host_group
-from shared.jobs import WAITING, JobDecision, JobStatus
+from shared.jobs import WAITING, DecidedStatus, JobDecision, JobStatus
 
 
 class JobListQuery(PageQuery):
@@ -126,7 +126,7 @@ async def override_on(
             raise conflict(f"this job host was already decided: {current}")
         decided_at = await locked_now(connection)
         checks = await gating_check_summaries(connection, host_id)
-        status = "released" if body.decision == "release" else "failed"
+        status: DecidedStatus = "released" if body.decision == "release" else "failed"
         detail = f"{status} by {actor}: {body.reason}"
         if status == "released" and group is not None:
             budget = (await shared.jobs.group_budget(connection, group))[1]

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pydantic import BaseModel, TypeAdapter
+from pydantic.json_schema import JsonSchemaMode
 
 from services.api.endpoints import Endpoint
 from services.api.schemas import ProblemDetails
@@ -19,6 +20,7 @@ JOB_ID_DESCRIPTION = (
     "A job_id the gate answered as an invalid request (over 200 characters, control characters, NUL as `%00`) "
     "is found by it too, and shown as received."
 )
+GROUP_DESCRIPTION = "The group's name as one percent-encoded path segment (`/` as `%2F`)."
 # OpenAPI 3.1 §4.8.7.1: component names match ^[a-zA-Z0-9._-]+$. Anything else becomes "_", as pydantic
 # names its $defs, so `Page[HostView]` is `Page_HostView_` both as an endpoint's model and nested.
 NOT_IN_COMPONENT_NAME = re.compile(r"[^a-zA-Z0-9._-]")
@@ -41,8 +43,8 @@ class _Schemas:
     def __init__(self) -> None:
         self.components: dict[str, Any] = {}
 
-    def reference(self, model: Any, mode: str) -> dict[str, Any]:
-        schema = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE, mode=mode)  # type: ignore[arg-type]
+    def reference(self, model: Any, mode: JsonSchemaMode) -> dict[str, Any]:
+        schema = TypeAdapter(model).json_schema(ref_template=REF_TEMPLATE, mode=mode)
         self.components.update(schema.pop("$defs", {}))
         if isinstance(model, type) and issubclass(model, BaseModel):
             name = component_name(schema.get("title", model.__name__))
@@ -66,6 +68,9 @@ def _parameters(endpoint: Endpoint, schemas: _Schemas) -> list[dict[str, Any]]:
         if name == "job_id":
             schema |= {"minLength": 1}  # any length: the gate answers (and keeps) longer job_ids too
             parameter["description"] = JOB_ID_DESCRIPTION
+        if name == "group":
+            schema |= {"minLength": 1, "maxLength": 100}
+            parameter["description"] = GROUP_DESCRIPTION
         parameters.append(parameter)
     if endpoint.query is not None:
         query_schema = endpoint.query.model_json_schema(ref_template=REF_TEMPLATE)
@@ -85,7 +90,8 @@ def _without_null(schema: dict[str, Any]) -> dict[str, Any]:
     alternatives = [option for option in schema.get("anyOf", []) if option != {"type": "null"}]
     if len(alternatives) == 1:
         rest = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
-        return alternatives[0] | rest
+        only: dict[str, Any] = alternatives[0]
+        return only | rest
     return schema
 
 
@@ -127,7 +133,7 @@ def build_openapi(endpoints: Sequence[Endpoint], *, version: str) -> dict[str, A
         "info": {
             "title": "healthgate",
             "version": version,
-            "description": "Hosts, health checks, results, gate jobs and audit of healthgate.",
+            "description": "Hosts, health checks, results, gate jobs, group policies and audit of healthgate.",
         },
         "paths": paths,
         "components": {

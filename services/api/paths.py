@@ -71,7 +71,8 @@ def request_segments(scope: Scope) -> tuple[str, ...] | None:
     root_path: str = scope.get("root_path", "")
     cached = scope.get(_CACHE_KEY)
     if cached is not None and cached[0] == (raw_path, path, root_path):
-        return cached[1]  # type: ignore[no-any-return]
+        cached_segments: tuple[str, ...] | None = cached[1]  # stored below
+        return cached_segments
     segments = _split(raw_path, path, root_path)
     scope[_CACHE_KEY] = ((raw_path, path, root_path), segments)
     return segments

@@ -6,13 +6,14 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api import audit, checks, hosts, jobs
+from services.api import audit, checks, groups, hosts, jobs
 from services.api.auth import Principal
 from services.api.endpoints import ADMIN, ALL_ROLES, CHECK_EDITORS, Endpoint
-from services.api.requests import json_response
+from services.api.requests import PageQuery, json_response
 from services.api.schemas import (
     AuditEntry,
     CheckWrite,
+    GroupView,
     HostCreate,
     HostView,
     HostWrite,
@@ -25,6 +26,7 @@ from services.api.schemas import (
     ResultView,
 )
 from shared.events import CheckView
+from shared.group_policies import GroupPolicy
 
 
 class Caller(BaseModel):
@@ -41,6 +43,8 @@ HOST = "/api/v1/hosts/{host_id}"
 CHECK = HOST + "/health-checks/{check_id}"
 # A job id is one percent-encoded path segment, whatever it holds (`/` as `%2F`): see services/api/paths.py.
 JOB = "/api/v1/jobs/{job_id}"
+# A group name is one percent-encoded path segment too (`/` as `%2F`).
+GROUP_POLICY = "/api/v1/groups/{group}/policy"
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/me", who_am_i, "Show the calling token", ALL_ROLES, "tokens", response=Caller),
@@ -202,12 +206,52 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "GET",
+        "/api/v1/groups",
+        groups.list_groups,
+        "List groups",
+        ALL_ROLES,
+        "groups",
+        query=PageQuery,
+        response=Page[GroupView],
+        errors=(422,),
+        description="The caller's groups by name: every group a host or a policy names, with its host counts, "
+        "disruption budget in use (hosts in maintenance or unhealthy, each once) and policy (the defaults "
+        "without one).",
+    ),
+    Endpoint(
+        "GET",
+        GROUP_POLICY,
+        groups.get_policy,
+        "Show a group's policy",
+        ALL_ROLES,
+        "groups",
+        response=GroupPolicy,
+        errors=(404, 422),
+        description="The defaults when the group has hosts but no policy; 404 for a group outside the caller's "
+        "groups or one that no host or policy names.",
+    ),
+    Endpoint(
+        "PUT",
+        GROUP_POLICY,
+        groups.put_policy,
+        "Replace a group's policy",
+        ADMIN,
+        "groups",
+        body=GroupPolicy,
+        response=GroupPolicy,
+        errors=(400, 404, 413, 422),
+        description="Replaces every field (omitted ones take their defaults); allowed before the group has "
+        'hosts. `max_unavailable`: null (no limit), an integer ≥ 1, or "N%" (1-100) of the group\'s hosts, '
+        "rounded down, at least 1. Audited as group.policy_update.",
+    ),
+    Endpoint(
+        "GET",
         "/api/v1/audit",
         audit.list_audit,
         "List the audit log",
         ADMIN,
         "audit",
-        query=audit.PageQuery,
+        query=PageQuery,
         response=Page[AuditEntry],
         errors=(422,),
         description="Newest first.",

@@ -26,6 +26,7 @@ from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from services.api.targets import address_problems, url_problems
 from shared.events import CheckSummary, HostHealthStatus
+from shared.group_policies import GroupPolicy
 
 ItemT = TypeVar("ItemT")
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -167,12 +168,15 @@ READ_ONLY_HOST_FIELDS = (
     "checks_healthy",
     "created_at",
     "updated_at",
+    "in_maintenance",
+    "maintenance_job_id",
 )
 # Fields a client may echo back from a GET; they are not writable and are ignored on input.
 READ_ONLY_CHECK_FIELDS = (
     "id",
     "host_id",
     "status",
+    "healthy_since",
     "last_result",
     "basic_auth_pass_set",
     "created_at",
@@ -254,6 +258,12 @@ class HostView(BaseModel):
     checks_healthy: int
     created_at: AwareDatetime
     updated_at: AwareDatetime
+    in_maintenance: bool = Field(
+        description="a job is patching the host: one of its job hosts is released or verifying (CONTRACT §6)"
+    )
+    maintenance_job_id: str | None = Field(
+        description="the job_id of the earliest job in patch on the host (by release), or null"
+    )
 
 
 # ---- health checks -------------------------------------------------------------------------------
@@ -390,6 +400,19 @@ class JobListItem(JobHostView):
 class OverrideRequest(RequestModel):
     decision: Literal["release", "fail"]
     reason: Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"\S")]
+
+
+class GroupView(BaseModel):
+    """A group (CONTRACT §6 "Group policies"): it exists while a host or a policy names it."""
+
+    group: str
+    hosts_total: int
+    hosts_unhealthy: int = Field(description="hosts whose health_check_status is unhealthy")
+    hosts_in_maintenance: int = Field(description="hosts a job is patching (a job host released or verifying)")
+    budget_in_use: int = Field(
+        description="the group's unavailable hosts: in maintenance or unhealthy, each counted once"
+    )
+    policy: GroupPolicy
 
 
 class AuditEntry(BaseModel):

@@ -17,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import asyncpg
@@ -34,7 +35,7 @@ from services.gate.evaluation import (
 )
 from shared import jobs
 from shared.consuming import Consumers
-from shared.database import DATABASE_ERRORS, DatabaseWatch, is_transient_database_error
+from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, is_transient_database_error
 from shared.details import safe_detail
 from shared.events import (
     CheckResult,
@@ -210,7 +211,7 @@ class Gate:
         return "started"
 
     @staticmethod
-    async def _record(connection: asyncpg.Connection, job: JobStart) -> bool:
+    async def _record(connection: Connection, job: JobStart) -> bool:
         # Under the host's group lock (taken first: lock order), so that the group's job hosts are received
         # in the order their inserts commit and a release pass never misses an earlier one (FIFO).
         group = await host_group(connection, job.host_id)
@@ -223,7 +224,7 @@ class Gate:
         """Evaluate the host's waiting job hosts: through its group's release pass (every waiting job host of
         the group with a budget), or, for an unknown host, the job host `job_id` alone."""
 
-        async def work(connection: asyncpg.Connection) -> GroupPass | Evaluation | None:
+        async def work(connection: Connection) -> GroupPass | Evaluation | None:
             group = await host_group(connection, host_id)
             if group is not None:
                 return await self._release_pass(connection, group, host_ids=[host_id], job_id=job_id)
@@ -238,7 +239,7 @@ class Gate:
 
     async def _release_pass(
         self,
-        connection: asyncpg.Connection,
+        connection: Connection,
         group: str,
         *,
         host_ids: list[uuid.UUID] | None,
@@ -329,19 +330,12 @@ class Gate:
                 by_group.setdefault(row["group"], []).append(row["host_id"])
         handled = 0
         for group, host_ids in by_group.items():
-            passed = await self._transaction(
-                lambda c, group=group, host_ids=host_ids: self._release_pass(c, group, host_ids=host_ids, wait=False)
-            )
+            passed = await self._transaction(partial(self._timer_pass, group=group, host_ids=host_ids))
             if passed is not None:
                 handled += len(host_ids)
                 self._done(passed)
         for job_id, host_id in alone:
-            self._done(await self._transaction(
-                lambda c, job_id=job_id, host_id=host_id: evaluate_job_host(
-                    c, job_id, host_id, retry_seconds=self._retry_seconds, rerun_failing=True,
-                    unknown_host=self._unknown_host,
-                )
-            ))  # fmt: skip
+            self._done(await self._transaction(partial(self._evaluate_alone, job_id=job_id, host_id=host_id)))
             handled += 1
         now = time.monotonic()
         if now >= self._next_sweep:
@@ -352,13 +346,23 @@ class Gate:
             await self.refresh_budget_metrics()
         return handled
 
+    async def _timer_pass(
+        self, connection: Connection, *, group: str, host_ids: list[uuid.UUID] | None
+    ) -> GroupPass | None:
+        # A group whose lock is held is skipped: its rows stay due for the next round.
+        return await self._release_pass(connection, group, host_ids=host_ids, wait=False)
+
+    async def _evaluate_alone(self, connection: Connection, *, job_id: str, host_id: uuid.UUID) -> Evaluation | None:
+        return await evaluate_job_host(
+            connection, job_id, host_id, retry_seconds=self._retry_seconds, rerun_failing=True,
+            unknown_host=self._unknown_host,
+        )  # fmt: skip
+
     async def _sweep_budget_waits(self) -> None:
         async with self._pool.acquire() as connection:
             groups = await jobs.groups_waiting_for_budget(connection, BUDGET_SWEEP_GROUPS)
         for group in groups:
-            self._done(await self._transaction(
-                lambda c, group=group: self._release_pass(c, group, host_ids=None, wait=False)
-            ))  # fmt: skip
+            self._done(await self._transaction(partial(self._timer_pass, group=group, host_ids=None)))
 
     async def refresh_budget_metrics(self) -> None:
         """Every group's unavailable hosts and budget limit, read from the database, into the gauges."""
@@ -395,7 +399,7 @@ class Gate:
             },
         )
 
-    async def _transaction(self, work: Callable[[asyncpg.Connection], Awaitable[ResultT]]) -> ResultT:
+    async def _transaction(self, work: Callable[[Connection], Awaitable[ResultT]]) -> ResultT:
         """Run `work` in a transaction of its own. A transient database error is raised as it is: the
         consumer hands the message back and waits for the database (shared/consuming.py)."""
         async with self._pool.acquire() as connection, connection.transaction():

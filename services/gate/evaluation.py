@@ -19,7 +19,7 @@ import asyncpg
 
 from shared import gate_rules as rules
 from shared import jobs
-from shared.database import locked_now
+from shared.database import Connection, locked_now
 from shared.details import clip_detail, safe_detail
 from shared.events import CheckSummary, FailureReason, is_valid_job_id
 from shared.gate_rules import BudgetView, UnknownHostPolicy, Verdict
@@ -65,7 +65,7 @@ def _summaries(checks: list[GatingCheck]) -> list[CheckSummary]:
 
 
 async def record_invalid_request(
-    connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID, problem: str
+    connection: Connection, job_id: str, host_id: uuid.UUID, problem: str
 ) -> Evaluation | None:
     """Decide an invalid job.start as failed (invalid_request), unless the job host is known already.
 
@@ -108,7 +108,7 @@ class GroupPass:
 
 
 async def evaluate_job_host(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job_id: str,
     host_id: uuid.UUID,
     *,
@@ -143,7 +143,7 @@ async def evaluate_job_host(
 
 
 async def release_pass(
-    connection: asyncpg.Connection,
+    connection: Connection,
     group: str,
     *,
     retry_seconds: float,
@@ -205,7 +205,7 @@ async def release_pass(
     return GroupPass(group, limit, budget.in_use if budget is not None else None, evaluations)
 
 
-async def _context(connection: asyncpg.Connection, job: asyncpg.Record) -> Context:
+async def _context(connection: Connection, job: asyncpg.Record) -> Context:
     """The context of a job host judged alone (an unknown host, or a caller outside a pass)."""
     now = await locked_now(connection)
     checks = await gating_checks(connection, job["host_id"])
@@ -214,7 +214,7 @@ async def _context(connection: asyncpg.Connection, job: asyncpg.Record) -> Conte
 
 
 async def evaluate(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job: asyncpg.Record,
     *,
     retry_seconds: float,
@@ -293,7 +293,7 @@ async def evaluate(
 
 
 async def _fail(
-    connection: asyncpg.Connection,
+    connection: Connection,
     job_id: str,
     host_id: uuid.UUID,
     now: dt.datetime,
@@ -306,7 +306,7 @@ async def _fail(
     return Evaluation(job_id, host_id, Verdict(reason), reason=reason, detail=detail)
 
 
-async def cancel(connection: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> bool:
+async def cancel(connection: Connection, job_id: str, host_id: uuid.UUID) -> bool:
     """Cancel a waiting job host (job.cancel); False if it is already decided.
 
     A job.cancel may overtake its job.start: a job.start being handled when the database went away is

@@ -331,7 +331,8 @@ def _http_error(exc: BaseException) -> http_exceptions.HttpProcessingError | Non
     """The most specific error aiohttp's parser raised behind `exc` (it re-wraps them generically)."""
     found = [error for error in _chain(exc) if isinstance(error, http_exceptions.HttpProcessingError)]
     specific = [error for error in found if type(error) is not http_exceptions.HttpProcessingError]
-    return (specific or found or [None])[-1]
+    chosen = specific or found
+    return chosen[-1] if chosen else None
 
 
 def _idna_failure(exc: BaseException) -> UnicodeError | None:
@@ -400,16 +401,18 @@ def classify_failure(exc: BaseException, what: str) -> tuple[ResultReason, str]:
             return "protocol", f"{what} closed the connection in the middle of the response headers"
         return "connect", f"{what} closed the connection without answering"
     if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        error = _http_error(exc)
-        if error is not None:
-            return "protocol", _parser_failure(error, what)
+        parser_error = _http_error(exc)
+        if parser_error is not None:
+            return "protocol", _parser_failure(parser_error, what)
         if isinstance(exc, aiohttp.ClientPayloadError):
             return "connect", f"the connection to {what} broke while the body was read"
         return "protocol", f"{what} sent an answer that cannot be read: {_one_line(exc.message)}"
     if isinstance(exc, aiohttp.InvalidURL | aiohttp.NonHttpUrlClientError):
-        # The URL is shown as a Location is (it may be one), never aiohttp's text of it.
-        shown = shown_url(str(exc.url)) or "a URL that is not valid"
-        return "connect", f"cannot request {shown}"
+        # The URL is shown as a Location is (it may be one), never aiohttp's text of it. InvalidURL keeps it
+        # as `url`; NonHttpUrlClientError (a scheme aiohttp does not request) only as its argument.
+        url = exc.url if isinstance(exc, aiohttp.InvalidURL) else exc.args[0] if exc.args else None
+        shown = shown_url(str(url)) if url is not None else None
+        return "connect", f"cannot request {shown or 'a URL that is not valid'}"
     if isinstance(exc, TimeoutError):
         return "timeout", f"{what} did not answer in time"
     if isinstance(exc, aiohttp.ClientError | OSError):

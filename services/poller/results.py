@@ -22,6 +22,7 @@ from services.poller.probes import CheckTarget, ProbeOutcome
 from shared.check_state import StateAfter, Streak, advance, lock_for_results, store_states
 from shared.checks import checks_to_run
 from shared.crypto import SecretBox
+from shared.database import Connection
 from shared.details import safe_detail
 from shared.events import CheckResult, CheckStatusChanged, EventModel
 from shared.hosts import lock_hosts, refresh_host_status
@@ -38,11 +39,13 @@ class CheckRow:
 
     @property
     def check_id(self) -> uuid.UUID:
-        return self.record["id"]  # type: ignore[no-any-return]
+        check_id: uuid.UUID = self.record["id"]
+        return check_id
 
     @property
     def enabled(self) -> bool:
-        return self.record["enabled"]  # type: ignore[no-any-return]
+        enabled: bool = self.record["enabled"]
+        return enabled
 
     def target(self, secrets: SecretBox) -> CheckTarget:
         """The probe's view; the password is decrypted here, just before the run, and only in memory."""
@@ -72,7 +75,7 @@ class CheckRow:
         )
 
 
-async def load_checks(connection: asyncpg.Connection, check_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, CheckRow]:
+async def load_checks(connection: Connection, check_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, CheckRow]:
     """The checks a tick names, by id; a check deleted since is missing."""
     return {row["id"]: CheckRow(row) for row in await checks_to_run(connection, check_ids)}
 
@@ -91,7 +94,7 @@ class FinishedRun:
 
 
 async def store_results(
-    connection: asyncpg.Connection, runs: Sequence[FinishedRun], *, source: str
+    connection: Connection, runs: Sequence[FinishedRun], *, source: str
 ) -> list[CheckResult]:
     """Write a batch of results in the caller's transaction. Returns the results stored: a run whose
     check is gone, or whose slot was already stored (a redelivered tick), is dropped.
@@ -167,7 +170,7 @@ async def store_results(
     if not results:
         return []
     await copy_results(connection, results)
-    states = [
+    states_after = [
         StateAfter(
             check_id=check_id,
             streak=streaks[check_id],
@@ -180,7 +183,7 @@ async def store_results(
         )
         for check_id, run in last_run.items()
     ]
-    await store_states(connection, states)
+    await store_states(connection, states_after)
     await enqueue_many(connection, events, source=source)
     for change in changes:
         log.info(

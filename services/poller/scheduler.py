@@ -31,6 +31,9 @@ TICK_SIZE = 50
 PASS_INTERVAL_SECONDS = 0.2
 RETRY_DELAY_SECONDS = 1.0
 TICK_ROUTING_KEY = POLLER_TICK_QUEUE.bindings[0]
+# What fails a pass without stopping the scheduler: a publish, or the database. One tuple, since a type
+# checker cannot read an unpacked tuple in an except clause.
+PASS_ERRORS: tuple[type[Exception], ...] = (PublishFailed, *DATABASE_ERRORS)
 
 
 class SchedulerMetrics:
@@ -56,7 +59,7 @@ class Scheduler:
         while True:
             try:
                 claimed = await self.dispatch_due()
-            except (PublishFailed, *DATABASE_ERRORS) as exc:
+            except PASS_ERRORS as exc:
                 self._metrics.failures.inc()
                 if await self._database.wait_out(exc):  # an outage is logged once, by the watch
                     continue

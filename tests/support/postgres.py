@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +37,7 @@ class PostgresCluster:
         self.port = free_port()
         self.url = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
         self._as_postgres = os.geteuid() == 0
+        self._frozen: list[int] = []
         if self._as_postgres:
             shutil.chown(base, "postgres", "postgres")
 
@@ -64,10 +66,30 @@ class PostgresCluster:
     def stop(self, mode: str = "immediate") -> None:
         self._run(str(POSTGRES_BIN / "pg_ctl"), "-D", str(self.data), "-m", mode, "-w", "-t", "60", "stop")
 
+    def freeze(self) -> None:
+        """Stop every process of the cluster with SIGSTOP: the server keeps its connections and port
+        but answers nothing, as a hung database or one cut off by the network looks to its clients."""
+        self._frozen = self._processes()
+        for pid in self._frozen:
+            os.kill(pid, signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        """Undo `freeze` (SIGCONT); a no-op if it is not frozen."""
+        for pid in self._frozen:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+        self._frozen = []
+
+    def _processes(self) -> list[int]:
+        postmaster = int((self.data / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True, timeout=30)
+        return [postmaster, *(int(pid) for pid in children.stdout.split())]
+
     def running(self) -> bool:
         return (self.data / "postmaster.pid").exists()
 
     def ensure_running(self) -> None:
+        self.thaw()
         if not self.running():
             self.start()
 

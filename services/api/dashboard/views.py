@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import uuid
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode
@@ -38,15 +39,18 @@ from services.api.context import ApiContext, context_of
 from services.api.dashboard import sessions
 from services.api.dashboard.charts import Point, history_strip, latency_sparkline
 from services.api.endpoints import ADMIN, CHECK_EDITORS
+from services.api.groups import GROUP_PAGES
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
 from services.api.jobs import override_on
 from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
 from services.api.problems import Problem
-from services.api.requests import path_job_id
+from services.api.requests import PageQuery, path_job_id
 from services.api.schemas import OverrideRequest
-from shared import checks, hosts, jobs, results
+from shared import checks, group_policies, hosts, jobs, results
+from shared.database import Connection
 from shared.events import control_character, job_key
 from shared.gating import gating_check_summaries
+from shared.group_policies import GroupPolicy, budget_limit
 from shared.hosts import HOST_STATUSES
 from shared.jobs import WAITING
 
@@ -65,7 +69,72 @@ STATUS_WORDS = {
     "verified": "verified",
     "verification_failed": "verification failed",
 }
+# A job's page shows its hosts by status, in the order a job host goes through them, the failures last.
+JOB_PAGE_ORDER = (
+    "waiting_health_check", "released", "verifying", "verified", "verification_failed", "failed", "cancelled",
+)  # fmt: skip
+# What a waiting job host waits for (gate_jobs.waiting_for, CONTRACT §6), in words.
+WAITING_FOR_WORDS = {
+    "checks": "its gating checks to be healthy",
+    "stability": "its checks to stay healthy for the group's stable_seconds",
+    "budget": "the group's disruption budget",
+}
 Page = Callable[[Request, sessions.Session], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A host that holds its group's disruption budget, and why: in patch by a job (`job_id` as received),
+    unhealthy, or both."""
+
+    host_id: uuid.UUID
+    name: str
+    job_id: str | None
+    unhealthy: bool
+
+    @property
+    def why(self) -> str:
+        reasons = ([f"job {self.job_id} patching"] if self.job_id is not None else []) + (
+            ["unhealthy"] if self.unhealthy else []
+        )
+        return ", ".join(reasons)
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    """One group on the groups page."""
+
+    name: str
+    hosts_total: int
+    by_status: dict[str, int]
+    in_maintenance: int
+    budget_in_use: int
+    budget_limit: int | None
+    policy: GroupPolicy
+    holders: list[Holder]
+
+    @property
+    def over_budget(self) -> bool:
+        return self.budget_limit is not None and self.budget_in_use > self.budget_limit
+
+
+def group_summary(row: asyncpg.Record, policy: GroupPolicy, members: list[dict[str, Any]]) -> GroupSummary:
+    """A group of `group_policies.group_page` (`row`) with its policy and its hosts (`members`: hosts as shown,
+    `shared.hosts.host_values`, of this and other groups)."""
+    own = [host for host in members if host["group"] == row["group"]]
+    by_status: dict[str, int] = dict.fromkeys(HOST_STATUSES, 0)
+    for host in own:
+        by_status[host["health_check_status"]] += 1
+    holders = [
+        Holder(host["id"], host["name"], host["maintenance_job_id"], host["health_check_status"] == "unhealthy")
+        for host in own
+        if host["in_maintenance"] or host["health_check_status"] == "unhealthy"
+    ]
+    return GroupSummary(
+        name=row["group"], hosts_total=row["hosts_total"], by_status=by_status,
+        in_maintenance=row["hosts_in_maintenance"], budget_in_use=row["budget_in_use"],
+        budget_limit=budget_limit(policy, row["hosts_total"]), policy=policy, holders=holders,
+    )  # fmt: skip
 
 
 class Dashboard:
@@ -83,6 +152,7 @@ class Dashboard:
         self.templates.env.filters["job_id_html"] = job_id_html
         self.templates.env.filters["job_id_text"] = job_id_text
         self.templates.env.filters["status_word"] = lambda status: STATUS_WORDS.get(status, status.replace("_", " "))
+        self.templates.env.filters["waiting_for_words"] = lambda item: WAITING_FOR_WORDS.get(item, item)
 
     def routes(self) -> list[SegmentRoute | Mount]:
         """Every page is matched segment by segment on the raw path, as the API is (services/api/paths.py)."""
@@ -98,6 +168,7 @@ class Dashboard:
             SegmentRoute("/hosts/{host_id}/checks/{check_id}", page(self.update_check), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks/{check_id}/delete", page(self.delete_check), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks/{check_id}/test", page(self.test_check), methods=["POST"]),
+            SegmentRoute("/groups", page(self.groups), methods=["GET"]),
             SegmentRoute("/jobs", page(self.jobs), methods=["GET"]),  # with ?job_id=: that job's page
             SegmentRoute("/jobs/{job_id}", page(self.job), methods=["GET"]),
             SegmentRoute("/jobs/{job_id}/hosts/{host_id}/override", page(self.override), methods=["POST"]),
@@ -224,7 +295,7 @@ class Dashboard:
         host_id = _path_uuid(request, "host_id")
         context = context_of(request)
         async with context.pool.acquire() as connection:
-            host = await fetch_visible_host(connection, session.principal, host_id)
+            host = hosts.host_values(await fetch_visible_host(connection, session.principal, host_id))
             rows = await checks.checks_of_host(connection, host_id)
             history = await _recent_results(connection, [row["id"] for row in rows])
         editing, edit_values = form_state.get("editing"), form_state.get("edit_values")
@@ -303,6 +374,33 @@ class Dashboard:
             return JSONResponse(result.model_dump(mode="json"))
         return RedirectResponse(f"/hosts/{host_id}#check-{check_id}", status_code=303)
 
+    # ---- groups ----------------------------------------------------------------------------------
+
+    async def groups(self, request: Request, session: sessions.Session) -> Response:
+        """The caller's groups (CONTRACT §3 "Dashboard", §6): each group's hosts by state, its policy, its
+        disruption budget in use against its limit, and the hosts that hold it (in patch, by which job; or
+        unhealthy). A page of PAGE_SIZE groups by name, as the API's `GET /api/v1/groups`."""
+        cursor = request.query_params.get("cursor") or None
+        try:
+            query = PageQuery(cursor=cursor, limit=PAGE_SIZE)
+            after = GROUP_PAGES.after(query.cursor)
+        except (ValidationError, Problem):
+            raise Problem(422, "invalid page") from None
+        context = context_of(request)
+        async with context.pool.acquire() as connection:
+            rows = await group_policies.group_page(
+                connection, groups=session.principal.visible_groups(), after=after,
+                limit=GROUP_PAGES.rows_to_fetch(PAGE_SIZE),
+            )  # fmt: skip
+            rows, next_cursor = GROUP_PAGES.page(rows, PAGE_SIZE)
+            names = [row["group"] for row in rows]
+            policies = await group_policies.policies_of(connection, names)
+            members = [hosts.host_values(row) for row in await hosts.hosts_of_groups(connection, names)]
+        shown = [group_summary(row, policies[row["group"]], members) for row in rows]
+        return self.render(
+            request, "groups.html", session=session, groups=shown, next_cursor=next_cursor, statuses=HOST_STATUSES
+        )
+
     # ---- jobs ------------------------------------------------------------------------------------
 
     async def jobs(self, request: Request, session: sessions.Session) -> Response:
@@ -332,9 +430,14 @@ class Dashboard:
             if not job_hosts:
                 raise Problem(404, "job not found")
             failing = await _failing_checks(connection, [row for row in job_hosts if row["status"] == WAITING])
+        by_status = [
+            (status, [row for row in job_hosts if row["status"] == status])
+            for status in JOB_PAGE_ORDER
+            if any(row["status"] == status for row in job_hosts)
+        ]
         return self.render(
-            request, "job.html", session=session, job_id=job_id, hosts=job_hosts, failing=failing,
-            can_override=session.principal.is_admin,
+            request, "job.html", session=session, job_id=job_id, hosts=job_hosts, by_status=by_status,
+            failing=failing, can_override=session.principal.is_admin,
         )  # fmt: skip
 
     async def override(self, request: Request, session: sessions.Session) -> Response:
@@ -434,13 +537,13 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
 
 async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
     rows = await hosts.status_counts(pool, principal.visible_groups())
-    counts = dict.fromkeys(HOST_STATUSES, 0)
+    counts: dict[str, int] = dict.fromkeys(HOST_STATUSES, 0)
     for row in rows:
         counts[row["health_check_status"]] += row["hosts"]
     return counts, sorted({row["group"] for row in rows})
 
 
-async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Point]]:
+async def _recent_results(connection: Connection, check_ids: list[uuid.UUID]) -> dict[uuid.UUID, list[Point]]:
     rows = await results.recent_results(connection, check_ids, HISTORY_LENGTH)
     history: dict[uuid.UUID, list[Point]] = {}
     for row in rows:
@@ -450,7 +553,7 @@ async def _recent_results(connection: asyncpg.Connection, check_ids: list[uuid.U
     return history
 
 
-async def _jobs(connection: asyncpg.Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
+async def _jobs(connection: Connection, groups: list[str] | None, *, waiting: bool) -> list[dict[str, Any]]:
     """The jobs page's waiting or decided job hosts, each with its job_id as received (`shared.jobs.as_received`)."""
     rows = await jobs.job_hosts_with_host_names(connection, groups, waiting=waiting, limit=JOBS_SHOWN)
     return [jobs.as_received(row) for row in rows]
@@ -492,7 +595,7 @@ def _cut(job_id: str) -> tuple[str, str]:
     return job_id[:SHOWN_JOB_ID_LENGTH], job_id[SHOWN_JOB_ID_LENGTH:]
 
 
-async def _failing_checks(connection: asyncpg.Connection, waiting: list[dict[str, Any]]) -> dict[uuid.UUID, list[Any]]:
+async def _failing_checks(connection: Connection, waiting: list[dict[str, Any]]) -> dict[uuid.UUID, list[Any]]:
     """For each waiting job host's host: its gating checks that are not healthy (what it waits for)."""
     failing = {}
     for host_id in {row["host_id"] for row in waiting}:
