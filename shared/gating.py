@@ -1,7 +1,7 @@
 """The gate's view of a host's checks: its enabled critical checks ("gating checks") and what the pollers
 last learnt of each, now (`gating_checks`, from `check_state`) or as they stood at a moment
 (`gating_checks_as_of`, from `check_results`). Read-only: the tables are written by their owners
-(docs/architecture.md, "Who writes which table"). The gate's rules (services/gate/rules.py) judge these,
+(docs/architecture.md, "Who writes which table"). The gate's rules (shared/gate_rules.py) judge these,
 and the job events and the API's override describe a job host's checks with them.
 """
 
@@ -11,6 +11,8 @@ import dataclasses
 import datetime as dt
 import uuid
 from dataclasses import dataclass
+
+import asyncpg
 
 from shared.database import Connection
 from shared.events import CheckSummary
@@ -28,7 +30,7 @@ class GatingCheck:
     last_healthy: bool | None
     last_detail: str | None
     last_checked_at: dt.datetime | None
-    # When the check last became healthy (check_state.healthy_since): None unless healthy. CONTRACT §6
+    # When the check last became healthy (check_state.healthy_since; None unless healthy): CONTRACT §6
     # stable_seconds counts from it.
     healthy_since: dt.datetime | None = None
 
@@ -58,36 +60,46 @@ class GatingCheck:
         )
 
 
+_GATING_CHECKS_SQL = """
+SELECT h.id AS host_id, c.id, c.name, c.interval_seconds,
+       s.status, s.last_healthy, s.last_detail, s.last_checked_at, s.healthy_since
+FROM hosts h
+LEFT JOIN health_checks c ON c.host_id = h.id AND c.enabled AND c.critical
+LEFT JOIN check_state s ON s.check_id = c.id
+WHERE h.id = ANY($1::uuid[])
+ORDER BY h.id, c.name
+"""
+
+
+def _gating_check(row: asyncpg.Record) -> GatingCheck:
+    return GatingCheck(
+        check_id=row["id"],
+        name=row["name"],
+        status=row["status"] or "unknown",
+        interval_seconds=row["interval_seconds"],
+        last_healthy=row["last_healthy"],
+        last_detail=row["last_detail"],
+        last_checked_at=row["last_checked_at"],
+        healthy_since=row["healthy_since"],
+    )
+
+
 async def gating_checks(connection: Connection, host_id: uuid.UUID) -> list[GatingCheck] | None:
     """The host's enabled critical checks; None if the host is unknown."""
-    rows = await connection.fetch(
-        """
-        SELECT h.id AS known, c.id, c.name, c.interval_seconds,
-               s.status, s.last_healthy, s.last_detail, s.last_checked_at, s.healthy_since
-        FROM hosts h
-        LEFT JOIN health_checks c ON c.host_id = h.id AND c.enabled AND c.critical
-        LEFT JOIN check_state s ON s.check_id = c.id
-        WHERE h.id = $1
-        ORDER BY c.name
-        """,
-        host_id,
-    )
-    if not rows:
-        return None
-    return [
-        GatingCheck(
-            check_id=row["id"],
-            name=row["name"],
-            status=row["status"] or "unknown",
-            interval_seconds=row["interval_seconds"],
-            last_healthy=row["last_healthy"],
-            last_detail=row["last_detail"],
-            last_checked_at=row["last_checked_at"],
-            healthy_since=row["healthy_since"],
-        )
-        for row in rows
-        if row["id"] is not None
-    ]
+    return (await gating_checks_of_hosts(connection, [host_id])).get(host_id)
+
+
+async def gating_checks_of_hosts(
+    connection: Connection, host_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[GatingCheck]]:
+    """The enabled critical checks of each of `host_ids`, by host, in one statement (a group's release pass
+    reads all its waiting hosts at once); an unknown host is absent."""
+    found: dict[uuid.UUID, list[GatingCheck]] = {}
+    for row in await connection.fetch(_GATING_CHECKS_SQL, host_ids):
+        checks = found.setdefault(row["host_id"], [])
+        if row["id"] is not None:
+            checks.append(_gating_check(row))
+    return found
 
 
 async def gating_checks_as_of(
@@ -108,9 +120,17 @@ async def gating_checks_as_of(
             last_healthy=then[check.check_id]["healthy"],
             last_detail=then[check.check_id]["detail"],
             last_checked_at=then[check.check_id]["checked_at"],
+            # Only a healthy_since from before `moment` held then; a later one is unknown as of then.
+            healthy_since=_healthy_since_then(check, then[check.check_id]["status"], moment),
         )
         for check in checks
     ]
+
+
+def _healthy_since_then(check: GatingCheck, status_then: str | None, moment: dt.datetime) -> dt.datetime | None:
+    if status_then != "healthy" or check.healthy_since is None or check.healthy_since > moment:
+        return None
+    return check.healthy_since
 
 
 async def gating_check_summaries(connection: Connection, host_id: uuid.UUID) -> list[CheckSummary]:

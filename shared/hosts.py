@@ -212,7 +212,7 @@ async def host_exists(connection: Connection, host_id: uuid.UUID) -> bool:
     return bool(await connection.fetchval("SELECT true FROM hosts WHERE id = $1", host_id))
 
 
-async def host_group(pool: asyncpg.Pool, host_id: uuid.UUID) -> str | None:
+async def host_group(pool: asyncpg.Pool | Connection, host_id: uuid.UUID) -> str | None:
     """The host's group; None if there is no such host."""
     group: str | None = await pool.fetchval('SELECT "group" FROM hosts WHERE id = $1', host_id)
     return group

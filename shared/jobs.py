@@ -2,7 +2,8 @@
 the table (docs/architecture.md, "Who writes which table"), and it holds the reads of it too.
 
 - the gate records a job.start as waiting (`insert_waiting`), locks waiting rows to evaluate them
-  (`lock_waiting`, `lock_waiting_on_host`, and the timers' `lock_due`), keeps a row waiting with its
+  (`lock_waiting`; a group's release pass: `lock_group`, then `lock_waiting_in_group`; the timers find due
+  rows with `due_waiting`), keeps a row waiting with its
   job.waiting announced once and its retry timer moved on (`keep_waiting`), and decides;
 - the api's override (and the dashboard's) locks the row (`lock_job_host`) and decides;
 - the api and the dashboard list and show job hosts; the pruner deletes decided rows past their
@@ -47,12 +48,15 @@ from shared.events import (
     JobVerificationFailed,
     JobVerified,
     JobWaiting,
+    WaitingFor,
     decision_event_id,
     deterministic_event_id,
     job_key,
     received_job_id,
     received_job_id_bytes,
 )
+from shared.gate_rules import GroupBudget, Holder
+from shared.group_policies import GroupPolicy, budget_limit, policy_of
 from shared.outbox import enqueue
 
 JobStatus = Literal[
@@ -63,7 +67,9 @@ WAITING: Final = "waiting_health_check"
 DecidedStatus = Literal["released", "failed", "cancelled"]
 
 # What the gate reads of a row it evaluates.
-LOCKED_COLUMNS = "job_id, host_id, status, window_ends_at, received_at, waiting_announced"
+LOCKED_COLUMNS = (
+    "job_id, host_id, status, window_ends_at, received_at, waiting_announced, waiting_for, detail, next_retry_at"
+)
 # What the api and the dashboard show of a job host (`received_job_id`: see `as_received`).
 VIEW_COLUMNS = """
     j.job_id, j.host_id, j.status, j.window_ends_at, j.received_at, j.decided_at, j.reason, j.detail,
@@ -123,11 +129,14 @@ async def insert_waiting(connection: Connection, job: JobStart) -> bool:
     """Record a new job host as waiting. False if it exists already (a repeated job.start, or a job host
     decided before its job.start came: an invalid request, an early job.cancel).
 
-    Its first evaluation is due at once: if the gate dies before evaluating, the timer finds it."""
+    Its first evaluation is due at once: if the gate dies before evaluating, the timer finds it. Its
+    `received_at` is the database's clock at the insert, not the transaction's start: under the group's lock
+    (the gate takes it first for a host of a group), that orders the job hosts of a group as their inserts
+    commit, so a release pass always sees a prefix of the arrival order (CONTRACT §6: FIFO)."""
     inserted = await connection.fetchval(
         """
-        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, next_retry_at)
-        VALUES ($1, $2, 'waiting_health_check', $3, now())
+        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, next_retry_at, received_at)
+        VALUES ($1, $2, 'waiting_health_check', $3, now(), clock_timestamp())
         ON CONFLICT (job_id, host_id) DO NOTHING
         RETURNING true
         """,
@@ -152,33 +161,6 @@ async def lock_waiting(connection: Connection, job_id: str, host_id: uuid.UUID) 
     return row
 
 
-async def lock_waiting_on_host(connection: Connection, host_id: uuid.UUID) -> list[asyncpg.Record]:
-    """Waiting jobs of a host, locked; waits for a gate evaluating them now, then sees its outcome."""
-    return await connection.fetch(
-        f"""
-        SELECT {LOCKED_COLUMNS} FROM gate_jobs
-        WHERE host_id = $1 AND status = 'waiting_health_check'
-        ORDER BY job_id
-        FOR UPDATE
-        """,
-        host_id,
-    )
-
-
-async def lock_due(connection: Connection, limit: int) -> list[asyncpg.Record]:
-    """Waiting jobs whose retry or window end has come; other gates take the others (SKIP LOCKED)."""
-    return await connection.fetch(
-        f"""
-        SELECT {LOCKED_COLUMNS} FROM gate_jobs
-        WHERE status = 'waiting_health_check' AND (next_retry_at <= now() OR window_ends_at <= now())
-        ORDER BY LEAST(next_retry_at, window_ends_at)
-        LIMIT $1
-        FOR UPDATE SKIP LOCKED
-        """,
-        limit,
-    )
-
-
 async def lock_job_host(connection: Connection, key: str, host_id: uuid.UUID) -> str | None:
     """Lock the job host stored under `key` (`job_key` of its job_id), whatever its status, and return
     that status; None if there is no such job host."""
@@ -197,31 +179,44 @@ async def keep_waiting(
     retry_in: float | None,
     at: dt.datetime,
     source: str,
+    waiting_for: list[WaitingFor] | None = None,
+    detail: str | None = None,
+    wake_at: dt.datetime | None = None,
 ) -> bool:
     """A locked waiting job host (`job`: LOCKED_COLUMNS) goes on waiting, in the caller's transaction.
 
-    The first time, its job.waiting (`failing`: the checks it waits for) goes to the outbox, stamped `at`,
-    under a deterministic id (`job-waiting/<job_id>/<host_id>`). The row keeps `checks` as its snapshot,
-    and with `retry_in` (seconds) its retry timer moves on from now; with neither a first time nor a
-    `retry_in` nothing is written. True if this call announced it."""
+    The first time, its job.waiting (`failing`: the checks it waits for; `waiting_for`: what it waits for,
+    CONTRACT §6) goes to the outbox, stamped `at`, under a deterministic id (`job-waiting/<job_id>/<host_id>`).
+    The row keeps `checks` as its snapshot, `waiting_for` and `detail` (what it waits for, in words: the
+    budget's holders) as they are now, and with `retry_in` (seconds) its retry timer moves on from now;
+    `wake_at` brings the timer forward to that moment if it is sooner (a release cutoff, the moment its checks
+    become stable). Nothing is written when none of that changes. True if this call announced it."""
     announce = not job["waiting_announced"]
+    waiting_for = waiting_for if waiting_for is not None else (["checks"] if failing else [])
     if announce:
         event = JobWaiting(
             job_id=job["job_id"], host_id=job["host_id"], window_ends_at=aware(job["window_ends_at"]),
-            failing_checks=failing,
+            failing_checks=failing, waiting_for=waiting_for,
         )  # fmt: skip
         await enqueue(
             connection, "job.waiting", event, source=source, correlation_id=job["job_id"],
             event_id=deterministic_event_id("job-waiting", job["job_id"], str(job["host_id"])), time=at,
         )  # fmt: skip
-    if retry_in is None and not announce:
+    current_retry = job["next_retry_at"]
+    sooner = wake_at is not None and (current_retry is None or wake_at < aware(current_retry))
+    changed = list(job["waiting_for"]) != waiting_for or job["detail"] != detail
+    if retry_in is None and not announce and not sooner and not changed:
         return False
     await connection.execute(
         """
         UPDATE gate_jobs
         SET waiting_announced = true,
-            next_retry_at = CASE WHEN $3 THEN now() + make_interval(secs => $4) ELSE next_retry_at END,
-            checks = $5::jsonb
+            next_retry_at = LEAST(
+                CASE WHEN $3 THEN now() + make_interval(secs => $4) ELSE next_retry_at END, $8::timestamptz
+            ),
+            checks = $5::jsonb,
+            waiting_for = $6::text[],
+            detail = $7
         WHERE job_id = $1 AND host_id = $2
         """,
         job["job_id"],
@@ -229,6 +224,9 @@ async def keep_waiting(
         retry_in is not None,
         retry_in or 0.0,
         _checks_json(checks),
+        waiting_for,
+        detail,
+        wake_at,
     )
     return announce
 
@@ -258,7 +256,7 @@ class JobDecision:
 _DECIDE_WAITING_SQL = f"""
 UPDATE gate_jobs j
 SET status = $3, reason = $4, detail = $5, checks = COALESCE($6::jsonb, j.checks), decided_at = $7,
-    overridden_by = $8, override_reason = $9, next_retry_at = NULL,
+    overridden_by = $8, override_reason = $9, next_retry_at = NULL, waiting_for = '{{}}',
     -- What verification after patching waits for (CONTRACT §6): the gating checks as they were at release.
     release_checks = CASE WHEN $3 = 'released' THEN COALESCE($6::jsonb, j.checks) END
 WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'waiting_health_check'
@@ -321,6 +319,144 @@ async def decide(
         event_id=decision_event_id(decision.job_id, decision.host_id), time=at,
     )  # fmt: skip
     return row
+
+
+# ---- the disruption budget: the release side (CONTRACT §6) ------------------------------------------
+# A group's releases are serialised by a transaction-scoped advisory lock on the group, taken before any
+# row of it is locked (lock order everywhere: group lock → jobs row → gate_jobs rows), so that the count of
+# its unavailable hosts that a release pass reads stays true until the pass commits, however many gates run.
+
+_GROUP_LOCK_KEY = "hashtextextended('healthgate.group:' || $1, 0)"
+
+
+async def lock_group(connection: Connection, group: str, *, wait: bool = True) -> bool:
+    """Take the group's advisory lock for the rest of the caller's transaction; with `wait` False only if it
+    is free at once (False then: another transaction holds it)."""
+    if wait:
+        await connection.execute(f"SELECT pg_advisory_xact_lock({_GROUP_LOCK_KEY})", group)
+        return True
+    return bool(await connection.fetchval(f"SELECT pg_try_advisory_xact_lock({_GROUP_LOCK_KEY})", group))
+
+
+async def lock_waiting_in_group(
+    connection: Connection,
+    group: str,
+    *,
+    host_ids: list[uuid.UUID] | None = None,
+    job_id: str | None = None,
+    budget_only: bool = False,
+) -> list[asyncpg.Record]:
+    """The waiting job hosts (LOCKED_COLUMNS) of the group's hosts, locked, in the order their job.start
+    arrived (received_at, job_id, host_id); with `host_ids` only those hosts', with `job_id` only that job's
+    (its key), with `budget_only` only those waiting for the budget. The caller holds the group's lock
+    (`lock_group`)."""
+    conditions = ["j.status = 'waiting_health_check'", 'j.host_id IN (SELECT id FROM hosts WHERE "group" = $1)']
+    arguments: list[Any] = [group]
+    if host_ids is not None:
+        arguments.append(host_ids)
+        conditions.append(f"j.host_id = ANY(${len(arguments)}::uuid[])")
+    if job_id is not None:
+        arguments.append(job_id)
+        conditions.append(f"j.job_id = ${len(arguments)}")
+    if budget_only:
+        conditions.append("'budget' = ANY(j.waiting_for)")
+    return await connection.fetch(
+        f"""
+        SELECT {", ".join("j." + column.strip() for column in LOCKED_COLUMNS.split(","))}
+        FROM gate_jobs j
+        WHERE {" AND ".join(conditions)}
+        ORDER BY j.received_at, j.job_id, j.host_id
+        FOR UPDATE
+        """,
+        *arguments,
+    )
+
+
+async def group_hosts(connection: Connection, group: str) -> list[asyncpg.Record]:
+    """Every host of the group with what makes it unavailable (CONTRACT §6): `host_id`, `name`, `unhealthy`
+    (its health_check_status) and `patching_job`, the earliest (by decision) of its job hosts released or
+    verifying, NULL when none is."""
+    return await connection.fetch(
+        """
+        SELECT h.id AS host_id, h.name, h.health_check_status = 'unhealthy' AS unhealthy,
+               (SELECT j.job_id FROM gate_jobs j
+                WHERE j.host_id = h.id AND j.status IN ('released', 'verifying')
+                ORDER BY j.decided_at, j.job_id LIMIT 1) AS patching_job
+        FROM hosts h
+        WHERE h."group" = $1
+        """,
+        group,
+    )
+
+
+async def group_budget(connection: Connection, group: str) -> tuple[GroupPolicy, GroupBudget | None]:
+    """The group's policy and its disruption budget now (None when it has no `max_unavailable`): the limit for
+    its hosts_total and its unavailable hosts, as the gate's release pass, the override and the preview judge
+    it. Consistent with the gate's releases only under the group's lock (`lock_group`)."""
+    policy = await policy_of(connection, group)
+    if policy.max_unavailable is None:
+        return policy, None
+    hosts = await group_hosts(connection, group)
+    limit = budget_limit(policy, len(hosts))
+    assert limit is not None  # max_unavailable is set
+    holders = {
+        row["host_id"]: Holder(row["host_id"], row["name"], row["patching_job"], bool(row["unhealthy"]))
+        for row in hosts
+        if row["patching_job"] is not None or row["unhealthy"]
+    }
+    return policy, GroupBudget(group, limit, holders, {row["host_id"]: row["name"] for row in hosts})
+
+
+async def halted_jobs(connection: Connection, job_ids: list[str]) -> set[str]:
+    """Which of `job_ids` (keys, as gate_jobs stores them) are halted now."""
+    rows = await connection.fetch(
+        "SELECT job_id FROM jobs WHERE job_id = ANY($1::text[]) AND halted_at IS NOT NULL", job_ids
+    )
+    return {row["job_id"] for row in rows}
+
+
+async def due_waiting(connection: Connection, limit: int) -> list[asyncpg.Record]:
+    """Waiting job hosts whose retry or window end has come, soonest first, not locked: `job_id`, `host_id`
+    and the host's `group` (NULL for an unknown host). The timers run a release pass for each group among
+    them (a pass locks the group first, then its rows), and evaluate those of unknown hosts alone."""
+    return await connection.fetch(
+        """
+        SELECT j.job_id, j.host_id, h."group"
+        FROM gate_jobs j LEFT JOIN hosts h ON h.id = j.host_id
+        WHERE j.status = 'waiting_health_check' AND (j.next_retry_at <= now() OR j.window_ends_at <= now())
+        ORDER BY LEAST(j.next_retry_at, j.window_ends_at)
+        LIMIT $1
+        """,
+        limit,
+    )
+
+
+async def groups_waiting_for_budget(connection: Connection, limit: int) -> list[str]:
+    """Groups with a job host waiting for the budget: the gate passes over them every second or so, so that
+    budget freed without an event of the gate's own (a policy raised, a host deleted) is used soon."""
+    rows = await connection.fetch(
+        """
+        SELECT DISTINCT h."group" FROM gate_jobs j JOIN hosts h ON h.id = j.host_id
+        WHERE j.status = 'waiting_health_check' AND 'budget' = ANY(j.waiting_for)
+        LIMIT $1
+        """,
+        limit,
+    )
+    return [row["group"] for row in rows]
+
+
+async def budget_usage(connection: Connection | asyncpg.Pool) -> list[asyncpg.Record]:
+    """Each group with hosts: `group`, `hosts_total` and `in_use` (its unavailable hosts, CONTRACT §6)."""
+    return await connection.fetch(
+        """
+        SELECT h."group", count(*) AS hosts_total,
+               count(*) FILTER (WHERE h.health_check_status = 'unhealthy' OR EXISTS (
+                   SELECT 1 FROM gate_jobs j WHERE j.host_id = h.id AND j.status IN ('released', 'verifying')
+               )) AS in_use
+        FROM hosts h
+        GROUP BY h."group"
+        """
+    )
 
 
 # ---- reads -----------------------------------------------------------------------------------------
@@ -661,11 +797,6 @@ async def job_of(connection: Connection | asyncpg.Pool, key: str) -> asyncpg.Rec
     """The job stored under `key` (JOB_COLUMNS), None when there is no such row."""
     row: asyncpg.Record | None = await connection.fetchrow(f"SELECT {JOB_COLUMNS} FROM jobs WHERE job_id = $1", key)
     return row
-
-
-async def is_halted(connection: Connection, key: str) -> bool:
-    """Whether the job stored under `key` is halted now."""
-    return bool(await connection.fetchval("SELECT halted_at IS NOT NULL FROM jobs WHERE job_id = $1", key))
 
 
 async def failed_hosts(connection: Connection, key: str) -> list[uuid.UUID]:

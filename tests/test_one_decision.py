@@ -27,11 +27,11 @@ from services.api.problems import Problem
 from services.api.schemas import OverrideRequest
 from services.gate.evaluation import EVENT_SOURCE as GATE_SOURCE
 from services.gate.evaluation import cancel, evaluate_job_host
-from services.gate.rules import Verdict
 from shared import hosts
 from shared.crypto import SecretBox
 from shared.database import create_pool
 from shared.events import JobStart, decision_event_id
+from shared.gate_rules import Verdict
 from shared.messaging import Broker
 from shared.settings import load_settings
 from shared.topology import Topology

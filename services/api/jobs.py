@@ -28,6 +28,7 @@ from shared.audit import record_audit
 from shared.database import locked_now
 from shared.events import job_key
 from shared.gating import gating_check_summaries
+from shared.hosts import host_group
 from shared.jobs import WAITING, DecidedStatus, JobDecision, JobStatus
 
 
@@ -123,8 +124,15 @@ async def override_on(
 
     `job_id` as received (in the path); the row is found by `job_key(job_id)`. Only a valid job_id, its own
     key, can be waiting: the gate decides every invalid one when it comes. 404 without such a job host,
-    409 once it is decided."""
+    409 once it is decided.
+
+    The host's group lock comes first, as in the gate's release passes (lock order: group lock, then
+    gate_jobs rows). A release may exceed the group's disruption budget (CONTRACT §6), and then says so in
+    its detail, naming the budget's holders."""
     async with context.pool.acquire() as connection, connection.transaction():
+        group = await host_group(connection, host_id)
+        if group is not None:
+            await shared.jobs.lock_group(connection, group)
         current = await shared.jobs.lock_job_host(connection, job_key(job_id), host_id)
         if current is None:
             raise not_found("job host")
@@ -133,8 +141,13 @@ async def override_on(
         decided_at = await locked_now(connection)
         checks = await gating_check_summaries(connection, host_id)
         status: DecidedStatus = "released" if body.decision == "release" else "failed"
+        detail = f"{status} by {actor}: {body.reason}"
+        if status == "released" and group is not None:
+            budget = (await shared.jobs.group_budget(connection, group))[1]
+            if budget is not None and not budget.view(host_id).fits():
+                detail += f"; disruption budget exceeded: {budget.view(host_id).describe()}"
         decision = JobDecision(
-            job_id, host_id, status, f"{status} by {actor}: {body.reason}",
+            job_id, host_id, status, detail,
             reason="overridden" if status == "failed" else None, checks=checks, overridden_by=actor,
             override_reason=body.reason,
         )  # fmt: skip

@@ -17,21 +17,22 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import TypeVar
 
 import asyncpg
 from aio_pika.abc import AbstractIncomingMessage
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.gate.evaluation import (
     Evaluation,
+    GroupPass,
     cancel,
-    evaluate,
     evaluate_job_host,
     loggable_job_id,
     record_invalid_request,
+    release_pass,
 )
-from services.gate.rules import UnknownHostPolicy, Verdict
 from services.gate.verification import VerificationMetrics, Verifier
 from shared import jobs
 from shared.consuming import Consumers
@@ -45,6 +46,9 @@ from shared.events import (
     decode_event,
     parse_host_id,
 )
+from shared.gate_rules import UnknownHostPolicy, Verdict
+from shared.group_policies import budget_limit, policies_of
+from shared.hosts import host_group
 from shared.messaging import Broker
 from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE
 
@@ -54,6 +58,12 @@ JOBS_PREFETCH = 64
 RESULTS_PREFETCH = 256
 TIMER_INTERVAL_SECONDS = 0.25
 TIMER_BATCH = 200
+# Groups with job hosts waiting for the budget get a pass this often, so that budget freed without an event
+# of the gate's own (a policy raised, a host deleted or healthy again by the API) is used within about a second.
+BUDGET_SWEEP_SECONDS = 1.0
+BUDGET_SWEEP_GROUPS = 100
+# The budget gauges are refreshed from the database this often (and after every pass).
+BUDGET_METRICS_SECONDS = 5.0
 ResultT = TypeVar("ResultT")
 
 
@@ -71,6 +81,27 @@ class GateMetrics:
             buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5), registry=registry,
         )  # fmt: skip
         self.verification = VerificationMetrics(registry)
+        # CONTRACT §6 "Metrics".
+        self.budget_in_use = Gauge(
+            "healthgate_group_budget_in_use", "Unavailable hosts of a group (in patch or unhealthy)", ["group"],
+            registry=registry,
+        )  # fmt: skip
+        self.budget_limit = Gauge(
+            "healthgate_group_budget_limit", "A group's disruption budget (max_unavailable as a count of hosts)",
+            ["group"], registry=registry,
+        )  # fmt: skip
+
+    def budget(self, group: str, limit: int | None, in_use: int | None) -> None:
+        """Show a group's budget: `in_use` when known; the limit, or no limit series for a group without one."""
+        if in_use is not None:
+            self.budget_in_use.labels(group).set(in_use)
+        if limit is not None:
+            self.budget_limit.labels(group).set(limit)
+        else:
+            try:
+                self.budget_limit.remove(group)
+            except KeyError:
+                pass
 
 
 def salvage_identity(data: object) -> tuple[str, uuid.UUID] | None:
@@ -108,9 +139,12 @@ class Gate:
         self._database = database
         self._retry_seconds = retry_seconds
         self._unknown_host = unknown_host
+        self._next_sweep = 0.0
         self._verifier = Verifier(
-            pool, metrics.verification, metrics.decisions, retry_seconds=retry_seconds, batch=TIMER_BATCH
+            pool, metrics.verification, metrics.decisions, retry_seconds=retry_seconds, batch=TIMER_BATCH,
+            budget_freed=self._budget_freed,
         )
+        self._next_budget_metrics = 0.0
 
     def consume(self, consumers: Consumers) -> None:
         """Register the gate's two consumers (they run while the database answers)."""
@@ -175,41 +209,68 @@ class Gate:
         return await self.start(job)
 
     async def start(self, job: JobStart) -> str:
-        """Record a valid job.start and evaluate it at once; "duplicate" if the job host was known."""
+        """Record a valid job.start (its job too, `record_job`) and evaluate it at once: a host of a group
+        through the group's release pass; "duplicate" if the job host was known."""
         if not await self._transaction(lambda c: self._record(c, job)):
             return "duplicate"
         # The row is committed before it is evaluated: a result committed after this evaluation read
         # the checks finds the row (and waits for its lock), so no wake-up falls between the two.
-        evaluation = await self._transaction(lambda c: self._evaluate_started(c, job))
-        if evaluation is not None:
-            self._decided(evaluation)
+        await self._pass_for_host(job.host_id, job_id=job.job_id)
         return "started"
 
-    async def _record(self, connection: Connection, job: JobStart) -> bool:
-        # The job's row first (its lock, then the job host's: the lock order of halting), so a halt either
-        # sees this waiting row or committed before it and is seen by `fail_if_halted`.
+    @staticmethod
+    async def _record(connection: Connection, job: JobStart) -> bool:
+        # Under the host's group lock (taken first: lock order), so that the group's job hosts are received
+        # in the order their inserts commit and a release pass never misses an earlier one (FIFO).
+        group = await host_group(connection, job.host_id)
+        if group is not None:
+            await jobs.lock_group(connection, group)
         await jobs.record_job(connection, job.job_id, job.max_failed_hosts)
         return await jobs.insert_waiting(connection, job)
 
-    async def _evaluate_started(self, connection: Connection, job: JobStart) -> Evaluation | None:
-        if await self._verifier.fail_if_halted(connection, job.job_id, job.host_id):
-            return None  # failed job_halted, counted and logged
-        return await self._evaluate_one(connection, job.job_id, job.host_id, rerun_failing=True)
+    async def _pass_for_host(self, host_id: uuid.UUID, *, job_id: str | None = None) -> None:
+        """Evaluate the host's waiting job hosts: through its group's release pass (every waiting job host of
+        the group with a budget), or, for an unknown host, the job host `job_id` alone."""
 
-    async def _evaluate_one(
-        self, connection: Connection, job_id: str, host_id: uuid.UUID, *, rerun_failing: bool
-    ) -> Evaluation | None:
-        # None: decided meanwhile (a timer of another gate, an override, a cancel).
-        return await evaluate_job_host(
-            connection, job_id, host_id, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing,
+        async def work(connection: Connection) -> GroupPass | Evaluation | None:
+            group = await host_group(connection, host_id)
+            if group is not None:
+                return await self._release_pass(connection, group, host_ids=[host_id], job_id=job_id)
+            if job_id is None:
+                return None
+            return await evaluate_job_host(
+                connection, job_id, host_id, retry_seconds=self._retry_seconds, rerun_failing=True,
+                unknown_host=self._unknown_host,
+            )  # fmt: skip
+
+        self._done(await self._transaction(work))
+
+    async def _budget_freed(self, group: str) -> None:
+        """A job host of `group` left patch: release the group's next waiting job hosts now, as the budget allows."""
+        self._done(await self._transaction(partial(self._timer_pass, group=group, host_ids=None, wait=True)))
+
+    async def _release_pass(
+        self,
+        connection: Connection,
+        group: str,
+        *,
+        host_ids: list[uuid.UUID] | None,
+        job_id: str | None = None,
+        wait: bool = True,
+    ) -> GroupPass | None:
+        return await release_pass(
+            connection, group, host_ids=host_ids, job_id=job_id, wait=wait, retry_seconds=self._retry_seconds,
             unknown_host=self._unknown_host,
         )  # fmt: skip
 
-    async def _evaluate(self, connection: Connection, row: asyncpg.Record, *, rerun_failing: bool) -> Evaluation:
-        return await evaluate(
-            connection, row, retry_seconds=self._retry_seconds, rerun_failing=rerun_failing,
-            unknown_host=self._unknown_host,
-        )  # fmt: skip
+    def _done(self, outcome: GroupPass | Evaluation | None) -> None:
+        """Count and log what a committed pass or evaluation did, and show the group's budget."""
+        if isinstance(outcome, Evaluation):
+            self._decided(outcome)
+        elif outcome is not None:
+            for evaluation in outcome.evaluations:
+                self._decided(evaluation)
+            self._metrics.budget(outcome.group, outcome.limit, outcome.in_use)
 
     async def _on_job_cancel(self, body: bytes) -> str:
         request = decode_event(body, JobCancel)
@@ -232,18 +293,16 @@ class Gate:
             log.warning("malformed check.result dropped", extra={"error": str(exc)})
             await message.reject(requeue=False)
             return
-        # Only a result that leaves its check healthy can complete a host's set of healthy checks.
+        # Only a result that leaves its check healthy can complete a host's set of healthy checks, or free
+        # the budget of its group (a host healthy again): a pass over the host's group.
         if result.status == "healthy":
             try:
-                evaluations = await self._transaction(lambda c: self._wake_host(c, result.host_id))
+                await self._pass_for_host(result.host_id)
             except Exception as exc:
                 if is_transient_database_error(exc):
                     raise  # handed back: it wakes the host's jobs once the database is back
                 # A missed wake-up costs one retry interval at most: the timers re-evaluate every job.
                 log.exception("could not evaluate a host's waiting jobs on a result")
-            else:
-                for evaluation in evaluations:
-                    self._decided(evaluation)
             try:
                 await self._verifier.on_healthy_result(result.host_id)
             except Exception as exc:
@@ -252,10 +311,6 @@ class Gate:
                 # A missed wake-up costs one retry interval at most: the verification timer comes.
                 log.exception("could not verify a host's verifying jobs on a result")
         await message.ack()
-
-    async def _wake_host(self, connection: Connection, host_id: uuid.UUID) -> list[Evaluation]:
-        rows = await jobs.lock_waiting_on_host(connection, host_id)
-        return [await self._evaluate(connection, row, rerun_failing=False) for row in rows]
 
     # ---- timers ----------------------------------------------------------------------------------
 
@@ -278,14 +333,64 @@ class Gate:
                 await asyncio.sleep(TIMER_INTERVAL_SECONDS)
 
     async def run_due_timers(self) -> int:
-        evaluations: list[Evaluation] = []
-        async with self._pool.acquire() as connection, connection.transaction():
-            due = await jobs.lock_due(connection, TIMER_BATCH)
-            for row in due:
-                evaluations.append(await self._evaluate(connection, row, rerun_failing=True))
-        for evaluation in evaluations:
-            self._decided(evaluation)
-        return max(len(due), await self._verifier.run_due_timers())
+        """One round of the timers: a release pass for each group with job hosts due (retry, window end,
+        release cutoff, stability), one transaction per group, skipping a group whose lock another
+        transaction holds (its rows stay due for the next round); the due job hosts of unknown hosts alone;
+        every second a pass over the groups with job hosts waiting for the budget; every few seconds the
+        budget gauges. Returns how many due job hosts it handled."""
+        async with self._pool.acquire() as connection:
+            due = await jobs.due_waiting(connection, TIMER_BATCH)
+        by_group: dict[str, list[uuid.UUID]] = {}
+        alone: list[tuple[str, uuid.UUID]] = []
+        for row in due:
+            if row["group"] is None:
+                alone.append((row["job_id"], row["host_id"]))
+            else:
+                by_group.setdefault(row["group"], []).append(row["host_id"])
+        handled = 0
+        for group, host_ids in by_group.items():
+            passed = await self._transaction(partial(self._timer_pass, group=group, host_ids=host_ids))
+            if passed is not None:
+                handled += len(host_ids)
+                self._done(passed)
+        for job_id, host_id in alone:
+            self._done(await self._transaction(partial(self._evaluate_alone, job_id=job_id, host_id=host_id)))
+            handled += 1
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + BUDGET_SWEEP_SECONDS
+            await self._sweep_budget_waits()
+        if now >= self._next_budget_metrics:
+            self._next_budget_metrics = now + BUDGET_METRICS_SECONDS
+            await self.refresh_budget_metrics()
+        return max(handled, await self._verifier.run_due_timers())
+
+    async def _timer_pass(
+        self, connection: Connection, *, group: str, host_ids: list[uuid.UUID] | None, wait: bool = False
+    ) -> GroupPass | None:
+        # From the timers (wait False), a group whose lock is held is skipped: its rows stay due for the next round.
+        return await self._release_pass(connection, group, host_ids=host_ids, wait=wait)
+
+    async def _evaluate_alone(self, connection: Connection, *, job_id: str, host_id: uuid.UUID) -> Evaluation | None:
+        return await evaluate_job_host(
+            connection, job_id, host_id, retry_seconds=self._retry_seconds, rerun_failing=True,
+            unknown_host=self._unknown_host,
+        )  # fmt: skip
+
+    async def _sweep_budget_waits(self) -> None:
+        async with self._pool.acquire() as connection:
+            groups = await jobs.groups_waiting_for_budget(connection, BUDGET_SWEEP_GROUPS)
+        for group in groups:
+            self._done(await self._transaction(partial(self._timer_pass, group=group, host_ids=None)))
+
+    async def refresh_budget_metrics(self) -> None:
+        """Every group's unavailable hosts and budget limit, read from the database, into the gauges."""
+        async with self._pool.acquire() as connection:
+            usage = await jobs.budget_usage(connection)
+            policies = await policies_of(connection, [row["group"] for row in usage])
+        for row in usage:
+            limit = budget_limit(policies[row["group"]], row["hosts_total"])
+            self._metrics.budget(row["group"], limit, row["in_use"])
 
     # ---- helpers ---------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""The gate's evaluation of a job host: the rules (services/gate/rules.py) applied to a waiting row, and what
+"""The gate's evaluation of a job host: the rules (shared/gate_rules.py) applied to a waiting row, and what
 follows from the verdict. The rows are written by their owner, shared/jobs.py: every decision goes through
 `shared.jobs.decide`, the one function the api's override calls too, so a job host is decided at most once
 and its event commits with it.
@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from services.gate import rules
-from services.gate.rules import UnknownHostPolicy, Verdict
+from shared import gate_rules as rules
 from shared import jobs
 from shared.database import Connection, locked_now
 from shared.details import clip_detail, safe_detail
-from shared.events import CheckSummary, is_valid_job_id
-from shared.gating import GatingCheck, gating_checks, gating_checks_as_of
+from shared.events import CheckSummary, FailureReason, is_valid_job_id
+from shared.gate_rules import BudgetView, UnknownHostPolicy, Verdict
+from shared.gating import GatingCheck, gating_checks, gating_checks_as_of, gating_checks_of_hosts
+from shared.group_policies import GroupPolicy
+from shared.hosts import host_group
 from shared.jobs import JobDecision
 from shared.schedule import request_reruns
 
@@ -79,6 +81,32 @@ async def record_invalid_request(
     return Evaluation(job_id, host_id, Verdict.INVALID_REQUEST, reason="invalid_request", detail=detail)
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a job host is judged on besides its row, read by the caller: the time (`locked_now`, read after
+    the row's lock), its gating checks (None: unknown host), its group and the group's policy, whether its
+    job is halted, and the group's budget as this host sees it (None: none applies)."""
+
+    now: dt.datetime
+    checks: list[GatingCheck] | None
+    group: str | None = None
+    policy: GroupPolicy = field(default_factory=GroupPolicy)
+    halted: bool = False
+    budget: BudgetView | None = None
+
+
+@dataclass(frozen=True)
+class GroupPass:
+    """What a release pass over a group did: its evaluations (in arrival order), the budget's `limit` (None:
+    none) and the group's unavailable hosts after it (`in_use`; None when the pass found nothing to judge and
+    did not count them)."""
+
+    group: str
+    limit: int | None
+    in_use: int | None
+    evaluations: list[Evaluation]
+
+
 async def evaluate_job_host(
     connection: Connection,
     job_id: str,
@@ -88,14 +116,101 @@ async def evaluate_job_host(
     rerun_failing: bool,
     unknown_host: UnknownHostPolicy = "release",
 ) -> Evaluation | None:
-    """Lock the job host if it is still waiting and evaluate it (`evaluate`), in the caller's transaction;
-    None when it was decided meanwhile (a timer of another gate, an override, a cancel)."""
+    """Evaluate the job host if it is still waiting, in the caller's transaction; None when it was decided
+    meanwhile (a timer of another gate, an override, a cancel).
+
+    A host of a group goes through its group's release pass (`release_pass`, the group's lock first), which
+    judges this job host alone, or with a disruption budget every waiting job host of the group in arrival
+    order (releasing the ready ones before it); this returns the evaluation of this job host.
+    `rerun_failing` applies to an unknown host (in a pass, a job host whose retry is due has its failing
+    checks run again, as a new one's is)."""
+    group = await host_group(connection, host_id)
+    if group is not None:
+        passed = await release_pass(
+            connection, group, host_ids=[host_id], job_id=job_id, retry_seconds=retry_seconds,
+            unknown_host=unknown_host,
+        )  # fmt: skip
+        assert passed is not None  # it waits for the group's lock
+        return next(
+            (item for item in passed.evaluations if item.job_id == job_id and item.host_id == host_id), None
+        )
     row = await jobs.lock_waiting(connection, job_id, host_id)
     if row is None:
         return None
     return await evaluate(
         connection, row, retry_seconds=retry_seconds, rerun_failing=rerun_failing, unknown_host=unknown_host
     )
+
+
+async def release_pass(
+    connection: Connection,
+    group: str,
+    *,
+    retry_seconds: float,
+    unknown_host: UnknownHostPolicy = "release",
+    host_ids: list[uuid.UUID] | None = None,
+    job_id: str | None = None,
+    wait: bool = True,
+) -> GroupPass | None:
+    """The group's release pass (CONTRACT §6 "Disruption budget"), in the caller's transaction.
+
+    Takes the group's advisory lock (`shared.jobs.lock_group`; with `wait` False only if it is free, else
+    None), reads the group's policy, and locks the waiting job hosts to judge in arrival order (received_at,
+    job_id, host_id): with a budget (`max_unavailable`), every waiting job host of the group; without one,
+    those of `host_ids` (and of the job `job_id`, its key, when given: a job.start judges its own job host,
+    as without a budget nothing else changed), or with `host_ids` None those left waiting for a budget that
+    is gone (a policy changed). It counts the group's
+    unavailable hosts (released or verifying job hosts, unhealthy hosts; each host once) and evaluates each
+    row (`evaluate`), releasing the ready ones in order while the budget allows: each release takes its
+    host's unit for the rows after it; the others keep waiting with `waiting_for` and the detail naming the
+    holders. A row whose retry is due (`next_retry_at`, or its window's end) has its failing checks run again
+    and its timer moved on, as the timers do.
+
+    The lock serialises every release of the group, however many gates run: the count read under it stays
+    true until the pass commits (an override takes it too). Call it after anything that frees budget (a
+    verification outcome, a cancel): in the freeing transaction after its change, or in a new one after it
+    committed. Lock order: the group's lock first, never while holding a gate_jobs row of another group."""
+    if not await jobs.lock_group(connection, group, wait=wait):
+        return None
+    policy, budget = await jobs.group_budget(connection, group)
+    if budget is not None:
+        rows = await jobs.lock_waiting_in_group(connection, group)
+    elif host_ids is not None:
+        rows = await jobs.lock_waiting_in_group(connection, group, host_ids=host_ids, job_id=job_id)
+    else:
+        rows = await jobs.lock_waiting_in_group(connection, group, budget_only=True)
+    limit = budget.limit if budget is not None else None
+    if not rows:
+        return GroupPass(group, limit, budget.in_use if budget is not None else None, [])
+    now = await locked_now(connection)
+    halted = await jobs.halted_jobs(connection, sorted({row["job_id"] for row in rows}))
+    checks = await gating_checks_of_hosts(connection, sorted({row["host_id"] for row in rows}))
+    evaluations = []
+    for row in rows:
+        host_id = row["host_id"]
+        due = row["next_retry_at"] is None or jobs.aware(row["next_retry_at"]) <= now
+        due = due or jobs.aware(row["window_ends_at"]) <= now
+        host_checks = checks.get(host_id)
+        context = Context(
+            now, host_checks, group, policy, row["job_id"] in halted,
+            budget.view(host_id) if budget is not None and host_checks is not None else None,
+        )  # fmt: skip
+        evaluation = await evaluate(
+            connection, row, retry_seconds=retry_seconds, rerun_failing=due, unknown_host=unknown_host,
+            context=context,
+        )  # fmt: skip
+        if evaluation.verdict is Verdict.RELEASE and budget is not None and host_checks is not None:
+            budget = budget.patching(host_id, row["job_id"])
+        evaluations.append(evaluation)
+    return GroupPass(group, limit, budget.in_use if budget is not None else None, evaluations)
+
+
+async def _context(connection: Connection, job: asyncpg.Record) -> Context:
+    """The context of a job host judged alone (an unknown host, or a caller outside a pass)."""
+    now = await locked_now(connection)
+    checks = await gating_checks(connection, job["host_id"])
+    halted = bool(await jobs.halted_jobs(connection, [job["job_id"]]))
+    return Context(now, checks, halted=halted)
 
 
 async def evaluate(
@@ -105,56 +220,90 @@ async def evaluate(
     retry_seconds: float,
     rerun_failing: bool,
     unknown_host: UnknownHostPolicy = "release",
+    context: Context | None = None,
 ) -> Evaluation:
     """Apply the rules to a locked waiting job host (`shared.jobs.LOCKED_COLUMNS`) and act on the verdict,
     in the caller's transaction.
 
-    `rerun_failing`: when the job must go on waiting, ask for its failing or stale checks to run again
-    now (`shared.schedule.request_reruns`, in this transaction: the request commits with the
-    evaluation or not at all, and needs no broker) and move its retry timer on (at start and on each
-    retry, not on every result). `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST.
+    `context`: what it is judged on (a release pass reads it for the whole group); None reads it for this
+    job host alone, without policy or budget (an unknown host). `rerun_failing`: when the job must go on
+    waiting, ask for its failing or stale checks to run again now (`shared.schedule.request_reruns`, in
+    this transaction: the request commits with the evaluation or not at all, and needs no broker) and move
+    its retry timer on (at start and on each retry, not on every result). The timer is brought forward to
+    the release cutoff and to the moment its checks become stable, when these come sooner.
+    `unknown_host`: HEALTHGATE_GATE_UNKNOWN_HOST.
 
     Every time it stamps (decision, job.waiting) is read after the row's lock is held (`locked_now`).
-    A window_closed failure describes the checks as they were when the window closed (`window_closed`)."""
-    now = await locked_now(connection)
+    A window_closed failure describes the checks as they were when the window closed (`window_closed`), or
+    when the release cutoff passed."""
+    context = context if context is not None else await _context(connection, job)
+    now, checks, policy = context.now, context.checks, context.policy
     job_id, host_id = job["job_id"], job["host_id"]
-    checks = await gating_checks(connection, host_id)
     window_ends_at = jobs.aware(job["window_ends_at"])
-    decision = rules.decide(window_ends_at, now, checks, unknown_host=unknown_host)
+    decision = rules.decide(
+        window_ends_at, now, checks, unknown_host=unknown_host, policy=policy, halted=context.halted,
+        budget=context.budget,
+    )  # fmt: skip
     if decision.verdict is Verdict.RELEASE:
         detail = "all gating checks healthy" if decision.checks else "no gating checks on this host"
+        if decision.checks and policy.stable_seconds > 0:
+            detail += f" for at least {policy.stable_seconds} s (stable_seconds)"
+        if decision.budget is not None:
+            view = decision.budget
+            in_use = view.in_use + (0 if view.counted else 1)
+            detail += f"; disruption budget of group {view.group}: {in_use} of {view.limit} unavailable with this host"
         released = JobDecision(job_id, host_id, "released", detail, checks=_summaries(decision.checks))
         await jobs.decide(connection, released, at=now, source=EVENT_SOURCE)
         return Evaluation(job_id, host_id, Verdict.RELEASE, detail=detail)
     if decision.verdict is Verdict.WINDOW_CLOSED:
-        then = await gating_checks_as_of(connection, checks or [], window_ends_at)
-        decision = rules.window_closed(then, window_ends_at)
-        detail = decision.failure_detail(window_ends_at)
-        failed = JobDecision(
-            job_id, host_id, "failed", detail, reason="window_closed", checks=_summaries(decision.checks)
-        )
-        await jobs.decide(connection, failed, at=now, source=EVENT_SOURCE)
-        return Evaluation(job_id, host_id, Verdict.WINDOW_CLOSED, reason="window_closed", detail=detail)
+        then = await gating_checks_as_of(connection, checks or [], rules.closes_at(window_ends_at, policy))
+        decision = rules.window_closed(then, window_ends_at, policy)
+        return await _fail(connection, job_id, host_id, now, "window_closed", decision.failure_detail(window_ends_at),
+                           decision.checks)  # fmt: skip
+    if decision.verdict is Verdict.JOB_HALTED:
+        detail = f"job {job_id} is halted: no more of its hosts are released"
+        return await _fail(connection, job_id, host_id, now, "job_halted", detail, decision.checks)
     if decision.verdict is Verdict.UNKNOWN_HOST:
         detail = (
             f"host {host_id} is not known to healthgate, and unknown hosts are failed "
             "(HEALTHGATE_GATE_UNKNOWN_HOST=fail)"
         )
-        failed = JobDecision(
-            job_id, host_id, "failed", detail, reason="unknown_host", checks=_summaries(decision.checks)
+        return await _fail(connection, job_id, host_id, now, "unknown_host", detail, decision.checks)
+    if decision.verdict is Verdict.NO_CHECKS:
+        detail = (
+            f"host {host_id} has no enabled critical checks, and group {context.group} fails such hosts "
+            "(no_checks: fail)"
         )
-        await jobs.decide(connection, failed, at=now, source=EVENT_SOURCE)
-        return Evaluation(job_id, host_id, Verdict.UNKNOWN_HOST, reason="unknown_host", detail=detail)
-    waiting_detail = "waiting for checks: " + ", ".join(check.name for check in decision.not_ready)
+        return await _fail(connection, job_id, host_id, now, "no_checks", detail, decision.checks)
+    waiting_detail = decision.waiting_detail(now)
+    wake_at = rules.closes_at(window_ends_at, policy) if policy.release_cutoff_seconds > 0 else None
+    stable_at = decision.stable_at()
+    if stable_at is not None:
+        wake_at = stable_at if wake_at is None else min(wake_at, stable_at)
     announced = await jobs.keep_waiting(
         connection, job, checks=_summaries(decision.checks), failing=_summaries(decision.not_ready),
         retry_in=retry_seconds if rerun_failing else None, at=now, source=EVENT_SOURCE,
+        waiting_for=decision.waiting_for, detail=waiting_detail, wake_at=wake_at,
     )  # fmt: skip
     rerun = []
-    if rerun_failing:
+    if rerun_failing and decision.not_ready:
         rerun = [check.check_id for check in decision.not_ready]
         await request_reruns(connection, rerun, retry_seconds=retry_seconds)
     return Evaluation(job_id, host_id, Verdict.WAIT, rerun, detail=waiting_detail, announced=announced)
+
+
+async def _fail(
+    connection: Connection,
+    job_id: str,
+    host_id: uuid.UUID,
+    now: dt.datetime,
+    reason: FailureReason,
+    detail: str,
+    checks: list[GatingCheck],
+) -> Evaluation:
+    failed = JobDecision(job_id, host_id, "failed", detail, reason=reason, checks=_summaries(checks))
+    await jobs.decide(connection, failed, at=now, source=EVENT_SOURCE)
+    return Evaluation(job_id, host_id, Verdict(reason), reason=reason, detail=detail)
 
 
 async def cancel(connection: Connection, job_id: str, host_id: uuid.UUID) -> bool:

@@ -13,11 +13,13 @@ transaction that locked the job's row first (`shared.jobs.lock_job`: jobs row, t
 of every writer), where the failed hosts are counted and the job halted once (`shared.jobs.halt_job`). That is why
 a verification_failed is only ever concluded on the deadline path (`_fail_due`), which takes the job's lock before
 the job host's: the wake-up and the batched timer lock job hosts only, and leave a verdict FAILED to it.
-A job.start of a halted job fails at once with reason job_halted (`fail_if_halted`).
+A job.start of a halted job fails at once with reason job_halted: the release rules say so
+(`shared.gate_rules.decide`).
 
-After an outcome the job host no longer holds its group's disruption budget: `on_budget_freed` runs for the group,
-in a transaction of its own after the outcome committed (a group's pass takes the group's lock first, which must
-not come after a job host's lock).
+After an outcome the job host no longer holds its group's disruption budget: the gate's `budget_freed` callback (its
+per-group release pass) runs for the group, in a transaction of its own after the outcome committed (a group's pass
+takes the group's lock first, which must not come after a job host's lock), so that the group's next waiting job
+host is released at once (CONTRACT §6 "A freed budget is used within a second").
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from shared.details import safe_detail
 from shared.events import JobFinished, decode_event, job_key
 from shared.gating import gating_checks
 from shared.group_policies import GroupPolicy, policy_of
-from shared.jobs import JobDecision, VerificationOutcome
+from shared.jobs import VerificationOutcome
 from shared.schedule import request_reruns
 from shared.verification_rules import VerificationVerdict, verify
 
@@ -45,13 +47,6 @@ log = logging.getLogger(__name__)
 
 EVENT_SOURCE = "/healthgate/gate"
 ResultT = TypeVar("ResultT")
-
-
-async def on_budget_freed(connection: Connection, group: str | None) -> None:
-    """Called after a job host of `group` (None: an unknown host, which holds no budget) stopped being in patch
-    (its verification outcome committed), in a transaction of its own on `connection`: the place where the gate's
-    per-group release pass plugs in, so that waiting job hosts of the group are released as soon as the budget
-    allows (CONTRACT §6 "A freed budget is used within a second"). It does nothing until that pass exists."""
 
 
 class VerificationMetrics:
@@ -98,7 +93,10 @@ class Verifier:
         *,
         retry_seconds: float,
         batch: int,
+        budget_freed: Callable[[str], Awaitable[None]],
     ) -> None:
+        """`budget_freed(group)`: run after a job host of `group` reached its outcome (the gate's release pass)."""
+        self._budget_freed = budget_freed
         self._pool = pool
         self._metrics = metrics
         self._decisions = decisions
@@ -272,32 +270,6 @@ class Verifier:
             done.halts.append(halt)
         return done
 
-    # ---- job.start of a halted job ---------------------------------------------------------------
-
-    async def fail_if_halted(self, connection: Connection, job_id: str, host_id: uuid.UUID) -> bool:
-        """A waiting job host of a halted job fails at once with reason job_halted (CONTRACT §6), in the caller's
-        transaction; True if it did. A halt that commits after this read fails the job host itself: it locks the
-        job's waiting rows, this one included."""
-        key = job_key(job_id)
-        row = await jobs.lock_waiting(connection, key, host_id)
-        if row is None or not await jobs.is_halted(connection, key):
-            return False
-        job = await jobs.job_of(connection, key)
-        assert job is not None
-        now = await locked_now(connection)
-        checks = [check.summary() for check in await gating_checks(connection, host_id) or []]
-        detail = f"job {job_id} is halted ({job['halt_reason']}): {job['halt_detail']}"
-        decision = JobDecision(job_id, host_id, "failed", safe_detail(detail), reason="job_halted", checks=checks)
-        if await jobs.decide(connection, decision, at=now, source=EVENT_SOURCE) is None:
-            return False
-        self._decisions.labels("job_halted").inc()
-        log.info(
-            "job failed",
-            extra={"job_id": job_id, "host_id": str(host_id), "status": "failed", "reason": "job_halted",
-                   "detail": detail},
-        )  # fmt: skip
-        return True
-
     # ---- helpers ---------------------------------------------------------------------------------
 
     async def _policy(
@@ -330,8 +302,7 @@ class Verifier:
             )  # fmt: skip
         groups = sorted({outcome["group"] for outcome in done.outcomes if outcome["group"] is not None})
         for group in groups:
-            async with self._pool.acquire() as connection, connection.transaction():
-                await on_budget_freed(connection, group)
+            await self._budget_freed(group)
 
     async def _transaction(self, work: Callable[[Connection], Awaitable[ResultT]]) -> ResultT:
         async with self._pool.acquire() as connection, connection.transaction():

@@ -1,0 +1,285 @@
+"""The gate rules of CONTRACT §5 and §6 as pure functions of a job host, its gating checks, its group's policy
+and disruption budget: the gate applies them to a locked row (services/gate/evaluation.py), and the API's
+preview to a host it only looks at, so both give the same verdict for the same state.
+
+No I/O here: the callers read the checks (shared/gating.py), the policy (shared/group_policies.py), the
+job's halt state and the group's unavailable hosts (shared/jobs.py), and pass them in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import uuid
+from dataclasses import dataclass
+from enum import Enum
+from typing import Literal
+
+from shared.events import WaitingFor
+from shared.gating import GatingCheck
+from shared.group_policies import GroupPolicy
+
+UnknownHostPolicy = Literal["release", "fail"]
+NO_RESULT_BEFORE_CLOSE = "no result before the window closed"
+DEFAULT_POLICY = GroupPolicy()
+
+
+class Verdict(Enum):
+    RELEASE = "release"
+    WINDOW_CLOSED = "window_closed"
+    UNKNOWN_HOST = "unknown_host"
+    INVALID_REQUEST = "invalid_request"  # never from `decide`: a job.start that did not validate
+    NO_CHECKS = "no_checks"
+    JOB_HALTED = "job_halted"
+    WAIT = "wait"
+
+
+# ---- the disruption budget (CONTRACT §6) -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Holder:
+    """A host of the group that is unavailable: in patch (`patching_job`: the earliest of its jobs released
+    or verifying) and/or `unhealthy` (its health_check_status)."""
+
+    host_id: uuid.UUID
+    name: str
+    patching_job: str | None = None
+    unhealthy: bool = False
+
+    def why(self) -> str:
+        """"job J patching", "unhealthy", or both, as the budget's detail names the holder."""
+        reasons = ([f"job {self.patching_job} patching"] if self.patching_job is not None else []) + (
+            ["unhealthy"] if self.unhealthy else []
+        )
+        return ", ".join(reasons)
+
+
+@dataclass(frozen=True)
+class BudgetView:
+    """A group's disruption budget as one waiting job host sees it: `limit` (`budget_limit` of the policy),
+    the group's unavailable hosts (`holders`, each once), and whether the job host's own host is one of
+    them (`counted`: it is counted once, so a second job on a host in patch does not take a second unit)."""
+
+    group: str
+    limit: int
+    holders: tuple[Holder, ...]
+    counted: bool = False
+
+    @property
+    def in_use(self) -> int:
+        return len(self.holders)
+
+    def fits(self) -> bool:
+        """Whether releasing this host keeps the group within its budget (itself counted once)."""
+        return self.in_use + (0 if self.counted else 1) <= self.limit
+
+    def describe(self) -> str:
+        """The detail naming who holds the budget (CONTRACT §6): "disruption budget of group web: 2 of 2
+        unavailable: web-1 (job J patching), web-3 (unhealthy)"; holders by name."""
+        text = f"disruption budget of group {self.group}: {self.in_use} of {self.limit} unavailable"
+        if not self.holders:
+            return text
+        holders = sorted(self.holders, key=lambda holder: (holder.name, str(holder.host_id)))
+        return text + ": " + ", ".join(f"{holder.name} ({holder.why()})" for holder in holders)
+
+
+@dataclass(frozen=True)
+class GroupBudget:
+    """A group's budget during one pass over its waiting job hosts (or one preview): the limit and the
+    unavailable hosts by id, and the names of all its hosts. Each release in the pass adds its host
+    (`patching`), so that the job hosts after it, in arrival order, see the budget it took."""
+
+    group: str
+    limit: int
+    holders: dict[uuid.UUID, Holder]
+    names: dict[uuid.UUID, str] = dataclasses.field(default_factory=dict)
+
+    def view(self, host_id: uuid.UUID) -> BudgetView:
+        return BudgetView(self.group, self.limit, tuple(self.holders.values()), counted=host_id in self.holders)
+
+    @property
+    def in_use(self) -> int:
+        return len(self.holders)
+
+    def patching(self, host_id: uuid.UUID, job_id: str) -> GroupBudget:
+        """The budget after releasing `host_id` for `job_id` (a host already in patch keeps its first job)."""
+        holder = self.holders.get(host_id, Holder(host_id, self.names.get(host_id, str(host_id))))
+        if holder.patching_job is None:
+            holder = dataclasses.replace(holder, patching_job=job_id)
+        return GroupBudget(self.group, self.limit, self.holders | {host_id: holder}, self.names)
+
+
+# ---- decisions -------------------------------------------------------------------------------------------
+
+
+def stable(check: GatingCheck, now: dt.datetime, stable_seconds: int) -> bool:
+    """Healthy for at least `stable_seconds` (CONTRACT §6): `healthy_since` at or before now - stable_seconds.
+    With 0 every check is stable; a healthy check without a known `healthy_since` is not, with more."""
+    if stable_seconds <= 0:
+        return True
+    return check.healthy_since is not None and check.healthy_since <= now - dt.timedelta(seconds=stable_seconds)
+
+
+def _unstable(
+    checks: list[GatingCheck], not_ready: list[GatingCheck], now: dt.datetime, policy: GroupPolicy
+) -> list[GatingCheck]:
+    """The ready checks not yet healthy for `stable_seconds` (a check not ready is waited on as `checks`)."""
+    return [check for check in checks if check not in not_ready and not stable(check, now, policy.stable_seconds)]
+
+
+def closes_at(window_ends_at: dt.datetime, policy: GroupPolicy) -> dt.datetime:
+    """The last moment a job host may be released: the window's end less the group's release cutoff."""
+    if policy.release_cutoff_seconds <= 0:
+        return window_ends_at
+    try:
+        return window_ends_at - dt.timedelta(seconds=policy.release_cutoff_seconds)
+    except OverflowError:  # a window ending within the cutoff of datetime.min
+        return dt.datetime.min.replace(tzinfo=dt.UTC)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The verdict for a job host and what it was made on.
+
+    `checks`: its gating checks; `not_ready`: those not healthy by a fresh result; `unstable`: those ready but
+    not yet healthy for the policy's `stable_seconds`; `waiting_for`: for WAIT, each unmet condition among
+    "checks", "stability" and "budget" (CONTRACT §6); `budget`: the budget view it was judged on (None: no
+    budget applies); `policy`: the group's."""
+
+    verdict: Verdict
+    checks: list[GatingCheck]
+    not_ready: list[GatingCheck]
+    unstable: list[GatingCheck] = dataclasses.field(default_factory=list)
+    waiting_for: list[WaitingFor] = dataclasses.field(default_factory=list)
+    budget: BudgetView | None = None
+    policy: GroupPolicy = DEFAULT_POLICY
+
+    def failure_detail(self, window_ends_at: dt.datetime) -> str:
+        """The detail of a window_closed failure: each check not ready when the window closed (or, with a
+        release cutoff, when the cutoff passed), and why; the cutoff named when there is one."""
+        cutoff = self.policy.release_cutoff_seconds
+        if cutoff > 0:
+            closed = f"the release cutoff ({cutoff} s before the window's end, release_cutoff_seconds) passed"
+            had_closed = closed
+        else:
+            closed, had_closed = "the maintenance window closed", "the maintenance window had closed"
+        moment = closes_at(window_ends_at, self.policy)
+        if self.not_ready:
+            failing = "; ".join(
+                f"{check.name}: {check.why_not_ready(moment, no_result=NO_RESULT_BEFORE_CLOSE)}"
+                for check in self.not_ready
+            )
+            return f"{closed} while checks were not healthy: {failing}"
+        if self.unstable:
+            return f"{closed} while checks were not yet stable: {self.stability_detail(moment)}"
+        return had_closed
+
+    def stability_detail(self, now: dt.datetime) -> str:
+        """Each unstable check and how long it has been healthy, against `stable_seconds`."""
+        parts = []
+        for check in self.unstable:
+            if check.healthy_since is None:
+                parts.append(f"{check.name} (healthy since an unknown time)")
+            else:
+                healthy_for = max(0.0, (now - check.healthy_since).total_seconds())
+                parts.append(f"{check.name} (healthy for {healthy_for:.0f} s)")
+        return f"healthy for less than {self.policy.stable_seconds} s (stable_seconds): " + ", ".join(parts)
+
+    def waiting_detail(self, now: dt.datetime) -> str:
+        """What a waiting job host waits for, in words: the checks not ready, those not yet stable, the
+        budget's holders (CONTRACT §6)."""
+        parts = []
+        if self.not_ready:
+            parts.append("waiting for checks: " + ", ".join(check.name for check in self.not_ready))
+        if self.unstable:
+            parts.append("waiting for stability: " + self.stability_detail(now))
+        if "budget" in self.waiting_for and self.budget is not None:
+            parts.append("waiting for the " + self.budget.describe())
+        return "; ".join(parts)
+
+    def stable_at(self) -> dt.datetime | None:
+        """When the last unstable check becomes stable, if it stays healthy: a waiting job host's timer need
+        not wait a whole retry period past it. None without unstable checks (or one of unknown age)."""
+        moments = [check.healthy_since for check in self.unstable]
+        if not moments or any(moment is None for moment in moments):
+            return None
+        return max(moment for moment in moments if moment is not None) + dt.timedelta(
+            seconds=self.policy.stable_seconds
+        )
+
+
+def decide(
+    window_ends_at: dt.datetime,
+    now: dt.datetime,
+    checks: list[GatingCheck] | None,
+    *,
+    unknown_host: UnknownHostPolicy = "release",
+    policy: GroupPolicy | None = None,
+    halted: bool = False,
+    budget: BudgetView | None = None,
+) -> Decision:
+    """The verdict for a waiting job host at `now`.
+
+    `checks` are the host's enabled critical checks, None when the host is unknown. `policy`: its group's
+    (None: the defaults, as for an unknown host); `halted`: whether its job is halted; `budget`: its group's
+    disruption budget as this host sees it, None when none applies (no max_unavailable, unknown host).
+
+    Rules in the order of CONTRACT §5 and §6:
+    1. now at or past the window's end less `release_cutoff_seconds` → WINDOW_CLOSED (a job.start arriving
+       after the cutoff fails at once);
+    2. the job halted → JOB_HALTED;
+    3. an unknown host → UNKNOWN_HOST when `unknown_host` is "fail" (HEALTHGATE_GATE_UNKNOWN_HOST), else it is
+       released like a host without gating checks (no policy, no budget);
+    4. a known host without gating checks and `no_checks: fail` → NO_CHECKS;
+    5. gating checks not ready (`checks`) or ready but healthy for less than `stable_seconds` (`stability`;
+       the two are exclusive per check) → WAIT;
+    6. the budget: released only if the group then has at most `limit` unavailable hosts, itself counted
+       once; otherwise WAIT for `budget`.
+    `waiting_for` names "budget" only when checks and stability are met: whether a host that is not ready
+    would fit depends on which hosts get ready first, and a host waiting on its own checks does not hold
+    up the hosts behind it (FIFO among the ready ones), so "budget" would only be a guess there.
+    7. → RELEASE."""
+    policy = policy or DEFAULT_POLICY
+    gating = checks or []
+    not_ready = [check for check in gating if not check.ready(now)]
+    if now >= closes_at(window_ends_at, policy):
+        unstable = _unstable(gating, not_ready, now, policy)
+        return Decision(Verdict.WINDOW_CLOSED, gating, not_ready, unstable, policy=policy)
+    if halted:
+        return Decision(Verdict.JOB_HALTED, gating, not_ready, policy=policy)
+    if checks is None:
+        verdict = Verdict.UNKNOWN_HOST if unknown_host == "fail" else Verdict.RELEASE
+        return Decision(verdict, [], [], policy=policy)
+    if not gating and policy.no_checks == "fail":
+        return Decision(Verdict.NO_CHECKS, [], [], policy=policy)
+    unstable = _unstable(gating, not_ready, now, policy)
+    waiting_for: list[WaitingFor] = []
+    if not_ready:
+        waiting_for.append("checks")
+    if unstable:
+        waiting_for.append("stability")
+    if not waiting_for and budget is not None and not budget.fits():
+        waiting_for.append("budget")
+    if waiting_for:
+        return Decision(Verdict.WAIT, gating, not_ready, unstable, waiting_for, budget, policy)
+    return Decision(Verdict.RELEASE, gating, [], budget=budget, policy=policy)
+
+
+def window_closed(
+    checks_then: list[GatingCheck], window_ends_at: dt.datetime, policy: GroupPolicy | None = None
+) -> Decision:
+    """The window_closed verdict, with the gating checks as they stood when the window closed — at the
+    window's end, or at its release cutoff (`closes_at`) — (`checks_then`, see `gating_checks_as_of`) and
+    those not ready at that moment.
+
+    CONTRACT §5: still unhealthy when the window closes → job.failed naming each failing check and its
+    detail; and a job still waiting when its window ends is failed, also when the gate was down then.
+    Applied later (the gate was down, or a job.start arrived after its window), the checks must be
+    described as they were at that moment, not as they are when the gate gets to it: a check that
+    recovered since is still named, one that failed only since is not."""
+    policy = policy or DEFAULT_POLICY
+    moment = closes_at(window_ends_at, policy)
+    not_ready = [check for check in checks_then if not check.ready(moment)]
+    unstable = _unstable(checks_then, not_ready, moment, policy)
+    return Decision(Verdict.WINDOW_CLOSED, checks_then, not_ready, unstable, policy=policy)
