@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import re
 import uuid
@@ -27,7 +28,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
-from tests.conftest import TokenFactory
+from tests.conftest import EventCapture, TokenFactory
 from tests.support.blackhole import refused_port
 from tests.support.fake_agent import FakeAgent
 from tests.support.nginx import NginxServer
@@ -897,6 +898,169 @@ async def test_job_page_groups_hosts_by_status_with_what_each_waits_for(
     await expect(waiting.locator("form.override")).to_have_count(2)  # only waiting job hosts can be overridden
     await expect(page.locator("form.override")).to_have_count(2)
     assert script_problems(page) == []
+
+
+def halt_state(page: Page) -> Locator:
+    return page.get_by_role("region", name="Halt state")
+
+
+async def halt_or_resume(page: Page, action: str, why: str) -> int:
+    """Fill the job page's halt or resume form and send it; the answer's status."""
+    await page.get_by_label(f"Why {action} this job").fill(why)
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await page.get_by_role("button", name=f"{action.capitalize()} job").click()
+    return (await answer.value).status
+
+
+async def test_admin_halts_and_resumes_a_job_from_its_page(
+    api: ServiceProcess,
+    browser: Browser,
+    admin: httpx.AsyncClient,
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+    events: EventCapture,
+) -> None:
+    """CONTRACT §3 "Dashboard", §6 "Halting a job": the job page shows the halt state; an admin halts the job
+    (its waiting host fails job_halted; the same audit entry and events as the API's, `by` the token's name)
+    and resumes it; a stale form answers 409 with a clear message; job ids with `/`, spaces, `#`, `?`, `%` and
+    non-ASCII (a path segment) and `..` (in the query) work."""
+    job_id = "deploy/2026 #1?100%-日本"
+    waiting = await create_host(admin, "a-db-1", "team-a")
+    broken = await create_host(admin, "a-db-2", "team-a")
+    await insert_job(db, job_id, waiting)
+    await insert_job(db, job_id, broken, status="verification_failed", detail="replication: down")
+    await db.execute("INSERT INTO jobs (job_id, max_failed_hosts) VALUES ($1, 2)", job_id)
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("admin", name="alice"))
+    address = f"{api.base_url}/jobs/{quote(job_id, safe='')}"
+    await page.goto(address)
+    state = halt_state(page)
+    await expect(state).to_have_attribute("data-halted", "false")
+    await expect(state).to_contain_text("Not halted")
+    await expect(state.locator("[data-failed-hosts]")).to_have_attribute("data-failed-hosts", "1")
+    await expect(state.locator("[data-failed-hosts]")).to_contain_text("it halts when more than 2 fail")
+    await expect(state.get_by_role("button", name="Resume job")).to_have_count(0)
+    # A second tab on the same page, its halt form sent after the halt: 409, said in words.
+    stale = watch(await page.context.new_page())
+    await stale.goto(address)
+
+    assert await halt_or_resume(page, "halt", "bad kernel") == 303
+    await page.wait_for_url(address)
+    await expect(state).to_have_attribute("data-halted", "true")
+    await expect(state.locator("[data-halt-reason]")).to_have_attribute("data-halt-reason", "manual")
+    await expect(state).to_contain_text("Halted")
+    await expect(state).to_contain_text("halted by hand by alice: bad kernel")
+    failed = page.get_by_role("table", name="Failed (1)").locator(f'tr[data-host-id="{waiting}"]')
+    await expect(failed.locator("[data-status]")).to_have_attribute("data-status", "failed")
+    await expect(failed).to_contain_text("job_halted")
+    await expect(page.get_by_role("heading", level=2)).to_have_text(["Verification failed (1)", "Failed (1)"])
+    await expect(state.get_by_role("button", name="Halt job")).to_have_count(0)
+    stored = await db.fetchrow("SELECT status, reason FROM gate_jobs WHERE host_id = $1", uuid.UUID(waiting))
+    assert dict(stored) == {"status": "failed", "reason": "job_halted"}
+    (halted,) = await events.wait_for("job.halted", lambda event: event.data["job_id"] == job_id)
+    assert halted.data["reason"] == "manual" and halted.data["by"] == "alice" and halted.data["detail"] == "bad kernel"
+    assert halted.data["failed_hosts"] == [broken]
+    (stopped,) = await events.wait_for("job.failed", lambda event: event.data["host_id"] == waiting)
+    assert stopped.data["reason"] == "job_halted" and "bad kernel" in str(stopped.data["detail"])
+
+    assert await halt_or_resume(stale, "halt", "bad kernel too") == 409
+    await expect(stale.get_by_role("alert")).to_have_text("The job was not halted: this job is already halted.")
+    await expect(halt_state(stale)).to_have_attribute("data-halted", "true")  # the page as it is now
+    await expect(halt_state(stale).get_by_role("button", name="Resume job")).to_be_visible()
+
+    assert await halt_or_resume(page, "resume", "fixed image") == 303
+    await page.wait_for_url(address)
+    await expect(state).to_have_attribute("data-halted", "false")
+    await expect(failed.locator("[data-status]")).to_have_attribute("data-status", "failed")  # stays failed
+    (resumed,) = await events.wait_for("job.resumed", lambda event: event.data["job_id"] == job_id)
+    assert resumed.data["by"] == "alice" and resumed.data["detail"] == "fixed image"
+    # The stale tab, which the 409 left showing the resume form, resumes too late: not halted, 409.
+    assert await halt_or_resume(stale, "resume", "fixed image too") == 409
+    await expect(stale.get_by_role("alert")).to_have_text("The job was not resumed: this job is not halted.")
+    await expect(halt_state(stale)).to_have_attribute("data-halted", "false")
+
+    # A reason of spaces (past the browser's own check) is refused with the page and a message.
+    csrf = await page.locator("input[name=csrf]").first.input_value()
+    answer = await page.request.post(f"{address}/halt", form={"csrf": csrf, "reason": "   "}, max_redirects=0)
+    assert answer.status == 422 and "give a reason of 1 to 500 characters" in await answer.text()
+
+    audit = await db.fetch(
+        "SELECT actor, action, entity_id, changes->'failed_waiting_hosts' AS failed_waiting FROM audit_log"
+        " WHERE action LIKE 'job.%' ORDER BY id"
+    )
+    assert [(row["actor"], row["action"], row["entity_id"]) for row in audit] == [
+        ("alice", "job.halt", job_id),
+        ("alice", "job.resume", job_id),
+    ]
+    assert json.loads(audit[0]["failed_waiting"]) == [waiting]
+
+    # `..`: the page at /jobs?job_id=.., its forms posting to /jobs/halt?job_id=.. and /jobs/resume?job_id=..
+    await insert_job(db, "..", waiting)
+    await page.goto(f"{api.base_url}/jobs?job_id=..")
+    assert await halt_or_resume(page, "halt", "dots") == 303
+    await page.wait_for_url(lambda url: url == f"{api.base_url}/jobs?job_id=..")
+    await expect(state).to_have_attribute("data-halted", "true")
+    await expect(page.locator(f'tr[data-host-id="{waiting}"] [data-status]')).to_have_text("failed")
+    assert await halt_or_resume(page, "resume", "dots again") == 303
+    await page.wait_for_url(lambda url: url == f"{api.base_url}/jobs?job_id=..")
+    await expect(state).to_have_attribute("data-halted", "false")
+    halts = await db.fetch("SELECT job_id, halt_count, halted_at FROM jobs ORDER BY job_id")
+    assert [(row["job_id"], row["halt_count"], row["halted_at"]) for row in halts] == [
+        ("..", 1, None),
+        (job_id, 1, None),
+    ]
+    assert script_problems(page) == [] and script_problems(stale) == []
+
+
+async def test_operator_sees_the_halt_state_but_no_form_and_may_not_halt(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, db: asyncpg.Connection
+) -> None:
+    mine = await create_host(admin, "a-db-1", "team-a")
+    theirs = await create_host(admin, "b-db-1", "team-b")
+    await insert_job(db, "patch/9", mine)
+    await insert_job(db, "patch/9", theirs, status="verification_failed")
+    await db.execute(
+        "INSERT INTO jobs (job_id, max_failed_hosts, halted_at, halt_reason, halt_count)"
+        " VALUES ('patch/9', 0, now(), 'max_failed_hosts', 1)"
+    )
+    operator = await new_page(browser)
+    await sign_in(operator, api.base_url, await make_token("operator", ("team-a",), name="olga"))
+    await operator.goto(f"{api.base_url}/jobs/patch%2F9")
+    state = halt_state(operator)
+    await expect(state).to_have_attribute("data-halted", "true")
+    await expect(state.locator("[data-halt-reason]")).to_have_attribute("data-halt-reason", "max_failed_hosts")
+    await expect(state).to_contain_text("more hosts failed than its max_failed_hosts allows")
+    # The failed host of team-b is not the operator's: counted among its groups' hosts only.
+    await expect(state.locator("[data-failed-hosts]")).to_have_attribute("data-failed-hosts", "0")
+    await expect(state.locator("[data-failed-hosts]")).to_contain_text("Failed hosts in your groups: 0")
+    await expect(operator.locator("form.halt-form")).to_have_count(0)
+    await expect(operator.get_by_role("button", name=re.compile("^(Halt|Resume) job$"))).to_have_count(0)
+
+    # Posted anyway, with the session's own CSRF token: 403, and nothing changes.
+    csrf = await session_csrf(db, "olga")
+    for path in ("/jobs/patch%2F9/resume", "/jobs/patch%2F9/halt", "/jobs/resume?job_id=patch%2F9"):
+        answer = await operator.request.post(
+            f"{api.base_url}{path}", form={"csrf": csrf, "reason": "forged"}, max_redirects=0
+        )
+        assert answer.status == 403, (path, answer.status)
+        assert "an operator may not" in await answer.text()
+    # An admin's form without the CSRF token: refused too.
+    admin_page = await new_page(browser)
+    await sign_in(admin_page, api.base_url, await make_token("admin"))
+    answer = await admin_page.request.post(
+        f"{api.base_url}/jobs/patch%2F9/resume", form={"reason": "forged"}, max_redirects=0
+    )
+    assert answer.status == 403 and "stale or forged" in await answer.text()
+    assert await db.fetchval("SELECT halted_at IS NOT NULL FROM jobs WHERE job_id = 'patch/9'") is True
+    assert await db.fetchval("SELECT count(*) FROM audit_log WHERE action LIKE 'job.%'") == 0
+    # A job with no host in the admin's view does not exist.
+    answer = await admin_page.request.post(
+        f"{api.base_url}/jobs/nope%2Fnothing/halt",
+        form={"csrf": await admin_page.locator("input[name=csrf]").first.input_value(), "reason": "why"},
+        max_redirects=0,
+    )
+    assert answer.status == 404
+    assert script_problems(operator) == []
 
 
 # ---- 7. screenshots -----------------------------------------------------------------------------------------------

@@ -181,18 +181,31 @@ async def resume_job(request: Request, principal: Principal) -> Response:
 
 async def _halt_or_resume(request: Request, principal: Principal, *, halt: bool) -> Response:
     """Halt or resume a job (admins: the endpoint's guard answered 404 or 403 to the others): 404 without such a
-    job, then the body (422), then 409 when it is already halted / not halted.
+    job, then the body (422), then 409 when it is already halted / not halted (`halt_or_resume_on`)."""
+    job_id = path_job_id(request)
+    context = context_of(request)
+    await require_visible_job(context, principal, job_id)
+    body: HaltRequest = await read_model(request, HaltRequest)
+    return json_response(await halt_or_resume_on(context, principal, job_id, body, halt=halt))
+
+
+async def require_visible_job(context: ApiContext, principal: Principal, job_id: str) -> None:
+    """404 unless the job (`job_id` as received, found by its `job_key`) has a host in the caller's groups."""
+    if not await shared.jobs.job_hosts_of_job(context.pool, job_key(job_id), principal.visible_groups()):
+        raise not_found("job")
+
+
+async def halt_or_resume_on(
+    context: ApiContext, principal: Principal, job_id: str, body: HaltRequest, *, halt: bool
+) -> JobView:
+    """Halt or resume a job by hand (the API and the dashboard; the caller checked the role and
+    `require_visible_job`): 409 when it is already halted / not halted.
 
     One transaction: the job's row locked (`shared.jobs.lock_job`, before any job host: the lock order of
     halting), the halt (its waiting job hosts failed job_halted, job.halted with `by` = the token's name) or
-    the resume (job.resumed), and the audit entry (`job.halt` / `job.resume`) commit together. 200 with the
-    job as `GET /api/v1/jobs/{job_id}` shows it to the caller."""
-    job_id = path_job_id(request)
-    context = context_of(request)
+    the resume (job.resumed), and the audit entry (`job.halt` / `job.resume`) commit together. Returns the job
+    as `GET /api/v1/jobs/{job_id}` shows it to the caller."""
     key = job_key(job_id)
-    if not await shared.jobs.job_hosts_of_job(context.pool, key, principal.visible_groups()):
-        raise not_found("job")  # an admin's 404; other roles were answered before (services/api/endpoints.py)
-    body: HaltRequest = await read_model(request, HaltRequest)
     async with context.pool.acquire() as connection, connection.transaction():
         await shared.jobs.lock_job(connection, key)
         if halt:
@@ -217,4 +230,4 @@ async def _halt_or_resume(request: Request, principal: Principal, *, halt: bool)
             entity_id=job_id, changes=changes,
         )  # fmt: skip
     rows = await shared.jobs.job_hosts_of_job(context.pool, key, principal.visible_groups())
-    return json_response(await _job_view(context.pool, job_id, rows))
+    return await _job_view(context.pool, job_id, rows)

@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote, urlencode
 
 import asyncpg
@@ -41,11 +41,11 @@ from services.api.dashboard.charts import Point, history_strip, latency_sparklin
 from services.api.endpoints import ADMIN, CHECK_EDITORS
 from services.api.groups import GROUP_PAGES
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
-from services.api.jobs import override_on
+from services.api.jobs import halt_or_resume_on, override_on, require_visible_job
 from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
 from services.api.problems import Problem
 from services.api.requests import PageQuery, path_job_id
-from services.api.schemas import OverrideRequest
+from services.api.schemas import HaltRequest, OverrideRequest
 from shared import checks, group_policies, hosts, jobs, results
 from shared.database import Connection
 from shared.events import control_character, job_key
@@ -79,6 +79,13 @@ WAITING_FOR_WORDS = {
     "stability": "its checks to stay healthy for the group's stable_seconds",
     "budget": "the group's disruption budget",
 }
+# Why a job is halted (jobs.halt_reason, CONTRACT §6), in words.
+HALT_REASON_WORDS = {
+    "max_failed_hosts": "more hosts failed than its max_failed_hosts allows",
+    "manual": "halted by hand",
+}
+HaltAction = Literal["halt", "resume"]
+DONE: dict[HaltAction, str] = {"halt": "halted", "resume": "resumed"}
 Page = Callable[[Request, sessions.Session], Awaitable[Response]]
 
 
@@ -147,12 +154,14 @@ class Dashboard:
         self.templates.env.filters["path_segment"] = path_segment
         self.templates.env.globals["job_url"] = job_url
         self.templates.env.globals["override_url"] = override_url
+        self.templates.env.globals["halt_url"] = halt_url
         self.templates.env.tests["linkable"] = linkable
         # Job ids as received (the gate answers invalid ones too): control characters made visible, cut if long.
         self.templates.env.filters["job_id_html"] = job_id_html
         self.templates.env.filters["job_id_text"] = job_id_text
         self.templates.env.filters["status_word"] = lambda status: STATUS_WORDS.get(status, status.replace("_", " "))
         self.templates.env.filters["waiting_for_words"] = lambda item: WAITING_FOR_WORDS.get(item, item)
+        self.templates.env.filters["halt_reason_words"] = lambda reason: HALT_REASON_WORDS.get(reason, reason)
 
     def routes(self) -> list[SegmentRoute | Mount]:
         """Every page is matched segment by segment on the raw path, as the API is (services/api/paths.py)."""
@@ -173,6 +182,10 @@ class Dashboard:
             SegmentRoute("/jobs/{job_id}", page(self.job), methods=["GET"]),
             SegmentRoute("/jobs/{job_id}/hosts/{host_id}/override", page(self.override), methods=["POST"]),
             SegmentRoute("/jobs/hosts/{host_id}/override", page(self.override), methods=["POST"]),  # ?job_id=
+            SegmentRoute("/jobs/{job_id}/halt", page(self.halt), methods=["POST"]),
+            SegmentRoute("/jobs/{job_id}/resume", page(self.resume), methods=["POST"]),
+            SegmentRoute("/jobs/halt", page(self.halt), methods=["POST"]),  # ?job_id= (see `halt_url`)
+            SegmentRoute("/jobs/resume", page(self.resume), methods=["POST"]),  # ?job_id=
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
 
@@ -418,27 +431,71 @@ class Dashboard:
             can_override=session.principal.is_admin, now=dt.datetime.now(dt.UTC),
         )  # fmt: skip
 
-    async def job(self, request: Request, session: sessions.Session) -> Response:
+    async def job(
+        self, request: Request, session: sessions.Session, *, alert: str | None = None, status_code: int = 200
+    ) -> Response:
         """One job's hosts in the caller's groups (404 when none is), each with its status and, while it
-        waits, its failing checks and the admin's override. At `/jobs/{job_id}` or `/jobs?job_id=`."""
+        waits, its failing checks and the admin's override; the job's halt state (CONTRACT §6) and, for admins,
+        the halt or resume form. At `/jobs/{job_id}` or `/jobs?job_id=`. `alert`: why the last action failed,
+        shown above the halt state (with `status_code`)."""
         job_id = dashboard_job_id(request)
         context = context_of(request)
+        key = job_key(job_id)
         async with context.pool.acquire() as connection:
             # As the API does: an invalid job_id's row is under its key.
-            rows = await jobs.job_with_host_names(connection, job_key(job_id), session.principal.visible_groups())
+            rows = await jobs.job_with_host_names(connection, key, session.principal.visible_groups())
             job_hosts = [jobs.as_received(row) for row in rows]
             if not job_hosts:
                 raise Problem(404, "job not found")
             failing = await _failing_checks(connection, [row for row in job_hosts if row["status"] == WAITING])
+            job = await jobs.job_of(connection, key)  # None for a job recorded before migration 0010
+            # The job's failed hosts (the halting rule's count, shared.jobs.failed_hosts), those in the caller's
+            # groups only: for an admin, every one.
+            shown = {row["host_id"] for row in job_hosts}
+            failed_hosts = [host_id for host_id in await jobs.failed_hosts(connection, key) if host_id in shown]
         by_status = [
             (status, [row for row in job_hosts if row["status"] == status])
             for status in JOB_PAGE_ORDER
             if any(row["status"] == status for row in job_hosts)
         ]
         return self.render(
-            request, "job.html", session=session, job_id=job_id, hosts=job_hosts, by_status=by_status,
-            failing=failing, can_override=session.principal.is_admin,
+            request, "job.html", status_code=status_code, session=session, job_id=job_id, hosts=job_hosts,
+            by_status=by_status, failing=failing, can_override=session.principal.is_admin,
+            can_halt=session.principal.is_admin, halted=job is not None and job["halted_at"] is not None,
+            halt=job, failed_hosts=len(failed_hosts), scoped=session.principal.visible_groups() is not None,
+            alert=alert,
         )  # fmt: skip
+
+    async def halt(self, request: Request, session: sessions.Session) -> Response:
+        """An admin halts a job by hand (CONTRACT §6), from its page."""
+        return await self._halt_or_resume(request, session, "halt")
+
+    async def resume(self, request: Request, session: sessions.Session) -> Response:
+        """An admin lets a halted job go on (CONTRACT §6), from its page."""
+        return await self._halt_or_resume(request, session, "resume")
+
+    async def _halt_or_resume(self, request: Request, session: sessions.Session, action: HaltAction) -> Response:
+        """The API's halt or resume (`services.api.jobs.halt_or_resume_on`: the same transaction, audit entry
+        and events, `by` the session's token name): 403 for a non-admin, 404 for a job with no host in the
+        caller's groups; a reason that is not 1 to 500 characters (422) or a job already halted / not halted (409)
+        shows the job's page again, as it is now, saying so. Back to the job's page when done."""
+        self._require(session, ADMIN, f"{action} a job")
+        job_id = dashboard_job_id(request)
+        context = context_of(request)
+        await require_visible_job(context, session.principal, job_id)
+        form = await request.form()
+        try:
+            body = HaltRequest.model_validate({"reason": form.get("reason")})
+            await halt_or_resume_on(context, session.principal, job_id, body, halt=action == "halt")
+        except ValidationError:
+            alert = f"The job was not {DONE[action]}: give a reason of 1 to 500 characters."
+            return await self.job(request, session, alert=alert, status_code=422)
+        except Problem as problem:
+            if problem.status != 409:
+                raise
+            alert = f"The job was not {DONE[action]}: {problem.detail}."
+            return await self.job(request, session, alert=alert, status_code=409)
+        return RedirectResponse(job_url(job_id), status_code=303)
 
     async def override(self, request: Request, session: sessions.Session) -> Response:
         self._require(session, ADMIN, "override a job")
@@ -476,6 +533,15 @@ def override_url(job_id: str, host_id: uuid.UUID | str) -> str:
     if browser_reachable(job_id):
         return f"/jobs/{path_segment(job_id)}/hosts/{host}/override"
     return f"/jobs/hosts/{host}/override?" + urlencode({"job_id": job_id}, quote_via=quote)
+
+
+def halt_url(job_id: str, action: HaltAction) -> str:
+    """Where a job page's halt or resume form posts: `/jobs/<id>/halt`, or for the ids a browser cannot keep in a
+    path (`job_url`) `/jobs/halt?job_id=<id>`. The latter has the two segments of a job's page, but is POST
+    only, and a job's page GET only: no request can mean both; the former has three, as nothing else does."""
+    if browser_reachable(job_id):
+        return f"/jobs/{path_segment(job_id)}/{action}"
+    return f"/jobs/{action}?" + urlencode({"job_id": job_id}, quote_via=quote)
 
 
 def dashboard_job_id(request: Request) -> str:
