@@ -243,6 +243,32 @@ def analyse(executor: Executor, started: float) -> Figures:
     )
 
 
+async def most_in_patch_recorded(database_url: str, job_id: str) -> int:
+    """The most hosts of one group in patch at once as the database recorded it: each job host from its release
+    (decided_at) to its verification outcome (verified_at), per group. The event stream can show one more for a
+    moment: a release and the outcome that freed its slot are published by the outbox relays, which may deliver
+    them in either order."""
+    async with connected(database_url) as connection:
+        value = await connection.fetchval(
+            """
+            WITH spans AS (
+                SELECT h."group", j.decided_at AS at, 1 AS delta FROM gate_jobs j JOIN hosts h ON h.id = j.host_id
+                WHERE j.job_id = $1 AND j.decided_at IS NOT NULL AND j.status IN ('released', 'verifying',
+                    'verified', 'verification_failed')
+                UNION ALL
+                SELECT h."group", j.verified_at, -1 FROM gate_jobs j JOIN hosts h ON h.id = j.host_id
+                WHERE j.job_id = $1 AND j.verified_at IS NOT NULL
+            )
+            SELECT COALESCE(max(running), 0) FROM (
+                SELECT sum(delta) OVER (PARTITION BY "group" ORDER BY at, delta ROWS UNBOUNDED PRECEDING) AS running
+                FROM spans
+            ) s
+            """,
+            job_id,
+        )
+    return int(value)
+
+
 async def campaign(run: BenchRun, fleet: Fleet, gate: ServiceProcess, timeout: float) -> None:
     connection = await aio_pika.connect(run.amqp_url)
     try:
@@ -265,6 +291,12 @@ async def campaign(run: BenchRun, fleet: Fleet, gate: ServiceProcess, timeout: f
         cpu = meter.stop()
         await asyncio.gather(*executor.patching, return_exceptions=True)
         figures = analyse(executor, started)
+        recorded = await most_in_patch_recorded(run.database_url, executor.job_id)
+        async with connected(run.database_url) as db:
+            intake = await db.fetchval(
+                "SELECT extract(epoch FROM max(received_at) - min(received_at)) FROM gate_jobs WHERE job_id = $1",
+                executor.job_id,
+            )
     finally:
         await connection.close()
 
@@ -277,6 +309,7 @@ async def campaign(run: BenchRun, fleet: Fleet, gate: ServiceProcess, timeout: f
           f" other outcomes: {figures.unexpected or 'none'}")  # fmt: skip
     print(f"  verification, job.finished -> job.verified: p50 {figures.verify_p50 * 1000:.0f} ms,"
           f" p99 {figures.verify_p99 * 1000:.0f} ms")  # fmt: skip
+    print(f"  the gate took in the {hosts:,} job.start messages in {float(intake or 0):.2f} s (first to last recorded)")
     print(f"  {cpu.line(['gate', 'postgresql', 'rabbitmq', 'bench driver'])}")
     print(f"  gate RSS: peak {rss_peak / 1024:.1f} MiB during the campaign")
     freed = figures.freed_to_release
@@ -298,8 +331,9 @@ async def campaign(run: BenchRun, fleet: Fleet, gate: ServiceProcess, timeout: f
     else:
         print("  job.verified -> next job.released: no slot was freed while hosts waited")
     print(
-        f"  most hosts of one group in patch at once: {figures.most_in_patch}; <= {MAX_UNAVAILABLE}:"
-        f" {verdict(figures.most_in_patch <= MAX_UNAVAILABLE)}"
+        f"  most hosts of one group in patch at once, as recorded (release to outcome, database times): {recorded};"
+        f" <= {MAX_UNAVAILABLE}: {verdict(recorded <= MAX_UNAVAILABLE)}"
+        f"  (as the events arrived here: {figures.most_in_patch})"
     )
 
 

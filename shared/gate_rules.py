@@ -84,6 +84,17 @@ class BudgetView:
         return text + ": " + ", ".join(f"{holder.name} ({holder.why()})" for holder in holders)
 
 
+def budget_wait(view: BudgetView) -> str:
+    """The waiting detail of a job host that waits for the budget alone (CONTRACT §6)."""
+    return "waiting for the " + view.describe()
+
+
+def budget_waiting_detail(budget: GroupBudget) -> str:
+    """The waiting detail of every job host of the group that waits for the budget alone: it names the group's
+    holders, the same for each of them."""
+    return budget_wait(BudgetView(budget.group, budget.limit, tuple(budget.holders.values())))
+
+
 @dataclass(frozen=True)
 class GroupBudget:
     """A group's budget during one pass over its waiting job hosts (or one preview): the limit and the
@@ -195,7 +206,7 @@ class Decision:
         if self.unstable:
             parts.append("waiting for stability: " + self.stability_detail(now))
         if "budget" in self.waiting_for and self.budget is not None:
-            parts.append("waiting for the " + self.budget.describe())
+            parts.append(budget_wait(self.budget))
         return "; ".join(parts)
 
     def stable_at(self) -> dt.datetime | None:

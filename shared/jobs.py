@@ -372,6 +372,21 @@ async def lock_waiting_in_group(
     )
 
 
+async def set_budget_waiting_detail(connection: Connection, group: str, detail: str) -> None:
+    """Set the detail of the group's waiting job hosts that wait for the budget alone (`waiting_for` budget):
+    it names the group's holders (CONTRACT §6), the same for each. The caller holds the group's lock; rows whose
+    detail is that already are not written."""
+    await connection.execute(
+        """
+        UPDATE gate_jobs j SET detail = $2
+        WHERE j.status = 'waiting_health_check' AND j.host_id IN (SELECT id FROM hosts WHERE "group" = $1)
+          AND j.waiting_for = '{budget}' AND j.detail IS DISTINCT FROM $2
+        """,
+        group,
+        detail,
+    )
+
+
 async def group_hosts(connection: Connection, group: str) -> list[asyncpg.Record]:
     """Every host of the group with what makes it unavailable (CONTRACT §6): `host_id`, `name`, `unhealthy`
     (its health_check_status) and `patching_job`, the earliest (by decision) of its job hosts released or

@@ -173,7 +173,15 @@ async def release_pass(
     if not await jobs.lock_group(connection, group, wait=wait):
         return None
     policy, budget = await jobs.group_budget(connection, group)
-    if budget is not None:
+    if budget is not None and budget.in_use >= budget.limit:
+        # Full: no job host can take a unit, so only those whose host holds one already (a second job on a host
+        # in patch) and those something happened to (`host_ids`: a job.start, a result, a timer) are judged.
+        # Judging every waiting job host of a large group on every job.start and result made a campaign's
+        # passes quadratic (bench/campaign.py).
+        rows = await jobs.lock_waiting_in_group(
+            connection, group, host_ids=sorted(set(host_ids or ()) | set(budget.holders))
+        )
+    elif budget is not None:
         rows = await jobs.lock_waiting_in_group(connection, group)
     elif host_ids is not None:
         rows = await jobs.lock_waiting_in_group(connection, group, host_ids=host_ids, job_id=job_id)
@@ -181,15 +189,23 @@ async def release_pass(
         rows = await jobs.lock_waiting_in_group(connection, group, budget_only=True)
     limit = budget.limit if budget is not None else None
     if not rows:
+        if budget is not None:
+            await jobs.set_budget_waiting_detail(connection, group, rules.budget_waiting_detail(budget))
         return GroupPass(group, limit, budget.in_use if budget is not None else None, [])
     now = await locked_now(connection)
     halted = await jobs.halted_jobs(connection, sorted({row["job_id"] for row in rows}))
     checks = await gating_checks_of_hosts(connection, sorted({row["host_id"] for row in rows}))
     evaluations = []
+    triggered = set(host_ids) if host_ids is not None else set()
     for row in rows:
         host_id = row["host_id"]
         due = row["next_retry_at"] is None or jobs.aware(row["next_retry_at"]) <= now
         due = due or jobs.aware(row["window_ends_at"]) <= now
+        if budget is not None and not due and host_id not in triggered and _cannot_change(row, budget):
+            # The budget filled up in this pass and nothing this row is judged on changed since it was last judged
+            # (no result of its host, no timer): it keeps waiting as it is. Its detail names the holders, which
+            # did change: that of every job host waiting for the budget alone is brought up to date below.
+            continue
         host_checks = checks.get(host_id)
         context = Context(
             now, host_checks, group, policy, row["job_id"] in halted,
@@ -202,7 +218,15 @@ async def release_pass(
         if evaluation.verdict is Verdict.RELEASE and budget is not None and host_checks is not None:
             budget = budget.patching(host_id, row["job_id"])
         evaluations.append(evaluation)
+    if budget is not None:
+        await jobs.set_budget_waiting_detail(connection, group, rules.budget_waiting_detail(budget))
     return GroupPass(group, limit, budget.in_use if budget is not None else None, evaluations)
+
+
+def _cannot_change(row: asyncpg.Record, budget: rules.GroupBudget) -> bool:
+    """Whether a waiting row that is not due and whose host had no result since it was last judged must keep
+    waiting: the budget is full and its host is not counted in it already (a host in patch may take a second job)."""
+    return budget.in_use >= budget.limit and row["host_id"] not in budget.holders
 
 
 async def _context(connection: Connection, job: asyncpg.Record) -> Context:
