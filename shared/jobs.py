@@ -606,6 +606,14 @@ async def lock_for_finish(connection: Connection, key: str, host_id: uuid.UUID) 
     return row
 
 
+async def job_host_status(connection: Connection, key: str, host_id: uuid.UUID) -> str | None:
+    """The status of the job host stored under `key`, read without a lock; None if there is no such job host."""
+    status: str | None = await connection.fetchval(
+        "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2", key, host_id
+    )
+    return status
+
+
 async def lock_verifying(connection: Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:
     """The job host (VERIFY_COLUMNS), locked, if it is still verifying; waits for whoever holds it."""
     row: asyncpg.Record | None = await connection.fetchrow(
