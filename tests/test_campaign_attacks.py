@@ -338,3 +338,38 @@ async def test_job_finished_that_changes_nothing_records_nothing(
     assert {row["job_id"]: (row["status"], row["outcome"]) for row in statuses} == {
         waiting: ("waiting_health_check", None), cancelled: ("cancelled", None),
     }  # fmt: skip
+
+
+async def test_window_end_while_the_gate_is_down_verifies_and_frees_the_budget_after_restart(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    gate: ServiceProcess,
+) -> None:  # fmt: skip
+    """A released job host whose window ends without job.finished while no gate runs starts verifying when a
+    gate is back (finished_at = the window's end, outcome null), is verified once, and the job host waiting
+    for its unit of budget is released then, once."""
+    group = group_name()
+    first, second = [host_id for host_id, _ in await make_hosts(admin, group, 2)]
+    await set_policy(db, group, max_unavailable="50%")
+    job = f"down-{uuid.uuid4().hex[:6]}"
+    await start(jobs, job, first, window_seconds=3)
+    await events.wait_for("job.released", of_job(job))
+    await start(jobs, job, second, window_seconds=120)
+    await events.wait_for("job.waiting", of_job(job))
+    gate.stop(signal.SIGKILL)
+    try:
+        window_ends_at = await db.fetchval("SELECT window_ends_at FROM gate_jobs WHERE job_id = $1 AND host_id = $2",
+                                           job, uuid.UUID(first))  # fmt: skip
+        while await db.fetchval("SELECT now()") < window_ends_at + dt.timedelta(seconds=1):
+            await asyncio.sleep(0.2)
+    finally:
+        gate.restart()
+    (verified,) = await events.wait_for("job.verified", of_job(job), timeout=15)
+    assert verified.data["host_id"] == first and verified.data["outcome"] is None
+    finished_at = await db.fetchval("SELECT finished_at FROM gate_jobs WHERE job_id = $1 AND host_id = $2",
+                                    job, uuid.UUID(first))  # fmt: skip
+    assert finished_at == window_ends_at
+    releases = await events.wait_for("job.released", of_job(job), count=2, timeout=15)
+    assert at(releases[1], "released_at") >= at(verified, "verified_at")
+    await asyncio.sleep(1)
+    assert len(events.matching("job.released", of_job(job))) == 2
+    assert len(events.matching("job.verified", of_job(job))) == 1
