@@ -52,6 +52,9 @@ FailureReason = Literal[
 WaitingFor = Literal["checks", "stability", "budget"]
 HaltReason = Literal["max_failed_hosts", "manual"]
 JOB_ID_MAX_LENGTH = 200
+# The largest max_failed_hosts a job.start may carry: the jobs table holds it as a PostgreSQL integer, and no
+# job reaches that many hosts, so a larger count is refused (invalid_request) rather than failing at the insert.
+MAX_FAILED_HOSTS_LIMIT = 2**31 - 1
 # Longer than any RFC 3339 timestamp anyone sends ("2024-06-01T12:00:00.123456789+01:00" is 35): a
 # longer string is refused before parsing, so a huge value never reaches the parser or an error message.
 TIMESTAMP_MAX_LENGTH = 64
@@ -282,7 +285,7 @@ class JobStart(EventModel):
     window_ends_at: WindowEndsAt
     # CONTRACT §6 "Halting a job": the job halts once more hosts than this failed; None: no limit. Taken
     # from the job's first job.start that carries it. A bool is not a count (StrictInt).
-    max_failed_hosts: Annotated[StrictInt, Field(ge=0)] | None = None
+    max_failed_hosts: Annotated[StrictInt, Field(ge=0, le=MAX_FAILED_HOSTS_LIMIT)] | None = None
 
 
 class JobCancel(EventModel):

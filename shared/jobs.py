@@ -582,6 +582,22 @@ async def prune_decided(pool: asyncpg.Pool, before: dt.datetime) -> int:
     )
 
 
+
+async def prune_jobs(pool: asyncpg.Pool, before: dt.datetime) -> int:
+    """Delete the jobs (`jobs` rows: max_failed_hosts and halt state) created before `before` that have no job
+    host left (the pruner, after `prune_decided`, with the same HEALTHGATE_JOB_RETENTION_DAYS), in batches;
+    returns how many were deleted. A job with any job host keeps its row, so a job in progress never loses its
+    max_failed_hosts or its halt. A row a job.start holds locked (recording its job) is skipped (SKIP LOCKED);
+    a job.start of a job pruned already records it anew, without its old halt."""
+    return await delete_in_batches(
+        pool,
+        "DELETE FROM jobs WHERE job_id IN ("
+        "SELECT job_id FROM jobs j WHERE j.created_at < $1 "
+        "AND NOT EXISTS (SELECT 1 FROM gate_jobs g WHERE g.job_id = j.job_id) "
+        "LIMIT $2 FOR UPDATE SKIP LOCKED)",
+        before,
+    )
+
 # ---- verification after patching (CONTRACT §6) -----------------------------------------------------
 # A released job host is in patch until its verification outcome: released → verifying (job.finished, or the
 # window's end without one) → verified | verification_failed, exactly once, like a decision: the outcome is an
@@ -619,6 +635,14 @@ async def lock_for_finish(connection: Connection, key: str, host_id: uuid.UUID) 
         f"SELECT {VERIFY_COLUMNS} FROM gate_jobs j WHERE j.job_id = $1 AND j.host_id = $2 FOR UPDATE", key, host_id
     )
     return row
+
+
+async def job_host_status(connection: Connection, key: str, host_id: uuid.UUID) -> str | None:
+    """The status of the job host stored under `key`, read without a lock; None if there is no such job host."""
+    status: str | None = await connection.fetchval(
+        "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2", key, host_id
+    )
+    return status
 
 
 async def lock_verifying(connection: Connection, key: str, host_id: uuid.UUID) -> asyncpg.Record | None:

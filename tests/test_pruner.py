@@ -218,3 +218,26 @@ def test_pruner_service_runs_a_pass_at_start_and_stops_cleanly(service_env: dict
         assert ready["status"] == "pass" and "rabbitmq:responseTime" not in ready["checks"]
     finally:
         assert pruner.stop() == 0
+
+
+async def test_jobs_without_hosts_left_expire_with_them(pool: asyncpg.Pool) -> None:
+    """A job's row (its max_failed_hosts and halt state, CONTRACT §6) goes once none of its job hosts is left and
+    it is older than the job retention: one row per job ever started would otherwise grow without bound."""
+    host_id = uuid.uuid4()
+    await pool.execute(
+        """
+        INSERT INTO jobs (job_id, max_failed_hosts, created_at, halted_at, halt_reason, halt_count)
+        VALUES ('gone', 1, now() - interval '40 days', NULL, NULL, 0),
+               ('gone-halted', 0, now() - interval '40 days', now() - interval '39 days', 'manual', 1),
+               ('old-with-host', 1, now() - interval '40 days', NULL, NULL, 0),
+               ('young', 1, now() - interval '1 day', NULL, NULL, 0)
+        """
+    )
+    await pool.execute(
+        "INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, received_at) "
+        "VALUES ('old-with-host', $1, 'waiting_health_check', now() + interval '1 hour', now() - interval '40 days')",
+        host_id,
+    )
+    report = await prune_once(pool, retention(96))
+    assert report.jobs_deleted == 2
+    assert {row["job_id"] for row in await pool.fetch("SELECT job_id FROM jobs")} == {"old-with-host", "young"}

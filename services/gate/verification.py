@@ -116,8 +116,10 @@ class Verifier:
     async def _finish(self, connection: Connection, finished: JobFinished) -> tuple[str, Done]:
         key = job_key(finished.job_id)
         done = Done()
-        if finished.outcome == "failed":
-            # The job's row before the job host's: a failed outcome counts toward max_failed_hosts below.
+        if finished.outcome == "failed" and await jobs.job_host_status(connection, key, finished.host_id) == "released":
+            # The job's row before the job host's: a failed outcome counts toward max_failed_hosts below. Only for
+            # a job host that is released (seen without a lock, checked again under it below): `lock_job` records
+            # a job it does not know, and a job.finished that changes nothing must not record one.
             await jobs.lock_job(connection, key)
         row = await jobs.lock_for_finish(connection, key, finished.host_id)
         fields = {"job_id": finished.job_id, "host_id": str(finished.host_id), "outcome": finished.outcome}

@@ -38,6 +38,7 @@ class PassReport:
     result_rows_deleted: int = 0
     partition_rows_dropped: int = 0
     gate_jobs_deleted: int = 0
+    jobs_deleted: int = 0
     outbox_rows_deleted: int = 0
     sessions_deleted: int = 0
     seconds: float = 0.0
@@ -51,6 +52,7 @@ class PassReport:
             "result_rows_deleted": self.result_rows_deleted,
             "result_rows_in_dropped_partitions": self.partition_rows_dropped,
             "gate_jobs_deleted": self.gate_jobs_deleted,
+            "jobs_deleted": self.jobs_deleted,
             "outbox_rows_deleted": self.outbox_rows_deleted,
             "expired_sessions_deleted": self.sessions_deleted,
             "seconds": round(self.seconds, 3),
@@ -82,6 +84,7 @@ class PrunerMetrics:
             return
         self.rows.labels("check_results").inc(report.result_rows_deleted + report.partition_rows_dropped)
         self.rows.labels("gate_jobs").inc(report.gate_jobs_deleted)
+        self.rows.labels("jobs").inc(report.jobs_deleted)
         self.rows.labels("outbox").inc(report.outbox_rows_deleted)
         self.rows.labels("dashboard_sessions").inc(report.sessions_deleted)
         self.partitions.inc(len(report.partitions_dropped))
@@ -122,6 +125,8 @@ async def prune_once(pool: asyncpg.Pool, retention: Retention) -> PassReport:
             report.partition_rows_dropped = pruned.rows_in_dropped_partitions
             report.result_rows_deleted = pruned.rows_deleted
             report.gate_jobs_deleted = await jobs.prune_decided(pool, now - retention.decided_jobs)
+            # After their job hosts: a job goes once none is left.
+            report.jobs_deleted = await jobs.prune_jobs(pool, now - retention.decided_jobs)
             report.outbox_rows_deleted = await outbox.prune_sent(pool, now - retention.sent_outbox)
             report.sessions_deleted = await sessions.prune_expired(pool, now)
             oldest = await results.oldest_result_since(lock_connection, cutoff)
