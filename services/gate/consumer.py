@@ -50,7 +50,7 @@ from shared.gate_rules import UnknownHostPolicy, Verdict
 from shared.group_policies import budget_limit, policies_of
 from shared.hosts import host_group
 from shared.messaging import Broker
-from shared.topology import GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE
+from shared.topology import GATE_FINISHED_QUEUE, GATE_JOBS_QUEUE, GATE_RESULTS_QUEUE
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +149,7 @@ class Gate:
     def consume(self, consumers: Consumers) -> None:
         """Register the gate's two consumers (they run while the database answers)."""
         consumers.add(GATE_JOBS_QUEUE, self.on_job_message, prefetch=JOBS_PREFETCH)
+        consumers.add(GATE_FINISHED_QUEUE, self.on_job_message, prefetch=JOBS_PREFETCH)
         consumers.add(GATE_RESULTS_QUEUE, self.on_result_message, prefetch=RESULTS_PREFETCH)
 
     # ---- job.start / job.cancel ------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """The gate's verification after patching and halting of jobs (CONTRACT §6).
 
-Follow a job.finished: `GATE_JOBS_QUEUE` → `Gate.on_job_message` → `Verifier.on_job_finished` → the released job
+Follow a job.finished: `GATE_FINISHED_QUEUE` → `Gate.on_job_message` → `Verifier.on_job_finished` → the released job
 host locked → verifying (`shared.jobs.start_verifying`, delay and timeout from its group's policy) → verified at
 once if it can be (`shared.verification_rules.verify`), else its gating checks re-run (shared/schedule.py) and its
 timer set → ack after commit. Later, a healthy check.result of the host (`on_healthy_result`) or its timer
