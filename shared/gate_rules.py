@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Literal
 
-from shared.events import WaitingFor
+from shared.events import FailureReason, WaitingFor
 from shared.gating import GatingCheck
 from shared.group_policies import GroupPolicy
 
@@ -34,25 +34,38 @@ class Verdict(Enum):
     WAIT = "wait"
 
 
+# The verdicts that fail a job host, and the job.failed reason each gives (INVALID_REQUEST: never `decide`'s).
+_FAILURE_REASONS: dict[Verdict, FailureReason] = {
+    Verdict.WINDOW_CLOSED: "window_closed",
+    Verdict.UNKNOWN_HOST: "unknown_host",
+    Verdict.INVALID_REQUEST: "invalid_request",
+    Verdict.NO_CHECKS: "no_checks",
+    Verdict.JOB_HALTED: "job_halted",
+}
+
+
 # ---- the disruption budget (CONTRACT §6) -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
 class Holder:
     """A host of the group that is unavailable: in patch (`patching_job`: the earliest of its jobs released
-    or verifying) and/or `unhealthy` (its health_check_status)."""
+    or verifying) and/or `unhealthy` (its health_check_status); or, in a preview only, `previewed`: released
+    by a job.start previewed before it (the preview has no job id)."""
 
     host_id: uuid.UUID
     name: str
     patching_job: str | None = None
     unhealthy: bool = False
+    previewed: bool = False
 
     def why(self) -> str:
-        """"job J patching", "unhealthy", or both, as the budget's detail names the holder."""
-        reasons = ([f"job {self.patching_job} patching"] if self.patching_job is not None else []) + (
-            ["unhealthy"] if self.unhealthy else []
-        )
-        return ", ".join(reasons)
+        """"job J patching", "unhealthy", or both, as the budget's detail names the holder ("released earlier
+        in this preview" for a previewed one)."""
+        patching = [f"job {self.patching_job} patching"] if self.patching_job is not None else []
+        if self.previewed and self.patching_job is None:
+            patching = ["released earlier in this preview"]
+        return ", ".join(patching + (["unhealthy"] if self.unhealthy else []))
 
 
 @dataclass(frozen=True)
@@ -113,10 +126,13 @@ class GroupBudget:
     def in_use(self) -> int:
         return len(self.holders)
 
-    def patching(self, host_id: uuid.UUID, job_id: str) -> GroupBudget:
-        """The budget after releasing `host_id` for `job_id` (a host already in patch keeps its first job)."""
+    def patching(self, host_id: uuid.UUID, job_id: str | None) -> GroupBudget:
+        """The budget after releasing `host_id` for `job_id` (a host already in patch keeps its first job);
+        `job_id` None: a previewed job.start (`Holder.previewed`)."""
         holder = self.holders.get(host_id, Holder(host_id, self.names.get(host_id, str(host_id))))
-        if holder.patching_job is None:
+        if job_id is None:
+            holder = dataclasses.replace(holder, previewed=True)
+        elif holder.patching_job is None:
             holder = dataclasses.replace(holder, patching_job=job_id)
         return GroupBudget(self.group, self.limit, self.holders | {host_id: holder}, self.names)
 
@@ -129,7 +145,9 @@ def stable(check: GatingCheck, now: dt.datetime, stable_seconds: int) -> bool:
     With 0 every check is stable; a healthy check without a known `healthy_since` is not, with more."""
     if stable_seconds <= 0:
         return True
-    return check.healthy_since is not None and check.healthy_since <= now - dt.timedelta(seconds=stable_seconds)
+    # A difference of two instants, never an instant minus a duration: a preview may judge at any instant Python
+    # holds (`at` in year 1), where now - stable_seconds would not be one.
+    return check.healthy_since is not None and now - check.healthy_since >= dt.timedelta(seconds=stable_seconds)
 
 
 def _unstable(
@@ -219,6 +237,53 @@ class Decision:
             seconds=self.policy.stable_seconds
         )
 
+    @property
+    def failure_reason(self) -> FailureReason | None:
+        """The job.failed reason of a failing verdict (CONTRACT §5, §6); None for RELEASE and WAIT."""
+        return _FAILURE_REASONS.get(self.verdict)
+
+    def release_detail(self) -> str:
+        """The detail of a release: its checks healthy (for stable_seconds), or none; the budget it fits in."""
+        detail = "all gating checks healthy" if self.checks else "no gating checks on this host"
+        if self.checks and self.policy.stable_seconds > 0:
+            detail += f" for at least {self.policy.stable_seconds} s (stable_seconds)"
+        if self.budget is not None:
+            view = self.budget
+            in_use = view.in_use + (0 if view.counted else 1)
+            detail += f"; disruption budget of group {view.group}: {in_use} of {view.limit} unavailable with this host"
+        return detail
+
+    def detail(
+        self,
+        *,
+        job_id: str | None,
+        host_id: uuid.UUID,
+        group: str | None,
+        window_ends_at: dt.datetime,
+        now: dt.datetime,
+    ) -> str:
+        """The verdict in words, as the gate stores it with the decision (or the wait) and the preview shows it:
+        `release_detail`, `waiting_detail(now)`, `failure_detail(window_ends_at)` for WINDOW_CLOSED (the gate
+        first recomputes that decision with the checks as they were then, `window_closed`), or why the job host
+        fails (`job_id`: its job, None in a preview; `group`: its host's, None for an unknown host)."""
+        if self.verdict is Verdict.RELEASE:
+            return self.release_detail()
+        if self.verdict is Verdict.WINDOW_CLOSED:
+            return self.failure_detail(window_ends_at)
+        if self.verdict is Verdict.JOB_HALTED:
+            return f"job {job_id} is halted: no more of its hosts are released"
+        if self.verdict is Verdict.UNKNOWN_HOST:
+            return (
+                f"host {host_id} is not known to healthgate, and unknown hosts are failed "
+                "(HEALTHGATE_GATE_UNKNOWN_HOST=fail)"
+            )
+        if self.verdict is Verdict.NO_CHECKS:
+            return (
+                f"host {host_id} has no enabled critical checks, and group {group} fails such hosts "
+                "(no_checks: fail)"
+            )
+        return self.waiting_detail(now)
+
 
 def decide(
     window_ends_at: dt.datetime,
@@ -275,6 +340,56 @@ def decide(
     if waiting_for:
         return Decision(Verdict.WAIT, gating, not_ready, unstable, waiting_for, budget, policy)
     return Decision(Verdict.RELEASE, gating, [], budget=budget, policy=policy)
+
+
+@dataclass(frozen=True)
+class Turn:
+    """A job host judged in a group's release order: its job (`job_id`; None for a previewed job.start, which
+    has none), host, window, gating checks (None: an unknown host) and whether its job is halted."""
+
+    job_id: str | None
+    host_id: uuid.UUID
+    window_ends_at: dt.datetime
+    checks: list[GatingCheck] | None
+    halted: bool = False
+
+
+class ReleaseOrder:
+    """A group's job hosts judged one after the other in their release order (CONTRACT §6: the order their
+    job.start arrived), each against the disruption budget the ones before it left: the gate's release pass
+    (services/gate/evaluation.py) and the API's preview (services/api/preview.py) both judge through it, so
+    they decide alike.
+
+    `budget`: the group's (`shared.jobs.group_budget`), None when none applies (no max_unavailable, or a host
+    of no group); each RELEASE of a known host takes its host's unit for the turns after it (`budget` is the
+    budget after the turns judged so far). `now`, `policy` and `unknown_host` (HEALTHGATE_GATE_UNKNOWN_HOST)
+    are the same for every turn."""
+
+    def __init__(
+        self,
+        *,
+        now: dt.datetime,
+        policy: GroupPolicy | None,
+        budget: GroupBudget | None,
+        unknown_host: UnknownHostPolicy,
+    ) -> None:
+        self.now = now
+        self.policy = policy or DEFAULT_POLICY
+        self.budget = budget
+        self.unknown_host: UnknownHostPolicy = unknown_host
+
+    def judge(self, turn: Turn) -> Decision:
+        """`decide` for the turn, its budget view the budget as the turns before it left it (an unknown host
+        has none); a release then takes the host's unit."""
+        known = turn.checks is not None
+        view = self.budget.view(turn.host_id) if self.budget is not None and known else None
+        decision = decide(
+            turn.window_ends_at, self.now, turn.checks, unknown_host=self.unknown_host, policy=self.policy,
+            halted=turn.halted, budget=view,
+        )  # fmt: skip
+        if decision.verdict is Verdict.RELEASE and self.budget is not None and known:
+            self.budget = self.budget.patching(turn.host_id, turn.job_id)
+        return decision
 
 
 def window_closed(

@@ -218,6 +218,12 @@ async def host_group(pool: asyncpg.Pool | Connection, host_id: uuid.UUID) -> str
     return group
 
 
+async def host_groups(connection: Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The group of each of `host_ids` that exists: {host_id: group}; unknown hosts are absent."""
+    rows = await connection.fetch('SELECT id, "group" FROM hosts WHERE id = ANY($1::uuid[])', list(set(host_ids)))
+    return {row["id"]: row["group"] for row in rows}
+
+
 async def host_page(
     pool: asyncpg.Pool,
     *,

@@ -55,7 +55,8 @@ from shared.events import (
     received_job_id,
     received_job_id_bytes,
 )
-from shared.gate_rules import GroupBudget, Holder
+from shared.gate_rules import GroupBudget, Holder, Turn
+from shared.gating import GatingCheck, gating_checks_of_hosts
 from shared.group_policies import GroupPolicy, budget_limit, policy_of
 from shared.outbox import enqueue
 
@@ -350,6 +351,27 @@ async def lock_waiting_in_group(
     arrived (received_at, job_id, host_id); with `host_ids` only those hosts', with `job_id` only that job's
     (its key), with `budget_only` only those waiting for the budget. The caller holds the group's lock
     (`lock_group`)."""
+    return await _waiting_in_group(
+        connection, group, host_ids=host_ids, job_id=job_id, budget_only=budget_only, lock=True
+    )
+
+
+async def waiting_in_group(connection: Connection, group: str) -> list[asyncpg.Record]:
+    """Every waiting job host (LOCKED_COLUMNS) of the group's hosts in arrival order, as a release pass with a
+    budget judges them (`lock_waiting_in_group`), read without locking anything: the API's preview, which
+    judges them as the gate would, in a read-only snapshot."""
+    return await _waiting_in_group(connection, group, host_ids=None, job_id=None, budget_only=False, lock=False)
+
+
+async def _waiting_in_group(
+    connection: Connection,
+    group: str,
+    *,
+    host_ids: list[uuid.UUID] | None,
+    job_id: str | None,
+    budget_only: bool,
+    lock: bool,
+) -> list[asyncpg.Record]:
     conditions = ["j.status = 'waiting_health_check'", 'j.host_id IN (SELECT id FROM hosts WHERE "group" = $1)']
     arguments: list[Any] = [group]
     if host_ids is not None:
@@ -366,7 +388,7 @@ async def lock_waiting_in_group(
         FROM gate_jobs j
         WHERE {" AND ".join(conditions)}
         ORDER BY j.received_at, j.job_id, j.host_id
-        FOR UPDATE
+        {"FOR UPDATE" if lock else ""}
         """,
         *arguments,
     )
@@ -385,6 +407,21 @@ async def set_budget_waiting_detail(connection: Connection, group: str, detail: 
         group,
         detail,
     )
+
+
+def turn_of(row: asyncpg.Record, checks: list[GatingCheck] | None, *, halted: bool) -> Turn:
+    """A waiting job host (LOCKED_COLUMNS) as a turn of its group's release order (`shared.gate_rules.ReleaseOrder`),
+    with its host's gating checks (None: an unknown host) and whether its job is halted."""
+    return Turn(row["job_id"], row["host_id"], aware(row["window_ends_at"]), checks, halted)
+
+
+async def turns_of(connection: Connection, rows: Sequence[asyncpg.Record]) -> list[Turn]:
+    """The waiting job hosts `rows` (LOCKED_COLUMNS, in their order) as turns of their group's release order, each
+    with its host's gating checks and its job's halt state, read in two statements: what the gate's release pass
+    and the API's preview judge them on."""
+    halted = await halted_jobs(connection, sorted({row["job_id"] for row in rows}))
+    checks = await gating_checks_of_hosts(connection, sorted({row["host_id"] for row in rows}))
+    return [turn_of(row, checks.get(row["host_id"]), halted=row["job_id"] in halted) for row in rows]
 
 
 async def group_hosts(connection: Connection, group: str) -> list[asyncpg.Record]:
@@ -582,7 +619,6 @@ async def prune_decided(pool: asyncpg.Pool, before: dt.datetime) -> int:
     )
 
 
-
 async def prune_jobs(pool: asyncpg.Pool, before: dt.datetime) -> int:
     """Delete the jobs (`jobs` rows: max_failed_hosts and halt state) created before `before` that have no job
     host left (the pruner, after `prune_decided`, with the same HEALTHGATE_JOB_RETENTION_DAYS), in batches;
@@ -597,6 +633,7 @@ async def prune_jobs(pool: asyncpg.Pool, before: dt.datetime) -> int:
         "LIMIT $2 FOR UPDATE SKIP LOCKED)",
         before,
     )
+
 
 # ---- verification after patching (CONTRACT §6) -----------------------------------------------------
 # A released job host is in patch until its verification outcome: released → verifying (job.finished, or the

@@ -151,6 +151,9 @@ CASES: dict[tuple[str, str], Case] = {
         lambda s: Call("POST", f"{job_url(s)}/resume", {"reason": "fixed"}),
         setup=lambda s: [Call("POST", f"{job_url(s)}/halt", {"reason": "patch breaks hosts"})],
     ),
+    ("POST", "/api/v1/gate/preview"): Case(
+        ALL, 200, lambda s: Call("POST", "/api/v1/gate/preview", {"host_ids": [s.host_id]})
+    ),
     ("GET", "/api/v1/audit"): Case(ADMIN, 200, lambda s: Call("GET", "/api/v1/audit")),
     ("GET", "/api/v1/groups"): Case(ALL, 200, lambda s: Call("GET", "/api/v1/groups")),
     ("GET", GROUP_POLICY): Case(ALL, 200, lambda s: Call("GET", group_policy_url(s))),

@@ -848,6 +848,77 @@ async def test_groups_page_shows_hosts_by_state_policy_budget_and_who_holds_it(
     assert script_problems(page) == []
 
 
+def preview_row(page: Page, name: str) -> Locator:
+    return page.locator(f'section[data-preview] tr[data-preview-host="{name}"]')
+
+
+async def test_operator_selects_hosts_and_sees_the_gates_preview_for_them(
+    api: ServiceProcess, poller: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, db: asyncpg.Connection,
+    nginx: NginxServer,
+) -> None:  # fmt: skip
+    """CONTRACT §6 "Preview": the hosts page's checkboxes and the verdicts of `POST /api/v1/gate/preview` for the
+    selected hosts (the same code), in the table's order, each with its detail; nothing is created."""
+    web = [await create_host(admin, f"web-{index}", "team-a") for index in range(1, 5)]
+    await create_host(admin, "b-web-1", "team-b")
+    check_id = await create_check(admin, web[3], name="homepage", check_type="http", url=nginx.http_url("/status/503"))
+    assert (await admin.post(f"/api/v1/hosts/{web[3]}/health-checks/{check_id}/test")).status_code == 200
+    assert (await admin.put("/api/v1/groups/team-a/policy", json={"max_unavailable": 2})).status_code == 200
+
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("operator", ("team-a",), name="operator-preview"))
+    await expect(page.get_by_label("Select b-web-1")).to_have_count(0)  # not the operator's
+    for index in range(1, 5):
+        await page.get_by_label(f"Select web-{index}").check()
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await page.get_by_role("button", name="Preview selected hosts").click()
+    assert (await answer.value).status == 200
+    section = page.get_by_role("region", name="Preview of a job.start")
+    await expect(section.locator("tr[data-preview-host]")).to_have_count(4)
+    verdicts = [await preview_row(page, f"web-{index}").locator("[data-verdict]").get_attribute("data-verdict")
+                for index in range(1, 5)]  # fmt: skip
+    # web-4 is unhealthy and holds one unit of the budget of 2: web-1 takes the other, web-2 and web-3 wait.
+    assert verdicts == ["release", "wait", "wait", "wait"]
+    await expect(preview_row(page, "web-1").locator("[data-detail]")).to_have_text(
+        "no gating checks on this host; disruption budget of group team-a: 2 of 2 unavailable with this host"
+    )
+    for name in ("web-2", "web-3"):
+        await expect(preview_row(page, name).locator("[data-waiting-for]")).to_have_attribute("data-waiting-for", "budget")
+        await expect(preview_row(page, name).locator("[data-detail]")).to_have_text(
+            "waiting for the disruption budget of group team-a: 2 of 2 unavailable: "
+            "web-1 (released earlier in this preview), web-4 (unhealthy)"
+        )
+    sick = preview_row(page, "web-4")
+    await expect(sick.locator("[data-waiting-for]")).to_have_attribute("data-waiting-for", "checks")
+    await expect(sick.locator("[data-waiting-for]")).to_contain_text("its gating checks to be healthy")
+    await expect(sick.locator("[data-detail]")).to_have_text("waiting for checks: homepage")
+    await expect(sick.locator(".preview-checks")).to_contain_text("homepage: unhealthy")
+    # The selection stays, also when the table refreshes itself (every 5 s) under it.
+    await page.locator("#hosts-region input[name=host_id]").first.evaluate("box => box.dataset.old = '1'")
+    async with page.expect_response(lambda r: "fragment=1" in r.url, timeout=15_000):
+        pass
+    await expect(page.locator("#hosts-region input[data-old]")).to_have_count(0)
+    for index in range(1, 5):
+        await expect(page.get_by_label(f"Select web-{index}")).to_be_checked()
+    assert await db.fetchval("SELECT count(*) FROM gate_jobs") == 0
+
+    # Nothing selected: the page says so. Without the session's CSRF token: refused.
+    for index in range(1, 5):
+        await page.get_by_label(f"Select web-{index}").uncheck()
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await page.get_by_role("button", name="Preview selected hosts").click()
+    assert (await answer.value).status == 422
+    await expect(page.get_by_role("alert")).to_have_text("No preview: select 1 to 1000 hosts, each once.")
+    await expect(page.locator("section[data-preview]")).to_have_count(0)
+    forged = await page.request.post(f"{api.base_url}/hosts/preview", form={"host_id": web[0]}, max_redirects=0)
+    assert forged.status == 403
+    csrf = await session_csrf(db, "operator-preview")
+    answer_page = await page.request.post(
+        f"{api.base_url}/hosts/preview?group=team-a", form={"host_id": web[0], "csrf": csrf}, max_redirects=0
+    )
+    assert answer_page.status == 200 and 'data-verdict="release"' in await answer_page.text()
+    assert script_problems(page) == []
+
+
 STATUS_HEADINGS = {
     "waiting_health_check": "Waiting",
     "released": "Released",

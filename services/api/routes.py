@@ -6,7 +6,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api import audit, checks, groups, hosts, jobs
+from services.api import audit, checks, groups, hosts, jobs, preview
 from services.api.auth import Principal
 from services.api.endpoints import ADMIN, ALL_ROLES, CHECK_EDITORS, Endpoint
 from services.api.requests import PageQuery, json_response
@@ -24,6 +24,8 @@ from services.api.schemas import (
     JobView,
     OverrideRequest,
     Page,
+    PreviewAnswer,
+    PreviewRequest,
     ResultView,
 )
 from shared.events import CheckView
@@ -271,6 +273,23 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         description="Replaces every field (omitted ones take their defaults); allowed before the group has "
         'hosts. `max_unavailable`: null (no limit), an integer ≥ 1, or "N%" (1-100) of the group\'s hosts, '
         "rounded down, at least 1. Audited as group.policy_update.",
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/gate/preview",
+        preview.gate_preview,
+        "Preview the gate's verdicts",
+        ALL_ROLES,
+        "jobs",
+        body=PreviewRequest,
+        response=PreviewAnswer,
+        errors=(400, 413, 422),
+        description="What a job.start for each host would get at `at` (default now) under the current checks, "
+        "group policies and disruption budgets, judged by the gate's own rules: `release`, `wait` (with "
+        "`waiting_for`) or `fail` (the detail says why). The hosts are counted against their groups' budgets in "
+        "the order given, after the job hosts already waiting there. Creates nothing and publishes nothing. A "
+        "preview has no window (none closes it) and no job (never halted). A host outside the caller's groups is "
+        "answered as one healthgate does not know (HEALTHGATE_GATE_UNKNOWN_HOST). A host id given twice → 422.",
     ),
     Endpoint(
         "GET",

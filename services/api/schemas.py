@@ -25,7 +25,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from services.api.targets import address_problems, url_problems
-from shared.events import CheckSummary, HaltReason, HostHealthStatus, WaitingFor
+from shared.events import CheckSummary, HaltReason, HostHealthStatus, WaitingFor, WindowEndsAt
 from shared.group_policies import GroupPolicy
 from shared.jobs import JobStatus
 
@@ -436,6 +436,73 @@ class HaltRequest(RequestModel):
     """`POST /api/v1/jobs/{job_id}/halt` and `/resume` (CONTRACT §6): why, in the admin's words."""
 
     reason: Annotated[str, StringConstraints(min_length=1, max_length=500, pattern=r"\S")]
+
+
+# ---- the gate's preview (CONTRACT §6 "Preview") ----------------------------------------------------
+
+MAX_PREVIEW_HOSTS = 1000
+
+
+def _duplicate_host_ids(data: dict[str, Any]) -> list[InitErrorDetails]:
+    """Each host id given again (compared as UUIDs, so letter case and braces do not matter), named by its place
+    and the place it repeats. A job.start per host is one job host; a second one of the same host would be the
+    same job host again, so a list with one twice is refused (422) rather than answered twice or silently once."""
+    host_ids = data.get("host_ids")
+    if not isinstance(host_ids, list) or len(host_ids) > MAX_PREVIEW_HOSTS:
+        return []  # too many: that is the list's problem, whatever it repeats
+    first: dict[uuid.UUID, int] = {}
+    problems: list[InitErrorDetails] = []
+    for index, value in enumerate(host_ids):
+        try:
+            host_id = uuid.UUID(value) if isinstance(value, str) else None
+        except ValueError:
+            host_id = None
+        if host_id is None:
+            continue  # not a UUID: the field's own error says so
+        if host_id in first:
+            message = f"host {host_id} is given twice: also at host_ids.{first[host_id]}"
+            problems.append({
+                "type": PydanticCustomError("rule", "{message}", {"message": message}),
+                "loc": ("host_ids", index), "input": None,
+            })  # fmt: skip
+        else:
+            first[host_id] = index
+    return problems
+
+
+class PreviewRequest(RequestModel):
+    """`POST /api/v1/gate/preview` (CONTRACT §6): the hosts a job would start on, in the order its job.starts
+    would be sent, and when (default: now)."""
+
+    host_ids: list[uuid.UUID] = Field(
+        min_length=1, max_length=MAX_PREVIEW_HOSTS,
+        description="1 to 1000 host ids, each once, in the order the job.starts would arrive: the disruption "
+        "budget is counted in this order",
+    )  # fmt: skip
+    at: WindowEndsAt | None = Field(
+        None, description="RFC 3339 with an offset: the moment to judge at, against the current state (default now)"
+    )
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _rules(cls, data: Any, handler: ModelWrapValidatorHandler[PreviewRequest]) -> PreviewRequest:
+        return with_rule_errors(data, handler, _duplicate_host_ids)
+
+
+class PreviewItem(BaseModel):
+    """What a job.start for one host would get (CONTRACT §6 "Preview")."""
+
+    host_id: uuid.UUID
+    verdict: Literal["release", "wait", "fail"] = Field(
+        description="release: job.released at once; wait: job.waiting; fail: job.failed (the detail says why)"
+    )
+    waiting_for: list[WaitingFor] = Field(description="for wait: checks, stability and/or budget; else []")
+    detail: str = Field(description="the verdict in the gate's words, as it would store it with the job host")
+    checks: list[CheckSummary] = Field(description="the host's gating checks; [] for an unknown host")
+
+
+class PreviewAnswer(BaseModel):
+    items: list[PreviewItem] = Field(description="one per host id, in the order given")
 
 
 class AuditEntry(BaseModel):

@@ -22,8 +22,8 @@ from shared import jobs
 from shared.database import Connection, locked_now
 from shared.details import clip_detail, safe_detail
 from shared.events import CheckSummary, FailureReason, is_valid_job_id
-from shared.gate_rules import BudgetView, UnknownHostPolicy, Verdict
-from shared.gating import GatingCheck, gating_checks, gating_checks_as_of, gating_checks_of_hosts
+from shared.gate_rules import UnknownHostPolicy, Verdict
+from shared.gating import GatingCheck, gating_checks, gating_checks_as_of
 from shared.group_policies import GroupPolicy
 from shared.hosts import host_group
 from shared.jobs import JobDecision
@@ -85,14 +85,15 @@ async def record_invalid_request(
 class Context:
     """What a job host is judged on besides its row, read by the caller: the time (`locked_now`, read after
     the row's lock), its gating checks (None: unknown host), its group and the group's policy, whether its
-    job is halted, and the group's budget as this host sees it (None: none applies)."""
+    job is halted, and the verdict of the group's release order (`rules.ReleaseOrder`, which judged it
+    against the budget the job hosts before it left; None: judge it alone, without a budget)."""
 
     now: dt.datetime
     checks: list[GatingCheck] | None
     group: str | None = None
     policy: GroupPolicy = field(default_factory=GroupPolicy)
     halted: bool = False
-    budget: BudgetView | None = None
+    decision: rules.Decision | None = None
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,7 @@ async def evaluate_job_host(
             unknown_host=unknown_host,
         )  # fmt: skip
         assert passed is not None  # it waits for the group's lock
-        return next(
-            (item for item in passed.evaluations if item.job_id == job_id and item.host_id == host_id), None
-        )
+        return next((item for item in passed.evaluations if item.job_id == job_id and item.host_id == host_id), None)
     row = await jobs.lock_waiting(connection, job_id, host_id)
     if row is None:
         return None
@@ -193,34 +192,31 @@ async def release_pass(
             await jobs.set_budget_waiting_detail(connection, group, rules.budget_waiting_detail(budget))
         return GroupPass(group, limit, budget.in_use if budget is not None else None, [])
     now = await locked_now(connection)
-    halted = await jobs.halted_jobs(connection, sorted({row["job_id"] for row in rows}))
-    checks = await gating_checks_of_hosts(connection, sorted({row["host_id"] for row in rows}))
+    order = rules.ReleaseOrder(now=now, policy=policy, budget=budget, unknown_host=unknown_host)
     evaluations = []
     triggered = set(host_ids) if host_ids is not None else set()
-    for row in rows:
-        host_id = row["host_id"]
+    for row, turn in zip(rows, await jobs.turns_of(connection, rows), strict=True):
         due = row["next_retry_at"] is None or jobs.aware(row["next_retry_at"]) <= now
         due = due or jobs.aware(row["window_ends_at"]) <= now
-        if budget is not None and not due and host_id not in triggered and _cannot_change(row, budget):
+        if (
+            order.budget is not None
+            and not due
+            and row["host_id"] not in triggered
+            and _cannot_change(row, order.budget)
+        ):
             # The budget filled up in this pass and nothing this row is judged on changed since it was last judged
             # (no result of its host, no timer): it keeps waiting as it is. Its detail names the holders, which
             # did change: that of every job host waiting for the budget alone is brought up to date below.
             continue
-        host_checks = checks.get(host_id)
-        context = Context(
-            now, host_checks, group, policy, row["job_id"] in halted,
-            budget.view(host_id) if budget is not None and host_checks is not None else None,
-        )  # fmt: skip
+        context = Context(now, turn.checks, group, policy, turn.halted, order.judge(turn))
         evaluation = await evaluate(
             connection, row, retry_seconds=retry_seconds, rerun_failing=due, unknown_host=unknown_host,
             context=context,
         )  # fmt: skip
-        if evaluation.verdict is Verdict.RELEASE and budget is not None and host_checks is not None:
-            budget = budget.patching(host_id, row["job_id"])
         evaluations.append(evaluation)
-    if budget is not None:
-        await jobs.set_budget_waiting_detail(connection, group, rules.budget_waiting_detail(budget))
-    return GroupPass(group, limit, budget.in_use if budget is not None else None, evaluations)
+    if order.budget is not None:
+        await jobs.set_budget_waiting_detail(connection, group, rules.budget_waiting_detail(order.budget))
+    return GroupPass(group, limit, order.budget.in_use if order.budget is not None else None, evaluations)
 
 
 def _cannot_change(row: asyncpg.Record, budget: rules.GroupBudget) -> bool:
@@ -264,42 +260,23 @@ async def evaluate(
     now, checks, policy = context.now, context.checks, context.policy
     job_id, host_id = job["job_id"], job["host_id"]
     window_ends_at = jobs.aware(job["window_ends_at"])
-    decision = rules.decide(
-        window_ends_at, now, checks, unknown_host=unknown_host, policy=policy, halted=context.halted,
-        budget=context.budget,
-    )  # fmt: skip
-    if decision.verdict is Verdict.RELEASE:
-        detail = "all gating checks healthy" if decision.checks else "no gating checks on this host"
-        if decision.checks and policy.stable_seconds > 0:
-            detail += f" for at least {policy.stable_seconds} s (stable_seconds)"
-        if decision.budget is not None:
-            view = decision.budget
-            in_use = view.in_use + (0 if view.counted else 1)
-            detail += f"; disruption budget of group {view.group}: {in_use} of {view.limit} unavailable with this host"
-        released = JobDecision(job_id, host_id, "released", detail, checks=_summaries(decision.checks))
-        await jobs.decide(connection, released, at=now, source=EVENT_SOURCE)
-        return Evaluation(job_id, host_id, Verdict.RELEASE, detail=detail)
+    decision = context.decision
+    if decision is None:  # judged alone: a release order of one, without a budget
+        alone = rules.ReleaseOrder(now=now, policy=policy, budget=None, unknown_host=unknown_host)
+        decision = alone.judge(jobs.turn_of(job, checks, halted=context.halted))
     if decision.verdict is Verdict.WINDOW_CLOSED:
         then = await gating_checks_as_of(connection, checks or [], rules.closes_at(window_ends_at, policy))
         decision = rules.window_closed(then, window_ends_at, policy)
-        return await _fail(connection, job_id, host_id, now, "window_closed", decision.failure_detail(window_ends_at),
-                           decision.checks)  # fmt: skip
-    if decision.verdict is Verdict.JOB_HALTED:
-        detail = f"job {job_id} is halted: no more of its hosts are released"
-        return await _fail(connection, job_id, host_id, now, "job_halted", detail, decision.checks)
-    if decision.verdict is Verdict.UNKNOWN_HOST:
-        detail = (
-            f"host {host_id} is not known to healthgate, and unknown hosts are failed "
-            "(HEALTHGATE_GATE_UNKNOWN_HOST=fail)"
-        )
-        return await _fail(connection, job_id, host_id, now, "unknown_host", detail, decision.checks)
-    if decision.verdict is Verdict.NO_CHECKS:
-        detail = (
-            f"host {host_id} has no enabled critical checks, and group {context.group} fails such hosts "
-            "(no_checks: fail)"
-        )
-        return await _fail(connection, job_id, host_id, now, "no_checks", detail, decision.checks)
-    waiting_detail = decision.waiting_detail(now)
+    detail = decision.detail(
+        job_id=job_id, host_id=host_id, group=context.group, window_ends_at=window_ends_at, now=now
+    )
+    if decision.verdict is Verdict.RELEASE:
+        released = JobDecision(job_id, host_id, "released", detail, checks=_summaries(decision.checks))
+        await jobs.decide(connection, released, at=now, source=EVENT_SOURCE)
+        return Evaluation(job_id, host_id, Verdict.RELEASE, detail=detail)
+    if decision.failure_reason is not None:  # window_closed, job_halted, unknown_host, no_checks
+        return await _fail(connection, job_id, host_id, now, decision.failure_reason, detail, decision.checks)
+    waiting_detail = detail
     wake_at = rules.closes_at(window_ends_at, policy) if policy.release_cutoff_seconds > 0 else None
     stable_at = decision.stable_at()
     if stable_at is not None:

@@ -43,9 +43,10 @@ from services.api.groups import GROUP_PAGES
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
 from services.api.jobs import halt_or_resume_on, override_on, require_visible_job
 from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
-from services.api.problems import Problem
+from services.api.preview import preview_on
+from services.api.problems import Problem, validation_problem
 from services.api.requests import PageQuery, path_job_id
-from services.api.schemas import HaltRequest, OverrideRequest
+from services.api.schemas import HaltRequest, OverrideRequest, PreviewRequest
 from shared import checks, group_policies, hosts, jobs, results
 from shared.database import Connection
 from shared.events import control_character, job_key
@@ -172,6 +173,7 @@ class Dashboard:
             SegmentRoute("/login", self.login, methods=["POST"]),
             SegmentRoute("/logout", self.logout, methods=["GET", "POST"]),
             SegmentRoute("/hosts", page(self.hosts), methods=["GET"]),
+            SegmentRoute("/hosts/preview", page(self.preview), methods=["POST"]),  # GET: /hosts/{host_id}, a 404
             SegmentRoute("/hosts/{host_id}", page(self.host), methods=["GET"]),
             SegmentRoute("/hosts/{host_id}/checks", page(self.create_check), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks/{check_id}", page(self.update_check), methods=["POST"]),
@@ -281,7 +283,11 @@ class Dashboard:
 
     # ---- hosts -----------------------------------------------------------------------------------
 
-    async def hosts(self, request: Request, session: sessions.Session) -> Response:
+    async def hosts(
+        self, request: Request, session: sessions.Session, *, status_code: int = 200, **preview_state: Any
+    ) -> Response:
+        """The hosts page (`preview_state`: a preview's `preview`, the `selected` host ids kept checked, an `alert`
+        saying why there is no preview; shown with `status_code`). With ?fragment=1 only its refreshing region."""
         principal = session.principal
         params = request.query_params
         group = params.get("group") or None
@@ -299,10 +305,37 @@ class Dashboard:
         counts, groups = await _summary(context.pool, principal)
         template = "_hosts_region.html" if params.get("fragment") else "hosts.html"
         return self.render(
-            request, template, session=session, hosts=rows, next_cursor=next_cursor, counts=counts,
-            total=sum(counts.values()), groups=groups, group=group, status=status, statuses=HOST_STATUSES,
+            request, template, status_code=status_code, session=session, hosts=rows, next_cursor=next_cursor,
+            counts=counts, total=sum(counts.values()), groups=groups, group=group, status=status,
+            statuses=HOST_STATUSES,
             filters=urlencode({key: value for key, value in (("group", group), ("status", status)) if value}),
+            # This page's address (filters and cursor), where the preview form posts to show it again.
+            this_page=urlencode(
+                {key: value for key, value in (("group", group), ("status", status), ("cursor", query.cursor)) if value}
+            ),
+            selected=preview_state.pop("selected", set()), names={str(row["id"]): row["name"] for row in rows},
+            **preview_state,
         )  # fmt: skip
+
+    async def preview(self, request: Request, session: sessions.Session) -> Response:
+        """The gate's preview (CONTRACT §6) for the hosts selected on the hosts page (`host_id` checkboxes), through
+        the API's own `preview_on` (every role, scoped: a host outside the caller's groups is answered as unknown).
+        Shown on the hosts page, with the same filters and page (the form posts them in its query) and the
+        selection kept; a selection the API would refuse (none, more than 1000, a host twice, not a host id) shows
+        the page with why, answered 422."""
+        form = await request.form()
+        selected = [value for value in form.getlist("host_id") if isinstance(value, str)]
+        try:
+            body = PreviewRequest.model_validate({"host_ids": selected})
+        except ValidationError as exc:
+            messages = "; ".join(dict.fromkeys(error["message"] for error in validation_problem(exc).errors or []))
+            alert = "No preview: select 1 to 1000 hosts, each once" + (f" ({messages})" if selected else "") + "."
+            return await self.hosts(request, session, status_code=422, alert=alert, selected=set(selected))
+        context = context_of(request)
+        shown = await preview_on(
+            context.pool, session.principal, body.host_ids, at=None, unknown_host=context.settings.gate_unknown_host
+        )
+        return await self.hosts(request, session, preview=shown, selected={str(host_id) for host_id in body.host_ids})
 
     async def host(self, request: Request, session: sessions.Session, **form_state: Any) -> Response:
         host_id = _path_uuid(request, "host_id")

@@ -57,7 +57,14 @@
           if (response.redirected) { window.location.reload(); return null; }
           return response.ok ? response.text() : null;
         })
-        .then(function (html) { if (html !== null) region.innerHTML = html; })
+        .then(function (html) {
+          if (html === null) return;
+          // Keep the hosts selected for the preview checked: the new table comes without the selection.
+          var selected = {};
+          region.querySelectorAll("input[name=host_id]:checked").forEach(function (box) { selected[box.value] = true; });
+          region.innerHTML = html;
+          region.querySelectorAll("input[name=host_id]").forEach(function (box) { if (selected[box.value]) box.checked = true; });
+        })
         .catch(function () {});
     }, 5000);
   }
