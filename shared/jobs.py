@@ -483,16 +483,21 @@ async def due_waiting(connection: Connection, limit: int) -> list[asyncpg.Record
     )
 
 
-async def groups_waiting_for_budget(connection: Connection, limit: int) -> list[str]:
-    """Groups with a job host waiting for the budget: the gate passes over them every second or so, so that
-    budget freed without an event of the gate's own (a policy raised, a host deleted) is used soon."""
+async def groups_waiting_for_budget(connection: Connection, limit: int, *, after: str | None = None) -> list[str]:
+    """Groups with a job host waiting for the budget, by name, the first `limit` after `after` (None: from the
+    start): the gate passes over them every second or so, so that budget freed without an event of the gate's own
+    (a policy raised, a host deleted) is used soon. In name order from a cursor, so that a sweep that takes `limit`
+    at a time goes round every such group; unordered, the same `limit` came back each time while they waited."""
     rows = await connection.fetch(
         """
         SELECT DISTINCT h."group" FROM gate_jobs j JOIN hosts h ON h.id = j.host_id
         WHERE j.status = 'waiting_health_check' AND 'budget' = ANY(j.waiting_for)
+          AND ($2::text IS NULL OR h."group" > $2)
+        ORDER BY h."group"
         LIMIT $1
         """,
         limit,
+        after,
     )
     return [row["group"] for row in rows]
 

@@ -313,3 +313,31 @@ async def test_job_start_of_a_halted_job_fails_at_once(
     failed = await events.wait_for("job.failed", of_job(job), count=2)
     assert {event.data["reason"] for event in failed} == {"job_halted"}
     assert events.matching("job.released", of_job(job)) == []
+
+
+async def test_a_budget_freed_by_a_policy_is_used_in_every_group_however_many_wait(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
+) -> None:  # fmt: skip
+    """More groups waiting for their budget than the gate's sweep takes at once (100), with a gate that retries
+    only every 600 s: a policy raised frees a unit in each group without an event of the gate's own, and only the
+    sweep uses it. Each group keeps a job host waiting after that, so every group stays among those waiting for
+    the budget: each must still be swept in turn, not the same 100 every second."""
+    gate.stop()
+    own = start_gate(service_env, tmp_path / "gate.log", HEALTHGATE_GATE_RETRY_SECONDS="600")
+    try:
+        groups = [group_name() for _ in range(130)]
+        made = await asyncio.gather(*(make_hosts(admin, group, 3) for group in groups))
+        for group in groups:
+            await set_policy(db, group, max_unavailable=1)
+        job = f"sweep-{uuid.uuid4().hex[:6]}"
+        await asyncio.gather(*(jobs.start(job, host_id) for hosts in made for host_id, _ in hosts))
+        await events.wait_for("job.released", of_job(job), count=len(groups), timeout=60)
+        await events.wait_for("job.waiting", of_job(job), count=2 * len(groups), timeout=60)
+        for group in groups:
+            await set_policy(db, group, max_unavailable=2)
+        released = await events.wait_for("job.released", of_job(job), count=2 * len(groups), timeout=60)
+        assert len(released) == 2 * len(groups)
+    finally:
+        own.stop()
+        gate.restart()
