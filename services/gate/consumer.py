@@ -386,7 +386,11 @@ class Gate:
         all in name order: with more such groups than that, each is still passed over every few sweeps."""
         async with self._pool.acquire() as connection:
             groups = await jobs.groups_waiting_for_budget(connection, BUDGET_SWEEP_GROUPS, after=self._sweep_after)
-        # A short page is the end of the round: the next sweep starts again from the first group.
+            if len(groups) < BUDGET_SWEEP_GROUPS and self._sweep_after is not None:
+                # The end of the round: the rest of this sweep starts it again from the first group.
+                more = await jobs.groups_waiting_for_budget(connection, BUDGET_SWEEP_GROUPS - len(groups))
+                groups += [group for group in more if group not in groups]
+        # A full page: the next sweep goes on after its last group (after a wrap, one near the start of the order).
         self._sweep_after = groups[-1] if len(groups) == BUDGET_SWEEP_GROUPS else None
         for group in groups:
             self._done(await self._transaction(partial(self._timer_pass, group=group, host_ids=None)))
