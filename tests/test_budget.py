@@ -402,3 +402,26 @@ async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_fo
     assert (await job_hosts(admin, job))[second]["detail"] == (
         f"waiting for the disruption budget of group {group}: 1 of 1 unavailable: {group}-1 (job {job} patching)"
     )
+
+
+async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_at_the_cutoff(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
+) -> None:  # fmt: skip
+    """A job host waiting for a full budget whose group gets a release cutoff that has passed fails window_closed
+    then (CONTRACT §6: "fails window_closed at that moment"), not at its next retry (600 s here) or its window's
+    end: a full budget's pass does not judge it for the budget, but the cutoff closes its window."""
+    gate.stop()
+    own = start_gate(service_env, tmp_path / "gate.log", HEALTHGATE_GATE_RETRY_SECONDS="600")
+    try:
+        group, _, job = await start_campaign(jobs, admin, db, "cutoff-full", 2, max_unavailable=1)
+        (released,) = await events.wait_for("job.released", of_job(job))
+        (waiting,) = await events.wait_for("job.waiting", of_job(job))
+        assert waiting.data["waiting_for"] == ["budget"]
+        await set_policy(db, group, max_unavailable=1, release_cutoff_seconds=3600)  # the window ends in 60 s
+        (failed,) = await events.wait_for("job.failed", of_job(job), timeout=20)
+        assert failed.data["host_id"] == waiting.data["host_id"] != released.data["host_id"]
+        assert failed.data["reason"] == "window_closed" and "release cutoff (3600 s" in str(failed.data["detail"])
+    finally:
+        own.stop()
+        gate.restart()
