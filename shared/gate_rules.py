@@ -259,16 +259,17 @@ class Decision:
         job_id: str | None,
         host_id: uuid.UUID,
         group: str | None,
-        window_ends_at: dt.datetime,
+        window_ends_at: dt.datetime | None,
         now: dt.datetime,
     ) -> str:
         """The verdict in words, as the gate stores it with the decision (or the wait) and the preview shows it:
         `release_detail`, `waiting_detail(now)`, `failure_detail(window_ends_at)` for WINDOW_CLOSED (the gate
         first recomputes that decision with the checks as they were then, `window_closed`), or why the job host
-        fails (`job_id`: its job, None in a preview; `group`: its host's, None for an unknown host)."""
+        fails (`job_id`: its job, None in a preview; `group`: its host's, None for an unknown host;
+        `window_ends_at` None: no window, as in a preview, which is never WINDOW_CLOSED)."""
         if self.verdict is Verdict.RELEASE:
             return self.release_detail()
-        if self.verdict is Verdict.WINDOW_CLOSED:
+        if self.verdict is Verdict.WINDOW_CLOSED and window_ends_at is not None:
             return self.failure_detail(window_ends_at)
         if self.verdict is Verdict.JOB_HALTED:
             return f"job {job_id} is halted: no more of its hosts are released"
@@ -286,7 +287,7 @@ class Decision:
 
 
 def decide(
-    window_ends_at: dt.datetime,
+    window_ends_at: dt.datetime | None,
     now: dt.datetime,
     checks: list[GatingCheck] | None,
     *,
@@ -295,7 +296,8 @@ def decide(
     halted: bool = False,
     budget: BudgetView | None = None,
 ) -> Decision:
-    """The verdict for a waiting job host at `now`.
+    """The verdict for a waiting job host at `now`; `window_ends_at` None: no window (a preview names none, and
+    none closes, whatever `now`: not even at the largest instant, which a far-future end could not exceed).
 
     `checks` are the host's enabled critical checks, None when the host is unknown. `policy`: its group's
     (None: the defaults, as for an unknown host); `halted`: whether its job is halted; `budget`: its group's
@@ -319,7 +321,7 @@ def decide(
     policy = policy or DEFAULT_POLICY
     gating = checks or []
     not_ready = [check for check in gating if not check.ready(now)]
-    if now >= closes_at(window_ends_at, policy):
+    if window_ends_at is not None and now >= closes_at(window_ends_at, policy):
         unstable = _unstable(gating, not_ready, now, policy)
         return Decision(Verdict.WINDOW_CLOSED, gating, not_ready, unstable, policy=policy)
     if halted:
@@ -345,11 +347,12 @@ def decide(
 @dataclass(frozen=True)
 class Turn:
     """A job host judged in a group's release order: its job (`job_id`; None for a previewed job.start, which
-    has none), host, window, gating checks (None: an unknown host) and whether its job is halted."""
+    has none), host, window (None: none, a previewed job.start), gating checks (None: an unknown host) and whether
+    its job is halted."""
 
     job_id: str | None
     host_id: uuid.UUID
-    window_ends_at: dt.datetime
+    window_ends_at: dt.datetime | None
     checks: list[GatingCheck] | None
     halted: bool = False
 

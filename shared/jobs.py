@@ -346,14 +346,17 @@ async def lock_waiting_in_group(
     host_ids: list[uuid.UUID] | None = None,
     job_id: str | None = None,
     budget_only: bool = False,
+    closing_within: float | None = None,
 ) -> list[asyncpg.Record]:
     """The waiting job hosts (LOCKED_COLUMNS) of the group's hosts, locked, in the order their job.start
-    arrived (received_at, job_id, host_id); with `host_ids` only those hosts', with `job_id` only that job's
-    (its key), with `budget_only` only those waiting for the budget. The caller holds the group's lock
-    (`lock_group`)."""
+    arrived (received_at, job_id, host_id); with `host_ids` only those hosts' and, with `closing_within`
+    (seconds: the group's release cutoff), those whose window ends within that of now too (their cutoff has come);
+    with `job_id` only that job's (its key), with `budget_only` only those waiting for the budget. The caller
+    holds the group's lock (`lock_group`)."""
     return await _waiting_in_group(
-        connection, group, host_ids=host_ids, job_id=job_id, budget_only=budget_only, lock=True
-    )
+        connection, group, host_ids=host_ids, job_id=job_id, budget_only=budget_only, lock=True,
+        closing_within=closing_within,
+    )  # fmt: skip
 
 
 async def waiting_in_group(connection: Connection, group: str) -> list[asyncpg.Record]:
@@ -371,12 +374,17 @@ async def _waiting_in_group(
     job_id: str | None,
     budget_only: bool,
     lock: bool,
+    closing_within: float | None = None,
 ) -> list[asyncpg.Record]:
     conditions = ["j.status = 'waiting_health_check'", 'j.host_id IN (SELECT id FROM hosts WHERE "group" = $1)']
     arguments: list[Any] = [group]
     if host_ids is not None:
         arguments.append(host_ids)
-        conditions.append(f"j.host_id = ANY(${len(arguments)}::uuid[])")
+        chosen = f"j.host_id = ANY(${len(arguments)}::uuid[])"
+        if closing_within is not None:
+            arguments.append(closing_within)
+            chosen += f" OR j.window_ends_at <= clock_timestamp() + make_interval(secs => ${len(arguments)})"
+        conditions.append(f"({chosen})")
     if job_id is not None:
         arguments.append(job_id)
         conditions.append(f"j.job_id = ${len(arguments)}")
@@ -483,16 +491,21 @@ async def due_waiting(connection: Connection, limit: int) -> list[asyncpg.Record
     )
 
 
-async def groups_waiting_for_budget(connection: Connection, limit: int) -> list[str]:
-    """Groups with a job host waiting for the budget: the gate passes over them every second or so, so that
-    budget freed without an event of the gate's own (a policy raised, a host deleted) is used soon."""
+async def groups_waiting_for_budget(connection: Connection, limit: int, *, after: str | None = None) -> list[str]:
+    """Groups with a job host waiting for the budget, by name, the first `limit` after `after` (None: from the
+    start): the gate passes over them every second or so, so that budget freed without an event of the gate's own
+    (a policy raised, a host deleted) is used soon. In name order from a cursor, so that a sweep that takes `limit`
+    at a time goes round every such group; unordered, the same `limit` came back each time while they waited."""
     rows = await connection.fetch(
         """
         SELECT DISTINCT h."group" FROM gate_jobs j JOIN hosts h ON h.id = j.host_id
         WHERE j.status = 'waiting_health_check' AND 'budget' = ANY(j.waiting_for)
+          AND ($2::text IS NULL OR h."group" > $2)
+        ORDER BY h."group"
         LIMIT $1
         """,
         limit,
+        after,
     )
     return [row["group"] for row in rows]
 

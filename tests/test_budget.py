@@ -104,6 +104,21 @@ async def released_rows(db: asyncpg.Connection, job_id: str) -> list[asyncpg.Rec
     )
 
 
+async def start_campaign(
+    jobs: Publisher, admin: httpx.AsyncClient, db: asyncpg.Connection, prefix: str, count: int,  # noqa: F811
+    max_unavailable: int,
+) -> tuple[str, list[str], str]:  # fmt: skip
+    """A new group of `count` hosts without checks and that budget, and a job.start for each, in order: (group,
+    host ids, job id)."""
+    group = group_name()
+    hosts = [host_id for host_id, _ in await make_hosts(admin, group, count)]
+    await set_policy(db, group, max_unavailable=max_unavailable)
+    job = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    for host_id in hosts:
+        await jobs.start(job, host_id)
+    return group, hosts, job
+
+
 # ---- the budget -----------------------------------------------------------------------------------------
 
 
@@ -277,12 +292,7 @@ async def test_no_checks_fail_fails_a_host_without_gating_checks(
 async def test_override_may_exceed_the_budget_and_says_so(
     jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
 ) -> None:
-    group = group_name()
-    hosts = [host_id for host_id, _ in await make_hosts(admin, group, 2)]
-    await set_policy(db, group, max_unavailable=1)
-    job = f"over-{uuid.uuid4().hex[:6]}"
-    for host_id in hosts:
-        await jobs.start(job, host_id)
+    group, hosts, job = await start_campaign(jobs, admin, db, "over", 2, max_unavailable=1)
     (released,) = await events.wait_for("job.released", of_job(job))
     await events.wait_for("job.waiting", of_job(job))
     (waiting_host,) = [host for host in hosts if host != released.data["host_id"]]
@@ -313,3 +323,105 @@ async def test_job_start_of_a_halted_job_fails_at_once(
     failed = await events.wait_for("job.failed", of_job(job), count=2)
     assert {event.data["reason"] for event in failed} == {"job_halted"}
     assert events.matching("job.released", of_job(job)) == []
+
+
+async def test_a_budget_freed_by_a_policy_is_used_in_every_group_however_many_wait(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
+) -> None:  # fmt: skip
+    """More groups waiting for their budget than the gate's sweep takes at once (100), with a gate that retries
+    only every 600 s: a policy raised frees a unit in each group without an event of the gate's own, and only the
+    sweep uses it. Each group keeps a job host waiting after that, so every group stays among those waiting for
+    the budget: each must still be swept in turn, not the same 100 every second."""
+    gate.stop()
+    own = start_gate(service_env, tmp_path / "gate.log", HEALTHGATE_GATE_RETRY_SECONDS="600")
+    try:
+        groups = [group_name() for _ in range(130)]
+        made = await asyncio.gather(*(make_hosts(admin, group, 3) for group in groups))
+        for group in groups:
+            await set_policy(db, group, max_unavailable=1)
+        job = f"sweep-{uuid.uuid4().hex[:6]}"
+        await asyncio.gather(*(jobs.start(job, host_id) for hosts in made for host_id, _ in hosts))
+        await events.wait_for("job.released", of_job(job), count=len(groups), timeout=60)
+        await events.wait_for("job.waiting", of_job(job), count=2 * len(groups), timeout=60)
+        for group in groups:
+            await set_policy(db, group, max_unavailable=2)
+        released = await events.wait_for("job.released", of_job(job), count=2 * len(groups), timeout=60)
+        assert len(released) == 2 * len(groups)
+    finally:
+        own.stop()
+        gate.restart()
+
+
+# ---- a release pass over a full budget (services/gate/evaluation.py `release_pass`) ---------------------
+
+
+async def job_hosts(admin: httpx.AsyncClient, job: str) -> dict[str, dict[str, Any]]:
+    """GET /api/v1/jobs/{job_id}: its job hosts by host id."""
+    response = await admin.get(f"/api/v1/jobs/{job}")
+    assert response.status_code == 200, response.text
+    return {host["host_id"]: host for host in response.json()["hosts"]}
+
+
+async def test_job_hosts_waiting_for_the_budget_name_the_current_holders_after_each_release(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+) -> None:  # fmt: skip
+    """A full budget's pass judges only some job hosts and brings the others' detail up to date in one statement:
+    after each release, every job host still waiting names the hosts patching now, as the API shows it."""
+    group, hosts, job = await start_campaign(jobs, admin, db, "holders", 5, max_unavailable=2)
+    await events.wait_for("job.released", of_job(job), count=2)
+    await events.wait_for("job.waiting", of_job(job), count=3)
+    for count in range(3, 6):
+        await free(db, job, str((await released_rows(db, job))[0]["host_id"]))
+        await events.wait_for("job.released", of_job(job), count=count)
+        patching = [str(row["host_id"]) for row in await released_rows(db, job)]
+        holders = ", ".join(sorted(f"{group}-{hosts.index(host) + 1} (job {job} patching)" for host in patching))
+        for host in (await job_hosts(admin, job)).values():
+            if host["status"] == "waiting_health_check":
+                assert host["waiting_for"] == ["budget"]
+                assert host["detail"] == f"waiting for the disruption budget of group {group}: 2 of 2 unavailable: {holders}"
+
+
+async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_for_it(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    fake_agent: FakeAgent,
+) -> None:  # fmt: skip
+    group, _, ((first, first_checks), (second, second_checks)) = await service_hosts(admin, fake_agent, 2, "healthy")
+    await run_checks(admin, first_checks)
+    await set_policy(db, group, max_unavailable=1)
+    job = f"recover-{uuid.uuid4().hex[:6]}"
+    await jobs.start(job, first)
+    await events.wait_for("job.released", of_job(job))
+    await jobs.start(job, second)  # no result yet: it waits for its checks, and the budget is full
+    (waiting,) = await events.wait_for("job.waiting", of_job(job))
+    assert waiting.data["waiting_for"] == ["checks"]
+    await run_checks(admin, second_checks)  # healthy: the pass over the full budget judges it
+    async with asyncio.timeout(10):
+        while (await job_hosts(admin, job))[second]["waiting_for"] != ["budget"]:
+            await asyncio.sleep(0.2)
+    assert (await job_hosts(admin, job))[second]["detail"] == (
+        f"waiting for the disruption budget of group {group}: 1 of 1 unavailable: {group}-1 (job {job} patching)"
+    )
+
+
+async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_at_the_cutoff(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
+) -> None:  # fmt: skip
+    """A job host waiting for a full budget whose group gets a release cutoff that has passed fails window_closed
+    then (CONTRACT §6: "fails window_closed at that moment"), not at its next retry (600 s here) or its window's
+    end: a full budget's pass does not judge it for the budget, but the cutoff closes its window."""
+    gate.stop()
+    own = start_gate(service_env, tmp_path / "gate.log", HEALTHGATE_GATE_RETRY_SECONDS="600")
+    try:
+        group, _, job = await start_campaign(jobs, admin, db, "cutoff-full", 2, max_unavailable=1)
+        (released,) = await events.wait_for("job.released", of_job(job))
+        (waiting,) = await events.wait_for("job.waiting", of_job(job))
+        assert waiting.data["waiting_for"] == ["budget"]
+        await set_policy(db, group, max_unavailable=1, release_cutoff_seconds=3600)  # the window ends in 60 s
+        (failed,) = await events.wait_for("job.failed", of_job(job), timeout=20)
+        assert failed.data["host_id"] == waiting.data["host_id"] != released.data["host_id"]
+        assert failed.data["reason"] == "window_closed" and "release cutoff (3600 s" in str(failed.data["detail"])
+    finally:
+        own.stop()
+        gate.restart()

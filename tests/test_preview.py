@@ -343,3 +343,17 @@ async def test_bad_requests_are_refused_naming_every_problem(
     # 1000 is allowed.
     assert len(await preview(admin, [str(uuid.uuid4()) for _ in range(1000)])) == 1000
     assert await db.fetchval("SELECT count(*) FROM gate_jobs") == 0
+
+
+async def test_no_at_closes_the_previewed_window(admin: httpx.AsyncClient, db: asyncpg.Connection) -> None:
+    """A preview has no window, so no `at` closes one, not even the largest instant (the window was once taken as
+    that instant, and a job.start previewed there or within a release cutoff of it failed window_closed)."""
+    plain, cutoff = group_name(), group_name()
+    ((plain_host, _),) = await make_hosts(admin, plain, 1)
+    ((cutoff_host, _),) = await make_hosts(admin, cutoff, 1)
+    await set_policy(db, cutoff, release_cutoff_seconds=86400)
+    for at in ("9999-12-31T23:59:59.999999Z", "9999-12-31T12:00:00+00:00"):
+        items = await preview(admin, [plain_host, cutoff_host], at=at)
+        assert [(item["verdict"], item["detail"]) for item in items] == [
+            ("release", "no gating checks on this host")
+        ] * 2, at

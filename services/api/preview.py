@@ -15,8 +15,9 @@ with the inputs the gate's release pass builds (services/gate/evaluation.py `rel
 - the verdict's detail from `Decision.detail`, the words the gate stores.
 
 Readings where the preview has less to go on than a job.start:
-- The window: a preview names none, so `window_ends_at` is taken as the far future (the largest instant): neither
-  the window nor a group's `release_cutoff_seconds` can close it, and the verdict says what the checks, the
+- The window: a preview names none, so it is judged without one (`window_ends_at` None; not the largest instant,
+  which an `at` of 9999-12-31T23:59:59.999999Z would reach): neither the window nor a group's
+  `release_cutoff_seconds` can close it, and the verdict says what the checks, the
   stability and the budget allow. The contract's preview carries no window, and the only time it names, `at`, is
   when to judge, not when a window would end.
 - The job: a preview has no job id, so the job is never halted (a halted job's job.start fails `job_halted`; the
@@ -55,8 +56,6 @@ from shared.gate_rules import UnknownHostPolicy, Verdict
 from shared.gating import GatingCheck, gating_checks_of_hosts
 from shared.hosts import host_groups
 
-# The window of a previewed job.start: none is given, so none closes (see the module's docstring).
-PREVIEW_WINDOW_ENDS_AT = dt.datetime.max.replace(tzinfo=dt.UTC)
 PreviewVerdict = Literal["release", "wait", "fail"]
 
 
@@ -104,8 +103,8 @@ async def preview_on(
         seen_group = groups.get(host_id)
         order = orders[seen_group] if seen_group is not None else alone
         host_checks: list[GatingCheck] | None = checks.get(host_id, []) if seen_group is not None else None
-        decision = order.judge(rules.Turn(None, host_id, PREVIEW_WINDOW_ENDS_AT, host_checks))
-        detail = decision.detail(job_id=None, host_id=host_id, group=seen_group, window_ends_at=PREVIEW_WINDOW_ENDS_AT,
+        decision = order.judge(rules.Turn(None, host_id, None, host_checks))
+        detail = decision.detail(job_id=None, host_id=host_id, group=seen_group, window_ends_at=None,
                                  now=now)  # fmt: skip
         items.append(PreviewItem(
             host_id=host_id, verdict=verdict_of(decision), waiting_for=decision.waiting_for, detail=detail,

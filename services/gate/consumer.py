@@ -59,7 +59,8 @@ RESULTS_PREFETCH = 256
 TIMER_INTERVAL_SECONDS = 0.25
 TIMER_BATCH = 200
 # Groups with job hosts waiting for the budget get a pass this often, so that budget freed without an event
-# of the gate's own (a policy raised, a host deleted or healthy again by the API) is used within about a second.
+# of the gate's own (a policy raised, a host deleted or healthy again by the API) is used within about a second
+# (BUDGET_SWEEP_GROUPS at a time: with more such groups, within a second per hundred of them).
 BUDGET_SWEEP_SECONDS = 1.0
 BUDGET_SWEEP_GROUPS = 100
 # The budget gauges are refreshed from the database this often (and after every pass).
@@ -140,6 +141,8 @@ class Gate:
         self._retry_seconds = retry_seconds
         self._unknown_host = unknown_host
         self._next_sweep = 0.0
+        # Where the budget sweep goes on from (the last group it passed over; None: from the first).
+        self._sweep_after: str | None = None
         self._verifier = Verifier(
             pool, metrics.verification, metrics.decisions, retry_seconds=retry_seconds, batch=TIMER_BATCH,
             budget_freed=self._budget_freed,
@@ -379,8 +382,16 @@ class Gate:
         )  # fmt: skip
 
     async def _sweep_budget_waits(self) -> None:
+        """A pass over the next BUDGET_SWEEP_GROUPS groups with job hosts waiting for the budget, going round them
+        all in name order: with more such groups than that, each is still passed over every few sweeps."""
         async with self._pool.acquire() as connection:
-            groups = await jobs.groups_waiting_for_budget(connection, BUDGET_SWEEP_GROUPS)
+            groups = await jobs.groups_waiting_for_budget(connection, BUDGET_SWEEP_GROUPS, after=self._sweep_after)
+            if len(groups) < BUDGET_SWEEP_GROUPS and self._sweep_after is not None:
+                # The end of the round: the rest of this sweep starts it again from the first group.
+                more = await jobs.groups_waiting_for_budget(connection, BUDGET_SWEEP_GROUPS - len(groups))
+                groups += [group for group in more if group not in groups]
+        # A full page: the next sweep goes on after its last group (after a wrap, one near the start of the order).
+        self._sweep_after = groups[-1] if len(groups) == BUDGET_SWEEP_GROUPS else None
         for group in groups:
             self._done(await self._transaction(partial(self._timer_pass, group=group, host_ids=None)))
 

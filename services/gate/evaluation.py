@@ -177,9 +177,12 @@ async def release_pass(
         # in patch) and those something happened to (`host_ids`: a job.start, a result, a timer) are judged.
         # Judging every waiting job host of a large group on every job.start and result made a campaign's
         # passes quadratic (bench/campaign.py).
+        # Those whose window closes (its end, less the release cutoff) are judged too: they fail window_closed at
+        # that moment, also when the cutoff came with a policy changed while they waited (no timer of theirs knew).
         rows = await jobs.lock_waiting_in_group(
-            connection, group, host_ids=sorted(set(host_ids or ()) | set(budget.holders))
-        )
+            connection, group, host_ids=sorted(set(host_ids or ()) | set(budget.holders)),
+            closing_within=float(policy.release_cutoff_seconds),
+        )  # fmt: skip
     elif budget is not None:
         rows = await jobs.lock_waiting_in_group(connection, group)
     elif host_ids is not None:
@@ -197,7 +200,7 @@ async def release_pass(
     triggered = set(host_ids) if host_ids is not None else set()
     for row, turn in zip(rows, await jobs.turns_of(connection, rows), strict=True):
         due = row["next_retry_at"] is None or jobs.aware(row["next_retry_at"]) <= now
-        due = due or jobs.aware(row["window_ends_at"]) <= now
+        due = due or rules.closes_at(jobs.aware(row["window_ends_at"]), policy) <= now
         if (
             order.budget is not None
             and not due

@@ -46,7 +46,7 @@ from services.api.paths import SegmentRoute, browser_reachable, linkable, path_s
 from services.api.preview import preview_on
 from services.api.problems import Problem, validation_problem
 from services.api.requests import PageQuery, path_job_id
-from services.api.schemas import HaltRequest, OverrideRequest, PreviewRequest
+from services.api.schemas import MAX_PREVIEW_HOSTS, HaltRequest, OverrideRequest, PreviewRequest
 from shared import checks, group_policies, hosts, jobs, results
 from shared.database import Connection
 from shared.events import control_character, job_key
@@ -59,6 +59,10 @@ HERE = Path(__file__).parent
 HISTORY_LENGTH = 40
 STALE_FORM = Problem(403, "the form was stale or forged; reload the page")
 PAGE_SIZE = 50
+# The most fields a dashboard form may have: the preview's takes up to MAX_PREVIEW_HOSTS host ids and its csrf, more
+# than the form parser's default of 1000 (which answered 400 "Too many fields" for a selection the API takes); the
+# margin lets a few more reach the page's own 422 saying why, and still bounds what a request can make us parse.
+FORM_FIELDS = MAX_PREVIEW_HOSTS + 100
 JOBS_SHOWN = 100  # waiting ones, and decided ones, on the jobs page
 # A job host's status as the jobs pages say it (CONTRACT §3 "every job row shows its status as a word").
 STATUS_WORDS = {
@@ -213,7 +217,7 @@ class Dashboard:
                     return JSONResponse({"detail": "your session has ended; sign in again"}, status_code=401)
                 target = _raw_target(request)
                 return RedirectResponse("/login?" + urlencode({"next": target}), status_code=303)
-            form = await request.form() if request.method == "POST" else None
+            form = await request.form(max_fields=FORM_FIELDS) if request.method == "POST" else None
             try:
                 if form is not None and not sessions.same_token(session.csrf_token, form.get("csrf")):
                     raise Problem(403, "the form was stale or forged; reload the page")
