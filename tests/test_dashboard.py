@@ -28,6 +28,7 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
+from shared.group_policies import GroupPolicy, put_policy
 from tests.conftest import EventCapture, TokenFactory
 from tests.support.blackhole import refused_port
 from tests.support.fake_agent import FakeAgent
@@ -960,6 +961,10 @@ async def test_job_page_groups_hosts_by_status_with_what_each_waits_for(
     for status, host_id in hosts.items():
         await insert_job(db, "wave", host_id, status=status, reason="window_closed" if status == "failed" else None)
     await insert_job(db, "wave", waiting_too)
+    # The budget of team-a full (2 of 2: the released and the verifying host), as the rows say: else the session's
+    # gate, sweeping the groups with job hosts waiting for a budget, would release the budget waiter (its group
+    # has no budget) while the page loads.
+    await put_policy(db, "team-a", GroupPolicy(max_unavailable=2))
     await db.execute(
         "UPDATE gate_jobs SET waiting_for = $2, detail = $3 WHERE host_id = $1",
         uuid.UUID(hosts["waiting_health_check"]),
