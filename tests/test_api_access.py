@@ -26,8 +26,8 @@ import pytest
 from services.api.endpoints import Endpoint
 from services.api.routes import ENDPOINTS
 from shared.tokens import ROLES
-from tests.conftest import TokenFactory
 from tests.support.processes import ServiceProcess
+from tests.support.tokens import TokenFactory
 
 VISIBLE_GROUP = "team-a"
 HIDDEN_GROUP = "team-b"

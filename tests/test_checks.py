@@ -9,7 +9,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import EventCapture
+from tests.support.messages import EventCapture
 
 
 @pytest.fixture

@@ -28,11 +28,12 @@ import httpx
 import pytest
 from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
-from tests.conftest import EventCapture, TokenFactory
 from tests.support.blackhole import refused_port
 from tests.support.fake_agent import FakeAgent
+from tests.support.messages import EventCapture
 from tests.support.nginx import NginxServer
 from tests.support.processes import ServiceProcess
+from tests.support.tokens import TokenFactory
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [

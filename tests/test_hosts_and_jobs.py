@@ -19,8 +19,8 @@ import pytest
 
 from services.api.schemas import HostView, Page
 from shared.events import deterministic_event_id
-from tests.conftest import EventCapture, start_gate
-from tests.support.processes import ServiceProcess
+from tests.support.messages import EventCapture
+from tests.support.processes import ServiceProcess, start_gate
 from tests.support.services import BackingServices
 
 

@@ -19,9 +19,9 @@ import pytest
 
 from shared.events import ScheduledRun, Tick
 from shared.topology import POLLER_TICK_QUEUE, Topology
-from tests.conftest import EventCapture, exclusive_poller, start_poller
 from tests.support.blackhole import Blackhole, refused_port, unanswered_port
 from tests.support.fake_agent import FakeAgent
+from tests.support.messages import EventCapture
 from tests.support.nginx import (
     BASIC_AUTH_PASSWORD,
     BASIC_AUTH_USER,
@@ -29,7 +29,7 @@ from tests.support.nginx import (
     BIG_LATE_MARKER,
     NginxServer,
 )
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, exclusive_poller, start_poller
 from tests.support.services import BackingServices
 
 pytestmark = pytest.mark.usefixtures("poller")

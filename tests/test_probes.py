@@ -35,9 +35,9 @@ from services.poller.probes import (
     shown_latency,
 )
 from shared.details import DETAIL_LIMIT
-from tests.conftest import EventCapture
 from tests.support.blackhole import refused_port, slow_port
 from tests.support.fake_agent import SERVICES_PREFIX, FakeAgent
+from tests.support.messages import EventCapture
 from tests.support.nginx import GZIP_BODY, NginxServer
 from tests.support.processes import ServiceProcess
 from tests.support.raw_http import RawHttpServer, response

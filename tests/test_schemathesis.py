@@ -6,8 +6,8 @@ import asyncio
 import sys
 from pathlib import Path
 
-from tests.conftest import TokenFactory
 from tests.support.processes import ServiceProcess
+from tests.support.tokens import TokenFactory
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
 

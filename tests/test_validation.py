@@ -13,7 +13,7 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import EventCapture
+from tests.support.messages import EventCapture
 from tests.support.processes import ServiceProcess
 
 HTTP = {"name": "web", "check_type": "http", "url": "http://127.0.0.1:8080/health"}

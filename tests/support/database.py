@@ -1,8 +1,10 @@
-"""Per-test database cleanup: every application table emptied, the list read from the schema itself."""
+"""The tests' databases: naming and dropping them, and the per-test cleanup (every application table emptied,
+the list read from the schema itself)."""
 
 from __future__ import annotations
 
 import asyncio
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
@@ -39,3 +41,23 @@ async def empty_tables(connection: asyncpg.Connection) -> None:
             if attempt == DEADLOCK_RETRIES - 1:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
+
+
+def with_database(dsn: str, database: str) -> str:
+    """`dsn` with its database replaced by `database`."""
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+
+
+def database_name(dsn: str) -> str:
+    """The database a DSN names."""
+    return urlsplit(dsn).path.lstrip("/")
+
+
+async def drop_database(server_dsn: str, name: str) -> None:
+    """Drop the database `name` (if it exists), closing its connections; `server_dsn` is any database of the
+    same server to connect to."""
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
