@@ -21,7 +21,7 @@ import pytest
 
 from shared.schema import migrate
 from shared.topology import QUEUES, Topology, declare_exchange
-from tests.support.database import database_name, drop_database, empty_tables, with_database
+from tests.support.database import checks_resolving_names, database_name, drop_database, empty_tables, with_database
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.messages import DeadLetters, EventCapture, Publisher
 from tests.support.nginx import nginx  # noqa: F401  (fixture)
@@ -170,11 +170,20 @@ def gate(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the session's database, with every table emptied first."""
+    """A connection to the session's database, with every table emptied first. After the test, no enabled check
+    may have a target the session's poller would look up in DNS (tests/support/database.py)."""
     connection = await asyncpg.connect(database_url)
     await empty_tables(connection)
     yield connection
-    await connection.close()
+    try:
+        leaks = await checks_resolving_names(connection)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        leaks = []  # the test broke its connection: nothing to look at
+    finally:
+        await connection.close()
+    if leaks:
+        pytest.fail("enabled checks whose targets would be looked up in DNS (use 127.0.0.x, or enabled: false):\n"
+                    + "\n".join(leaks))  # fmt: skip
 
 
 @pytest.fixture

@@ -84,7 +84,8 @@ async def test_override_decides_once_and_is_audited(
     admin: httpx.AsyncClient, db: asyncpg.Connection, events: EventCapture
 ) -> None:
     host = (await admin.post("/api/v1/hosts", json={"name": "patch-me", "group": "g"})).json()
-    await admin.post(f"/api/v1/hosts/{host['id']}/health-checks", json={"name": "ssh", "check_type": "tcp", "port": 22})
+    ssh = {"name": "ssh", "check_type": "tcp", "port": 22, "address": "127.0.0.1"}  # not "patch-me": no DNS
+    await admin.post(f"/api/v1/hosts/{host['id']}/health-checks", json=ssh)
     host_id = uuid.UUID(host["id"])
     await _waiting_job(db, host_id, "job-release")
     await _waiting_job(db, host_id, "job-fail")
