@@ -21,10 +21,10 @@ import httpx
 import pytest
 
 from shared.group_policies import GroupPolicy, put_policy
-from tests.conftest import GATE_RETRY_SECONDS, CapturedEvent, EventCapture, start_gate
 from tests.support.fake_agent import Behaviour, FakeAgent
+from tests.support.messages import CapturedEvent, EventCapture
 from tests.support.nginx import NginxServer
-from tests.support.processes import ServiceProcess
+from tests.support.processes import GATE_RETRY_SECONDS, ServiceProcess, start_gate
 from tests.test_gate import Publisher, host_with_checks, jobs, run_checks  # noqa: F401  (jobs: fixture)
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")

@@ -26,11 +26,11 @@ from services.gate.evaluation import (
     loggable_job_id,
     record_invalid_request,
 )
-from services.gate.rules import UnknownHostPolicy, Verdict
 from shared import jobs
 from shared.check_state import StateAfter, Streak, create_state, store_states
 from shared.checks import insert_check
 from shared.events import JobStart, control_character
+from shared.gate_rules import UnknownHostPolicy, Verdict
 from shared.hosts import insert_host
 from shared.results import copy_results, ensure_result_partitions
 from shared.schedule import schedule_first_run

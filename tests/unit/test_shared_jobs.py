@@ -124,5 +124,8 @@ async def test_an_unseen_job_host_is_recorded_decided_and_a_waiting_one_left_alo
 
 async def test_a_window_at_the_end_of_time_is_stored_and_read_back_aware(connection: asyncpg.Connection) -> None:
     await waiting(connection, window="9999-12-31T23:59:59.999999Z")
-    [row] = await jobs.lock_due(connection, 10)  # due at once: its first evaluation
-    assert aware(row["window_ends_at"]) == LATEST_STORED
+    [due] = await jobs.due_waiting(connection, 10)  # due at once: its first evaluation
+    assert (due["job_id"], due["host_id"], due["group"]) == ("j-1", HOST, None)
+    async with connection.transaction():
+        row = await jobs.lock_waiting(connection, "j-1", HOST)
+    assert row is not None and aware(row["window_ends_at"]) == LATEST_STORED

@@ -1,5 +1,6 @@
-"""services/gate/rules.py: the gate's verdict for a waiting job host (CONTRACT §5), a pure function of the
-window's end, the time and the host's gating checks."""
+"""shared/gate_rules.py: the gate's verdict for a waiting job host (CONTRACT §5 and §6), a pure function of the
+window's end, the time, the host's gating checks, its group's policy, its job's halt and the group's disruption
+budget; and the budget's arithmetic."""
 
 from __future__ import annotations
 
@@ -11,8 +12,20 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from services.gate.rules import NO_RESULT_BEFORE_CLOSE, Decision, Verdict, decide, window_closed
+from shared.gate_rules import (
+    NO_RESULT_BEFORE_CLOSE,
+    BudgetView,
+    Decision,
+    GroupBudget,
+    Holder,
+    Verdict,
+    closes_at,
+    decide,
+    stable,
+    window_closed,
+)
 from shared.gating import GatingCheck
+from shared.group_policies import GroupPolicy
 
 NOW = dt.datetime(2030, 6, 1, 12, 0, tzinfo=dt.UTC)
 LATER = NOW + dt.timedelta(hours=1)
@@ -27,11 +40,14 @@ def check(
     detail: str | None = "ok",
     interval: int = INTERVAL,
     at: dt.datetime = NOW,
+    healthy_for: float | None = 3600,
 ) -> GatingCheck:
-    """A gating check whose last result is `age` seconds before `at` (None: no result yet)."""
+    """A gating check whose last result is `age` seconds before `at` (None: no result yet), healthy for
+    `healthy_for` seconds when healthy (None: since an unknown time)."""
     checked_at = None if age is None else at - dt.timedelta(seconds=age)
     healthy = None if age is None else status == "healthy"
-    return GatingCheck(uuid.uuid4(), name, status, interval, healthy, detail, checked_at)
+    since = at - dt.timedelta(seconds=healthy_for) if status == "healthy" and healthy_for is not None else None
+    return GatingCheck(uuid.uuid4(), name, status, interval, healthy, detail, checked_at, since)
 
 
 # ---- the rules in their order ------------------------------------------------------------------------
@@ -148,16 +164,18 @@ policies = st.sampled_from(["release", "fail"])
 def test_the_verdict_follows_the_rules_in_order(
     window_ends_at: dt.datetime, checks: list[GatingCheck] | None, policy: str
 ) -> None:
+    """With the default group policy (no cutoff, stability or budget) and a job not halted."""
     decision = decide(window_ends_at, NOW, checks, unknown_host=policy)  # type: ignore[arg-type]
     not_ready = [gating for gating in checks or [] if not gating.ready(NOW)]
     if window_ends_at <= NOW:
-        assert decision == Decision(Verdict.WINDOW_CLOSED, checks or [], not_ready)
-    elif checks is None and policy == "fail":
-        assert decision == Decision(Verdict.UNKNOWN_HOST, [], [])
+        assert (decision.verdict, decision.checks, decision.not_ready) == (Verdict.WINDOW_CLOSED, checks or [], not_ready)
+    elif checks is None:
+        assert decision.verdict is (Verdict.UNKNOWN_HOST if policy == "fail" else Verdict.RELEASE)
+        assert (decision.checks, decision.not_ready) == ([], [])
     elif not not_ready:
-        assert decision == Decision(Verdict.RELEASE, checks or [], [])
+        assert (decision.verdict, decision.checks, decision.not_ready) == (Verdict.RELEASE, checks, [])
     else:
-        assert decision == Decision(Verdict.WAIT, checks or [], not_ready)
+        assert (decision.verdict, decision.not_ready, decision.waiting_for) == (Verdict.WAIT, not_ready, ["checks"])
     assert decision.verdict is not Verdict.INVALID_REQUEST  # only for a job.start that did not validate
 
 
@@ -183,3 +201,113 @@ def test_a_check_becoming_ready_never_holds_back_a_release(checks: list[GatingCh
     if before.verdict is Verdict.RELEASE:
         assert after.verdict is Verdict.RELEASE
     assert len(after.not_ready) <= len(before.not_ready)
+
+
+# ---- the group's policy, the job's halt and the budget (CONTRACT §6) ------------------------------------------
+
+
+def test_a_release_cutoff_closes_the_window_early() -> None:
+    policy = GroupPolicy(release_cutoff_seconds=600)
+    assert closes_at(LATER, policy) == LATER - dt.timedelta(minutes=10)
+    assert closes_at(LATER, GroupPolicy()) == LATER
+    assert closes_at(dt.datetime.min.replace(tzinfo=dt.UTC), policy) == dt.datetime.min.replace(tzinfo=dt.UTC)
+    assert decide(NOW + dt.timedelta(minutes=10), NOW, [check()], policy=policy).verdict is Verdict.WINDOW_CLOSED
+    assert decide(NOW + dt.timedelta(minutes=11), NOW, [check()], policy=policy).verdict is Verdict.RELEASE
+    decision = decide(NOW + dt.timedelta(minutes=5), NOW, [check("db", status="unhealthy", detail="down")], policy=policy)
+    assert decision.failure_detail(NOW + dt.timedelta(minutes=5)) == (
+        "the release cutoff (600 s before the window's end, release_cutoff_seconds) passed while checks were not "
+        "healthy: db: down"
+    )
+
+
+def test_a_halted_job_fails_after_the_window_rule_and_before_every_other() -> None:
+    assert decide(LATER, NOW, [check()], halted=True).verdict is Verdict.JOB_HALTED
+    assert decide(LATER, NOW, None, unknown_host="fail", halted=True).verdict is Verdict.JOB_HALTED
+    assert decide(NOW, NOW, [check()], halted=True).verdict is Verdict.WINDOW_CLOSED
+
+
+def test_no_checks_fail_applies_to_known_hosts_without_gating_checks_only() -> None:
+    fail = GroupPolicy(no_checks="fail")
+    assert decide(LATER, NOW, [], policy=fail).verdict is Verdict.NO_CHECKS
+    assert decide(LATER, NOW, [check()], policy=fail).verdict is Verdict.RELEASE
+    assert decide(LATER, NOW, None, policy=fail).verdict is Verdict.RELEASE  # unknown: its own setting decides
+
+
+def test_checks_must_be_healthy_for_stable_seconds() -> None:
+    policy = GroupPolicy(stable_seconds=300)
+    settled, fresh = check("web", healthy_for=300), check("db", healthy_for=299)
+    unknown_age = check("cache", healthy_for=None)
+    decision = decide(LATER, NOW, [settled, fresh, unknown_age], policy=policy)
+    assert (decision.verdict, decision.waiting_for, decision.unstable) == (
+        Verdict.WAIT, ["stability"], [fresh, unknown_age]
+    )  # fmt: skip
+    assert decision.waiting_detail(NOW) == (
+        "waiting for stability: healthy for less than 300 s (stable_seconds): db (healthy for 299 s), "
+        "cache (healthy since an unknown time)"
+    )
+    assert decision.stable_at() is None  # one of unknown age: no moment to wake at
+    assert decide(LATER, NOW, [settled, fresh], policy=policy).stable_at() == NOW + dt.timedelta(seconds=1)
+    assert decide(LATER, NOW, [settled], policy=policy).verdict is Verdict.RELEASE
+    assert stable(unknown_age, NOW, 0) and not stable(unknown_age, NOW, 1)
+
+
+def test_a_check_not_ready_is_waited_on_as_a_check_not_for_stability() -> None:
+    policy = GroupPolicy(stable_seconds=300)
+    failing = check("db", status="unhealthy")
+    decision = decide(LATER, NOW, [failing, check("web", healthy_for=10)], policy=policy)
+    assert decision.waiting_for == ["checks", "stability"]
+    assert failing not in decision.unstable
+
+
+def holder(name: str, *, job: str | None = None, unhealthy: bool = False) -> Holder:
+    return Holder(uuid.uuid4(), name, job, unhealthy)
+
+
+def test_the_budget_counts_each_unavailable_host_once_and_the_host_itself_once() -> None:
+    web1, web3 = holder("web-1", job="J"), holder("web-3", unhealthy=True)
+    full = BudgetView("web", 2, (web1, web3))
+    assert (full.in_use, full.fits()) == (2, False)
+    assert full.describe() == "disruption budget of group web: 2 of 2 unavailable: web-1 (job J patching), web-3 (unhealthy)"
+    assert BudgetView("web", 2, (web1, web3), counted=True).fits()  # a second job on a host already counted
+    assert BudgetView("web", 3, (web1, web3)).fits()
+    assert BudgetView("web", 1, ()).describe() == "disruption budget of group web: 0 of 1 unavailable"
+    assert holder("db", job="K", unhealthy=True).why() == "job K patching, unhealthy"
+
+
+def test_the_budget_is_waited_for_only_once_checks_and_stability_are_met() -> None:
+    full = BudgetView("web", 1, (holder("web-1", job="J"),))
+    waiting = decide(LATER, NOW, [check()], budget=full)
+    assert (waiting.verdict, waiting.waiting_for) == (Verdict.WAIT, ["budget"])
+    assert waiting.waiting_detail(NOW) == (
+        "waiting for the disruption budget of group web: 1 of 1 unavailable: web-1 (job J patching)"
+    )
+    not_ready = decide(LATER, NOW, [check(status="unhealthy")], budget=full)
+    assert not_ready.waiting_for == ["checks"]  # whether it would fit depends on who gets ready first
+    assert decide(LATER, NOW, [check()], budget=BudgetView("web", 2, full.holders)).verdict is Verdict.RELEASE
+    assert decide(LATER, NOW, None, budget=full).verdict is Verdict.RELEASE  # an unknown host has no budget
+
+
+def test_a_release_in_a_pass_takes_its_hosts_unit_for_the_rows_after_it() -> None:
+    first, second = uuid.uuid4(), uuid.uuid4()
+    budget = GroupBudget("web", 1, {}, {first: "web-1", second: "web-2"})
+    assert budget.view(first).fits()
+    after = budget.patching(first, "J")
+    assert after.in_use == 1 and after.holders[first] == Holder(first, "web-1", "J")
+    assert not after.view(second).fits() and after.view(first).fits()  # the same host again: counted once
+    again = after.patching(first, "K")
+    assert again.holders[first].patching_job == "J"  # a host keeps the first job that holds it
+
+
+@given(st.lists(st.tuples(st.booleans(), st.booleans()), max_size=12), st.integers(min_value=1, max_value=6))
+def test_a_pass_never_takes_more_than_the_budget(rows: list[tuple[bool, bool]], limit: int) -> None:
+    """Releasing ready hosts in arrival order while each fits keeps the group within its limit, whatever the
+    unavailable hosts it started with (each row: ready or not, and whether its host is already unavailable)."""
+    hosts = [uuid.uuid4() for _ in rows]
+    holders = {host: Holder(host, f"h{index}", unhealthy=True) for index, (host, (_, held)) in enumerate(zip(hosts, rows, strict=True)) if held}
+    budget = GroupBudget("g", limit, holders)
+    started = budget.in_use
+    for host, (ready, _) in zip(hosts, rows, strict=True):
+        decision = decide(LATER, NOW, [check() if ready else check(status="unhealthy")], budget=budget.view(host))
+        if decision.verdict is Verdict.RELEASE:
+            budget = budget.patching(host, "J")
+    assert budget.in_use <= max(limit, started)
