@@ -22,10 +22,10 @@ import pytest
 
 from shared.group_policies import GroupPolicy, put_policy
 from tests.support.fake_agent import Behaviour, FakeAgent
-from tests.support.messages import CapturedEvent, EventCapture
+from tests.support.messages import CapturedEvent, EventCapture, Publisher
 from tests.support.nginx import NginxServer
 from tests.support.processes import GATE_RETRY_SECONDS, ServiceProcess, start_gate
-from tests.test_gate import Publisher, host_with_checks, jobs, run_checks  # noqa: F401  (jobs: fixture)
+from tests.test_gate import host_with_checks, run_checks
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
 
@@ -124,7 +124,7 @@ async def start_campaign(
 
 @pytest.mark.parametrize("max_unavailable", [2, "40%"])
 async def test_budget_of_two_releases_at_most_two_then_in_arrival_order_as_it_frees(
-    max_unavailable: int | str, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,  # noqa: F811
+    max_unavailable: int | str, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,
     db: asyncpg.Connection, gate: ServiceProcess,
 ) -> None:  # fmt: skip
     group = group_name()
@@ -169,7 +169,7 @@ async def test_budget_of_two_releases_at_most_two_then_in_arrival_order_as_it_fr
 
 
 async def test_an_unhealthy_host_uses_the_budget_until_it_is_healthy(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     group, service, ((sick_id, sick_checks), (host_id, _)) = await service_hosts(admin, fake_agent, 2, "unhealthy")
@@ -194,7 +194,7 @@ async def test_an_unhealthy_host_uses_the_budget_until_it_is_healthy(
 @pytest.mark.slow
 @pytest.mark.parametrize("gate_count", [2, 3])
 async def test_gates_racing_on_one_group_never_exceed_the_budget(
-    gate_count: int, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,  # noqa: F811
+    gate_count: int, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,
     db: asyncpg.Connection, service_env: dict[str, str], tmp_path: Path,
 ) -> None:  # fmt: skip
     extra = [start_gate(service_env, tmp_path / f"gate-{index}.log") for index in range(gate_count - 1)]
@@ -229,7 +229,7 @@ async def test_gates_racing_on_one_group_never_exceed_the_budget(
 
 
 async def test_stable_seconds_delays_release_until_healthy_that_long(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     group, _, ((host_id, checks),) = await service_hosts(admin, fake_agent, 1, "healthy")
@@ -250,7 +250,7 @@ async def test_stable_seconds_delays_release_until_healthy_that_long(
 
 
 async def test_release_cutoff_fails_a_waiting_job_host_before_the_window_ends(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     nginx: NginxServer,
 ) -> None:  # fmt: skip
     group = group_name()
@@ -277,7 +277,7 @@ async def test_release_cutoff_fails_a_waiting_job_host_before_the_window_ends(
 
 
 async def test_no_checks_fail_fails_a_host_without_gating_checks(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:
     group = group_name()
     ((host_id, _),) = await make_hosts(admin, group, 1)
@@ -290,7 +290,7 @@ async def test_no_checks_fail_fails_a_host_without_gating_checks(
 
 
 async def test_override_may_exceed_the_budget_and_says_so(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:
     group, hosts, job = await start_campaign(jobs, admin, db, "over", 2, max_unavailable=1)
     (released,) = await events.wait_for("job.released", of_job(job))
@@ -309,7 +309,7 @@ async def test_override_may_exceed_the_budget_and_says_so(
 
 
 async def test_job_start_of_a_halted_job_fails_at_once(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:
     """The release side reads jobs.halted_at (halting itself is written by shared/jobs.py's halting section):
     here the job is halted in SQL; a host of a group and an unknown host both fail job_halted."""
