@@ -209,7 +209,8 @@ def status_matches(status: int, expected: str) -> bool:
         if part.endswith("xx") and len(part) == 3:
             if str(status)[0] == part[0]:
                 return True
-        elif part.isdigit() and int(part) == status:
+        # isascii: str.isdigit also takes other digits ("²", "٢"), which int() refuses or reads as another code.
+        elif part.isascii() and part.isdigit() and int(part) == status:
             return True
     return False
 
