@@ -105,7 +105,7 @@ async def released_rows(db: asyncpg.Connection, job_id: str) -> list[asyncpg.Rec
 
 
 async def start_campaign(
-    jobs: Publisher, admin: httpx.AsyncClient, db: asyncpg.Connection, prefix: str, count: int,  # noqa: F811
+    jobs: Publisher, admin: httpx.AsyncClient, db: asyncpg.Connection, prefix: str, count: int,
     max_unavailable: int,
 ) -> tuple[str, list[str], str]:  # fmt: skip
     """A new group of `count` hosts without checks and that budget, and a job.start for each, in order: (group,
@@ -326,7 +326,7 @@ async def test_job_start_of_a_halted_job_fails_at_once(
 
 
 async def test_a_budget_freed_by_a_policy_is_used_in_every_group_however_many_wait(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
 ) -> None:  # fmt: skip
     """More groups waiting for their budget than the gate's sweep takes at once (100), with a gate that retries
@@ -364,7 +364,7 @@ async def job_hosts(admin: httpx.AsyncClient, job: str) -> dict[str, dict[str, A
 
 
 async def test_job_hosts_waiting_for_the_budget_name_the_current_holders_after_each_release(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:  # fmt: skip
     """A full budget's pass judges only some job hosts and brings the others' detail up to date in one statement:
     after each release, every job host still waiting names the hosts patching now, as the API shows it."""
@@ -383,7 +383,7 @@ async def test_job_hosts_waiting_for_the_budget_name_the_current_holders_after_e
 
 
 async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_for_it(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     group, _, ((first, first_checks), (second, second_checks)) = await service_hosts(admin, fake_agent, 2, "healthy")
@@ -405,7 +405,7 @@ async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_fo
 
 
 async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_at_the_cutoff(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
 ) -> None:  # fmt: skip
     """A job host waiting for a full budget whose group gets a release cutoff that has passed fails window_closed
