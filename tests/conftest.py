@@ -2,36 +2,35 @@
 
 Each session gets its own database (`healthgate_test_<id>`) and exchange (`hgtest-<id>`), never the
 `healthgate` database of `make run`. Tests that touch data start from empty tables.
+
+Only fixtures live here; what they are made of (starting services, capturing and sending messages, tokens,
+database helpers) is in tests/support/, where tests import it from too.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import asyncpg
 import httpx
 import pytest
-from aio_pika.abc import AbstractIncomingMessage
 
 from shared.schema import migrate
-from shared.tokens import create_token
 from shared.topology import QUEUES, Topology, declare_exchange
-from tests.support.database import empty_tables
+from tests.support.database import checks_resolving_names, database_name, drop_database, empty_tables, with_database
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
+from tests.support.messages import DeadLetters, EventCapture, Publisher
 from tests.support.nginx import nginx  # noqa: F401  (fixture)
 from tests.support.postgres import PostgresCluster, postgres_available, postgres_cluster
-from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
 from tests.support.rabbitmq import RabbitNode, rabbit_node, rabbitmq_available
 from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
 from tests.support.services import BackingServices, backing_services
+from tests.support.tokens import TokenFactory, token_factory
 
 
 @pytest.fixture(scope="session")
@@ -45,39 +44,23 @@ def session_id() -> str:
     return uuid.uuid4().hex[:10]
 
 
-def _with_database(dsn: str, database: str) -> str:
-    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
-
-
 @pytest.fixture(scope="session")
 def database_url(backing: BackingServices, session_id: str) -> Iterator[str]:
     name = f"healthgate_test_{session_id}"
-    dsn = _with_database(backing.database_url, name)
+    dsn = with_database(backing.database_url, name)
     asyncio.run(migrate(dsn))
     yield dsn
-
-    async def drop() -> None:
-        connection = await asyncpg.connect(_with_database(backing.database_url, "postgres"))
-        try:
-            await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        finally:
-            await connection.close()
-
-    asyncio.run(drop())
+    asyncio.run(drop_database(with_database(backing.database_url, "postgres"), name))
 
 
 @pytest.fixture
 async def private_database(backing: BackingServices, session_id: str) -> AsyncIterator[str]:
     """A database of the test's own, for processes that must not share rows with the session's API."""
     name = f"healthgate_test_{session_id}_{uuid.uuid4().hex[:6]}"
-    dsn = _with_database(backing.database_url, name)
+    dsn = with_database(backing.database_url, name)
     await migrate(dsn)
     yield dsn
-    connection = await asyncpg.connect(_with_database(backing.database_url, "postgres"))
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await connection.close()
+    await drop_database(with_database(backing.database_url, "postgres"), name)
 
 
 @pytest.fixture(scope="session")
@@ -105,11 +88,7 @@ async def own_database(own_postgres: PostgresCluster) -> AsyncIterator[str]:
     await migrate(dsn)
     yield dsn
     own_postgres.ensure_running()
-    connection = await asyncpg.connect(own_postgres.url)
-    try:
-        await connection.execute(f'DROP DATABASE IF EXISTS "{urlsplit(dsn).path.lstrip("/")}" WITH (FORCE)')
-    finally:
-        await connection.close()
+    await drop_database(own_postgres.url, database_name(dsn))
 
 
 @pytest.fixture(scope="session")
@@ -173,27 +152,12 @@ def api(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -
     service.stop()
 
 
-def start_poller(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:
-    port = free_port()
-    env = service_env | {"HEALTHGATE_HEALTH_PORT": str(port)} | overrides
-    return start_service("poller", env, log_path, port=port)
-
-
 @pytest.fixture(scope="session")
 def poller(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
     """The session's poller process (the API's /test and every scheduled check go through it)."""
     service = start_poller(service_env, tmp_path_factory.mktemp("logs") / "poller.log")
     yield service
     service.stop()
-
-
-GATE_RETRY_SECONDS = "2"
-
-
-def start_gate(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:
-    port = free_port()
-    env = service_env | {"HEALTHGATE_HEALTH_PORT": str(port), "HEALTHGATE_GATE_RETRY_SECONDS": GATE_RETRY_SECONDS}
-    return start_service("gate", env | overrides, log_path, port=port)
 
 
 @pytest.fixture(scope="session")
@@ -204,46 +168,28 @@ def gate(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     service.stop()
 
 
-@contextlib.contextmanager
-def exclusive_poller(
-    session_poller: ServiceProcess, service_env: dict[str, str], log_path: Path, **overrides: str
-) -> Iterator[ServiceProcess]:
-    """A poller of the test's own (other settings) as the only one running, the session's back after."""
-    session_poller.stop()
-    try:
-        own = start_poller(service_env, log_path, **overrides)
-        try:
-            yield own
-        finally:
-            own.stop()
-    finally:
-        session_poller.restart()
-
-
 @pytest.fixture
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
-    """A connection to the session's database, with every table emptied first."""
+    """A connection to the session's database, with every table emptied first. After the test, no enabled check
+    may have a target the session's poller would look up in DNS (tests/support/database.py)."""
     connection = await asyncpg.connect(database_url)
     await empty_tables(connection)
     yield connection
-    await connection.close()
-
-
-TokenFactory = Callable[..., Awaitable[str]]
+    try:
+        leaks = await checks_resolving_names(connection)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        leaks = []  # the test broke its connection: nothing to look at
+    finally:
+        await connection.close()
+    if leaks:
+        pytest.fail("enabled checks whose targets would be looked up in DNS (use 127.0.0.x, or enabled: false):\n"
+                    + "\n".join(leaks))  # fmt: skip
 
 
 @pytest.fixture
 def make_token(db: asyncpg.Connection) -> TokenFactory:
-    async def make(role: str, groups: tuple[str, ...] = (), name: str | None = None) -> str:
-        return await create_token(
-            db,
-            name=name or f"{role}-{uuid.uuid4().hex[:8]}",
-            role=role,
-            groups=groups,
-            actor="test",  # type: ignore[arg-type]
-        )
-
-    return make
+    """make_token(role, groups=(), name=None): a new API token's secret (tests/support/tokens.py)."""
+    return token_factory(db)
 
 
 @pytest.fixture
@@ -259,64 +205,9 @@ async def admin(client: httpx.AsyncClient, make_token: TokenFactory) -> httpx.As
     return client
 
 
-@dataclass
-class CapturedEvent:
-    routing_key: str
-    message_id: str | None
-    correlation_id: str | None
-    content_type: str | None
-    body: bytes
-
-    @property
-    def document(self) -> dict[str, object]:
-        return json.loads(self.body)  # type: ignore[no-any-return]
-
-    @property
-    def data(self) -> dict[str, object]:
-        return self.document["data"]  # type: ignore[return-value]
-
-
-@dataclass
-class EventCapture:
-    """Every message published on the session's exchange while the test runs."""
-
-    events: list[CapturedEvent] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def on_message(self, message: AbstractIncomingMessage) -> None:
-        self.events.append(
-            CapturedEvent(
-                message.routing_key or "",
-                message.message_id,
-                message.correlation_id,
-                message.content_type,
-                message.body,
-            )
-        )
-        self.arrived.set()
-
-    def matching(
-        self, routing_key: str, predicate: Callable[[CapturedEvent], bool] = lambda _: True
-    ) -> list[CapturedEvent]:
-        return [event for event in self.events if event.routing_key == routing_key and predicate(event)]
-
-    async def wait_for(
-        self,
-        routing_key: str,
-        predicate: Callable[[CapturedEvent], bool] = lambda _: True,
-        *,
-        count: int = 1,
-        timeout: float = 10,
-    ) -> list[CapturedEvent]:
-        async with asyncio.timeout(timeout):
-            while len(found := self.matching(routing_key, predicate)) < count:
-                self.arrived.clear()
-                await self.arrived.wait()
-        return found
-
-
 @pytest.fixture
 async def events(backing: BackingServices, exchange_name: str) -> AsyncIterator[EventCapture]:
+    """Every message published on the session's exchange while the test runs."""
     capture = EventCapture()
     connection = await aio_pika.connect(backing.amqp_url)
     async with connection:
@@ -326,6 +217,27 @@ async def events(backing: BackingServices, exchange_name: str) -> AsyncIterator[
         await queue.bind(exchange, "#")
         await queue.consume(capture.on_message, no_ack=True)
         yield capture
+
+
+@pytest.fixture
+async def jobs(backing: BackingServices, exchange_name: str) -> AsyncIterator[Publisher]:
+    """Sends job events to the session's exchange, with publisher confirms."""
+    connection = await aio_pika.connect(backing.amqp_url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=True)
+        yield Publisher(await channel.get_exchange(exchange_name))
+
+
+@pytest.fixture
+async def dead(backing: BackingServices, exchange_name: str, gate: ServiceProcess) -> AsyncIterator[DeadLetters]:
+    """What is dead-lettered on the session's exchange while the test runs (earlier tests' letters removed)."""
+    connection = await aio_pika.connect(backing.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        letters = DeadLetters(await channel.get_queue(Topology(exchange_name).dead_letter_queue))
+        await letters.drain()
+        letters.messages.clear()
+        yield letters
 
 
 @pytest.fixture

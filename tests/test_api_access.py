@@ -26,8 +26,8 @@ import pytest
 from services.api.endpoints import Endpoint
 from services.api.routes import ENDPOINTS
 from shared.tokens import ROLES
-from tests.conftest import TokenFactory
 from tests.support.processes import ServiceProcess
+from tests.support.tokens import TokenFactory
 
 VISIBLE_GROUP = "team-a"
 HIDDEN_GROUP = "team-b"
@@ -75,8 +75,12 @@ class Case:
 
 
 def check_body(name: str, port: int = 22) -> dict[str, Any]:
-    # A short timeout keeps a wrongly admitted /test request (no poller) from stalling the test.
-    return {"name": name, "check_type": "tcp", "port": port, "timeout_seconds": 1, "interval_seconds": 3600}
+    # A short timeout keeps a wrongly admitted /test request (no poller) from stalling the test. The address
+    # keeps the poller from looking up the host's name ("host-a") in DNS.
+    return {
+        "name": name, "check_type": "tcp", "port": port, "address": "127.0.0.1", "timeout_seconds": 1,
+        "interval_seconds": 3600,
+    }  # fmt: skip
 
 
 def host_url(side: Side) -> str:

@@ -21,11 +21,11 @@ import httpx
 import pytest
 
 from shared.group_policies import GroupPolicy, put_policy
-from tests.conftest import GATE_RETRY_SECONDS, CapturedEvent, EventCapture, start_gate
 from tests.support.fake_agent import Behaviour, FakeAgent
+from tests.support.messages import CapturedEvent, EventCapture, Publisher
 from tests.support.nginx import NginxServer
-from tests.support.processes import ServiceProcess
-from tests.test_gate import Publisher, host_with_checks, jobs, run_checks  # noqa: F401  (jobs: fixture)
+from tests.support.processes import GATE_RETRY_SECONDS, ServiceProcess, start_gate
+from tests.test_gate import host_with_checks, run_checks
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
 
@@ -105,7 +105,7 @@ async def released_rows(db: asyncpg.Connection, job_id: str) -> list[asyncpg.Rec
 
 
 async def start_campaign(
-    jobs: Publisher, admin: httpx.AsyncClient, db: asyncpg.Connection, prefix: str, count: int,  # noqa: F811
+    jobs: Publisher, admin: httpx.AsyncClient, db: asyncpg.Connection, prefix: str, count: int,
     max_unavailable: int,
 ) -> tuple[str, list[str], str]:  # fmt: skip
     """A new group of `count` hosts without checks and that budget, and a job.start for each, in order: (group,
@@ -124,7 +124,7 @@ async def start_campaign(
 
 @pytest.mark.parametrize("max_unavailable", [2, "40%"])
 async def test_budget_of_two_releases_at_most_two_then_in_arrival_order_as_it_frees(
-    max_unavailable: int | str, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,  # noqa: F811
+    max_unavailable: int | str, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,
     db: asyncpg.Connection, gate: ServiceProcess,
 ) -> None:  # fmt: skip
     group = group_name()
@@ -169,7 +169,7 @@ async def test_budget_of_two_releases_at_most_two_then_in_arrival_order_as_it_fr
 
 
 async def test_an_unhealthy_host_uses_the_budget_until_it_is_healthy(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     group, service, ((sick_id, sick_checks), (host_id, _)) = await service_hosts(admin, fake_agent, 2, "unhealthy")
@@ -194,7 +194,7 @@ async def test_an_unhealthy_host_uses_the_budget_until_it_is_healthy(
 @pytest.mark.slow
 @pytest.mark.parametrize("gate_count", [2, 3])
 async def test_gates_racing_on_one_group_never_exceed_the_budget(
-    gate_count: int, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,  # noqa: F811
+    gate_count: int, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,
     db: asyncpg.Connection, service_env: dict[str, str], tmp_path: Path,
 ) -> None:  # fmt: skip
     extra = [start_gate(service_env, tmp_path / f"gate-{index}.log") for index in range(gate_count - 1)]
@@ -229,7 +229,7 @@ async def test_gates_racing_on_one_group_never_exceed_the_budget(
 
 
 async def test_stable_seconds_delays_release_until_healthy_that_long(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     group, _, ((host_id, checks),) = await service_hosts(admin, fake_agent, 1, "healthy")
@@ -250,7 +250,7 @@ async def test_stable_seconds_delays_release_until_healthy_that_long(
 
 
 async def test_release_cutoff_fails_a_waiting_job_host_before_the_window_ends(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     nginx: NginxServer,
 ) -> None:  # fmt: skip
     group = group_name()
@@ -277,7 +277,7 @@ async def test_release_cutoff_fails_a_waiting_job_host_before_the_window_ends(
 
 
 async def test_no_checks_fail_fails_a_host_without_gating_checks(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:
     group = group_name()
     ((host_id, _),) = await make_hosts(admin, group, 1)
@@ -290,7 +290,7 @@ async def test_no_checks_fail_fails_a_host_without_gating_checks(
 
 
 async def test_override_may_exceed_the_budget_and_says_so(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:
     group, hosts, job = await start_campaign(jobs, admin, db, "over", 2, max_unavailable=1)
     (released,) = await events.wait_for("job.released", of_job(job))
@@ -309,7 +309,7 @@ async def test_override_may_exceed_the_budget_and_says_so(
 
 
 async def test_job_start_of_a_halted_job_fails_at_once(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:
     """The release side reads jobs.halted_at (halting itself is written by shared/jobs.py's halting section):
     here the job is halted in SQL; a host of a group and an unknown host both fail job_halted."""
@@ -326,7 +326,7 @@ async def test_job_start_of_a_halted_job_fails_at_once(
 
 
 async def test_a_budget_freed_by_a_policy_is_used_in_every_group_however_many_wait(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
 ) -> None:  # fmt: skip
     """More groups waiting for their budget than the gate's sweep takes at once (100), with a gate that retries
@@ -364,7 +364,7 @@ async def job_hosts(admin: httpx.AsyncClient, job: str) -> dict[str, dict[str, A
 
 
 async def test_job_hosts_waiting_for_the_budget_name_the_current_holders_after_each_release(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
 ) -> None:  # fmt: skip
     """A full budget's pass judges only some job hosts and brings the others' detail up to date in one statement:
     after each release, every job host still waiting names the hosts patching now, as the API shows it."""
@@ -383,7 +383,7 @@ async def test_job_hosts_waiting_for_the_budget_name_the_current_holders_after_e
 
 
 async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_for_it(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     group, _, ((first, first_checks), (second, second_checks)) = await service_hosts(admin, fake_agent, 2, "healthy")
@@ -405,7 +405,7 @@ async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_fo
 
 
 async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_at_the_cutoff(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,
 ) -> None:  # fmt: skip
     """A job host waiting for a full budget whose group gets a release cutoff that has passed fails window_closed

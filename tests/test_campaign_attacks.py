@@ -17,12 +17,12 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import CapturedEvent, EventCapture, start_gate
 from tests.support.fake_agent import FakeAgent
-from tests.support.processes import ServiceProcess
+from tests.support.messages import CapturedEvent, EventCapture, Publisher, in_seconds
+from tests.support.processes import ServiceProcess, start_gate
 from tests.support.services import BackingServices
 from tests.test_budget import group_name, make_hosts, set_policy
-from tests.test_gate import Publisher, drain_dead_letters, in_seconds, run_checks
+from tests.test_gate import drain_dead_letters, run_checks
 from tests.test_verification import finish, jobs, metric, metrics_of, start  # noqa: F401  (jobs: fixture)
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")

@@ -29,11 +29,12 @@ import pytest
 from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
 from shared.group_policies import GroupPolicy, put_policy
-from tests.conftest import EventCapture, TokenFactory
 from tests.support.blackhole import refused_port
 from tests.support.fake_agent import FakeAgent
+from tests.support.messages import EventCapture
 from tests.support.nginx import NginxServer
 from tests.support.processes import ServiceProcess
+from tests.support.tokens import TokenFactory
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -368,7 +369,10 @@ async def test_each_role_is_refused_what_it_may_not_do(
     check_id = await create_check(admin, mine, name="homepage", check_type="http", url=nginx.http_url("/ok"))
     theirs = await create_host(admin, "b-web-1", "team-b")
     await insert_job(db, "patch-42", mine)
-    new_check = {"name": "forged", "check_type": "tcp", "port": "22", "enabled": "on", "critical": "on"}
+    # With an address: the one accepted below is run by the session's poller, which must not look up "a-web-1".
+    new_check = {
+        "name": "forged", "check_type": "tcp", "port": "22", "address": "127.0.0.1", "enabled": "on", "critical": "on"
+    }  # fmt: skip
     base = api.base_url
 
     # A viewer sees the check but no control to change anything.

@@ -5,11 +5,8 @@ gates at once."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
-import json
 import signal
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -20,57 +17,14 @@ import pytest
 
 from shared.events import decision_event_id
 from shared.tokens import create_token
-from tests.conftest import CapturedEvent, EventCapture, start_gate, start_poller
 from tests.support.fake_agent import FakeAgent
+from tests.support.messages import DECISIONS, EventCapture, Publisher, decision_of, wait_decision
 from tests.support.nginx import NginxServer
-from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
 from tests.support.rabbitmq import RabbitNode
 from tests.support.services import BackingServices
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
-DECISIONS = ("job.released", "job.failed", "job.cancelled")
-
-
-def in_seconds(seconds: float) -> str:
-    return (dt.datetime.now(dt.UTC) + dt.timedelta(seconds=seconds)).isoformat()
-
-
-class Publisher:
-    def __init__(self, exchange: aio_pika.abc.AbstractExchange) -> None:
-        self.exchange = exchange
-
-    async def send(self, routing_key: str, body: object, *, raw: bytes | None = None) -> None:
-        payload = raw if raw is not None else json.dumps(body).encode()
-        message = aio_pika.Message(payload, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
-        await self.exchange.publish(message, routing_key)
-
-    async def start(self, job_id: str, host_id: str, window_seconds: float = 60, *, cloudevent: bool = False) -> None:
-        data = {"job_id": job_id, "host_id": host_id, "window_ends_at": in_seconds(window_seconds)}
-        if cloudevent:
-            data = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/patcher", "type": "patch.job.start", "data": data}
-        await self.send("job.start", data)
-
-
-@pytest.fixture
-async def jobs(backing: BackingServices, exchange_name: str) -> AsyncIterator[Publisher]:
-    connection = await aio_pika.connect(backing.amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        yield Publisher(await channel.get_exchange(exchange_name))
-
-
-def decision_of(events: EventCapture, job_id: str) -> list[CapturedEvent]:
-    return [event for key in DECISIONS for event in events.matching(key, lambda event: event.data["job_id"] == job_id)]
-
-
-async def wait_decision(events: EventCapture, job_id: str, timeout: float = 15) -> CapturedEvent:
-    async with asyncio.timeout(timeout):
-        while not (found := decision_of(events, job_id)):
-            events.arrived.clear()
-            await events.arrived.wait()
-    return found[0]
-
-
 async def assert_one_decision_each(db: asyncpg.Connection) -> None:
     """No job host was decided twice: every decision event id is in the outbox once."""
     duplicated = await db.fetch(

@@ -27,12 +27,12 @@ import pytest
 
 from shared.tokens import create_token
 from shared.topology import QUEUES, Topology
-from tests.conftest import EventCapture, start_gate, start_poller
 from tests.support.fake_agent import FakeAgent
-from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.messages import DECISIONS, EventCapture, Publisher, wait_decision
+from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
 from tests.support.services import BackingServices
 from tests.support.tcp_proxy import tcp_proxy
-from tests.test_gate import DECISIONS, Publisher, host_with_checks, run_checks, wait_decision
+from tests.test_gate import host_with_checks, run_checks
 
 
 def utcnow() -> dt.datetime:

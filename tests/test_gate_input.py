@@ -24,38 +24,26 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.events import INVALID_JOB_KEY_PREFIX, decision_event_id, job_key
 from shared.topology import QUEUES, Topology
-from tests.conftest import EventCapture, start_gate
 from tests.support.fake_agent import FakeAgent
-from tests.support.processes import ServiceProcess
+from tests.support.logs import log_lines
+from tests.support.messages import (
+    DECISIONS,
+    DeadLetters,
+    EventCapture,
+    Publisher,
+    decision_of,
+    rejected_once,
+    wait_decision,
+)
+from tests.support.processes import ServiceProcess, start_gate
 from tests.support.services import BackingServices
-from tests.test_gate import DECISIONS, Publisher, decision_of, host_with_checks, run_checks, wait_decision
+from tests.test_gate import host_with_checks, run_checks
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
 LATER = "2030-06-01T12:00:00Z"
 
 
-@pytest.fixture
-async def jobs(backing: BackingServices, exchange_name: str) -> AsyncIterator[Publisher]:
-    connection = await aio_pika.connect(backing.amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        yield Publisher(await channel.get_exchange(exchange_name))
-
-
 # ---- observing the gate ---------------------------------------------------------------------------
-
-
-def log_lines(gate: ServiceProcess, since: int) -> list[dict[str, Any]]:
-    """The gate's JSON log lines written after byte offset `since`."""
-    lines = []
-    with gate.log_path.open("rb") as log:
-        log.seek(since)
-        for line in log.read().decode(errors="replace").splitlines():
-            with contextlib.suppress(ValueError):
-                entry = json.loads(line)
-                if isinstance(entry, dict):
-                    lines.append(entry)
-    return lines
 
 
 def metric(gate: ServiceProcess, name: str, **labels: str) -> float:
@@ -66,46 +54,6 @@ def metric(gate: ServiceProcess, name: str, **labels: str) -> float:
         for sample in family.samples
         if sample.name == name and all(sample.labels.get(key) == value for key, value in labels.items())
     )
-
-
-@dataclass
-class DeadLetters:
-    """Messages taken out of `<exchange>.dead` (shared by the session: each test takes what is there)."""
-
-    queue: aio_pika.abc.AbstractQueue
-    messages: list[aio_pika.abc.AbstractIncomingMessage] = field(default_factory=list)
-
-    async def drain(self) -> None:
-        while (message := await self.queue.get(fail=False)) is not None:
-            await message.ack()
-            self.messages.append(message)
-
-    def with_marker(self, marker: str) -> list[aio_pika.abc.AbstractIncomingMessage]:
-        return [message for message in self.messages if marker.encode() in message.body]
-
-    async def wait_for(self, marker: str, count: int, timeout: float = 15) -> list[aio_pika.abc.AbstractIncomingMessage]:
-        async with asyncio.timeout(timeout):
-            while len(self.with_marker(marker)) < count:
-                await self.drain()
-                await asyncio.sleep(0.1)
-        return self.with_marker(marker)
-
-
-@pytest.fixture
-async def dead(backing: BackingServices, exchange_name: str, gate: ServiceProcess) -> AsyncIterator[DeadLetters]:
-    connection = await aio_pika.connect(backing.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        letters = DeadLetters(await channel.get_queue(Topology(exchange_name).dead_letter_queue))
-        await letters.drain()  # earlier tests' dead letters
-        letters.messages.clear()
-        yield letters
-
-
-def rejected_once(message: aio_pika.abc.AbstractIncomingMessage) -> bool:
-    """Dead-lettered by a reject on its first delivery, not after a loop of redeliveries."""
-    deaths = (message.headers or {}).get("x-death") or []
-    return len(deaths) == 1 and deaths[0]["reason"] == "rejected" and deaths[0]["count"] == 1
 
 
 async def decisions_in_outbox(db: asyncpg.Connection, host_id: str) -> list[dict[str, Any]]:

@@ -18,9 +18,9 @@ import pytest
 from services.api.schemas import GroupView, HostView, Page
 from shared.events import CheckView
 from shared.group_policies import GroupPolicy
-from tests.conftest import TokenFactory
 from tests.support.nginx import NginxServer
 from tests.support.processes import ServiceProcess
+from tests.support.tokens import TokenFactory
 
 DEFAULTS = {
     "stable_seconds": 0,

@@ -19,8 +19,8 @@ import pytest
 
 from services.api.schemas import HostView, Page
 from shared.events import deterministic_event_id
-from tests.conftest import EventCapture, start_gate
-from tests.support.processes import ServiceProcess
+from tests.support.messages import EventCapture
+from tests.support.processes import ServiceProcess, start_gate
 from tests.support.services import BackingServices
 
 
@@ -84,7 +84,8 @@ async def test_override_decides_once_and_is_audited(
     admin: httpx.AsyncClient, db: asyncpg.Connection, events: EventCapture
 ) -> None:
     host = (await admin.post("/api/v1/hosts", json={"name": "patch-me", "group": "g"})).json()
-    await admin.post(f"/api/v1/hosts/{host['id']}/health-checks", json={"name": "ssh", "check_type": "tcp", "port": 22})
+    ssh = {"name": "ssh", "check_type": "tcp", "port": 22, "address": "127.0.0.1"}  # not "patch-me": no DNS
+    await admin.post(f"/api/v1/hosts/{host['id']}/health-checks", json=ssh)
     host_id = uuid.UUID(host["id"])
     await _waiting_job(db, host_id, "job-release")
     await _waiting_job(db, host_id, "job-fail")

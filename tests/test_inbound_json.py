@@ -9,53 +9,23 @@ import asyncio
 import base64
 import json
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
 
 from shared.events import JobCancel, JobStart, MalformedEvent, decode_event
 from shared.json_input import KEPT_DEPTH, MAX_DEEP_TEXT_BYTES, NestedTooDeep, OutOfRangeNumber, load_json
-from shared.topology import Topology
-from tests.conftest import EventCapture
 from tests.support.fake_agent import FakeAgent
+from tests.support.logs import log_lines
+from tests.support.messages import DeadLetters, EventCapture, Publisher, decision_of, rejected_once, wait_decision
 from tests.support.processes import ServiceProcess
-from tests.support.services import BackingServices
-from tests.test_gate import Publisher, decision_of, host_with_checks, run_checks, wait_decision
-from tests.test_gate_input import (
-    Bad,
-    DeadLetters,
-    assert_decided_once_and_dead_lettered,
-    log_lines,
-    rejected_once,
-    start_body,
-)
+from tests.test_gate import host_with_checks, run_checks
+from tests.test_gate_input import Bad, assert_decided_once_and_dead_lettered, start_body
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
 HUGE = b"9" * 4301  # one digit more than Python's int() converts by default
-
-
-@pytest.fixture
-async def jobs(backing: BackingServices, exchange_name: str) -> AsyncIterator[Publisher]:
-    connection = await aio_pika.connect(backing.amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        yield Publisher(await channel.get_exchange(exchange_name))
-
-
-@pytest.fixture
-async def dead(backing: BackingServices, exchange_name: str, gate: ServiceProcess) -> AsyncIterator[DeadLetters]:
-    """What is dead-lettered while the test runs (as in test_gate_input.py)."""
-    connection = await aio_pika.connect(backing.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        letters = DeadLetters(await channel.get_queue(Topology(exchange_name).dead_letter_queue))
-        await letters.drain()
-        letters.messages.clear()
-        yield letters
 
 
 def nested(depth: int, *, kind: str = "array") -> bytes:

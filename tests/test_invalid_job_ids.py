@@ -11,7 +11,6 @@ import uuid
 from collections.abc import AsyncIterator
 from urllib.parse import quote
 
-import aio_pika
 import asyncpg
 import httpx
 import pytest
@@ -20,22 +19,13 @@ from starlette.routing import Match
 from services.api.dashboard.views import job_id_html, job_id_text
 from services.api.paths import MAX_LINKED_SEGMENT, linkable, path_segment
 from shared.events import INVALID_JOB_KEY_PREFIX, job_key, received_job_id, received_job_id_bytes
-from tests.conftest import EventCapture, TokenFactory
+from tests.support.messages import EventCapture, Publisher, wait_decision
 from tests.support.processes import ServiceProcess
-from tests.support.services import BackingServices
-from tests.test_gate import Publisher, wait_decision
+from tests.support.tokens import TokenFactory
 from tests.test_paths import JOB, matched, scope
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
 LATER = "2030-06-01T12:00:00Z"
-
-
-@pytest.fixture
-async def jobs(backing: BackingServices, exchange_name: str) -> AsyncIterator[Publisher]:
-    connection = await aio_pika.connect(backing.amqp_url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=True)
-        yield Publisher(await channel.get_exchange(exchange_name))
 
 
 def encoded(job_id: str) -> str:

@@ -18,7 +18,7 @@ from shared.messaging import Broker
 from shared.outbox import OutboxMetrics, OutboxRelay, enqueue
 from shared.tokens import create_token
 from shared.topology import Topology
-from tests.conftest import EventCapture
+from tests.support.messages import EventCapture
 from tests.support.processes import free_port, start_service
 from tests.support.services import BackingServices
 from tests.support.tcp_proxy import tcp_proxy

@@ -18,11 +18,12 @@ import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import CapturedEvent, EventCapture, TokenFactory
 from tests.support.fake_agent import FakeAgent
+from tests.support.messages import CapturedEvent, EventCapture, Publisher
 from tests.support.processes import free_port, start_service
+from tests.support.tokens import TokenFactory
 from tests.test_budget import group_name, make_hosts, set_policy
-from tests.test_gate import Publisher, host_with_checks, jobs, run_checks  # noqa: F401  (jobs: fixture)
+from tests.test_gate import host_with_checks, run_checks
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
 
@@ -120,7 +121,7 @@ async def gate_state(db: asyncpg.Connection) -> dict[str, Any]:
 
 
 async def test_the_preview_agrees_with_what_the_gate_then_decides(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     plain, strict, steady, tight = (group_name() for _ in range(4))
@@ -165,7 +166,7 @@ async def test_the_preview_agrees_with_what_the_gate_then_decides(
 
 
 async def test_the_budget_is_counted_in_the_order_given(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     group = group_name()
@@ -209,7 +210,7 @@ async def test_the_budget_is_counted_in_the_order_given(
 
 
 async def test_job_hosts_already_waiting_come_first_and_nothing_is_created(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,  # noqa: F811
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     """A job host already waiting in the group and ready is released by the gate's pass ahead of a new job.start:

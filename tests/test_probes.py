@@ -35,9 +35,10 @@ from services.poller.probes import (
     shown_latency,
 )
 from shared.details import DETAIL_LIMIT
-from tests.conftest import EventCapture
 from tests.support.blackhole import refused_port, slow_port
+from tests.support.database import set_columns
 from tests.support.fake_agent import SERVICES_PREFIX, FakeAgent
+from tests.support.messages import EventCapture
 from tests.support.nginx import GZIP_BODY, NginxServer
 from tests.support.processes import ServiceProcess
 from tests.support.raw_http import RawHttpServer, response
@@ -46,12 +47,6 @@ from tests.test_poller import create_check, http, new_host, run_now
 pytestmark = pytest.mark.usefixtures("poller")
 
 FRENCH = "Système opérationnel"
-
-
-async def set_columns(db: asyncpg.Connection, check: dict[str, Any], **columns: Any) -> None:
-    """Write check columns the API does not take here (or refuses on purpose) straight into the row."""
-    assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(columns, start=2))
-    await db.execute(f"UPDATE health_checks SET {assignments} WHERE id = $1", uuid.UUID(check["id"]), *columns.values())
 
 
 async def run_all(admin: httpx.AsyncClient, checks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ import httpx
 import pytest
 
 from shared.crypto import DecryptionError, SecretBox, load_or_create_key
-from tests.conftest import EventCapture
+from tests.support.messages import EventCapture
 from tests.support.nginx import BASIC_AUTH_PASSWORD, BASIC_AUTH_USER, NginxServer
 from tests.support.processes import ServiceProcess
 

@@ -19,11 +19,12 @@ import pytest
 
 from shared.group_policies import GroupPolicy, put_policy
 from shared.jobs import verification_event_id
-from tests.conftest import CapturedEvent, EventCapture, TokenFactory
 from tests.support.fake_agent import FakeAgent
+from tests.support.messages import CapturedEvent, EventCapture, Publisher, in_seconds
 from tests.support.processes import ServiceProcess
 from tests.support.services import BackingServices
-from tests.test_gate import Publisher, host_with_checks, in_seconds, run_checks
+from tests.support.tokens import TokenFactory
+from tests.test_gate import host_with_checks, run_checks
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
 OUTCOMES = ("job.verified", "job.verification_failed")

@@ -103,7 +103,10 @@ def url_problems(url: str, *, base_url: bool) -> list[str]:
         AnyHttpUrl(url)
     except ValidationError as exc:
         return [exc.errors(include_url=False)[0]["msg"].replace("Input should be a valid URL, ", "not a valid URL: ")]
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # WHATWG reads "http://[@0" as userinfo "[" and host 0; urllib.parse refuses it
+        return [f"not a valid URL: {exc}"]
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return ["must be an absolute http or https URL"]
     problems = []

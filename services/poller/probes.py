@@ -34,6 +34,7 @@ from urllib.parse import quote, urljoin, urlsplit
 import aiohappyeyeballs
 import aiohttp
 import brotli
+import idna
 from aiohttp import http_exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
@@ -184,6 +185,17 @@ def probe_session(blocked: Sequence[Network]) -> aiohttp.ClientSession:
     )
 
 
+def dns_name(host: str) -> str:
+    """`host` as a tcp check asks the resolver for it: ASCII as it is (an IP literal, a name already encoded),
+    any other name encoded with IDNA 2008 and UTS #46, as yarl encodes an http check's host and as the API
+    validated it (services/api/targets.py). Left to getaddrinfo, a str would be encoded with Python's IDNA 2003
+    codec, which makes another name of some: "faß.test" becomes "fass.test", a final sigma a plain one. Raises
+    UnicodeError (idna.IDNAError) for a name that cannot be encoded, before any lookup."""
+    if host.isascii():
+        return host
+    return idna.encode(host, uts46=True).decode("ascii")
+
+
 async def system_resolve(host: str, port: int) -> Sequence[AddrInfo]:
     """The system resolver's TCP addresses for `host`, in its order (getaddrinfo). Raises
     socket.gaierror, or UnicodeError for a name that cannot be encoded for DNS (before any lookup)."""
@@ -197,7 +209,8 @@ def status_matches(status: int, expected: str) -> bool:
         if part.endswith("xx") and len(part) == 3:
             if str(status)[0] == part[0]:
                 return True
-        elif part.isdigit() and int(part) == status:
+        # isascii: str.isdigit also takes other digits ("²", "٢"), which int() refuses or reads as another code.
+        elif part.isascii() and part.isdigit() and int(part) == status:
             return True
     return False
 
@@ -773,7 +786,7 @@ class Prober:
         if not 1 <= port <= 65535:  # getaddrinfo would silently wrap it
             return False, "connect", f"port {port} is not a TCP port (1-65535)"
         try:
-            infos = list(await self._resolve(host, port))
+            infos = list(await self._resolve(dns_name(host), port))
         except UnicodeError as exc:
             return False, "dns", _unencodable(host, exc.__cause__ or exc)
         except socket.gaierror as exc:

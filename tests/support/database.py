@@ -1,10 +1,16 @@
-"""Per-test database cleanup: every application table emptied, the list read from the schema itself."""
+"""The tests' databases: naming and dropping them, and the per-test cleanup (every application table emptied,
+the list read from the schema itself)."""
 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
+import uuid
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import idna
 
 # Kept across tests: which migrations ran (owned by shared/schema.py, created outside the migration files).
 KEPT_TABLES = frozenset({"schema_migrations"})
@@ -39,3 +45,78 @@ async def empty_tables(connection: asyncpg.Connection) -> None:
             if attempt == DEADLOCK_RETRIES - 1:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
+
+
+def with_database(dsn: str, database: str) -> str:
+    """`dsn` with its database replaced by `database`."""
+    return urlunsplit(urlsplit(dsn)._replace(path="/" + database))
+
+
+def database_name(dsn: str) -> str:
+    """The database a DSN names."""
+    return urlsplit(dsn).path.lstrip("/")
+
+
+async def drop_database(server_dsn: str, name: str) -> None:
+    """Drop the database `name` (if it exists), closing its connections; `server_dsn` is any database of the
+    same server to connect to."""
+    connection = await asyncpg.connect(server_dsn)
+    try:
+        await connection.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await connection.close()
+
+
+async def set_columns(db: asyncpg.Connection, check: dict[str, Any], **columns: Any) -> None:
+    """Write check columns the API does not take here (or refuses on purpose) straight into the row of `check`
+    (the API's view of it)."""
+    assignments = ", ".join(f"{name} = ${index}" for index, name in enumerate(columns, start=2))
+    await db.execute(f"UPDATE health_checks SET {assignments} WHERE id = $1", uuid.UUID(check["id"]), *columns.values())
+
+
+# A host name that cannot resolve and is never looked up: IDNA refuses its empty label before any query.
+UNRESOLVABLE_NAME = "a..b"
+
+
+def resolves_by_dns(name: str) -> bool:
+    """Whether a poller connecting to `name` would ask DNS for it: not for an IP literal, nor for a name that
+    cannot be encoded for DNS (the poller encodes a name with IDNA 2008 as yarl does, getaddrinfo then with
+    Python's codec, and either fails without a lookup)."""
+    try:
+        ipaddress.ip_address(name.split("%", 1)[0])
+    except ValueError:
+        pass
+    else:
+        return False
+    try:
+        (name if name.isascii() else idna.encode(name, uts46=True).decode("ascii")).encode("idna")
+    except UnicodeError:  # idna.IDNAError is one
+        return False
+    return True
+
+
+async def checks_resolving_names(connection: asyncpg.Connection) -> list[str]:
+    """The enabled checks whose target a poller would look up in DNS (tcp: `address`, else the host's name;
+    http: the URL's host; service: the agent_url's host), one line each. Tests store such targets only on
+    disabled checks: the session's poller runs every enabled check within seconds, and test traffic never
+    leaves 127.0.0.0/8."""
+    rows = await connection.fetch(
+        """
+        SELECT c.name AS check_name, c.check_type, c.address, c.url, h.name AS host_name, h.agent_url
+        FROM health_checks c JOIN hosts h ON h.id = c.host_id
+        WHERE c.enabled
+        ORDER BY h.name, c.name
+        """
+    )
+    found = []
+    for row in rows:
+        if row["check_type"] == "tcp":
+            target = row["address"] or row["host_name"]
+        else:
+            try:
+                target = urlsplit(row["url"] if row["check_type"] == "http" else row["agent_url"] or "").hostname or ""
+            except ValueError:
+                continue
+        if target and resolves_by_dns(target):
+            found.append(f"{row['check_type']} check {row['check_name']!r} of host {row['host_name']!r} -> {target!r}")
+    return found

@@ -190,9 +190,10 @@ class NginxServer:
     def http_url(self, path: str = "/") -> str:
         return self.http_base_url + path
 
-    def https_url(self, path: str = "/", *, host: str = "127.0.0.1") -> str:
-        """An HTTPS URL; `host="localhost"` to check by name (the cert has both the name and the IP)."""
-        return f"https://{host}:{self.https_port}{path}"
+    def https_url(self, path: str = "/") -> str:
+        """An HTTPS URL on 127.0.0.1 (the cert names both 127.0.0.1 and localhost: to verify it by name, send
+        the name as TLS server name, as tests/test_peers.py does, rather than look it up)."""
+        return f"https://127.0.0.1:{self.https_port}{path}"
 
     def ssl_context(self) -> ssl.SSLContext:
         """A client context that trusts exactly this server's self-signed certificate."""

@@ -1,17 +1,20 @@
 """Running healthgate services as real processes, the way `healthgate up` does.
 
 Used by the test fixtures (tests/conftest.py) and by the benchmarks (bench/_support.py `BenchRun.start_service`),
-so that there is one way of starting a healthgate service and waiting for it to be ready.
+so that there is one way of starting a healthgate service and waiting for it to be ready; `start_poller`,
+`start_gate` and `exclusive_poller` start the tests' own pollers and gates beside the session's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,3 +93,37 @@ def start_service(
     except BaseException:
         service.stop(signal.SIGKILL)
         raise
+
+
+# The tests' gates retry failing checks every 2 s instead of the default 300 s.
+GATE_RETRY_SECONDS = "2"
+
+
+def start_poller(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:
+    """A poller with the session's environment (`service_env`) and `overrides`, on a health port of its own."""
+    port = free_port()
+    env = service_env | {"HEALTHGATE_HEALTH_PORT": str(port)} | overrides
+    return start_service("poller", env, log_path, port=port)
+
+
+def start_gate(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:
+    """A gate with the session's environment, retrying every GATE_RETRY_SECONDS unless `overrides` say otherwise."""
+    port = free_port()
+    env = service_env | {"HEALTHGATE_HEALTH_PORT": str(port), "HEALTHGATE_GATE_RETRY_SECONDS": GATE_RETRY_SECONDS}
+    return start_service("gate", env | overrides, log_path, port=port)
+
+
+@contextlib.contextmanager
+def exclusive_poller(
+    session_poller: ServiceProcess, service_env: dict[str, str], log_path: Path, **overrides: str
+) -> Iterator[ServiceProcess]:
+    """A poller of the test's own (other settings) as the only one running, the session's back after."""
+    session_poller.stop()
+    try:
+        own = start_poller(service_env, log_path, **overrides)
+        try:
+            yield own
+        finally:
+            own.stop()
+    finally:
+        session_poller.restart()
