@@ -921,14 +921,18 @@ async def halt_job(
 ) -> Halt | None:
     """Halt the job (the caller holds `lock_job`), in the caller's transaction; None when it is halted already.
 
-    Its waiting job hosts are locked (after the job, the lock order), the time read after that (`locked_now`),
-    the job marked halted (`halt_count` + 1), job.halted put in the outbox (id `job-halted/<job_id>/<halt_count>`:
-    once per halt), and each waiting job host decided failed with reason job_halted through `decide` (its
-    snapshot of checks kept). `by`: the admin's token name for a manual halt, else None."""
+    Its waiting job hosts are locked (after the job, in arrival order: the lock order), the time read after that
+    (`locked_now`), the job marked halted (`halt_count` + 1), job.halted put in the outbox (id
+    `job-halted/<job_id>/<halt_count>`: once per halt), and each waiting job host decided failed with reason
+    job_halted through `decide` (its snapshot of checks kept). `by`: the admin's token name for a manual halt,
+    else None."""
     key = job_key(job_id)
+    # Locked in arrival order, the order in which a release pass locks a group's waiting job hosts
+    # (`lock_waiting_in_group`): locked by host_id, a halt and a pass holding some of the job's rows each waited for
+    # the other's (a deadlock: the pass's gate or the admin's halt failed).
     waiting = await connection.fetch(
         "SELECT host_id, checks FROM gate_jobs WHERE job_id = $1 AND status = 'waiting_health_check' "
-        "ORDER BY host_id FOR UPDATE",
+        "ORDER BY received_at, job_id, host_id FOR UPDATE",
         key,
     )
     at = await locked_now(connection)
@@ -960,7 +964,7 @@ async def halt_job(
         )
         if await decide(connection, decision, at=at, source=source) is not None:
             decided.append(row["host_id"])
-    return Halt(job, failed, decided)
+    return Halt(job, failed, sorted(decided))  # by host_id, as before they were locked in arrival order
 
 
 async def resume_job(

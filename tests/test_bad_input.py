@@ -107,11 +107,16 @@ def forged_cursor(values: object) -> str:
 # Cursors of the right length whose values are not a key the list wrote: each list answers 422 naming
 # query.cursor (services/api/requests.py Keyset), never 500.
 FORGED_CURSORS = {
-    "hosts": [[None, None], "name", {"name": "x"}],
+    "hosts": [[None, None], "name", {"name": "x"}, ["a\u0000b"], ["\ud800"], [None], [5], [["web"]]],
     "results": [["2026-03-01T12:00:00+00:00", 5], [7, str(uuid.uuid4())], ["yesterday", str(uuid.uuid4())],
-                ["2026-03-01T12:00:00+00:00", "not-a-uuid"], ["2026-03-01T12:00:00+00:00", None]],
-    "audit": [["7"], [None], [1.5], [[1]], [1, 2]],
-    "jobs": [["2026-03-01T12:00:00+00:00", "job", 5], ["2026-03-01T12:00:00+00:00", ["job"], str(uuid.uuid4())]],
+                ["2026-03-01T12:00:00+00:00", "not-a-uuid"], ["2026-03-01T12:00:00+00:00", None],
+                ["0001-01-01T00:00:00+01:00", str(uuid.uuid4())], ["9999-12-31T23:59:59-01:00", str(uuid.uuid4())],
+                ["2026-03-01T12:00:00", str(uuid.uuid4())]],
+    "audit": [["7"], [None], [1.5], [[1]], [1, 2], [2**63], [-(2**63) - 1], [True]],
+    "jobs": [["2026-03-01T12:00:00+00:00", "job", 5], ["2026-03-01T12:00:00+00:00", ["job"], str(uuid.uuid4())],
+             ["0001-01-01T00:00:00+01:00", "job", str(uuid.uuid4())], ["2026-03-01T12:00:00", "job", str(uuid.uuid4())],
+             ["2026-03-01T12:00:00+00:00", "a\u0000b", str(uuid.uuid4())],
+             ["2026-03-01T12:00:00+00:00", "\ud800", str(uuid.uuid4())]],
     "groups": [[None], [5], [["web"]], ["a\u0000b"], ["\ud800"], ["web", "db"]],
 }
 
@@ -127,10 +132,14 @@ async def test_forged_cursors_of_every_list_are_422(admin: httpx.AsyncClient, ho
         "jobs": "/api/v1/jobs",
         "groups": "/api/v1/groups",
     }
+    wrong = []
     for name, cursors in FORGED_CURSORS.items():
         for values in cursors:
-            body = assert_problem(await admin.get(lists[name], params={"cursor": forged_cursor(values)}), 422)
-            assert [error["field"] for error in body["errors"]] == ["query.cursor"], (name, values)  # type: ignore[union-attr]
+            response = await admin.get(lists[name], params={"cursor": forged_cursor(values)})
+            fields = [error["field"] for error in response.json().get("errors", [])]
+            if response.status_code != 422 or fields != ["query.cursor"]:
+                wrong.append(f"{name} {values!r}: {response.status_code} {response.text}")
+    assert not wrong, "\n".join(wrong)
 
 
 async def test_bad_path_values_are_4xx(admin: httpx.AsyncClient, host_id: str) -> None:

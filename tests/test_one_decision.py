@@ -20,11 +20,12 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 import shared.jobs
+from services.api.auth import Principal
 from services.api.check_runs import CheckRunClient
 from services.api.context import ApiContext, ApiMetrics
-from services.api.jobs import override_on
+from services.api.jobs import halt_or_resume_on, override_on
 from services.api.problems import Problem
-from services.api.schemas import OverrideRequest
+from services.api.schemas import HaltRequest, OverrideRequest
 from services.gate.evaluation import EVENT_SOURCE as GATE_SOURCE
 from services.gate.evaluation import cancel, evaluate_job_host
 from shared import hosts
@@ -32,6 +33,7 @@ from shared.crypto import SecretBox
 from shared.database import create_pool
 from shared.events import JobStart, decision_event_id
 from shared.gate_rules import Verdict
+from shared.group_policies import GroupPolicy, put_policy
 from shared.messaging import Broker
 from shared.settings import load_settings
 from shared.topology import Topology
@@ -206,3 +208,57 @@ async def test_the_gate_and_the_override_decide_through_the_same_function(
     assert [(source, decided) for source, _, decided in decisions] == [(context.source, True), (GATE_SOURCE, True)]
     assert_one_decision(first_override, ["override"], *await outcome(pool, first_override))
     assert_one_decision(first_gate, ["gate"], *await outcome(pool, first_gate))
+
+
+HALT_ROUNDS = 30
+HOSTS_PER_JOB = 6
+
+
+async def test_a_manual_halt_racing_the_gate_overrides_and_a_cancel_decides_each_job_host_once(
+    pool: asyncpg.Pool, decisions: list[tuple[str, str, bool]]
+) -> None:
+    """A manual halt (`POST /api/v1/jobs/{job_id}/halt`) fails every waiting job host of its job while the gate's
+    release passes (a group with a disruption budget: each pass locks every waiting job host of the group), the
+    api's overrides and a job.cancel decide the same job hosts. The job's hosts arrive in the opposite order of
+    their ids, so a halt that locked them in another order than the passes' (arrival order) would deadlock with
+    them. Every path answers (no deadlock, no 500), and each job host is decided once, with one decision event."""
+    context = api_context(pool)
+    admin = Principal("admin-1", "admin", ())
+    group = "team-halt"
+    host_ids = sorted((uuid.uuid4() for _ in range(HOSTS_PER_JOB)), reverse=True)
+    async with pool.acquire() as connection, connection.transaction():
+        for index, host_id in enumerate(host_ids):
+            await hosts.insert_host(connection, host_id, name=f"halt-{index}", group=group, agent_url=None)
+        await put_policy(connection, group, GroupPolicy(max_unavailable=2))
+    for round_number in range(HALT_ROUNDS):
+        job_id = f"halted-{round_number}"
+        async with pool.acquire() as connection:
+            await shared.jobs.record_job(connection, job_id, None)
+        started = [await start(pool, job_id, host_id, OPEN_WINDOW) for host_id in host_ids]
+        decisions.clear()
+
+        async def halt(job_id: str = job_id) -> None:
+            await asyncio.sleep(random.random() * 0.004)
+            view = await halt_or_resume_on(context, admin, job_id, HaltRequest(reason="stop"), halt=True)
+            assert view.halted
+
+        async def path(job: JobStart, name: str) -> None:
+            await asyncio.sleep(random.random() * 0.004)
+            await deciders(pool, context, job)[name]()
+
+        # A gate's pass for one job host may decide another (the budget's pass judges them all): whoever decides a
+        # job host, it is decided once, through shared.jobs.decide.
+        racers = [path(job, "gate") for job in started] + [path(job, "override") for job in started[::3]]
+        await asyncio.gather(halt(), *racers, path(started[-1], "cancel"))
+        assert sum(1 for _, _, decided in decisions if decided) == len(started), decisions
+        for job in started:
+            row, events, _ = await outcome(pool, job)  # the events of every job host of the job
+            assert row["status"] != "waiting_health_check" and row["decided_at"] is not None
+            assert [event["routing_key"] for event in events if event["event_id"] == decision_event_id(
+                job.job_id, job.host_id
+            )] == [f"job.{row['status']}"]  # fmt: skip
+        assert len(events) == len(started)
+        async with pool.acquire() as connection:
+            assert await connection.fetchval(
+                "SELECT count(*) FROM outbox WHERE routing_key = 'job.halted' AND correlation_id = $1", job_id
+            ) == 1

@@ -4,8 +4,6 @@ the groups' host counts; the audit entry is written in the policy's transaction.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import TypeAdapter, ValidationError
 from starlette.requests import Request
 from starlette.responses import Response
@@ -13,24 +11,14 @@ from starlette.responses import Response
 from services.api.auth import Principal
 from services.api.context import context_of
 from services.api.problems import field_errors, not_found, validation_problem
-from services.api.requests import Keyset, PageQuery, json_response, path_text, read_json, read_query
+from services.api.requests import Keyset, PageQuery, json_response, path_text, read_json, read_query, text_key
 from services.api.schemas import GroupName, GroupView, Page
 from shared import group_policies
 from shared.audit import diff, record_audit
 from shared.group_policies import GroupPolicy
 
-
-def _group_of_cursor(group: Any) -> str:
-    if not isinstance(group, str):
-        raise TypeError("a group cursor holds a group name")
-    group.encode()  # UnicodeEncodeError (a ValueError) for a lone surrogate
-    if "\x00" in group:
-        raise ValueError("not a group name")
-    return group
-
-
 # Groups page by name (unique); the cursor holds the last name.
-GROUP_PAGES: Keyset[str] = Keyset(1, _group_of_cursor, lambda row: (row["group"],))
+GROUP_PAGES: Keyset[str] = Keyset(1, text_key, lambda row: (row["group"],))
 _GROUP_NAME: TypeAdapter[str] = TypeAdapter(GroupName)
 
 

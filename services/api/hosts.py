@@ -15,7 +15,16 @@ from services.api.auth import Principal
 from services.api.checks import delete_check_rows
 from services.api.context import context_of
 from services.api.problems import conflict, field_errors, not_found, validation_problem
-from services.api.requests import Keyset, PageQuery, json_response, path_uuid, read_json, read_model, read_query
+from services.api.requests import (
+    Keyset,
+    PageQuery,
+    json_response,
+    path_uuid,
+    read_json,
+    read_model,
+    read_query,
+    text_key,
+)
 from services.api.schemas import GroupName, HostCreate, HostView, HostWrite
 from services.api.targets import address_problems
 from shared import checks, hosts
@@ -24,7 +33,7 @@ from shared.database import Connection
 from shared.events import HostHealthStatus
 
 # Hosts page by name (unique); the cursor holds the last name.
-HOST_PAGES: Keyset[str] = Keyset(1, lambda name: str(name), lambda row: (row["name"],))
+HOST_PAGES: Keyset[str] = Keyset(1, text_key, lambda row: (row["name"],))
 
 
 class HostListQuery(PageQuery):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import json
 import uuid
 from collections import deque
@@ -175,6 +176,37 @@ def decode_cursor(cursor: str, arity: int) -> list[Any]:
     return values
 
 
+# PostgreSQL's bigint and its timestamptz range (4713 BC to 294276 AD; Python's datetime stops at year 9999 first).
+_BIGINT = range(-(2**63), 2**63)
+
+
+def _check_bindable(key: object) -> None:
+    """Raise ValueError (or OverflowError) unless every part of a parsed cursor key (a value or a tuple of them)
+    is one PostgreSQL and asyncpg accept: every key a list writes is; a forged one (`"\\ud800"`, a NUL, an id
+    past 2**63, `9999-12-31T23:59:59-01:00`, which is year 10000 in UTC, or a timestamp without offset) is not."""
+    for value in key if isinstance(key, tuple) else (key,):
+        if isinstance(value, bool):
+            raise ValueError("not a key value")
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise ValueError(NUL_MESSAGE)
+            value.encode()  # UnicodeEncodeError for a lone surrogate
+        elif isinstance(value, int) and value not in _BIGINT:
+            raise ValueError("out of bigint range")
+        elif isinstance(value, dt.datetime):
+            if value.utcoffset() is None:
+                raise ValueError("a timestamp without a UTC offset")
+            value.astimezone(dt.UTC)  # OverflowError past year 9999 or before year 1 in UTC
+
+
+def text_key(value: object) -> str:
+    """A one-value cursor key that is text (a host name, a group name): TypeError for anything else (`5`, `null`,
+    a list), which str() would turn into a name no page ended at; NUL and surrogates: `_check_bindable`."""
+    if not isinstance(value, str):
+        raise TypeError("this cursor holds a name")
+    return value
+
+
 @dataclass(frozen=True)
 class Keyset(Generic[KeyT]):
     """Keyset pagination of one list (CONTRACT §3: `limit`, `cursor`, `next_cursor`): a page is the first
@@ -184,7 +216,10 @@ class Keyset(Generic[KeyT]):
 
     `parse(*values)` reads the key back from a cursor's `arity` JSON values, and raises TypeError,
     ValueError or AttributeError when they are not a key this list wrote (the cursor was forged or cut):
-    422 naming `query.cursor`. `values(row)` gives a row's key as JSON values."""
+    422 naming `query.cursor`. Whatever `parse` accepts is checked once more against what PostgreSQL can be
+    sent (`_check_bindable`: text without NUL or a lone surrogate, a bigint, an aware timestamp within
+    PostgreSQL's range), so that a forged value is a 422 here, not a 500 from the driver. `values(row)` gives a
+    row's key as JSON values."""
 
     arity: int
     parse: Callable[..., KeyT]
@@ -196,9 +231,11 @@ class Keyset(Generic[KeyT]):
             return None
         values = decode_cursor(cursor, self.arity)
         try:
-            return self.parse(*values)
-        except (TypeError, ValueError, AttributeError):  # UnicodeEncodeError is a ValueError
+            key = self.parse(*values)
+            _check_bindable(key)
+        except (TypeError, ValueError, AttributeError, OverflowError):  # UnicodeEncodeError is a ValueError
             raise field_errors([{"field": "query.cursor", "message": NOT_A_CURSOR}]) from None
+        return key
 
     @staticmethod
     def rows_to_fetch(limit: int) -> int:
