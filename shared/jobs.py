@@ -405,12 +405,20 @@ async def _waiting_in_group(
 async def set_budget_waiting_detail(connection: Connection, group: str, detail: str) -> None:
     """Set the detail of the group's waiting job hosts that wait for the budget alone (`waiting_for` budget):
     it names the group's holders (CONTRACT §6), the same for each. The caller holds the group's lock; rows whose
-    detail is that already are not written."""
+    detail is that already are not written. A row another transaction holds is skipped (SKIP LOCKED): it is being
+    decided (a halt, a cancel, an override), and waiting here, with some of the group's rows locked already in
+    another order, could deadlock with it."""
     await connection.execute(
         """
         UPDATE gate_jobs j SET detail = $2
-        WHERE j.status = 'waiting_health_check' AND j.host_id IN (SELECT id FROM hosts WHERE "group" = $1)
-          AND j.waiting_for = '{budget}' AND j.detail IS DISTINCT FROM $2
+        FROM (
+            SELECT job_id, host_id FROM gate_jobs
+            WHERE status = 'waiting_health_check' AND host_id IN (SELECT id FROM hosts WHERE "group" = $1)
+              AND waiting_for = '{budget}' AND detail IS DISTINCT FROM $2
+            ORDER BY received_at, job_id, host_id
+            FOR UPDATE SKIP LOCKED
+        ) s
+        WHERE j.job_id = s.job_id AND j.host_id = s.host_id
         """,
         group,
         detail,
