@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from shared.schema import migrate
-from shared.topology import QUEUES, Topology, declare_exchange
+from shared.topology import Topology, declare_exchange
 from tests.support.database import checks_resolving_names, database_name, drop_database, empty_tables, with_database
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.messages import DeadLetters, EventCapture, Publisher
@@ -31,6 +31,7 @@ from tests.support.rabbitmq import RabbitNode, rabbit_node, rabbitmq_available
 from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
 from tests.support.services import BackingServices, backing_services
 from tests.support.tokens import TokenFactory, token_factory
+from tests.support.topology import delete_topology
 
 
 @pytest.fixture(scope="session")
@@ -114,17 +115,7 @@ def exchange_name(backing: BackingServices, session_id: str) -> Iterator[str]:
     name = f"hgtest-{session_id}"
     yield name
 
-    async def delete_topology() -> None:
-        topology = Topology(name)
-        connection = await aio_pika.connect(backing.amqp_url)
-        async with connection:
-            channel = await connection.channel()
-            for queue in [topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
-                await channel.queue_delete(queue)
-            for exchange in (topology.exchange, topology.dead_letter_exchange, topology.requeue_exchange):
-                await channel.exchange_delete(exchange)
-
-    asyncio.run(delete_topology())
+    asyncio.run(delete_topology(backing.amqp_url, name))
 
 
 @pytest.fixture(scope="session")

@@ -26,12 +26,12 @@ import httpx
 import pytest
 
 from shared.tokens import create_token
-from shared.topology import QUEUES, Topology
 from tests.support.fake_agent import FakeAgent
 from tests.support.messages import DECISIONS, EventCapture, Publisher, wait_decision
 from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
 from tests.support.services import BackingServices
 from tests.support.tcp_proxy import tcp_proxy
+from tests.support.topology import delete_topology
 from tests.test_gate import host_with_checks, run_checks
 
 
@@ -58,17 +58,6 @@ class Stack:
 StackFactory = Callable[..., contextlib.AbstractAsyncContextManager[Stack]]
 
 
-async def _delete_topology(amqp_url: str, name: str) -> None:
-    topology = Topology(name)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue in [topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
-            await channel.queue_delete(queue)
-        for exchange in (topology.exchange, topology.dead_letter_exchange):
-            await channel.exchange_delete(exchange)
-
-
 @pytest.fixture
 def own_stack(
     backing: BackingServices, service_env: dict[str, str], private_database: str, tmp_path: Path
@@ -82,7 +71,7 @@ def own_stack(
         exchange = f"hgtest-{uuid.uuid4().hex[:10]}-faults"
         env = service_env | {"HEALTHGATE_DATABASE_URL": private_database, "HEALTHGATE_EXCHANGE": exchange}
         async with contextlib.AsyncExitStack() as stack:
-            stack.push_async_callback(_delete_topology, backing.amqp_url, exchange)
+            stack.push_async_callback(delete_topology, backing.amqp_url, exchange)
             port = free_port()
             api = start_service("api", env | {"HEALTHGATE_API_PORT": str(port)}, tmp_path / "api.log", port=port)
             stack.callback(api.stop)

@@ -23,7 +23,6 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from shared.events import INVALID_JOB_KEY_PREFIX, decision_event_id, job_key
-from shared.topology import QUEUES, Topology
 from tests.support.fake_agent import FakeAgent
 from tests.support.logs import log_lines
 from tests.support.messages import (
@@ -37,6 +36,7 @@ from tests.support.messages import (
 )
 from tests.support.processes import ServiceProcess, start_gate
 from tests.support.services import BackingServices
+from tests.support.topology import delete_topology
 from tests.test_gate import host_with_checks, run_checks
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
@@ -379,17 +379,6 @@ async def own_exchange(amqp_url: str, name: str) -> AsyncIterator[tuple[Publishe
         await queue.bind(exchange, "#")
         await queue.consume(capture.on_message, no_ack=True)
         yield Publisher(exchange), capture
-
-
-async def delete_topology(amqp_url: str, name: str) -> None:
-    topology = Topology(name)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue_name in [topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
-            await channel.queue_delete(queue_name)
-        for exchange_name in (topology.exchange, topology.dead_letter_exchange, topology.requeue_exchange):
-            await channel.exchange_delete(exchange_name)
 
 
 @contextlib.asynccontextmanager

@@ -34,11 +34,12 @@ from shared.consuming import HANDBACK_HEADER, ConsumerMetrics, Consumers
 from shared.database import DatabaseWatch, create_pool, is_transient_database_error
 from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker
-from shared.topology import GATE_JOBS_QUEUE, POLLER_TICK_QUEUE, QUEUES, Topology
+from shared.topology import GATE_JOBS_QUEUE, POLLER_TICK_QUEUE, Topology
 from tests.support.postgres import PostgresCluster
 from tests.support.processes import ServiceProcess, free_port, start_service
 from tests.support.rabbitmq import RabbitNode
 from tests.support.services import BackingServices
+from tests.support.topology import delete_topology
 
 GUARD_SECONDS = 90  # against a hang, not a speed goal
 NOISE = ("Traceback", "never retrieved", "was destroyed but it is pending", '"exception":')
@@ -124,17 +125,6 @@ async def ready_messages(amqp_url: str, queue_name: str) -> int:
         channel = await connection.channel()
         queue = await channel.declare_queue(queue_name, passive=True)
         return int(queue.declaration_result.message_count or 0)
-
-
-async def delete_topology(amqp_url: str, name: str) -> None:
-    topology = Topology(name)
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        for queue_name in [topology.dead_letter_queue, *(topology.queue_name(spec) for spec in QUEUES)]:
-            await channel.queue_delete(queue_name)
-        for exchange_name in (topology.exchange, topology.dead_letter_exchange, topology.requeue_exchange):
-            await channel.exchange_delete(exchange_name)
 
 
 async def waiting_host(db: asyncpg.Connection) -> str:
