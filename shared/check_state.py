@@ -58,6 +58,7 @@ class StateAfter:
     latency_ms: float
     checked_at: dt.datetime
     last_slot: dt.datetime | None
+    cert_expires_at: dt.datetime | None = None
 
 
 async def create_state(connection: Connection, check_id: uuid.UUID, host_id: uuid.UUID) -> None:
@@ -100,6 +101,7 @@ async def store_states(connection: Connection, states: Sequence[StateAfter]) -> 
             last_latency_ms = u.latency_ms,
             last_checked_at = u.checked_at,
             last_slot = u.last_slot,
+            last_cert_expires_at = u.cert_expires_at,
             status_changed_at = CASE WHEN s.status <> u.status THEN u.checked_at ELSE s.status_changed_at END,
             healthy_since = CASE
                 WHEN u.status <> 'healthy' THEN NULL
@@ -107,8 +109,9 @@ async def store_states(connection: Connection, states: Sequence[StateAfter]) -> 
                 ELSE u.checked_at
             END
         FROM unnest($1::uuid[], $2::text[], $3::int[], $4::int[], $5::bool[], $6::text[], $7::text[],
-                    $8::float8[], $9::timestamptz[], $10::timestamptz[])
-            AS u(check_id, status, failures, successes, healthy, reason, detail, latency_ms, checked_at, last_slot)
+                    $8::float8[], $9::timestamptz[], $10::timestamptz[], $11::timestamptz[])
+            AS u(check_id, status, failures, successes, healthy, reason, detail, latency_ms, checked_at, last_slot,
+                 cert_expires_at)
         WHERE s.check_id = u.check_id
         """,
         [state.check_id for state in states],
@@ -121,4 +124,5 @@ async def store_states(connection: Connection, states: Sequence[StateAfter]) -> 
         [state.latency_ms for state in states],
         [state.checked_at for state in states],
         [state.last_slot for state in states],
+        [state.cert_expires_at for state in states],
     )

@@ -24,7 +24,7 @@ from shared.results import delete_results_of_check
 # A check with what the pollers last learnt of it, as the api and the dashboard show it.
 CHECK_SELECT = """
     SELECT c.*, s.status, s.healthy_since, s.last_healthy, s.last_reason, s.last_detail, s.last_latency_ms,
-           s.last_checked_at
+           s.last_checked_at, s.last_cert_expires_at
     FROM health_checks c
     JOIN check_state s ON s.check_id = c.id
 """
@@ -108,13 +108,18 @@ async def count_service_checks(connection: Connection, host_id: uuid.UUID) -> in
     return count
 
 
-async def count_tcp_checks_without_address(connection: Connection, host_id: uuid.UUID) -> int:
-    """The host's tcp checks without an address, which connect to the host's name."""
-    count: int = await connection.fetchval(
-        "SELECT count(*) FROM health_checks WHERE host_id = $1 AND check_type = 'tcp' AND address IS NULL",
+async def count_checks_without_address(connection: Connection, host_id: uuid.UUID) -> dict[str, int]:
+    """The host's tcp and grpc checks without an address, which connect to the host's name, by check type
+    (a type without one is absent)."""
+    rows = await connection.fetch(
+        """
+        SELECT check_type, count(*) AS count FROM health_checks
+        WHERE host_id = $1 AND check_type IN ('tcp', 'grpc') AND address IS NULL
+        GROUP BY check_type ORDER BY check_type DESC
+        """,
         host_id,
     )
-    return count
+    return {row["check_type"]: row["count"] for row in rows}
 
 
 async def checks_to_run(connection: Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
@@ -124,7 +129,9 @@ async def checks_to_run(connection: Connection, check_ids: Sequence[uuid.UUID]) 
         """
         SELECT c.id, c.host_id, c.check_type, c.enabled, c.timeout_seconds, c.service_name, c.url, c.method,
                c.expected_status, c.expected_body, c.ignore_cert_errors, c.follow_redirects, c.basic_auth_user,
-               c.basic_auth_pass_encrypted, c.port, c.address, c.max_latency_ms, h.name AS host_name, h.agent_url
+               c.basic_auth_pass_encrypted, c.port, c.address, c.max_latency_ms, c.condition, c.min_cert_days,
+               c.dns_name, c.record_type, c.expected_values, c.dns_server, c.grpc_service, c.tls,
+               h.name AS host_name, h.agent_url
         FROM health_checks c
         JOIN hosts h ON h.id = c.host_id
         WHERE c.id = ANY($1::uuid[])

@@ -37,12 +37,13 @@ EVENT_TYPE_PREFIX = "healthgate."
 # Fixed namespace for deterministic event ids (uuid5): a decision always gets the same id.
 EVENT_ID_NAMESPACE = uuid.UUID("5b0b3b9e-4a4b-4f0e-9d0a-6865616c7468")
 
-CheckType = Literal["service", "http", "tcp"]
+CheckType = Literal["service", "http", "tcp", "dns", "grpc"]
 CheckStatus = Literal["healthy", "unhealthy", "unknown"]
 HostHealthStatus = Literal["healthy", "degraded", "unhealthy", "unknown", "no_checks"]
 # CONTRACT §4: how a result came out.
 ResultReason = Literal[
-    "ok", "dns", "connect", "tls", "timeout", "status", "body", "agent", "blocked", "protocol", "slow"
+    "ok", "dns", "connect", "tls", "timeout", "status", "body", "agent", "blocked", "protocol", "slow", "cert",
+    "condition",
 ]
 # CONTRACT §5 job.failed reasons; §6 adds no_checks and job_halted.
 FailureReason = Literal[
@@ -224,13 +225,15 @@ EventT = TypeVar("EventT", bound=EventModel)
 
 
 class CheckResultView(EventModel):
-    """A result as the API shows it: `{healthy, reason, detail, latency_ms, checked_at}`."""
+    """A result as the API shows it: `{healthy, reason, detail, latency_ms, checked_at, cert_expires_at}`
+    (CONTRACT §4; `cert_expires_at`: the server certificate's end of validity for TLS checks, else null)."""
 
     healthy: bool
     reason: ResultReason
     detail: str
     latency_ms: float
     checked_at: AwareDatetime
+    cert_expires_at: AwareDatetime | None = None
 
 
 class CheckView(EventModel):
@@ -258,9 +261,19 @@ class CheckView(EventModel):
     port: int | None = None
     address: str | None = None
     max_latency_ms: int | None = None
+    condition: str | None = None
+    min_cert_days: int | None = None
+    dns_name: str | None = None
+    record_type: Literal["A", "AAAA", "CNAME", "MX", "TXT", "NS", "SRV"] | None = None
+    expected_values: list[str] | None = None
+    dns_server: str | None = None
+    grpc_service: str | None = None
+    tls: bool | None = None
     status: CheckStatus
     # CONTRACT §3, §6 stable_seconds: when the check last became healthy; null unless it is healthy.
     healthy_since: AwareDatetime | None = None
+    # CONTRACT §3: the share of healthy results in the last 24 h (0-1), null without results.
+    uptime_24h: float | None = None
     last_result: CheckResultView | None
     created_at: AwareDatetime
     updated_at: AwareDatetime
@@ -395,6 +408,8 @@ class CheckResult(EventModel):
     detail: str
     latency_ms: float
     checked_at: AwareDatetime
+    # CONTRACT §4: the server certificate's end of validity for TLS checks, else null.
+    cert_expires_at: AwareDatetime | None = None
 
 
 class CheckStatusChanged(EventModel):

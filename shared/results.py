@@ -28,7 +28,9 @@ from shared.database import Connection, delete_in_batches
 
 log = logging.getLogger(__name__)
 
-RESULT_COLUMNS = ["id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms"]
+RESULT_COLUMNS = [
+    "id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms", "cert_expires_at"
+]  # fmt: skip
 RESULT_PARTITION_DAYS_AHEAD = 7
 PARTITION_NAME = re.compile(r"^check_results_(\d{8})$")
 
@@ -183,7 +185,7 @@ async def result_page(
     after the key (checked_at, id) of the previous page's last row."""
     return await connection.fetch(
         """
-        SELECT id, healthy, reason, status, detail, latency_ms, checked_at
+        SELECT id, healthy, reason, status, detail, latency_ms, checked_at, cert_expires_at
         FROM check_results
         WHERE check_id = $1
           AND ($2::timestamptz IS NULL OR checked_at >= $2)

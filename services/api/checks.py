@@ -28,6 +28,8 @@ from services.api.schemas import (
     WRITE_ONLY_FIELDS,
     CheckCommonFields,
     CheckWriteBase,
+    DnsCheckWrite,
+    GrpcCheckWrite,
     HttpCheckWrite,
     ItemList,
     Page,
@@ -54,10 +56,15 @@ TEST_RUN_GRACE_SECONDS = 5
 TYPE_COLUMNS = {
     kind: tuple(name for name in names if name not in WRITE_ONLY_FIELDS) for kind, names in FIELDS_OF_TYPE.items()
 }
-WRITABLE_COLUMNS = (
-    *COMMON_WRITABLE_FIELDS,
-    *(name for names in TYPE_COLUMNS.values() for name in names),
-    "basic_auth_pass_encrypted",
+# Types share some columns (port, address, ignore_cert_errors): each is listed once.
+WRITABLE_COLUMNS = tuple(
+    dict.fromkeys(
+        (
+            *COMMON_WRITABLE_FIELDS,
+            *(name for names in TYPE_COLUMNS.values() for name in names),
+            "basic_auth_pass_encrypted",
+        )
+    )
 )
 VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "healthy_since", "created_at", "updated_at")
 # A check's results page newest first by (checked_at, id); the cursor holds the last row's.
@@ -83,6 +90,7 @@ def check_view(row: asyncpg.Record) -> CheckView:
             detail=row["last_detail"],
             latency_ms=row["last_latency_ms"],
             checked_at=row["last_checked_at"],
+            cert_expires_at=row["last_cert_expires_at"],
         )
     values: dict[str, Any] = {name: row[name] for name in (*VIEW_COLUMNS, *TYPE_COLUMNS[row["check_type"]])}
     values["last_result"] = last_result
@@ -167,7 +175,7 @@ def _host_rule_errors(submitted: CheckRequest, host: asyncpg.Record) -> list[dic
         errors.append(
             {"field": "check_type", "message": "a service check needs the host's agent_url; set it on the host first"}
         )
-    if submitted.check_type == "tcp" and not submitted.has_address:
+    if submitted.check_type in ("tcp", "grpc") and not submitted.has_address:
         problems = address_problems(host["name"])
         if problems:
             errors.append(
@@ -205,9 +213,9 @@ def parse_check_write(document: object) -> CheckRequest:
         body = model.model_validate(document)
     except ValidationError as exc:
         for error in validation_problem(exc).errors or []:
-            owner = next((kind for kind, names in FIELDS_OF_TYPE.items() if error["field"] in names), None)
-            if error["message"] == "unknown field" and owner is not None:
-                error["message"] = f"a field of {owner} checks, not of {check_type} checks"
+            owners = [kind for kind, names in FIELDS_OF_TYPE.items() if error["field"] in names]
+            if error["message"] == "unknown field" and owners:
+                error["message"] = f"a field of {' and '.join(owners)} checks, not of {check_type} checks"
             errors.append(error)
         return CheckRequest(None, errors, known_type, has_address, **basic_auth)
     return CheckRequest(body if not errors else None, errors, known_type, has_address, **basic_auth)
@@ -232,6 +240,23 @@ def column_values(
         values |= {"check_type": "service", "service_name": body.service_name}
     elif isinstance(body, TcpCheckWrite):
         values |= {"check_type": "tcp", "port": body.port, "address": body.address}
+    elif isinstance(body, DnsCheckWrite):
+        values |= {
+            "check_type": "dns",
+            "dns_name": body.dns_name,
+            "record_type": body.record_type,
+            "expected_values": body.expected_values,
+            "dns_server": body.dns_server,
+        }
+    elif isinstance(body, GrpcCheckWrite):
+        values |= {
+            "check_type": "grpc",
+            "port": body.port,
+            "address": body.address,
+            "grpc_service": body.grpc_service,
+            "tls": body.tls,
+            "ignore_cert_errors": body.ignore_cert_errors,
+        }
     elif isinstance(body, HttpCheckWrite):
         if "basic_auth_pass" in body.model_fields_set:
             password = _stored_password(context, check_id, body.basic_auth_pass, stored_password)
@@ -249,6 +274,8 @@ def column_values(
             # Without a user there is nothing to send a password with. A PUT that drops the user of a stored
             # password is refused before this (`_stored_password_errors`) unless it clears the password.
             "basic_auth_pass_encrypted": password if body.basic_auth_user is not None else None,
+            "condition": body.condition,
+            "min_cert_days": body.min_cert_days,
         }
     return values
 

@@ -150,13 +150,14 @@ async def _rule_errors(
     name = document.get("name")
     if "name" not in bad_fields and isinstance(name, str) and name != before["name"]:
         problems = address_problems(name)
-        tcp_checks = problems and await checks.count_tcp_checks_without_address(connection, host_id)
-        if tcp_checks:
+        counts = await checks.count_checks_without_address(connection, host_id) if problems else {}
+        if counts:
+            held = " and ".join(f"{count} {kind} check(s)" for kind, count in counts.items())
             errors.append(
                 {
                     "field": "name",
-                    "message": f"the host has {tcp_checks} tcp check(s) without an address, which connect to its "
-                    f"name; this name {'; '.join(problems)}",
+                    "message": f"the host has {held} without an address, which connect to its name; "
+                    f"this name {'; '.join(problems)}",
                 }
             )
     return errors

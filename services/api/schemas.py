@@ -24,7 +24,7 @@ from pydantic import (
 )
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from services.api.targets import address_problems, url_problems
+from services.api.targets import address_problems, dns_name_problems, dns_server_problems, url_problems
 from shared.events import CheckSummary, HaltReason, HostHealthStatus, WaitingFor, WindowEndsAt
 from shared.group_policies import GroupPolicy
 from shared.jobs import JobStatus
@@ -127,6 +127,11 @@ AgentUrl = Annotated[
     _checked(lambda url: url_problems(url, base_url=True)),
 ]
 TcpAddress = Annotated[str, StringConstraints(min_length=1, max_length=255), _checked(address_problems)]
+# A dns check's name: a host name (an IP address is not a name to look up).
+DnsName = Annotated[str, StringConstraints(min_length=1, max_length=255), _checked(dns_name_problems)]
+# A dns check's resolver: an IP address, with a port as ip:port or [ipv6]:port.
+DnsServer = Annotated[str, StringConstraints(min_length=1, max_length=100), _checked(dns_server_problems)]
+ExpectedValue = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_no_control_characters)]
 
 
 def _basic_auth_user_problems(user: str) -> list[str]:
@@ -157,9 +162,11 @@ FIELDS_OF_TYPE: dict[str, tuple[str, ...]] = {
     "service": ("service_name",),
     "http": (
         "url", "method", "expected_status", "expected_body", "ignore_cert_errors", "follow_redirects",
-        "basic_auth_user", "basic_auth_pass",
+        "basic_auth_user", "basic_auth_pass", "condition", "min_cert_days",
     ),
     "tcp": ("port", "address"),
+    "dns": ("dns_name", "record_type", "expected_values", "dns_server"),
+    "grpc": ("port", "address", "grpc_service", "tls", "ignore_cert_errors"),
 }  # fmt: skip
 WRITE_ONLY_FIELDS = frozenset({"basic_auth_pass"})
 READ_ONLY_HOST_FIELDS = (
@@ -178,6 +185,7 @@ READ_ONLY_CHECK_FIELDS = (
     "host_id",
     "status",
     "healthy_since",
+    "uptime_24h",
     "last_result",
     "basic_auth_pass_set",
     "created_at",
@@ -316,6 +324,9 @@ def _http_rules(data: dict[str, Any]) -> list[InitErrorDetails]:
         problems.append(rule_error("expected_body", "a HEAD answer has no body: use method GET, or no expected_body"))
     if isinstance(data.get("basic_auth_pass"), str) and data.get("basic_auth_user") is None:
         problems.append(rule_error("basic_auth_pass", "needs basic_auth_user"))
+    url = data.get("url")
+    if data.get("min_cert_days") is not None and isinstance(url, str) and not url.lower().startswith("https:"):
+        problems.append(rule_error("min_cert_days", "only for https URLs: a plain http answer has no certificate"))
     return problems
 
 
@@ -337,6 +348,16 @@ class HttpCheckWrite(CheckWriteBase):
         json_schema_extra={"writeOnly": True},
         description="write-only; on PUT omitted keeps the stored password, null clears it",
     )
+    condition: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1000,
+        description="a CEL expression over status, headers, body, json, latency_ms and cert_days_left that must be "
+        "true as well (docs/conditions.md)",
+    )
+    min_cert_days: Whole | None = Field(
+        None, ge=0, le=3650, description="https only: the server certificate must stay valid this many days"
+    )
 
     @field_validator("expected_status")
     @classmethod
@@ -357,11 +378,49 @@ class TcpCheckWrite(CheckWriteBase):
     )
 
 
-CheckWrite = Annotated[ServiceCheckWrite | HttpCheckWrite | TcpCheckWrite, Field(discriminator="check_type")]
+class DnsCheckWrite(CheckWriteBase):
+    check_type: Literal["dns"]
+    dns_name: DnsName = Field(description="the host name to look up")
+    record_type: Literal["A", "AAAA", "CNAME", "MX", "TXT", "NS", "SRV"] = "A"
+    expected_values: list[ExpectedValue] | None = Field(
+        None,
+        max_length=20,
+        description="each must be among the answers (case-insensitive, trailing dots ignored, as dig +short prints "
+        "them; for MX and SRV the target name alone matches too)",
+    )
+    dns_server: DnsServer | None = Field(
+        None, description="ip or ip:port ([ipv6]:port) of the resolver to ask; default the system resolver"
+    )
+
+
+class GrpcCheckWrite(CheckWriteBase):
+    check_type: Literal["grpc"]
+    port: Whole = Field(ge=1, le=65535)
+    address: TcpAddress | None = Field(
+        None, description="a host name or an IP address, without brackets or port; defaults to the host's name"
+    )
+    grpc_service: str = Field(
+        "", max_length=200, description="the service asked for (grpc.health.v1); empty: the server as a whole"
+    )
+    tls: bool = False
+    ignore_cert_errors: bool = True
+
+    @field_validator("grpc_service")
+    @classmethod
+    def _printable_service(cls, value: str) -> str:
+        return _no_control_characters(value)
+
+
+CheckWrite = Annotated[
+    ServiceCheckWrite | HttpCheckWrite | TcpCheckWrite | DnsCheckWrite | GrpcCheckWrite,
+    Field(discriminator="check_type"),
+]
 CHECK_WRITE_MODELS: dict[str, type[CheckWriteBase]] = {
     "service": ServiceCheckWrite,
     "http": HttpCheckWrite,
     "tcp": TcpCheckWrite,
+    "dns": DnsCheckWrite,
+    "grpc": GrpcCheckWrite,
 }
 
 # ---- results, jobs, audit ------------------------------------------------------------------------
@@ -374,6 +433,9 @@ class ResultView(BaseModel):
     detail: str
     latency_ms: float
     checked_at: AwareDatetime
+    cert_expires_at: AwareDatetime | None = Field(
+        None, description="the server certificate's end of validity for TLS checks, else null"
+    )
 
 
 class JobHostView(BaseModel):

@@ -16,6 +16,8 @@ from urllib.parse import urlsplit
 import idna
 from pydantic import AnyHttpUrl, ValidationError
 
+from shared.addresses import parse_dns_server
+
 # RFC 1035 §2.3.4: 255 octets on the wire, i.e. 253 characters written without the trailing dot.
 MAX_HOST_NAME_LENGTH = 253
 MAX_LABEL_LENGTH = 63
@@ -90,6 +92,31 @@ def address_problems(address: str) -> list[str]:
     if ":" in address:
         return [f"is not a valid IPv6 address: {IP_FORMS}"]
     return host_name_problems(address)
+
+
+def dns_name_problems(name: str) -> list[str]:
+    """Problems of a dns check's `dns_name`: a host name to look up (not an IP address, URL or port). A
+    trailing dot (a fully qualified name) is allowed."""
+    bare = name[:-1] if name.endswith(".") and name != "." else name
+    try:
+        ipaddress.ip_address(bare)
+    except ValueError:
+        pass
+    else:
+        return ["is an IP address: a dns check looks up a host name"]
+    if "/" in bare or "@" in bare or ":" in bare or "[" in bare:
+        return ["must be a host name alone, not a URL, address or port"]
+    return host_name_problems(bare)
+
+
+def dns_server_problems(server: str) -> list[str]:
+    """Problems of a dns check's `dns_server`: an IP address, or ip:port with the IPv6 address in brackets
+    ([::1]:53). A name is refused: the resolver's own address would need a resolver."""
+    try:
+        parse_dns_server(server)
+    except ValueError as exc:
+        return [str(exc)]
+    return []
 
 
 def url_problems(url: str, *, base_url: bool) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import errno
 import ipaddress
 import json
@@ -71,10 +72,14 @@ Resolve = Callable[[str, int], Awaitable[Sequence[AddrInfo]]]
 
 @dataclass(frozen=True)
 class ProbeOutcome:
+    """How a run came out (CONTRACT §4): `cert_expires_at` is the server certificate's end of validity (UTC)
+    for a TLS check, else None."""
+
     healthy: bool
     reason: ResultReason
     detail: str
     latency_ms: float
+    cert_expires_at: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,14 @@ class CheckTarget:
     port: int | None = None
     address: str | None = None
     max_latency_ms: int | None = None
+    condition: str | None = None
+    min_cert_days: int | None = None
+    dns_name: str | None = None
+    record_type: str = "A"
+    expected_values: tuple[str, ...] = ()
+    dns_server: str | None = None
+    grpc_service: str = ""
+    tls: bool = False
 
     def authorization(self) -> str | None:
         """The Basic credentials sent with an http check (RFC 7617), or None without a user."""

@@ -73,6 +73,14 @@ class CheckRow:
             port=row["port"],
             address=row["address"],
             max_latency_ms=row["max_latency_ms"],
+            condition=row["condition"],
+            min_cert_days=row["min_cert_days"],
+            dns_name=row["dns_name"],
+            record_type=row["record_type"] or "A",
+            expected_values=tuple(row["expected_values"] or ()),
+            dns_server=row["dns_server"],
+            grpc_service=row["grpc_service"] or "",
+            tls=bool(row["tls"]),
         )
 
 
@@ -145,7 +153,7 @@ async def store_results(
         detail = details[run.check_id] = safe_detail(outcome.detail, run.secrets)
         results.append(
             (uuid.uuid4(), run.check_id, state["host_id"], run.checked_at, outcome.healthy, outcome.reason,
-             after.status, detail, outcome.latency_ms)
+             after.status, detail, outcome.latency_ms, outcome.cert_expires_at)
         )  # fmt: skip
         result = CheckResult(
             check_id=run.check_id,
@@ -156,6 +164,7 @@ async def store_results(
             detail=detail,
             latency_ms=outcome.latency_ms,
             checked_at=run.checked_at,
+            cert_expires_at=outcome.cert_expires_at,
         )
         stored.append(result)
         events.append(("check.result", result))
@@ -188,6 +197,7 @@ async def store_results(
             latency_ms=run.outcome.latency_ms,
             checked_at=run.checked_at,
             last_slot=last_slots[check_id],
+            cert_expires_at=run.outcome.cert_expires_at,
         )
         for check_id, run in last_run.items()
     ]

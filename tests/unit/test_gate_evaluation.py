@@ -113,7 +113,7 @@ async def result(
     status = "healthy" if healthy else "unhealthy"
     detail = "connected" if healthy else "connection refused"
     await copy_results(
-        connection, [(uuid.uuid4(), check_id, host_id, at, healthy, "ok" if healthy else "connect", status, detail, 1.0)]
+        connection, [(uuid.uuid4(), check_id, host_id, at, healthy, "ok" if healthy else "connect", status, detail, 1.0, None)]
     )
     streak = Streak(status, 0 if healthy else 1, 1 if healthy else 0)
     state = StateAfter(check_id, streak, healthy, "ok" if healthy else "connect", detail, 1.0, at, None)
