@@ -1,0 +1,32 @@
+"""Reading a TLS server's certificate for `cert_expires_at`, `min_cert_days` and `cert_days_left`
+(CONTRACT §3, §4): read from the connection whether or not its certificate was verified."""
+
+from __future__ import annotations
+
+import datetime as dt
+import ssl
+
+from cryptography import x509
+
+
+def certificate_end(der: bytes) -> dt.datetime | None:
+    """The end of validity (notAfter, UTC) of a DER certificate; None when it cannot be read."""
+    try:
+        return x509.load_der_x509_certificate(der).not_valid_after_utc
+    except ValueError:
+        return None
+
+
+def peer_certificate_end(ssl_object: ssl.SSLObject | ssl.SSLSocket | None) -> dt.datetime | None:
+    """The end of validity of the certificate the server presented on this TLS connection (its leaf), or None
+    without TLS or certificate. `getpeercert(binary_form=True)` gives it also when verification was off, where
+    the parsed form is empty."""
+    if ssl_object is None:
+        return None
+    der = ssl_object.getpeercert(binary_form=True)
+    return certificate_end(der) if der else None
+
+
+def days_left(end: dt.datetime, now: dt.datetime) -> float:
+    """Days from `now` until `end` (fractional; negative once expired)."""
+    return (end - now).total_seconds() / 86400
