@@ -83,6 +83,17 @@ class ProbeOutcome:
 
 
 @dataclass(frozen=True)
+class Verdict:
+    """What a check type's probe concluded, before `Prober.run` adds the time it took and the `slow` rule:
+    `cert_expires_at` is the end of validity of the certificate a TLS server presented (UTC), else None."""
+
+    healthy: bool
+    reason: ResultReason
+    detail: str
+    cert_expires_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True)
 class CheckTarget:
     """What a probe needs to know of a check and its host (the password already decrypted)."""
 
@@ -701,14 +712,18 @@ class Prober:
         """Run the check once within its timeout. A run that succeeds more slowly than the check's
         `max_latency_ms` is unhealthy, reason `slow` (CONTRACT §3, every type)."""
         started = time.perf_counter()
+        cert_expires_at = None
         try:
             async with asyncio.timeout(target.timeout_seconds):
                 if target.check_type == "http":
-                    healthy, reason, detail = await self._http(target)
+                    verdict = Verdict(*await self._http(target))
                 elif target.check_type == "service":
-                    healthy, reason, detail = await self._service(target)
+                    verdict = Verdict(*await self._service(target))
                 else:
-                    healthy, reason, detail = await self._tcp(target)
+                    verdict = Verdict(*await self._tcp(target))
+            healthy, reason, detail, cert_expires_at = (
+                verdict.healthy, verdict.reason, verdict.detail, verdict.cert_expires_at
+            )  # fmt: skip
         except TimeoutError:
             healthy, reason, detail = False, "timeout", f"timed out after {_seconds(target.timeout_seconds)}"
         except Exception as exc:  # a probe reports every failure as a result, never raises
@@ -719,7 +734,7 @@ class Prober:
             healthy, reason = False, "slow"
             shown = shown_latency(latency_ms, target.max_latency_ms)
             detail = f"took {shown} ms, more than the {target.max_latency_ms} ms allowed ({detail})"
-        return ProbeOutcome(healthy, reason, detail, latency_ms)
+        return ProbeOutcome(healthy, reason, detail, latency_ms, cert_expires_at)
 
     # ---- http ------------------------------------------------------------------------------------
 
