@@ -28,7 +28,7 @@ from starlette.templating import Jinja2Templates
 from services.api.auth import Principal
 from services.api.checks import (
     MAX_CHECKS_PER_HOST,
-    check_view,
+    check_views,
     create_check_on,
     delete_check_on,
     parse_check_write,
@@ -347,6 +347,7 @@ class Dashboard:
         async with context.pool.acquire() as connection:
             host = hosts.host_values(await fetch_visible_host(connection, session.principal, host_id))
             rows = await checks.checks_of_host(connection, host_id)
+            views = await check_views(connection, rows)
             history = await _recent_results(connection, [row["id"] for row in rows])
         editing, edit_values = form_state.get("editing"), form_state.get("edit_values")
         if editing is not None and edit_values is not None:
@@ -359,11 +360,11 @@ class Dashboard:
                 }
         shown = [
             {
-                "view": check_view(row),
-                "strip": history_strip(history.get(row["id"], [])),
-                "sparkline": latency_sparkline(history.get(row["id"], [])),
+                "view": view,
+                "strip": history_strip(history.get(view.id, [])),
+                "sparkline": latency_sparkline(history.get(view.id, [])),
             }
-            for row in rows
+            for view in views
         ]
         return self.render(
             request, "host.html", status_code=form_state.pop("status_code", 200), session=session, host=host,
