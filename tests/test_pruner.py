@@ -241,3 +241,31 @@ async def test_jobs_without_hosts_left_expire_with_them(pool: asyncpg.Pool) -> N
     report = await prune_once(pool, retention(96))
     assert report.jobs_deleted == 2
     assert {row["job_id"] for row in await pool.fetch("SELECT job_id FROM jobs")} == {"old-with-host", "young"}
+
+
+async def test_hourly_result_counts_before_the_uptime_window_expire(pool: asyncpg.Pool) -> None:
+    """`check_uptime_hours` (behind a check's uptime_24h, CONTRACT §3): the hours before the window the API counts
+    (the current UTC hour and the 23 before it) go, whatever the result retention; the window's stay."""
+    host_id, check_id = uuid.uuid4(), uuid.uuid4()
+    await pool.execute("INSERT INTO hosts (id, name, \"group\") VALUES ($1, 'uptime-host', 'g')", host_id)
+    await pool.execute(
+        "INSERT INTO health_checks (id, host_id, name, check_type, port, interval_seconds, timeout_seconds) "
+        "VALUES ($1, $2, 'tcp', 'tcp', 22, 60, 1)",
+        check_id,
+        host_id,
+    )
+    await pool.execute(
+        """
+        INSERT INTO check_uptime_hours (check_id, hour, healthy, total)
+        SELECT $1, date_trunc('hour', now(), 'UTC') - make_interval(hours => back), 1, 2
+        FROM generate_series(0, 40) AS back
+        """,
+        check_id,
+    )
+    report = await prune_once(pool, retention(96))
+    assert report.uptime_hours_deleted == 41 - 24 and report.as_dict()["uptime_hours_deleted"] == 17
+    oldest = await pool.fetchval(
+        "SELECT date_trunc('hour', now(), 'UTC') - min(hour) FROM check_uptime_hours WHERE check_id = $1", check_id
+    )
+    assert oldest == dt.timedelta(hours=23)
+    assert (await prune_once(pool, retention(96))).uptime_hours_deleted == 0

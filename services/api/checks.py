@@ -38,7 +38,7 @@ from services.api.schemas import (
     TcpCheckWrite,
 )
 from services.api.targets import address_problems
-from shared import checks, results
+from shared import checks, results, uptime
 from shared.audit import diff, record_audit
 from shared.check_state import create_state
 from shared.crypto import DecryptionError
@@ -80,8 +80,9 @@ class ResultListQuery(PageQuery):
     until: AwareDatetime | None = Field(None, description="results before this time")
 
 
-def check_view(row: asyncpg.Record) -> CheckView:
-    """The API's view of a check: common fields and its own type's fields, never the password."""
+def check_view(row: asyncpg.Record, *, uptime_24h: float | None) -> CheckView:
+    """The API's view of a check (`row`: shared.checks.CHECK_SELECT): common fields and its own type's fields, never
+    the password; `uptime_24h` as shared.uptime.uptime_24h reads it."""
     last_result = None
     if row["last_checked_at"] is not None:
         last_result = CheckResultView(
@@ -95,7 +96,14 @@ def check_view(row: asyncpg.Record) -> CheckView:
     values: dict[str, Any] = {name: row[name] for name in (*VIEW_COLUMNS, *TYPE_COLUMNS[row["check_type"]])}
     values["last_result"] = last_result
     values["basic_auth_pass_set"] = row["basic_auth_pass_encrypted"] is not None
+    values["uptime_24h"] = uptime_24h
     return CheckView.model_validate(values)
+
+
+async def check_views(connection: Connection, rows: list[asyncpg.Record]) -> list[CheckView]:
+    """The API's views of these checks, in their order, their `uptime_24h` read at once (CONTRACT §3)."""
+    shares = await uptime.uptime_24h(connection, [row["id"] for row in rows])
+    return [check_view(row, uptime_24h=shares[row["id"]]) for row in rows]
 
 
 def audited_fields(values: asyncpg.Record | dict[str, Any]) -> dict[str, Any]:
@@ -324,8 +332,8 @@ async def list_checks(request: Request, principal: Principal) -> Response:
     async with context_of(request).pool.acquire() as connection:
         if not await host_exists(connection, host_id):
             raise not_found("host")
-        rows = await checks.checks_of_host(connection, host_id)
-    return json_response(ItemList[CheckView](items=[check_view(row) for row in rows]))
+        views = await check_views(connection, await checks.checks_of_host(connection, host_id))
+    return json_response(ItemList[CheckView](items=views))
 
 
 async def create_check(request: Request, principal: Principal) -> Response:
@@ -352,7 +360,7 @@ async def create_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, s
         await schedule_first_run(connection, check_id, enabled=body.enabled)
         await refresh_host_status(connection, host_id, source=context.source)
         row = await _fetch_check(connection, host_id, check_id)
-        view = check_view(row)
+        view = check_view(row, uptime_24h=None)  # a new check has no result yet
         await audit_check(connection, actor, "health_check.create", host_id, check_id, audited_fields(values))
         await enqueue(connection, "check.config.created", CheckConfigChanged(check=view), source=context.source)
     return view
@@ -361,8 +369,8 @@ async def create_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, s
 async def get_check(request: Request, principal: Principal) -> Response:
     host_id, check_id = path_uuid(request, "host_id"), path_uuid(request, "check_id")
     async with context_of(request).pool.acquire() as connection:
-        row = await _fetch_check(connection, host_id, check_id)
-    return json_response(check_view(row))
+        [view] = await check_views(connection, [await _fetch_check(connection, host_id, check_id)])
+    return json_response(view)
 
 
 async def update_check(request: Request, principal: Principal) -> Response:
@@ -389,7 +397,7 @@ async def update_check_on(
                 raise conflict(f"this host already has a check named {body.name!r}") from None
             await schedule_first_run(connection, check_id, enabled=body.enabled)
         await refresh_host_status(connection, host_id, source=context.source)
-        view = check_view(await _fetch_check(connection, host_id, check_id))
+        [view] = await check_views(connection, [await _fetch_check(connection, host_id, check_id)])
         await audit_check(connection, actor, "health_check.update", host_id, check_id, changes)
         if changes:
             await enqueue(connection, "check.config.updated", CheckConfigChanged(check=view), source=context.source)
@@ -407,13 +415,12 @@ async def delete_check_rows(
 ) -> None:
     """Delete a check with its state and results, audited, and publish `check.config.deleted`."""
     before = await _fetch_check(connection, host_id, check_id, for_update=True)
+    [view] = await check_views(connection, [before])  # read before its hourly counts go with it
     await checks.delete_check(connection, check_id)
     if refresh_host:
         await refresh_host_status(connection, host_id, source=context.source)
     await audit_check(connection, actor, "health_check.delete", host_id, check_id, audited_fields(before))
-    await enqueue(
-        connection, "check.config.deleted", CheckConfigChanged(check=check_view(before)), source=context.source
-    )
+    await enqueue(connection, "check.config.deleted", CheckConfigChanged(check=view), source=context.source)
 
 
 async def delete_check(request: Request, principal: Principal) -> Response:

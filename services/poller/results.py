@@ -1,10 +1,11 @@
 """Reading the checks a tick names, and writing a batch of their results in one transaction.
 
 A batch writes every result (COPY), updates each check's state with its persisted streak counters,
-publishes `check.result`, `check.status_changed` and `host.status_changed` through the outbox and
-recomputes the summary of hosts whose checks flipped — all in one commit, before the tick is acked.
+adds them to the checks' hourly counts behind `uptime_24h`, publishes `check.result`, `check.status_changed` and
+`host.status_changed` through the outbox and recomputes the summary of hosts whose checks flipped — all in one
+commit, before the tick is acked.
 Locks are taken hosts first, then check states, each in id order: the API takes them in the same
-order, so the two never deadlock. Each table is written through its owner (shared/results.py,
+order, so the two never deadlock. Each table is written through its owner (shared/results.py, shared/uptime.py,
 shared/check_state.py, shared/outbox.py, shared/hosts.py); the statements and their order are these.
 """
 
@@ -29,6 +30,7 @@ from shared.hosts import lock_hosts, refresh_host_status
 from shared.jobs import maintenance_of_hosts
 from shared.outbox import enqueue_many
 from shared.results import copy_results
+from shared.uptime import Counted, count_results
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +189,7 @@ async def store_results(
     if not results:
         return []
     await copy_results(connection, results)
+    await count_results(connection, [Counted(result.check_id, result.checked_at, result.healthy) for result in stored])
     states_after = [
         StateAfter(
             check_id=check_id,

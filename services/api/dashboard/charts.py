@@ -7,6 +7,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
 
+from services.api.dashboard.wording import reason_phrase
+
 SQUARE = 12
 GAP = 2
 SPARK_WIDTH = 180
@@ -30,7 +32,7 @@ def history_strip(results: Sequence[Point]) -> str:
     width = len(ordered) * (SQUARE + GAP)
     squares = []
     for index, point in enumerate(ordered):
-        outcome = "healthy" if point.healthy else f"unhealthy ({point.reason})"
+        outcome = "healthy" if point.healthy else f"unhealthy ({reason_phrase(point.reason)})"
         title = f"{point.checked_at:%Y-%m-%d %H:%M:%S} UTC: {outcome}, {point.latency_ms:.0f} ms. {point.detail}"
         css = "ok" if point.healthy else "bad"
         squares.append(

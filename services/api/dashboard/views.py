@@ -28,7 +28,7 @@ from starlette.templating import Jinja2Templates
 from services.api.auth import Principal
 from services.api.checks import (
     MAX_CHECKS_PER_HOST,
-    check_view,
+    check_views,
     create_check_on,
     delete_check_on,
     parse_check_write,
@@ -38,6 +38,7 @@ from services.api.checks import (
 from services.api.context import ApiContext, context_of
 from services.api.dashboard import sessions
 from services.api.dashboard.charts import Point, history_strip, latency_sparkline
+from services.api.dashboard.wording import cert_validity, reason_phrase, uptime_percent
 from services.api.endpoints import ADMIN, CHECK_EDITORS
 from services.api.groups import GROUP_PAGES
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
@@ -49,7 +50,7 @@ from services.api.requests import PageQuery, path_job_id
 from services.api.schemas import MAX_PREVIEW_HOSTS, HaltRequest, OverrideRequest, PreviewRequest
 from shared import checks, group_policies, hosts, jobs, results
 from shared.database import Connection
-from shared.events import control_character, job_key
+from shared.events import CheckView, control_character, job_key
 from shared.gating import gating_check_summaries
 from shared.group_policies import GroupPolicy, budget_limit
 from shared.hosts import HOST_STATUSES
@@ -167,6 +168,9 @@ class Dashboard:
         self.templates.env.filters["status_word"] = lambda status: STATUS_WORDS.get(status, status.replace("_", " "))
         self.templates.env.filters["waiting_for_words"] = lambda item: WAITING_FOR_WORDS.get(item, item)
         self.templates.env.filters["halt_reason_words"] = lambda reason: HALT_REASON_WORDS.get(reason, reason)
+        self.templates.env.filters["reason_phrase"] = reason_phrase
+        self.templates.env.filters["uptime_percent"] = uptime_percent
+        self.templates.env.filters["cert_validity"] = cert_validity
 
     def routes(self) -> list[SegmentRoute | Mount]:
         """Every page is matched segment by segment on the raw path, as the API is (services/api/paths.py)."""
@@ -347,6 +351,7 @@ class Dashboard:
         async with context.pool.acquire() as connection:
             host = hosts.host_values(await fetch_visible_host(connection, session.principal, host_id))
             rows = await checks.checks_of_host(connection, host_id)
+            views = await check_views(connection, rows)
             history = await _recent_results(connection, [row["id"] for row in rows])
         editing, edit_values = form_state.get("editing"), form_state.get("edit_values")
         if editing is not None and edit_values is not None:
@@ -359,11 +364,12 @@ class Dashboard:
                 }
         shown = [
             {
-                "view": check_view(row),
-                "strip": history_strip(history.get(row["id"], [])),
-                "sparkline": latency_sparkline(history.get(row["id"], [])),
+                "view": view,
+                "form_values": check_form_values(view),
+                "strip": history_strip(history.get(view.id, [])),
+                "sparkline": latency_sparkline(history.get(view.id, [])),
             }
-            for row in rows
+            for view in views
         ]
         return self.render(
             request, "host.html", status_code=form_state.pop("status_code", 200), session=session, host=host,
@@ -384,8 +390,9 @@ class Dashboard:
             if problem.status not in (409, 422):
                 raise
             return await self.host(
-                request, session, new_errors=_errors(problem), new_values=dict(form), status_code=problem.status
-            )
+                request, session, new_errors=_errors(problem), new_values=submitted_values(form),
+                status_code=problem.status,
+            )  # fmt: skip
         return RedirectResponse(f"/hosts/{host_id}", status_code=303)
 
     async def update_check(self, request: Request, session: sessions.Session) -> Response:
@@ -401,8 +408,8 @@ class Dashboard:
             if problem.status not in (409, 422):
                 raise
             return await self.host(
-                request, session, edit_errors=_errors(problem), edit_values=dict(form), editing=str(check_id),
-                status_code=problem.status,
+                request, session, edit_errors=_errors(problem), edit_values=submitted_values(form),
+                editing=str(check_id), status_code=problem.status,
             )  # fmt: skip
         return RedirectResponse(f"/hosts/{host_id}", status_code=303)
 
@@ -595,10 +602,18 @@ def dashboard_job_id(request: Request) -> str:
     return values[0]
 
 
+# The check form's checkboxes, by the check type whose fields they are: a box left unchecked is not sent at all, so a
+# form shown again must be told it was off (a box of another type was not sent because its fields were hidden).
+CHECKBOXES = {"http": ("ignore_cert_errors", "follow_redirects"), "grpc": ("ignore_cert_errors", "tls")}
+COMMON_CHECKBOXES = ("enabled", "critical")
+
+
 def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
     """A check's API body from a form: only the chosen type's fields, booleans from checkboxes, empty
     inputs left out so that defaults apply, and the write-only password kept unless given or cleared (by its
-    checkbox, or by emptying the user field)."""
+    checkbox, or by emptying the user field). tcp and grpc share the port and address fields, http and grpc the
+    certificate box: one input each, so the form also works without scripts, when every type's fields are shown.
+    A dns check's expected values are the textarea's non-empty lines."""
     check_type = form.get("check_type")
     document: dict[str, Any] = {
         "name": form.get("name", ""),
@@ -615,10 +630,24 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
             document[field] = form.get(field)
     if check_type == "service":
         document["service_name"] = form.get("service_name", "")
-    elif check_type == "tcp":
+    elif check_type in ("tcp", "grpc"):
         document["port"] = form.get("port") or None
         if form.get("address"):
             document["address"] = form.get("address")
+        if check_type == "grpc":
+            document |= {
+                "grpc_service": form.get("grpc_service", ""),
+                "tls": "tls" in form,
+                "ignore_cert_errors": "ignore_cert_errors" in form,
+            }
+    elif check_type == "dns":
+        document |= {"dns_name": form.get("dns_name", ""), "record_type": form.get("record_type") or "A"}
+        values = form.get("expected_values")
+        lines = [line.strip() for line in values.splitlines()] if isinstance(values, str) else []
+        if any(lines):
+            document["expected_values"] = [line for line in lines if line]
+        if form.get("dns_server"):
+            document["dns_server"] = form.get("dns_server")
     elif check_type == "http":
         document |= {
             "url": form.get("url", ""),
@@ -626,9 +655,14 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
             "ignore_cert_errors": "ignore_cert_errors" in form,
             "follow_redirects": "follow_redirects" in form,
         }
-        for field in ("expected_status", "expected_body", "basic_auth_user"):
+        for field in ("expected_status", "expected_body", "basic_auth_user", "min_cert_days"):
             if form.get(field):
                 document[field] = form.get(field)
+        condition = form.get("condition")
+        if isinstance(condition, str) and condition:
+            # A browser sends a textarea's line breaks as CRLF (HTML's form encoding): stored as typed, a condition
+            # written with LF over the API would read as changed each time its form is saved unchanged.
+            document["condition"] = condition.replace("\r\n", "\n")
         if form.get("basic_auth_pass"):
             document["basic_auth_pass"] = form.get("basic_auth_pass")
         elif editing and ("clear_basic_auth_pass" in form or not form.get("basic_auth_user")):
@@ -636,6 +670,23 @@ def check_document(form: FormData, *, editing: bool) -> dict[str, Any]:
             # that drops the user of a stored password without saying basic_auth_pass: null).
             document["basic_auth_pass"] = None
     return document
+
+
+def submitted_values(form: FormData) -> dict[str, Any]:
+    """What a check form sent, to show it again with the API's messages: every field as typed, and each checkbox of
+    the chosen type left unchecked as "off" (an unchecked box is not sent, and the form would otherwise show its
+    default); those of other types keep their defaults, for when the type is changed."""
+    values: dict[str, Any] = dict(form)
+    check_type = form.get("check_type")
+    boxes = (*COMMON_CHECKBOXES, *CHECKBOXES.get(check_type if isinstance(check_type, str) else "", ()))
+    return values | {box: "off" for box in boxes if box not in form}
+
+
+def check_form_values(view: CheckView) -> dict[str, Any]:
+    """A stored check as its edit form shows it: its fields by name, a dns check's expected values one per line."""
+    values = view.model_dump()
+    values["expected_values"] = "\n".join(view.expected_values or ())
+    return values
 
 
 async def _summary(pool: asyncpg.Pool, principal: Principal) -> tuple[dict[str, int], list[str]]:
@@ -715,11 +766,15 @@ async def _require_visible_host(context: ApiContext, session: sessions.Session, 
 
 
 def _errors(problem: Problem) -> dict[str, str]:
-    """The problem's messages by field (a field with several problems shows them all)."""
+    """The problem's messages by field (a field with several problems shows them all). A problem of one of a dns
+    check's expected values (`expected_values.2`) is shown by their textarea, naming the value by its place."""
     errors: dict[str, str] = {}
     for error in problem.errors or []:
-        field = error["field"]
-        errors[field] = f"{errors[field]}; {error['message']}" if field in errors else error["message"]
+        field, message = error["field"], error["message"]
+        list_field, _, index = field.partition(".")
+        if list_field == "expected_values" and index.isdigit():
+            field, message = list_field, f"value {int(index) + 1}: {message}"
+        errors[field] = f"{errors[field]}; {message}" if field in errors else message
     return errors or {"form": problem.detail}
 
 

@@ -2,12 +2,12 @@
 (function () {
   "use strict";
 
-  // Show only the fields of the chosen check type.
+  // Show only the fields of the chosen check type (a fieldset may serve several: data-for-type="tcp grpc").
   function syncType(form) {
     var select = form.querySelector("[data-check-type]");
     if (!select) return;
     form.querySelectorAll("fieldset[data-for-type]").forEach(function (fieldset) {
-      var shown = fieldset.getAttribute("data-for-type") === select.value;
+      var shown = fieldset.getAttribute("data-for-type").split(" ").indexOf(select.value) !== -1;
       fieldset.hidden = !shown;
       fieldset.disabled = !shown;
     });
@@ -16,6 +16,11 @@
     syncType(form);
     form.querySelector("[data-check-type]").addEventListener("change", function () { syncType(form); });
   });
+
+  // A form shown again with the API's messages: the first field in error takes the focus (its description says
+  // why), rather than leaving a keyboard or screen-reader user at the top of a long page.
+  var invalid = document.querySelector("[data-check-form] [aria-invalid=true]");
+  if (invalid) invalid.focus();
 
   // Ask before deleting.
   document.querySelectorAll("form[data-confirm]").forEach(function (form) {
