@@ -62,7 +62,7 @@ async def test_unknown_check_type_is_422(admin: httpx.AsyncClient, host_id: str,
     body = assert_problem(
         await admin.post(f"/api/v1/hosts/{host_id}/health-checks", json={"name": "x", "check_type": check_type}), 422
     )
-    assert body["errors"] == [{"field": "check_type", "message": "must be one of: service, http, tcp"}]
+    assert body["errors"] == [{"field": "check_type", "message": "must be one of: service, http, tcp, dns, grpc"}]
 
 
 async def test_huge_body_is_413(admin: httpx.AsyncClient, db: asyncpg.Connection) -> None:

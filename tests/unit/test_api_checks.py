@@ -72,7 +72,7 @@ def test_without_a_known_type_the_common_fields_are_still_checked(check_type: ob
     request = parse_check_write(document)
     errors = errors_of(request)
     assert request.body is None and request.check_type is None
-    assert errors["check_type"] == "must be one of: service, http, tcp"
+    assert errors["check_type"] == "must be one of: service, http, tcp, dns, grpc"
     assert {"name", "interval_seconds"} <= set(errors)
     assert "port" not in errors  # another type's field is not judged without a type
 
