@@ -30,7 +30,6 @@ answer that is not gRPC over HTTP/2 (an HTTP/1 server, garbage) → `protocol`; 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import errno
 import os
@@ -196,6 +195,8 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, traf
     sent (when `reader` is the server)."""
     try:
         while chunk := await reader.read(RELAY_CHUNK_BYTES):
+            if writer.is_closing():  # the run is over (asyncio's TLS transport must not be written to then)
+                break
             if traffic is not None:
                 traffic.first_byte = chunk[0] if traffic.first_byte is None else traffic.first_byte
                 traffic.received += len(chunk)
@@ -212,18 +213,29 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, traf
 
 class Relay:
     """A Unix socket of one run (abstract namespace) that gRPC's channel connects to, and the copying of its bytes
-    to and from the server's connection. Only a connection from this process is taken: any other process could
-    connect to an abstract socket."""
+    to and from the server's connection. Only one connection from this process is taken: any other process could
+    connect to an abstract socket, and a second connection of gRPC's (a reconnect) is refused, which fails the call.
 
-    def __init__(self) -> None:
+    Create it in the running loop, point the channel at `target`, and `await close()` when the call is over,
+    however it ended. A connection is accepted in a reader callback, which owns it at once (no accept future that a
+    cancellation could orphan, as `loop.sock_accept` or an `asyncio.Server` closed mid-accept can)."""
+
+    def __init__(self, server_reader: asyncio.StreamReader, server_writer: asyncio.StreamWriter) -> None:
         self.name = f"healthgate-grpc-{uuid.uuid4().hex}"
         self.traffic = RelayTraffic()
-        self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server_reader = server_reader
+        self._server_writer = server_writer
+        self._loop = asyncio.get_running_loop()
+        self._connection: socket.socket | None = None
+        self._client_writer: asyncio.StreamWriter | None = None
+        self._copying: asyncio.Task[None] | None = None
+        self._listener: socket.socket | None = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind("\0" + self.name)
             self._listener.listen(1)
             self._listener.setblocking(False)
-        except OSError:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
+        except BaseException:
             self._listener.close()
             raise
 
@@ -232,27 +244,57 @@ class Relay:
         """The gRPC target naming this socket."""
         return f"unix-abstract:{self.name}"
 
-    async def run(self, server_reader: asyncio.StreamReader, server_writer: asyncio.StreamWriter) -> None:
-        """Take gRPC's connection, then copy both ways until either side closes."""
-        loop = asyncio.get_running_loop()
+    def _accept(self) -> None:
+        """The listener is readable: take the connection if it is this process's, else close it."""
+        if self._listener is None:
+            return
         try:
-            while True:
-                connection, _ = await loop.sock_accept(self._listener)
-                pid, _uid, _gid = PEER_CREDENTIALS.unpack(
-                    connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
-                )
-                if pid == os.getpid():
-                    break
-                connection.close()
-        finally:
-            self._listener.close()  # gRPC gets one connection: a reconnect is refused, and fails the call
-        client_reader, client_writer = await asyncio.open_unix_connection(sock=connection)
-        await asyncio.gather(
-            _pump(client_reader, server_writer, None), _pump(server_reader, client_writer, self.traffic)
-        )
+            connection, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:  # the peer gave up before the accept
+            return
+        try:
+            pid, _uid, _gid = PEER_CREDENTIALS.unpack(
+                connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
+            )
+        except OSError:
+            pid = None
+        if pid != os.getpid():
+            connection.close()
+            return
+        self._stop_listening()
+        self._connection = connection
+        self._copying = self._loop.create_task(self._copy(connection))
 
-    def close(self) -> None:
-        self._listener.close()
+    async def _copy(self, connection: socket.socket) -> None:
+        client_reader, self._client_writer = await asyncio.open_unix_connection(sock=connection)
+        try:
+            await asyncio.gather(
+                _pump(client_reader, self._server_writer, None),
+                _pump(self._server_reader, self._client_writer, self.traffic),
+            )
+        finally:  # also when cancelled before the pumps ran (their own `finally` never does then)
+            self._client_writer.close()
+
+    def _stop_listening(self) -> None:
+        if self._listener is not None:
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+
+    async def close(self) -> None:
+        """Stop listening, stop copying, close both connections."""
+        self._stop_listening()
+        if self._copying is not None:
+            self._copying.cancel()
+            await asyncio.gather(self._copying, return_exceptions=True)
+        if self._connection is not None and self._client_writer is None:
+            # Never given to a transport (or given to one that failed, and is closing): closed here. A transport's
+            # socket is closed by the transport only: closing its descriptor under it would let another socket reuse
+            # the number while the transport still holds it.
+            self._connection.close()
+        self._server_writer.close()
 
 
 class GrpcProbe:
@@ -312,16 +354,12 @@ class GrpcProbe:
         sock: socket.socket, context: ssl.SSLContext | None, name: str
     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
         """Streams over the connected `sock`, after a TLS handshake with `context` (SNI and verification by `name`)
-        unless it is None. The socket is closed when this fails or is cancelled (closing it again is a no-op when
-        the transport closed it already, with asyncio and uvloop alike)."""
-        try:
-            return await asyncio.open_connection(
-                sock=sock, ssl=context, server_hostname=name if context else None,
-                ssl_shutdown_timeout=TLS_SHUTDOWN_SECONDS if context else None,
-            )  # fmt: skip
-        except BaseException:
-            sock.close()
-            raise
+        unless it is None. The transport takes the socket before anything can fail or be cancelled, and closes it
+        then (asyncio and uvloop alike): closing it here too could close a descriptor number already reused."""
+        return await asyncio.open_connection(
+            sock=sock, ssl=context, server_hostname=name if context else None,
+            ssl_shutdown_timeout=TLS_SHUTDOWN_SECONDS if context else None,
+        )  # fmt: skip
 
     async def _call(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, target: CheckTarget, name: str, what: str
@@ -331,8 +369,7 @@ class GrpcProbe:
         protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         if protocol not in (None, "h2"):
             return Verdict(False, "protocol", f"{what} chose {protocol} in TLS (ALPN), not HTTP/2: not a gRPC server")
-        relay = Relay()
-        relaying = asyncio.create_task(relay.run(reader, writer))
+        relay = Relay(reader, writer)
         options = [
             ("grpc.default_authority", host_port(name, target.port or 0)),
             ("grpc.http2_scheme", "https" if target.tls else "http"),
@@ -356,10 +393,7 @@ class GrpcProbe:
                     )  # fmt: skip
             return judge_status(answer.status, target.grpc_service, what)
         finally:
-            relay.close()
-            relaying.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError, ssl.SSLError):
-                await relaying
+            await relay.close()
 
     async def _unverified_certificate_end(self, infos: Sequence[AddrInfo], name: str) -> dt.datetime | None:
         """After a failed verification, the end of validity of the certificate the server presents, read by a
