@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import string
 from collections.abc import Iterable, Sequence
 
 import dns.asyncresolver
@@ -82,9 +83,9 @@ def answer_text(rdata: dns.rdata.Rdata) -> str:
 
 
 def normalized(value: str) -> str:
-    """A value as answers and expected values are compared: without surrounding spaces and trailing dots, in lower
-    case, an IP address in its canonical form."""
-    text = value.strip().rstrip(".").lower()
+    """A value as answers and expected values are compared: without surrounding spaces and trailing dots (and spaces
+    among them), in lower case, an IP address in its canonical form."""
+    text = value.strip().rstrip(string.whitespace + ".").lower()
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:
