@@ -19,8 +19,9 @@ Why not let gRPC connect: gRPC Python cannot skip certificate verification, does
 certificate, and names connection failures only in its messages' text. Fetching the certificate with a first
 handshake and trusting exactly it (`ssl_target_name_override`) costs a second handshake per check, still fails on
 an expired certificate or a leaf whose issuer is not sent, and verifies against gRPC's bundled roots, not the
-system's. The relay's price: Linux only (abstract Unix sockets), and about 1 ms of CPU per check (a channel of
-gRPC's own to the target costs about as much again).
+system's. The relay's price: Linux only (abstract Unix sockets), and 0.5-1 ms of CPU per check on top of the
+channel's own 0.5-2 ms (measured against a local server: a plaintext check 1-3 ms of CPU in all, a TLS check
+2.5-5 ms, the lower figures with 20 checks at a time).
 
 Outcomes: SERVING → ok; any other serving status, an unknown `grpc_service` (NOT_FOUND) or another gRPC error
 the server sent → `status`; refused or unreachable → `connect`; handshake or verification failure → `tls`; an
