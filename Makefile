@@ -33,13 +33,15 @@ run: venv
 	exec $(BIN)/healthgate up
 
 ## test-deps: system packages the test suite and benchmarks need beyond the virtualenv: nginx (a real HTTP/TLS
-## peer for the poller's checks; tests run their own nginx processes, the system service is never started) and
-## Debian's Chromium with its driver and fonts (/usr/bin/chromium, driven by Playwright in tests/test_dashboard.py; no
-## browser is ever downloaded). Installs with apt-get (as root) only what is missing; a temporary policy-rc.d
+## peer for the poller's checks; tests run their own nginx processes, the system service is never started),
+## dnsmasq-base (a real DNS server for dns checks, run by tests/support/dns_server.py on 127.0.0.1; the package
+## has no system service) and Debian's Chromium with its driver and fonts (/usr/bin/chromium, driven by
+## Playwright in tests/test_dashboard.py; no browser is ever downloaded). Installs with apt-get (as root) only what is missing; a temporary policy-rc.d
 ## keeps a package from starting its service.
 test-deps:
 	@missing=; \
 	command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing="$$missing nginx"; \
+	command -v dnsmasq >/dev/null 2>&1 || [ -x /usr/sbin/dnsmasq ] || missing="$$missing dnsmasq"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	echo "test-deps: installing$$missing"; \
@@ -49,6 +51,9 @@ test-deps:
 	case "$$missing" in *nginx*) if [ $$status -eq 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx-light \
 		|| DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx; status=$$?; fi;; esac; \
+	case "$$missing" in *dnsmasq*) if [ $$status -eq 0 ]; then \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dnsmasq-base; \
+		status=$$?; fi;; esac; \
 	case "$$missing" in *chromium*) if [ $$status -eq 0 ]; then \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 			chromium chromium-driver fonts-liberation; status=$$?; fi;; esac; \

@@ -22,7 +22,9 @@ import pytest
 from shared.schema import migrate
 from shared.topology import Topology, declare_exchange
 from tests.support.database import checks_resolving_names, database_name, drop_database, empty_tables, with_database
+from tests.support.dns_server import dnsmasq  # noqa: F401  (fixture)
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
+from tests.support.grpc_server import grpc_health  # noqa: F401  (fixture)
 from tests.support.messages import DeadLetters, EventCapture, Publisher
 from tests.support.nginx import nginx  # noqa: F401  (fixture)
 from tests.support.postgres import PostgresCluster, postgres_available, postgres_cluster

@@ -1,18 +1,31 @@
-"""The test peers themselves work: the real nginx, the fake host agent and the blackholes (tests/support)."""
+"""The test peers themselves work: the real nginx, the fake host agent, the blackholes, dnsmasq and the gRPC health
+servers (tests/support)."""
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import socket
 import ssl
 import threading
 import time
 
+import dns.exception
+import dns.flags
+import dns.message
+import dns.query
+import dns.rcode
+import grpc
 import httpx
 import pytest
+from cryptography import x509
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.blackhole import Blackhole, refused_port, slow_port, unanswered_port
+from tests.support.certificates import CertificateAuthority, self_signed
+from tests.support.dns_server import BIG_STRINGS, WEB_IPV4, Dnsmasq, UdpSink
 from tests.support.fake_agent import CLIENT_CN, SERVICES_PREFIX, FakeAgent
+from tests.support.grpc_server import GrpcHealthServer
 from tests.support.nginx import (
     BASIC_AUTH_PASSWORD,
     BASIC_AUTH_USER,
@@ -353,3 +366,60 @@ def test_slow_port_opens_late() -> None:
         started = time.monotonic()
         with socket.create_connection(("127.0.0.1", port), timeout=10):
             assert time.monotonic() - started >= 0.3
+
+
+# --- dnsmasq and the UDP sink -----------------------------------------------------------------------------------
+def _ask(server: Dnsmasq, name: str, record_type: str) -> dns.message.Message:
+    return dns.query.udp(dns.message.make_query(name, record_type), "127.0.0.1", port=server.port, timeout=5)
+
+
+def test_dnsmasq_serves_its_records_and_nothing_else(dnsmasq: Dnsmasq) -> None:
+    web = _ask(dnsmasq, "web.test", "A")
+    assert sorted(item.to_text() for rrset in web.answer for item in rrset) == sorted(WEB_IPV4)
+    assert web.flags & dns.flags.AA  # authoritative for test
+    assert [rrset.to_text() for rrset in _ask(dnsmasq, "test", "NS").answer] == ["test. 600 IN NS ns.test."]
+    assert dns.rcode.to_text(_ask(dnsmasq, "nope.test", "A").rcode()) == "NXDOMAIN"
+    assert dns.rcode.to_text(_ask(dnsmasq, "outside.invalid", "A").rcode()) == "REFUSED"  # never forwarded
+    assert _ask(dnsmasq, "big.test", "TXT").flags & dns.flags.TC  # too large for UDP without EDNS
+    whole = dns.query.tcp(dns.message.make_query("big.test", "TXT"), "127.0.0.1", port=dnsmasq.port, timeout=5)
+    assert b"".join(whole.answer[0][0].strings) == "".join(BIG_STRINGS).encode()
+
+
+def test_udp_sink_counts_and_never_answers() -> None:
+    with UdpSink() as sink:
+        with pytest.raises(dns.exception.Timeout):
+            dns.query.udp(dns.message.make_query("web.test", "A"), "127.0.0.1", port=sink.port, timeout=0.3)
+        assert sink.received == 1
+
+
+# --- gRPC health servers ----------------------------------------------------------------------------------------
+def _check(channel: grpc.Channel, service: str) -> str:
+    stub = health_pb2_grpc.HealthStub(channel)
+    try:
+        answer = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    except grpc.RpcError as exc:
+        return str(exc.code().name)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status))
+
+
+def test_grpc_health_server_statuses(grpc_health: GrpcHealthServer) -> None:
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_health.port}") as channel:
+        statuses = [_check(channel, service) for service in ("", "payments", "batch", "legacy", "nope")]
+    assert statuses == ["SERVING", "SERVING", "NOT_SERVING", "UNKNOWN", "NOT_FOUND"]
+
+
+def test_grpc_tls_server_with_a_certificate_of_a_test_ca() -> None:
+    ca = CertificateAuthority()
+    pair = ca.issue(dns_names=["grpc.test"], ips=(), days=10)
+    with GrpcHealthServer(tls=pair) as server:
+        credentials = grpc.ssl_channel_credentials(root_certificates=ca.pem)
+        options = [("grpc.ssl_target_name_override", "grpc.test")]  # verified by the name; connected to 127.0.0.1
+        with grpc.secure_channel(f"127.0.0.1:{server.port}", credentials, options=options) as channel:
+            assert _check(channel, "") == "SERVING"
+    cert = x509.load_pem_x509_certificate(pair.cert_pem)
+    assert cert.not_valid_after_utc == pair.not_after
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    ) == ["grpc.test"]
+    expired = x509.load_pem_x509_certificate(self_signed(days=-1).cert_pem)
+    assert expired.not_valid_after_utc < dt.datetime.now(dt.UTC) and expired.issuer == expired.subject

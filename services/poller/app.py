@@ -1,8 +1,9 @@
 """The poller service: scheduler, workers, outbox relay and health endpoints in one process.
 
-Everything it needs (pool, broker, HTTP session, TLS contexts, key) is created here once and passed
-down. SIGTERM stops the consumers, lets running ticks finish and ack (those that do not finish in time
-are handed back), then closes the connections.
+Everything it needs (pool, broker, HTTP session, TLS contexts, the dns and grpc probes with the system
+resolver's nameservers, key) is created here once and passed down. SIGTERM stops the consumers, lets
+running ticks finish and ack (those that do not finish in time are handed back), then closes the
+connections.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import logging
 import asyncpg
 
 from services.poller.agent_tls import agent_ssl_context
-from services.poller.probes import Prober, probe_session
+from services.poller.dns_probe import DnsProbe, system_nameservers
+from services.poller.grpc_probe import GrpcProbe
+from services.poller.probes import Prober, probe_session, system_resolve
 from services.poller.scheduler import Scheduler, SchedulerMetrics
 from services.poller.worker import Worker, WorkerMetrics
 from shared.crypto import SecretBox, load_or_create_key
@@ -49,7 +52,11 @@ async def serve(settings: Settings, key: bytes) -> bool:
     agent_ssl = agent_ssl_context(*settings.agent_tls_files())  # AgentTlsError: one line naming each file
     async with WorkerRuntime("poller", settings, relay_on_own_thread=True) as runtime:
         session = probe_session(settings.blocked_networks)
-        prober = Prober(session, settings.blocked_networks, agent_ssl)
+        blocked = settings.blocked_networks
+        prober = Prober(
+            session, blocked, agent_ssl,
+            dns=DnsProbe(blocked, system_nameservers()), grpc=GrpcProbe(blocked, system_resolve),
+        )  # fmt: skip
         worker = Worker(
             runtime.pool, runtime.broker, prober, SecretBox(key), WorkerMetrics(runtime.registry),
             concurrency=PROBE_CONCURRENCY,

@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import quote, urljoin, urlsplit
 
 import aiohappyeyeballs
@@ -137,6 +137,19 @@ class CheckTarget:
         if self.basic_auth_user is None:
             return ()
         return tuple(secret for secret in (self.basic_auth_pass, self.authorization()) if secret)
+
+
+class TypeProbe(Protocol):
+    """A check type's probe that lives in a module of its own (dns_probe.DnsProbe, grpc_probe.GrpcProbe), created
+    once at poller start and handed to the Prober."""
+
+    async def check(self, target: CheckTarget) -> Verdict:
+        """The verdict on one run; raises nothing but CancelledError (the run's timeout)."""
+        ...
+
+
+class ProbeMissing(Exception):
+    """The Prober was created without the probe of a check's type (tests and benchmarks that run no such checks)."""
 
 
 class BlockedTarget(Exception):
@@ -692,7 +705,8 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
 class Prober:
     """Runs checks; holds the HTTP session and TLS contexts created once at poller start.
 
-    `resolve` turns a tcp check's host name into addresses (the system resolver; tests pass their own)."""
+    `resolve` turns a tcp check's host name into addresses (the system resolver; tests pass their own). `dns` and
+    `grpc` run those check types (services/poller/dns_probe.py, grpc_probe.py); without one, such a check fails."""
 
     def __init__(
         self,
@@ -701,11 +715,15 @@ class Prober:
         agent_ssl: ssl.SSLContext | None,
         *,
         resolve: Resolve = system_resolve,
+        dns: TypeProbe | None = None,
+        grpc: TypeProbe | None = None,
     ) -> None:
         self._session = session
         self._blocked = blocked
         self._agent_ssl = agent_ssl
         self._resolve = resolve
+        self._dns = dns
+        self._grpc = grpc
         self._verifying_ssl = ssl.create_default_context()
 
     async def run(self, target: CheckTarget) -> ProbeOutcome:
@@ -719,6 +737,10 @@ class Prober:
                     verdict = Verdict(*await self._http(target))
                 elif target.check_type == "service":
                     verdict = Verdict(*await self._service(target))
+                elif target.check_type == "dns":
+                    verdict = await _probe_of(self._dns, "dns").check(target)
+                elif target.check_type == "grpc":
+                    verdict = await _probe_of(self._grpc, "grpc").check(target)
                 else:
                     verdict = Verdict(*await self._tcp(target))
             healthy, reason, detail, cert_expires_at = (
@@ -930,6 +952,12 @@ def _tcp_failure(exc: BaseException, what: str, infos: Sequence[AddrInfo]) -> st
         return f"connection refused by {what}{every}"
     why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
     return f"cannot connect to {what}{every}: {why}"
+
+
+def _probe_of(probe: TypeProbe | None, check_type: str) -> TypeProbe:
+    if probe is None:
+        raise ProbeMissing(f"this poller was started without a probe for {check_type} checks")
+    return probe
 
 
 def _target_name(target: CheckTarget) -> str:

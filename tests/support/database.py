@@ -96,13 +96,14 @@ def resolves_by_dns(name: str) -> bool:
 
 
 async def checks_resolving_names(connection: asyncpg.Connection) -> list[str]:
-    """The enabled checks whose target a poller would look up in DNS (tcp: `address`, else the host's name;
-    http: the URL's host; service: the agent_url's host), one line each. Tests store such targets only on
-    disabled checks: the session's poller runs every enabled check within seconds, and test traffic never
-    leaves 127.0.0.0/8."""
+    """The enabled checks whose target a poller would look up in DNS (tcp and grpc: `address`, else the host's name;
+    http: the URL's host; service: the agent_url's host; dns: a dns check without `dns_server` asks the system's
+    resolver), one line each. Tests store such targets only on disabled checks: the session's poller runs every
+    enabled check within seconds, and test traffic never leaves 127.0.0.0/8."""
     rows = await connection.fetch(
         """
-        SELECT c.name AS check_name, c.check_type, c.address, c.url, h.name AS host_name, h.agent_url
+        SELECT c.name AS check_name, c.check_type, c.address, c.url, c.dns_name, c.dns_server,
+               h.name AS host_name, h.agent_url
         FROM health_checks c JOIN hosts h ON h.id = c.host_id
         WHERE c.enabled
         ORDER BY h.name, c.name
@@ -110,7 +111,12 @@ async def checks_resolving_names(connection: asyncpg.Connection) -> list[str]:
     )
     found = []
     for row in rows:
-        if row["check_type"] == "tcp":
+        if row["check_type"] == "dns":
+            if row["dns_server"] is None:
+                found.append(f"dns check {row['check_name']!r} of host {row['host_name']!r} asks the system resolver "
+                             f"for {row['dns_name']!r} (set dns_server to a server of the test's own)")  # fmt: skip
+            continue
+        if row["check_type"] in ("tcp", "grpc"):
             target = row["address"] or row["host_name"]
         else:
             try:

@@ -1,0 +1,134 @@
+"""grpc checks through the API and the session's poller against real gRPC servers of the test's own (grpcio's
+health servicer on 127.0.0.1, tests/support/grpc_server.py), plaintext and TLS with certificates made here:
+serving statuses, unknown services, TLS verified against a test CA (SSL_CERT_FILE), not verified, or ignored,
+`cert_expires_at`, and peers that refuse, stay silent, speak HTTP/1 or garbage, or sit in a blocked network."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support.blackhole import Blackhole, refused_port
+from tests.support.certificates import CertificateAuthority, KeyPair, self_signed
+from tests.support.grpc_server import GrpcHealthServer
+from tests.support.nginx import NginxServer
+from tests.support.processes import ServiceProcess, exclusive_poller
+from tests.support.raw_http import RawHttpServer
+from tests.test_poller import check_once
+
+pytestmark = pytest.mark.usefixtures("poller")
+
+
+def grpc(port: int, **fields: Any) -> dict[str, Any]:
+    return {"check_type": "grpc", "address": "127.0.0.1", "port": port} | fields
+
+
+def ends_at(result: dict[str, Any]) -> dt.datetime | None:
+    value = result["cert_expires_at"]
+    return None if value is None else dt.datetime.fromisoformat(value)
+
+
+async def test_serving_statuses(admin: httpx.AsyncClient, grpc_health: GrpcHealthServer) -> None:
+    what = f"127.0.0.1:{grpc_health.port}"
+    cases: list[tuple[dict[str, Any], bool, str, str]] = [
+        (grpc(grpc_health.port), True, "ok", f"{what}: the server is SERVING"),
+        (grpc(grpc_health.port, grpc_service="payments"), True, "ok", f"{what}: service 'payments' is SERVING"),
+        (grpc(grpc_health.port, grpc_service="batch"), False, "status", f"{what}: service 'batch' is NOT_SERVING"),
+        (grpc(grpc_health.port, grpc_service="legacy"), False, "status", f"{what}: service 'legacy' is UNKNOWN"),
+        (grpc(grpc_health.port, grpc_service="nope"), False, "status",
+         f"{what}: service 'nope' is unknown to the server (NOT_FOUND)"),
+    ]  # fmt: skip
+    results = await asyncio.gather(*(check_once(admin, **fields) for fields, *_ in cases))
+    for (fields, healthy, reason, detail), result in zip(cases, results, strict=True):
+        assert (result["healthy"], result["reason"], result["detail"]) == (healthy, reason, detail), fields
+        assert result["cert_expires_at"] is None  # no TLS
+
+
+async def test_tls_without_verification(admin: httpx.AsyncClient) -> None:
+    """ignore_cert_errors (the default) takes any certificate: self-signed, expired, another name's. Without it,
+    the system's roots decide. Every result after a handshake carries the certificate's end, unhealthy ones too."""
+    lone, expired, other = self_signed(), self_signed(days=-1), self_signed(dns_names=["other.test"], ips=())
+    with GrpcHealthServer(tls=lone) as server, GrpcHealthServer(tls=expired) as old, \
+            GrpcHealthServer(tls=other) as misnamed:  # fmt: skip
+        server.set("batch", "NOT_SERVING")
+        cases: list[tuple[dict[str, Any], KeyPair, bool, str, str]] = [
+            (grpc(server.port, tls=True), lone, True, "ok", "the server is SERVING"),
+            (grpc(server.port, tls=True, grpc_service="batch"), lone, False, "status", "'batch' is NOT_SERVING"),
+            (grpc(old.port, tls=True), expired, True, "ok", "the server is SERVING"),
+            (grpc(misnamed.port, tls=True), other, True, "ok", "the server is SERVING"),
+            (grpc(server.port, tls=True, ignore_cert_errors=False), lone, False, "tls",
+             "certificate verify failed: self-signed certificate"),
+        ]  # fmt: skip
+        results = await asyncio.gather(*(check_once(admin, **fields) for fields, *_ in cases))
+    for (fields, pair, healthy, reason, detail), result in zip(cases, results, strict=True):
+        assert (result["healthy"], result["reason"]) == (healthy, reason), (fields, result)
+        assert detail in result["detail"], (fields, result)
+        assert ends_at(result) == pair.not_after, (fields, result)
+
+
+async def test_tls_verified_against_the_roots_the_poller_trusts(
+    admin: httpx.AsyncClient, service_env: dict[str, str], tmp_path: Path, poller: ServiceProcess
+) -> None:
+    """The poller verifies with OpenSSL's default roots, which SSL_CERT_FILE replaces (as for http checks): a
+    poller given the test CA verifies its certificates, and still refuses one for another name."""
+    ca = CertificateAuthority()
+    good, misnamed = ca.issue(ips=["127.0.0.1"]), ca.issue(dns_names=["other.test"])
+    trusting = {"SSL_CERT_FILE": str(ca.write(tmp_path / "ca.pem"))}
+    with GrpcHealthServer(tls=good) as server, GrpcHealthServer(tls=misnamed) as other, \
+            exclusive_poller(poller, service_env, tmp_path / "poller.log", **trusting):  # fmt: skip
+        verified = await check_once(admin, **grpc(server.port, tls=True, ignore_cert_errors=False))
+        wrong_name = await check_once(admin, **grpc(other.port, tls=True, ignore_cert_errors=False))
+        plaintext = await check_once(admin, **grpc(server.port))  # a TLS server asked without TLS
+    assert (verified["healthy"], verified["reason"]) == (True, "ok"), verified
+    assert ends_at(verified) == good.not_after
+    assert (wrong_name["reason"], wrong_name["detail"]) == (
+        "tls", "certificate verify failed: IP address mismatch, certificate is not valid for '127.0.0.1'."
+    )  # fmt: skip
+    assert ends_at(wrong_name) == misnamed.not_after
+    assert (plaintext["healthy"], plaintext["cert_expires_at"]) == (False, None)
+    assert plaintext["reason"] in ("connect", "protocol"), plaintext
+
+
+async def test_peers_that_are_not_grpc_servers(
+    admin: httpx.AsyncClient, nginx: NginxServer, raw_http: RawHttpServer, grpc_health: GrpcHealthServer
+) -> None:
+    raw_http.set("*", b"garbage, not HTTP/2\r\n\r\n")  # gRPC's HTTP/2 preface reads as "PRI * HTTP/2.0"
+    with refused_port() as closed, Blackhole() as silent:
+        refused = await check_once(admin, **grpc(closed))
+        quiet = await check_once(admin, **grpc(silent.port, timeout_seconds=0.5))
+        http1 = await check_once(admin, **grpc(nginx.http_port))
+        garbage = await check_once(admin, **grpc(raw_http.port))
+        https1 = await check_once(admin, **grpc(nginx.https_port, tls=True))
+        tls_to_plaintext = await check_once(admin, **grpc(grpc_health.port, tls=True))
+    assert (refused["reason"], refused["detail"]) == ("connect", f"connection refused by 127.0.0.1:{closed}")
+    assert (quiet["reason"], quiet["detail"]) == ("timeout", "timed out after 0.5 s")
+    assert silent.accepted >= 1  # the connection opened (the scheduled first run may open one too); no answer came
+    assert http1["reason"] == "protocol" and "Trying to connect an http1.x server" in http1["detail"], http1
+    assert http1["detail"].startswith(f"127.0.0.1:{nginx.http_port} did not answer as a gRPC server: ")
+    assert garbage["reason"] == "protocol" and "Failed parsing HTTP/2" in garbage["detail"], garbage
+    # nginx's TLS port has no HTTP/2: it picks http/1.1 of the protocols offered (ALPN).
+    assert (https1["reason"], https1["detail"]) == (
+        "protocol", f"127.0.0.1:{nginx.https_port} chose http/1.1 in TLS (ALPN), not HTTP/2: not a gRPC server"
+    )  # fmt: skip
+    assert https1["cert_expires_at"] is not None
+    assert tls_to_plaintext["reason"] == "tls" and "TLS handshake with" in tls_to_plaintext["detail"], tls_to_plaintext
+    assert "unix-abstract" not in " ".join(result["detail"] for result in (http1, garbage, https1))
+
+
+async def test_blocked_addresses_are_refused_before_any_packet(
+    admin: httpx.AsyncClient, service_env: dict[str, str], tmp_path: Path, poller: ServiceProcess
+) -> None:
+    metadata = await check_once(admin, **grpc(50051, address="169.254.169.254"))
+    assert (metadata["reason"], metadata["detail"]) == (
+        "blocked", "169.254.169.254 is in a blocked network (169.254.0.0/16)"
+    )  # fmt: skip
+    blocking_loopback = {"HEALTHGATE_BLOCKED_NETWORKS": "127.0.0.0/8,::1/128,169.254.0.0/16"}
+    with Blackhole() as target, exclusive_poller(poller, service_env, tmp_path / "poller.log", **blocking_loopback):
+        result = await check_once(admin, **grpc(target.port, tls=True))
+        assert (result["reason"], result["detail"]) == ("blocked", "127.0.0.1 is in a blocked network (127.0.0.0/8)")
+    assert target.accepted == 0
