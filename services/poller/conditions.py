@@ -22,12 +22,15 @@ other check. So:
   condition takes 10-20 µs. (At 64 KiB the same took 340 ms, hence the small limit.)
 - everything else in a small pool of worker processes (WORKERS, started when first needed, each one request at a
   time): the process runs `python -m services.poller.conditions`, its address space capped with RLIMIT_AS
-  (MEMORY_LIMIT_BYTES: the Rust allocator aborts the process when it is reached), and an evaluation that has not
+  (MEMORY_LIMIT_BYTES, 256 MiB: the Rust allocator aborts the process when it is reached; the costliest 1 MiB
+  JSON body, 350,000 empty objects, evaluated whole fits in 192 MiB), and an evaluation that has not
   answered within its deadline (DEADLINE_SECONDS, or what is left of the check's timeout if less) has its process
   killed and replaced. The check is then unhealthy, reason `condition`, "took longer than 1 s and was stopped" or
   "ran out of memory". A check whose own timeout ends first (the wait for a free worker counts) is cancelled; its
-  worker is killed too, so no runaway outlives the check that started it. The pool costs about 0.1 ms of
-  serialisation per request (a 1 MiB body is sent as UTF-8 bytes, not JSON) and 150 ms to start a process.
+  worker is killed too, so no runaway outlives the check that started it. The pool costs the poller about 0.1 ms
+  per request (a 1 MiB body is sent as UTF-8 bytes, not JSON) and 150-250 ms to start a process. What the worker
+  does is bounded only by the deadline: reading the costliest 1 MiB JSON body takes it 0.8 s, so a condition over
+  JSON bodies that large and dense may be stopped.
 
 Processes rather than threads: a thread cannot be stopped, and with the GIL held by Rust it would stall the loop
 anyway. A pool rather than a process per evaluation: starting Python and the library costs 150 ms, a request 0.1 ms.
@@ -73,9 +76,11 @@ log = logging.getLogger(__name__)
 INLINE_MAX_CHARS = 4 * 1024
 DEADLINE_SECONDS = 1.0
 WORKERS = 2
-MEMORY_LIMIT_BYTES = 512 * 1024 * 1024
+MEMORY_LIMIT_BYTES = 256 * 1024 * 1024
 # A worker that has not imported the library and said READY within this long is given up on.
 START_TIMEOUT_SECONDS = 20.0
+# A worker that closed its pipe is given this long to exit by itself before it is killed.
+EXIT_WAIT_SECONDS = 1.0
 PROGRAM_CACHE_SIZE = 512
 # How much of each value, and of the expression, a detail shows.
 VALUE_CHARS = 160
@@ -389,6 +394,11 @@ class ConditionEvaluator:
 # ---- the worker pool (parent side) ------------------------------------------------------------------------
 
 
+def _send_kill(process: asyncio.subprocess.Process) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        process.kill()
+
+
 def _frame(data: bytes) -> bytes:
     return len(data).to_bytes(_FRAME_HEADER_BYTES, "big") + data
 
@@ -478,7 +488,7 @@ class WorkerPool:
             log.info("a condition ran past its deadline; its worker was killed", extra={"deadline": deadline})
             return f"took longer than {deadline:g} s and was stopped"
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
-            status = await self._discard(slot)
+            status = await self._discard(slot, exiting=True)
             if status == -signal.SIGABRT:  # what the Rust allocator does when RLIMIT_AS is reached
                 return self._out_of_memory()
             if self._closed:
@@ -490,23 +500,38 @@ class WorkerPool:
             self._discard(slot)
             raise
         if answer.get("out_of_memory"):
-            self._discard(slot)
+            self._discard(slot, exiting=True)  # it exits after saying so
             return self._out_of_memory()
         return ConditionVerdict(bool(answer["holds"]), str(answer["detail"]))
 
     def _out_of_memory(self) -> str:
         return f"ran out of memory (more than {self._memory_limit // (1024 * 1024)} MiB) and was stopped"
 
-    def _discard(self, slot: _Slot) -> asyncio.Task[int]:
-        """Kill the slot's process (a new one starts at the slot's next use); the task gives its exit status."""
+    def _discard(self, slot: _Slot, *, exiting: bool = False) -> asyncio.Task[int]:
+        """Let go of the slot's process (a new one starts at the slot's next use) and reap it; the task gives its exit
+        status. A process that is `exiting` (it closed its end, or said it is done) is first given EXIT_WAIT_SECONDS
+        to exit on its own: killing it asks Popen to poll, which may reap it before asyncio's child watcher reads
+        its status (the watcher then reports 255, and an abort would not be told from other deaths)."""
         process, slot.process = slot.process, None
         assert process is not None
-        return self._kill(process)
+        if not exiting:
+            _send_kill(process)
+        return self._reap(process, exiting)
 
     def _kill(self, process: asyncio.subprocess.Process) -> asyncio.Task[int]:
-        with contextlib.suppress(ProcessLookupError):
-            process.kill()
-        reaping = asyncio.ensure_future(process.wait())
+        _send_kill(process)
+        return self._reap(process, False)
+
+    def _reap(self, process: asyncio.subprocess.Process, exiting: bool) -> asyncio.Task[int]:
+        async def reap() -> int:
+            if exiting:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(EXIT_WAIT_SECONDS):
+                        return await process.wait()
+                _send_kill(process)
+            return await process.wait()
+
+        reaping = asyncio.ensure_future(reap())
         self._reaping.add(reaping)
         reaping.add_done_callback(self._reaping.discard)
         return reaping

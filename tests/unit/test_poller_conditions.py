@@ -280,11 +280,11 @@ async def test_the_deadline_is_at_most_what_is_left_of_the_checks_timeout(evalua
 
 
 async def test_memory_is_capped() -> None:
-    async with ConditionEvaluator(memory_limit_bytes=256 * 1024 * 1024) as evaluator:
+    async with ConditionEvaluator(memory_limit_bytes=192 * 1024 * 1024) as evaluator:
         expression = "json.map(x, body + body + body).size() > 0"
         verdict = await evaluator.judge(expression, facts(json.dumps([0] * 10_000) + " " * 500_000), time_left=30)
         assert verdict == ConditionVerdict(
-            False, f"the condition ran out of memory (more than 256 MiB) and was stopped: {expression}"
+            False, f"the condition ran out of memory (more than 192 MiB) and was stopped: {expression}"
         )
         assert (await evaluator.judge("json.exists(x, x == 0)", facts("[0]"), time_left=30)).holds
 
@@ -334,6 +334,14 @@ async def test_a_worker_sees_none_of_the_pollers_settings(monkeypatch: pytest.Mo
         environment = (await asyncio.to_thread(Path(f"/proc/{pid}/environ").read_bytes)).split(b"\0")
         assert not [entry for entry in environment if entry.startswith(b"HEALTHGATE_")]
         assert os.environ["HEALTHGATE_DATABASE_URL"]  # the poller keeps its own
+
+
+async def test_the_memory_cap_leaves_room_for_the_largest_bodies(evaluator: ConditionEvaluator) -> None:
+    # The costliest 1 MiB JSON to hold (350,000 empty objects: a dict each in Python, a map each in CEL), read
+    # whole twice over: under the default cap with room to spare (it fits in 192 MiB too).
+    body = "[" + ",".join(["{}"] * 349_000) + "]"
+    verdict = await evaluator.judge("json.all(x, x == x) && json == json", facts(body), time_left=30)
+    assert verdict == ConditionVerdict(True, "the condition holds")
 
 
 async def test_a_worker_that_dies_is_replaced() -> None:
