@@ -62,7 +62,7 @@ import resource
 import signal
 import sys
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -111,10 +111,11 @@ _CEL_TYPES: tuple[tuple[type, str], ...] = (
 
 @dataclass(frozen=True)
 class ResponseFacts:
-    """What a condition may read of one response (CONTRACT §3); `headers` as `response_headers` makes them."""
+    """What a condition may read of one response (CONTRACT §3); `headers` as `response_headers` makes them (the
+    poller passes a `ResponseHeaders`, built only if a condition reads them)."""
 
     status: int
-    headers: dict[str, str]
+    headers: Mapping[str, str]
     body: str
     latency_ms: float
     cert_days_left: float | None
@@ -128,6 +129,9 @@ class ConditionVerdict:
     detail: str
 
 
+HOLDS = ConditionVerdict(True, "the condition holds")
+
+
 def response_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
     """The `headers` variable: names lower-cased, the values of a repeated header joined with ", " in the order
     they came. Text that is not valid Unicode (aiohttp keeps undecodable bytes as lone surrogates) is replaced by
@@ -137,6 +141,29 @@ def response_headers(pairs: Iterable[tuple[str, str]]) -> dict[str, str]:
         key, text = _valid_text(name.lower()), _valid_text(value)
         headers[key] = f"{headers[key]}, {text}" if key in headers else text
     return headers
+
+
+class ResponseHeaders(Mapping[str, str]):
+    """The `headers` variable of a response's header `pairs`, made by `response_headers` when first read (a
+    condition that does not read the headers costs no copy of them)."""
+
+    def __init__(self, pairs: Iterable[tuple[str, str]]) -> None:
+        self._pairs = pairs
+        self._made: dict[str, str] | None = None
+
+    def _headers(self) -> dict[str, str]:
+        if self._made is None:
+            self._made = response_headers(self._pairs)
+        return self._made
+
+    def __getitem__(self, name: str) -> str:
+        return self._headers()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._headers())
+
+    def __len__(self) -> int:
+        return len(self._headers())
 
 
 def _valid_text(text: str) -> str:
@@ -176,17 +203,20 @@ def _without_lone_surrogates(value: Any) -> Any:
 
 @dataclass(frozen=True)
 class Compiled:
-    """A compiled condition and what it names: its variables (comprehension variables included) and functions."""
+    """A compiled condition and what it names: its variables (comprehension variables included) and functions.
+    `may_run_away`: whether an evaluation's cost is not bounded by the expression's size times the data's (see the
+    module docstring): it may loop (a comprehension), grow values (`+`) or run a regular expression."""
 
     program: cel.Program
     variables: frozenset[str]
     functions: frozenset[str]
+    may_run_away: bool
 
-    @property
-    def may_run_away(self) -> bool:
-        """Whether an evaluation's cost is not bounded by the expression's size times the data's (see the module
-        docstring): it may loop (a comprehension), grow values (`+`) or run a regular expression."""
-        return bool(self.functions & UNBOUNDED_FUNCTIONS) or not self.variables <= set(VARIABLES)
+    @classmethod
+    def of(cls, program: cel.Program) -> Compiled:
+        variables, functions = frozenset(program.variables()), frozenset(program.functions())
+        unbounded = bool(functions & UNBOUNDED_FUNCTIONS) or not variables <= frozenset(VARIABLES)
+        return cls(program, variables, functions, unbounded)
 
 
 class ProgramCache:
@@ -204,8 +234,7 @@ class ProgramCache:
             return found
         compiled: Compiled | ConditionError
         try:
-            program = compile_condition(expression)
-            compiled = Compiled(program, frozenset(program.variables()), frozenset(program.functions()))
+            compiled = Compiled.of(compile_condition(expression))
         except ConditionError as exc:
             compiled = exc
         self._programs[expression] = compiled
@@ -280,7 +309,7 @@ def variables_for(names: Iterable[str], facts: ResponseFacts) -> dict[str, Any]:
     if "status" in wanted:
         values["status"] = facts.status
     if "headers" in wanted:
-        values["headers"] = facts.headers
+        values["headers"] = dict(facts.headers)
     if "body" in wanted:
         values["body"] = facts.body
     if "json" in wanted:
@@ -297,18 +326,19 @@ def evaluate(compiled: Compiled, expression: str, facts: ResponseFacts) -> Condi
     the response does: a false result, an error of evaluation and a result that is not a bool are verdicts, their
     details at most DETAIL_LIMIT characters."""
     values = variables_for(compiled.variables, facts)
-    shown = _expression(expression)
     try:
         result = compiled.program.execute(values)
     except Exception as exc:
-        detail = f"the condition failed ({_evaluation_fault(exc)}): {shown}{_what_it_read(values)}"
+        detail = f"the condition failed ({_evaluation_fault(exc)}): {_expression(expression)}{_what_it_read(values)}"
         return ConditionVerdict(False, clip_detail(detail))
     except BaseException as exc:
         if not is_library_panic(exc):
             raise
+        shown = _expression(expression)
         return ConditionVerdict(False, f"the CEL library failed on the condition ({type(exc).__name__}): {shown}")
     if result is True:
-        return ConditionVerdict(True, "the condition holds")
+        return HOLDS
+    shown = _expression(expression)
     if result is False:
         return ConditionVerdict(False, clip_detail(f"the condition is false: {shown}{_what_it_read(values)}"))
     gave = f"{_type_name(result)} ({_shown(_plain(result))})"
@@ -435,7 +465,7 @@ class WorkerPool:
 
     async def evaluate(self, expression: str, facts: ResponseFacts, deadline: float) -> ConditionVerdict | str:
         meta = json.dumps({
-            "expression": expression, "status": facts.status, "headers": facts.headers,
+            "expression": expression, "status": facts.status, "headers": dict(facts.headers),
             "latency_ms": facts.latency_ms, "cert_days_left": facts.cert_days_left,
         }, ensure_ascii=False).encode("utf-8", "surrogatepass")  # fmt: skip
         body = facts.body.encode("utf-8", "replace")  # a lone surrogate (from a UTF-7 body) becomes "?"

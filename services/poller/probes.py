@@ -41,7 +41,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from services.poller.certificates import days_left, peer_certificate_end
-from services.poller.conditions import ConditionEvaluator, ResponseFacts, response_headers
+from services.poller.conditions import ConditionEvaluator, ResponseFacts, ResponseHeaders
 from shared.events import ResultReason
 
 BODY_LIMIT_BYTES = 1024 * 1024
@@ -854,8 +854,7 @@ class Prober:
                     detail = f"status {seen} but the body does not contain {target.expected_body!r}"
                     return Verdict(False, "body", detail, certificate_end)
                 passed.append(f"body contains {target.expected_body!r}")
-        now = dt.datetime.now(dt.UTC)
-        cert_days_left = None if certificate_end is None else days_left(certificate_end, now)
+        cert_days_left = None if certificate_end is None else days_left(certificate_end, dt.datetime.now(dt.UTC))
         if target.min_cert_days is not None:
             problem = certificate_problem(certificate_end, cert_days_left, target.min_cert_days)
             if problem is not None:
@@ -864,7 +863,7 @@ class Prober:
         if target.condition is not None:
             latency_ms = _elapsed_ms(started)
             facts = ResponseFacts(
-                response.status, response_headers(response.headers.items()), text, latency_ms, cert_days_left
+                response.status, ResponseHeaders(response.headers.items()), text, latency_ms, cert_days_left
             )
             time_left = target.timeout_seconds - latency_ms / 1000
             judged = await self._conditions.judge(target.condition, facts, time_left=time_left)

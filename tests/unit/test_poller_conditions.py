@@ -11,7 +11,7 @@ import asyncio
 import json
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from services.poller.conditions import (
     ConditionVerdict,
     ProgramCache,
     ResponseFacts,
+    ResponseHeaders,
     WorkerPool,
     evaluate,
     parse_json,
@@ -104,9 +105,15 @@ def test_only_the_variables_a_program_reads_are_built(monkeypatch: pytest.Monkey
     def no_parse(body: str) -> Any:
         raise AssertionError("json was parsed for a condition that does not read it")
 
+    def no_headers() -> Iterator[tuple[str, str]]:
+        raise AssertionError("the headers were copied for a condition that does not read them")
+        yield ("never", "reached")
+
     monkeypatch.setattr(conditions, "parse_json", no_parse)
     assert variables_for({"status", "latency_ms"}, facts()) == {"status": 200, "latency_ms": 12.5}
-    assert judge_here('status == 200 && body.contains("UP")', facts()).holds
+    lazy = facts(headers=ResponseHeaders(no_headers()))
+    assert judge_here('status == 200 && body.contains("UP")', lazy).holds
+    assert judge_here('headers["x-a"] == "1, 2"', facts(headers=ResponseHeaders([("X-A", "1"), ("x-a", "2")]))).holds
 
 
 def test_every_variable_has_its_contract_type() -> None:
