@@ -136,6 +136,47 @@ async def test_a_condition_that_does_not_compile_is_refused_saying_where(
     assert error["field"] == "condition" and error["message"].startswith(message), error
 
 
+ODD_CONDITIONS = [
+    "(" * 499 + "1" + ")" * 499,
+    "[" * 500 + "]" * 500,
+    "!" * 995 + "true",
+    "1" + "+1" * 499,
+    "true && \x00",
+    'body == "\x00"',
+    "\ud800 == 1",
+    '"\ud83d" == body',
+    "true \u202e&& false",
+    '"' + "\\" * 998 + '"',
+    "9" * 1000,
+    "x" * 1000,
+    "x" * 1001,
+    "json.all(x, json.all(y, json.all(z, x == y)))",
+    '"a".matches("(")',
+    "\n" * 999 + "1",
+    "\t\r\x0b\x0c true",
+    "b'\\xff' == bytes(body)",
+]
+
+
+async def test_odd_conditions_are_stored_or_refused_never_a_crash(admin: httpx.AsyncClient, api: ServiceProcess) -> None:
+    host_id = await new_host(admin)
+    url = f"/api/v1/hosts/{host_id}/health-checks"
+    for number, condition in enumerate(ODD_CONDITIONS):
+        started = time.monotonic()
+        body = {"name": f"c{number}", **http("http://127.0.0.1/", condition=condition, enabled=False)}
+        # As JSON escapes (a lone surrogate is valid JSON text as "\\ud800", not as UTF-8).
+        answer = await admin.post(url, content=json.dumps(body), headers={"Content-Type": "application/json"})
+        assert answer.status_code in (201, 422), (condition[:40], answer.text)
+        assert time.monotonic() - started < 2, condition[:40]
+        if answer.status_code == 201:
+            assert answer.json()["condition"] == condition
+            assert (await admin.delete(f"{url}/{answer.json()['id']}")).status_code == 204
+        else:
+            assert [error["field"] for error in answer.json()["errors"]] == ["condition"], answer.text
+    async with httpx.AsyncClient(base_url=api.base_url) as plain:
+        assert (await plain.get("/health/live")).status_code == 200
+
+
 async def test_condition_and_min_cert_days_are_stored_and_shown(admin: httpx.AsyncClient, nginx: NginxServer) -> None:
     condition = 'json.status == "up"\n&& latency_ms < 5000'
     check = await create_check(
@@ -332,7 +373,8 @@ async def test_a_runaway_condition_does_not_hold_up_the_other_checks(
         while time.monotonic() < until:
             for check in quick:
                 asked = time.monotonic()
-                seen.append((time.monotonic() - asked, result := await run_now(admin, check)))
+                result = await run_now(admin, check)
+                seen.append((time.monotonic() - asked, result))
                 assert result["healthy"], result
             await asyncio.sleep(0.05)
         return seen
@@ -349,9 +391,10 @@ async def test_a_runaway_condition_does_not_hold_up_the_other_checks(
     ), slow_results[3]
     # Meanwhile every quick check was answered, promptly and measured as quick by the poller: its event loop never
     # stalled behind the runaways (which keep both condition workers busy for several seconds).
-    assert len(quick_results) >= 15
-    assert max(result["latency_ms"] for _, result in quick_results) < 250, quick_results
-    assert max(wall for wall, _ in quick_results) < 1.0
+    # (On the event loop, one runaway alone would have held it for about 3 s; the bounds leave room for a busy box.)
+    assert len(quick_results) >= 10, quick_results
+    assert max(result["latency_ms"] for _, result in quick_results) < 500, quick_results
+    assert max(wall for wall, _ in quick_results) < 2.0, quick_results
 
 
 def condition_workers(poller: ServiceProcess) -> list[int]:
