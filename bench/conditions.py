@@ -252,8 +252,9 @@ def report(
         f"\n  each round with the condition against the mean of its two neighbours without, phase by phase: "
         + "; ".join(", ".join(f"{value:.3f}" for value in ratios) for ratios in per_phase)
         + f"\n  (min {min(every):.3f}, max {max(every):.3f}, stdev {statistics.stdev(every):.3f});"
-        f" phase means {' and '.join(f'{mean:.3f}' for mean in means)}: the set's own share"
-        f" {math.sqrt(means[0] / means[1]):.3f}x, cancelled in the ratio"
+        f" phase means {' and '.join(f'{mean:.3f}' for mean in means)}: apart by"
+        f" {math.sqrt(means[0] / means[1]):.3f}x either way, what the choice of set does plus noise; the"
+        " geometric mean cancels the first"
     )
     for label, attribute in (("poller CPU", "poller_cpu_us"), ("its event loop's (main thread)", "loop_cpu_us")):
         cpu_without = statistics.fmean(getattr(r, attribute) for r in without)
