@@ -25,6 +25,7 @@ from pydantic import (
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from services.api.targets import address_problems, dns_name_problems, dns_server_problems, url_problems
+from shared.conditions import ConditionError, compile_condition
 from shared.events import CheckSummary, HaltReason, HostHealthStatus, WaitingFor, WindowEndsAt
 from shared.group_policies import GroupPolicy
 from shared.jobs import JobStatus
@@ -363,6 +364,17 @@ class HttpCheckWrite(CheckWriteBase):
     @classmethod
     def _normalise_status(cls, value: str) -> str:
         return ",".join(part.strip().lower() for part in value.split(","))
+
+    @field_validator("condition")
+    @classmethod
+    def _compiles(cls, value: str | None) -> str | None:
+        # "does not compile: line 1, column 23: ..." (shared/conditions.py); the poller compiles it the same way.
+        if value is not None:
+            try:
+                compile_condition(value)
+            except ConditionError as exc:
+                raise ValueError(str(exc)) from None
+        return value
 
     @model_validator(mode="wrap")
     @classmethod

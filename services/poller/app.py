@@ -1,9 +1,9 @@
 """The poller service: scheduler, workers, outbox relay and health endpoints in one process.
 
 Everything it needs (pool, broker, HTTP session, TLS contexts, the dns and grpc probes with the system
-resolver's nameservers, key) is created here once and passed down. SIGTERM stops the consumers, lets
-running ticks finish and ack (those that do not finish in time are handed back), then closes the
-connections.
+resolver's nameservers, the conditions' evaluator, key) is created here once and passed down. SIGTERM stops
+the consumers, lets running ticks finish and ack (those that do not finish in time are handed back), then
+closes the connections and the conditions' worker processes.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import logging
 import asyncpg
 
 from services.poller.agent_tls import agent_ssl_context
+from services.poller.conditions import ConditionEvaluator
 from services.poller.dns_probe import DnsProbe, system_nameservers
 from services.poller.grpc_probe import GrpcProbe
 from services.poller.probes import Prober, probe_session, system_resolve
@@ -53,9 +54,11 @@ async def serve(settings: Settings, key: bytes) -> bool:
     async with WorkerRuntime("poller", settings, relay_on_own_thread=True) as runtime:
         session = probe_session(settings.blocked_networks)
         blocked = settings.blocked_networks
+        conditions = ConditionEvaluator()  # its worker processes start when a condition first needs one
         prober = Prober(
             session, blocked, agent_ssl,
             dns=DnsProbe(blocked, system_nameservers()), grpc=GrpcProbe(blocked, system_resolve),
+            conditions=conditions,
         )  # fmt: skip
         worker = Worker(
             runtime.pool, runtime.broker, prober, SecretBox(key), WorkerMetrics(runtime.registry),
@@ -73,6 +76,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
             # Before the probes' HTTP session closes: the ticks at work finish, or are handed back.
             await runtime.consumers.stop(SHUTDOWN_GRACE_SECONDS)
             await session.close()
+            await conditions.close()  # kills its worker processes, busy or not, and waits for them
     return runtime.succeeded
 
 

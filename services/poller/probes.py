@@ -40,6 +40,8 @@ from aiohttp import http_exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
+from services.poller.certificates import days_left, peer_certificate_end
+from services.poller.conditions import ConditionEvaluator, ResponseFacts, ResponseHeaders
 from shared.events import ResultReason
 
 BODY_LIMIT_BYTES = 1024 * 1024
@@ -203,16 +205,41 @@ class GuardedResolver(AbstractResolver):
         await self._resolver.close()
 
 
+class TlsAwareResponse(aiohttp.ClientResponse):
+    """A response that keeps the TLS object of the connection it came on (`ssl_object`, None without TLS), for the
+    server certificate's end of validity (CONTRACT §4 `cert_expires_at`, §3 `min_cert_days`). It is taken as the
+    response starts: aiohttp hands the connection back to its pool, and `response.connection` becomes None, as soon
+    as the body has arrived, which for a small body, a HEAD or a 204 is before the caller sees the response."""
+
+    ssl_object: ssl.SSLObject | None = None
+
+    async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
+        transport = connection.transport
+        self.ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+        return await super().start(connection)
+
+
+def response_certificate_end(response: aiohttp.ClientResponse) -> dt.datetime | None:
+    """The end of validity of the certificate the server presented for `response` (verified or not), or None
+    without TLS. From `TlsAwareResponse`, else from the connection while the response still holds it."""
+    ssl_object = response.ssl_object if isinstance(response, TlsAwareResponse) else None
+    if ssl_object is None and response.connection is not None and response.connection.transport is not None:
+        ssl_object = response.connection.transport.get_extra_info("ssl_object")
+    return peer_certificate_end(ssl_object)
+
+
 def probe_session(blocked: Sequence[Network]) -> aiohttp.ClientSession:
     """The poller's one HTTP session (create it inside the running event loop; close it at shutdown).
 
     Names are resolved by `GuardedResolver`; no connection limit (the worker bounds concurrency); no
-    cookies; header limits as large as CONTRACT §4 asks; bodies arrive still encoded (see `read_body`)."""
+    cookies; header limits as large as CONTRACT §4 asks; bodies arrive still encoded (see `read_body`);
+    responses keep their TLS object (`TlsAwareResponse`)."""
     connector = aiohttp.TCPConnector(resolver=GuardedResolver(blocked), limit=0, ttl_dns_cache=10)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": "healthgate-poller", "Accept-Encoding": ACCEPT_ENCODING},
         cookie_jar=aiohttp.DummyCookieJar(),
+        response_class=TlsAwareResponse,
         # Bodies are decoded by `read_body`: aiohttp undoes only the first of stacked codings, does not notice
         # a gzip stream that breaks off, and would try zstd.
         auto_decompress=False,
@@ -706,7 +733,10 @@ class Prober:
     """Runs checks; holds the HTTP session and TLS contexts created once at poller start.
 
     `resolve` turns a tcp check's host name into addresses (the system resolver; tests pass their own). `dns` and
-    `grpc` run those check types (services/poller/dns_probe.py, grpc_probe.py); without one, such a check fails."""
+    `grpc` run those check types (services/poller/dns_probe.py, grpc_probe.py); without one, such a check fails.
+    `conditions` evaluates http checks' conditions (services/poller/app.py creates it and closes it at shutdown);
+    without one the prober makes its own, whose worker processes, if a condition ever needs one, end with this
+    process."""
 
     def __init__(
         self,
@@ -717,6 +747,7 @@ class Prober:
         resolve: Resolve = system_resolve,
         dns: TypeProbe | None = None,
         grpc: TypeProbe | None = None,
+        conditions: ConditionEvaluator | None = None,
     ) -> None:
         self._session = session
         self._blocked = blocked
@@ -724,6 +755,7 @@ class Prober:
         self._resolve = resolve
         self._dns = dns
         self._grpc = grpc
+        self._conditions = conditions if conditions is not None else ConditionEvaluator()
         self._verifying_ssl = ssl.create_default_context()
 
     async def run(self, target: CheckTarget) -> ProbeOutcome:
@@ -734,7 +766,7 @@ class Prober:
         try:
             async with asyncio.timeout(target.timeout_seconds):
                 if target.check_type == "http":
-                    verdict = Verdict(*await self._http(target))
+                    verdict = await self._http(target)
                 elif target.check_type == "service":
                     verdict = Verdict(*await self._service(target))
                 elif target.check_type == "dns":
@@ -760,8 +792,12 @@ class Prober:
 
     # ---- http ------------------------------------------------------------------------------------
 
-    async def _http(self, target: CheckTarget) -> tuple[bool, ResultReason, str]:
+    async def _http(self, target: CheckTarget) -> Verdict:
+        """Request the URL (following redirects if asked) and judge the final response. A result that reached TLS
+        carries the end of validity of the certificate of the connection its last response came on, also when
+        the check failed after the handshake (a status, a body, a broken answer)."""
         assert target.url is not None
+        started = time.perf_counter()
         headers = {}
         authorization = target.authorization()
         if authorization is not None:
@@ -769,41 +805,72 @@ class Prober:
         url = target.url
         ssl_option: ssl.SSLContext | bool = False if target.ignore_cert_errors else self._verifying_ssl
         for _hop in range(MAX_REDIRECTS + 1):
+            certificate_end = None
             try:
                 self._refuse_ip_literal(url)
                 async with self._session.request(
                     target.method, url, headers=headers, ssl=ssl_option, allow_redirects=False
                 ) as response:
+                    certificate_end = response_certificate_end(response)
                     refuse_invalid_status(response.status, _authority(url))
                     location = response.headers.get("Location")
                     if not (target.follow_redirects and response.status in REDIRECT_STATUSES and location):
-                        return await self._judge_http(target, response, _authority(url))
+                        return await self._judge_http(target, response, _authority(url), started, certificate_end)
                     next_url = _redirect_target(url, location)
             except Exception as exc:  # named after this hop's target, not the first one's
                 reason, detail = classify_failure(exc, _authority(url))
-                return False, reason, detail
+                return Verdict(False, reason, detail, certificate_end)
             if _origin(next_url) != _origin(url):
                 headers = {}  # credentials go only to the origin they were configured for
             url = next_url
         last = shown_url(url) or "a URL that is not valid"
-        return False, "status", f"more than {MAX_REDIRECTS} redirects, last to {last}"
+        return Verdict(False, "status", f"more than {MAX_REDIRECTS} redirects, last to {last}", certificate_end)
 
     async def _judge_http(
-        self, target: CheckTarget, response: aiohttp.ClientResponse, what: str
-    ) -> tuple[bool, ResultReason, str]:
-        """Judge the final response. Its body (first 1 MiB) is read whole on GET, as blackbox_exporter
-        does: a body that breaks off or cannot be decoded makes the answer invalid (`protocol`)."""
+        self,
+        target: CheckTarget,
+        response: aiohttp.ClientResponse,
+        what: str,
+        started: float,
+        certificate_end: dt.datetime | None,
+    ) -> Verdict:
+        """Judge the final response, the rules in this order, the first that fails giving the reason: the status
+        (`status`), the body (`body`), the certificate's days left (`cert`, with `min_cert_days`), the condition
+        (`condition`); `slow` is judged after all of them, by `run`. The cheap rules of the contract come first,
+        so a condition reads a response that already passed them. The body (first 1 MiB) is read whole on GET, as
+        blackbox_exporter does: a body that breaks off or cannot be decoded makes the answer invalid (`protocol`);
+        a HEAD has none (a condition sees ""). `latency_ms` is the time until the body was read."""
         seen = describe_status(response.status)
         if not status_matches(response.status, target.expected_status):
-            return False, "status", f"status {seen}, expected {target.expected_status}"
-        if target.method == "HEAD":
-            return True, "ok", f"status {seen}"
-        body, _whole = await read_body(response, what)  # the first 1 MiB is judged (CONTRACT §4)
-        if target.expected_body:
-            if target.expected_body not in decode_body(body, response.charset):
-                return False, "body", f"status {seen} but the body does not contain {target.expected_body!r}"
-            return True, "ok", f"status {seen}, body contains {target.expected_body!r}"
-        return True, "ok", f"status {seen}"
+            return Verdict(False, "status", f"status {seen}, expected {target.expected_status}", certificate_end)
+        passed = [f"status {seen}"]
+        text = ""
+        if target.method != "HEAD":
+            body, _whole = await read_body(response, what)  # the first 1 MiB is judged (CONTRACT §4)
+            if target.expected_body or target.condition is not None:
+                text = decode_body(body, response.charset)
+            if target.expected_body:
+                if target.expected_body not in text:
+                    detail = f"status {seen} but the body does not contain {target.expected_body!r}"
+                    return Verdict(False, "body", detail, certificate_end)
+                passed.append(f"body contains {target.expected_body!r}")
+        cert_days_left = None if certificate_end is None else days_left(certificate_end, dt.datetime.now(dt.UTC))
+        if target.min_cert_days is not None:
+            problem = certificate_problem(certificate_end, cert_days_left, target.min_cert_days)
+            if problem is not None:
+                return Verdict(False, "cert", f"{', '.join(passed)}, but {problem}", certificate_end)
+            passed.append(f"certificate valid {cert_days_left:.1f} more days")
+        if target.condition is not None:
+            latency_ms = _elapsed_ms(started)
+            facts = ResponseFacts(
+                response.status, ResponseHeaders(response.headers.items()), text, latency_ms, cert_days_left
+            )
+            time_left = target.timeout_seconds - latency_ms / 1000
+            judged = await self._conditions.judge(target.condition, facts, time_left=time_left)
+            if not judged.holds:
+                return Verdict(False, "condition", f"{', '.join(passed)}, but {judged.detail}", certificate_end)
+            passed.append("condition true")
+        return Verdict(True, "ok", ", ".join(passed), certificate_end)
 
     def _refuse_ip_literal(self, url: str) -> None:
         # Names are checked by the resolver; an address in the URL never reaches it.
@@ -854,6 +921,19 @@ class Prober:
         finally:
             sock.close()
         return True, "ok", f"connected to {host_port(address, connected_port)}"
+
+
+def certificate_problem(end: dt.datetime | None, left: float | None, min_days: int) -> str | None:
+    """Why a certificate fails `min_cert_days` (CONTRACT §3), or None when it stays valid long enough: it
+    expires within `min_days` days (`left` days from now, negative once expired), or none could be read."""
+    if end is None or left is None:
+        return "no server certificate could be read (min_cert_days needs one)"
+    if left >= min_days:
+        return None
+    ends = end.strftime("%Y-%m-%d %H:%M:%S UTC")
+    if left < 0:
+        return f"the certificate expired on {ends}, {-left:.1f} days ago (min_cert_days is {min_days})"
+    return f"the certificate expires on {ends}, in {left:.1f} days, fewer than min_cert_days ({min_days})"
 
 
 class _NotJson(ValueError):

@@ -11,12 +11,14 @@ optional delay, then closes the connection; a path with nothing set gets a plain
         server.requests                   # request heads received, as bytes
 
 `response(...)` builds well-formed bytes to start from (status line, headers, Content-Length unless told not to).
+`RawHttpServer(ssl_context=context)` answers over TLS with that server context instead (`base_url` is https).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import threading
 from collections.abc import Coroutine, Iterable, Iterator
 from types import TracebackType
@@ -49,7 +51,8 @@ def response(
 class RawHttpServer:
     """Answers each path with the bytes set for it (see the module docstring). Use as a context manager."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.ssl_context = ssl_context
         self.port = 0
         self.answers: dict[str, tuple[bytes, float]] = {}
         self.requests: list[bytes] = []
@@ -61,7 +64,7 @@ class RawHttpServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{'https' if self.ssl_context else 'http'}://127.0.0.1:{self.port}"
 
     def url(self, path: str = "/") -> str:
         return self.base_url + path
@@ -92,7 +95,9 @@ class RawHttpServer:
         return self
 
     async def _listen(self) -> int:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, limit=REQUEST_HEAD_LIMIT)
+        self._server = await asyncio.start_server(
+            self._handle, "127.0.0.1", 0, limit=REQUEST_HEAD_LIMIT, ssl=self.ssl_context
+        )
         return int(self._server.sockets[0].getsockname()[1])
 
     async def _shutdown(self) -> None:

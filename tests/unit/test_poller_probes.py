@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import ipaddress
 import re
 import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
+from pathlib import Path
 from typing import Any, get_args
 
 import aiohttp
@@ -21,6 +23,7 @@ import pytest
 import yarl
 from aiohttp import http_exceptions
 from aiohttp.client_reqrep import ConnectionKey
+from cryptography import x509
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -45,6 +48,9 @@ from services.poller.probes import (
 )
 from shared.events import ResultReason
 from tests.support.blackhole import Blackhole, refused_port
+from tests.support.nginx import write_self_signed_cert
+from tests.support.raw_http import RawHttpServer
+from tests.support.raw_http import response as raw_response
 
 REASONS = set(get_args(ResultReason))
 KEY = ConnectionKey("app.test", 443, True, True, None, None, None, None)
@@ -505,3 +511,43 @@ async def test_a_tcp_name_that_cannot_be_encoded_is_dns_before_any_lookup(names:
         outcome = await prober.run(_target("tcp", address="a\u2603.test", port=80))
     assert outcome.reason == "dns" and outcome.detail.startswith("cannot resolve a\u2603.test: the name cannot be encoded")
     assert names.asked == []
+
+
+# ---- min_cert_days ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("left", "min_days", "problem"),
+    [
+        (40.0, 7, None),
+        (7.0, 7, None),
+        (6.99, 7, "the certificate expires on 2030-01-02 03:04:05 UTC, in 7.0 days, fewer than min_cert_days (7)"),
+        (0.2, 1, "the certificate expires on 2030-01-02 03:04:05 UTC, in 0.2 days, fewer than min_cert_days (1)"),
+        (0.0, 0, None),
+        (-2.04, 0, "the certificate expired on 2030-01-02 03:04:05 UTC, 2.0 days ago (min_cert_days is 0)"),
+    ],
+)
+def test_certificate_problem(left: float, min_days: int, problem: str | None) -> None:
+    end = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    assert probes.certificate_problem(end, left, min_days) == problem
+
+
+def test_a_missing_certificate_fails_min_cert_days() -> None:
+    assert probes.certificate_problem(None, None, 0) == "no server certificate could be read (min_cert_days needs one)"
+
+
+async def test_the_certificate_is_read_even_once_aiohttp_let_go_of_the_connection(tmp_path: Path) -> None:
+    cert_path, key_path = write_self_signed_cert(tmp_path)
+    end = x509.load_pem_x509_certificate(cert_path.read_bytes()).not_valid_after_utc
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    with RawHttpServer(ssl_context=context) as server:
+        server.set("/small", raw_response(body=b"ok"))
+        server.set("/none", raw_response("204 No Content"))
+        async with probe_session([]) as session:
+            for path in ("/small", "/none"):
+                async with session.get(server.url(path), ssl=False) as answer:
+                    assert answer.connection is None  # released: the whole answer came with the headers
+                    assert probes.response_certificate_end(answer) == end
+        async with aiohttp.ClientSession() as plain, plain.get(server.url("/small"), ssl=False) as answer:
+            assert probes.response_certificate_end(answer) is None  # another session's responses keep no TLS object
