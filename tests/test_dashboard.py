@@ -706,6 +706,17 @@ async def test_form_shows_the_apis_messages_for_conditions_and_certificate_limit
     await expect(form.get_by_label("Ignore certificate errors")).not_to_be_checked()  # as it was sent, not the default
     assert (await admin.get(f"/api/v1/hosts/{host_id}/health-checks")).json()["items"] == []
 
+    # A condition that does not compile: the API's message says where (line and column), by the field.
+    await field.fill("status == 200 &&\n  json.ready ==")
+    await form.get_by_label("Certificate valid for at least (days)").fill("")
+    async with page.expect_response(lambda r: r.request.method == "POST") as answer:
+        await form.get_by_role("button", name="Add check").click()
+    assert (await answer.value).status == 422
+    form = add_form(page)
+    field = form.get_by_label("Condition (CEL)")
+    await expect(field).to_be_focused()
+    await expect(field).to_have_accessible_description(re.compile(r"does not compile: line 2, column \d+"))
+
     # Corrected, with a condition on several lines (sent by the browser with CRLF), it is stored as typed.
     await field.fill("status == 200 &&\n  json.ready == true")
     await form.get_by_label("Certificate valid for at least (days)").fill("")
