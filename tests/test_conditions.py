@@ -386,8 +386,13 @@ async def test_a_runaway_condition_does_not_hold_up_the_other_checks(
     for result in slow_results[:3] + slow_results[4:]:
         assert (result["healthy"], result["reason"]) == (False, "condition"), result
         assert result["detail"] == f"status 200 OK, but the condition took longer than 1 s and was stopped: {RUNAWAY}"
-    assert slow_results[3]["detail"] == (
-        f"status 200 OK, but the condition ran out of memory (more than 256 MiB) and was stopped: {MEMORY_HOG}"
+    # The hog is stopped by whichever limit it reaches first: the memory cap in about half a second on a quiet
+    # machine, the 1 s deadline on a loaded one (seen in a full run beside other test processes). Which words it
+    # gets for the cap alone is tested in tests/unit/test_poller_conditions.py (test_memory_is_capped).
+    assert (slow_results[3]["healthy"], slow_results[3]["reason"]) == (False, "condition"), slow_results[3]
+    assert slow_results[3]["detail"] in (
+        f"status 200 OK, but the condition ran out of memory (more than 256 MiB) and was stopped: {MEMORY_HOG}",
+        f"status 200 OK, but the condition took longer than 1 s and was stopped: {MEMORY_HOG}",
     ), slow_results[3]
     # Meanwhile every quick check was answered, promptly and measured as quick by the poller: its event loop never
     # stalled behind the runaways (which keep both condition workers busy for several seconds).
