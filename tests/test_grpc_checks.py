@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import struct
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -132,3 +135,40 @@ async def test_blocked_addresses_are_refused_before_any_packet(
         result = await check_once(admin, **grpc(target.port, tls=True))
         assert (result["reason"], result["detail"]) == ("blocked", "127.0.0.1 is in a blocked network (127.0.0.0/8)")
     assert target.accepted == 0
+
+
+def http2_frame(kind: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame (RFC 9113 §4.1) on stream 0, without flags: a test peer's bytes, never parsed here."""
+    return struct.pack("!I", len(payload))[1:] + struct.pack("!BBI", kind, 0, 0) + payload
+
+
+SETTINGS, GOAWAY = 0x4, 0x7
+ENHANCE_YOUR_CALM = 0xB
+
+
+def new_log_lines(poller: ServiceProcess, since: int) -> list[str]:
+    return poller.log_text()[since:].splitlines()
+
+
+async def test_what_a_server_sends_reaches_the_pollers_log_only_as_its_own_json_lines(
+    admin: httpx.AsyncClient, raw_http: RawHttpServer, poller: ServiceProcess
+) -> None:
+    """A GOAWAY's debug data is the server's text: gRPC's C core would write it to stderr itself (absl logging, not
+    JSON, escape sequences and all). The check says what happened; the log holds only the poller's JSON lines."""
+    marker = f"debug-{uuid.uuid4().hex}"
+    debug = f"\x1b[31m{marker}\nforged line".encode()
+    goaway = struct.pack("!II", 0, ENHANCE_YOUR_CALM) + debug  # last stream id 0, error code, debug data
+    # gRPC's preface reads as the request line "PRI * HTTP/2.0"; the connection stays open after the GOAWAY.
+    raw_http.set("*", http2_frame(SETTINGS, b"") + http2_frame(GOAWAY, goaway), hold=5)
+    since = len(poller.log_text())
+    result = await check_once(admin, **grpc(raw_http.port))
+    assert (result["reason"], result["detail"].split(" (")[0]) == (
+        "status", f"127.0.0.1:{raw_http.port} answered UNAVAILABLE: Stream removed"
+    ), result  # fmt: skip
+    assert "GOAWAY received; Error code: 11" in result["detail"], result
+    assert "\\x1b[31m" in result["detail"] and "\\x0aforged line" in result["detail"], result  # escaped, one line
+    await asyncio.sleep(0.5)  # anything the poller wrote about the run is in its log by now
+    lines = new_log_lines(poller, since)
+    assert not any(marker in line or "GOAWAY" in line for line in lines), lines
+    assert all(isinstance(json.loads(line), dict) for line in lines), lines
+
