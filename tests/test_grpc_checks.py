@@ -172,3 +172,18 @@ async def test_what_a_server_sends_reaches_the_pollers_log_only_as_its_own_json_
     assert not any(marker in line or "GOAWAY" in line for line in lines), lines
     assert all(isinstance(json.loads(line), dict) for line in lines), lines
 
+
+async def test_an_answer_that_is_not_a_health_check_response_is_protocol(
+    admin: httpx.AsyncClient, poller: ServiceProcess
+) -> None:
+    """grpcio would log its failure to read the message with a traceback and hand back None; the result says what
+    the server answered instead."""
+    since = len(poller.log_text())
+    with GrpcHealthServer(answer=b"\xff\xff\xff") as broken:
+        result = await check_once(admin, **grpc(broken.port))
+    assert (result["healthy"], result["reason"]) == (False, "protocol"), result
+    assert result["detail"].startswith(f"127.0.0.1:{broken.port} answered a message that cannot be read: "), result
+    assert "grpc.health.v1.HealthCheckResponse" in result["detail"], result
+    await asyncio.sleep(0.5)
+    lines = new_log_lines(poller, since)
+    assert not any('"exception"' in line or "deserializ" in line for line in lines), lines

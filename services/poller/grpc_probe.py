@@ -26,7 +26,8 @@ time).
 
 Outcomes: SERVING → ok; any other serving status, an unknown `grpc_service` (NOT_FOUND) or another gRPC error
 the server sent → `status`; refused or unreachable → `connect`; handshake or verification failure → `tls`; an
-answer that is not gRPC over HTTP/2 (an HTTP/1 server, garbage) → `protocol`; the deadline → `timeout`.
+answer that is not gRPC over HTTP/2 (an HTTP/1 server, garbage), or a message that is not a HealthCheckResponse →
+`protocol`; the deadline → `timeout`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dataclasses import dataclass, replace
 import aiohappyeyeballs
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from services.poller.certificates import peer_certificate_end
@@ -120,6 +122,17 @@ def judge_status(status: int, service: str, what: str) -> Verdict:
     if status == SERVING:
         return Verdict(True, "ok", words)
     return Verdict(False, "status", words)
+
+
+def judge_answer(message: bytes, service: str, what: str) -> Verdict:
+    """The verdict on the message a Check call returned (its serialized bytes): a HealthCheckResponse's status, or
+    `protocol` for bytes that are not one, in protobuf's words ("Error parsing message with type
+    'grpc.health.v1.HealthCheckResponse'")."""
+    try:
+        answer = health_pb2.HealthCheckResponse.FromString(message)
+    except DecodeError as exc:
+        return Verdict(False, "protocol", f"{what} answered a message that cannot be read: {exc}")
+    return judge_status(answer.status, service, what)
 
 
 def grpc_words(details: str, what: str) -> str:
@@ -386,21 +399,23 @@ class GrpcProbe:
             async with grpc.aio.insecure_channel(relay.target, options=options) as channel:
                 # HealthStub(channel).Check, spelled out: typeshed's stub of HealthStub declares no methods, and
                 # this way the call is typed by grpc.aio's own annotations.
+                # The answer is read here, not by gRPC: grpcio would log a message that does not parse with a
+                # traceback and hand back None.
                 check = channel.unary_unary(
                     HEALTH_CHECK_METHOD,
                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                    response_deserializer=bytes,
                 )
                 request = health_pb2.HealthCheckRequest(service=target.grpc_service)
                 try:
-                    answer = await check(request, timeout=target.timeout_seconds)
+                    message = await check(request, timeout=target.timeout_seconds)
                 except grpc.aio.AioRpcError as exc:
                     details = (exc.details() or "").replace(relay.target, what)
                     return judge_error(
                         exc.code(), details, relay.traffic, service=target.grpc_service, what=what, tls=target.tls,
                         timeout_seconds=target.timeout_seconds,
                     )  # fmt: skip
-            return judge_status(answer.status, target.grpc_service, what)
+            return judge_answer(message, target.grpc_service, what)
         finally:
             await relay.close()
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from services.poller.grpc_probe import (
     GrpcProbe,
@@ -28,6 +29,7 @@ from services.poller.grpc_probe import (
     connect_failure,
     grpc_words,
     handshake_failure,
+    judge_answer,
     judge_error,
     judge_status,
     status_name,
@@ -68,6 +70,18 @@ def test_serving_statuses() -> None:
     assert judge_status(0, "", WHAT) == Verdict(False, "status", f"{WHAT}: the server is UNKNOWN")
     assert judge_status(3, "", WHAT) == Verdict(False, "status", f"{WHAT}: the server is SERVICE_UNKNOWN")
     assert status_name(7) == "status 7"  # a status a later version of the protocol may add
+
+
+def test_the_answer_is_read_here() -> None:
+    """The message's bytes as the call returned them: a HealthCheckResponse's status, or `protocol` for bytes that
+    are none (an empty message is one: every field at its default, UNKNOWN)."""
+    serving = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
+    assert judge_answer(serving, "", WHAT) == Verdict(True, "ok", f"{WHAT}: the server is SERVING")
+    assert judge_answer(b"", "pay", WHAT) == Verdict(False, "status", f"{WHAT}: service 'pay' is UNKNOWN")
+    garbled = judge_answer(b"\xff\xff\xff", "", WHAT)
+    assert (garbled.healthy, garbled.reason) == (False, "protocol")
+    assert garbled.detail.startswith(f"{WHAT} answered a message that cannot be read: ")
+    assert "HealthCheckResponse" in garbled.detail
 
 
 CONNECT_FAILURE = f"failed to connect to all addresses; last error: UNAVAILABLE: {WHAT}: "
