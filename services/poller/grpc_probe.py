@@ -79,6 +79,8 @@ GRPC_CONNECT_FAILURE = "failed to connect to all addresses"
 # What gRPC writes when an HTTP/2 answer has a status other than 200: an HTTP/2 server that is not gRPC.
 GRPC_HTTP_STATUS = "Received http2 header with status"
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# accept() errors that say the poller is short of something (descriptors, memory), not that the peer went away.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # HTTP/2 first, as gRPC offers it; HTTP/1.1 too, so that a TLS server without HTTP/2 (which would end the handshake
 # with a no_application_protocol alert, RFC 7301) completes it and is named for what it is, its certificate read. A
 # gRPC server picks h2.
@@ -135,6 +137,18 @@ def judge_answer(message: bytes, service: str, what: str) -> Verdict:
     return judge_status(answer.status, service, what)
 
 
+def unrelayed(what: str, why: str) -> Verdict:
+    """The verdict when the poller could not give gRPC the connection it opened to `what` (the relay had no socket,
+    or gRPC none to reach it: out of descriptors or memory): the poller's failure, said so, not the server's."""
+    return Verdict(False, "connect", f"the poller could not give gRPC its connection to {what}: {why}")
+
+
+def _before_controls(text: str) -> str:
+    """`text` up to its first control character: gRPC follows some messages with the raw bytes of a socket address."""
+    end = next((index for index, character in enumerate(text) if not character.isprintable()), len(text))
+    return text[:end]
+
+
 def grpc_words(details: str, what: str) -> str:
     """gRPC's own message about a connection it could not use, from its last error on: "failed to connect to all
     addresses; last error: INTERNAL: <where>: Failed parsing HTTP/2 (...)" → "Failed parsing HTTP/2 (...)"."""
@@ -163,12 +177,20 @@ def judge_error(
     what: str,
     tls: bool,
     timeout_seconds: float,
+    relayed: bool = True,
+    relay_failure: OSError | None = None,
 ) -> Verdict:
     """The verdict on a failed Check call. `details` is gRPC's message with the relay's socket already replaced by
-    `what`. A failure to set up HTTP/2, or the server closing the connection, is the server not speaking gRPC
-    (`protocol`; `connect` when it closed without sending a byte); anything else is an answer (`status`)."""
+    `what`. gRPC that never got its connection through the relay (`relayed` false: the poller out of descriptors or
+    memory, `relay_failure` the relay's own error if it had one) is the poller's failure, not the server's
+    (`connect`, in those words). A failure to set up HTTP/2, or the server closing the connection, is the server not
+    speaking gRPC (`protocol`; `connect` when it closed without sending a byte); anything else is an answer
+    (`status`)."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Verdict(False, "timeout", f"timed out after {timeout_seconds:g} s")  # as Prober.run words it
+    if not relayed:
+        why = relay_failure.strerror if relay_failure is not None else None
+        return unrelayed(what, why or _before_controls(grpc_words(details, what)))
     if GRPC_HTTP_STATUS in details:
         return Verdict(False, "protocol", f"{what} is not a gRPC server: {details}")
     if details.startswith(GRPC_CONNECT_FAILURE) or traffic.server_closed:
@@ -239,6 +261,8 @@ class Relay:
     def __init__(self, server_reader: asyncio.StreamReader, server_writer: asyncio.StreamWriter) -> None:
         self.name = f"healthgate-grpc-{uuid.uuid4().hex}"
         self.traffic = RelayTraffic()
+        # Why no connection could be taken (out of descriptors or memory), if that is what happened.
+        self.failure: OSError | None = None
         self._server_reader = server_reader
         self._server_writer = server_writer
         self._loop = asyncio.get_running_loop()
@@ -260,6 +284,11 @@ class Relay:
         """The gRPC target naming this socket."""
         return f"unix-abstract:{self.name}"
 
+    @property
+    def relayed(self) -> bool:
+        """Whether gRPC's connection was taken (and its bytes relayed)."""
+        return self._connection is not None
+
     def _accept(self) -> None:
         """The listener is readable: take the connection if it is this process's, else close it."""
         if self._listener is None:
@@ -268,8 +297,13 @@ class Relay:
             connection, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:  # the peer gave up before the accept
-            return
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                # The connection stays in the backlog and the listener readable: trying again at once would keep
+                # the event loop busy until the check's timeout. Closing the listener refuses gRPC's connection.
+                self.failure = exc
+                self._stop_listening()
+            return  # else the peer gave up before the accept (ECONNABORTED)
         try:
             pid, _uid, _gid = PEER_CREDENTIALS.unpack(
                 connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
@@ -385,7 +419,10 @@ class GrpcProbe:
         protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         if protocol not in (None, "h2"):
             return Verdict(False, "protocol", f"{what} chose {protocol} in TLS (ALPN), not HTTP/2: not a gRPC server")
-        relay = Relay(reader, writer)
+        try:
+            relay = Relay(reader, writer)
+        except OSError as exc:  # no socket for it: out of descriptors or memory
+            return unrelayed(what, exc.strerror or str(exc))
         options = [
             ("grpc.default_authority", host_port(name, target.port or 0)),
             ("grpc.http2_scheme", "https" if target.tls else "http"),
@@ -413,7 +450,7 @@ class GrpcProbe:
                     details = (exc.details() or "").replace(relay.target, what)
                     return judge_error(
                         exc.code(), details, relay.traffic, service=target.grpc_service, what=what, tls=target.tls,
-                        timeout_seconds=target.timeout_seconds,
+                        timeout_seconds=target.timeout_seconds, relayed=relay.relayed, relay_failure=relay.failure,
                     )  # fmt: skip
             return judge_answer(message, target.grpc_service, what)
         finally:
