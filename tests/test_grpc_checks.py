@@ -13,15 +13,20 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import aio_pika
+import asyncpg
 import httpx
 import pytest
 
+from shared.events import ScheduledRun, Tick
+from shared.topology import POLLER_TICK_QUEUE
 from tests.support.blackhole import Blackhole, refused_port
 from tests.support.certificates import CertificateAuthority, KeyPair, self_signed
 from tests.support.grpc_server import GrpcHealthServer
 from tests.support.nginx import NginxServer
-from tests.support.processes import ServiceProcess, exclusive_poller
+from tests.support.processes import ServiceProcess, exclusive_poller, start_poller
 from tests.support.raw_http import RawHttpServer
+from tests.support.services import BackingServices
 from tests.test_poller import check_once
 
 pytestmark = pytest.mark.usefixtures("poller")
@@ -187,3 +192,75 @@ async def test_an_answer_that_is_not_a_health_check_response_is_protocol(
     await asyncio.sleep(0.5)
     lines = new_log_lines(poller, since)
     assert not any('"exception"' in line or "deserializ" in line for line in lines), lines
+
+
+async def unscheduled_grpc_checks(db: asyncpg.Connection, port: int, count: int) -> list[uuid.UUID]:
+    """`count` grpc checks of 127.0.0.1:`port` on one host, which the scheduler leaves alone (no schedule row, and
+    more than the API's five per host): only the test's tick runs them, all at once."""
+    host_id = uuid.uuid4()
+    await db.execute(
+        'INSERT INTO hosts (id, name, "group") VALUES ($1, $2, $3)', host_id, f"fds-{host_id.hex[:6]}", "grpc"
+    )
+    check_ids = [uuid.uuid4() for _ in range(count)]
+    for index, check_id in enumerate(check_ids):
+        await db.execute(
+            """
+            INSERT INTO health_checks (id, host_id, name, check_type, interval_seconds, timeout_seconds, port, address,
+                                       grpc_service, tls, ignore_cert_errors)
+            VALUES ($1, $2, $3, 'grpc', 3600, 10, $4, '127.0.0.1', '', false, true)
+            """,
+            check_id, host_id, f"grpc-{index}", port,
+        )  # fmt: skip
+        await db.execute("INSERT INTO check_state (check_id, host_id) VALUES ($1, $2)", check_id, host_id)
+    return check_ids
+
+
+def open_file_limits(pid: int) -> tuple[int, int]:
+    """A process's soft and hard limits of open files, as the kernel shows them (/proc/PID/limits)."""
+    line = next(
+        line for line in Path(f"/proc/{pid}/limits").read_text().splitlines() if line.startswith("Max open files")
+    )
+    soft, hard = line.split()[3:5]
+    return int(soft), int(hard)
+
+
+@pytest.mark.slow
+async def test_a_poller_started_with_a_low_open_file_limit_runs_many_grpc_checks_at_once(
+    db: asyncpg.Connection,
+    backing: BackingServices,
+    exchange_name: str,
+    service_env: dict[str, str],
+    tmp_path: Path,
+    poller: ServiceProcess,
+) -> None:
+    """A grpc check holds four descriptors while it runs; containers and systemd services start a process with a
+    soft limit of 1024, which 256 checks at once (the poller's concurrency) exceed. The poller raises its soft limit
+    to the hard one at start (as Go programs do), so a tick of many grpc checks runs whole. Here: a soft limit of
+    128 and 64 checks in one tick."""
+    poller.stop()  # only the test's poller takes the tick
+    try:
+        with GrpcHealthServer() as server:
+            own = start_poller(service_env, tmp_path / "low-limit.log", open_files=128)
+            try:
+                assert open_file_limits(own.process.pid)[0] == open_file_limits(own.process.pid)[1] > 128
+                check_ids = await unscheduled_grpc_checks(db, server.port, 64)
+                tick = Tick(runs=[ScheduledRun(check_id=check_id) for check_id in check_ids])
+                connection = await aio_pika.connect(backing.amqp_url)
+                async with connection:
+                    channel = await connection.channel(publisher_confirms=True)
+                    exchange = await channel.get_exchange(exchange_name)
+                    message = aio_pika.Message(tick.model_dump_json().encode(), content_type="application/json")
+                    await exchange.publish(message, POLLER_TICK_QUEUE.bindings[0])
+                async with asyncio.timeout(30):
+                    while await db.fetchval(
+                        "SELECT count(*) FROM check_results WHERE check_id = ANY($1)", check_ids
+                    ) < len(check_ids):
+                        await asyncio.sleep(0.2)
+            finally:
+                own.stop()
+        rows = await db.fetch("SELECT healthy, detail FROM check_results WHERE check_id = ANY($1)", check_ids)
+        failed = [row["detail"] for row in rows if not row["healthy"]]
+        assert failed == [], failed[:3]
+        assert "raised the open-file limit from 128 to " in own.log_text()
+    finally:
+        poller.restart()
