@@ -26,6 +26,8 @@ def parse_dns_server(server: str) -> tuple[str, int]:
         raise ValueError("must be an IP address (a name would need a resolver itself), or ip:port") from None
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ValueError("must not carry an IPv6 zone")
+    if server.startswith("[") and not isinstance(ip, ipaddress.IPv6Address):
+        raise ValueError("has brackets around an IPv4 address: brackets are for IPv6 only ([::1]:53), as in URLs")
     return str(ip), port
 
 
