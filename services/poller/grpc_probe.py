@@ -59,9 +59,9 @@ from services.poller.probes import (
     Resolve,
     Verdict,
     dns_name,
-    host_port,
     refuse_if_blocked,
 )
+from shared.addresses import host_port
 
 ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
 SERVING = health_pb2.HealthCheckResponse.SERVING
