@@ -1,10 +1,11 @@
-"""shared/addresses.py: a dns check's `dns_server` as the API validates it and the poller reads it."""
+"""shared/addresses.py: a dns check's `dns_server` as the API validates it and the poller reads it, and an address
+with its port as details and pages write it."""
 
 from __future__ import annotations
 
 import pytest
 
-from shared.addresses import parse_dns_server
+from shared.addresses import host_port, parse_dns_server
 
 
 @pytest.mark.parametrize(
@@ -44,3 +45,11 @@ def test_addresses_with_an_optional_port(server: str, parsed: tuple[str, int]) -
 def test_what_is_not_an_address_is_refused_in_words(server: str, problem: str) -> None:
     with pytest.raises(ValueError, match=problem):
         parse_dns_server(server)
+
+
+def test_an_ipv6_address_is_written_in_brackets_before_its_port() -> None:
+    assert host_port("127.0.0.1", 53) == "127.0.0.1:53"
+    assert host_port("db.test", "443") == "db.test:443"
+    assert host_port("::1", 50051) == "[::1]:50051"
+    assert host_port("fe80::1%eth0", 22) == "[fe80::1%eth0]:22"
+    assert host_port("[::1]", 22) == "[::1]:22"  # already in brackets
