@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -9,7 +10,9 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.support.blackhole import Blackhole
 from tests.support.messages import EventCapture
+from tests.support.processes import ServiceProcess
 
 
 @pytest.fixture
@@ -272,3 +275,24 @@ async def test_results_newest_first_with_time_range_and_cursor(
     assert await db.fetchval("SELECT count(*) FROM check_results WHERE host_id = $1", uuid.UUID(host["id"])) == 0
     assert await db.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", uuid.UUID(host["id"])) == 0
     assert (await admin.get(url)).status_code == 404
+
+
+async def test_a_check_deleted_while_it_is_tested_answers_404_not_a_timeout(
+    admin: httpx.AsyncClient, host: dict[str, str], poller: ServiceProcess
+) -> None:
+    """The poller runs it, finds it gone when it stores the result, and so stores and sends none: the API, left
+    without an answer, says the check is gone rather than that no poller answered."""
+    with Blackhole() as silent:
+        created = await admin.post(checks_url(host), json={
+            "name": "going", "check_type": "grpc", "address": "127.0.0.1", "port": silent.port, "timeout_seconds": 1,
+            "enabled": False,
+        })  # fmt: skip
+        url = f"{checks_url(host)}/{created.json()['id']}"
+        testing = asyncio.create_task(admin.post(f"{url}/test", timeout=30))
+        async with asyncio.timeout(10):
+            while silent.accepted == 0:  # the poller is running it
+                await asyncio.sleep(0.05)
+        assert (await admin.delete(url)).status_code == 204
+        answer = await testing
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["detail"] == "health check not found: it was deleted while it ran"
