@@ -178,6 +178,23 @@ async def test_what_a_server_sends_reaches_the_pollers_log_only_as_its_own_json_
     assert all(isinstance(json.loads(line), dict) for line in lines), lines
 
 
+async def test_a_server_that_says_goaway_and_closes_is_never_said_to_refuse(
+    admin: httpx.AsyncClient, raw_http: RawHttpServer
+) -> None:
+    """gRPC either reports the GOAWAY or, having reconnected, its reconnect, which the relay refuses (it takes one
+    connection): "Connection refused" there is the relay's, not the server's, which accepted the connection."""
+    goaway = struct.pack("!II", 0, ENHANCE_YOUR_CALM)
+    raw_http.set("*", http2_frame(SETTINGS, b"") + http2_frame(GOAWAY, goaway))  # and closes
+    what = f"127.0.0.1:{raw_http.port}"
+    for _ in range(3):  # which of the two gRPC reports depends on timing
+        result = await check_once(admin, **grpc(raw_http.port))
+        assert result["reason"] in ("protocol", "status"), result
+        assert "refused" not in result["detail"].lower(), result
+        assert result["detail"] in (
+            f"{what} did not answer as a gRPC server: it closed the connection after 26 bytes, without answering the call",
+        ) or "GOAWAY received; Error code: 11" in result["detail"], result
+
+
 async def test_an_answer_that_is_not_a_health_check_response_is_protocol(
     admin: httpx.AsyncClient, poller: ServiceProcess
 ) -> None:

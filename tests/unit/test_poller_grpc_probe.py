@@ -117,6 +117,12 @@ CONNECT_FAILURE = f"failed to connect to all addresses; last error: UNAVAILABLE:
          Verdict(False, "protocol", f"{WHAT} answered with TLS: set tls to check a TLS gRPC server")),
         (grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)", RelayTraffic(90, 0, True), True,
          Verdict(False, "protocol", f"{WHAT} did not answer as a gRPC server: Stream removed (Socket closed)")),
+        # The server sent a GOAWAY and closed; gRPC's reconnect went to the relay, which refuses a second one.
+        (grpc.StatusCode.UNAVAILABLE,
+         f"failed to connect to all addresses; last error: FAILED_PRECONDITION: {WHAT}: connect failed: addr: {WHAT} "
+         "error: Connection refused", RelayTraffic(26, 0, True), False,
+         Verdict(False, "protocol", f"{WHAT} did not answer as a gRPC server: it closed the connection after 26 bytes, "
+                 "without answering the call")),
     ],
 )  # fmt: skip
 def test_failed_calls(
