@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +27,10 @@ log = logging.getLogger("healthgate")
 
 CLI_ACTOR = "cli"
 STOP_TIMEOUT_SECONDS = 18.0
+# gRPC's C core logs through absl straight to stderr: not JSON, and with what a server sent in it unescaped (a
+# GOAWAY's debug text); since grpcio 1.65 it writes INFO lines unless GRPC_VERBOSITY says otherwise. Every outcome
+# of a grpc check is in its result, so the poller turns gRPC's own logging off unless the operator sets the variable.
+GRPC_VERBOSITY = "NONE"
 
 
 class CommandError(Exception):
@@ -39,6 +44,8 @@ def _run_api(settings: Settings) -> int:
 
 
 def _run_poller(settings: Settings) -> int:
+    # Read once, when grpc is first imported (by services.poller.app): it must be set before.
+    os.environ.setdefault("GRPC_VERBOSITY", GRPC_VERBOSITY)
     from services.poller.app import run_poller
 
     return run_poller(settings)

@@ -1,4 +1,4 @@
-"""Addresses written in check fields that both the api (validation) and the pollers (connecting) read."""
+"""Addresses written in check fields, which the api (validation, pages) and the pollers (connecting, details) read."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def parse_dns_server(server: str) -> tuple[str, int]:
         raise ValueError("must be an IP address (a name would need a resolver itself), or ip:port") from None
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ValueError("must not carry an IPv6 zone")
+    if server.startswith("[") and not isinstance(ip, ipaddress.IPv6Address):
+        raise ValueError("has brackets around an IPv4 address: brackets are for IPv6 only ([::1]:53), as in URLs")
     return str(ip), port
 
 
@@ -35,3 +37,7 @@ def _dns_port(text: str) -> int:
     return int(text)
 
 
+def host_port(host: str, port: int | str) -> str:
+    """`host:port` as a detail or a page shows it; an IPv6 address in brackets (`[::1]:443`, as in a URL, RFC 3986),
+    where `::1:443` would read as another address."""
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"

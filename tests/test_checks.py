@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import uuid
 
@@ -9,7 +10,9 @@ import asyncpg
 import httpx
 import pytest
 
+from tests.support.blackhole import Blackhole
 from tests.support.messages import EventCapture
+from tests.support.processes import ServiceProcess
 
 
 @pytest.fixture
@@ -115,6 +118,51 @@ async def test_put_replaces_every_field_with_defaults(admin: httpx.AsyncClient, 
     # The type may change; the old type's fields go.
     to_tcp = await admin.put(url, json={"name": "api", "check_type": "tcp", "port": 8443})
     assert to_tcp.status_code == 200 and "url" not in to_tcp.json() and to_tcp.json()["port"] == 8443
+
+
+# Every column of a check's own type, with a value that is not its default (the password as its ciphertext).
+TYPE_BODIES: dict[str, dict[str, object]] = {
+    "http": {
+        "url": "http://127.0.0.1:9/health", "method": "GET", "expected_body": "ok", "ignore_cert_errors": False,
+        "follow_redirects": True, "basic_auth_user": "monitor", "basic_auth_pass": "s3cret-pass",
+        "condition": "status == 200", "min_cert_days": None,
+    },
+    "tcp": {"port": 9, "address": "127.0.0.1"},
+    "grpc": {"port": 9, "address": "127.0.0.1", "grpc_service": "pkg.Svc", "tls": True, "ignore_cert_errors": False},
+    "dns": {"dns_name": "db.test", "record_type": "MX", "expected_values": ["10 mail.test."], "dns_server": "127.0.0.1:9"},
+    "service": {"service_name": "nginx.service"},
+}  # fmt: skip
+TYPE_COLUMNS = {
+    "http": {"url", "method", "expected_status", "expected_body", "ignore_cert_errors", "follow_redirects",
+             "basic_auth_user", "basic_auth_pass_encrypted", "condition"},
+    "tcp": {"port", "address"},
+    "grpc": {"port", "address", "grpc_service", "tls", "ignore_cert_errors"},
+    "dns": {"dns_name", "record_type", "expected_values", "dns_server"},
+    "service": {"service_name"},
+}  # fmt: skip
+ALL_TYPE_COLUMNS = set().union(*TYPE_COLUMNS.values()) | {"min_cert_days"}
+
+
+async def test_put_to_another_type_clears_every_column_of_the_old_one(
+    admin: httpx.AsyncClient, host: dict[str, str], db: asyncpg.Connection
+) -> None:
+    """Each type holds only its own columns (a constraint of the table, which would answer 500 if the API ever wrote
+    one of another type): through every change of type and back, the row holds the new type's columns alone, the
+    stored password goes with the http fields, and the answer shows the new type's fields alone."""
+    created = await admin.post(checks_url(host), json={"name": "shape", "enabled": False, "check_type": "http"}
+                               | TYPE_BODIES["http"])  # fmt: skip
+    assert created.status_code == 201, created.text
+    url = f"{checks_url(host)}/{created.json()['id']}"
+    for kind in ("grpc", "dns", "tcp", "grpc", "http", "dns", "service", "http", "tcp", "dns", "grpc", "http"):
+        answer = await admin.put(url, json={"name": "shape", "enabled": False, "check_type": kind} | TYPE_BODIES[kind])
+        assert answer.status_code == 200, (kind, answer.text)
+        row = dict(await db.fetchrow("SELECT * FROM health_checks WHERE id = $1", uuid.UUID(created.json()["id"])))
+        assert {column for column in ALL_TYPE_COLUMNS if row[column] is not None} == TYPE_COLUMNS[kind], (kind, row)
+        shown = answer.json()
+        assert shown["check_type"] == kind and shown["basic_auth_pass_set"] is (kind == "http")
+        own = TYPE_COLUMNS[kind] | ({"min_cert_days"} if kind == "http" else set())  # shown as null when unset
+        others = ALL_TYPE_COLUMNS - own - {"basic_auth_pass_encrypted"}
+        assert not others & shown.keys(), (kind, shown)
 
 
 async def test_config_events_carry_the_check_without_secrets(
@@ -227,3 +275,24 @@ async def test_results_newest_first_with_time_range_and_cursor(
     assert await db.fetchval("SELECT count(*) FROM check_results WHERE host_id = $1", uuid.UUID(host["id"])) == 0
     assert await db.fetchval("SELECT count(*) FROM health_checks WHERE host_id = $1", uuid.UUID(host["id"])) == 0
     assert (await admin.get(url)).status_code == 404
+
+
+async def test_a_check_deleted_while_it_is_tested_answers_404_not_a_timeout(
+    admin: httpx.AsyncClient, host: dict[str, str], poller: ServiceProcess
+) -> None:
+    """The poller runs it, finds it gone when it stores the result, and so stores and sends none: the API, left
+    without an answer, says the check is gone rather than that no poller answered."""
+    with Blackhole() as silent:
+        created = await admin.post(checks_url(host), json={
+            "name": "going", "check_type": "grpc", "address": "127.0.0.1", "port": silent.port, "timeout_seconds": 1,
+            "enabled": False,
+        })  # fmt: skip
+        url = f"{checks_url(host)}/{created.json()['id']}"
+        testing = asyncio.create_task(admin.post(f"{url}/test", timeout=30))
+        async with asyncio.timeout(10):
+            while silent.accepted == 0:  # the poller is running it
+                await asyncio.sleep(0.05)
+        assert (await admin.delete(url)).status_code == 204
+        answer = await testing
+    assert answer.status_code == 404, answer.text
+    assert answer.json()["detail"] == "health check not found: it was deleted while it ran"

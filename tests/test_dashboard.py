@@ -665,6 +665,21 @@ async def test_operator_adds_dns_and_grpc_checks_and_edits_the_dns_ones_answers(
     assert script_problems(page) == []
 
 
+async def test_host_page_writes_an_ipv6_address_with_its_port_in_brackets(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory
+) -> None:
+    """"::1:50051" would read as another IPv6 address (::0.1:0.50051); a page writes "[::1]:50051", as details do."""
+    host_id = await create_host(admin, "::1", "team-a")
+    await create_check(admin, host_id, name="grpc", check_type="grpc", port=50051, enabled=False)  # the host's name
+    await create_check(admin, host_id, name="port", check_type="tcp", address="2001:db8::7", port=22, enabled=False)
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("viewer", ("team-a",)))
+    await page.goto(f"{api.base_url}/hosts/{host_id}")
+    await expect(check_item(page, "grpc").locator(".target")).to_contain_text("gRPC health of the server at [::1]:50051")
+    await expect(check_item(page, "port").locator(".target")).to_contain_text("TCP [2001:db8::7]:22 ·")
+    assert script_problems(page) == []
+
+
 async def test_form_shows_the_apis_messages_for_conditions_and_certificate_limits(
     api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:

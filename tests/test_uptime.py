@@ -4,15 +4,18 @@ its host's list, only the hours of the window counted, and gone with the check."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import asyncpg
 import httpx
 
-from tests.support.processes import ServiceProcess
+from tests.support.grpc_server import GrpcHealthServer
+from tests.support.processes import ServiceProcess, start_poller
 
 
 class TogglingPort:
@@ -107,3 +110,42 @@ async def test_uptime_follows_the_pollers_results_and_counts_only_the_window(
     assert (await admin.delete(check_url)).status_code == 204
     assert await db.fetchval("SELECT count(*) FROM check_uptime_hours WHERE check_id = $1", check_id) == 0
     assert other.status_code == 201
+
+
+async def test_two_pollers_counting_the_same_checks_and_hour_lose_nothing(
+    api: ServiceProcess,
+    poller: ServiceProcess,
+    admin: httpx.AsyncClient,
+    db: asyncpg.Connection,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Two pollers store results of the same checks in the same hour at once (200 /test runs of five checks, taken
+    by whichever poller is free): every result is counted once, and no batch fails (a deadlock would hand a run back
+    or lose its reply)."""
+    second = start_poller(service_env, tmp_path / "second.log")
+    try:
+        with GrpcHealthServer() as server:
+            host = (await admin.post("/api/v1/hosts", json={"name": "127.0.0.1", "group": "app"})).json()
+            checks_url = f"/api/v1/hosts/{host['id']}/health-checks"
+            check_ids = []
+            for index in range(5):
+                created = await admin.post(checks_url, json={
+                    "name": f"grpc-{index}", "check_type": "grpc", "address": "127.0.0.1", "port": server.port,
+                    "enabled": False,
+                })  # fmt: skip
+                assert created.status_code == 201, created.text
+                check_ids.append(created.json()["id"])
+            answers = await asyncio.gather(
+                *(admin.post(f"{checks_url}/{check_ids[index % 5]}/test") for index in range(200))
+            )
+    finally:
+        second.stop()
+    assert [answer.status_code for answer in answers] == [200] * 200
+    ids = [uuid.UUID(check_id) for check_id in check_ids]
+    stored = await db.fetchval("SELECT count(*) FROM check_results WHERE check_id = ANY($1)", ids)
+    counted = await db.fetchval("SELECT sum(total) FROM check_uptime_hours WHERE check_id = ANY($1)", ids)
+    assert stored == counted == 200
+    for check_id in check_ids:
+        assert (await admin.get(f"{checks_url}/{check_id}")).json()["uptime_24h"] == 1.0
+    assert "deadlock" not in (poller.log_text() + second.log_text()).lower()

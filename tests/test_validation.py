@@ -19,6 +19,9 @@ from tests.support.processes import ServiceProcess
 HTTP = {"name": "web", "check_type": "http", "url": "http://127.0.0.1:8080/health"}
 TCP = {"name": "port", "check_type": "tcp", "port": 22, "address": "127.0.0.1"}
 SERVICE = {"name": "unit", "check_type": "service", "service_name": "nginx.service"}
+# dns checks name their server (no test asks the machine's resolver); the port is closed (tests/README.md "No DNS").
+DNS = {"name": "resolver", "check_type": "dns", "dns_name": "db.test", "dns_server": "127.0.0.1:9"}
+GRPC = {"name": "health", "check_type": "grpc", "port": 50051, "address": "127.0.0.1"}
 
 
 @pytest.fixture
@@ -193,9 +196,46 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     *((TCP | {"address": value}, "address") for value in BAD_ADDRESSES),
     # service
     *((SERVICE | {"service_name": value}, "service_name") for value in ("../etc", "a/b", ".hidden", "", "a..b")),
+    # dns: a host name to look up, a resolver's address, up to 20 expected answers
+    *(
+        (DNS | {"dns_name": value}, "dns_name")
+        for value in (
+            "192.0.2.1", "192.0.2.1.", "::1", "[::1]", "http://db.test/", "db.test:53", "db.test..", "..", ".",
+            ".db.test", "db..test", "db test", "*.db.test", "-db.test", "db.123", "a" * 64 + ".test", "xn--zz.test",
+            "db.test\u0000", "\u200ddb.test", "", 53, None,
+        )
+    ),
+    *(
+        (DNS | {"dns_server": value}, "dns_server")
+        for value in (
+            "resolver.test", "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:dns", "192.0.2.1: 53", " 192.0.2.1",
+            "[::1", "[::1]53", "[::1]:", "[]:53", "[192.0.2.1]:53", "fe80::1%eth0", "[fe80::1%eth0]:53",
+            "192.0.2.1:\u0665\u0663", "", 53,
+        )
+    ),
+    *(
+        (DNS | {"expected_values": value}, "expected_values")
+        for value in (["a"] * 21, "192.0.2.1", {"a": 1})
+    ),
+    *(
+        (DNS | {"expected_values": ["ok", value]}, "expected_values.1")
+        for value in ("", "   ", " \t", "x" * 501, "a\nb", "\u202e", 1, ["a"], None)
+    ),
+    *((DNS | {"record_type": value}, "record_type") for value in ("a", "PTR", "ANY", None, 1)),
+    # grpc: a port and address as tcp, a service name of printable text
+    *((GRPC | {"grpc_service": value}, "grpc_service") for value in ("x" * 201, "a\nb", "\u202e", 1, None)),
+    *((GRPC | {"tls": value}, "tls") for value in (None, "perhaps", 2)),
+    (GRPC | {"ignore_cert_errors": None}, "ignore_cert_errors"),
+    *((GRPC | {"port": value}, "port") for value in (0, 65536, None)),
+    *((GRPC | {"address": value}, "address") for value in ("[::1]", "127.0.0.1:50051", "http://127.0.0.1")),
     # fields of another type
     (TCP | {"url": "http://127.0.0.1/"}, "url"),
     (SERVICE | {"port": 22}, "port"),
+    *((DNS | {field: value}, field) for field, value in (("port", 53), ("tls", True), ("address", "127.0.0.1"))),
+    *((GRPC | {field: value}, field) for field, value in (("dns_name", "db.test"), ("url", "http://127.0.0.1/"))),
+    (GRPC | {"expected_values": ["a"]}, "expected_values"),
+    (GRPC | {"condition": "true"}, "condition"),
+    (TCP | {"grpc_service": "x"}, "grpc_service"),
 ]
 
 
@@ -231,7 +271,8 @@ async def test_json_numbers_and_strings_that_no_field_can_hold(
 # ---- what is accepted works ---------------------------------------------------------------------------------------
 
 # A check whose target is a host name is stored disabled: accepted all the same, and never run, so the session's
-# poller does not look the name up in DNS.
+# poller does not look the name up in DNS. So are dns checks whose server is on port 53 of the loopback, where a
+# resolver of the machine could forward their question.
 NAMED = {"enabled": False}
 ACCEPTED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     (HTTP | {"expected_status": "2XX"}, {"expected_status": "2xx"}),
@@ -262,6 +303,19 @@ ACCEPTED: list[tuple[dict[str, Any], dict[str, Any]]] = [
     (TCP | {"port": 65535, "max_latency_ms": 1}, {"port": 65535, "max_latency_ms": 1}),
     (TCP | {"name": "\u00e9t\u00e9 \u2603"}, {}),
     (SERVICE | {"service_name": "getty@tty1.service"}, {}),
+    (DNS | NAMED, {"record_type": "A", "expected_values": None}),
+    (DNS | NAMED | {"dns_name": "db.test.", "record_type": "TXT"}, {"dns_name": "db.test.", "record_type": "TXT"}),
+    (DNS | NAMED | {"dns_name": "b\u00fccher.test"}, {"dns_name": "b\u00fccher.test"}),
+    (DNS | NAMED | {"dns_name": "_sip._tcp.db.test", "record_type": "SRV"}, {}),
+    (DNS | NAMED | {"dns_server": "127.0.0.1"}, {"dns_server": "127.0.0.1"}),
+    (DNS | NAMED | {"dns_server": "::1"}, {}),
+    (DNS | NAMED | {"dns_server": "[::1]"}, {}),
+    (DNS | NAMED | {"dns_server": "[::1]:5353"}, {"dns_server": "[::1]:5353"}),
+    (DNS | NAMED | {"expected_values": []}, {"expected_values": []}),
+    (DNS | NAMED | {"expected_values": ["192.0.2.1", " padded ", "10 mail.test."] * 6}, {}),  # 18 values
+    (GRPC, {"grpc_service": "", "tls": False, "ignore_cert_errors": True}),
+    (GRPC | {"grpc_service": "pkg.Service/\u00e9t\u00e9 <b>", "tls": True, "ignore_cert_errors": False}, {}),
+    (GRPC | {"address": "::1"}, {"address": "::1"}),
 ]
 
 

@@ -442,7 +442,8 @@ async def test_check(request: Request, principal: Principal) -> Response:
 
 
 async def run_check_now(context: ApiContext, actor: str, host_id: uuid.UUID, check_id: uuid.UUID) -> CheckResult:
-    """Ask a poller to run the check now (audited); 503 without a broker, 504 without an answer."""
+    """Ask a poller to run the check now (audited); 503 without a broker, 504 without an answer, 404 when the
+    check was deleted while it ran (a poller stores no result of a deleted check, and answers with none)."""
     async with context.pool.acquire() as connection, connection.transaction():
         row = await _fetch_check(connection, host_id, check_id)
         await audit_check(connection, actor, "health_check.test", host_id, check_id, {})
@@ -454,6 +455,10 @@ async def run_check_now(context: ApiContext, actor: str, host_id: uuid.UUID, che
     except PublishFailed:
         raise Problem(503, "the message broker is unavailable; try again shortly") from None
     if result is None:
+        async with context.pool.acquire() as connection:
+            gone = await checks.fetch_check(connection, host_id, check_id) is None
+        if gone:  # deleted while it ran: the poller stored no result of it, and so sent none
+            raise Problem(404, "health check not found: it was deleted while it ran")
         raise Problem(504, f"no poller answered within {timeout:g} s")
     return result
 

@@ -132,7 +132,13 @@ TcpAddress = Annotated[str, StringConstraints(min_length=1, max_length=255), _ch
 DnsName = Annotated[str, StringConstraints(min_length=1, max_length=255), _checked(dns_name_problems)]
 # A dns check's resolver: an IP address, with a port as ip:port or [ipv6]:port.
 DnsServer = Annotated[str, StringConstraints(min_length=1, max_length=100), _checked(dns_server_problems)]
-ExpectedValue = Annotated[str, StringConstraints(min_length=1, max_length=500), AfterValidator(_no_control_characters)]
+ExpectedValue = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=500, pattern=r"\S"),
+    # A blank value matches no answer a server can send: refused rather than a check that always fails.
+    _explain_pattern("must not be blank"),
+    AfterValidator(_no_control_characters),
+]
 
 
 def _basic_auth_user_problems(user: str) -> list[str]:

@@ -106,7 +106,7 @@ def dns_name_problems(name: str) -> list[str]:
         return ["is an IP address: a dns check looks up a host name"]
     if "/" in bare or "@" in bare or ":" in bare or "[" in bare:
         return ["must be a host name alone, not a URL, address or port"]
-    return host_name_problems(bare)
+    return host_name_problems(name)  # which allows one trailing dot itself: "db.test.." has an empty label
 
 
 def dns_server_problems(server: str) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import resource
 
 import asyncpg
 
@@ -30,6 +31,12 @@ from shared.settings import Settings
 log = logging.getLogger(__name__)
 
 PROBE_CONCURRENCY = 256
+# A grpc check holds four descriptors while it runs (its connection, the relay's listener and accepted end, gRPC's
+# own socket), an http, tcp or dns check one or two; the process needs some of its own (database pool, broker,
+# health endpoint, logs). PROBE_CONCURRENCY grpc checks at once need more than the soft limit of 1024 that systemd
+# services and many container runtimes start a process with.
+DESCRIPTORS_PER_CHECK = 4
+DESCRIPTORS_RESERVED = 256
 SHUTDOWN_GRACE_SECONDS = 15.0
 PARTITION_CHECK_SECONDS = 3600.0
 
@@ -80,8 +87,32 @@ async def serve(settings: Settings, key: bytes) -> bool:
     return runtime.succeeded
 
 
+def raise_open_file_limit() -> tuple[int, int]:
+    """Raise this process's soft limit of open files to its hard limit, as Go programs do at start (since Go 1.19):
+    the soft limit is a guard for programs that use select(2), which the poller does not. Returns the soft limit
+    before and after; an unlimited or unchangeable limit is left as it is."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft == resource.RLIM_INFINITY or soft >= hard:
+        return soft, soft
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError):
+        return soft, soft
+    return soft, hard
+
+
 def run_poller(settings: Settings) -> int:
     """`healthgate poller`: run until SIGINT/SIGTERM; the process's exit status (`run_service`). Raises
     KeyFileError for an unusable key file, before anything starts."""
     key = load_or_create_key(settings.key_file)
+    before, limit = raise_open_file_limit()
+    needed = PROBE_CONCURRENCY * DESCRIPTORS_PER_CHECK + DESCRIPTORS_RESERVED
+    if limit != resource.RLIM_INFINITY and limit < needed:
+        log.warning(
+            f"the open-file limit ({limit}) is below the {needed} that {PROBE_CONCURRENCY} grpc checks at once may "
+            "need: checks beyond it fail saying so; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=)",
+            extra={"limit": limit, "needed": needed},
+        )
+    elif limit != before:
+        log.info(f"raised the open-file limit from {before} to {limit}", extra={"before": before, "limit": limit})
     return run_service(serve(settings, key))

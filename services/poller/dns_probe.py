@@ -34,8 +34,8 @@ import dns.rdtypes.txtbase
 import dns.resolver
 import dns.rrset
 
-from services.poller.probes import CheckTarget, Network, Verdict, blocked_network, dns_name, host_port
-from shared.addresses import parse_dns_server
+from services.poller.probes import CheckTarget, Network, Verdict, blocked_network, dns_name
+from shared.addresses import host_port, parse_dns_server
 
 log = logging.getLogger(__name__)
 

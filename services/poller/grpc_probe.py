@@ -26,7 +26,8 @@ time).
 
 Outcomes: SERVING → ok; any other serving status, an unknown `grpc_service` (NOT_FOUND) or another gRPC error
 the server sent → `status`; refused or unreachable → `connect`; handshake or verification failure → `tls`; an
-answer that is not gRPC over HTTP/2 (an HTTP/1 server, garbage) → `protocol`; the deadline → `timeout`.
+answer that is not gRPC over HTTP/2 (an HTTP/1 server, garbage), or a message that is not a HealthCheckResponse →
+`protocol`; the deadline → `timeout`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from dataclasses import dataclass, replace
 import aiohappyeyeballs
 import grpc
 import grpc.aio
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
 
 from services.poller.certificates import peer_certificate_end
@@ -57,9 +59,9 @@ from services.poller.probes import (
     Resolve,
     Verdict,
     dns_name,
-    host_port,
     refuse_if_blocked,
 )
+from shared.addresses import host_port
 
 ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -74,9 +76,14 @@ TLS_SHUTDOWN_SECONDS = 2.0
 TLS_RECORD_TYPES = (0x15, 0x16)
 # What gRPC writes when it could not set up HTTP/2 over a connection (the relay's, which always opens).
 GRPC_CONNECT_FAILURE = "failed to connect to all addresses"
+# What gRPC writes when a connection is refused: after the server's connection closed, only its reconnect to the
+# relay can be (the relay takes one connection), never the server, which accepted the connection the relay holds.
+GRPC_REFUSED = "Connection refused"
 # What gRPC writes when an HTTP/2 answer has a status other than 200: an HTTP/2 server that is not gRPC.
 GRPC_HTTP_STATUS = "Received http2 header with status"
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+# accept() errors that say the poller is short of something (descriptors, memory), not that the peer went away.
+OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # HTTP/2 first, as gRPC offers it; HTTP/1.1 too, so that a TLS server without HTTP/2 (which would end the handshake
 # with a no_application_protocol alert, RFC 7301) completes it and is named for what it is, its certificate read. A
 # gRPC server picks h2.
@@ -122,6 +129,29 @@ def judge_status(status: int, service: str, what: str) -> Verdict:
     return Verdict(False, "status", words)
 
 
+def judge_answer(message: bytes, service: str, what: str) -> Verdict:
+    """The verdict on the message a Check call returned (its serialized bytes): a HealthCheckResponse's status, or
+    `protocol` for bytes that are not one, in protobuf's words ("Error parsing message with type
+    'grpc.health.v1.HealthCheckResponse'")."""
+    try:
+        answer = health_pb2.HealthCheckResponse.FromString(message)
+    except DecodeError as exc:
+        return Verdict(False, "protocol", f"{what} answered a message that cannot be read: {exc}")
+    return judge_status(answer.status, service, what)
+
+
+def unrelayed(what: str, why: str) -> Verdict:
+    """The verdict when the poller could not give gRPC the connection it opened to `what` (the relay had no socket,
+    or gRPC none to reach it: out of descriptors or memory): the poller's failure, said so, not the server's."""
+    return Verdict(False, "connect", f"the poller could not give gRPC its connection to {what}: {why}")
+
+
+def _before_controls(text: str) -> str:
+    """`text` up to its first control character: gRPC follows some messages with the raw bytes of a socket address."""
+    end = next((index for index, character in enumerate(text) if not character.isprintable()), len(text))
+    return text[:end]
+
+
 def grpc_words(details: str, what: str) -> str:
     """gRPC's own message about a connection it could not use, from its last error on: "failed to connect to all
     addresses; last error: INTERNAL: <where>: Failed parsing HTTP/2 (...)" → "Failed parsing HTTP/2 (...)"."""
@@ -150,12 +180,20 @@ def judge_error(
     what: str,
     tls: bool,
     timeout_seconds: float,
+    relayed: bool = True,
+    relay_failure: OSError | None = None,
 ) -> Verdict:
     """The verdict on a failed Check call. `details` is gRPC's message with the relay's socket already replaced by
-    `what`. A failure to set up HTTP/2, or the server closing the connection, is the server not speaking gRPC
-    (`protocol`; `connect` when it closed without sending a byte); anything else is an answer (`status`)."""
+    `what`. gRPC that never got its connection through the relay (`relayed` false: the poller out of descriptors or
+    memory, `relay_failure` the relay's own error if it had one) is the poller's failure, not the server's
+    (`connect`, in those words). A failure to set up HTTP/2, or the server closing the connection, is the server not
+    speaking gRPC (`protocol`; `connect` when it closed without sending a byte); anything else is an answer
+    (`status`)."""
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return Verdict(False, "timeout", f"timed out after {timeout_seconds:g} s")  # as Prober.run words it
+    if not relayed:
+        why = relay_failure.strerror if relay_failure is not None else None
+        return unrelayed(what, why or _before_controls(grpc_words(details, what)))
     if GRPC_HTTP_STATUS in details:
         return Verdict(False, "protocol", f"{what} is not a gRPC server: {details}")
     if details.startswith(GRPC_CONNECT_FAILURE) or traffic.server_closed:
@@ -163,7 +201,11 @@ def judge_error(
             return Verdict(False, "connect", f"{what} closed the connection without answering")
         if not tls and traffic.first_byte in TLS_RECORD_TYPES:
             return Verdict(False, "protocol", f"{what} answered with TLS: set tls to check a TLS gRPC server")
-        return Verdict(False, "protocol", f"{what} did not answer as a gRPC server: {grpc_words(details, what)}")
+        words = grpc_words(details, what)
+        if traffic.server_closed and GRPC_REFUSED in words:
+            # gRPC's reconnect, which the relay refuses: the server had closed the connection it sent bytes on.
+            words = f"it closed the connection after {traffic.received} bytes, without answering the call"
+        return Verdict(False, "protocol", f"{what} did not answer as a gRPC server: {words}")
     if code == grpc.StatusCode.NOT_FOUND:
         return Verdict(False, "status", f"{what}: {service_words(service)} is unknown to the server (NOT_FOUND)")
     if code == grpc.StatusCode.UNIMPLEMENTED:
@@ -226,6 +268,8 @@ class Relay:
     def __init__(self, server_reader: asyncio.StreamReader, server_writer: asyncio.StreamWriter) -> None:
         self.name = f"healthgate-grpc-{uuid.uuid4().hex}"
         self.traffic = RelayTraffic()
+        # Why no connection could be taken (out of descriptors or memory), if that is what happened.
+        self.failure: OSError | None = None
         self._server_reader = server_reader
         self._server_writer = server_writer
         self._loop = asyncio.get_running_loop()
@@ -247,6 +291,11 @@ class Relay:
         """The gRPC target naming this socket."""
         return f"unix-abstract:{self.name}"
 
+    @property
+    def relayed(self) -> bool:
+        """Whether gRPC's connection was taken (and its bytes relayed)."""
+        return self._connection is not None
+
     def _accept(self) -> None:
         """The listener is readable: take the connection if it is this process's, else close it."""
         if self._listener is None:
@@ -255,8 +304,13 @@ class Relay:
             connection, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError:  # the peer gave up before the accept
-            return
+        except OSError as exc:
+            if exc.errno in OUT_OF_RESOURCES:
+                # The connection stays in the backlog and the listener readable: trying again at once would keep
+                # the event loop busy until the check's timeout. Closing the listener refuses gRPC's connection.
+                self.failure = exc
+                self._stop_listening()
+            return  # else the peer gave up before the accept (ECONNABORTED)
         try:
             pid, _uid, _gid = PEER_CREDENTIALS.unpack(
                 connection.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, PEER_CREDENTIALS.size)
@@ -372,7 +426,10 @@ class GrpcProbe:
         protocol = ssl_object.selected_alpn_protocol() if ssl_object is not None else None
         if protocol not in (None, "h2"):
             return Verdict(False, "protocol", f"{what} chose {protocol} in TLS (ALPN), not HTTP/2: not a gRPC server")
-        relay = Relay(reader, writer)
+        try:
+            relay = Relay(reader, writer)
+        except OSError as exc:  # no socket for it: out of descriptors or memory
+            return unrelayed(what, exc.strerror or str(exc))
         options = [
             ("grpc.default_authority", host_port(name, target.port or 0)),
             ("grpc.http2_scheme", "https" if target.tls else "http"),
@@ -386,21 +443,23 @@ class GrpcProbe:
             async with grpc.aio.insecure_channel(relay.target, options=options) as channel:
                 # HealthStub(channel).Check, spelled out: typeshed's stub of HealthStub declares no methods, and
                 # this way the call is typed by grpc.aio's own annotations.
+                # The answer is read here, not by gRPC: grpcio would log a message that does not parse with a
+                # traceback and hand back None.
                 check = channel.unary_unary(
                     HEALTH_CHECK_METHOD,
                     request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
-                    response_deserializer=health_pb2.HealthCheckResponse.FromString,
+                    response_deserializer=bytes,
                 )
                 request = health_pb2.HealthCheckRequest(service=target.grpc_service)
                 try:
-                    answer = await check(request, timeout=target.timeout_seconds)
+                    message = await check(request, timeout=target.timeout_seconds)
                 except grpc.aio.AioRpcError as exc:
                     details = (exc.details() or "").replace(relay.target, what)
                     return judge_error(
                         exc.code(), details, relay.traffic, service=target.grpc_service, what=what, tls=target.tls,
-                        timeout_seconds=target.timeout_seconds,
+                        timeout_seconds=target.timeout_seconds, relayed=relay.relayed, relay_failure=relay.failure,
                     )  # fmt: skip
-            return judge_status(answer.status, target.grpc_service, what)
+            return judge_answer(message, target.grpc_service, what)
         finally:
             await relay.close()
 

@@ -42,6 +42,7 @@ from yarl import URL
 
 from services.poller.certificates import days_left, peer_certificate_end
 from services.poller.conditions import ConditionEvaluator, ResponseFacts, ResponseHeaders
+from shared.addresses import host_port
 from shared.events import ResultReason
 
 BODY_LIMIT_BYTES = 1024 * 1024
@@ -293,11 +294,6 @@ def refuse_invalid_status(status: int, what: str) -> None:
         raise ProtocolViolation(
             f"{what} sent an answer whose status code {status:03d} is not a valid HTTP status (100-599)"
         )
-
-
-def host_port(host: str, port: int | str) -> str:
-    """`host:port` for a detail; an IPv6 address in brackets (`[::1]:443`, as in a URL, RFC 3986)."""
-    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
 
 
 def _cut(text: str) -> str:

@@ -6,6 +6,8 @@ of 127.0.0.1, plaintext or TLS, as the peer of the poller's grpc checks.
         server.port, server.address                          # 127.0.0.1 and its port
     with GrpcHealthServer(tls=self_signed()) as secure:      # TLS with a KeyPair of tests/support/certificates.py
         ...
+    with GrpcHealthServer(answer=b"\xff") as broken:         # Check answers these bytes as its message, unread
+        ...
 
 A service never `set` is unknown to the server: Check answers NOT_FOUND. The server runs in this process, on
 gRPC's threads, so sync and async tests alike can use it; the poller under test runs in another process.
@@ -29,8 +31,9 @@ SERVER_THREADS = 4
 class GrpcHealthServer:
     """gRPC's health servicer on 127.0.0.1: `start()`/`stop()` or a context manager."""
 
-    def __init__(self, *, tls: KeyPair | None = None) -> None:
+    def __init__(self, *, tls: KeyPair | None = None, answer: bytes | None = None) -> None:
         self.tls = tls
+        self.answer = answer
         self.port = 0
         self.address = "127.0.0.1"
         self._health = health.HealthServicer()
@@ -42,7 +45,10 @@ class GrpcHealthServer:
 
     def start(self) -> GrpcHealthServer:
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=SERVER_THREADS))
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        if self.answer is None:
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        else:
+            server.add_generic_rpc_handlers([_answering(self.answer)])
         if self.tls is None:
             self.port = server.add_insecure_port("127.0.0.1:0")
         else:
@@ -67,6 +73,13 @@ class GrpcHealthServer:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.stop()
+
+
+def _answering(answer: bytes) -> grpc.GenericRpcHandler:
+    """Health/Check answering `answer` as its response message (no serializer: the bytes go out as they are),
+    whatever the request: the server of a broken or hostile implementation."""
+    check = grpc.unary_unary_rpc_method_handler(lambda request, context: answer)
+    return grpc.method_handlers_generic_handler("grpc.health.v1.Health", {"Check": check})
 
 
 @pytest.fixture(scope="session")

@@ -61,17 +61,36 @@ class ServiceProcess:
         self.process = start_service(self.name, self.env, self.log_path, port=self.port, until=until).process
 
 
+# Sets the soft limit of open files (argv[1]) and becomes the command that follows (exec: the same process).
+WITH_OPEN_FILE_LIMIT = (
+    "import os, resource, sys\n"
+    "resource.setrlimit(resource.RLIMIT_NOFILE, (int(sys.argv[1]), resource.getrlimit(resource.RLIMIT_NOFILE)[1]))\n"
+    "os.execv(sys.argv[2], sys.argv[2:])"
+)
+
+
 def start_service(
-    name: str, env: dict[str, str], log_path: Path, *, port: int, ready_timeout: float = 30, until: str = "ready"
+    name: str,
+    env: dict[str, str],
+    log_path: Path,
+    *,
+    port: int,
+    ready_timeout: float = 30,
+    until: str = "ready",
+    open_files: int | None = None,
 ) -> ServiceProcess:
     """Start `healthgate NAME` (its environment: this process's, then `env`; output appended to `log_path`) and
     wait until its /health/ready on 127.0.0.1:`port` answers 200, or only its /health/live with `until="live"`
-    (a service whose database or broker is down is live but not ready). Raises RuntimeError with the log when
+    (a service whose database or broker is down is live but not ready). `open_files` starts it with that soft
+    limit of open files (a container's or systemd service's 1024, say). Raises RuntimeError with the log when
     it exits first or does not get there within `ready_timeout` seconds; then, and when the wait is interrupted
     (Ctrl-C, a signal turned into an exception), the process is not left running."""
+    command = [sys.executable, "-m", "services.cli", name]
+    if open_files is not None:
+        command = [sys.executable, "-c", WITH_OPEN_FILE_LIMIT, str(open_files), *command]
     log_file = log_path.open("ab")
     process = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", name],
+        command,
         env={**os.environ, **env},
         stdout=log_file,
         stderr=subprocess.STDOUT,
@@ -99,11 +118,14 @@ def start_service(
 GATE_RETRY_SECONDS = "2"
 
 
-def start_poller(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:
-    """A poller with the session's environment (`service_env`) and `overrides`, on a health port of its own."""
+def start_poller(
+    service_env: dict[str, str], log_path: Path, *, open_files: int | None = None, **overrides: str
+) -> ServiceProcess:
+    """A poller with the session's environment (`service_env`) and `overrides`, on a health port of its own;
+    `open_files`: started with that soft limit of open files."""
     port = free_port()
     env = service_env | {"HEALTHGATE_HEALTH_PORT": str(port)} | overrides
-    return start_service("poller", env, log_path, port=port)
+    return start_service("poller", env, log_path, port=port, open_files=open_files)
 
 
 def start_gate(service_env: dict[str, str], log_path: Path, **overrides: str) -> ServiceProcess:

@@ -2,7 +2,8 @@
 
 `RawHttpServer` listens on a free 127.0.0.1 port, from a background thread with its own event loop (sync and async
 tests alike). It reads each request's head, looks up the request path and writes the bytes set for it, after an
-optional delay, then closes the connection; a path with nothing set gets a plain 404.
+optional delay, then closes the connection (at once, or after holding it open for `hold` seconds); a path with
+nothing set gets a plain 404.
 
     with RawHttpServer() as server:
         server.set("/garbage", b"GARBAGE\\r\\n\\r\\n")
@@ -54,7 +55,7 @@ class RawHttpServer:
     def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
         self.ssl_context = ssl_context
         self.port = 0
-        self.answers: dict[str, tuple[bytes, float]] = {}
+        self.answers: dict[str, tuple[bytes, float, float]] = {}
         self.requests: list[bytes] = []
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,10 +70,11 @@ class RawHttpServer:
     def url(self, path: str = "/") -> str:
         return self.base_url + path
 
-    def set(self, path: str, raw: bytes, *, delay: float = 0.0) -> None:
-        """Answer requests for `path` (without query) with `raw`, `delay` seconds after the request head."""
+    def set(self, path: str, raw: bytes, *, delay: float = 0.0, hold: float = 0.0) -> None:
+        """Answer requests for `path` (without query) with `raw`, `delay` seconds after the request head, and close
+        the connection `hold` seconds after that (a peer that says something and then waits)."""
         with self._lock:
-            self.answers[path] = (raw, delay)
+            self.answers[path] = (raw, delay, hold)
 
     def request_log(self) -> list[bytes]:
         with self._lock:
@@ -140,11 +142,13 @@ class RawHttpServer:
             parts = head.split(b"\r\n", 1)[0].split(b" ")
             path = urlsplit(parts[1].decode("latin-1")).path if len(parts) == 3 else ""
             with self._lock:
-                raw, delay = self.answers.get(path, (NOT_FOUND, 0.0))
+                raw, delay, hold = self.answers.get(path, (NOT_FOUND, 0.0, 0.0))
             if delay:
                 await asyncio.sleep(delay)
             writer.write(raw)
             await writer.drain()
+            if hold:
+                await asyncio.sleep(hold)
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
             pass
         finally:

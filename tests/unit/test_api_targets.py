@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from services.api.targets import (
     MAX_HOST_NAME_LENGTH,
     address_problems,
+    dns_name_problems,
+    dns_server_problems,
     has_unprintable,
     host_name_problems,
     url_problems,
@@ -230,3 +232,38 @@ def test_an_accepted_url_names_the_same_host_and_port_for_the_api_and_the_poller
     assert parsed.scheme == parts.scheme.lower()
     assert parsed.port == (parts.port or (443 if parts.scheme.lower() == "https" else 80))
     assert parsed.raw_host == yarl.URL.build(scheme="http", host=parts.hostname or "").raw_host, url
+
+
+# ---- dns checks: the name to look up and the server to ask ------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["db.test", "db.test.", "b\u00fccher.test", "_sip._tcp.db.test", "test", "db.test\u3002"])
+def test_dns_names_to_look_up(name: str) -> None:
+    assert dns_name_problems(name) == []
+
+
+@pytest.mark.parametrize(
+    ("name", "problem"),
+    [
+        ("192.0.2.1", "is an IP address"),
+        ("192.0.2.1.", "is an IP address"),
+        ("2001:db8::1", "is an IP address"),
+        ("db.test:53", "not a URL, address or port"),
+        ("db.test..", "empty label"),  # one trailing dot is a fully qualified name; a second is an empty label
+        ("..", "empty label"),
+        (".", "empty label"),
+    ],
+)
+def test_dns_names_that_cannot_be_looked_up(name: str, problem: str) -> None:
+    assert any(problem in text for text in dns_name_problems(name)), dns_name_problems(name)
+
+
+def test_dns_servers_are_addresses_with_an_optional_port() -> None:
+    for server in ("192.0.2.1", "192.0.2.1:5353", "2001:db8::1", "[2001:db8::1]", "[2001:db8::1]:5353"):
+        assert dns_server_problems(server) == [], server
+    assert dns_server_problems("[192.0.2.1]:53") == [
+        "has brackets around an IPv4 address: brackets are for IPv6 only ([::1]:53), as in URLs"
+    ]
+    assert dns_server_problems("resolver.test") == [
+        "must be an IP address (a name would need a resolver itself), or ip:port"
+    ]

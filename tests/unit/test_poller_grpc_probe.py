@@ -7,19 +7,23 @@ the poller in tests/test_grpc_checks.py."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import errno
 import gc
 import ipaddress
 import os
+import resource
 import socket
 import ssl
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2
 
 from services.poller.grpc_probe import (
     GrpcProbe,
@@ -28,9 +32,11 @@ from services.poller.grpc_probe import (
     connect_failure,
     grpc_words,
     handshake_failure,
+    judge_answer,
     judge_error,
     judge_status,
     status_name,
+    unrelayed,
     verifying_context,
 )
 from services.poller.probes import AddrInfo, CheckTarget, Resolve, Verdict, system_resolve
@@ -70,6 +76,18 @@ def test_serving_statuses() -> None:
     assert status_name(7) == "status 7"  # a status a later version of the protocol may add
 
 
+def test_the_answer_is_read_here() -> None:
+    """The message's bytes as the call returned them: a HealthCheckResponse's status, or `protocol` for bytes that
+    are none (an empty message is one: every field at its default, UNKNOWN)."""
+    serving = health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVING).SerializeToString()
+    assert judge_answer(serving, "", WHAT) == Verdict(True, "ok", f"{WHAT}: the server is SERVING")
+    assert judge_answer(b"", "pay", WHAT) == Verdict(False, "status", f"{WHAT}: service 'pay' is UNKNOWN")
+    garbled = judge_answer(b"\xff\xff\xff", "", WHAT)
+    assert (garbled.healthy, garbled.reason) == (False, "protocol")
+    assert garbled.detail.startswith(f"{WHAT} answered a message that cannot be read: ")
+    assert "HealthCheckResponse" in garbled.detail
+
+
 CONNECT_FAILURE = f"failed to connect to all addresses; last error: UNAVAILABLE: {WHAT}: "
 
 
@@ -99,12 +117,38 @@ CONNECT_FAILURE = f"failed to connect to all addresses; last error: UNAVAILABLE:
          Verdict(False, "protocol", f"{WHAT} answered with TLS: set tls to check a TLS gRPC server")),
         (grpc.StatusCode.UNAVAILABLE, "Stream removed (Socket closed)", RelayTraffic(90, 0, True), True,
          Verdict(False, "protocol", f"{WHAT} did not answer as a gRPC server: Stream removed (Socket closed)")),
+        # The server sent a GOAWAY and closed; gRPC's reconnect went to the relay, which refuses a second one.
+        (grpc.StatusCode.UNAVAILABLE,
+         f"failed to connect to all addresses; last error: FAILED_PRECONDITION: {WHAT}: connect failed: addr: {WHAT} "
+         "error: Connection refused", RelayTraffic(26, 0, True), False,
+         Verdict(False, "protocol", f"{WHAT} did not answer as a gRPC server: it closed the connection after 26 bytes, "
+                 "without answering the call")),
     ],
 )  # fmt: skip
 def test_failed_calls(
     code: grpc.StatusCode, details: str, traffic: RelayTraffic, tls: bool, verdict: Verdict
 ) -> None:
     assert judge_error(code, details, traffic, service="pay", what=WHAT, tls=tls, timeout_seconds=5) == verdict
+
+
+def test_a_call_that_never_got_its_connection_is_the_pollers_failure() -> None:
+    """gRPC that could not reach the relay (no socket for it) or whose connection the relay could not take: the
+    server did nothing, the poller ran out of descriptors; gRPC's raw socket address after its words is dropped."""
+    out = f"{CONNECT_FAILURE}socket: Too many open files\x01\x00\x00healthgate-grpc-0123"
+    assert judge_error(
+        grpc.StatusCode.UNAVAILABLE, out, RelayTraffic(), service="", what=WHAT, tls=False, timeout_seconds=5,
+        relayed=False,
+    ) == Verdict(False, "connect", f"the poller could not give gRPC its connection to {WHAT}: socket: Too many open files")
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    assert judge_error(
+        grpc.StatusCode.UNAVAILABLE, CONNECT_FAILURE + "Connection reset by peer", RelayTraffic(), service="",
+        what=WHAT, tls=False, timeout_seconds=5, relayed=False, relay_failure=emfile,
+    ) == Verdict(False, "connect", f"the poller could not give gRPC its connection to {WHAT}: Too many open files")
+    assert judge_error(
+        grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", RelayTraffic(), service="", what=WHAT, tls=False,
+        timeout_seconds=5, relayed=False,
+    ) == Verdict(False, "timeout", "timed out after 5 s")
+    assert unrelayed(WHAT, "Too many open files").reason == "connect"
 
 
 def test_grpc_words() -> None:
@@ -165,6 +209,62 @@ async def test_the_relay_takes_one_connection_of_this_process() -> None:
         if stranger.returncode is None:
             stranger.kill()
             await stranger.wait()
+
+
+@contextlib.contextmanager
+def no_new_descriptors() -> Iterator[None]:
+    """This process may open no file descriptor (every one fails with EMFILE) until the block ends: a poller out of
+    them, as with `ulimit -n 1024` and hundreds of checks at once."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (3, hard))  # below the descriptors open already (0-2 and more)
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+async def test_out_of_descriptors_the_relay_stops_listening_rather_than_spin() -> None:
+    """accept() failing with EMFILE leaves the waiting connection in the backlog and the listener readable: taking
+    that as a peer gone and trying again at once kept the event loop busy until the check's timeout. The relay stops
+    listening instead and keeps the error, which names the cause in the result."""
+    server_side, far_end = socket.socketpair()
+    server_reader, server_writer = await asyncio.open_connection(sock=server_side)
+    relay = Relay(server_reader, server_writer)
+    waiting = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        waiting.connect("\0" + relay.name)  # queued in the backlog, not yet accepted
+        started = time.process_time()
+        with no_new_descriptors():
+            await asyncio.sleep(0.3)
+        busy = time.process_time() - started
+        assert busy < 0.1, f"{busy:.2f} s of CPU in 0.3 s"
+        assert relay.failure is not None and relay.failure.errno == errno.EMFILE, relay.failure
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_unix_connection("\0" + relay.name)  # it listens no more
+    finally:
+        waiting.close()
+        await relay.close()
+        far_end.close()
+
+
+async def test_short_of_descriptors_no_check_blames_its_server(grpc_health: GrpcHealthServer) -> None:
+    """Many checks at once with only a few descriptors to spare (a poller under `ulimit -n 1024`): each one that
+    cannot run says the poller ran out (never that the server closed the connection or is not gRPC), and none waits
+    for its timeout."""
+    probe = GrpcProbe([], system_resolve)
+    open_now = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + 80, hard))
+    try:
+        async with asyncio.timeout(10):
+            verdicts = await asyncio.gather(*(probe.check(target(grpc_health.port)) for _ in range(60)))
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    failed = [verdict for verdict in verdicts if not verdict.healthy]
+    assert failed, "the limit left enough descriptors for every check"
+    for verdict in failed:
+        assert verdict.reason == "connect" and "Too many open files" in verdict.detail, verdict
+        assert "closed the connection" not in verdict.detail, verdict
 
 
 # ---- names, TLS by name, blocked addresses ----------------------------------------------------------------

@@ -49,6 +49,7 @@ from services.api.problems import Problem, validation_problem
 from services.api.requests import PageQuery, path_job_id
 from services.api.schemas import MAX_PREVIEW_HOSTS, HaltRequest, OverrideRequest, PreviewRequest
 from shared import checks, group_policies, hosts, jobs, results
+from shared.addresses import host_port
 from shared.database import Connection
 from shared.events import CheckView, control_character, job_key
 from shared.gating import gating_check_summaries
@@ -170,6 +171,7 @@ class Dashboard:
         self.templates.env.filters["halt_reason_words"] = lambda reason: HALT_REASON_WORDS.get(reason, reason)
         self.templates.env.filters["reason_phrase"] = reason_phrase
         self.templates.env.filters["uptime_percent"] = uptime_percent
+        self.templates.env.filters["host_port"] = host_port
         self.templates.env.filters["cert_validity"] = cert_validity
 
     def routes(self) -> list[SegmentRoute | Mount]:
