@@ -91,11 +91,21 @@ async def test_only_expired_rows_go_at_every_boundary(pool: asyncpg.Pool) -> Non
         assert await pool.fetchval("SELECT to_regclass($1) IS NOT NULL", f"check_results_{day:%Y%m%d}")
 
 
+def noon_cutoff(now: dt.datetime, days_back: int) -> tuple[float, dt.datetime]:
+    """A retention in hours whose cutoff is noon `days_back` days before `now`'s day, and that cutoff: rows a few
+    hours before it lie in the boundary day (deleted row by row), whatever the time of day the test runs at. A
+    fixed retention would put them in the day before near midnight UTC, whose partition is dropped whole."""
+    cutoff = dt.datetime.combine(now.date(), dt.time(12), dt.UTC) - dt.timedelta(days=days_back)
+    return (now - cutoff).total_seconds() / 3600, cutoff
+
+
 async def test_writers_keep_inserting_during_a_pass(pool: asyncpg.Pool) -> None:
     now = await pool.fetchval("SELECT now()")
-    old_day = now - dt.timedelta(days=6)
+    hours, cutoff = noon_cutoff(now, 2)
+    old_day = cutoff - dt.timedelta(days=4)
     await insert_results(pool, [old_day + dt.timedelta(milliseconds=index) for index in range(200_000)])
-    await insert_results(pool, [now - dt.timedelta(hours=49, seconds=index) for index in range(20_000)])  # boundary rows
+    # Boundary rows, from 6.5 to 1 hours before the cutoff: the cutoff's own day.
+    await insert_results(pool, [cutoff - dt.timedelta(hours=1, seconds=index) for index in range(20_000)])
     inserted = 0
     stop = asyncio.Event()
 
@@ -107,7 +117,7 @@ async def test_writers_keep_inserting_during_a_pass(pool: asyncpg.Pool) -> None:
 
     writer = asyncio.create_task(keep_writing())
     await asyncio.sleep(0.2)
-    report = await prune_once(pool, retention(48))
+    report = await prune_once(pool, retention(hours))
     stop.set()
     await writer
     assert report.partitions_dropped and report.result_rows_deleted == 20_000
@@ -144,14 +154,18 @@ def _through(dsn: str, port: int) -> str:
 
 async def test_database_lost_mid_pass_and_back(pool: asyncpg.Pool, private_database: str) -> None:
     now = await pool.fetchval("SELECT now()")
-    expired = await insert_results(pool, [now - dt.timedelta(hours=30, milliseconds=index) for index in range(300_000)])
-    kept = await insert_results(pool, [now - dt.timedelta(hours=20)] * 10)
+    hours, cutoff = noon_cutoff(now, 1)
+    # In the boundary day (so deleted in batches, which the proxy cuts), and kept rows after the cutoff.
+    expired = await insert_results(
+        pool, [cutoff - dt.timedelta(hours=6, milliseconds=index) for index in range(300_000)]
+    )
+    kept = await insert_results(pool, [cutoff + dt.timedelta(hours=4)] * 10)
     target = urlsplit(private_database)
     with tcp_proxy(target.hostname or "127.0.0.1", target.port or 5432) as proxy:
         proxied = await asyncpg.create_pool(_through(private_database, proxy.port), min_size=1, max_size=3)
         assert proxied is not None
         try:
-            passing = asyncio.create_task(prune_once(proxied, retention(24)))
+            passing = asyncio.create_task(prune_once(proxied, retention(hours)))
             async with asyncio.timeout(30):
                 while not await pool.fetchval(
                     "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'DELETE FROM check_results_%'"
@@ -164,7 +178,7 @@ async def test_database_lost_mid_pass_and_back(pool: asyncpg.Pool, private_datab
             left = len(await remaining(pool, expired))
             assert 0 < left < len(expired)
             proxy.restore()
-            report = await prune_once(proxied, retention(24))
+            report = await prune_once(proxied, retention(hours))
             assert report.result_rows_deleted == left
         finally:
             await proxied.close()
