@@ -11,15 +11,18 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import itertools
 import json
 import os
 import signal
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from cryptography import x509
@@ -483,3 +486,74 @@ async def test_a_stopped_poller_leaves_no_condition_worker(
         if stop == signal.SIGTERM:
             assert "Traceback" not in own.log_text()
 
+
+async def results_of(db: asyncpg.Connection, check: dict[str, Any]) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT checked_at, healthy, reason, detail FROM check_results WHERE check_id = $1 ORDER BY checked_at",
+        uuid.UUID(check["id"]),
+    )
+
+
+STOPPED_WORDS = (
+    "the condition took longer than 1 s and was stopped",
+    "the condition was not evaluated: it was stopped at its last evaluation, and every condition worker is busy",
+)
+
+
+@pytest.mark.slow
+async def test_many_runaway_conditions_on_a_schedule_hold_up_no_other_check(
+    admin: httpx.AsyncClient,
+    db: asyncpg.Connection,
+    nginx: NginxServer,
+    raw_http: RawHttpServer,
+    poller: ServiceProcess,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Forty runaway conditions on a 10 s interval, far more than two workers can stop in time: the poller's other
+    checks keep their interval, and a condition that runs in a worker in milliseconds is still evaluated. (Before,
+    the runaways queued for a worker until their timeouts, holding every tick the poller takes at once: a plain http
+    check ran 22 s after its first run instead of 10, and the quick condition timed out.)"""
+    raw_http.set("/same", response(body=SAME_3000))
+    with exclusive_poller(poller, service_env, tmp_path / "poller.log") as own:
+        runaway_hosts = [await new_host(admin) for _ in range(8)]
+        runaways = [
+            await create_check(
+                admin,
+                host_id,
+                **http(raw_http.url("/same"), condition=RUNAWAY, interval_seconds=10, timeout_seconds=30),
+            )
+            for host_id in runaway_hosts
+            for _ in range(5)
+        ]
+        quick_host = await new_host(admin)
+        quick = [
+            await create_check(admin, quick_host, **http(nginx.http_url("/ok"), interval_seconds=10)),
+            await create_check(
+                admin, quick_host, check_type="tcp", address="127.0.0.1", port=nginx.http_port, interval_seconds=10
+            ),
+            # `matches` runs in a worker: this one waits for the same two workers as the runaways.
+            await create_check(
+                admin,
+                quick_host,
+                **http(nginx.http_url("/json"), condition='json.status.matches("^up$")', interval_seconds=10),
+            ),
+        ]
+        await asyncio.sleep(36)
+        quick_results = [await results_of(db, check) for check in quick]
+        runaway_results = [await results_of(db, check) for check in runaways]
+        for host_id in [*runaway_hosts, quick_host]:  # before the session's poller is back
+            assert (await admin.delete(f"/api/v1/hosts/{host_id}")).status_code == 204
+        log_text = own.log_text()
+    for check, rows in zip(quick, quick_results, strict=True):
+        assert len(rows) >= 3 and all(row["healthy"] for row in rows), (check, rows)
+        gaps = [
+            (later["checked_at"] - earlier["checked_at"]).total_seconds() for earlier, later in itertools.pairwise(rows)
+        ]
+        assert all(gap <= 11.5 for gap in gaps), (check, gaps)
+    for check, rows in zip(runaways, runaway_results, strict=True):  # each ends in a result, in words, on time too
+        assert len(rows) >= 3, (check, rows)
+        for row in rows:
+            assert (row["healthy"], row["reason"]) == (False, "condition"), row
+            assert row["detail"].startswith(tuple(f"status 200 OK, but {words}" for words in STOPPED_WORDS)), row
+    assert "Traceback" not in log_text

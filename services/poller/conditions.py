@@ -31,6 +31,14 @@ other check. So:
   per request (a 1 MiB body is sent as UTF-8 bytes, not JSON) and 150-250 ms to start a process. What the worker
   does is bounded only by the deadline: reading the costliest 1 MiB JSON body takes it 0.8 s, so a condition over
   JSON bodies that large and dense may be stopped.
+- runaways wait last, and known ones not at all: an expression whose last evaluation was stopped (a known
+  runaway, RUNAWAYS_REMEMBERED of them) is served after every other waiting evaluation, and one that finds no
+  worker free is not evaluated ("it was stopped at its last evaluation, and every condition worker is busy");
+  the others wait for a worker within their check's timeout. Without this, forty checks with a runaway condition,
+  each on a 10 s interval, kept both workers busy and queued until their timeouts: every tick the poller takes
+  at once (16) was held by a check waiting for a worker, and the poller's checks of every type stopped keeping
+  their intervals. A runaway now holds its check for at most its deadline, once it is known (after its first
+  evaluation); a condition that finishes in time is no longer a known runaway.
 
 Processes rather than threads: a thread cannot be stopped, and with the GIL held by Rust it would stall the loop
 anyway. A pool rather than a process per evaluation: starting Python and the library costs 150 ms, a request 0.1 ms.
@@ -82,6 +90,9 @@ START_TIMEOUT_SECONDS = 20.0
 # A worker that closed its pipe is given this long to exit by itself before it is killed.
 EXIT_WAIT_SECONDS = 1.0
 PROGRAM_CACHE_SIZE = 512
+# How many expressions whose evaluation was stopped (runaways) the pool remembers, to serve them last (WorkerPool).
+RUNAWAYS_REMEMBERED = 512
+STOPPING = "was not evaluated: the poller is stopping"
 # How much of each value, and of the expression, a detail shows.
 VALUE_CHARS = 160
 EXPRESSION_CHARS = 300
@@ -444,18 +455,39 @@ class _Slot:
     busy: bool = False
 
 
+class _Stopped(str):
+    """Words for an evaluation its worker did not finish (past its deadline, out of memory, the process died): its
+    expression counts as a runaway until an evaluation of it finishes."""
+
+    __slots__ = ()
+
+
+@dataclass(eq=False)
+class _Waiter:
+    """An evaluation waiting for a free worker; `slot` is set when one is handed to it."""
+
+    expression: str
+    slot: asyncio.Future[_Slot]
+
+
 class WorkerPool:
     """`size` worker processes, each evaluating one request at a time; started lazily, killed and replaced when
     past their deadline or dead. `evaluate` answers a ConditionVerdict, or words for an evaluation that was
-    stopped or not made ("took longer than 1 s and was stopped")."""
+    stopped or not made ("took longer than 1 s and was stopped").
+
+    Runaways wait last (see the module docstring): a freed worker goes to the longest-waiting request whose
+    expression is not a known runaway (one whose last evaluation was stopped), else to the longest-waiting one; a
+    known runaway that finds no worker free is not evaluated at all. So checks whose conditions keep running away
+    cannot keep the others waiting, nor hold the poller's ticks for their whole timeouts."""
 
     def __init__(self, size: int, memory_limit_bytes: int) -> None:
         self._memory_limit = memory_limit_bytes
         self._slots = [_Slot() for _ in range(size)]
-        # The warmest slot first: a second process starts only when two evaluations overlap.
-        self._idle: asyncio.LifoQueue[_Slot] = asyncio.LifoQueue()
-        for slot in self._slots:
-            self._idle.put_nowait(slot)
+        # A stack, the warmest slot on top: a second process starts only when two evaluations overlap.
+        self._idle = list(reversed(self._slots))
+        self._waiting: list[_Waiter] = []
+        # Expressions whose last evaluation was stopped (deadline, memory, a dead worker), the most recent last.
+        self._runaways: OrderedDict[str, None] = OrderedDict()
         self._reaping: set[asyncio.Task[int]] = set()
         self._closed = False
 
@@ -469,21 +501,72 @@ class WorkerPool:
             "latency_ms": facts.latency_ms, "cert_days_left": facts.cert_days_left,
         }, ensure_ascii=False).encode("utf-8", "surrogatepass")  # fmt: skip
         body = facts.body.encode("utf-8", "replace")  # a lone surrogate (from a UTF-7 body) becomes "?"
-        slot = await self._idle.get()
-        slot.busy = True
+        if self._closed:
+            return STOPPING
+        slot = await self._acquire(expression)
+        if isinstance(slot, str):
+            return slot
         try:
             if self._closed:
-                return "was not evaluated: the poller is stopping"
+                return STOPPING
             if slot.process is None or slot.process.returncode is not None:
                 try:
                     slot.process = await self._start()
                 except (OSError, TimeoutError, asyncio.IncompleteReadError) as exc:
                     log.warning("could not start a condition worker", extra={"error": repr(exc)})
                     return "was not evaluated: its worker process could not be started"
-            return await self._ask(slot, _frame(meta) + _frame(body), deadline)
+            answer = await self._ask(slot, _frame(meta) + _frame(body), deadline)
+            # Known before the slot is handed on, so that the next evaluation is chosen knowing it.
+            if isinstance(answer, ConditionVerdict):
+                self._runaways.pop(expression, None)
+            elif isinstance(answer, _Stopped) and not self._closed:
+                self._remember_runaway(expression)
+            return answer
         finally:
+            self._release(slot)
+
+    async def _acquire(self, expression: str) -> _Slot | str:
+        """A free slot (marked busy), or why the evaluation is not made (a known runaway finds none free). Waits
+        until a slot is handed over, or the caller is cancelled (the check's timeout)."""
+        if self._idle and not self._waiting:
+            slot = self._idle.pop()
+            slot.busy = True
+            return slot
+        if expression in self._runaways:
+            return "was not evaluated: it was stopped at its last evaluation, and every condition worker is busy"
+        waiter = _Waiter(expression, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        try:
+            return await asyncio.shield(waiter.slot)
+        except BaseException:  # cancelled (the check's timeout, shutdown): a slot handed over goes on
+            if waiter.slot.done():
+                self._release(waiter.slot.result())
+            raise
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiting.remove(waiter)
+            if not waiter.slot.done():
+                waiter.slot.cancel()
+
+    def _release(self, slot: _Slot) -> None:
+        """Hand `slot` to the next waiting evaluation (the first that is not a known runaway, else the first), or
+        put it back as idle."""
+        waiting = [waiter for waiter in self._waiting if not waiter.slot.done()]
+        chosen = next((waiter for waiter in waiting if waiter.expression not in self._runaways), None)
+        if chosen is None and waiting:
+            chosen = waiting[0]
+        if chosen is None:
             slot.busy = False
-            self._idle.put_nowait(slot)
+            self._idle.append(slot)
+            return
+        self._waiting.remove(chosen)
+        chosen.slot.set_result(slot)  # stays busy: it passes from one evaluation to the next
+
+    def _remember_runaway(self, expression: str) -> None:
+        self._runaways[expression] = None
+        self._runaways.move_to_end(expression)
+        if len(self._runaways) > RUNAWAYS_REMEMBERED:
+            self._runaways.popitem(last=False)
 
     async def _start(self) -> asyncio.subprocess.Process:
         process = await asyncio.create_subprocess_exec(
@@ -503,6 +586,8 @@ class WorkerPool:
         return process
 
     async def _ask(self, slot: _Slot, request: bytes, deadline: float) -> ConditionVerdict | str:
+        """Send the request to the slot's process and read its answer: a verdict, or (a `_Stopped` string) why the
+        evaluation was stopped."""
         process = slot.process
         assert process is not None and process.stdin is not None and process.stdout is not None
         try:
@@ -516,7 +601,7 @@ class WorkerPool:
         except TimeoutError:
             self._discard(slot)
             log.info("a condition ran past its deadline; its worker was killed", extra={"deadline": deadline})
-            return f"took longer than {deadline:g} s and was stopped"
+            return _Stopped(f"took longer than {deadline:g} s and was stopped")
         except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
             status = await self._discard(slot, exiting=True)
             if status == -signal.SIGABRT:  # what the Rust allocator does when RLIMIT_AS is reached
@@ -525,7 +610,7 @@ class WorkerPool:
                 return "was stopped: the poller is stopping"
             log.warning("a condition worker failed", extra={"error": repr(exc), "status": status})
             ended = f"signal {-status}" if status < 0 else f"status {status}"
-            return f"was stopped: its worker process ended ({ended})"
+            return _Stopped(f"was stopped: its worker process ended ({ended})")
         except BaseException:  # cancelled (the check's timeout, shutdown): the evaluation must not live on
             self._discard(slot)
             raise
@@ -535,7 +620,7 @@ class WorkerPool:
         return ConditionVerdict(bool(answer["holds"]), str(answer["detail"]))
 
     def _out_of_memory(self) -> str:
-        return f"ran out of memory (more than {self._memory_limit // (1024 * 1024)} MiB) and was stopped"
+        return _Stopped(f"ran out of memory (more than {self._memory_limit // (1024 * 1024)} MiB) and was stopped")
 
     def _discard(self, slot: _Slot, *, exiting: bool = False) -> asyncio.Task[int]:
         """Let go of the slot's process (a new one starts at the slot's next use) and reap it; the task gives its exit

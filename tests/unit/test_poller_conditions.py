@@ -371,3 +371,49 @@ async def test_a_worker_that_dies_is_replaced() -> None:
         assert await pool.evaluate("json.all(x, x > 0)", facts("[1]"), 5) == holds
     finally:
         await pool.close()
+
+
+async def test_a_known_runaway_finding_every_worker_busy_is_not_evaluated() -> None:
+    # A runaway that was stopped once does not queue behind the others (each of which would wait up to its timeout).
+    async with ConditionEvaluator(workers=1) as evaluator:
+        first = await evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30)
+        assert first.detail.startswith("the condition took longer than 1 s and was stopped")
+        running = asyncio.ensure_future(evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30))  # a free worker
+        await asyncio.sleep(0.5)
+        started = time.perf_counter()
+        refused = await evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30)
+        assert time.perf_counter() - started < 0.1
+        assert refused == ConditionVerdict(
+            False,
+            "the condition was not evaluated: it was stopped at its last evaluation, and every condition worker is "
+            f"busy: {RUNAWAY}",
+        )
+        assert (await running).detail.startswith("the condition took longer than 1 s and was stopped")
+        # One that finishes in time is a runaway no more: it may wait for a worker again.
+        assert (await evaluator.judge(RUNAWAY, facts("[1, 1]"), time_left=30)).holds
+        running = asyncio.ensure_future(evaluator.judge("json.all(x, x >= 0)", facts(LIST_3000), time_left=30))
+        await asyncio.sleep(0)
+        assert (await evaluator.judge(RUNAWAY, facts("[1]"), time_left=30)).holds
+        assert (await running).holds
+
+
+async def test_a_freed_worker_goes_to_a_condition_that_is_not_a_runaway_first() -> None:
+    async with ConditionEvaluator(workers=1) as evaluator:
+        finished: list[str] = []
+
+        async def judge(name: str, expression: str, body: str) -> ConditionVerdict:
+            verdict = await evaluator.judge(expression, facts(body), time_left=30)
+            finished.append(name)
+            return verdict
+
+        first = asyncio.ensure_future(judge("first runaway", RUNAWAY, LIST_3000))
+        await asyncio.sleep(0.3)  # it runs; the next two wait, the runaway first
+        second = asyncio.ensure_future(judge("second runaway", RUNAWAY, LIST_3000))
+        await asyncio.sleep(0.05)
+        quick = asyncio.ensure_future(judge("quick", "json.exists(x, x == 1)", LIST_3000))
+        verdicts = await asyncio.gather(first, second, quick)
+        # The first was stopped: the second is a known runaway when the worker is freed, and waits for the quick one.
+        assert finished == ["first runaway", "quick", "second runaway"], verdicts
+        assert verdicts[2].holds
+        assert verdicts[1].detail.startswith("the condition took longer than 1 s and was stopped")
+
