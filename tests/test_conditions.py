@@ -352,6 +352,40 @@ async def test_certificates_and_min_cert_days(admin: httpx.AsyncClient, nginx: N
             assert expires(result) == end, (fields, result)
 
 
+PASSWORD = 'pa"ss\\w0rd!Tr0ub4dor'  # a quote and a backslash, which a detail's JSON shows escaped
+
+
+async def test_a_conditions_detail_never_shows_a_credential(admin: httpx.AsyncClient, raw_http: RawHttpServer) -> None:
+    """The check's password echoed by the target (escaped as JSON shows it, or where a value is cut), a cookie named
+    by a condition's result or error, a token in a field named for it: none reaches a stored detail, not even in
+    part, inline or in a worker."""
+    echo = json.dumps({"ok": False, "you_sent": PASSWORD, "auth": {"token": "tok-8f2a3b1c"}}).encode()
+    raw_http.set("/echo", response(headers=[("Content-Type", "application/json")], body=echo))
+    raw_http.set("/echo-late", response(body=b"y" * 150 + PASSWORD.encode()))
+    cookie = "JSESSIONID=8F2A3B1C9D7E6F5A"
+    raw_http.set("/cookie", response(headers=[("Set-Cookie", cookie)], body=b"{}"))
+    auth = {"basic_auth_user": "monitor", "basic_auth_pass": PASSWORD}
+    conditions = [
+        (raw_http.url("/echo"), "json.ok == true"),
+        (raw_http.url("/echo"), 'json.exists(key, key == "nothing") || json.ok == true'),  # in a worker
+        (raw_http.url("/echo"), "json[json.you_sent] == 1"),
+        (raw_http.url("/echo"), "json.you_sent"),
+        (raw_http.url("/echo-late"), 'body == "x"'),
+        (raw_http.url("/echo-late"), 'body.matches("^x")'),
+        (raw_http.url("/cookie"), 'headers["set-cookie"]'),
+        (raw_http.url("/cookie"), 'json[headers["set-cookie"]] == 1'),
+        (raw_http.url("/cookie"), 'headers.exists(name, name == "x") || json[headers["set-cookie"]] == 1'),
+    ]
+    results = await check_each(admin, [http(url, condition=condition, **auth) for url, condition in conditions])
+    for (_url, condition), result in zip(conditions, results, strict=True):
+        assert (result["healthy"], result["reason"]) == (False, "condition"), (condition, result)
+        detail = result["detail"]
+        for start in range(len(PASSWORD) - 5):
+            part = PASSWORD[start : start + 6]
+            assert part not in detail and json.dumps(part)[1:-1] not in detail, (condition, part, detail)
+        assert "8f2a3b1c" not in detail.lower(), (condition, detail)
+
+
 # ---- runaways --------------------------------------------------------------------------------------------------
 
 

@@ -51,8 +51,14 @@ The protocol on the worker's stdin and stdout: frames of a 4-byte big-endian len
 two frames, JSON metadata (the expression and the small variables) and the body's UTF-8; the answer one JSON frame.
 The worker first sends READY once it has imported the library.
 
-Details never hold a credential: the values of headers that carry one (REDACTED_HEADERS) are replaced, and the
-stored detail goes through `safe_detail` (services/poller/results.py) like every other.
+Details never hold a credential, not even in part. `safe_detail` (services/poller/results.py), which every stored
+detail goes through, looks for the check's password in the finished text, and for secrets by their shape; but a
+detail shows values as JSON (a quote or backslash in a password is escaped there) and cut to VALUE_CHARS (a
+password at the cut is left in part), so the values are cleaned before: the check's own credentials
+(`ResponseFacts.secrets`) and the values of the headers that carry credentials (REDACTED_HEADERS: cookies, even
+when a condition's result or an error names them) are replaced wherever they appear, and so is every value of a
+JSON field or header whose name names a secret (`names_a_secret`: "password", "api_token", "clientSecret"), whatever
+its type, before anything is escaped or cut.
 """
 
 from __future__ import annotations
@@ -77,7 +83,7 @@ from typing import IO, Any
 import cel
 
 from shared.conditions import VARIABLES, ConditionError, compile_condition, is_library_panic
-from shared.details import ELLIPSIS, clip_detail
+from shared.details import ELLIPSIS, clip_detail, names_a_secret
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +107,8 @@ REDACTED_HEADERS = frozenset(
     {"set-cookie", "cookie", "authorization", "proxy-authorization", "www-authenticate", "proxy-authenticate"}
 )
 REDACTED = "<redacted>"
+# Credentials shorter than this are not looked for in a detail's text (as shared/details.py's redact_credentials).
+MIN_SECRET_CHARS = 3
 # What the library's analysis shows of an evaluation whose cost is not bounded (measured on cel-rust as this package
 # ships it): `all` and `exists` expand to `@not_strictly_false`, `map`, `filter` and `exists_one` to `_+_` (their
 # accumulators), and `_+_` is also the only operator whose result outgrows its operands; `matches` compiles its
@@ -130,6 +138,9 @@ class ResponseFacts:
     body: str
     latency_ms: float
     cert_days_left: float | None
+    # The check's credentials (its password, its encoded Basic credentials): a condition cannot read them, and a
+    # detail never shows them, not even in part, should the target echo them.
+    secrets: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -258,18 +269,62 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - len(ELLIPSIS)] + ELLIPSIS
 
 
-def _shown(value: Any) -> str:
-    """A value as JSON, for a detail (compact, non-ASCII as it is), cut to VALUE_CHARS."""
+class _Hidden:
+    """What the detail of one evaluation must never show (see the module docstring), and the means to hide it in
+    a text or a value before it is escaped or cut: the check's credentials and the values of the credential headers
+    the condition read, wherever they appear; the value of every field whose name names a secret."""
+
+    def __init__(self, facts: ResponseFacts, values: Mapping[str, Any]) -> None:
+        secrets = list(facts.secrets)
+        for name, value in values.get("headers", {}).items():
+            if name in REDACTED_HEADERS:  # "a=1, b=2" for two Set-Cookie headers: each one, and both as joined
+                secrets += [value, *value.split(", ")]
+        # Each also as a message may show it escaped: as JSON or Rust's Debug (\" and \\), or as Python's repr (a
+        # KeyError's key). Longest first: a secret holding another is replaced whole. Shorter ones would blank
+        # ordinary words (as redact_credentials, which skips them too).
+        forms = {
+            form
+            for secret in secrets
+            if len(secret) >= MIN_SECRET_CHARS
+            for form in (secret, json.dumps(secret, ensure_ascii=False)[1:-1], repr(secret)[1:-1])
+        }
+        self._secrets = sorted(forms, key=len, reverse=True)
+        self.longest = len(self._secrets[0]) if self._secrets else 0
+
+    def text(self, text: str) -> str:
+        for secret in self._secrets:
+            if secret in text:
+                text = text.replace(secret, REDACTED)
+        return text
+
+    def value(self, value: Any) -> Any:
+        """`value` (a CEL value as Python holds it) with its secrets hidden. Raises RecursionError when nested
+        deeper than Python's recursion limit."""
+        if isinstance(value, str):
+            return self.text(value)
+        if isinstance(value, list):
+            return [self.value(item) for item in value]
+        if isinstance(value, dict):
+            return {
+                self.value(key): REDACTED if isinstance(key, str) and names_a_secret(key) else self.value(item)
+                for key, item in value.items()
+            }
+        return value
+
+
+def _shown(value: Any, hidden: _Hidden) -> str:
+    """A value as JSON, for a detail (compact, non-ASCII as it is), its secrets hidden, cut to VALUE_CHARS."""
     if isinstance(value, str):
-        value = value[:VALUE_CHARS]  # no need to serialise a megabyte to show 160 characters of it
+        # No need to serialise a megabyte to show 160 characters of it; a secret that starts within them is whole.
+        value = value[: VALUE_CHARS + hidden.longest]
     try:
-        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"), allow_nan=True)
+        text = json.dumps(hidden.value(value), ensure_ascii=False, separators=(",", ":"), allow_nan=True)
     except (ValueError, TypeError, RecursionError):
         text = "(too deeply nested to show)"
     return _cut(text, VALUE_CHARS)
 
 
-def _what_it_read(values: dict[str, Any]) -> str:
+def _what_it_read(values: dict[str, Any], hidden: _Hidden) -> str:
     """The variables an evaluation was given, in VARIABLES order: "; it read json={...}, latency_ms=12.3"."""
     shown = []
     for name in VARIABLES:
@@ -282,12 +337,13 @@ def _what_it_read(values: dict[str, Any]) -> str:
             value = round(value, 3)
         elif name == "cert_days_left" and value is not None:
             value = round(value, 2)
-        shown.append(f"{name}={_shown(value)}")
+        shown.append(f"{name}={_shown(value, hidden)}")
     return f"; it read {', '.join(shown)}" if shown else ""
 
 
-def _expression(expression: str) -> str:
-    return _cut(" ".join(expression.split()), EXPRESSION_CHARS)  # one line: line breaks would be escaped anyway
+def _expression(expression: str, hidden: _Hidden) -> str:
+    # One line: line breaks would be escaped anyway.
+    return _cut(" ".join(hidden.text(expression).split()), EXPRESSION_CHARS)
 
 
 def _type_name(value: Any) -> str:
@@ -301,13 +357,14 @@ def _first_sentence(text: str) -> str:
     return _cut(sentence.removesuffix("."), 200)
 
 
-def _evaluation_fault(exc: BaseException) -> str:
-    """Why an evaluation failed, in words: the library's first sentence, a missing key named as one."""
+def _evaluation_fault(exc: BaseException, hidden: _Hidden) -> str:
+    """Why an evaluation failed, in words: the library's first sentence, a missing key named as one (a value the
+    condition computed, which may be a secret: hidden before it is cut)."""
     if isinstance(exc, KeyError):
-        return f"no such key: {_cut(str(exc), 100)}"
+        return f"no such key: {_cut(hidden.text(str(exc)), 100)}"
     if isinstance(exc, MemoryError):
         return "it ran out of memory"
-    message = _first_sentence(str(exc)) or type(exc).__name__
+    message = _first_sentence(hidden.text(str(exc))) or type(exc).__name__
     if message.startswith("Undefined variable or function"):
         message += f" (the variables are {', '.join(VARIABLES)})"
     return message
@@ -340,22 +397,24 @@ def evaluate(compiled: Compiled, expression: str, facts: ResponseFacts) -> Condi
     try:
         result = compiled.program.execute(values)
     except Exception as exc:
-        detail = f"the condition failed ({_evaluation_fault(exc)}): {_expression(expression)}{_what_it_read(values)}"
-        return ConditionVerdict(False, clip_detail(detail))
+        hidden = _Hidden(facts, values)
+        fault, shown = _evaluation_fault(exc, hidden), _expression(expression, hidden)
+        return ConditionVerdict(
+            False, clip_detail(f"the condition failed ({fault}): {shown}{_what_it_read(values, hidden)}")
+        )
     except BaseException as exc:
         if not is_library_panic(exc):
             raise
-        shown = _expression(expression)
+        shown = _expression(expression, _Hidden(facts, values))
         return ConditionVerdict(False, f"the CEL library failed on the condition ({type(exc).__name__}): {shown}")
     if result is True:
         return HOLDS
-    shown = _expression(expression)
+    hidden = _Hidden(facts, values)
+    shown, read = _expression(expression, hidden), _what_it_read(values, hidden)
     if result is False:
-        return ConditionVerdict(False, clip_detail(f"the condition is false: {shown}{_what_it_read(values)}"))
-    gave = f"{_type_name(result)} ({_shown(_plain(result))})"
-    return ConditionVerdict(
-        False, clip_detail(f"the condition gave {gave}, not true or false: {shown}{_what_it_read(values)}")
-    )
+        return ConditionVerdict(False, clip_detail(f"the condition is false: {shown}{read}"))
+    gave = f"{_type_name(result)} ({_shown(_plain(result), hidden)})"
+    return ConditionVerdict(False, clip_detail(f"the condition gave {gave}, not true or false: {shown}{read}"))
 
 
 def _plain(value: Any) -> Any:
@@ -422,14 +481,14 @@ class ConditionEvaluator:
         the worker evaluating it, if any)."""
         compiled = self._programs.get(expression)
         if isinstance(compiled, ConditionError):
-            return ConditionVerdict(False, f"the condition {compiled}: {_expression(expression)}")
+            return ConditionVerdict(False, f"the condition {compiled}: {_expression(expression, _Hidden(facts, {}))}")
         if self._inline(compiled, facts):
             return evaluate(compiled, expression, facts)
         deadline = max(0.001, min(self._deadline, time_left))
         answer = await self._pool.evaluate(expression, facts, deadline)
         if isinstance(answer, ConditionVerdict):
             return answer
-        return ConditionVerdict(False, f"the condition {answer}: {_expression(expression)}")
+        return ConditionVerdict(False, f"the condition {answer}: {_expression(expression, _Hidden(facts, {}))}")
 
 
 # ---- the worker pool (parent side) ------------------------------------------------------------------------
@@ -498,7 +557,7 @@ class WorkerPool:
     async def evaluate(self, expression: str, facts: ResponseFacts, deadline: float) -> ConditionVerdict | str:
         meta = json.dumps({
             "expression": expression, "status": facts.status, "headers": dict(facts.headers),
-            "latency_ms": facts.latency_ms, "cert_days_left": facts.cert_days_left,
+            "latency_ms": facts.latency_ms, "cert_days_left": facts.cert_days_left, "secrets": facts.secrets,
         }, ensure_ascii=False).encode("utf-8", "surrogatepass")  # fmt: skip
         body = facts.body.encode("utf-8", "replace")  # a lone surrogate (from a UTF-7 body) becomes "?"
         if self._closed:
@@ -696,11 +755,12 @@ def _answer(programs: ProgramCache, meta: bytes, body: bytes) -> dict[str, Any]:
         body=body.decode("utf-8", "replace"),
         latency_ms=float(request["latency_ms"]),
         cert_days_left=None if request["cert_days_left"] is None else float(request["cert_days_left"]),
+        secrets=tuple(str(secret) for secret in request["secrets"]),
     )
     expression = str(request["expression"])
     compiled = programs.get(expression)
     if isinstance(compiled, ConditionError):
-        verdict = ConditionVerdict(False, f"the condition {compiled}: {_expression(expression)}")
+        verdict = ConditionVerdict(False, f"the condition {compiled}: {_expression(expression, _Hidden(facts, {}))}")
     else:
         verdict = evaluate(compiled, expression, facts)
     return {"holds": verdict.holds, "detail": clip_detail(verdict.detail)}

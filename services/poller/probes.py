@@ -859,8 +859,9 @@ class Prober:
         if target.condition is not None:
             latency_ms = _elapsed_ms(started)
             facts = ResponseFacts(
-                response.status, ResponseHeaders(response.headers.items()), text, latency_ms, cert_days_left
-            )
+                response.status, ResponseHeaders(response.headers.items()), text, latency_ms, cert_days_left,
+                target.secrets(),
+            )  # fmt: skip
             time_left = target.timeout_seconds - latency_ms / 1000
             judged = await self._conditions.judge(target.condition, facts, time_left=time_left)
             if not judged.holds:

@@ -32,7 +32,7 @@ from services.poller.conditions import (
     variables_for,
 )
 from shared.conditions import VARIABLES
-from shared.details import DETAIL_LIMIT
+from shared.details import DETAIL_LIMIT, safe_detail
 
 # 9 million comparisons, all true: about 3 s of CPU with the GIL held, were it run in this process.
 RUNAWAY = "json.all(x, json.all(y, x == y))"
@@ -157,6 +157,61 @@ def test_credentials_in_headers_are_never_shown(name: str, secret: str) -> None:
     verdict = judge_here('headers["x-request-id"] == "r-2"', facts(headers={name: secret, "x-request-id": "r-1"}))
     assert verdict.detail.endswith(f'; it read headers={{"{name}":"{REDACTED}","x-request-id":"r-1"}}')
     assert secret not in verdict.detail
+
+
+PASSWORD = 'pa"ss\\w0rd!Tr0ub4dor'  # a quote and a backslash: JSON shows them escaped
+
+
+@pytest.mark.parametrize(
+    ("expression", "body"),
+    [
+        # The check's own password echoed back: escaped as JSON shows it, or cut at the 160 characters a value shows.
+        ("json.ok == true", json.dumps({"ok": False, "you_sent": PASSWORD})),
+        ("json.ok == true", json.dumps({"ok": False, "echo": "x" * 140 + PASSWORD})),
+        ('body == "x"', "y" * 150 + PASSWORD),
+        ("json.ok", json.dumps({"ok": PASSWORD})),  # a result that is not a bool
+        ("json[json.echo] == 1", json.dumps({"echo": PASSWORD})),  # an error naming the value
+    ],
+)
+def test_the_checks_password_never_shows_even_in_part(expression: str, body: str) -> None:
+    verdict = judge_here(expression, facts(body, secrets=(PASSWORD,)))
+    shown = safe_detail(verdict.detail, (PASSWORD,))  # what the poller stores
+    for start in range(len(PASSWORD) - 5):  # no 6 characters of it, as sent or as JSON escapes them
+        part = PASSWORD[start : start + 6]
+        assert part not in shown and json.dumps(part)[1:-1] not in shown, (part, shown)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "DOWN", "password": 'ab"cd ef,gh'},
+        {"status": "DOWN", "api_token": ["tok1-abcd", "tok2-abcd"], "secret": {"k": "v123-abcd"}},
+        {"status": "DOWN", "clientSecret": "abcd 1234", "secretKey": "k-abcd-1234", "sessionId": "s-abcd-1234"},
+        {"status": "DOWN", "token": "x" * 150 + "abcd-1234-secret"},
+    ],
+)
+def test_values_of_secret_named_json_fields_never_show(body: dict[str, Any]) -> None:
+    verdict = judge_here('json.status == "UP"', facts(json.dumps(body)))
+    shown = safe_detail(verdict.detail)
+    assert shown.startswith('the condition is false: json.status == "UP"; it read json={"status":"DOWN",'), shown
+    for fragment in ("cd ef", "gh", "tok1", "tok2", "v123", "abcd", "1234"):
+        assert fragment not in shown, (fragment, shown)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        'headers["set-cookie"]',  # a result that is not a bool
+        "headers",
+        'json[headers["set-cookie"]] == 1',  # an error naming the key it did not find
+        'headers["set-cookie"] == 1 || json[headers["set-cookie"]] == 1',
+    ],
+)
+def test_credential_headers_never_show_through_results_or_errors(expression: str) -> None:
+    cookie = "JSESSIONID=8F2A3B1C9D7E6F5A"
+    response = facts("{}", headers=ResponseHeaders([("Set-Cookie", cookie), ("Set-Cookie", "b=c0ffee42"), ("A", "1")]))
+    shown = safe_detail(judge_here(expression, response).detail)
+    assert "8F2A3B1C" not in shown and "c0ffee42" not in shown, shown
 
 
 @pytest.mark.parametrize(
