@@ -56,8 +56,8 @@ ACTUATOR = {
 # ---- certificates made here ---------------------------------------------------------------------------------
 
 
-def tls_context(directory: Path, not_after: dt.datetime, *, days_valid_before: float = 1) -> ssl.SSLContext:
-    """A server context with a new self-signed certificate for 127.0.0.1 that ends at `not_after`."""
+def certificate_files(directory: Path, not_after: dt.datetime, *, days_valid_before: float = 1) -> tuple[Path, Path]:
+    """A new self-signed certificate for 127.0.0.1 that ends at `not_after`, and its key, as PEM files."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "healthgate-test")])
     certificate = (
@@ -76,8 +76,13 @@ def tls_context(directory: Path, not_after: dt.datetime, *, days_valid_before: f
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    return cert_path, key_path
+
+
+def tls_context(directory: Path, not_after: dt.datetime, *, days_valid_before: float = 1) -> ssl.SSLContext:
+    """A server context with a new self-signed certificate for 127.0.0.1 that ends at `not_after`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_path, key_path)
+    context.load_cert_chain(*certificate_files(directory, not_after, days_valid_before=days_valid_before))
     return context
 
 
@@ -384,6 +389,26 @@ async def test_a_conditions_detail_never_shows_a_credential(admin: httpx.AsyncCl
             part = PASSWORD[start : start + 6]
             assert part not in detail and json.dumps(part)[1:-1] not in detail, (condition, part, detail)
         assert "8f2a3b1c" not in detail.lower(), (condition, detail)
+
+
+
+async def test_a_renewed_certificate_is_read_at_the_next_run(admin: httpx.AsyncClient, tmp_path: Path) -> None:
+    """A server that renews its certificate without closing the connections it has open (Go's GetCertificate,
+    Envoy, Caddy, HAProxy do so): the next run reads the new certificate, not the one of a connection kept alive
+    from an earlier run."""
+    old, renewed = in_days(5), in_days(90)
+    context = tls_context(tmp_path, old)
+    with RawHttpServer(ssl_context=context, keep_alive=True) as server:
+        server.set("/json", response(headers=[("Content-Type", "application/json")], body=b'{"status":"UP"}', close=False))
+        check = await create_check(admin, await new_host(admin), **http(server.url("/json"), min_cert_days=30))
+        first = await run_now(admin, check)
+        assert (first["healthy"], first["reason"], expires(first)) == (False, "cert", old), first
+        context.load_cert_chain(*certificate_files(tmp_path, renewed, days_valid_before=90))  # for new handshakes
+        second = await run_now(admin, check)
+        connections = server.connections
+    assert (second["healthy"], second["reason"], expires(second)) == (True, "ok", renewed), second
+    assert connections == 2  # one of its own for each run
+
 
 
 # ---- runaways --------------------------------------------------------------------------------------------------

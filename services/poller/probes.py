@@ -234,8 +234,15 @@ def probe_session(blocked: Sequence[Network]) -> aiohttp.ClientSession:
 
     Names are resolved by `GuardedResolver`; no connection limit (the worker bounds concurrency); no
     cookies; header limits as large as CONTRACT §4 asks; bodies arrive still encoded (see `read_body`);
-    responses keep their TLS object (`TlsAwareResponse`)."""
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(blocked), limit=0, ttl_dns_cache=10)
+    responses keep their TLS object (`TlsAwareResponse`).
+
+    Every run opens its own connection (`force_close`), as blackbox_exporter's and Kubernetes' probes do: a run
+    tells whether the server accepts connections now, and reads the certificate it presents now. A connection
+    kept alive from an earlier run (of this check or another of the same origin, which at intervals under
+    aiohttp's 15 s keep-alive may never close) kept showing a certificate the server had since renewed: a server
+    that renews without closing its open connections (Go's GetCertificate, Envoy, Caddy) failed `min_cert_days`
+    on the old certificate, and `cert_expires_at` showed the old date."""
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(blocked), limit=0, ttl_dns_cache=10, force_close=True)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": "healthgate-poller", "Accept-Encoding": ACCEPT_ENCODING},
