@@ -411,6 +411,25 @@ async def test_a_renewed_certificate_is_read_at_the_next_run(admin: httpx.AsyncC
 
 
 
+async def test_a_certificate_not_valid_yet_fails_min_cert_days(admin: httpx.AsyncClient, tmp_path: Path) -> None:
+    """A certificate whose validity starts in two days (a clock ahead, a certificate deployed early): not valid now,
+    so it does not "stay valid" any number of days, whether or not the check verifies it (by default it does not)."""
+    ends = in_days(60)
+    starts = ends - dt.timedelta(days=58)
+    with RawHttpServer(ssl_context=tls_context(tmp_path, ends, days_valid_before=28)) as server:
+        server.set("/json", response(headers=[("Content-Type", "application/json")], body=b'{"status":"UP"}'))
+        results = await check_each(
+            admin, [http(server.url("/json"), min_cert_days=0), http(server.url("/json"), min_cert_days=30)]
+        )
+        unchecked = await check_each(admin, [http(server.url("/json"))])
+    for result in results:
+        assert (result["healthy"], result["reason"], expires(result)) == (False, "cert", ends), result
+        assert result["detail"].startswith(
+            f"status 200 OK, but the certificate is not valid until {starts:%Y-%m-%d %H:%M:%S} UTC, in 2.0 days"
+        ), result
+    assert (unchecked[0]["healthy"], expires(unchecked[0])) == (True, ends)  # without min_cert_days: ignored
+
+
 # ---- runaways --------------------------------------------------------------------------------------------------
 
 
