@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -99,6 +100,21 @@ def test_undecodable_header_bytes_become_replacement_characters() -> None:
 )
 def test_json_is_strict_json_or_null(body: str, parsed: Any) -> None:
     assert parse_json(body) == parsed
+
+
+def test_json_with_a_huge_integer_or_a_byte_order_mark_is_read() -> None:
+    # An integer past what CEL holds (64 bits) and past a double's range: the condition fails for no field it reads
+    # ("Conversion Error: Failed to convert Python object of type int to Value") unless it is read as a double.
+    huge = "9" * 400
+    body = f'{{"status": "UP", "id": {huge}, "ids": [-{huge}, 18446744073709551615, -9223372036854775808]}}'
+    assert parse_json(body) == {
+        "status": "UP", "id": math.inf, "ids": [-math.inf, 18446744073709551615, -9223372036854775808]
+    }  # fmt: skip
+    assert judge_here('json.status == "UP"', facts(body)).holds
+    assert judge_here("json.ids[1] == 18446744073709551615u && json.ids[2] < 0", facts(body)).holds
+    # A UTF-8 byte order mark before the JSON text (some .NET services send one): RFC 8259 lets a parser ignore it.
+    assert parse_json('\ufeff{"status": "UP"}') == {"status": "UP"}
+    assert judge_here('json.status == "UP"', facts('\ufeff{"status": "UP"}')).holds
 
 
 def test_only_the_variables_a_program_reads_are_built(monkeypatch: pytest.MonkeyPatch) -> None:
