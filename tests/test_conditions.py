@@ -495,6 +495,17 @@ def condition_workers(poller: ServiceProcess) -> list[int]:
     return found
 
 
+def child_states(pid: int) -> dict[int, str]:
+    """The state letters (R, S, Z, ...) of a process's children, by pid."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found[int(stat.parent.name)] = fields[0]
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
@@ -618,6 +629,9 @@ async def test_many_runaway_conditions_on_a_schedule_hold_up_no_other_check(
             ),
         ]
         await asyncio.sleep(36)
+        # Dozens of workers were killed at their deadline and replaced meanwhile: each was reaped, none is left over.
+        children = child_states(own.process.pid)
+        assert "Z" not in children.values() and len(condition_workers(own)) <= 2, children
         quick_results = [await results_of(db, check) for check in quick]
         runaway_results = [await results_of(db, check) for check in runaways]
         for host_id in [*runaway_hosts, quick_host]:  # before the session's poller is back
