@@ -430,6 +430,19 @@ async def test_a_certificate_not_valid_yet_fails_min_cert_days(admin: httpx.Asyn
     assert (unchecked[0]["healthy"], expires(unchecked[0])) == (True, ends)  # without min_cert_days: ignored
 
 
+
+async def test_an_answer_that_is_not_http_still_carries_the_certificate(admin: httpx.AsyncClient, tmp_path: Path) -> None:
+    """The handshake succeeded, then the server sent no valid HTTP: the result is `protocol`, and still carries the
+    certificate's end of validity, as one whose body breaks off does (CONTRACT §4: for TLS checks)."""
+    ends = in_days(20)
+    with tls_server(tmp_path, ends) as server:
+        server.set("/garbage", b"GARBAGE\r\n\r\n")
+        server.set("/short", response(body=b"abc").replace(b"Content-Length: 3", b"Content-Length: 10"))
+        results = await check_each(admin, [http(server.url("/garbage")), http(server.url("/short"), condition="true")])
+    for result in results:
+        assert (result["healthy"], result["reason"], expires(result)) == (False, "protocol", ends), result
+
+
 # ---- runaways --------------------------------------------------------------------------------------------------
 
 

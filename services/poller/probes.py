@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import errno
 import ipaddress
@@ -210,14 +211,28 @@ class TlsAwareResponse(aiohttp.ClientResponse):
     """A response that keeps the TLS object of the connection it came on (`ssl_object`, None without TLS), for the
     server certificate's end of validity (CONTRACT §4 `cert_expires_at`, §3 `min_cert_days`). It is taken as the
     response starts: aiohttp hands the connection back to its pool, and `response.connection` becomes None, as soon
-    as the body has arrived, which for a small body, a HEAD or a 204 is before the caller sees the response."""
+    as the body has arrived, which for a small body, a HEAD or a 204 is before the caller sees the response.
+
+    An answer that is not valid HTTP fails in `start`, before any response reaches the caller: the certificate of
+    its connection, presented all the same, rides on the exception (`certificate_of_failure`)."""
 
     ssl_object: ssl.SSLObject | None = None
 
     async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
         transport = connection.transport
         self.ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        return await super().start(connection)
+        try:
+            return await super().start(connection)
+        except Exception as exc:
+            with contextlib.suppress(AttributeError):  # an exception type with __slots__ keeps none
+                exc.healthgate_certificate = peer_certificate_validity(self.ssl_object)  # type: ignore[attr-defined]
+            raise
+
+
+def certificate_of_failure(exc: BaseException) -> Validity | None:
+    """The certificate of the connection whose answer `exc` is about (see `TlsAwareResponse`), or None."""
+    certificate = getattr(exc, "healthgate_certificate", None)
+    return certificate if isinstance(certificate, Validity) else None
 
 
 def response_certificate(response: aiohttp.ClientResponse) -> Validity | None:
@@ -829,6 +844,9 @@ class Prober:
                     next_url = _redirect_target(url, location)
             except Exception as exc:  # named after this hop's target, not the first one's
                 reason, detail = classify_failure(exc, _authority(url))
+                failed_on = certificate_of_failure(exc)
+                if certificate_end is None and failed_on is not None:
+                    certificate_end = failed_on.end
                 return Verdict(False, reason, detail, certificate_end)
             if _origin(next_url) != _origin(url):
                 headers = {}  # credentials go only to the origin they were configured for
