@@ -69,6 +69,7 @@ import asyncio
 import contextlib
 import ctypes
 import datetime as dt
+import itertools
 import json
 import logging
 import math
@@ -321,26 +322,32 @@ class _Hidden:
                 text = text.replace(secret, REDACTED)
         return text
 
-    def value(self, value: Any) -> Any:
-        """`value` (a CEL value as Python holds it) with its secrets hidden. Raises RecursionError when nested
-        deeper than Python's recursion limit."""
-        if isinstance(value, str):
-            return self.text(value)
-        if isinstance(value, list):
-            return [self.value(item) for item in value]
-        if isinstance(value, dict):
-            return {
-                self.value(key): REDACTED if isinstance(key, str) and names_a_secret(key) else self.value(item)
-                for key, item in value.items()
-            }
-        return value
+    def value(self, value: Any, chars: int = VALUE_CHARS) -> Any:
+        """The start of `value` (a CEL value as Python holds it) with its secrets hidden: enough of it that its JSON
+        is longer than `chars` if the whole one is, no more (each string, number, list or map adds at least a
+        character to the JSON, so a walk stops after `chars` of them: a 1 MiB body is not copied to show 160
+        characters of it). Raises RecursionError when nested deeper than Python's recursion limit."""
+        left = chars + 1
+
+        def walk(item: Any) -> Any:
+            nonlocal left
+            left -= 1
+            if isinstance(item, str):
+                return self.text(item[: chars + self.longest])  # a secret that starts within what shows is whole
+            if isinstance(item, list):
+                return [walk(element) for element in itertools.takewhile(lambda _: left > 0, item)]
+            if isinstance(item, dict):
+                return {
+                    walk(key): REDACTED if isinstance(key, str) and names_a_secret(key) else walk(element)
+                    for key, element in itertools.takewhile(lambda _: left > 0, item.items())
+                }
+            return item
+
+        return walk(value)
 
 
 def _shown(value: Any, hidden: _Hidden) -> str:
     """A value as JSON, for a detail (compact, non-ASCII as it is), its secrets hidden, cut to VALUE_CHARS."""
-    if isinstance(value, str):
-        # No need to serialise a megabyte to show 160 characters of it; a secret that starts within them is whole.
-        value = value[: VALUE_CHARS + hidden.longest]
     try:
         text = json.dumps(hidden.value(value), ensure_ascii=False, separators=(",", ":"), allow_nan=True)
     except (ValueError, TypeError, RecursionError):
