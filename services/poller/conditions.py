@@ -60,7 +60,8 @@ password at the cut is left in part), so the values are cleaned before: the chec
 (`ResponseFacts.secrets`) and the values of the headers that carry credentials (REDACTED_HEADERS: cookies, even
 when a condition's result or an error names them) are replaced wherever they appear, and so is every value of a
 JSON field or header whose name names a secret (`names_a_secret`: "password", "api_token", "clientSecret"), whatever
-its type, before anything is escaped or cut.
+its type, before anything is escaped or cut. A result that is not a bool is not shown when the expression names a
+secret (`json.token`, `headers["x-api-key"]`): it is most likely that secret.
 """
 
 from __future__ import annotations
@@ -126,6 +127,8 @@ _PR_SET_PDEATHSIG = 1
 # A JSON escape of a surrogate code point (U+D800-U+DFFF), the only way JSON text can hold one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# A word of an expression as names_a_secret reads names (identifiers, and header or field names in strings).
+_WORD = re.compile(r"[A-Za-z0-9_-]+")
 # A name of the data variables as a whole word: more than the references of an expression (a field or a string
 # literal of that name counts too), never fewer, which is what the inline rule needs of it.
 DATA_REFERENCE = re.compile(r"(?<![A-Za-z0-9_])(?:body|json|headers)(?![A-Za-z0-9_])")
@@ -444,7 +447,9 @@ def evaluate(compiled: Compiled, expression: str, facts: ResponseFacts) -> Condi
     shown, read = _expression(expression, hidden), _what_it_read(values, hidden)
     if result is False:
         return ConditionVerdict(False, clip_detail(f"the condition is false: {shown}{read}"))
-    gave = f"{_type_name(result)} ({_shown(_plain(result), hidden)})"
+    # A value read through a secret's name (`json.token`, `headers["x-api-key"]`) is not shown as the result.
+    read_a_secret = any(names_a_secret(word) for word in _WORD.findall(expression))
+    gave = f"{_type_name(result)} ({REDACTED if read_a_secret else _shown(_plain(result), hidden)})"
     return ConditionVerdict(False, clip_detail(f"the condition gave {gave}, not true or false: {shown}{read}"))
 
 

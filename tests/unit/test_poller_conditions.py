@@ -197,6 +197,22 @@ def test_the_checks_password_never_shows_even_in_part(expression: str, body: str
         assert part not in shown and json.dumps(part)[1:-1] not in shown, (part, shown)
 
 
+@pytest.mark.parametrize(
+    ("expression", "secret"),
+    [
+        ("json.token", "s3cr3t-t0ken-8f2a"),  # a result that is not a bool: what the condition read, shown
+        ("json.auth.accessToken", "s3cr3t-t0ken-8f2a"),
+        ('headers["x-auth-token"]', "h3ad3r-t0ken-8f2a"),
+        ('[json.token, "x"]', "s3cr3t-t0ken-8f2a"),
+    ],
+)
+def test_a_result_read_from_a_secret_named_field_never_shows(expression: str, secret: str) -> None:
+    body = json.dumps({"token": "s3cr3t-t0ken-8f2a", "auth": {"accessToken": "s3cr3t-t0ken-8f2a"}})
+    verdict = judge_here(expression, facts(body, headers={"x-auth-token": "h3ad3r-t0ken-8f2a"}))
+    assert not verdict.holds and "not true or false" in verdict.detail, verdict.detail
+    assert secret not in safe_detail(verdict.detail), verdict.detail
+
+
 def test_showing_a_large_value_costs_what_shows_of_it() -> None:
     # 1 MiB of empty objects: the 160 characters a detail shows are cleaned, not a copy of the megabyte (0.28 s of a
     # worker's 1 s deadline).
