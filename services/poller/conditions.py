@@ -86,7 +86,7 @@ from typing import IO, Any
 
 import cel
 
-from shared.conditions import VARIABLES, ConditionError, compile_condition, is_library_panic
+from shared.conditions import FUNCTIONS, VARIABLES, ConditionError, compile_condition, is_library_panic
 from shared.details import ELLIPSIS, clip_detail, names_a_secret
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,8 @@ _PR_SET_PDEATHSIG = 1
 # A JSON escape of a surrogate code point (U+D800-U+DFFF), the only way JSON text can hold one.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F][0-9a-fA-F]{2}")
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# The library's message for a name it has no variable or overload for.
+_UNDEFINED = re.compile(r"Undefined variable or function: '(?P<name>[^']*)'")
 # A word of an expression as names_a_secret reads names (identifiers, and header or field names in strings).
 _WORD = re.compile(r"[A-Za-z0-9_-]+")
 # A name of the data variables as a whole word: more than the references of an expression (a field or a string
@@ -399,7 +401,12 @@ def _evaluation_fault(exc: BaseException, hidden: _Hidden) -> str:
     if isinstance(exc, MemoryError):
         return "it ran out of memory"
     message = _first_sentence(hidden.text(str(exc))) or type(exc).__name__
-    if message.startswith("Undefined variable or function"):
+    undefined = _UNDEFINED.fullmatch(message)
+    if undefined is not None and undefined["name"] in FUNCTIONS:
+        # The library's word for a function it has, called with arguments it has no overload for (a time zone,
+        # `timestamp(1700000000)`): not a missing variable.
+        return f"{undefined['name']}() does not take these arguments here"
+    if undefined is not None:
         message += f" (the variables are {', '.join(VARIABLES)})"
     return message
 

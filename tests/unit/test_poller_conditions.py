@@ -267,6 +267,11 @@ def test_credential_headers_never_show_through_results_or_errors(expression: str
         ("1 / (status - 200) == 1", "the condition failed (division by zero in CEL expression)"),
         ("json.items[5] == 1", "the condition failed (no such key: 'items')"),
         ("jsn.status == 1", "the condition failed (Undefined variable or function: 'jsn' (the variables are status,"),
+        (
+            'timestamp("2024-01-01T00:00:00Z").getHours("Europe/Paris") == 1',
+            "the condition failed (getHours() does not take these arguments here):",
+        ),
+        ("timestamp(1700000000) == 1", "the condition failed (timestamp() does not take these arguments here):"),
         ('int(json.status) == 1', "the condition failed (Function 'int' error: string parse error"),
         ("json.status", 'the condition gave a string ("UP"), not true or false: json.status; it read json='),
         ("status", "the condition gave an int (200), not true or false"),
