@@ -496,6 +496,25 @@ async def test_a_runaway_condition_does_not_hold_up_the_other_checks(
     assert max(wall for wall, _ in quick_results) < 2.0, quick_results
 
 
+async def test_an_edited_condition_takes_effect_at_the_next_run(admin: httpx.AsyncClient, raw_http: RawHttpServer) -> None:
+    """The poller caches compiled conditions, and remembers those that ran away, by their text: a PUT that changes
+    the condition (a runaway fixed, a condition cleared) is what the very next run evaluates."""
+    raw_http.set("/same", response(body=SAME_3000))
+    check = await create_check(admin, await new_host(admin), **http(raw_http.url("/same"), condition=RUNAWAY))
+    path = f"/api/v1/hosts/{check['host_id']}/health-checks/{check['id']}"
+    fields = {"name": check["name"], "check_type": "http", "url": raw_http.url("/same")}
+    assert (await run_now(admin, check))["detail"].endswith(f"took longer than 1 s and was stopped: {RUNAWAY}")
+    for condition, healthy, words in [
+        ("json.all(x, x == 1)", True, "status 200 OK, condition true"),
+        ("json.all(x, x == 2)", False, "the condition is false: json.all(x, x == 2)"),
+        (None, True, "status 200 OK"),
+        (RUNAWAY.replace(" ", ""), False, "took longer than 1 s and was stopped"),
+    ]:
+        assert (await admin.put(path, json=fields | {"condition": condition})).status_code == 200
+        result = await run_now(admin, check)
+        assert result["healthy"] is healthy and words in result["detail"], (condition, result)
+
+
 def condition_workers(poller: ServiceProcess) -> list[int]:
     """The pids of the poller's condition worker processes (its children running services.poller.conditions)."""
     found = []
