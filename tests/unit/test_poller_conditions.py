@@ -555,3 +555,18 @@ async def test_a_freed_worker_goes_to_a_condition_that_is_not_a_runaway_first() 
         assert verdicts[2].holds
         assert verdicts[1].detail.startswith("the condition took longer than 1 s and was stopped")
 
+
+
+async def test_a_check_that_times_out_waiting_for_a_worker_leaves_none_taken() -> None:
+    async with ConditionEvaluator(workers=1) as evaluator:
+        running = asyncio.ensure_future(evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30))
+        await asyncio.sleep(0.3)
+        for _ in range(3):  # cancelled while waiting (the check's own timeout), some as the worker is handed over
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.25):
+                    await evaluator.judge("json.all(x, x == 1)", facts(LIST_3000), time_left=30)
+        await running
+        verdicts = await asyncio.gather(
+            *(evaluator.judge("json.all(x, x == 1)", facts(LIST_3000), time_left=30) for _ in range(3))
+        )
+        assert all(verdict.holds for verdict in verdicts) and len(evaluator.worker_pids()) == 1
