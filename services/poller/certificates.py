@@ -19,11 +19,12 @@ class Validity:
 
 
 def certificate_validity(der: bytes) -> Validity | None:
-    """The validity period of a DER certificate; None when it cannot be read."""
+    """The validity period of a DER certificate; None when it cannot be read (not DER, cut short, or an X.509
+    version that does not exist: cryptography's InvalidVersion is not a ValueError)."""
     try:
         certificate = x509.load_der_x509_certificate(der)
         return Validity(certificate.not_valid_before_utc, certificate.not_valid_after_utc)
-    except ValueError:
+    except (ValueError, x509.InvalidVersion):
         return None
 
 
