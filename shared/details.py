@@ -42,6 +42,8 @@ _SECRET_WORD = (
 # matched first and its name tested after: a pattern with the words inside the key's repetition backtracked
 # quadratically on long "a_b_c_..." runs.
 _SECRET_NAME = re.compile(rf"(?i)(?:^|[_-]){_SECRET_WORD}(?:[_-]|$)")
+# Where a camelCase name starts a new word ("clientSecret", "apiKey", "sessionId"), for `names_a_secret`.
+_CAMEL_BOUNDARY = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")
 # Keys that name a secret on their own, even before a ":" in prose ("password: x"); "token", "key" and "auth"
 # alone are ordinary words there ("Invalid header token: 'x'").
 _STRONG_NAMES = frozenset({"password", "passwd", "secret", "authorization"})
@@ -85,6 +87,13 @@ def _redact_userinfo(text: str) -> str:
         return f"{match['scheme']}:{REDACTED}@{host}"
 
     return _OPAQUE.sub(opaque, _AUTHORITY.sub(authority, text))
+
+
+def names_a_secret(name: str) -> bool:
+    """Whether a field or header name names a secret: one of the secret words `redact_credentials` knows is a whole
+    component of it ("password", "api_key", "X-Auth-Token", and in camelCase "clientSecret", "sessionId"), not
+    part of a longer word ("author", "passengers")."""
+    return _SECRET_NAME.search(_CAMEL_BOUNDARY.sub("_", name)) is not None or name.lower() in _STRONG_NAMES
 
 
 def _is_secret_key(text: str, key: re.Match[str]) -> bool:

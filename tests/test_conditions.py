@@ -11,15 +11,18 @@ import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
+import itertools
 import json
 import os
 import signal
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from cryptography import x509
@@ -53,8 +56,8 @@ ACTUATOR = {
 # ---- certificates made here ---------------------------------------------------------------------------------
 
 
-def tls_context(directory: Path, not_after: dt.datetime, *, days_valid_before: float = 1) -> ssl.SSLContext:
-    """A server context with a new self-signed certificate for 127.0.0.1 that ends at `not_after`."""
+def certificate_files(directory: Path, not_after: dt.datetime, *, days_valid_before: float = 1) -> tuple[Path, Path]:
+    """A new self-signed certificate for 127.0.0.1 that ends at `not_after`, and its key, as PEM files."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "healthgate-test")])
     certificate = (
@@ -73,8 +76,13 @@ def tls_context(directory: Path, not_after: dt.datetime, *, days_valid_before: f
     key_path.write_bytes(
         key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     )
+    return cert_path, key_path
+
+
+def tls_context(directory: Path, not_after: dt.datetime, *, days_valid_before: float = 1) -> ssl.SSLContext:
+    """A server context with a new self-signed certificate for 127.0.0.1 that ends at `not_after`."""
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(cert_path, key_path)
+    context.load_cert_chain(*certificate_files(directory, not_after, days_valid_before=days_valid_before))
     return context
 
 
@@ -349,6 +357,92 @@ async def test_certificates_and_min_cert_days(admin: httpx.AsyncClient, nginx: N
             assert expires(result) == end, (fields, result)
 
 
+PASSWORD = 'pa"ss\\w0rd!Tr0ub4dor'  # a quote and a backslash, which a detail's JSON shows escaped
+
+
+async def test_a_conditions_detail_never_shows_a_credential(admin: httpx.AsyncClient, raw_http: RawHttpServer) -> None:
+    """The check's password echoed by the target (escaped as JSON shows it, or where a value is cut), a cookie named
+    by a condition's result or error, a token in a field named for it: none reaches a stored detail, not even in
+    part, inline or in a worker."""
+    echo = json.dumps({"ok": False, "you_sent": PASSWORD, "auth": {"token": "tok-8f2a3b1c"}}).encode()
+    raw_http.set("/echo", response(headers=[("Content-Type", "application/json")], body=echo))
+    raw_http.set("/echo-late", response(body=b"y" * 150 + PASSWORD.encode()))
+    cookie = "JSESSIONID=8F2A3B1C9D7E6F5A"
+    raw_http.set("/cookie", response(headers=[("Set-Cookie", cookie)], body=b"{}"))
+    auth = {"basic_auth_user": "monitor", "basic_auth_pass": PASSWORD}
+    conditions = [
+        (raw_http.url("/echo"), "json.ok == true"),
+        (raw_http.url("/echo"), 'json.exists(key, key == "nothing") || json.ok == true'),  # in a worker
+        (raw_http.url("/echo"), "json[json.you_sent] == 1"),
+        (raw_http.url("/echo"), "json.you_sent"),
+        (raw_http.url("/echo-late"), 'body == "x"'),
+        (raw_http.url("/echo-late"), 'body.matches("^x")'),
+        (raw_http.url("/cookie"), 'headers["set-cookie"]'),
+        (raw_http.url("/cookie"), 'json[headers["set-cookie"]] == 1'),
+        (raw_http.url("/cookie"), 'headers.exists(name, name == "x") || json[headers["set-cookie"]] == 1'),
+    ]
+    results = await check_each(admin, [http(url, condition=condition, **auth) for url, condition in conditions])
+    for (_url, condition), result in zip(conditions, results, strict=True):
+        assert (result["healthy"], result["reason"]) == (False, "condition"), (condition, result)
+        detail = result["detail"]
+        for start in range(len(PASSWORD) - 5):
+            part = PASSWORD[start : start + 6]
+            assert part not in detail and json.dumps(part)[1:-1] not in detail, (condition, part, detail)
+        assert "8f2a3b1c" not in detail.lower(), (condition, detail)
+
+
+
+async def test_a_renewed_certificate_is_read_at_the_next_run(admin: httpx.AsyncClient, tmp_path: Path) -> None:
+    """A server that renews its certificate without closing the connections it has open (Go's GetCertificate,
+    Envoy, Caddy, HAProxy do so): the next run reads the new certificate, not the one of a connection kept alive
+    from an earlier run."""
+    old, renewed = in_days(5), in_days(90)
+    context = tls_context(tmp_path, old)
+    with RawHttpServer(ssl_context=context, keep_alive=True) as server:
+        server.set("/json", response(headers=[("Content-Type", "application/json")], body=b'{"status":"UP"}', close=False))
+        check = await create_check(admin, await new_host(admin), **http(server.url("/json"), min_cert_days=30))
+        first = await run_now(admin, check)
+        assert (first["healthy"], first["reason"], expires(first)) == (False, "cert", old), first
+        context.load_cert_chain(*certificate_files(tmp_path, renewed, days_valid_before=90))  # for new handshakes
+        second = await run_now(admin, check)
+        connections = server.connections
+    assert (second["healthy"], second["reason"], expires(second)) == (True, "ok", renewed), second
+    assert connections == 2  # one of its own for each run
+
+
+
+async def test_a_certificate_not_valid_yet_fails_min_cert_days(admin: httpx.AsyncClient, tmp_path: Path) -> None:
+    """A certificate whose validity starts in two days (a clock ahead, a certificate deployed early): not valid now,
+    so it does not "stay valid" any number of days, whether or not the check verifies it (by default it does not)."""
+    ends = in_days(60)
+    starts = ends - dt.timedelta(days=58)
+    with RawHttpServer(ssl_context=tls_context(tmp_path, ends, days_valid_before=28)) as server:
+        server.set("/json", response(headers=[("Content-Type", "application/json")], body=b'{"status":"UP"}'))
+        results = await check_each(
+            admin, [http(server.url("/json"), min_cert_days=0), http(server.url("/json"), min_cert_days=30)]
+        )
+        unchecked = await check_each(admin, [http(server.url("/json"))])
+    for result in results:
+        assert (result["healthy"], result["reason"], expires(result)) == (False, "cert", ends), result
+        assert result["detail"].startswith(
+            f"status 200 OK, but the certificate is not valid until {starts:%Y-%m-%d %H:%M:%S} UTC, in 2.0 days"
+        ), result
+    assert (unchecked[0]["healthy"], expires(unchecked[0])) == (True, ends)  # without min_cert_days: ignored
+
+
+
+async def test_an_answer_that_is_not_http_still_carries_the_certificate(admin: httpx.AsyncClient, tmp_path: Path) -> None:
+    """The handshake succeeded, then the server sent no valid HTTP: the result is `protocol`, and still carries the
+    certificate's end of validity, as one whose body breaks off does (CONTRACT §4: for TLS checks)."""
+    ends = in_days(20)
+    with tls_server(tmp_path, ends) as server:
+        server.set("/garbage", b"GARBAGE\r\n\r\n")
+        server.set("/short", response(body=b"abc").replace(b"Content-Length: 3", b"Content-Length: 10"))
+        results = await check_each(admin, [http(server.url("/garbage")), http(server.url("/short"), condition="true")])
+    for result in results:
+        assert (result["healthy"], result["reason"], expires(result)) == (False, "protocol", ends), result
+
+
 # ---- runaways --------------------------------------------------------------------------------------------------
 
 
@@ -402,6 +496,25 @@ async def test_a_runaway_condition_does_not_hold_up_the_other_checks(
     assert max(wall for wall, _ in quick_results) < 2.0, quick_results
 
 
+async def test_an_edited_condition_takes_effect_at_the_next_run(admin: httpx.AsyncClient, raw_http: RawHttpServer) -> None:
+    """The poller caches compiled conditions, and remembers those that ran away, by their text: a PUT that changes
+    the condition (a runaway fixed, a condition cleared) is what the very next run evaluates."""
+    raw_http.set("/same", response(body=SAME_3000))
+    check = await create_check(admin, await new_host(admin), **http(raw_http.url("/same"), condition=RUNAWAY))
+    path = f"/api/v1/hosts/{check['host_id']}/health-checks/{check['id']}"
+    fields = {"name": check["name"], "check_type": "http", "url": raw_http.url("/same")}
+    assert (await run_now(admin, check))["detail"].endswith(f"took longer than 1 s and was stopped: {RUNAWAY}")
+    for condition, healthy, words in [
+        ("json.all(x, x == 1)", True, "status 200 OK, condition true"),
+        ("json.all(x, x == 2)", False, "the condition is false: json.all(x, x == 2)"),
+        (None, True, "status 200 OK"),
+        (RUNAWAY.replace(" ", ""), False, "took longer than 1 s and was stopped"),
+    ]:
+        assert (await admin.put(path, json=fields | {"condition": condition})).status_code == 200
+        result = await run_now(admin, check)
+        assert result["healthy"] is healthy and words in result["detail"], (condition, result)
+
+
 def condition_workers(poller: ServiceProcess) -> list[int]:
     """The pids of the poller's condition worker processes (its children running services.poller.conditions)."""
     found = []
@@ -411,6 +524,17 @@ def condition_workers(poller: ServiceProcess) -> list[int]:
             if int(fields[1]) == poller.process.pid and fields[0] != "Z":
                 if b"services.poller.conditions" in (stat.parent / "cmdline").read_bytes():
                     found.append(int(stat.parent.name))
+    return found
+
+
+def child_states(pid: int) -> dict[int, str]:
+    """The state letters (R, S, Z, ...) of a process's children, by pid."""
+    found = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found[int(stat.parent.name)] = fields[0]
     return found
 
 
@@ -483,3 +607,77 @@ async def test_a_stopped_poller_leaves_no_condition_worker(
         if stop == signal.SIGTERM:
             assert "Traceback" not in own.log_text()
 
+
+async def results_of(db: asyncpg.Connection, check: dict[str, Any]) -> list[asyncpg.Record]:
+    return await db.fetch(
+        "SELECT checked_at, healthy, reason, detail FROM check_results WHERE check_id = $1 ORDER BY checked_at",
+        uuid.UUID(check["id"]),
+    )
+
+
+STOPPED_WORDS = (
+    "the condition took longer than 1 s and was stopped",
+    "the condition was not evaluated: it was stopped at its last evaluation, and every condition worker is busy",
+)
+
+
+@pytest.mark.slow
+async def test_many_runaway_conditions_on_a_schedule_hold_up_no_other_check(
+    admin: httpx.AsyncClient,
+    db: asyncpg.Connection,
+    nginx: NginxServer,
+    raw_http: RawHttpServer,
+    poller: ServiceProcess,
+    service_env: dict[str, str],
+    tmp_path: Path,
+) -> None:
+    """Forty runaway conditions on a 10 s interval, far more than two workers can stop in time: the poller's other
+    checks keep their interval, and a condition that runs in a worker in milliseconds is still evaluated. (Before,
+    the runaways queued for a worker until their timeouts, holding every tick the poller takes at once: a plain http
+    check ran 22 s after its first run instead of 10, and the quick condition timed out.)"""
+    raw_http.set("/same", response(body=SAME_3000))
+    with exclusive_poller(poller, service_env, tmp_path / "poller.log") as own:
+        runaway_hosts = [await new_host(admin) for _ in range(8)]
+        runaways = [
+            await create_check(
+                admin,
+                host_id,
+                **http(raw_http.url("/same"), condition=RUNAWAY, interval_seconds=10, timeout_seconds=30),
+            )
+            for host_id in runaway_hosts
+            for _ in range(5)
+        ]
+        quick_host = await new_host(admin)
+        quick = [
+            await create_check(admin, quick_host, **http(nginx.http_url("/ok"), interval_seconds=10)),
+            await create_check(
+                admin, quick_host, check_type="tcp", address="127.0.0.1", port=nginx.http_port, interval_seconds=10
+            ),
+            # `matches` runs in a worker: this one waits for the same two workers as the runaways.
+            await create_check(
+                admin,
+                quick_host,
+                **http(nginx.http_url("/json"), condition='json.status.matches("^up$")', interval_seconds=10),
+            ),
+        ]
+        await asyncio.sleep(36)
+        # Dozens of workers were killed at their deadline and replaced meanwhile: each was reaped, none is left over.
+        children = child_states(own.process.pid)
+        assert "Z" not in children.values() and len(condition_workers(own)) <= 2, children
+        quick_results = [await results_of(db, check) for check in quick]
+        runaway_results = [await results_of(db, check) for check in runaways]
+        for host_id in [*runaway_hosts, quick_host]:  # before the session's poller is back
+            assert (await admin.delete(f"/api/v1/hosts/{host_id}")).status_code == 204
+        log_text = own.log_text()
+    for check, rows in zip(quick, quick_results, strict=True):
+        assert len(rows) >= 3 and all(row["healthy"] for row in rows), (check, rows)
+        gaps = [
+            (later["checked_at"] - earlier["checked_at"]).total_seconds() for earlier, later in itertools.pairwise(rows)
+        ]
+        assert all(gap <= 11.5 for gap in gaps), (check, gaps)
+    for check, rows in zip(runaways, runaway_results, strict=True):  # each ends in a result, in words, on time too
+        assert len(rows) >= 3, (check, rows)
+        for row in rows:
+            assert (row["healthy"], row["reason"]) == (False, "condition"), row
+            assert row["detail"].startswith(tuple(f"status 200 OK, but {words}" for words in STOPPED_WORDS)), row
+    assert "Traceback" not in log_text

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from shared.details import DETAIL_LIMIT, clip_detail, escape_controls, redact_credentials, safe_detail
+from shared.details import (
+    DETAIL_LIMIT,
+    clip_detail,
+    escape_controls,
+    names_a_secret,
+    redact_credentials,
+    safe_detail,
+)
 
 
 @pytest.mark.parametrize(
@@ -168,3 +175,17 @@ def test_new_patterns_stay_linear(text: str) -> None:
     """No timing asserted: a quadratic pattern would make this test take minutes, not fail."""
     detail = safe_detail(text, ["s3cret"])
     assert len(detail) <= DETAIL_LIMIT
+
+
+@pytest.mark.parametrize(
+    ("name", "secret"),
+    [
+        ("password", True), ("basic_auth_pass", True), ("X-Auth-Token", True), ("api_key", True), ("apiKey", True),
+        ("clientSecret", True), ("accessToken", True), ("sessionId", True), ("Authorization", True),
+        ("PRIVATE_KEY", True), ("secretKey", True),
+        ("author", False), ("passengers", False), ("status", False), ("tokens_used", False), ("keyId", False),
+        ("JSESSIONID", False), ("content-type", False),
+    ],
+)  # fmt: skip
+def test_names_a_secret(name: str, secret: bool) -> None:
+    assert names_a_secret(name) is secret

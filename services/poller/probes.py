@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import datetime as dt
 import errno
 import ipaddress
@@ -40,7 +41,7 @@ from aiohttp import http_exceptions
 from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
-from services.poller.certificates import days_left, peer_certificate_end
+from services.poller.certificates import Validity, days_left, peer_certificate_validity
 from services.poller.conditions import ConditionEvaluator, ResponseFacts, ResponseHeaders
 from shared.addresses import host_port
 from shared.events import ResultReason
@@ -210,23 +211,43 @@ class TlsAwareResponse(aiohttp.ClientResponse):
     """A response that keeps the TLS object of the connection it came on (`ssl_object`, None without TLS), for the
     server certificate's end of validity (CONTRACT §4 `cert_expires_at`, §3 `min_cert_days`). It is taken as the
     response starts: aiohttp hands the connection back to its pool, and `response.connection` becomes None, as soon
-    as the body has arrived, which for a small body, a HEAD or a 204 is before the caller sees the response."""
+    as the body has arrived, which for a small body, a HEAD or a 204 is before the caller sees the response.
+
+    An answer that is not valid HTTP fails in `start`, before any response reaches the caller: the certificate of
+    its connection, presented all the same, rides on the exception (`certificate_of_failure`)."""
 
     ssl_object: ssl.SSLObject | None = None
 
     async def start(self, connection: aiohttp.connector.Connection) -> aiohttp.ClientResponse:
         transport = connection.transport
         self.ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
-        return await super().start(connection)
+        try:
+            return await super().start(connection)
+        except Exception as exc:
+            with contextlib.suppress(AttributeError):  # an exception type with __slots__ keeps none
+                exc.healthgate_certificate = peer_certificate_validity(self.ssl_object)  # type: ignore[attr-defined]
+            raise
 
 
-def response_certificate_end(response: aiohttp.ClientResponse) -> dt.datetime | None:
-    """The end of validity of the certificate the server presented for `response` (verified or not), or None
+def certificate_of_failure(exc: BaseException) -> Validity | None:
+    """The certificate of the connection whose answer `exc` is about (see `TlsAwareResponse`), or None."""
+    certificate = getattr(exc, "healthgate_certificate", None)
+    return certificate if isinstance(certificate, Validity) else None
+
+
+def response_certificate(response: aiohttp.ClientResponse) -> Validity | None:
+    """The validity period of the certificate the server presented for `response` (verified or not), or None
     without TLS. From `TlsAwareResponse`, else from the connection while the response still holds it."""
     ssl_object = response.ssl_object if isinstance(response, TlsAwareResponse) else None
     if ssl_object is None and response.connection is not None and response.connection.transport is not None:
         ssl_object = response.connection.transport.get_extra_info("ssl_object")
-    return peer_certificate_end(ssl_object)
+    return peer_certificate_validity(ssl_object)
+
+
+def response_certificate_end(response: aiohttp.ClientResponse) -> dt.datetime | None:
+    """The end of validity of the certificate the server presented for `response` (`response_certificate`)."""
+    certificate = response_certificate(response)
+    return None if certificate is None else certificate.end
 
 
 def probe_session(blocked: Sequence[Network]) -> aiohttp.ClientSession:
@@ -234,8 +255,15 @@ def probe_session(blocked: Sequence[Network]) -> aiohttp.ClientSession:
 
     Names are resolved by `GuardedResolver`; no connection limit (the worker bounds concurrency); no
     cookies; header limits as large as CONTRACT §4 asks; bodies arrive still encoded (see `read_body`);
-    responses keep their TLS object (`TlsAwareResponse`)."""
-    connector = aiohttp.TCPConnector(resolver=GuardedResolver(blocked), limit=0, ttl_dns_cache=10)
+    responses keep their TLS object (`TlsAwareResponse`).
+
+    Every run opens its own connection (`force_close`), as blackbox_exporter's and Kubernetes' probes do: a run
+    tells whether the server accepts connections now, and reads the certificate it presents now. A connection
+    kept alive from an earlier run (of this check or another of the same origin, which at intervals under
+    aiohttp's 15 s keep-alive may never close) kept showing a certificate the server had since renewed: a server
+    that renews without closing its open connections (Go's GetCertificate, Envoy, Caddy) failed `min_cert_days`
+    on the old certificate, and `cert_expires_at` showed the old date."""
+    connector = aiohttp.TCPConnector(resolver=GuardedResolver(blocked), limit=0, ttl_dns_cache=10, force_close=True)
     return aiohttp.ClientSession(
         connector=connector,
         headers={"User-Agent": "healthgate-poller", "Accept-Encoding": ACCEPT_ENCODING},
@@ -807,14 +835,18 @@ class Prober:
                 async with self._session.request(
                     target.method, url, headers=headers, ssl=ssl_option, allow_redirects=False
                 ) as response:
-                    certificate_end = response_certificate_end(response)
+                    certificate = response_certificate(response)
+                    certificate_end = None if certificate is None else certificate.end
                     refuse_invalid_status(response.status, _authority(url))
                     location = response.headers.get("Location")
                     if not (target.follow_redirects and response.status in REDIRECT_STATUSES and location):
-                        return await self._judge_http(target, response, _authority(url), started, certificate_end)
+                        return await self._judge_http(target, response, _authority(url), started, certificate)
                     next_url = _redirect_target(url, location)
             except Exception as exc:  # named after this hop's target, not the first one's
                 reason, detail = classify_failure(exc, _authority(url))
+                failed_on = certificate_of_failure(exc)
+                if certificate_end is None and failed_on is not None:
+                    certificate_end = failed_on.end
                 return Verdict(False, reason, detail, certificate_end)
             if _origin(next_url) != _origin(url):
                 headers = {}  # credentials go only to the origin they were configured for
@@ -828,7 +860,7 @@ class Prober:
         response: aiohttp.ClientResponse,
         what: str,
         started: float,
-        certificate_end: dt.datetime | None,
+        certificate: Validity | None,
     ) -> Verdict:
         """Judge the final response, the rules in this order, the first that fails giving the reason: the status
         (`status`), the body (`body`), the certificate's days left (`cert`, with `min_cert_days`), the condition
@@ -836,6 +868,7 @@ class Prober:
         so a condition reads a response that already passed them. The body (first 1 MiB) is read whole on GET, as
         blackbox_exporter does: a body that breaks off or cannot be decoded makes the answer invalid (`protocol`);
         a HEAD has none (a condition sees ""). `latency_ms` is the time until the body was read."""
+        certificate_end = None if certificate is None else certificate.end
         seen = describe_status(response.status)
         if not status_matches(response.status, target.expected_status):
             return Verdict(False, "status", f"status {seen}, expected {target.expected_status}", certificate_end)
@@ -850,17 +883,23 @@ class Prober:
                     detail = f"status {seen} but the body does not contain {target.expected_body!r}"
                     return Verdict(False, "body", detail, certificate_end)
                 passed.append(f"body contains {target.expected_body!r}")
-        cert_days_left = None if certificate_end is None else days_left(certificate_end, dt.datetime.now(dt.UTC))
+        now = dt.datetime.now(dt.UTC)
+        cert_days_left = None if certificate is None else days_left(certificate.end, now)
         if target.min_cert_days is not None:
-            problem = certificate_problem(certificate_end, cert_days_left, target.min_cert_days)
+            start = None if certificate is None else certificate.start
+            starts_in = None if start is None else days_left(start, now)
+            problem = certificate_problem(
+                certificate_end, cert_days_left, target.min_cert_days, start=start, starts_in=starts_in
+            )
             if problem is not None:
                 return Verdict(False, "cert", f"{', '.join(passed)}, but {problem}", certificate_end)
             passed.append(f"certificate valid {cert_days_left:.1f} more days")
         if target.condition is not None:
             latency_ms = _elapsed_ms(started)
             facts = ResponseFacts(
-                response.status, ResponseHeaders(response.headers.items()), text, latency_ms, cert_days_left
-            )
+                response.status, ResponseHeaders(response.headers.items()), text, latency_ms, cert_days_left,
+                target.secrets(),
+            )  # fmt: skip
             time_left = target.timeout_seconds - latency_ms / 1000
             judged = await self._conditions.judge(target.condition, facts, time_left=time_left)
             if not judged.holds:
@@ -919,11 +958,23 @@ class Prober:
         return True, "ok", f"connected to {host_port(address, connected_port)}"
 
 
-def certificate_problem(end: dt.datetime | None, left: float | None, min_days: int) -> str | None:
-    """Why a certificate fails `min_cert_days` (CONTRACT §3), or None when it stays valid long enough: it
-    expires within `min_days` days (`left` days from now, negative once expired), or none could be read."""
+def certificate_problem(
+    end: dt.datetime | None,
+    left: float | None,
+    min_days: int,
+    *,
+    start: dt.datetime | None = None,
+    starts_in: float | None = None,
+) -> str | None:
+    """Why a certificate fails `min_cert_days` (CONTRACT §3), or None when it stays valid long enough: none could
+    be read, it is not valid yet (its validity `start`s in `starts_in` days: a certificate not valid now does not
+    "stay valid" any number of days), or it expires within `min_days` days (`left` days from now, negative once
+    expired)."""
     if end is None or left is None:
         return "no server certificate could be read (min_cert_days needs one)"
+    if start is not None and starts_in is not None and starts_in > 0:
+        begins = start.strftime("%Y-%m-%d %H:%M:%S UTC")
+        return f"the certificate is not valid until {begins}, in {starts_in:.1f} days (min_cert_days is {min_days})"
     if left >= min_days:
         return None
     ends = end.strftime("%Y-%m-%d %H:%M:%S UTC")

@@ -13,6 +13,8 @@ nothing set gets a plain 404.
 
 `response(...)` builds well-formed bytes to start from (status line, headers, Content-Length unless told not to).
 `RawHttpServer(ssl_context=context)` answers over TLS with that server context instead (`base_url` is https).
+`RawHttpServer(keep_alive=True)` keeps each connection open for the next request, as most servers do (answer with
+`response(..., close=False)` then, which leaves out `Connection: close`); `connections` counts those accepted.
 """
 
 from __future__ import annotations
@@ -39,21 +41,25 @@ def response(
     body: bytes = b"",
     *,
     content_length: bool = True,
+    close: bool = True,
 ) -> bytes:
     """`HTTP/1.1 {status}` with `headers` (latin-1), `Content-Length` (unless `content_length` is false),
-    `Connection: close`, then `body`."""
+    `Connection: close` (unless `close` is false), then `body`."""
     lines = [f"HTTP/1.1 {status}", *(f"{name}: {value}" for name, value in headers)]
     if content_length:
         lines.append(f"Content-Length: {len(body)}")
-    lines.append("Connection: close")
+    if close:
+        lines.append("Connection: close")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
 
 
 class RawHttpServer:
     """Answers each path with the bytes set for it (see the module docstring). Use as a context manager."""
 
-    def __init__(self, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    def __init__(self, *, ssl_context: ssl.SSLContext | None = None, keep_alive: bool = False) -> None:
         self.ssl_context = ssl_context
+        self.keep_alive = keep_alive
+        self.connections = 0
         self.port = 0
         self.answers: dict[str, tuple[bytes, float, float]] = {}
         self.requests: list[bytes] = []
@@ -135,20 +141,25 @@ class RawHttpServer:
         task = asyncio.current_task()
         assert task is not None
         self._handlers.add(task)
+        with self._lock:
+            self.connections += 1
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            with self._lock:
-                self.requests.append(head)
-            parts = head.split(b"\r\n", 1)[0].split(b" ")
-            path = urlsplit(parts[1].decode("latin-1")).path if len(parts) == 3 else ""
-            with self._lock:
-                raw, delay, hold = self.answers.get(path, (NOT_FOUND, 0.0, 0.0))
-            if delay:
-                await asyncio.sleep(delay)
-            writer.write(raw)
-            await writer.drain()
-            if hold:
-                await asyncio.sleep(hold)
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                with self._lock:
+                    self.requests.append(head)
+                parts = head.split(b"\r\n", 1)[0].split(b" ")
+                path = urlsplit(parts[1].decode("latin-1")).path if len(parts) == 3 else ""
+                with self._lock:
+                    raw, delay, hold = self.answers.get(path, (NOT_FOUND, 0.0, 0.0))
+                if delay:
+                    await asyncio.sleep(delay)
+                writer.write(raw)
+                await writer.drain()
+                if hold:
+                    await asyncio.sleep(hold)
+                if not self.keep_alive:
+                    break
         except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.CancelledError):
             pass
         finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -32,7 +33,7 @@ from services.poller.conditions import (
     variables_for,
 )
 from shared.conditions import VARIABLES
-from shared.details import DETAIL_LIMIT
+from shared.details import DETAIL_LIMIT, safe_detail
 
 # 9 million comparisons, all true: about 3 s of CPU with the GIL held, were it run in this process.
 RUNAWAY = "json.all(x, json.all(y, x == y))"
@@ -101,6 +102,21 @@ def test_json_is_strict_json_or_null(body: str, parsed: Any) -> None:
     assert parse_json(body) == parsed
 
 
+def test_json_with_a_huge_integer_or_a_byte_order_mark_is_read() -> None:
+    # An integer past what CEL holds (64 bits) and past a double's range: the condition fails for no field it reads
+    # ("Conversion Error: Failed to convert Python object of type int to Value") unless it is read as a double.
+    huge = "9" * 400
+    body = f'{{"status": "UP", "id": {huge}, "ids": [-{huge}, 18446744073709551615, -9223372036854775808]}}'
+    assert parse_json(body) == {
+        "status": "UP", "id": math.inf, "ids": [-math.inf, 18446744073709551615, -9223372036854775808]
+    }  # fmt: skip
+    assert judge_here('json.status == "UP"', facts(body)).holds
+    assert judge_here("json.ids[1] == 18446744073709551615u && json.ids[2] < 0", facts(body)).holds
+    # A UTF-8 byte order mark before the JSON text (some .NET services send one): RFC 8259 lets a parser ignore it.
+    assert parse_json('\ufeff{"status": "UP"}') == {"status": "UP"}
+    assert judge_here('json.status == "UP"', facts('\ufeff{"status": "UP"}')).holds
+
+
 def test_only_the_variables_a_program_reads_are_built(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_parse(body: str) -> Any:
         raise AssertionError("json was parsed for a condition that does not read it")
@@ -159,6 +175,90 @@ def test_credentials_in_headers_are_never_shown(name: str, secret: str) -> None:
     assert secret not in verdict.detail
 
 
+PASSWORD = 'pa"ss\\w0rd!Tr0ub4dor'  # a quote and a backslash: JSON shows them escaped
+
+
+@pytest.mark.parametrize(
+    ("expression", "body"),
+    [
+        # The check's own password echoed back: escaped as JSON shows it, or cut at the 160 characters a value shows.
+        ("json.ok == true", json.dumps({"ok": False, "you_sent": PASSWORD})),
+        ("json.ok == true", json.dumps({"ok": False, "echo": "x" * 140 + PASSWORD})),
+        ('body == "x"', "y" * 150 + PASSWORD),
+        ("json.ok", json.dumps({"ok": PASSWORD})),  # a result that is not a bool
+        ("json[json.echo] == 1", json.dumps({"echo": PASSWORD})),  # an error naming the value
+    ],
+)
+def test_the_checks_password_never_shows_even_in_part(expression: str, body: str) -> None:
+    verdict = judge_here(expression, facts(body, secrets=(PASSWORD,)))
+    shown = safe_detail(verdict.detail, (PASSWORD,))  # what the poller stores
+    for start in range(len(PASSWORD) - 5):  # no 6 characters of it, as sent or as JSON escapes them
+        part = PASSWORD[start : start + 6]
+        assert part not in shown and json.dumps(part)[1:-1] not in shown, (part, shown)
+
+
+@pytest.mark.parametrize(
+    ("expression", "secret"),
+    [
+        ("json.token", "s3cr3t-t0ken-8f2a"),  # a result that is not a bool: what the condition read, shown
+        ("json.auth.accessToken", "s3cr3t-t0ken-8f2a"),
+        ('headers["x-auth-token"]', "h3ad3r-t0ken-8f2a"),
+        ('[json.token, "x"]', "s3cr3t-t0ken-8f2a"),
+    ],
+)
+def test_a_result_read_from_a_secret_named_field_never_shows(expression: str, secret: str) -> None:
+    body = json.dumps({"token": "s3cr3t-t0ken-8f2a", "auth": {"accessToken": "s3cr3t-t0ken-8f2a"}})
+    verdict = judge_here(expression, facts(body, headers={"x-auth-token": "h3ad3r-t0ken-8f2a"}))
+    assert not verdict.holds and "not true or false" in verdict.detail, verdict.detail
+    assert secret not in safe_detail(verdict.detail), verdict.detail
+
+
+def test_showing_a_large_value_costs_what_shows_of_it() -> None:
+    # 1 MiB of empty objects: the 160 characters a detail shows are cleaned, not a copy of the megabyte (0.28 s of a
+    # worker's 1 s deadline).
+    body = "[" + ",".join(["{}"] * 349_000) + "]"
+    response = facts(body, secrets=("not-there",))
+    parsed = parse_json(body)
+    started = time.perf_counter()
+    shown = conditions._shown(parsed, conditions._Hidden(response, {"json": parsed}))
+    assert time.perf_counter() - started < 0.02
+    assert shown == "[" + "{}," * 52 + "{}…"
+    assert judge_here("json == 1", response).detail == f"the condition is false: json == 1; it read json={shown}"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"status": "DOWN", "password": 'ab"cd ef,gh'},
+        {"status": "DOWN", "api_token": ["tok1-abcd", "tok2-abcd"], "secret": {"k": "v123-abcd"}},
+        {"status": "DOWN", "clientSecret": "abcd 1234", "secretKey": "k-abcd-1234", "sessionId": "s-abcd-1234"},
+        {"status": "DOWN", "token": "x" * 150 + "abcd-1234-secret"},
+    ],
+)
+def test_values_of_secret_named_json_fields_never_show(body: dict[str, Any]) -> None:
+    verdict = judge_here('json.status == "UP"', facts(json.dumps(body)))
+    shown = safe_detail(verdict.detail)
+    assert shown.startswith('the condition is false: json.status == "UP"; it read json={"status":"DOWN",'), shown
+    for fragment in ("cd ef", "gh", "tok1", "tok2", "v123", "abcd", "1234"):
+        assert fragment not in shown, (fragment, shown)
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        'headers["set-cookie"]',  # a result that is not a bool
+        "headers",
+        'json[headers["set-cookie"]] == 1',  # an error naming the key it did not find
+        'headers["set-cookie"] == 1 || json[headers["set-cookie"]] == 1',
+    ],
+)
+def test_credential_headers_never_show_through_results_or_errors(expression: str) -> None:
+    cookie = "JSESSIONID=8F2A3B1C9D7E6F5A"
+    response = facts("{}", headers=ResponseHeaders([("Set-Cookie", cookie), ("Set-Cookie", "b=c0ffee42"), ("A", "1")]))
+    shown = safe_detail(judge_here(expression, response).detail)
+    assert "8F2A3B1C" not in shown and "c0ffee42" not in shown, shown
+
+
 @pytest.mark.parametrize(
     ("expression", "words"),
     [
@@ -167,6 +267,11 @@ def test_credentials_in_headers_are_never_shown(name: str, secret: str) -> None:
         ("1 / (status - 200) == 1", "the condition failed (division by zero in CEL expression)"),
         ("json.items[5] == 1", "the condition failed (no such key: 'items')"),
         ("jsn.status == 1", "the condition failed (Undefined variable or function: 'jsn' (the variables are status,"),
+        (
+            'timestamp("2024-01-01T00:00:00Z").getHours("Europe/Paris") == 1',
+            "the condition failed (getHours() does not take these arguments here):",
+        ),
+        ("timestamp(1700000000) == 1", "the condition failed (timestamp() does not take these arguments here):"),
         ('int(json.status) == 1', "the condition failed (Function 'int' error: string parse error"),
         ("json.status", 'the condition gave a string ("UP"), not true or false: json.status; it read json='),
         ("status", "the condition gave an int (200), not true or false"),
@@ -228,6 +333,39 @@ async def test_a_stored_condition_that_no_longer_compiles(evaluator: ConditionEv
 )
 def test_what_runs_inline(evaluator: ConditionEvaluator, expression: str, body: str, inline: bool) -> None:
     assert evaluator.runs_inline(expression, facts(body)) is inline
+
+
+# 4 KiB of JSON that is costly to hold: 819 maps nested (each reference to `json` is a copy of them all).
+DEEP_MAPS = '{"":' * 819 + "0" + "}" * 819
+assert len(DEEP_MAPS) == 4096
+
+
+@pytest.mark.parametrize(
+    ("references", "inline"),
+    [(1, True), (8, True), (16, True), (17, False), (196, False)],
+)
+def test_many_references_to_the_data_go_to_a_worker(
+    evaluator: ConditionEvaluator, references: int, inline: bool
+) -> None:
+    # Each reference to a variable copies its value: 196 of them to 4 KiB of nested maps held the loop 62 ms (the
+    # module's docstring promised 7 ms at worst), 16 about 9 ms. Past 16 references times 4 KiB, a worker.
+    expression = "size([" + ",".join(["json"] * references) + "]) == 0"
+    assert evaluator.runs_inline(expression, facts(DEEP_MAPS)) is inline
+    assert evaluator.runs_inline(expression, facts(DEEP_MAPS[: len(DEEP_MAPS) // 8])) is (references <= 8 * 16)
+
+
+def test_the_slowest_inline_evaluation_is_short(evaluator: ConditionEvaluator) -> None:
+    # The costliest to hold in 4 KiB, read through the most references still inline: well under the 60 ms seen.
+    expression = "size([" + ",".join(["json"] * 16) + "]) == 0"
+    assert evaluator.runs_inline(expression, facts(DEEP_MAPS))
+    compiled = ProgramCache().get(expression)
+    assert not isinstance(compiled, Exception)
+    timings = []
+    for _ in range(5):
+        started = time.perf_counter()
+        evaluate(compiled, expression, facts(DEEP_MAPS))
+        timings.append(time.perf_counter() - started)
+    assert min(timings) < 0.02, timings
 
 
 async def test_inline_evaluation_starts_no_process(evaluator: ConditionEvaluator) -> None:
@@ -371,3 +509,64 @@ async def test_a_worker_that_dies_is_replaced() -> None:
         assert await pool.evaluate("json.all(x, x > 0)", facts("[1]"), 5) == holds
     finally:
         await pool.close()
+
+
+async def test_a_known_runaway_finding_every_worker_busy_is_not_evaluated() -> None:
+    # A runaway that was stopped once does not queue behind the others (each of which would wait up to its timeout).
+    async with ConditionEvaluator(workers=1) as evaluator:
+        first = await evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30)
+        assert first.detail.startswith("the condition took longer than 1 s and was stopped")
+        running = asyncio.ensure_future(evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30))  # a free worker
+        await asyncio.sleep(0.5)
+        started = time.perf_counter()
+        refused = await evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30)
+        assert time.perf_counter() - started < 0.1
+        assert refused == ConditionVerdict(
+            False,
+            "the condition was not evaluated: it was stopped at its last evaluation, and every condition worker is "
+            f"busy: {RUNAWAY}",
+        )
+        assert (await running).detail.startswith("the condition took longer than 1 s and was stopped")
+        # One that finishes in time is a runaway no more: it may wait for a worker again.
+        assert (await evaluator.judge(RUNAWAY, facts("[1, 1]"), time_left=30)).holds
+        running = asyncio.ensure_future(evaluator.judge("json.all(x, x >= 0)", facts(LIST_3000), time_left=30))
+        await asyncio.sleep(0)
+        assert (await evaluator.judge(RUNAWAY, facts("[1]"), time_left=30)).holds
+        assert (await running).holds
+
+
+async def test_a_freed_worker_goes_to_a_condition_that_is_not_a_runaway_first() -> None:
+    async with ConditionEvaluator(workers=1) as evaluator:
+        finished: list[str] = []
+
+        async def judge(name: str, expression: str, body: str) -> ConditionVerdict:
+            verdict = await evaluator.judge(expression, facts(body), time_left=30)
+            finished.append(name)
+            return verdict
+
+        first = asyncio.ensure_future(judge("first runaway", RUNAWAY, LIST_3000))
+        await asyncio.sleep(0.3)  # it runs; the next two wait, the runaway first
+        second = asyncio.ensure_future(judge("second runaway", RUNAWAY, LIST_3000))
+        await asyncio.sleep(0.05)
+        quick = asyncio.ensure_future(judge("quick", "json.exists(x, x == 1)", LIST_3000))
+        verdicts = await asyncio.gather(first, second, quick)
+        # The first was stopped: the second is a known runaway when the worker is freed, and waits for the quick one.
+        assert finished == ["first runaway", "quick", "second runaway"], verdicts
+        assert verdicts[2].holds
+        assert verdicts[1].detail.startswith("the condition took longer than 1 s and was stopped")
+
+
+
+async def test_a_check_that_times_out_waiting_for_a_worker_leaves_none_taken() -> None:
+    async with ConditionEvaluator(workers=1) as evaluator:
+        running = asyncio.ensure_future(evaluator.judge(RUNAWAY, facts(LIST_3000), time_left=30))
+        await asyncio.sleep(0.3)
+        for _ in range(3):  # cancelled while waiting (the check's own timeout), some as the worker is handed over
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.25):
+                    await evaluator.judge("json.all(x, x == 1)", facts(LIST_3000), time_left=30)
+        await running
+        verdicts = await asyncio.gather(
+            *(evaluator.judge("json.all(x, x == 1)", facts(LIST_3000), time_left=30) for _ in range(3))
+        )
+        assert all(verdict.holds for verdict in verdicts) and len(evaluator.worker_pids()) == 1

@@ -532,6 +532,22 @@ def test_certificate_problem(left: float, min_days: int, problem: str | None) ->
     assert probes.certificate_problem(end, left, min_days) == problem
 
 
+@pytest.mark.parametrize(
+    ("starts_in", "problem"),
+    [
+        (None, None),
+        (-1.0, None),
+        (0.0, None),
+        (2.04, "the certificate is not valid until 2029-12-01 00:00:00 UTC, in 2.0 days (min_cert_days is 7)"),
+        (0.001, "the certificate is not valid until 2029-12-01 00:00:00 UTC, in 0.0 days (min_cert_days is 7)"),
+    ],
+)
+def test_a_certificate_not_valid_yet_fails_min_cert_days(starts_in: float | None, problem: str | None) -> None:
+    end = datetime.datetime(2030, 1, 2, 3, 4, 5, tzinfo=datetime.UTC)
+    start = datetime.datetime(2029, 12, 1, tzinfo=datetime.UTC)
+    assert probes.certificate_problem(end, 40.0, 7, start=start, starts_in=starts_in) == problem
+
+
 def test_a_missing_certificate_fails_min_cert_days() -> None:
     assert probes.certificate_problem(None, None, 0) == "no server certificate could be read (min_cert_days needs one)"
 
