@@ -58,6 +58,7 @@ from services.poller.probes import (
     Network,
     Resolve,
     Verdict,
+    connect_failure,
     dns_name,
     refuse_if_blocked,
 )
@@ -212,16 +213,6 @@ def judge_error(
         return Verdict(False, "status", f"{what} does not implement the gRPC health protocol (UNIMPLEMENTED)")
     suffix = f": {details}" if details else ""
     return Verdict(False, "status", f"{what} answered {code.name}{suffix}")
-
-
-def connect_failure(exc: BaseException, what: str, infos: Sequence[AddrInfo]) -> str:
-    """Words for a TCP connection that did not open (as tcp checks word it)."""
-    addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
-    every = f" at every address ({', '.join(addresses)})" if len(addresses) > 1 else ""
-    if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
-        return f"connection refused by {what}{every}"
-    why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    return f"cannot connect to {what}{every}: {why}"
 
 
 def handshake_failure(exc: Exception, what: str) -> Verdict:

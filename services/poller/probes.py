@@ -950,7 +950,7 @@ class Prober:
         try:
             sock = await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=HAPPY_EYEBALLS_DELAY)
         except (OSError, RuntimeError) as exc:  # uvloop raises RuntimeError for some failures
-            return False, "connect", _tcp_failure(exc, host_port(host, port), infos)
+            return False, "connect", connect_failure(exc, host_port(host, port), infos)
         try:
             address, connected_port = sock.getpeername()[:2]
         finally:
@@ -1072,7 +1072,8 @@ def _agent_answer_problems(answer: dict[str, Any]) -> Iterator[str]:
         yield f"agent answer's data.healthy is not a boolean ({_json_type(answer['data']['healthy'])})"
 
 
-def _tcp_failure(exc: BaseException, what: str, infos: Sequence[AddrInfo]) -> str:
+def connect_failure(exc: BaseException, what: str, infos: Sequence[AddrInfo]) -> str:
+    """Words for a TCP connection that did not open to `what` at any of `infos`' addresses (tcp and grpc checks)."""
     addresses = list(dict.fromkeys(str(info[4][0]) for info in infos))
     every = f" at every address ({', '.join(addresses)})" if len(addresses) > 1 else ""
     if isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
