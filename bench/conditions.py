@@ -2,7 +2,8 @@
 
 The condition measured is `json.status == "UP" && latency_ms < 500` (CONTRACT §3), on http checks of a local nginx
 whose `/actuator/health` answers `{"status":"UP"}` (nginx keeps connections alive, but the poller opens one per run
-since issue 13's adversarial pass, as blackbox_exporter does; measured runs before that change had keep-alive). Two sets of CHECKS checks, P and Q, alike but for the condition, run in alternating
+since issue 13's adversarial pass, as blackbox_exporter does; measured runs before that change had keep-alive).
+Two sets of CHECKS checks, P and Q, alike but for the condition, run in alternating
 rounds of one poller (the ticks fed are those of one set, then the other's). In a first phase Q has the condition,
 in a second P has it (an UPDATE between them), each phase starting and ending with a round without: each round with
 the condition sits between two without it, so a drift of this shared 2-core box during the run falls on both sides

@@ -17,7 +17,8 @@ Two modes: a new connection per check (the headline: blackbox_exporter makes one
 hit many hosts minutes apart) against `/ok-close`, where nginx has `keepalive_timeout 0`, used by all three;
 and keep-alive against `/ok` (blackbox_exporter 0.23 hard-codes keep-alives off in its http prober, so its
 figure there is still one connection per probe; since issue 13 the poller does the same, with force_close, so that
-each run reads the certificate the server presents now: its keep-alive figure is one connection per check too). Goals, new-connection mode: poller >= 1.0x blackbox_exporter,
+each run reads the certificate the server presents now: its keep-alive figure is one connection per check too).
+Goals, new-connection mode: poller >= 1.0x blackbox_exporter,
 one poller process >= 0.5x the bare loop. Figures only: it never fails on a goal.
 
 Set-up: a throwaway database `healthgate_bench_<id>` (migrated; N hosts with one http check each, seeded
