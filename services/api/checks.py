@@ -28,14 +28,10 @@ from services.api.schemas import (
     WRITE_ONLY_FIELDS,
     CheckCommonFields,
     CheckWriteBase,
-    DnsCheckWrite,
-    GrpcCheckWrite,
     HttpCheckWrite,
     ItemList,
     Page,
     ResultView,
-    ServiceCheckWrite,
-    TcpCheckWrite,
 )
 from services.api.targets import address_problems
 from shared import checks, results, uptime
@@ -244,28 +240,11 @@ def column_values(
         "successes_before_healthy": body.successes_before_healthy,
         "max_latency_ms": body.max_latency_ms,
     }
-    if isinstance(body, ServiceCheckWrite):
-        values |= {"check_type": "service", "service_name": body.service_name}
-    elif isinstance(body, TcpCheckWrite):
-        values |= {"check_type": "tcp", "port": body.port, "address": body.address}
-    elif isinstance(body, DnsCheckWrite):
-        values |= {
-            "check_type": "dns",
-            "dns_name": body.dns_name,
-            "record_type": body.record_type,
-            "expected_values": body.expected_values,
-            "dns_server": body.dns_server,
-        }
-    elif isinstance(body, GrpcCheckWrite):
-        values |= {
-            "check_type": "grpc",
-            "port": body.port,
-            "address": body.address,
-            "grpc_service": body.grpc_service,
-            "tls": body.tls,
-            "ignore_cert_errors": body.ignore_cert_errors,
-        }
-    elif isinstance(body, HttpCheckWrite):
+    if not isinstance(body, HttpCheckWrite):
+        # The other types store their fields as the body holds them (FIELDS_OF_TYPE names them).
+        fields = body.model_dump()
+        values |= {name: fields[name] for name in ("check_type", *TYPE_COLUMNS[fields["check_type"]])}
+    else:
         if "basic_auth_pass" in body.model_fields_set:
             password = _stored_password(context, check_id, body.basic_auth_pass, stored_password)
         else:
