@@ -77,9 +77,9 @@ TLS_SHUTDOWN_SECONDS = 2.0
 TLS_RECORD_TYPES = (0x15, 0x16)
 # What gRPC writes when it could not set up HTTP/2 over a connection (the relay's, which always opens).
 GRPC_CONNECT_FAILURE = "failed to connect to all addresses"
-# What gRPC writes when a connection is refused: after the server's connection closed, only its reconnect to the
-# relay can be (the relay takes one connection), never the server, which accepted the connection the relay holds.
-GRPC_REFUSED = "Connection refused"
+# What gRPC writes, after the server's connection closed, of its own side of the relay, never of the server: its
+# reconnect is refused (the relay takes one connection); its write into the closed relay breaks the pipe.
+GRPC_RELAY_SIDE = ("Connection refused", "Broken pipe")
 # What gRPC writes when an HTTP/2 answer has a status other than 200: an HTTP/2 server that is not gRPC.
 GRPC_HTTP_STATUS = "Received http2 header with status"
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -203,8 +203,8 @@ def judge_error(
         if not tls and traffic.first_byte in TLS_RECORD_TYPES:
             return Verdict(False, "protocol", f"{what} answered with TLS: set tls to check a TLS gRPC server")
         words = grpc_words(details, what)
-        if traffic.server_closed and GRPC_REFUSED in words:
-            # gRPC's reconnect, which the relay refuses: the server had closed the connection it sent bytes on.
+        if traffic.server_closed and any(relay_side in words for relay_side in GRPC_RELAY_SIDE):
+            # The server had closed the connection it sent bytes on; what gRPC then saw was its own side of the relay.
             words = f"it closed the connection after {traffic.received} bytes, without answering the call"
         return Verdict(False, "protocol", f"{what} did not answer as a gRPC server: {words}")
     if code == grpc.StatusCode.NOT_FOUND:

@@ -123,6 +123,12 @@ CONNECT_FAILURE = f"failed to connect to all addresses; last error: UNAVAILABLE:
          "error: Connection refused", RelayTraffic(26, 0, True), False,
          Verdict(False, "protocol", f"{WHAT} did not answer as a gRPC server: it closed the connection after 26 bytes, "
                  "without answering the call")),
+        # The same, gRPC still writing into the relay when it closed.
+        (grpc.StatusCode.UNAVAILABLE,
+         "Stream removed (Transport closed (Delayed close due to in-progress write (sendmsg: Broken pipe (32))))",
+         RelayTraffic(26, 0, True), False,
+         Verdict(False, "protocol", f"{WHAT} did not answer as a gRPC server: it closed the connection after 26 bytes, "
+                 "without answering the call")),
     ],
 )  # fmt: skip
 def test_failed_calls(
