@@ -104,6 +104,12 @@ async def failing_checks_of_host(connection: Connection | asyncpg.Pool, host_id:
     return [(row["name"], row["detail"]) for row in rows]
 
 
+async def check_name(connection: Connection | asyncpg.Pool, check_id: uuid.UUID) -> str | None:
+    """The check's name; None if there is no such check (deleted since its event)."""
+    name: str | None = await connection.fetchval("SELECT name FROM health_checks WHERE id = $1", check_id)
+    return name
+
+
 async def check_ids_of_host(connection: Connection, host_id: uuid.UUID) -> list[uuid.UUID]:
     """The ids of the host's checks (a host being deleted deletes each one first)."""
     return [row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)]
