@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import signal
 import time
@@ -217,7 +218,7 @@ async def test_a_receiver_failing_three_times_gets_the_fourth_attempt_after_back
         record = await db.fetchrow("SELECT * FROM notification_deliveries WHERE channel_id = $1", channel_id)
         assert (record["attempts"], record["status"], record["status_code"]) == (4, "delivered", 200)
         # The back-off doubles from 0.2 s: each wait is at least its share (jitter only adds).
-        gaps = [later.at - earlier.at for earlier, later in zip(requests, requests[1:], strict=False)]
+        gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(requests)]
         assert gaps[0] >= 0.2 and gaps[1] >= 0.4 and gaps[2] >= 0.8, gaps
         await _quiet(notifier)
         assert len(receiver.requests) == 4
