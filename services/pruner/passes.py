@@ -3,8 +3,8 @@
 Expired results go by whole daily partitions (detached CONCURRENTLY, so writers are not blocked, then
 dropped); only the boundary day's expired rows are deleted, in small batches of short transactions.
 Partitions for the coming days are created first, so an insert never lacks one, also after the pruner
-was down for days. Decided gate jobs, sent outbox rows and finished notification deliveries past their retention, expired dashboard
-sessions and the hourly result counts older than `uptime_24h`'s window go in batches too.
+was down for days. Decided gate jobs, sent outbox rows and finished notification deliveries past their
+retention, expired dashboard sessions and the hourly result counts older than `uptime_24h`'s window go in batches too.
 The audit log is kept. One pass at a time across all pruners (an advisory lock); a pass that was
 interrupted leaves nothing half-done that the next pass does not finish.
 """
