@@ -114,9 +114,7 @@ async def phase(
     return len(arrivals) / seconds, latencies
 
 
-async def body(run: BenchRun, events: int, rate: float) -> None:
-    tmp = Path(f"/tmp/hgbench-notifier-{run.run_id}")
-    tmp.mkdir(parents=True, exist_ok=True)
+async def body(run: BenchRun, tmp: Path, events: int, rate: float) -> None:
     key_file = tmp / "key"
     await migrate(run.database_url)
     box = SecretBox(load_or_create_key(key_file))
@@ -161,8 +159,10 @@ async def body(run: BenchRun, events: int, rate: float) -> None:
 
 def main(events: int, rate: float) -> None:
     run = BenchRun.new()
+    tmp = Path(f"/tmp/hgbench-notifier-{run.run_id}")
+    tmp.mkdir(parents=True, exist_ok=True)
     with guarded(run.remove, lambda exc: run.print_service_logs()) as outcome:
-        run_async(body(run, events, rate))
+        run_async(body(run, tmp, events, rate))
     sys.exit(outcome.exit_code)
 
 
