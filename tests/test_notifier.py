@@ -355,3 +355,29 @@ async def test_a_notifier_killed_mid_burst_delivers_everything_after_a_restart_a
         # that was delivered already.
         assert len(twice) <= 8 and not twice & done_before, (len(twice), len(done_before))
         assert all(count <= 2 for count in received.values())
+
+
+async def test_the_receiver_example_of_the_docs_verifies_a_real_delivery(
+    db: asyncpg.Connection, box: SecretBox, notifiers: Callable[..., ServiceProcess],
+    publish: Callable[[str, bytes], Awaitable[None]],
+) -> None:  # fmt: skip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "webhook_receiver", Path(__file__).resolve().parent.parent / "docs" / "examples" / "webhook_receiver.py"
+    )
+    assert spec is not None and spec.loader is not None
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    notifiers()
+    async with Receiver() as receiver:
+        _, secret = await make_channel(db, box, receiver.url)
+        event_id, body = host_event(await make_host(db, "docs-1", "docs"))
+        await publish("host.status_changed", body)
+        (request,) = await receiver.wait_for(1)
+    seen: set[str] = set()
+    event = example.verified_event(secret, request.body, request.headers, seen)
+    assert event["id"] == str(event_id) and event["type"] == "healthgate.host.status_changed"
+    assert example.verified_event(secret, request.body, request.headers, seen) is None  # a duplicate
+    with pytest.raises(example.WebhookVerificationError):
+        example.verified_event(secret, request.body + b" ", request.headers, set())
