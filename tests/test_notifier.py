@@ -33,6 +33,7 @@ from tests.support.topology import delete_topology
 RETRY_SECONDS = "0.2"
 TIMEOUT_SECONDS = "3"
 BLOCKED = "127.0.0.2/32"
+EXAMPLE_RECEIVER = Path(__file__).resolve().parent.parent / "docs" / "examples" / "webhook_receiver.py"
 
 
 @pytest.fixture
@@ -363,9 +364,7 @@ async def test_the_receiver_example_of_the_docs_verifies_a_real_delivery(
 ) -> None:  # fmt: skip
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(
-        "webhook_receiver", Path(__file__).resolve().parent.parent / "docs" / "examples" / "webhook_receiver.py"
-    )
+    spec = importlib.util.spec_from_file_location("webhook_receiver", EXAMPLE_RECEIVER)
     assert spec is not None and spec.loader is not None
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
