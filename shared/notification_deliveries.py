@@ -31,6 +31,8 @@ DEFAULT_MAX_RETRY_SECONDS = 600.0
 # Up to this fraction is added to each back-off, so that the retries of one receiver's outage spread out.
 RETRY_JITTER = 0.1
 DETAIL_MAX_CHARS = 1000
+# The detail of a record that ended `failed` because its channel stayed disabled past the retry window.
+DISABLED_DETAIL = "the channel is disabled"
 
 
 class Attempt(Protocol):
@@ -76,21 +78,46 @@ async def record_deliveries(
     """Record a pending delivery, due now, of the event `event_id` (routing key `event_type`) to each channel of
     `bodies` (channel id → the body to POST). A record that exists already is left as it is (the event arrived
     again, or another notifier recorded it). Returns how many records were made."""
-    if not bodies:
-        return 0
-    status = await connection.execute(
+    wanted = [NewDelivery(channel_id, event_id, event_type, body) for channel_id, body in bodies.items()]
+    return len(await record_many(connection, wanted))
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery to record (`record_many`): the channel, the event's id and routing key, the body to POST."""
+
+    channel_id: uuid.UUID
+    event_id: uuid.UUID
+    event_type: str
+    body: bytes
+
+
+async def record_many(connection: Connection, wanted: Sequence[NewDelivery]) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """Record each of `wanted` as a pending delivery, due now, in one statement (atomic on its own, or part of the
+    caller's transaction). A record that exists already is left as it is (the event arrived again, or another
+    notifier recorded it), and so is one whose channel no longer exists (deleted since the caller read it).
+    Returns the (channel id, event id) of the records made. The rows are inserted in key order, so that two
+    notifiers recording overlapping batches never deadlock."""
+    if not wanted:
+        return set()
+    ordered = sorted(wanted, key=lambda new: (new.channel_id, new.event_id))
+    rows = await connection.fetch(
         """
         INSERT INTO notification_deliveries (channel_id, event_id, event_type, body, next_attempt_at)
-        SELECT channel_id, $1, $2, body, clock_timestamp()
-        FROM unnest($3::uuid[], $4::bytea[]) AS wanted (channel_id, body)
+        SELECT wanted.channel_id, wanted.event_id, wanted.event_type, wanted.body, clock_timestamp()
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[]) WITH ORDINALITY
+            AS wanted (channel_id, event_id, event_type, body, position)
+        WHERE EXISTS (SELECT FROM notification_channels c WHERE c.id = wanted.channel_id)
+        ORDER BY wanted.position
         ON CONFLICT (channel_id, event_id) DO NOTHING
+        RETURNING channel_id, event_id
         """,
-        event_id,
-        event_type,
-        list(bodies.keys()),
-        list(bodies.values()),
+        [new.channel_id for new in ordered],
+        [new.event_id for new in ordered],
+        [new.event_type for new in ordered],
+        [new.body for new in ordered],
     )
-    return int(status.split()[-1])
+    return {(row["channel_id"], row["event_id"]) for row in rows}
 
 
 async def claim_due(
@@ -229,6 +256,33 @@ async def finish_attempt(
     """`finish_attempts` of one attempt: its outcome, or None when the record was no longer pending."""
     finished = await finish_attempts(connection, [(channel_id, event_id, attempt)], policy)
     return finished[0].outcome if finished else None
+
+
+async def fail_of_disabled_channels(connection: Connection, give_up_after: dt.timedelta, *, limit: int = 1000) -> int:
+    """Mark `failed` (detail DISABLED_DETAIL) the pending records of disabled channels made more than
+    `give_up_after` ago, at most `limit` at once: they are not sent while their channel is disabled (the notifier
+    claims only enabled channels' records), and past the retry window not after it is enabled again either.
+    Records another notifier holds locked are skipped. Returns how many were marked."""
+    status = await connection.execute(
+        """
+        WITH stale AS (
+            SELECT d.channel_id, d.event_id
+            FROM notification_channels c JOIN notification_deliveries d ON d.channel_id = c.id
+            WHERE NOT c.enabled AND d.status = 'pending'
+              AND d.created_at <= clock_timestamp() - make_interval(secs => $1)
+            ORDER BY d.channel_id, d.event_id
+            LIMIT $2
+            FOR UPDATE OF d SKIP LOCKED
+        )
+        UPDATE notification_deliveries AS d SET status = 'failed', detail = $3, status_code = NULL,
+            next_attempt_at = NULL
+        FROM stale WHERE d.channel_id = stale.channel_id AND d.event_id = stale.event_id
+        """,
+        give_up_after.total_seconds(),
+        limit,
+        DISABLED_DETAIL,
+    )
+    return int(status.split()[-1])
 
 
 async def oldest_due_age_seconds(connection: Connection) -> float:
