@@ -110,6 +110,32 @@ async def check_name(connection: Connection | asyncpg.Pool, check_id: uuid.UUID)
     return name
 
 
+async def failing_checks_of_hosts(
+    connection: Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[tuple[str, str]]]:
+    """`failing_checks_of_host` of each of `host_ids` in one query: {host_id: [(name, detail), ...] by name}; a host
+    without failing checks is absent."""
+    rows = await connection.fetch(
+        """
+        SELECT c.host_id, c.name, coalesce(s.last_detail, '') AS detail
+        FROM health_checks c JOIN check_state s ON s.check_id = c.id
+        WHERE c.host_id = ANY($1::uuid[]) AND c.enabled AND s.status = 'unhealthy'
+        ORDER BY c.host_id, c.name
+        """,
+        list(set(host_ids)),
+    )
+    found: dict[uuid.UUID, list[tuple[str, str]]] = {}
+    for row in rows:
+        found.setdefault(row["host_id"], []).append((row["name"], row["detail"]))
+    return found
+
+
+async def check_names(connection: Connection | asyncpg.Pool, check_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The name of each of `check_ids` that exists, in one query; deleted checks are absent."""
+    rows = await connection.fetch("SELECT id, name FROM health_checks WHERE id = ANY($1::uuid[])", list(set(check_ids)))
+    return {row["id"]: row["name"] for row in rows}
+
+
 async def check_ids_of_host(connection: Connection, host_id: uuid.UUID) -> list[uuid.UUID]:
     """The ids of the host's checks (a host being deleted deletes each one first)."""
     return [row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)]
