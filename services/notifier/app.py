@@ -11,8 +11,9 @@ from shared.service import WorkerRuntime, run_service
 from shared.settings import Settings
 from shared.topology import NOTIFIER_EVENTS_QUEUE
 
-# Events taken from the queue at once: each is a few short queries, and many at once keep a burst moving.
-PREFETCH = 64
+# Events taken from the queue at once: those held while a batch is written make the next batch (services/notifier/
+# notifier.py, EventHandler), so a burst is recorded in a few statements rather than one per event.
+PREFETCH = 500
 
 
 async def serve(settings: Settings, key: bytes) -> bool:
@@ -31,6 +32,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
         handler = EventHandler(runtime.pool, channels, dispatcher, metrics)
         runtime.consumers.add(NOTIFIER_EVENTS_QUEUE, handler.on_message, prefetch=PREFETCH)
         runtime.start_broker()
+        runtime.tasks.start(channels.follow_changes(runtime.pool, runtime.database), "channel-changes")
         runtime.tasks.start(dispatcher.run(), "dispatcher")
         runtime.tasks.start(dispatcher.store_answers(), "answers")
         try:
