@@ -127,7 +127,9 @@ async def claim_due(
     absent or at 0 is skipped: this process has no room to send to it now). Each claimed record counts an attempt
     and is leased: its next_attempt_at moves `lease_seconds` ahead (the attempt's timeout and a margin), so that no
     other notifier claims it meanwhile, and one does when this process dies before finishing it. Records other
-    notifiers hold locked are skipped (SKIP LOCKED), not waited for."""
+    notifiers hold locked are skipped (SKIP LOCKED), not waited for. Each channel's records are found through its
+    own index (channel_id, next_attempt_at), and updated by their row address (ctid, locked): the cost does not grow
+    with the table nor with another channel's backlog."""
     channels = [channel for channel, free in free_slots.items() if free > 0]
     if not channels:
         return []
@@ -136,12 +138,12 @@ async def claim_due(
         WITH slots AS (
             SELECT channel_id, free FROM unnest($1::uuid[], $2::int[]) AS slots (channel_id, free)
         ), due AS (
-            SELECT picked.channel_id, picked.event_id
+            SELECT picked.ctid
             FROM slots CROSS JOIN LATERAL (
-                SELECT d.channel_id, d.event_id FROM notification_deliveries d
-                WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp()
-                  AND d.channel_id = slots.channel_id
-                ORDER BY d.next_attempt_at
+                SELECT d.ctid FROM notification_deliveries d
+                WHERE d.status = 'pending' AND d.channel_id = slots.channel_id
+                  AND d.next_attempt_at <= statement_timestamp()
+                ORDER BY d.channel_id, d.next_attempt_at
                 LIMIT slots.free
                 FOR UPDATE SKIP LOCKED
             ) AS picked
@@ -150,8 +152,7 @@ async def claim_due(
             attempts = d.attempts + 1,
             last_attempt_at = clock_timestamp(),
             next_attempt_at = clock_timestamp() + make_interval(secs => $3)
-        FROM due
-        WHERE d.channel_id = due.channel_id AND d.event_id = due.event_id
+        WHERE d.ctid = ANY (ARRAY(SELECT ctid FROM due))
         RETURNING d.channel_id, d.event_id, d.event_type, d.body, d.attempts, d.created_at
         """,
         channels,
@@ -289,8 +290,12 @@ async def oldest_due_age_seconds(connection: Connection) -> float:
     """How long the oldest due pending record has been due (seconds; 0 when none is): the notifiers' queue lag."""
     age: float | None = await connection.fetchval(
         """
-        SELECT extract(epoch FROM clock_timestamp() - min(next_attempt_at))::float8
-        FROM notification_deliveries WHERE status = 'pending' AND next_attempt_at <= clock_timestamp()
+        SELECT extract(epoch FROM clock_timestamp() - min(oldest.next_attempt_at))::float8
+        FROM notification_channels c CROSS JOIN LATERAL (
+            SELECT d.next_attempt_at FROM notification_deliveries d
+            WHERE d.status = 'pending' AND d.channel_id = c.id AND d.next_attempt_at <= statement_timestamp()
+            ORDER BY d.channel_id, d.next_attempt_at LIMIT 1
+        ) AS oldest
         """
     )
     return max(0.0, age or 0.0)
