@@ -60,8 +60,9 @@ CHANNELS_MAX_AGE_SECONDS = 5.0
 CHANNELS_UNHEARD_MAX_AGE_SECONDS = 1.0
 LISTEN_RETRY_SECONDS = 1.0
 LISTEN_ERRORS: tuple[type[Exception], ...] = (*DATABASE_ERRORS, OSError)
-# Answers are stored in batches of at most this many, as soon as the previous batch is stored.
+# Answers are stored in batches of at most this many, by up to STORE_WORKERS statements at once.
 FINISH_BATCH = 500
+STORE_WORKERS = 3
 # Events recorded in one statement at most (a batch of 5-channel events is 2,500 rows).
 RECORD_BATCH = 500
 # How often the pending records of disabled channels are checked for the end of their retry window.
@@ -518,20 +519,26 @@ class Dispatcher:
         self.wake()
 
     async def store_answers(self) -> None:
-        """Store the answers of the POSTs in batches until cancelled (a service task). A batch that fails for a
-        database outage is kept and stored once the database answers; its records stay leased meanwhile."""
+        """Store the answers of the POSTs in batches until cancelled (a service task): STORE_WORKERS batches at once
+        at most, each of what has come since the previous one was taken, so that an answer (and its channel's slot)
+        waits for the statement storing it rather than for the one before. A batch that fails for a database outage
+        is kept and stored once the database answers; its records stay leased meanwhile."""
+        await asyncio.gather(*(self._store_batches() for _ in range(STORE_WORKERS)))
+
+    async def _store_batches(self) -> None:
         while True:
-            await self._answered.wait()
-            self._answered.clear()
-            while self._answers:
-                batch, self._answers = self._answers[:FINISH_BATCH], self._answers[FINISH_BATCH:]
-                try:
-                    await self._store(batch)
-                except DATABASE_ERRORS as exc:
-                    self._answers = batch + self._answers
-                    if not await self._database.wait_out(exc):
-                        log.warning("storing delivery answers failed, will retry", extra={"error": str(exc)})
-                        await asyncio.sleep(1)
+            while not self._answers:
+                self._answered.clear()
+                await self._answered.wait()
+            batch, self._answers = self._answers[:FINISH_BATCH], self._answers[FINISH_BATCH:]
+            try:
+                await self._store(batch)
+            except DATABASE_ERRORS as exc:
+                self._answers = batch + self._answers
+                self._answered.set()
+                if not await self._database.wait_out(exc):
+                    log.warning("storing delivery answers failed, will retry", extra={"error": str(exc)})
+                    await asyncio.sleep(1)
 
     async def _store(self, batch: Sequence[_Answer]) -> None:
         async with self._pool.acquire() as connection:
