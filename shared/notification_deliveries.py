@@ -193,16 +193,18 @@ async def finish_attempts(
     `delivered` (2xx); `failed` when the attempt is final or `policy.give_up_after` has passed since the record was
     made; else still pending, due again after the back-off of its attempt count. Returns what became of each record
     that was still pending (one that is not any more — another notifier finished it after this one's lease ran out,
-    or the channel was deleted — is left alone and absent). Locks rows in key order, so batches never deadlock."""
+    or the channel was deleted — is left alone and absent). Locks rows in key order, so batches never deadlock;
+    finds each by its primary key, so the cost does not grow with the pending records of other channels."""
     if not attempts:
         return []
+    ordered = sorted(attempts, key=lambda item: (item[0], item[1]))  # rows are locked in this order
     rows = await connection.fetch(
         """
         WITH results AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::int[], $5::text[], $6::bool[])
                 AS r (channel_id, event_id, delivered, status_code, detail, final)
         ), next AS (
-            SELECT d.channel_id, d.event_id, r.status_code, r.detail,
+            SELECT r.channel_id, r.event_id, r.status_code, r.detail,
                 CASE
                     WHEN r.delivered THEN 'delivered'
                     WHEN r.final OR clock_timestamp() >= d.created_at + make_interval(secs => $9) THEN 'failed'
@@ -211,10 +213,16 @@ async def finish_attempts(
                 clock_timestamp() + make_interval(secs =>
                     least($7 * power(2::float8, least(greatest(d.attempts - 1, 0), 60)), $8) * (1 + $10 * random())
                 ) AS retry_at
-            FROM notification_deliveries d JOIN results r USING (channel_id, event_id)
+            FROM results r CROSS JOIN LATERAL (
+                -- Each record by its primary key, never by a scan of its channel's pending ones (a hanging
+                -- channel's thousands): LIMIT keeps the status test below out of this subquery, where it would
+                -- make the partial index of pending records look the better way in.
+                SELECT d.status, d.attempts, d.created_at FROM notification_deliveries d
+                WHERE d.channel_id = r.channel_id AND d.event_id = r.event_id
+                LIMIT 1
+                FOR UPDATE
+            ) AS d
             WHERE d.status = 'pending'
-            ORDER BY d.channel_id, d.event_id
-            FOR UPDATE OF d
         )
         UPDATE notification_deliveries AS d SET
             status = next.status,
@@ -225,12 +233,12 @@ async def finish_attempts(
         WHERE d.channel_id = next.channel_id AND d.event_id = next.event_id
         RETURNING d.channel_id, d.event_id, d.status, d.next_attempt_at, d.created_at
         """,
-        [channel_id for channel_id, _, _ in attempts],
-        [event_id for _, event_id, _ in attempts],
-        [attempt.delivered for _, _, attempt in attempts],
-        [attempt.status_code for _, _, attempt in attempts],
-        [attempt.detail[:DETAIL_MAX_CHARS] for _, _, attempt in attempts],
-        [attempt.final for _, _, attempt in attempts],
+        [channel_id for channel_id, _, _ in ordered],
+        [event_id for _, event_id, _ in ordered],
+        [attempt.delivered for _, _, attempt in ordered],
+        [attempt.status_code for _, _, attempt in ordered],
+        [attempt.detail[:DETAIL_MAX_CHARS] for _, _, attempt in ordered],
+        [attempt.final for _, _, attempt in ordered],
         policy.first_seconds,
         policy.max_seconds,
         policy.give_up_after.total_seconds(),
