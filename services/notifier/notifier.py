@@ -133,11 +133,6 @@ class ChannelCache:
             await asyncio.shield(self._reading)
         return self.channels
 
-    async def refresh(self, pool: asyncpg.Pool) -> list[Channel]:
-        """Read the enabled channels now; returns them."""
-        self._read_changes = -1
-        return list((await self.current(pool)).values())
-
     async def _read(self, pool: asyncpg.Pool) -> None:
         changes = self._changes  # a change announced during the read may not be in it: read again then
         async with pool.acquire() as connection:
