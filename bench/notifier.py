@@ -16,7 +16,7 @@ run, each with fresh channels:
 Also the CPU each part of the box used during each phase. Figures only, no assertions (timing on a shared 2-core
 box is noisy: see the load lines; repeat runs).
 
-    .venv/bin/python bench/notifier.py [--events N] [--rate R] [--notifiers N]
+    .venv/bin/python bench/notifier.py [--events N] [--rate R] [--notifiers N] [--rounds N]
 """
 
 from __future__ import annotations
@@ -162,7 +162,7 @@ async def phase(
     result.rate = len(arrivals) / max(arrivals[-1] - arrivals[0], 1e-9) if arrivals else float("nan")
 
 
-async def body(run: BenchRun, tmp: Path, events: int, rate: float, notifiers: int) -> None:
+async def body(run: BenchRun, tmp: Path, events: int, rate: float, notifiers: int, rounds: int) -> None:
     key_file = tmp / "key"
     await migrate(run.database_url)
     box = SecretBox(load_or_create_key(key_file))
@@ -197,32 +197,38 @@ async def body(run: BenchRun, tmp: Path, events: int, rate: float, notifiers: in
             exchange = await declare_exchange(channel, Topology(run.exchange))
             process_words = "one notifier process" if notifiers == 1 else f"{notifiers} notifier processes"
             print(f"{events:,} events at {rate:g}/s to {CHANNELS} webhook channels ({process_words}), receiver nginx")
-            a, b = Phase("a"), Phase("b")
-            await phase(a, run.database_url, box, receiver, hang_url, exchange, events, rate, meter, hang=False)
-            await phase(b, run.database_url, box, receiver, hang_url, exchange, events, rate, meter, hang=True)
-    for label, result in (("A: 5 channels", a), ("B: + a hanging 6th", b)):
-        latencies = result.latencies or [float("nan")]
-        p99 = percentile(latencies, 0.99)
-        print(
-            f"{label:<20} {len(result.latencies):>7,} deliveries  {result.rate:8.0f} deliveries/s  latency p50 "
-            f"{percentile(latencies, 0.5) * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms  "
-            f"max {max(latencies) * 1000:6.0f} ms  (goal p99 <= 1000 ms: {verdict(p99 <= 1.0)})"
-        )
-        print(f"{'':<20} {result.cpu}")
-    ratio = b.rate / a.rate if a.rate else float("nan")
-    print(f"the 5 channels' rate with a hanging 6th / without: {ratio:.3f} (goal >= 0.90: {verdict(ratio >= 0.9)})")
-    missing = [len(result.published) * CHANNELS - len(result.latencies) for result in (a, b)]
-    if any(missing):
-        print(f"not delivered within {WAIT_SECONDS} s: A {missing[0]:,}, B {missing[1]:,}")
+            pairs = []
+            for round_ in range(rounds):
+                a, b = Phase(f"a{round_}"), Phase(f"b{round_}")
+                await phase(a, run.database_url, box, receiver, hang_url, exchange, events, rate, meter, hang=False)
+                await phase(b, run.database_url, box, receiver, hang_url, exchange, events, rate, meter, hang=True)
+                pairs.append((a, b))
+    for round_, (a, b) in enumerate(pairs):
+        if rounds > 1:
+            print(f"round {round_ + 1}:")
+        for label, result in (("A: 5 channels", a), ("B: + a hanging 6th", b)):
+            latencies = result.latencies or [float("nan")]
+            p99 = percentile(latencies, 0.99)
+            print(
+                f"{label:<20} {len(result.latencies):>7,} deliveries  {result.rate:8.0f} deliveries/s  latency p50 "
+                f"{percentile(latencies, 0.5) * 1000:6.0f} ms  p99 {p99 * 1000:6.0f} ms  "
+                f"max {max(latencies) * 1000:6.0f} ms  (goal p99 <= 1000 ms: {verdict(p99 <= 1.0)})"
+            )
+            print(f"{'':<20} {result.cpu}")
+        ratio = b.rate / a.rate if a.rate else float("nan")
+        print(f"the 5 channels' rate with a hanging 6th / without: {ratio:.3f} (goal >= 0.90: {verdict(ratio >= 0.9)})")
+        missing = [len(result.published) * CHANNELS - len(result.latencies) for result in (a, b)]
+        if any(missing):
+            print(f"not delivered within {WAIT_SECONDS} s: A {missing[0]:,}, B {missing[1]:,}")
     print(load_line())
 
 
-def main(events: int, rate: float, notifiers: int) -> None:
+def main(events: int, rate: float, notifiers: int, rounds: int) -> None:
     run = BenchRun.new()
     tmp = Path(f"/tmp/hgbench-notifier-{run.run_id}")
     tmp.mkdir(parents=True, exist_ok=True)
     with guarded(run.remove, lambda exc: run.print_service_logs()) as outcome:
-        run_async(body(run, tmp, events, rate, notifiers))
+        run_async(body(run, tmp, events, rate, notifiers, rounds))
     sys.exit(outcome.exit_code)
 
 
@@ -231,5 +237,6 @@ if __name__ == "__main__":
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--rate", type=float, default=500.0)
     parser.add_argument("--notifiers", type=int, default=1, help="notifier processes (any number may run)")
+    parser.add_argument("--rounds", type=int, default=1, help="A then B this many times (noise shows)")
     arguments = parser.parse_args()
-    main(arguments.events, arguments.rate, arguments.notifiers)
+    main(arguments.events, arguments.rate, arguments.notifiers, arguments.rounds)
