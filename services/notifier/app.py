@@ -29,10 +29,12 @@ async def serve(settings: Settings, key: bytes) -> bool:
         channels = ChannelCache(SecretBox(key))
         # Claims and answers commit without waiting for the WAL flush: PostgreSQL crashing within a moment of one
         # loses it, which at worst sends a delivery again (at least once, as a notifier killed mid-POST does); the
-        # records themselves, which the acks depend on, are written through the service's pool, durably.
+        # records themselves, which the acks depend on, are written through the service's pool, durably. And each
+        # statement is planned for the table as it is: a generic plan cached while the table was nearly empty (a
+        # fresh install, a start after pruning) scans it whole, and keeps doing so as it grows to millions.
         dispatch_pool = await create_pool(
             settings.database_url, min_size=0, max_size=DISPATCH_POOL_SIZE,
-            server_settings={"synchronous_commit": "off"},
+            server_settings={"synchronous_commit": "off", "plan_cache_mode": "force_custom_plan"},
         )  # fmt: skip
         dispatcher = Dispatcher(
             dispatch_pool, sender, channels, metrics, runtime.database,
