@@ -295,7 +295,8 @@ async def fail_of_disabled_channels(connection: Connection, give_up_after: dt.ti
 
 
 async def oldest_due_age_seconds(connection: Connection) -> float:
-    """How long the oldest due pending record has been due (seconds; 0 when none is): the notifiers' queue lag."""
+    """How long the oldest due pending record of an enabled channel has been due (seconds; 0 when none is): the
+    notifiers' queue lag (a disabled channel's records wait on purpose, they are not late)."""
     age: float | None = await connection.fetchval(
         """
         SELECT extract(epoch FROM clock_timestamp() - min(oldest.next_attempt_at))::float8
@@ -304,6 +305,7 @@ async def oldest_due_age_seconds(connection: Connection) -> float:
             WHERE d.status = 'pending' AND d.channel_id = c.id AND d.next_attempt_at <= statement_timestamp()
             ORDER BY d.channel_id, d.next_attempt_at LIMIT 1
         ) AS oldest
+        WHERE c.enabled
         """
     )
     return max(0.0, age or 0.0)
