@@ -353,9 +353,7 @@ class EventHandler:
         if not needs:
             return {}
         host_of = {
-            event_id: host_id
-            for event_id, (event, _) in needs.items()
-            if isinstance(host_id := getattr(event.data, "host_id", None), uuid.UUID)
+            event_id: host_id for event_id, (event, _) in needs.items() if (host_id := _host_of(event)) is not None
         }
         found = await hosts.names_and_groups(connection, list(host_of.values())) if host_of else {}
         check_of = {
@@ -390,6 +388,17 @@ class EventHandler:
                 groups = await jobs.groups_of_job(connection, job_id)
                 contexts[event_id] = ((groups or None), EventContext(group=", ".join(groups) or None))
         return contexts
+
+
+def _host_of(event: Event) -> uuid.UUID | None:
+    """The host an event is about: `host_id` of its data, or of the check of a check.config.* event; None for the
+    job events that name no host."""
+    host_id = getattr(event.data, "host_id", None)
+    if isinstance(host_id, uuid.UUID):
+        return host_id
+    check = getattr(event.data, "check", None)
+    host_id = getattr(check, "host_id", None)
+    return host_id if isinstance(host_id, uuid.UUID) else None
 
 
 @dataclass(frozen=True)
