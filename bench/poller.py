@@ -117,7 +117,8 @@ QUICK = Plan(warmup=1.5, seconds=3.0, bare_seconds=2.0, wrk_seconds=2)
 async def bare_loop(kind: str, url: str, concurrency: int, seconds: float) -> dict[str, object]:
     import aiohttp
 
-    from services.poller.probes import CheckTarget, GuardedResolver, Prober
+    from services.poller.probes import CheckTarget, Prober
+    from shared.blocked_networks import GuardedResolver
     from shared.settings import Settings
 
     blocked = Settings().blocked_networks

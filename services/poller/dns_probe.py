@@ -34,8 +34,9 @@ import dns.rdtypes.txtbase
 import dns.resolver
 import dns.rrset
 
-from services.poller.probes import CheckTarget, Network, Verdict, blocked_network, dns_name
+from services.poller.probes import CheckTarget, Verdict, dns_name
 from shared.addresses import host_port, parse_dns_server
+from shared.blocked_networks import Network, blocked_network
 
 log = logging.getLogger(__name__)
 

@@ -53,16 +53,14 @@ from services.poller.certificates import peer_certificate_end
 from services.poller.probes import (
     HAPPY_EYEBALLS_DELAY,
     AddrInfo,
-    BlockedTarget,
     CheckTarget,
-    Network,
     Resolve,
     Verdict,
     connect_failure,
     dns_name,
-    refuse_if_blocked,
 )
 from shared.addresses import host_port
+from shared.blocked_networks import BlockedTarget, Network, refuse_if_blocked
 
 ServingStatus = health_pb2.HealthCheckResponse.ServingStatus
 SERVING = health_pb2.HealthCheckResponse.SERVING

@@ -18,7 +18,6 @@ import base64
 import contextlib
 import datetime as dt
 import errno
-import ipaddress
 import json
 import re
 import socket
@@ -38,12 +37,12 @@ import aiohttp
 import brotli
 import idna
 from aiohttp import http_exceptions
-from aiohttp.abc import AbstractResolver, ResolveResult
 from yarl import URL
 
 from services.poller.certificates import Validity, days_left, peer_certificate_validity
 from services.poller.conditions import ConditionEvaluator, ResponseFacts, ResponseHeaders
 from shared.addresses import host_port
+from shared.blocked_networks import BlockedTarget, GuardedResolver, Network, refuse_if_blocked
 from shared.events import ResultReason
 
 BODY_LIMIT_BYTES = 1024 * 1024
@@ -69,7 +68,6 @@ ACCEPT_ENCODING = "gzip, deflate, br"
 SHOWN_PATH_CHARS = 100
 # As aiohttp connects http checks: the next address is tried after 250 ms, or at once when one fails.
 HAPPY_EYEBALLS_DELAY = 0.25
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 AddrInfo = tuple[socket.AddressFamily, socket.SocketKind, int, str, tuple[Any, ...]]
 Resolve = Callable[[str, int], Awaitable[Sequence[AddrInfo]]]
 
@@ -156,55 +154,12 @@ class ProbeMissing(Exception):
     """The Prober was created without the probe of a check's type (tests and benchmarks that run no such checks)."""
 
 
-class BlockedTarget(Exception):
-    """The target resolves into a network checks may not reach (cloud metadata services)."""
-
-
 class ProtocolViolation(Exception):
     """The target's answer is not valid HTTP, or its body cannot be decoded; the message says how."""
 
 
 class UnencodableName(Exception):
     """A host name that cannot be encoded for DNS (IDNA); no lookup was made."""
-
-
-def blocked_network(address: str, blocked: Sequence[Network]) -> Network | None:
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return None
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return next((network for network in blocked if ip in network), None)
-
-
-def refuse_if_blocked(address: str, blocked: Sequence[Network], *, name: str | None = None) -> None:
-    """Raise BlockedTarget if `address` (which `name` resolved to, if given) is in a blocked network."""
-    network = blocked_network(address, blocked)
-    if network is None:
-        return
-    if name is None or name == address:
-        raise BlockedTarget(f"{address} is in a blocked network ({network})")
-    raise BlockedTarget(f"{name} resolves to {address}, in a blocked network ({network})")
-
-
-class GuardedResolver(AbstractResolver):
-    """Resolves like the system does, then refuses names with any address in a blocked network."""
-
-    def __init__(self, blocked: Sequence[Network]) -> None:
-        self._blocked = blocked
-        self._resolver = aiohttp.ThreadedResolver()
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        results = await self._resolver.resolve(host, port, family)
-        for result in results:
-            refuse_if_blocked(result["host"], self._blocked, name=host)
-        return results
-
-    async def close(self) -> None:
-        await self._resolver.close()
 
 
 class TlsAwareResponse(aiohttp.ClientResponse):

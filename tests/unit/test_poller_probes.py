@@ -31,21 +31,19 @@ from services.api.schemas import EXPECTED_STATUS_PATTERN, HttpCheckWrite
 from services.poller import probes
 from services.poller.probes import (
     AddrInfo,
-    BlockedTarget,
     CheckTarget,
     ProtocolViolation,
     UnencodableName,
-    blocked_network,
     classify_failure,
     describe_status,
     host_port,
     judge_agent_answer,
     probe_session,
-    refuse_if_blocked,
     refuse_invalid_status,
     shown_url,
     status_matches,
 )
+from shared.blocked_networks import BlockedTarget, blocked_network, refuse_if_blocked
 from shared.events import ResultReason
 from tests.support.blackhole import Blackhole, refused_port
 from tests.support.nginx import write_self_signed_cert
@@ -108,9 +106,7 @@ def test_an_expected_status_the_api_accepts_matches_when_one_of_its_parts_does(
         {"check_type": "http", "name": "web", "url": "http://127.0.0.1/", "expected_status": written}
     ).expected_status
     assert stored == ",".join(item.lower() for item in items)
-    truth = any(
-        str(status)[0] == item[0] if item.lower().endswith("xx") else int(item) == status for item in items
-    )
+    truth = any(str(status)[0] == item[0] if item.lower().endswith("xx") else int(item) == status for item in items)
     assert status_matches(status, written) is truth
     assert status_matches(status, stored) is truth
 
@@ -212,7 +208,9 @@ CLASSIFIED: list[tuple[str, Callable[[], BaseException], ResultReason, str]] = [
 ]  # fmt: skip
 
 
-@pytest.mark.parametrize(("error", "reason", "detail"), [case[1:] for case in CLASSIFIED], ids=[c[0] for c in CLASSIFIED])
+@pytest.mark.parametrize(
+    ("error", "reason", "detail"), [case[1:] for case in CLASSIFIED], ids=[c[0] for c in CLASSIFIED]
+)
 def test_failures_are_classified_into_a_reason_and_words(
     error: Callable[[], BaseException], reason: str, detail: str
 ) -> None:
@@ -509,7 +507,9 @@ async def test_a_tcp_name_that_cannot_be_encoded_is_dns_before_any_lookup(names:
     async with probe_session([]) as http_session:
         prober = probes.Prober(http_session, [], None, resolve=names.resolve_tcp)
         outcome = await prober.run(_target("tcp", address="a\u2603.test", port=80))
-    assert outcome.reason == "dns" and outcome.detail.startswith("cannot resolve a\u2603.test: the name cannot be encoded")
+    assert outcome.reason == "dns" and outcome.detail.startswith(
+        "cannot resolve a\u2603.test: the name cannot be encoded"
+    )
     assert names.asked == []
 
 
