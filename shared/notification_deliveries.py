@@ -1,2 +1,274 @@
 """`notification_deliveries`: one record per notification channel and event (CONTRACT §7). This module is the only
-one that writes the table (docs/architecture.md, "Who writes which table")."""
+one that writes the table (docs/architecture.md, "Who writes which table"): the notifier records, claims and finishes
+deliveries, the api records its `/test` runs and reads a channel's page, the pruner removes old finished records.
+
+A record's life: `record_deliveries` inserts it `pending`, due at once (the primary key (channel_id, event_id) and
+ON CONFLICT DO NOTHING make a duplicate event, or several notifiers, record it once). `claim_due` takes due records
+with FOR UPDATE SKIP LOCKED and moves their `next_attempt_at` past the attempt's timeout (a lease: a notifier killed
+mid-attempt leaves the record to be claimed again when the lease ends), counting the attempt. `finish_attempt` then
+marks it `delivered`, or sets the next attempt's time (exponential back-off with jitter), or `failed` when the
+attempt was final (a blocked network) or 24 h have passed since the record was made. The timers live in the table,
+never in a sleeping task.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import asyncpg
+
+from shared.database import Connection, delete_in_batches
+
+TEST_EVENT_TYPE = "healthgate.test"
+# CONTRACT §7: retried for 24 h after the record was made, then `failed`; back-off at most every 10 min.
+GIVE_UP_AFTER = dt.timedelta(hours=24)
+DEFAULT_FIRST_RETRY_SECONDS = 10.0
+DEFAULT_MAX_RETRY_SECONDS = 600.0
+# Up to this fraction is added to each back-off, so that the retries of one receiver's outage spread out.
+RETRY_JITTER = 0.1
+DETAIL_MAX_CHARS = 1000
+
+DeliveryStatus = Literal["pending", "delivered", "failed"]
+
+
+class Attempt(Protocol):
+    """What an attempt gave, as this module stores it: `shared.notification_sending.Attempt` is one (a protocol here,
+    so that the table's owner does not depend on the HTTP client's module)."""
+
+    @property
+    def delivered(self) -> bool: ...
+    @property
+    def status_code(self) -> int | None: ...
+    @property
+    def detail(self) -> str: ...
+    @property
+    def final(self) -> bool: ...
+
+
+@dataclass(frozen=True)
+class DueDelivery:
+    """A record `claim_due` took: its body is what to POST; `attempts` counts this attempt; `created_at` is when the
+    record was made (the event's arrival at the notifier)."""
+
+    channel_id: uuid.UUID
+    event_id: uuid.UUID
+    event_type: str
+    body: bytes
+    attempts: int
+    created_at: dt.datetime
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Back-off of failed attempts: `first_seconds` after the first, doubling, at most `max_seconds`, each with up to
+    RETRY_JITTER more; `give_up_after` since the record was made → `failed`."""
+
+    first_seconds: float = DEFAULT_FIRST_RETRY_SECONDS
+    max_seconds: float = DEFAULT_MAX_RETRY_SECONDS
+    give_up_after: dt.timedelta = GIVE_UP_AFTER
+
+
+async def record_deliveries(
+    connection: Connection, event_id: uuid.UUID, event_type: str, bodies: Mapping[uuid.UUID, bytes]
+) -> int:
+    """Record a pending delivery, due now, of the event `event_id` (routing key `event_type`) to each channel of
+    `bodies` (channel id → the body to POST). A record that exists already is left as it is (the event arrived
+    again, or another notifier recorded it). Returns how many records were made."""
+    if not bodies:
+        return 0
+    status = await connection.execute(
+        """
+        INSERT INTO notification_deliveries (channel_id, event_id, event_type, body, next_attempt_at)
+        SELECT channel_id, $1, $2, body, clock_timestamp()
+        FROM unnest($3::uuid[], $4::bytea[]) AS wanted (channel_id, body)
+        ON CONFLICT (channel_id, event_id) DO NOTHING
+        """,
+        event_id,
+        event_type,
+        list(bodies.keys()),
+        list(bodies.values()),
+    )
+    return int(status.split()[-1])
+
+
+async def claim_due(
+    connection: Connection, free_slots: Mapping[uuid.UUID, int], lease_seconds: float
+) -> list[DueDelivery]:
+    """Claim the due pending records, oldest due first, at most `free_slots[channel]` of each channel (a channel
+    absent or at 0 is skipped: this process has no room to send to it now). Each claimed record counts an attempt
+    and is leased: its next_attempt_at moves `lease_seconds` ahead (the attempt's timeout and a margin), so that no
+    other notifier claims it meanwhile, and one does when this process dies before finishing it. Records other
+    notifiers hold locked are skipped (SKIP LOCKED), not waited for."""
+    channels = [channel for channel, free in free_slots.items() if free > 0]
+    if not channels:
+        return []
+    rows = await connection.fetch(
+        """
+        WITH slots AS (
+            SELECT channel_id, free FROM unnest($1::uuid[], $2::int[]) AS slots (channel_id, free)
+        ), due AS (
+            SELECT picked.channel_id, picked.event_id
+            FROM slots CROSS JOIN LATERAL (
+                SELECT d.channel_id, d.event_id FROM notification_deliveries d
+                WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp()
+                  AND d.channel_id = slots.channel_id
+                ORDER BY d.next_attempt_at
+                LIMIT slots.free
+                FOR UPDATE SKIP LOCKED
+            ) AS picked
+        )
+        UPDATE notification_deliveries AS d SET
+            attempts = d.attempts + 1,
+            last_attempt_at = clock_timestamp(),
+            next_attempt_at = clock_timestamp() + make_interval(secs => $3)
+        FROM due
+        WHERE d.channel_id = due.channel_id AND d.event_id = due.event_id
+        RETURNING d.channel_id, d.event_id, d.event_type, d.body, d.attempts, d.created_at
+        """,
+        channels,
+        [free_slots[channel] for channel in channels],
+        lease_seconds,
+    )
+    return [
+        DueDelivery(
+            channel_id=row["channel_id"],
+            event_id=row["event_id"],
+            event_type=row["event_type"],
+            body=bytes(row["body"]),
+            attempts=row["attempts"],
+            created_at=row["created_at"],
+        )
+        for row in rows
+    ]
+
+
+async def finish_attempt(
+    connection: Connection, channel_id: uuid.UUID, event_id: uuid.UUID, attempt: Attempt, policy: RetryPolicy
+) -> DeliveryStatus | Literal["retry"] | None:
+    """Store what an attempt of a claimed record gave: `delivered` (2xx); `failed` when `attempt.final` or
+    `policy.give_up_after` has passed since the record was made; else still pending, due again after the back-off
+    of its attempt count ("retry"). Returns that outcome, or None when the record is no longer pending (another
+    notifier finished it after this one's lease ran out, or the channel was deleted)."""
+    detail = attempt.detail[:DETAIL_MAX_CHARS]
+    outcome: str | None = await connection.fetchval(
+        """
+        WITH next AS (
+            SELECT channel_id, event_id,
+                CASE
+                    WHEN $3 THEN 'delivered'
+                    WHEN $6 OR clock_timestamp() >= created_at + make_interval(secs => $9) THEN 'failed'
+                    ELSE 'pending'
+                END AS status,
+                clock_timestamp() + make_interval(secs =>
+                    least($7 * power(2, greatest(attempts - 1, 0)), $8) * (1 + $10 * random())
+                ) AS retry_at
+            FROM notification_deliveries
+            WHERE channel_id = $1 AND event_id = $2 AND status = 'pending'
+            FOR UPDATE
+        )
+        UPDATE notification_deliveries AS d SET
+            status = next.status,
+            status_code = $4,
+            detail = $5,
+            next_attempt_at = CASE WHEN next.status = 'pending' THEN next.retry_at END
+        FROM next
+        WHERE d.channel_id = next.channel_id AND d.event_id = next.event_id
+        RETURNING d.status
+        """,
+        channel_id,
+        event_id,
+        attempt.delivered,
+        attempt.status_code,
+        detail,
+        attempt.final,
+        policy.first_seconds,
+        policy.max_seconds,
+        policy.give_up_after.total_seconds(),
+        RETRY_JITTER,
+    )
+    if outcome is None:
+        return None
+    if outcome == "pending":
+        return "retry"
+    return "delivered" if outcome == "delivered" else "failed"
+
+
+async def oldest_due_age_seconds(connection: Connection) -> float:
+    """How long the oldest due pending record has been due (seconds; 0 when none is): the notifiers' queue lag."""
+    age: float | None = await connection.fetchval(
+        """
+        SELECT extract(epoch FROM clock_timestamp() - min(next_attempt_at))::float8
+        FROM notification_deliveries WHERE status = 'pending' AND next_attempt_at <= clock_timestamp()
+        """
+    )
+    return max(0.0, age or 0.0)
+
+
+async def delivery_page(
+    connection: Connection, channel_id: uuid.UUID, *, limit: int, before: tuple[dt.datetime, uuid.UUID] | None
+) -> list[asyncpg.Record]:
+    """A channel's delivery records, newest first by (created_at, event_id) descending, those strictly before the
+    cursor `before` when given, at most `limit`. Columns: event_id, event_type, attempts, last_attempt_at, status,
+    status_code, detail, created_at (never the body)."""
+    columns = "event_id, event_type, attempts, last_attempt_at, status, status_code, detail, created_at"
+    if before is None:
+        return await connection.fetch(
+            f"""
+            SELECT {columns} FROM notification_deliveries WHERE channel_id = $1
+            ORDER BY created_at DESC, event_id DESC LIMIT $2
+            """,
+            channel_id,
+            limit,
+        )
+    return await connection.fetch(
+        f"""
+        SELECT {columns} FROM notification_deliveries
+        WHERE channel_id = $1 AND (created_at, event_id) < ($2, $3)
+        ORDER BY created_at DESC, event_id DESC LIMIT $4
+        """,
+        channel_id,
+        before[0],
+        before[1],
+        limit,
+    )
+
+
+async def record_test_delivery(
+    connection: Connection, channel_id: uuid.UUID, event_id: uuid.UUID, body: bytes, attempt: Attempt
+) -> None:
+    """The record of a `/test` run (already sent, once): event_type "healthgate.test", attempts 1, `delivered` when
+    the receiver answered 2xx else `failed` (never retried), with the attempt's status code and detail."""
+    await connection.execute(
+        """
+        INSERT INTO notification_deliveries
+            (channel_id, event_id, event_type, body, status, attempts, last_attempt_at, status_code, detail)
+        VALUES ($1, $2, $3, $4, $5, 1, clock_timestamp(), $6, $7)
+        ON CONFLICT (channel_id, event_id) DO NOTHING
+        """,
+        channel_id,
+        event_id,
+        TEST_EVENT_TYPE,
+        body,
+        "delivered" if attempt.delivered else "failed",
+        attempt.status_code,
+        attempt.detail[:DETAIL_MAX_CHARS],
+    )
+
+
+async def prune_finished(pool: asyncpg.Pool, before: dt.datetime) -> int:
+    """Delete the delivered and failed records made before `before` (the pruner: HEALTHGATE_OUTBOX_RETENTION_HOURS),
+    in batches of short transactions; pending records are never deleted. Returns how many were deleted."""
+    return await delete_in_batches(
+        pool,
+        """
+        DELETE FROM notification_deliveries WHERE (channel_id, event_id) IN (
+            SELECT channel_id, event_id FROM notification_deliveries
+            WHERE status <> 'pending' AND created_at < $1 LIMIT $2
+        )
+        """,
+        before,
+    )
