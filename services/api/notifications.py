@@ -201,9 +201,7 @@ async def update_channel_on(
         except channels.DuplicateChannelName:
             raise _duplicate(body.name) from None
         assert row is not None  # locked above
-        await audit_channel(
-            connection, actor, "notification_channel.update", channel_id, audited_changes(before, row)
-        )
+        await audit_channel(connection, actor, "notification_channel.update", channel_id, audited_changes(before, row))
     return channel_view(row, secret=generated)
 
 
@@ -261,4 +259,3 @@ async def list_deliveries(request: Request, principal: Principal) -> Response:
     rows, next_cursor = DELIVERY_PAGES.page(rows, query.limit)
     items = [DeliveryView.model_validate(dict(row)) for row in rows]
     return json_response(Page[DeliveryView](items=items, next_cursor=next_cursor))
-

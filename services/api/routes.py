@@ -229,12 +229,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         )
         for action, handler, summary, effect in (
             (
-                "halt", jobs.halt_job, "Halt a job",
+                "halt",
+                jobs.halt_job,
+                "Halt a job",
                 "Its waiting hosts fail with reason job_halted and later job.starts fail at once; job.halted (reason"
                 " manual) is published. 409 when the job is already halted.",
             ),
             (
-                "resume", jobs.resume_job, "Resume a halted job",
+                "resume",
+                jobs.resume_job,
+                "Resume a halted job",
                 "New job.starts are gated again; hosts that failed stay failed; job.resumed is published. 409 when the"
                 " job is not halted.",
             ),
@@ -393,7 +397,6 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=PageQuery,
         response=Page[DeliveryView],
         errors=(404, 422),
-        description="Newest first: one per event delivered to the channel (pending, delivered or failed) and per "
-        "test.",
+        description="Newest first: one per event delivered to the channel (pending, delivered or failed) and per test.",
     ),
 )
