@@ -639,6 +639,12 @@ ChannelSecret = Annotated[
 ]
 
 
+def _write_only_secret(schema: dict[str, Any]) -> None:
+    # No "default": null in the document: null is refused (omitted keeps the stored secret).
+    schema.pop("default", None)
+    schema["writeOnly"] = True
+
+
 def _channel_rules(data: dict[str, Any]) -> list[InitErrorDetails]:
     """CONTRACT §7: only a webhook has a secret."""
     if data.get("type") == "slack" and data.get("secret") is not None:
@@ -658,7 +664,7 @@ class ChannelWrite(RequestModel):
     )
     secret: ChannelSecret = Field(
         None,
-        json_schema_extra={"writeOnly": True},
+        json_schema_extra=_write_only_secret,
         description="webhook only, write-only: a Standard Webhooks secret, whsec_ + base64 of 24-64 bytes. "
         "Without one, a webhook channel gets a generated secret, returned once in that answer. On PUT omitted "
         "keeps the stored one; null is refused",
