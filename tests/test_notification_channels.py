@@ -6,53 +6,23 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import pytest
-from aiohttp import web
 from standardwebhooks import Webhook
 
 from tests.support.processes import ServiceProcess, free_port, start_service
 from tests.support.tokens import TokenFactory
+from tests.support.webhook_receiver import Receiver
 
 CHANNELS = "/api/v1/notification-channels"
 SLACK_TOKEN = "T000/B000/" + "x" * 24
 SLACK_URL = f"https://hooks.slack.com/services/{SLACK_TOKEN}"
 GIVEN_SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # 24 bytes of base64
-
-
-@dataclass
-class Receiver:
-    """An HTTP receiver on 127.0.0.1: records each request (headers, body) and answers `status`."""
-
-    url: str = ""
-    status: int = 204
-    requests: list[tuple[dict[str, str], bytes]] = field(default_factory=list)
-
-
-@pytest.fixture
-async def receiver() -> AsyncIterator[Receiver]:
-    found = Receiver()
-
-    async def record(request: web.Request) -> web.Response:
-        found.requests.append((dict(request.headers), await request.read()))
-        return web.Response(status=found.status, text="no thanks" if found.status >= 300 else "")
-
-    app = web.Application()
-    app.router.add_post("/{tail:.*}", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    found.url = f"http://127.0.0.1:{port}/hooks/healthgate"
-    yield found
-    await runner.cleanup()
 
 
 def webhook(name: str, url: str, **fields: Any) -> dict[str, Any]:
