@@ -63,12 +63,19 @@ def _run_pruner(settings: Settings) -> int:
     return run_pruner(settings)
 
 
+def _run_notifier(settings: Settings) -> int:
+    from services.notifier.app import run_notifier
+
+    return run_notifier(settings)
+
+
 # The services this installation provides, in start order; `healthgate up` runs all of them.
 SERVICES: dict[str, Callable[[Settings], int]] = {
     "api": _run_api,
     "poller": _run_poller,
     "gate": _run_gate,
     "pruner": _run_pruner,
+    "notifier": _run_notifier,
 }
 
 

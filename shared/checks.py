@@ -89,6 +89,27 @@ async def checks_of_host(connection: Connection, host_id: uuid.UUID) -> list[asy
     return await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
 
 
+async def failing_checks_of_host(connection: Connection | asyncpg.Pool, host_id: uuid.UUID) -> list[tuple[str, str]]:
+    """(name, detail of the last result) of each enabled check of the host whose status is unhealthy, by name (the
+    notifier's context of an event: what a person reads first)."""
+    rows = await connection.fetch(
+        """
+        SELECT c.name, coalesce(s.last_detail, '') AS detail
+        FROM health_checks c JOIN check_state s ON s.check_id = c.id
+        WHERE c.host_id = $1 AND c.enabled AND s.status = 'unhealthy'
+        ORDER BY c.name
+        """,
+        host_id,
+    )
+    return [(row["name"], row["detail"]) for row in rows]
+
+
+async def check_name(connection: Connection | asyncpg.Pool, check_id: uuid.UUID) -> str | None:
+    """The check's name; None if there is no such check (deleted since its event)."""
+    name: str | None = await connection.fetchval("SELECT name FROM health_checks WHERE id = $1", check_id)
+    return name
+
+
 async def check_ids_of_host(connection: Connection, host_id: uuid.UUID) -> list[uuid.UUID]:
     """The ids of the host's checks (a host being deleted deletes each one first)."""
     return [row["id"] for row in await connection.fetch("SELECT id FROM health_checks WHERE host_id = $1", host_id)]

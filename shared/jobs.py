@@ -543,6 +543,19 @@ def as_received(row: asyncpg.Record) -> dict[str, Any]:
     return values
 
 
+async def groups_of_job(connection: Connection | asyncpg.Pool, job_id: str) -> list[str]:
+    """The groups of the hosts of the job (as received: its key is looked up), sorted; unknown hosts count for
+    none (the notifier matches job.halted and job.resumed, which name no host, by these)."""
+    rows = await connection.fetch(
+        """
+        SELECT DISTINCT h."group" FROM gate_jobs j JOIN hosts h ON h.id = j.host_id
+        WHERE j.job_id = $1 ORDER BY h."group"
+        """,
+        job_key(job_id),
+    )
+    return [row["group"] for row in rows]
+
+
 async def job_hosts_of_job(pool: asyncpg.Pool, key: str, groups: list[str] | None) -> list[asyncpg.Record]:
     """The hosts (VIEW_COLUMNS) of the job stored under `key`, in `groups` (None: all), oldest first."""
     return await pool.fetch(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -31,8 +31,6 @@ DEFAULT_MAX_RETRY_SECONDS = 600.0
 # Up to this fraction is added to each back-off, so that the retries of one receiver's outage spread out.
 RETRY_JITTER = 0.1
 DETAIL_MAX_CHARS = 1000
-
-DeliveryStatus = Literal["pending", "delivered", "failed"]
 
 
 class Attempt(Protocol):
@@ -146,55 +144,91 @@ async def claim_due(
     ]
 
 
-async def finish_attempt(
-    connection: Connection, channel_id: uuid.UUID, event_id: uuid.UUID, attempt: Attempt, policy: RetryPolicy
-) -> DeliveryStatus | Literal["retry"] | None:
-    """Store what an attempt of a claimed record gave: `delivered` (2xx); `failed` when `attempt.final` or
-    `policy.give_up_after` has passed since the record was made; else still pending, due again after the back-off
-    of its attempt count ("retry"). Returns that outcome, or None when the record is no longer pending (another
-    notifier finished it after this one's lease ran out, or the channel was deleted)."""
-    detail = attempt.detail[:DETAIL_MAX_CHARS]
-    outcome: str | None = await connection.fetchval(
+@dataclass(frozen=True)
+class Finished:
+    """What one attempt at a claimed record gave, and what `finish_attempts` made of it: `outcome` "delivered",
+    "retry" (still pending, due at `next_attempt_at`) or "failed"; `created_at`: when the record was made."""
+
+    channel_id: uuid.UUID
+    event_id: uuid.UUID
+    outcome: Literal["delivered", "retry", "failed"]
+    next_attempt_at: dt.datetime | None
+    created_at: dt.datetime
+
+
+async def finish_attempts(
+    connection: Connection,
+    attempts: Sequence[tuple[uuid.UUID, uuid.UUID, Attempt]],
+    policy: RetryPolicy,
+) -> list[Finished]:
+    """Store what attempts of claimed records gave, one statement for many ((channel id, event id, attempt) each):
+    `delivered` (2xx); `failed` when the attempt is final or `policy.give_up_after` has passed since the record was
+    made; else still pending, due again after the back-off of its attempt count. Returns what became of each record
+    that was still pending (one that is not any more — another notifier finished it after this one's lease ran out,
+    or the channel was deleted — is left alone and absent). Locks rows in key order, so batches never deadlock."""
+    if not attempts:
+        return []
+    rows = await connection.fetch(
         """
-        WITH next AS (
-            SELECT channel_id, event_id,
+        WITH results AS (
+            SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::int[], $5::text[], $6::bool[])
+                AS r (channel_id, event_id, delivered, status_code, detail, final)
+        ), next AS (
+            SELECT d.channel_id, d.event_id, r.status_code, r.detail,
                 CASE
-                    WHEN $3 THEN 'delivered'
-                    WHEN $6 OR clock_timestamp() >= created_at + make_interval(secs => $9) THEN 'failed'
+                    WHEN r.delivered THEN 'delivered'
+                    WHEN r.final OR clock_timestamp() >= d.created_at + make_interval(secs => $9) THEN 'failed'
                     ELSE 'pending'
                 END AS status,
                 clock_timestamp() + make_interval(secs =>
-                    least($7 * power(2, greatest(attempts - 1, 0)), $8) * (1 + $10 * random())
+                    least($7 * power(2::float8, least(greatest(d.attempts - 1, 0), 60)), $8) * (1 + $10 * random())
                 ) AS retry_at
-            FROM notification_deliveries
-            WHERE channel_id = $1 AND event_id = $2 AND status = 'pending'
-            FOR UPDATE
+            FROM notification_deliveries d JOIN results r USING (channel_id, event_id)
+            WHERE d.status = 'pending'
+            ORDER BY d.channel_id, d.event_id
+            FOR UPDATE OF d
         )
         UPDATE notification_deliveries AS d SET
             status = next.status,
-            status_code = $4,
-            detail = $5,
+            status_code = next.status_code,
+            detail = next.detail,
             next_attempt_at = CASE WHEN next.status = 'pending' THEN next.retry_at END
         FROM next
         WHERE d.channel_id = next.channel_id AND d.event_id = next.event_id
-        RETURNING d.status
+        RETURNING d.channel_id, d.event_id, d.status, d.next_attempt_at, d.created_at
         """,
-        channel_id,
-        event_id,
-        attempt.delivered,
-        attempt.status_code,
-        detail,
-        attempt.final,
+        [channel_id for channel_id, _, _ in attempts],
+        [event_id for _, event_id, _ in attempts],
+        [attempt.delivered for _, _, attempt in attempts],
+        [attempt.status_code for _, _, attempt in attempts],
+        [attempt.detail[:DETAIL_MAX_CHARS] for _, _, attempt in attempts],
+        [attempt.final for _, _, attempt in attempts],
         policy.first_seconds,
         policy.max_seconds,
         policy.give_up_after.total_seconds(),
         RETRY_JITTER,
     )
-    if outcome is None:
-        return None
-    if outcome == "pending":
-        return "retry"
-    return "delivered" if outcome == "delivered" else "failed"
+    outcomes: dict[str, Literal["delivered", "retry", "failed"]] = {
+        "delivered": "delivered", "pending": "retry", "failed": "failed"
+    }  # fmt: skip
+    return [
+        Finished(
+            channel_id=row["channel_id"],
+            event_id=row["event_id"],
+            outcome=outcomes[row["status"]],
+            next_attempt_at=row["next_attempt_at"],
+            created_at=row["created_at"],
+        )
+        for row in rows
+    ]
+
+
+async def finish_attempt(
+    connection: Connection, channel_id: uuid.UUID, event_id: uuid.UUID, attempt: Attempt, policy: RetryPolicy
+) -> Literal["delivered", "retry", "failed"] | None:
+    """`finish_attempts` of one attempt: its outcome, or None when the record was no longer pending."""
+    finished = await finish_attempts(connection, [(channel_id, event_id, attempt)], policy)
+    return finished[0].outcome if finished else None
 
 
 async def oldest_due_age_seconds(connection: Connection) -> float:

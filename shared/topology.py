@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 import aio_pika
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection, FieldValue
 
+from shared.notification_channels import NOTIFIABLE_EVENTS
+
 # A message redelivered this many times (consumer crashes, nacks) is dead-lettered, never looped.
 DEFAULT_DELIVERY_LIMIT = 5
 # The header by which the requeue exchange routes a message back into one queue (headers exchanges
@@ -49,8 +51,14 @@ GATE_RESULTS_QUEUE = QueueSpec(
     extra_arguments={"x-message-ttl": 60_000, "x-max-length": 100_000, "x-overflow": "drop-head"},
 )
 
+# Every event a notification channel may subscribe to (CONTRACT §7), for the notifiers. Durable and dead-lettered
+# like the gate's: an event published while no notifier runs is delivered when one starts, and the record of its
+# delivery is made before it is acked.
+NOTIFIER_EVENTS_QUEUE = QueueSpec("notifier.events", bindings=NOTIFIABLE_EVENTS)
+
 QUEUES: tuple[QueueSpec, ...] = (
-    POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, GATE_JOBS_QUEUE, GATE_FINISHED_QUEUE, GATE_RESULTS_QUEUE
+    POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, GATE_JOBS_QUEUE, GATE_FINISHED_QUEUE, GATE_RESULTS_QUEUE,
+    NOTIFIER_EVENTS_QUEUE,
 )  # fmt: skip
 
 

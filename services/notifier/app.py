@@ -1,0 +1,50 @@
+"""The notifier service (CONTRACT §7): consumes the notifiable events, records one delivery per matched channel, and
+sends the due deliveries to webhooks and Slack. Any number may run against the same database and broker."""
+
+from __future__ import annotations
+
+from services.notifier.notifier import ChannelCache, Dispatcher, EventHandler, NotifierMetrics
+from shared.crypto import SecretBox, load_or_create_key
+from shared.notification_deliveries import RetryPolicy
+from shared.notification_sending import NotificationSender
+from shared.service import WorkerRuntime, run_service
+from shared.settings import Settings
+from shared.topology import NOTIFIER_EVENTS_QUEUE
+
+# Events taken from the queue at once: each is a few short queries, and many at once keep a burst moving.
+PREFETCH = 64
+
+
+async def serve(settings: Settings, key: bytes) -> bool:
+    """Run until SIGINT/SIGTERM; False if it stopped because one of its tasks failed."""
+    async with (
+        WorkerRuntime("notifier", settings, pool_size=10) as runtime,
+        NotificationSender(settings.blocked_networks, timeout_seconds=settings.notifier_timeout_seconds) as sender,
+    ):
+        metrics = NotifierMetrics(runtime.registry)
+        channels = ChannelCache(SecretBox(key))
+        dispatcher = Dispatcher(
+            runtime.pool, sender, channels, metrics, runtime.database,
+            policy=RetryPolicy(first_seconds=settings.notifier_retry_seconds),
+            timeout_seconds=settings.notifier_timeout_seconds, concurrency=settings.notifier_concurrency,
+        )  # fmt: skip
+        handler = EventHandler(runtime.pool, channels, dispatcher, metrics)
+        runtime.consumers.add(NOTIFIER_EVENTS_QUEUE, handler.on_message, prefetch=PREFETCH)
+        runtime.start_broker()
+        runtime.tasks.start(dispatcher.run(), "dispatcher")
+        runtime.tasks.start(dispatcher.store_answers(), "answers")
+        try:
+            await runtime.stopped()
+        finally:
+            # Before the sender's HTTP session closes: the POSTs at work finish and their answers are stored; the
+            # rest stay leased and are sent again (a receiver de-duplicates by webhook-id).
+            await runtime.consumers.stop(runtime.consumer_grace_seconds)
+            await dispatcher.drain(settings.notifier_timeout_seconds)
+    return runtime.succeeded
+
+
+def run_notifier(settings: Settings) -> int:
+    """`healthgate notifier`: run until SIGINT/SIGTERM; the process's exit status (`run_service`). Raises
+    KeyFileError for an unusable key file (the channels' secrets are encrypted with it), before anything starts."""
+    key = load_or_create_key(settings.key_file)
+    return run_service(serve(settings, key))
