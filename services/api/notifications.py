@@ -29,7 +29,7 @@ from shared.audit import SECRET_MARK, diff, record_audit
 from shared.crypto import DecryptionError
 from shared.database import Connection
 from shared.notification_deliveries import delivery_page, record_test_delivery
-from shared.notification_sending import test_event
+from shared.notification_sending import make_test_event
 
 ENTITY_TYPE = "notification_channel"
 # Channels page by name (unique), then id; the cursor holds the last row's.
@@ -235,7 +235,7 @@ async def test_channel_on(context: ApiContext, actor: str, channel_id: uuid.UUID
         channel = channels.channel_from_row(row, context.secrets)
     except DecryptionError:
         raise conflict(UNDECRYPTABLE) from None
-    event_id, body = test_event(context.source)
+    event_id, body = make_test_event(context.source)
     attempt = await context.notifications.send(channel, event_id, body)
     answer = ChannelTestAnswer(delivered=attempt.delivered, status_code=attempt.status_code, detail=attempt.detail)
     async with context.pool.acquire() as connection, connection.transaction():
