@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --disable-pip-version-check -e '.[test,dev]'
 	touch $@
 
-## run: migrate (creating the database if missing), then run api, poller, gate and pruner in the foreground.
+## run: migrate (creating the database if missing), then run api, poller, gate, pruner and notifier in the foreground.
 run: venv
 	mkdir -p var
 	$(BIN)/healthgate migrate

@@ -313,12 +313,19 @@ class Dispatcher:
             except Exception as exc:  # a bug in sending must not leave the slot taken
                 log.exception("sending a notification failed", extra={"channel_id": str(channel.id)})
                 attempt = Attempt(False, None, f"sending failed: {type(exc).__name__}")
+        except BaseException:
+            self._release(channel.id)
+            raise
         finally:
-            self._in_flight[channel.id] -= 1
             self._metrics.in_flight.dec()
-            self.wake()
+        # The channel's slot stays taken until the answer is stored (`_store`): a process never holds more than
+        # `concurrency` leased, unfinished records of a channel, which bounds what a kill can have sent twice.
         self._answers.append(_Answer(claim, channel, attempt))
         self._answered.set()
+
+    def _release(self, channel_id: uuid.UUID) -> None:
+        self._in_flight[channel_id] -= 1
+        self.wake()
 
     async def store_answers(self) -> None:
         """Store the answers of the POSTs in batches until cancelled (a service task). A batch that fails for a
@@ -342,6 +349,8 @@ class Dispatcher:
                 connection, [(answer.claim.channel_id, answer.claim.event_id, answer.attempt) for answer in batch],
                 self._policy,
             )  # fmt: skip
+        for answer in batch:
+            self._release(answer.channel.id)
         outcomes = {(done.channel_id, done.event_id): done for done in finished}
         now = time.time()
         for answer in batch:

@@ -3,8 +3,8 @@
 Expired results go by whole daily partitions (detached CONCURRENTLY, so writers are not blocked, then
 dropped); only the boundary day's expired rows are deleted, in small batches of short transactions.
 Partitions for the coming days are created first, so an insert never lacks one, also after the pruner
-was down for days. Decided gate jobs, sent outbox rows past their retention, expired dashboard
-sessions and the hourly result counts older than `uptime_24h`'s window go in batches too.
+was down for days. Decided gate jobs, sent outbox rows and finished notification deliveries past their
+retention, expired dashboard sessions and the hourly result counts older than `uptime_24h`'s window go in batches too.
 The audit log is kept. One pass at a time across all pruners (an advisory lock); a pass that was
 interrupted leaves nothing half-done that the next pass does not finish.
 """
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from shared import jobs, outbox, results, sessions, uptime
+from shared import jobs, notification_deliveries, outbox, results, sessions, uptime
 from shared.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ class PassReport:
     gate_jobs_deleted: int = 0
     jobs_deleted: int = 0
     outbox_rows_deleted: int = 0
+    notification_deliveries_deleted: int = 0
     sessions_deleted: int = 0
     uptime_hours_deleted: int = 0
     seconds: float = 0.0
@@ -55,6 +56,7 @@ class PassReport:
             "gate_jobs_deleted": self.gate_jobs_deleted,
             "jobs_deleted": self.jobs_deleted,
             "outbox_rows_deleted": self.outbox_rows_deleted,
+            "notification_deliveries_deleted": self.notification_deliveries_deleted,
             "expired_sessions_deleted": self.sessions_deleted,
             "uptime_hours_deleted": self.uptime_hours_deleted,
             "seconds": round(self.seconds, 3),
@@ -88,6 +90,7 @@ class PrunerMetrics:
         self.rows.labels("gate_jobs").inc(report.gate_jobs_deleted)
         self.rows.labels("jobs").inc(report.jobs_deleted)
         self.rows.labels("outbox").inc(report.outbox_rows_deleted)
+        self.rows.labels("notification_deliveries").inc(report.notification_deliveries_deleted)
         self.rows.labels("dashboard_sessions").inc(report.sessions_deleted)
         self.rows.labels("check_uptime_hours").inc(report.uptime_hours_deleted)
         self.partitions.inc(len(report.partitions_dropped))
@@ -131,6 +134,10 @@ async def prune_once(pool: asyncpg.Pool, retention: Retention) -> PassReport:
             # After their job hosts: a job goes once none is left.
             report.jobs_deleted = await jobs.prune_jobs(pool, now - retention.decided_jobs)
             report.outbox_rows_deleted = await outbox.prune_sent(pool, now - retention.sent_outbox)
+            # Delivered and failed records, kept as long as the outbox's (pending ones are never pruned).
+            report.notification_deliveries_deleted = await notification_deliveries.prune_finished(
+                pool, now - retention.sent_outbox
+            )
             report.sessions_deleted = await sessions.prune_expired(pool, now)
             report.uptime_hours_deleted = await uptime.prune_expired(pool, now)
             oldest = await results.oldest_result_since(lock_connection, cutoff)
