@@ -34,6 +34,7 @@ from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
 from tests.support.services import BackingServices, backing_services
 from tests.support.tokens import TokenFactory, token_factory
 from tests.support.topology import delete_topology
+from tests.support.webhook_receiver import receiver  # noqa: F401  (fixture)
 
 
 @pytest.fixture(scope="session")
