@@ -34,8 +34,8 @@ from tests.support.fake_agent import FakeAgent
 from tests.support.messages import EventCapture
 from tests.support.nginx import NginxServer
 from tests.support.processes import ServiceProcess
+from tests.support.receiver import Receiver
 from tests.support.tokens import TokenFactory
-from tests.support.webhook_receiver import Receiver
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -1484,6 +1484,7 @@ async def test_admin_sees_notification_channels_and_sends_a_test(
     api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, receiver: Receiver
 ) -> None:
     slack_url = "https://hooks.slack.com/services/T000/B000/" + "t" * 24
+    receiver.answers = [204]
     created = await admin.post(
         "/api/v1/notification-channels",
         json={"name": "ops", "type": "webhook", "url": receiver.url, "groups": ["web"], "events": ["job.failed"]},

@@ -16,8 +16,8 @@ import pytest
 from standardwebhooks import Webhook
 
 from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.receiver import Receiver
 from tests.support.tokens import TokenFactory
-from tests.support.webhook_receiver import Receiver
 
 CHANNELS = "/api/v1/notification-channels"
 SLACK_TOKEN = "T000/B000/" + "x" * 24
@@ -65,7 +65,8 @@ async def test_crud_and_the_secret_shown_once(
     assert (kept.json()["events"], kept.json()["groups"]) == (["job.failed"], ["web"])
     tested = await admin.post(f"{channel}/test")
     assert tested.status_code == 200 and tested.json()["delivered"] is True, tested.text
-    [(headers, body)] = receiver.requests
+    [request] = receiver.requests
+    headers, body = request.headers, request.body
     Webhook(secret).verify(body, headers)
     assert headers["Content-Type"] == "application/cloudevents+json"
     assert json.loads(body)["type"] == "healthgate.test" and headers["webhook-id"] == json.loads(body)["id"]
@@ -74,7 +75,7 @@ async def test_crud_and_the_secret_shown_once(
     replaced = await admin.put(channel, json=webhook("ops", receiver.url, secret=GIVEN_SECRET))
     assert replaced.status_code == 200 and "secret" not in replaced.json()
     assert (await admin.post(f"{channel}/test")).json()["delivered"] is True
-    Webhook(GIVEN_SECRET).verify(receiver.requests[-1][1], receiver.requests[-1][0])
+    Webhook(GIVEN_SECRET).verify(receiver.requests[-1].body, receiver.requests[-1].headers)
 
     # Made slack: the secret goes, the URL (its token) is masked; made a webhook again: a new secret, shown once.
     slack = await admin.put(channel, json={"name": "ops", "type": "slack", "url": SLACK_URL})
@@ -185,13 +186,14 @@ async def test_test_failures_are_recorded_and_deliveries_page_newest_first(
 ) -> None:
     created = await create(admin, webhook("flaky", receiver.url))
     channel = f"{CHANNELS}/{created['id']}"
+    receiver.answers = [204]
     delivered = (await admin.post(f"{channel}/test")).json()
     assert delivered == {"delivered": True, "status_code": 204, "detail": "delivered: 204"}
 
-    receiver.status = 500
+    receiver.answers = [500]
     failed = (await admin.post(f"{channel}/test")).json()
     assert (failed["delivered"], failed["status_code"]) == (False, 500)
-    assert "500" in failed["detail"] and "no thanks" in failed["detail"]
+    assert "500" in failed["detail"] and "failing with 500" in failed["detail"]
 
     refused_port = free_port()
     await admin.put(channel, json=webhook("flaky", f"http://127.0.0.1:{refused_port}/in"))
@@ -208,7 +210,7 @@ async def test_test_failures_are_recorded_and_deliveries_page_newest_first(
     ]  # fmt: skip
     assert all(item["event_type"] == "healthgate.test" and item["attempts"] == 1 for item in items)
     assert items[1]["detail"] == failed["detail"] and items[0]["last_attempt_at"] is not None
-    assert {item["event_id"] for item in items} == {json.loads(body)["id"] for _, body in receiver.requests} | {
+    assert {item["event_id"] for item in items} == {json.loads(request.body)["id"] for request in receiver.requests} | {
         items[0]["event_id"]
     }
     assert fields_of(await admin.get(f"{channel}/deliveries?cursor=bm9wZQ")) == {"query.cursor"}
