@@ -131,3 +131,14 @@ async def test_a_receiver_echoing_a_slack_token_or_a_decoded_password_shows_neit
     assert garbage.status_code is None and token not in garbage.detail, garbage
     assert password.status_code == 401 and "p@ss!word" not in password.detail, password
     assert "p%40ss%21word" not in password.detail
+
+
+async def test_the_unspecified_address_is_the_local_host_to_blocked_networks() -> None:
+    # Found breaking issue 14: with 127.0.0.0/8 blocked, http://0.0.0.0:PORT/ still reached a receiver on
+    # 127.0.0.1 (Linux connects the unspecified address to the local host), so it slipped past the guard.
+    blocked = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    async with Receiver() as receiver, NotificationSender(blocked) as sender:
+        attempt = await sender.send(webhook(f"http://0.0.0.0:{receiver.port}/hook"), uuid.uuid4(), b"{}")
+        assert receiver.requests == []
+    assert attempt.final and not attempt.delivered, attempt
+    assert attempt.detail == "blocked: 0.0.0.0 is the local host, in a blocked network (127.0.0.0/8)"
