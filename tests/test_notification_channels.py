@@ -237,3 +237,32 @@ async def test_a_test_into_a_blocked_network_is_refused(
     assert receiver.requests == []
     [record] = (await admin.get(f"{CHANNELS}/{created['id']}/deliveries")).json()["items"]
     assert (record["status"], record["detail"]) == ("failed", answer["detail"])
+
+
+async def test_a_channel_read_and_sent_back_keeps_its_masked_token(
+    admin: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    """GET then PUT of what GET showed (as `healthgate export` then `apply` do) must not store the mask: the slack
+    token, a webhook URL's password and a secret-named query parameter stay as stored; a new URL replaces them."""
+    token_path = f"/services/{SLACK_TOKEN}"
+    slack = await create(admin, {"name": "chat", "type": "slack", "url": receiver.url.replace("/hook", token_path)})
+    with_token = receiver.url.replace("127.0.0.1", "user:p%40ss@127.0.0.1") + "?channel=ops&token=s3cr3t-t0ken"
+    hook = await create(admin, webhook("hook", with_token))
+    shown = (await admin.get(f"{CHANNELS}/{hook['id']}")).json()
+    assert shown["url"] == receiver.url.replace("127.0.0.1", "user:***@127.0.0.1") + "?channel=ops&token=***"
+    for created in (slack, hook):
+        channel = f"{CHANNELS}/{created['id']}"
+        current = (await admin.get(channel)).json()
+        body = {key: current[key] for key in ("name", "type", "url", "events", "groups", "include_maintenance")}
+        replaced = await admin.put(channel, json=body | {"enabled": False})
+        assert replaced.status_code == 200, replaced.text
+        assert replaced.json()["url"] == current["url"] and not replaced.json()["enabled"]
+        assert (await admin.post(f"{channel}/test")).json()["delivered"]
+    slack_request, hook_request = receiver.requests
+    assert slack_request.path == token_path
+    assert hook_request.path == "/hook" and hook_request.headers["Authorization"].startswith("Basic ")
+    # A URL that is not the shown one replaces the stored one.
+    body = {"name": "chat", "type": "slack", "url": receiver.url}
+    assert (await admin.put(f"{CHANNELS}/{slack['id']}", json=body)).status_code == 200
+    assert (await admin.post(f"{CHANNELS}/{slack['id']}/test")).json()["delivered"]
+    assert receiver.requests[-1].path == "/hook"

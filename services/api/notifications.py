@@ -120,9 +120,11 @@ def parse_channel_write(document: object) -> SubmittedChannel:
     return SubmittedChannel(body, "secret" in body.model_fields_set)
 
 
-def _fields(body: ChannelWrite, *, secret: str | None, keep_secret: bool) -> channels.ChannelFields:
+def _fields(
+    body: ChannelWrite, *, secret: str | None, keep_secret: bool, url: str | None = None
+) -> channels.ChannelFields:
     return channels.ChannelFields(
-        name=body.name, type=body.type, url=body.url, events=tuple(body.events), groups=tuple(body.groups),
+        name=body.name, type=body.type, url=url or body.url, events=tuple(body.events), groups=tuple(body.groups),
         include_maintenance=body.include_maintenance, enabled=body.enabled, secret=secret, keep_secret=keep_secret,
     )  # fmt: skip
 
@@ -184,7 +186,8 @@ async def update_channel(request: Request, principal: Principal) -> Response:
 async def update_channel_on(
     context: ApiContext, actor: str, channel_id: uuid.UUID, submitted: SubmittedChannel
 ) -> ChannelView:
-    """Replace a channel's fields (PUT), audited. A webhook keeps its stored secret when the body omits it; one
+    """Replace a channel's fields (PUT), audited. A URL sent back as responses show it (masked) keeps the stored one
+    (`kept_url`). A webhook keeps its stored secret when the body omits it; one
     without a stored secret (it was slack) gets a generated one, shown in this answer only; slack loses it."""
     body = submitted.body
     generated = None
@@ -194,9 +197,10 @@ async def update_channel_on(
         if body.type == "webhook" and not keep and body.secret is None:
             generated = channels.generate_secret()
         secret = (body.secret or generated) if body.type == "webhook" and not keep else None
+        url = channels.kept_url(before["type"], before["url"], body.url)
         try:
             row = await channels.replace_channel(
-                connection, channel_id, _fields(body, secret=secret, keep_secret=keep), context.secrets
+                connection, channel_id, _fields(body, secret=secret, keep_secret=keep, url=url), context.secrets
             )
         except channels.DuplicateChannelName:
             raise _duplicate(body.name) from None
