@@ -1,9 +1,9 @@
-"""`audit_log`: one entry per change of hosts, checks, tokens and job overrides, never pruned. This module is
-the only one that writes the table (docs/architecture.md, "Who writes which table").
+"""`audit_log`: one entry per change of hosts, checks, tokens, notification channels and job overrides, never
+pruned. This module is the only one that writes the table (docs/architecture.md, "Who writes which table").
 
 Every entry is written in the transaction of the change it records (`record_audit`), so an entry exists
-exactly when its change does. Secrets never reach it: a check's `basic_auth_pass` is only marked
-"<changed>" (`redact`, `diff`).
+exactly when its change does. Secrets never reach it: a check's `basic_auth_pass` and a notification channel's
+`secret` are only marked "<changed>" (`redact`, `diff`); a slack URL is audited masked by its caller.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import asyncpg
 
 from shared.database import Connection
 
-SECRET_FIELDS = frozenset({"basic_auth_pass"})
+# A check's basic-auth password and a notification channel's Standard Webhooks secret (CONTRACT §3, §7).
+SECRET_FIELDS = frozenset({"basic_auth_pass", "secret"})
 SECRET_MARK = "<changed>"
 
 

@@ -16,6 +16,8 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+# Where a connection to the unspecified address (0.0.0.0, ::) of each IP version goes.
+_LOOPBACK = {4: ipaddress.ip_address("127.0.0.1"), 6: ipaddress.ip_address("::1")}
 
 
 class BlockedTarget(Exception):
@@ -23,13 +25,19 @@ class BlockedTarget(Exception):
 
 
 def blocked_network(address: str, blocked: Sequence[Network]) -> Network | None:
+    """The blocked network `address` (an IP address, maybe with an IPv6 zone) connects into, or None (also for a
+    name). An IPv4-mapped IPv6 address is the IPv4 address inside; the unspecified address (0.0.0.0, ::) is also
+    the local host's loopback, which is where a connection to it goes (Linux, and most systems)."""
     try:
         ip = ipaddress.ip_address(address.split("%", 1)[0])
     except ValueError:
         return None
     if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
         ip = ip.ipv4_mapped
-    return next((network for network in blocked if ip in network), None)
+    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if ip.is_unspecified:
+        candidates.append(_LOOPBACK[ip.version])
+    return next((network for network in blocked for candidate in candidates if candidate in network), None)
 
 
 def refuse_if_blocked(address: str, blocked: Sequence[Network], *, name: str | None = None) -> None:
@@ -37,9 +45,10 @@ def refuse_if_blocked(address: str, blocked: Sequence[Network], *, name: str | N
     network = blocked_network(address, blocked)
     if network is None:
         return
+    where = "the local host, in" if ipaddress.ip_address(address.split("%", 1)[0]).is_unspecified else "in"
     if name is None or name == address:
-        raise BlockedTarget(f"{address} is in a blocked network ({network})")
-    raise BlockedTarget(f"{name} resolves to {address}, in a blocked network ({network})")
+        raise BlockedTarget(f"{address} is {where} a blocked network ({network})")
+    raise BlockedTarget(f"{name} resolves to {address}, {where} a blocked network ({network})")
 
 
 class GuardedResolver(AbstractResolver):

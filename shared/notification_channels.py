@@ -15,12 +15,13 @@ import secrets
 import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import asyncpg
 
 from shared.crypto import SecretBox
 from shared.database import Connection
+from shared.details import names_a_secret
 from shared.events import OUTBOUND_EVENTS
 
 ChannelType = Literal["webhook", "slack"]
@@ -79,14 +80,30 @@ def check_secret(secret: str) -> str:
 
 def display_url(channel_type: str, url: str) -> str:
     """The URL as responses, audit entries, logs and details show it (CONTRACT §7): a slack URL with everything after
-    the host replaced by "…" (its path is the token); any URL without the password of its user information."""
+    the host replaced by "…" (its path is the token); any URL without the password of its user information, and
+    without the values of query parameters named like secrets (`?token=…`, `?api_key=…`: shared.details'
+    `names_a_secret`), shown as "***". A URL sent back as shown keeps the stored one (`kept_url`)."""
     parts = urlsplit(url)
     netloc = parts.netloc
     if parts.password is not None:
         netloc = netloc.replace(f":{parts.password}@", ":***@", 1)
     if channel_type == "slack":
         return f"{parts.scheme}://{netloc}/{MASK}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query = "&".join(_masked_parameter(parameter) for parameter in parts.query.split("&")) if parts.query else ""
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _masked_parameter(parameter: str) -> str:
+    name, equals, value = parameter.partition("=")
+    return f"{name}=***" if equals and value and names_a_secret(unquote(name)) else parameter
+
+
+def kept_url(channel_type: str, stored_url: str, submitted_url: str) -> str:
+    """The URL a PUT stores: the stored one when `submitted_url` is exactly how responses show it (masked), so that
+    a channel read, changed and sent back (GET then PUT, `healthgate export` then `apply`) keeps its token; else
+    the submitted one."""
+    shown = display_url(channel_type, stored_url)
+    return stored_url if submitted_url == shown and shown != stored_url else submitted_url
 
 
 @dataclass(frozen=True)

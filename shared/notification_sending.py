@@ -24,7 +24,7 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import aiohttp
 from standardwebhooks.webhooks import Webhook
@@ -40,6 +40,8 @@ ANSWER_PREVIEW_BYTES = 512
 # A Slack line stays readable (Slack itself cuts messages at 40,000 characters).
 SLACK_TEXT_LIMIT = 3000
 USER_AGENT = "healthgate-notifier"
+# A slack URL's path segments this long with a digit or a capital are tokens or ids (Slack's ids have 9 or more).
+TOKEN_MIN_CHARS = 6
 
 
 @dataclass(frozen=True)
@@ -239,6 +241,13 @@ class NotificationSender:
             if isinstance(error, ConnectionRefusedError):
                 return Attempt(False, None, safe_detail(f"connection refused by {shown}", secrets))
             return Attempt(False, None, safe_detail(f"cannot connect to {shown}: {error.strerror or error}", secrets))
+        except aiohttp.ServerDisconnectedError:
+            return Attempt(False, None, safe_detail(f"{shown} closed the connection without answering", secrets))
+        except aiohttp.ClientResponseError as exc:
+            # aiohttp's parser refused the answer (its "400" is not the receiver's: no status_code). Its message,
+            # never str(exc), which holds the URL and so a slack token.
+            words = " ".join(str(exc.message).split())
+            return Attempt(False, None, safe_detail(f"{shown} sent an answer that is not valid HTTP: {words}", secrets))
         except (aiohttp.ClientError, OSError, ValueError) as exc:
             # ValueError: a header or URL aiohttp refuses to send; the words name the class, never the URL.
             what = getattr(exc, "strerror", None) or type(exc).__name__
@@ -267,9 +276,20 @@ class NotificationSender:
 
 
 def _secrets_of(channel: Channel) -> tuple[str, ...]:
-    """What must never appear in a detail: the secret, the URL's password and (slack) the URL, whose path is a token."""
+    """What must never appear in a detail: the secret, the URL's password (as written and percent-decoded) and
+    (slack) the URL, whose path is a token, and each part of that path that looks like a token or an id (a
+    receiver may name the token alone: "no webhook for token …"). Longest first, so that a part never breaks up
+    a longer secret before it is replaced."""
     parts = urlsplit(channel.url)
-    found = [channel.secret or "", parts.password or ""]
+    found = [channel.secret or "", parts.password or "", unquote(parts.password or "")]
     if channel.type == "slack":
         found += [channel.url, parts.path if len(parts.path) > 1 else "", parts.query]
-    return tuple(value for value in found if value)
+        segments = [segment for segment in parts.path.split("/") if _token_like(segment)]
+        found += segments + [unquote(segment) for segment in segments]
+    return tuple(sorted({value for value in found if value}, key=len, reverse=True))
+
+
+def _token_like(segment: str) -> bool:
+    """A path segment of a slack URL that is a token or an id (T0123ABCD, B0123ABCD, 24 random characters), not a
+    word such as "services" or "hooks"."""
+    return len(segment) >= TOKEN_MIN_CHARS and any(character.isdigit() or character.isupper() for character in segment)

@@ -31,6 +31,7 @@ from tests.support.postgres import PostgresCluster, postgres_available, postgres
 from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
 from tests.support.rabbitmq import RabbitNode, rabbit_node, rabbitmq_available
 from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
+from tests.support.receiver import receiver  # noqa: F401  (fixture)
 from tests.support.services import BackingServices, backing_services
 from tests.support.tokens import TokenFactory, token_factory
 from tests.support.topology import delete_topology

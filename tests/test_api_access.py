@@ -44,6 +44,7 @@ class Side:
     check_id: str
     check_name: str
     job_id: str
+    channel_id: str  # a notification channel (not scoped by group: admin only)
 
 
 @dataclass
@@ -96,6 +97,15 @@ def job_url(side: Side) -> str:
     return f"/api/v1/jobs/{quote(side.job_id, safe='')}"
 
 
+def channel_url(side: Side) -> str:
+    return f"/api/v1/notification-channels/{side.channel_id}"
+
+
+def channel_body(name: str) -> dict[str, Any]:
+    # The discard port on loopback, where nothing listens: a /test is refused at once.
+    return {"name": name, "type": "webhook", "url": "http://127.0.0.1:9/hook"}
+
+
 def group_policy_url(side: Side) -> str:
     return f"/api/v1/groups/{quote(side.group, safe='')}/policy"
 
@@ -103,6 +113,8 @@ def group_policy_url(side: Side) -> str:
 HOST = "/api/v1/hosts/{host_id}"
 CHECK = HOST + "/health-checks/{check_id}"
 GROUP_POLICY = "/api/v1/groups/{group}/policy"
+CHANNELS = "/api/v1/notification-channels"
+CHANNEL = CHANNELS + "/{channel_id}"
 
 ALL = frozenset({"admin", "operator", "viewer"})
 ADMIN = frozenset({"admin"})
@@ -164,6 +176,13 @@ CASES: dict[tuple[str, str], Case] = {
     ("PUT", GROUP_POLICY): Case(
         ADMIN, 200, lambda s: Call("PUT", group_policy_url(s), {"max_unavailable": "40%", "stable_seconds": 30})
     ),
+    ("POST", CHANNELS): Case(ADMIN, 201, lambda s: Call("POST", CHANNELS, channel_body(f"new-{uuid.uuid4().hex[:8]}"))),
+    ("GET", CHANNELS): Case(ADMIN, 200, lambda s: Call("GET", CHANNELS)),
+    ("GET", CHANNEL): Case(ADMIN, 200, lambda s: Call("GET", channel_url(s))),
+    ("PUT", CHANNEL): Case(ADMIN, 200, lambda s: Call("PUT", channel_url(s), channel_body(f"renamed-{s.group}"))),
+    ("DELETE", CHANNEL): Case(ADMIN, 204, lambda s: Call("DELETE", channel_url(s))),
+    ("POST", CHANNEL + "/test"): Case(ADMIN, 200, lambda s: Call("POST", f"{channel_url(s)}/test")),
+    ("GET", CHANNEL + "/deliveries"): Case(ADMIN, 200, lambda s: Call("GET", f"{channel_url(s)}/deliveries")),
 }
 
 TEST_RUN = ("POST", CHECK + "/test")
@@ -207,7 +226,9 @@ async def create_side(
     check = response.json()
     job_id = f"deploy/{label}/42"  # a `/` in every job id: each request below sends it as %2F
     await insert_job(db, job_id, host["id"])
-    return Side(host["id"], host["name"], group, check["id"], check["name"], job_id)
+    response = await client.post(CHANNELS, json=channel_body(f"channel-{label}"), headers=admin)
+    assert response.status_code == 201, response.text
+    return Side(host["id"], host["name"], group, check["id"], check["name"], job_id, response.json()["id"])
 
 
 async def insert_job(db: asyncpg.Connection, job_id: str, host_id: str) -> None:
@@ -247,6 +268,8 @@ async def snapshot(db: asyncpg.Connection) -> dict[str, Any]:
         "checks": await rows("SELECT id, name, port, updated_at FROM health_checks ORDER BY id"),
         "jobs": await rows("SELECT job_id, host_id, status, decided_at FROM gate_jobs ORDER BY 1, 2"),
         "policies": await rows('SELECT "group", updated_at FROM group_policies ORDER BY 1'),
+        "channels": await rows("SELECT id, name, updated_at FROM notification_channels ORDER BY id"),
+        "deliveries": await db.fetchval("SELECT count(*) FROM notification_deliveries"),
     }
 
 

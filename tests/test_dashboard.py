@@ -34,6 +34,7 @@ from tests.support.fake_agent import FakeAgent
 from tests.support.messages import EventCapture
 from tests.support.nginx import NginxServer
 from tests.support.processes import ServiceProcess
+from tests.support.receiver import Receiver
 from tests.support.tokens import TokenFactory
 
 CHROMIUM = "/usr/bin/chromium"
@@ -1477,6 +1478,50 @@ async def wait_for_statuses(
                 await asyncio.sleep(0.3)
     except TimeoutError:
         pytest.fail(f"after {timeout} s: host statuses {seen[0]}, checks without a result {seen[1]}")
+
+
+async def test_admin_sees_notification_channels_and_sends_a_test(
+    api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory, receiver: Receiver
+) -> None:
+    slack_url = "https://hooks.slack.com/services/T000/B000/" + "t" * 24
+    receiver.answers = [204]
+    created = await admin.post(
+        "/api/v1/notification-channels",
+        json={"name": "ops", "type": "webhook", "url": receiver.url, "groups": ["web"], "events": ["job.failed"]},
+    )
+    assert created.status_code == 201, created.text
+    slack = await admin.post(
+        "/api/v1/notification-channels",
+        json={"name": "team-slack", "type": "slack", "url": slack_url, "enabled": False},
+    )
+    assert slack.status_code == 201, slack.text
+
+    page = await new_page(browser)
+    await sign_in(page, api.base_url, await make_token("admin"))
+    await page.get_by_role("link", name="Notifications").click()
+    await page.wait_for_url(f"{api.base_url}/notifications")
+    ops = page.locator('section[data-channel="ops"]')
+    await expect(ops.locator('[data-field="url"]')).to_have_text(receiver.url)
+    await expect(ops.locator('[data-field="events"]')).to_have_text("job.failed")
+    await expect(ops.locator('[data-field="groups"]')).to_have_text("web")
+    team = page.locator('section[data-channel="team-slack"]')
+    await expect(team.locator('[data-field="url"]')).to_have_text("https://hooks.slack.com/…")
+    await expect(team.locator('[data-field="enabled"]')).to_have_text("no")
+    await expect(ops.locator("[data-no-deliveries]")).to_be_visible()
+
+    await ops.get_by_role("button", name="Send test").click()
+    await expect(ops.locator("[data-test-result]")).to_have_text("Delivered (204): delivered: 204")
+    assert len(receiver.requests) == 1
+    await page.reload()
+    await expect(ops.locator("tr[data-delivery] [data-delivery-status]")).to_have_text(["delivered"])
+    assert "t" * 24 not in await page.content()
+    assert script_problems(page) == []
+
+    operator = await new_page(browser)
+    await sign_in(operator, api.base_url, await make_token("operator", ("web",)))
+    await expect(operator.get_by_role("link", name="Notifications")).to_have_count(0)
+    response = await operator.goto(f"{api.base_url}/notifications")
+    assert response is not None and response.status == 403
 
 
 async def test_screenshots_of_each_page(

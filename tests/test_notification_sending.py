@@ -13,6 +13,7 @@ from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 from shared.notification_channels import Channel, generate_secret
 from shared.notification_sending import EventContext, NotificationSender, make_test_event, notification_body
 from tests.support.blackhole import Blackhole, refused_port
+from tests.support.raw_http import RawHttpServer, response
 from tests.support.receiver import Receiver
 
 SLACK_TOKEN_PATH = "/services/T000/B000/XXXXsecrettokenXXXX"
@@ -85,3 +86,59 @@ async def test_slack_gets_one_readable_line() -> None:
     assert attempt.delivered
     assert request.headers["Content-Type"] == "application/json"
     assert json.loads(request.body) == {"text": "web-1 (group web) is unhealthy: homepage: status 503"}
+
+
+async def test_answers_that_are_not_http_are_said_in_words(raw_http: RawHttpServer) -> None:
+    # Found breaking issue 14: these were "sending to … failed: ClientResponseError" / "ServerDisconnectedError",
+    # class names that tell an operator nothing about what the receiver did.
+    raw_http.set("/garbage", b"GARBAGE\r\n\r\n")
+    raw_http.set("/status", b"HTTP/1.1 999999 X\r\nContent-Length: 0\r\n\r\n")
+    raw_http.set("/hangup", b"")
+    raw_http.set(
+        "/broken", response("500 Oops", [("Transfer-Encoding", "chunked")], b"zz\r\nnot a chunk", content_length=False)
+    )
+    async with NotificationSender(()) as sender:
+        garbage = await sender.send(webhook(raw_http.url("/garbage")), uuid.uuid4(), b"{}")
+        status = await sender.send(webhook(raw_http.url("/status")), uuid.uuid4(), b"{}")
+        hangup = await sender.send(webhook(raw_http.url("/hangup")), uuid.uuid4(), b"{}")
+        broken = await sender.send(webhook(raw_http.url("/broken")), uuid.uuid4(), b"{}")
+    for attempt in (garbage, status):
+        assert (attempt.delivered, attempt.status_code, attempt.final) == (False, None, False), attempt
+        assert "ClientResponseError" not in attempt.detail and "\n" not in attempt.detail
+    assert garbage.detail.startswith(f"{raw_http.url('/garbage')} sent an answer that is not valid HTTP: ")
+    assert "GARBAGE" in garbage.detail
+    assert status.detail.startswith(f"{raw_http.url('/status')} sent an answer that is not valid HTTP: ")
+    assert hangup == type(hangup)(False, None, f"{raw_http.url('/hangup')} closed the connection without answering")
+    assert broken.detail.startswith(f"{raw_http.url('/broken')} sent an answer that is not valid HTTP: "), broken
+    assert "chunk" in broken.detail
+
+
+async def test_a_receiver_echoing_a_slack_token_or_a_decoded_password_shows_neither(raw_http: RawHttpServer) -> None:
+    # Found breaking issue 14: only the whole slack path and the URL's password as written were redacted, so an
+    # answer naming the token alone ("no webhook for token …"), or the password percent-decoded, kept it.
+    token = SLACK_TOKEN_PATH.rsplit("/", 1)[1]
+    raw_http.set(SLACK_TOKEN_PATH, response("404 Not Found", body=f"no webhook for token {token}".encode()))
+    raw_http.set("/basic", response("401 Unauthorized", body=b"wrong password p@ss!word for hooks"))
+    raw_http.set("/garbage" + SLACK_TOKEN_PATH, f"{token}\r\n\r\n".encode())
+    async with NotificationSender(()) as sender:
+        echoed = await sender.send(slack(raw_http.url(SLACK_TOKEN_PATH)), uuid.uuid4(), b"{}")
+        garbage = await sender.send(slack(raw_http.url("/garbage" + SLACK_TOKEN_PATH)), uuid.uuid4(), b"{}")
+        password = await sender.send(
+            webhook(raw_http.url("/basic").replace("://", "://hooks:p%40ss%21word@")), uuid.uuid4(), b"{}"
+        )
+    assert echoed.status_code == 404 and token not in echoed.detail, echoed
+    assert echoed.detail == f"{raw_http.base_url}/… answered 404: no webhook for token ***"
+    assert garbage.status_code is None and token not in garbage.detail, garbage
+    assert password.status_code == 401 and "p@ss!word" not in password.detail, password
+    assert "p%40ss%21word" not in password.detail
+
+
+async def test_the_unspecified_address_is_the_local_host_to_blocked_networks() -> None:
+    # Found breaking issue 14: with 127.0.0.0/8 blocked, http://0.0.0.0:PORT/ still reached a receiver on
+    # 127.0.0.1 (Linux connects the unspecified address to the local host), so it slipped past the guard.
+    blocked = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
+    async with Receiver() as receiver, NotificationSender(blocked) as sender:
+        attempt = await sender.send(webhook(f"http://0.0.0.0:{receiver.port}/hook"), uuid.uuid4(), b"{}")
+        assert receiver.requests == []
+    assert attempt.final and not attempt.delivered, attempt
+    assert attempt.detail == "blocked: 0.0.0.0 is the local host, in a blocked network (127.0.0.0/8)"

@@ -35,6 +35,7 @@ from shared.events import JobStart, decision_event_id
 from shared.gate_rules import Verdict
 from shared.group_policies import GroupPolicy, put_policy
 from shared.messaging import Broker
+from shared.notification_sending import NotificationSender
 from shared.settings import load_settings
 from shared.topology import Topology
 
@@ -62,6 +63,7 @@ def api_context(pool: asyncpg.Pool) -> ApiContext:
     return ApiContext(
         settings=load_settings(), pool=pool, broker=broker, secrets=SecretBox(bytes(32)),
         metrics=ApiMetrics(CollectorRegistry()), check_runs=CheckRunClient(broker),
+        notifications=NotificationSender(()),  # never entered: an override sends no notification
     )  # fmt: skip
 
 

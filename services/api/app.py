@@ -40,6 +40,7 @@ from shared.database import (
 )
 from shared.health import GracefulServer, ServiceHealth, base_url, health_routes, listen
 from shared.messaging import Broker
+from shared.notification_sending import NotificationSender
 from shared.outbox import OutboxMetrics, OutboxRelay
 from shared.settings import Settings
 from shared.supervision import TaskGroupOfService
@@ -68,6 +69,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        stack = contextlib.AsyncExitStack()
         # Connections open on demand, so the API serves (and reports not ready) while PostgreSQL is down.
         pool = await create_pool(settings.database_url, min_size=0, max_size=20)
         broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name="healthgate-api")
@@ -75,6 +77,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
         app.state.database = database
         check_runs = CheckRunClient(broker)
         relay = OutboxRelay(pool, broker, OutboxMetrics(registry), database)
+        notifications = await stack.enter_async_context(NotificationSender(settings.blocked_networks))
         app.state.context = ApiContext(
             settings=settings,
             pool=pool,
@@ -82,6 +85,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
             secrets=SecretBox(key),
             metrics=metrics,
             check_runs=check_runs,
+            notifications=notifications,
         )
         health.pool, health.broker = pool, broker
         # A background task that dies makes the process exit (via SIGTERM to itself, which uvicorn
@@ -98,6 +102,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
             health.shutting_down = True
             await background.cancel_all()
             await broker.close()
+            await stack.aclose()
             await close_pool(pool)
             log.info("api stopped")
 

@@ -11,6 +11,7 @@ from starlette.requests import Request
 from services.api.check_runs import CheckRunClient
 from shared.crypto import SecretBox
 from shared.messaging import Broker
+from shared.notification_sending import NotificationSender
 from shared.settings import Settings
 
 EVENT_SOURCE = "/healthgate/api"
@@ -41,6 +42,8 @@ class ApiContext:
     secrets: SecretBox
     metrics: ApiMetrics
     check_runs: CheckRunClient
+    # Sends /test's notifications (CONTRACT §7); its one HTTP session lives as long as the app.
+    notifications: NotificationSender
     source: str = EVENT_SOURCE
 
 

@@ -133,7 +133,8 @@ def build_openapi(endpoints: Sequence[Endpoint], *, version: str) -> dict[str, A
         "info": {
             "title": "healthgate",
             "version": version,
-            "description": "Hosts, health checks, results, gate jobs, group policies and audit of healthgate.",
+            "description": "Hosts, health checks, results, gate jobs, group policies, notification channels and "
+            "audit of healthgate.",
         },
         "paths": paths,
         "components": {

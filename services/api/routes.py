@@ -6,13 +6,17 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api import audit, checks, groups, hosts, jobs, preview
+from services.api import audit, checks, groups, hosts, jobs, notifications, preview
 from services.api.auth import Principal
 from services.api.endpoints import ADMIN, ALL_ROLES, CHECK_EDITORS, Endpoint
 from services.api.requests import PageQuery, json_response
 from services.api.schemas import (
     AuditEntry,
+    ChannelTestAnswer,
+    ChannelView,
+    ChannelWrite,
     CheckWrite,
+    DeliveryView,
     GroupView,
     HaltRequest,
     HostCreate,
@@ -48,6 +52,8 @@ CHECK = HOST + "/health-checks/{check_id}"
 JOB = "/api/v1/jobs/{job_id}"
 # A group name is one percent-encoded path segment too (`/` as `%2F`).
 GROUP_POLICY = "/api/v1/groups/{group}/policy"
+CHANNELS = "/api/v1/notification-channels"
+CHANNEL = CHANNELS + "/{channel_id}"
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/v1/me", who_am_i, "Show the calling token", ALL_ROLES, "tokens", response=Caller),
@@ -223,12 +229,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         )
         for action, handler, summary, effect in (
             (
-                "halt", jobs.halt_job, "Halt a job",
+                "halt",
+                jobs.halt_job,
+                "Halt a job",
                 "Its waiting hosts fail with reason job_halted and later job.starts fail at once; job.halted (reason"
                 " manual) is published. 409 when the job is already halted.",
             ),
             (
-                "resume", jobs.resume_job, "Resume a halted job",
+                "resume",
+                jobs.resume_job,
+                "Resume a halted job",
                 "New job.starts are gated again; hosts that failed stay failed; job.resumed is published. 409 when the"
                 " job is not halted.",
             ),
@@ -302,5 +312,91 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=Page[AuditEntry],
         errors=(422,),
         description="Newest first.",
+    ),
+    Endpoint(
+        "POST",
+        CHANNELS,
+        notifications.create_channel,
+        "Create a notification channel",
+        ADMIN,
+        "notifications",
+        body=ChannelWrite,
+        response=ChannelView,
+        status_code=201,
+        errors=(400, 409, 413, 422),
+        description="A webhook channel without a secret gets a generated one, returned in this answer only (as "
+        "`secret`): keep it to verify signatures, it is never shown again. Audited as notification_channel.create.",
+    ),
+    Endpoint(
+        "GET",
+        CHANNELS,
+        notifications.list_channels,
+        "List notification channels",
+        ADMIN,
+        "notifications",
+        query=PageQuery,
+        response=Page[ChannelView],
+        errors=(422,),
+        description="By name.",
+    ),
+    Endpoint(
+        "GET",
+        CHANNEL,
+        notifications.get_channel,
+        "Show a notification channel",
+        ADMIN,
+        "notifications",
+        response=ChannelView,
+        errors=(404, 422),
+    ),
+    Endpoint(
+        "PUT",
+        CHANNEL,
+        notifications.update_channel,
+        "Update a notification channel",
+        ADMIN,
+        "notifications",
+        body=ChannelWrite,
+        response=ChannelView,
+        errors=(400, 404, 409, 413, 422),
+        description="Replaces every writable field (omitted ones take their defaults) except `secret`: omitted "
+        "keeps the stored one, null → 422. A channel made a webhook without a stored secret gets a generated one, "
+        "returned in this answer only; a channel made slack loses its secret. Audited as "
+        "notification_channel.update.",
+    ),
+    Endpoint(
+        "DELETE",
+        CHANNEL,
+        notifications.delete_channel,
+        "Delete a notification channel",
+        ADMIN,
+        "notifications",
+        status_code=204,
+        errors=(404, 422),
+        description="Its delivery records go with it. Audited as notification_channel.delete.",
+    ),
+    Endpoint(
+        "POST",
+        CHANNEL + "/test",
+        notifications.test_channel,
+        "Send a test notification",
+        ADMIN,
+        "notifications",
+        response=ChannelTestAnswer,
+        errors=(404, 409, 422),
+        description="Sends a healthgate.test event to the channel now (once, no retry; enabled or not) and answers "
+        "what the receiver did. Recorded as one of the channel's deliveries; audited as notification_channel.test.",
+    ),
+    Endpoint(
+        "GET",
+        CHANNEL + "/deliveries",
+        notifications.list_deliveries,
+        "List a notification channel's deliveries",
+        ADMIN,
+        "notifications",
+        query=PageQuery,
+        response=Page[DeliveryView],
+        errors=(404, 422),
+        description="Newest first: one per event delivered to the channel (pending, delivered or failed) and per test.",
     ),
 )

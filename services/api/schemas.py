@@ -18,6 +18,7 @@ from pydantic import (
     StringConstraints,
     ValidationError,
     ValidatorFunctionWrapHandler,
+    WithJsonSchema,
     WrapValidator,
     field_validator,
     model_validator,
@@ -29,6 +30,7 @@ from shared.conditions import ConditionError, compile_condition
 from shared.events import CheckSummary, HaltReason, HostHealthStatus, WaitingFor, WindowEndsAt
 from shared.group_policies import GroupPolicy
 from shared.jobs import JobStatus
+from shared.notification_channels import DEFAULT_EVENTS, NOTIFIABLE_EVENTS, InvalidSecret, check_secret
 
 ItemT = TypeVar("ItemT")
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -583,6 +585,148 @@ class PreviewItem(BaseModel):
 
 class PreviewAnswer(BaseModel):
     items: list[PreviewItem] = Field(description="one per host id, in the order given")
+
+
+# ---- notification channels (CONTRACT §7) ------------------------------------------------------------
+
+READ_ONLY_CHANNEL_FIELDS = ("id", "secret_set", "created_at", "updated_at")
+MAX_CHANNEL_GROUPS = 100
+
+
+def _notifiable(event: str) -> str:
+    if event not in NOTIFIABLE_EVENTS:
+        raise ValueError(f"must be one of: {', '.join(NOTIFIABLE_EVENTS)}")
+    return event
+
+
+def _secret(secret: str | None) -> str | None:
+    # Validators run only on values sent, so None here is an explicit null (omitted keeps the stored secret).
+    if secret is None:
+        raise ValueError("must not be null: omit it to keep the stored secret, or send a new one")
+    try:
+        return check_secret(secret)
+    except InvalidSecret as exc:  # its message never repeats the secret
+        raise ValueError(str(exc)) from None
+
+
+def _once_each(values: list[str]) -> list[str]:
+    """The list in its order, each value once (a repeated event or group means nothing more)."""
+    return list(dict.fromkeys(values))
+
+
+ChannelName = Annotated[
+    str,
+    StringConstraints(min_length=1, max_length=100, pattern=r"^\S(.*\S)?$"),
+    TRIMMED,
+    AfterValidator(_no_control_characters),
+]
+ChannelUrl = Annotated[
+    str,
+    StringConstraints(max_length=2000, pattern=HTTP_URL_PATTERN),
+    ABSOLUTE_HTTP_URL,
+    _checked(lambda url: url_problems(url, base_url=False, credentials=True)),
+]
+NotifiableEvent = Annotated[
+    str, AfterValidator(_notifiable), WithJsonSchema({"type": "string", "enum": list(NOTIFIABLE_EVENTS)})
+]
+ChannelSecret = Annotated[
+    str | None,
+    AfterValidator(_secret),
+    WithJsonSchema(
+        {"type": "string", "pattern": r"^whsec_[A-Za-z0-9+/]+={0,2}$", "minLength": 38, "maxLength": 94},
+        mode="validation",
+    ),
+]
+
+
+def _write_only_secret(schema: dict[str, Any]) -> None:
+    # No "default": null in the document: null is refused (omitted keeps the stored secret).
+    schema.pop("default", None)
+    schema["writeOnly"] = True
+
+
+def _channel_rules(data: dict[str, Any]) -> list[InitErrorDetails]:
+    """CONTRACT §7: only a webhook has a secret."""
+    if data.get("type") == "slack" and data.get("secret") is not None:
+        return [rule_error("secret", "only webhook channels have a secret: a slack URL carries its own token")]
+    return []
+
+
+class ChannelWrite(RequestModel):
+    """POST and PUT body of a notification channel (CONTRACT §7); fields a client echoes back from a GET (id,
+    secret_set, timestamps) are ignored."""
+
+    name: ChannelName
+    type: Literal["webhook", "slack"]
+    url: ChannelUrl = Field(
+        description="http or https URL the notifications are POSTed to; a slack URL holds its token and is shown "
+        "masked, a password in a webhook URL is shown as ***"
+    )
+    secret: ChannelSecret = Field(
+        None,
+        json_schema_extra=_write_only_secret,
+        description="webhook only, write-only: a Standard Webhooks secret, whsec_ + base64 of 24-64 bytes. "
+        "Without one, a webhook channel gets a generated secret, returned once in that answer. On PUT omitted "
+        "keeps the stored one; null is refused",
+    )
+    events: Annotated[list[NotifiableEvent], AfterValidator(_once_each)] = Field(
+        default_factory=lambda: list(DEFAULT_EVENTS),
+        min_length=1,
+        max_length=100,
+        description="routing keys to notify (CONTRACT §5, §6); each once",
+    )
+    groups: Annotated[list[GroupName], AfterValidator(_once_each)] = Field(
+        default_factory=list, max_length=MAX_CHANNEL_GROUPS, description="host groups to notify of; empty: all"
+    )
+    include_maintenance: bool = Field(False, description="also events with in_maintenance: true")
+    enabled: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_read_only_fields(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {key: value for key, value in data.items() if key not in READ_ONLY_CHANNEL_FIELDS}
+        return data
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _with_rules(cls, data: Any, handler: ModelWrapValidatorHandler[ChannelWrite]) -> ChannelWrite:
+        return with_rule_errors(data, handler, _channel_rules)
+
+
+class ChannelView(BaseModel):
+    id: uuid.UUID
+    name: str
+    type: Literal["webhook", "slack"]
+    url: str = Field(description="a slack URL with everything after the host as …; a webhook URL's password as ***")
+    secret_set: bool
+    secret: str | None = Field(
+        None,
+        description="only in the answer that generated the secret (a webhook created, or made from a slack "
+        "channel, without one): keep it, it is never shown again",
+    )
+    events: list[str]
+    groups: list[str]
+    include_maintenance: bool
+    enabled: bool
+    created_at: AwareDatetime
+    updated_at: AwareDatetime
+
+
+class ChannelTestAnswer(BaseModel):
+    delivered: bool = Field(description="the receiver answered 2xx")
+    status_code: int | None = Field(description="the receiver's HTTP status; null when no answer came")
+    detail: str
+
+
+class DeliveryView(BaseModel):
+    event_id: uuid.UUID
+    event_type: str = Field(description="the event's routing key, or healthgate.test")
+    attempts: int
+    last_attempt_at: AwareDatetime | None
+    status: Literal["pending", "delivered", "failed"]
+    status_code: int | None
+    detail: str | None
 
 
 class AuditEntry(BaseModel):

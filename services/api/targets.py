@@ -119,9 +119,10 @@ def dns_server_problems(server: str) -> list[str]:
     return []
 
 
-def url_problems(url: str, *, base_url: bool) -> list[str]:
+def url_problems(url: str, *, base_url: bool, credentials: bool = False) -> list[str]:
     """Problems of an absolute http(s) URL: a check's `url`, or (`base_url`) a host's `agent_url`,
-    which has no query string or fragment either. Neither may hold credentials."""
+    which has no query string or fragment either. Neither may hold credentials; a notification channel's `url`
+    (`credentials`) may: responses show it without the password (shared.notification_channels.display_url)."""
     if has_unprintable(url):
         return ["must not contain spaces or control characters (percent-encode them, as %20)"]
     if "\\" in url:
@@ -137,7 +138,7 @@ def url_problems(url: str, *, base_url: bool) -> list[str]:
     if parts.scheme.lower() not in ("http", "https") or not parts.netloc:
         return ["must be an absolute http or https URL"]
     problems = []
-    if "@" in parts.netloc:
+    if "@" in parts.netloc and not credentials:
         if base_url:
             problems.append("must not contain credentials (user:password@)")
         else:

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from aiohttp import web
 
 
@@ -84,3 +86,10 @@ class Receiver:
 
     def bodies(self) -> list[Any]:
         return [received.body for received in self.requests]
+
+
+@pytest.fixture
+async def receiver() -> AsyncIterator[Receiver]:
+    """A Receiver answering 200 for the test's length (tests/conftest.py registers it)."""
+    async with Receiver() as started:
+        yield started

@@ -5,7 +5,8 @@ and every check on /test: a generated host name, URL or address the API accepts 
 and no test traffic may leave 127.0.0.0/8. So before each request, a target the API would accept and the
 poller would resolve is replaced by a loopback address: a check's `url` and `address`, a host's `agent_url`
 and its `name` (a tcp check without address connects to it), and a dns check's `dns_server` (or its absence:
-the system resolver). A value the API refuses is sent as generated,
+the system resolver). A notification channel's `url` the API would accept is sent as a loopback port where
+nothing listens (its /test POSTs to it at once). A value the API refuses is sent as generated,
 so every validator still meets what schemathesis makes up; an accepted one stays accepted.
 """
 
@@ -23,6 +24,9 @@ from shared.addresses import parse_dns_server
 from tests.support.database import resolves_by_dns
 
 HOSTS = "/api/v1/hosts"
+CHANNELS = "/api/v1/notification-channels"
+# Where fuzzed notification channels point: the discard port on loopback, where nothing listens (refused at once).
+NO_RECEIVER = "http://127.0.0.1:9/"
 # Where fuzzed dns checks send their questions: a loopback port no DNS server listens on (the discard port), never
 # the machine's resolver (a dns check without dns_server asks it).
 NO_DNS_SERVER = "127.0.0.1:9"
@@ -64,6 +68,10 @@ def local_targets(path: str, body: dict[str, Any]) -> None:
         server = body.get("dns_server")
         if body.get("check_type") == "dns" and (server is None or off_loopback_dns_server(server)):
             body["dns_server"] = NO_DNS_SERVER
+    elif path.startswith(CHANNELS):
+        url = body.get("url")
+        if isinstance(url, str) and not url_problems(url, base_url=False, credentials=True):
+            body["url"] = NO_RECEIVER
     elif path in (HOSTS, f"{HOSTS}/{{host_id}}"):
         if "agent_url" in body:
             body["agent_url"] = local_url(body["agent_url"], base_url=True)

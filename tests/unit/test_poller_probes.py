@@ -260,6 +260,10 @@ def test_blocked_networks_catch_v4_mapped_v6_and_zoned_addresses() -> None:
     assert blocked_network("169.254.169.254", blocked) == blocked[0]
     assert blocked_network("::ffff:169.254.169.254", blocked) == blocked[0]  # the IPv4 address inside
     assert blocked_network("fd00:ec2::254%eth0", blocked) == blocked[1]
+    # The unspecified address connects to the local host: it is in whatever blocks the loopback.
+    local = [ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")]
+    assert blocked_network("0.0.0.0", local) == local[0] and blocked_network("::", local) == local[1]
+    assert blocked_network("0.0.0.0", blocked) is None
     assert blocked_network("169.255.0.1", blocked) is None
     assert blocked_network("app.test", blocked) is None  # a name is checked once resolved
     assert blocked_network("169.254.169.254", []) is None

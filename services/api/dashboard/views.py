@@ -43,12 +43,13 @@ from services.api.endpoints import ADMIN, CHECK_EDITORS
 from services.api.groups import GROUP_PAGES
 from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
 from services.api.jobs import halt_or_resume_on, override_on, require_visible_job
+from services.api.notifications import CHANNEL_PAGES, channel_view, test_channel_on
 from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
 from services.api.preview import preview_on
 from services.api.problems import Problem, validation_problem
 from services.api.requests import PageQuery, path_job_id
 from services.api.schemas import MAX_PREVIEW_HOSTS, HaltRequest, OverrideRequest, PreviewRequest
-from shared import checks, group_policies, hosts, jobs, results
+from shared import checks, group_policies, hosts, jobs, notification_channels, notification_deliveries, results
 from shared.addresses import host_port
 from shared.database import Connection
 from shared.events import CheckView, control_character, job_key
@@ -66,6 +67,7 @@ PAGE_SIZE = 50
 # margin lets a few more reach the page's own 422 saying why, and still bounds what a request can make us parse.
 FORM_FIELDS = MAX_PREVIEW_HOSTS + 100
 JOBS_SHOWN = 100  # waiting ones, and decided ones, on the jobs page
+DELIVERIES_SHOWN = 10  # each channel's last deliveries on the notifications page
 # A job host's status as the jobs pages say it (CONTRACT §3 "every job row shows its status as a word").
 STATUS_WORDS = {
     "waiting_health_check": "waiting",
@@ -198,6 +200,8 @@ class Dashboard:
             SegmentRoute("/jobs/{job_id}/resume", page(self.resume), methods=["POST"]),
             SegmentRoute("/jobs/halt", page(self.halt), methods=["POST"]),  # ?job_id= (see `halt_url`)
             SegmentRoute("/jobs/resume", page(self.resume), methods=["POST"]),  # ?job_id=
+            SegmentRoute("/notifications", page(self.notifications), methods=["GET"]),
+            SegmentRoute("/notifications/{channel_id}/test", page(self.test_channel), methods=["POST"]),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
 
@@ -459,6 +463,47 @@ class Dashboard:
         return self.render(
             request, "groups.html", session=session, groups=shown, next_cursor=next_cursor, statuses=HOST_STATUSES
         )
+
+    # ---- notifications ---------------------------------------------------------------------------
+
+    async def notifications(self, request: Request, session: sessions.Session, **state: Any) -> Response:
+        """The notification channels (CONTRACT §7, admin): each channel as the API shows it (URL masked, no
+        secret) with its last DELIVERIES_SHOWN deliveries, and a "Send test" button. `state`: a test's `tested`
+        channel id and its `answer`, shown by that channel (the page without scripts)."""
+        self._require(session, ADMIN, "see notification channels")
+        cursor = request.query_params.get("cursor") or None
+        try:
+            after = CHANNEL_PAGES.after(PageQuery(cursor=cursor, limit=PAGE_SIZE).cursor)
+        except (ValidationError, Problem):
+            raise Problem(422, "invalid page") from None
+        context = context_of(request)
+        async with context.pool.acquire() as connection:
+            rows = await notification_channels.channel_page(
+                connection, limit=CHANNEL_PAGES.rows_to_fetch(PAGE_SIZE), after=after
+            )
+            rows, next_cursor = CHANNEL_PAGES.page(rows, PAGE_SIZE)
+            shown = [
+                {
+                    "view": channel_view(row),
+                    "deliveries": await notification_deliveries.delivery_page(
+                        connection, row["id"], limit=DELIVERIES_SHOWN, before=None
+                    ),
+                }
+                for row in rows
+            ]
+        return self.render(
+            request, "notifications.html", session=session, channels=shown, next_cursor=next_cursor, **state
+        )
+
+    async def test_channel(self, request: Request, session: sessions.Session) -> Response:
+        """Send a test notification through the API's own `test_channel_on` (audited, recorded): JSON for the
+        page's script, else the page again with the outcome by the channel."""
+        self._require(session, ADMIN, "test notification channels")
+        channel_id = _path_uuid(request, "channel_id")
+        answer = await test_channel_on(context_of(request), session.principal.name, channel_id)
+        if _wants_json(request):
+            return JSONResponse(answer.model_dump(mode="json"))
+        return await self.notifications(request, session, tested=str(channel_id), answer=answer)
 
     # ---- jobs ------------------------------------------------------------------------------------
 

@@ -50,6 +50,28 @@
     });
   });
 
+  // "Send test" (notifications page) shows what the receiver answered in place.
+  document.querySelectorAll("form[data-send-test]").forEach(function (form) {
+    form.addEventListener("submit", function (event) {
+      event.preventDefault();
+      var output = form.querySelector(".test-result");
+      var button = form.querySelector("button");
+      output.textContent = "Sending…";
+      output.className = "test-result";
+      button.disabled = true;
+      fetch(form.action, { method: "POST", body: new FormData(form), headers: { Accept: "application/json" }, credentials: "same-origin" })
+        .then(function (response) { return response.json().then(function (body) { return { ok: response.ok, body: body }; }); })
+        .then(function (answer) {
+          if (!answer.ok) { output.textContent = answer.body.detail || "The test could not be sent."; return; }
+          var result = answer.body;
+          output.textContent = (result.delivered ? "Delivered" : "Not delivered") + (result.status_code === null ? "" : " (" + result.status_code + ")") + ": " + result.detail;
+          output.className = "test-result " + (result.delivered ? "status-healthy" : "status-unhealthy");
+        })
+        .catch(function () { output.textContent = "The test could not be sent."; })
+        .finally(function () { button.disabled = false; });
+    });
+  });
+
   // The hosts page refreshes its table without a full reload.
   var region = document.getElementById("hosts-region");
   if (region && region.getAttribute("data-refresh")) {
