@@ -108,6 +108,11 @@ async def test_a_channel_made_slack_while_a_delivery_is_retried_gets_a_slack_lin
         assert json.loads(request.body) == {"text": "web-8 (group web) is unhealthy"}
 
 
+@pytest.mark.xfail(
+    strict=False,
+    reason="finding: check.config.* events carry their host in data.check.host_id, which the notifier never reads: "
+    "channels with groups never get them, and Slack's line says 'a host'",
+)
 async def test_check_config_events_reach_the_channels_of_the_checks_group(
     db: asyncpg.Connection, admin: httpx.AsyncClient, notifiers: Callable[..., ServiceProcess],
     publish: Callable[[str, bytes], Awaitable[None]],
