@@ -89,25 +89,31 @@ async def checks_of_host(connection: Connection, host_id: uuid.UUID) -> list[asy
     return await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
 
 
-async def failing_checks_of_host(connection: Connection | asyncpg.Pool, host_id: uuid.UUID) -> list[tuple[str, str]]:
-    """(name, detail of the last result) of each enabled check of the host whose status is unhealthy, by name (the
-    notifier's context of an event: what a person reads first)."""
+async def failing_checks_of_hosts(
+    connection: Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, list[tuple[str, str]]]:
+    """(name, detail of the last result) of each enabled, unhealthy check of each of `host_ids`, in one query (the
+    notifier's context of a batch of events: what a person reads first): {host_id: [(name, detail), ...] by name};
+    a host without failing checks is absent."""
     rows = await connection.fetch(
         """
-        SELECT c.name, coalesce(s.last_detail, '') AS detail
+        SELECT c.host_id, c.name, coalesce(s.last_detail, '') AS detail
         FROM health_checks c JOIN check_state s ON s.check_id = c.id
-        WHERE c.host_id = $1 AND c.enabled AND s.status = 'unhealthy'
-        ORDER BY c.name
+        WHERE c.host_id = ANY($1::uuid[]) AND c.enabled AND s.status = 'unhealthy'
+        ORDER BY c.host_id, c.name
         """,
-        host_id,
+        list(set(host_ids)),
     )
-    return [(row["name"], row["detail"]) for row in rows]
+    found: dict[uuid.UUID, list[tuple[str, str]]] = {}
+    for row in rows:
+        found.setdefault(row["host_id"], []).append((row["name"], row["detail"]))
+    return found
 
 
-async def check_name(connection: Connection | asyncpg.Pool, check_id: uuid.UUID) -> str | None:
-    """The check's name; None if there is no such check (deleted since its event)."""
-    name: str | None = await connection.fetchval("SELECT name FROM health_checks WHERE id = $1", check_id)
-    return name
+async def check_names(connection: Connection | asyncpg.Pool, check_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """The name of each of `check_ids` that exists, in one query; deleted checks are absent."""
+    rows = await connection.fetch("SELECT id, name FROM health_checks WHERE id = ANY($1::uuid[])", list(set(check_ids)))
+    return {row["id"]: row["name"] for row in rows}
 
 
 async def check_ids_of_host(connection: Connection, host_id: uuid.UUID) -> list[uuid.UUID]:

@@ -179,12 +179,17 @@ async def locked_now(connection: Connection) -> dt.datetime:
     return moment
 
 
-async def create_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> asyncpg.Pool:
-    """The service's one pool. With min_size=0 it connects on first use, not here."""
+async def create_pool(
+    dsn: str, *, min_size: int = 1, max_size: int = 10, server_settings: dict[str, str] | None = None
+) -> asyncpg.Pool:
+    """The service's one pool (or a second one whose sessions have other `server_settings`, e.g. the notifier's
+    `synchronous_commit` off for what it may lose in a crash of PostgreSQL). With min_size=0 it connects on first
+    use, not here."""
     try:
         pool = await asyncpg.create_pool(
-            dsn, min_size=min_size, max_size=max_size, command_timeout=30, reset=_keep_session_state
-        )
+            dsn, min_size=min_size, max_size=max_size, command_timeout=30, reset=_keep_session_state,
+            server_settings=server_settings,
+        )  # fmt: skip
     except DATABASE_ERRORS as exc:
         raise DatabaseUnavailable(f"cannot connect to {redact_url(dsn)}: {exc}") from None
     assert pool is not None

@@ -39,6 +39,9 @@ SECRET_MIN_BYTES = 24
 SECRET_MAX_BYTES = 64
 GENERATED_SECRET_BYTES = 32
 MASK = "…"
+# The PostgreSQL NOTIFY channel on which every insert, replace and delete of a channel is announced (in the writer's
+# transaction, so delivered at its commit): notifiers LISTEN and read the channels again instead of per event.
+CHANNELS_CHANGED = "healthgate_notification_channels"
 
 CHANNEL_COLUMNS = """
     id, name, type, url, secret_encrypted, events, groups, include_maintenance, enabled, created_at, updated_at
@@ -196,6 +199,7 @@ async def insert_channel(connection: Connection, fields: ChannelFields, box: Sec
     except asyncpg.UniqueViolationError:
         raise DuplicateChannelName(fields.name) from None
     assert row is not None
+    await _announce_change(connection)
     return row
 
 
@@ -206,7 +210,7 @@ async def replace_channel(
     `fields.keep_secret`; a channel turned into slack loses its secret. Raises DuplicateChannelName."""
     encrypted = box.encrypt(fields.secret, channel_id) if fields.secret is not None else None
     try:
-        return await connection.fetchrow(
+        row = await connection.fetchrow(
             f"""
             UPDATE notification_channels SET
                 name = $2, type = $3, url = $4,
@@ -228,13 +232,24 @@ async def replace_channel(
         )
     except asyncpg.UniqueViolationError:
         raise DuplicateChannelName(fields.name) from None
+    if row is not None:
+        await _announce_change(connection)
+    return row
 
 
 async def delete_channel(connection: Connection, channel_id: uuid.UUID) -> asyncpg.Record | None:
     """Delete a channel (its delivery records go with it); its row as it was, or None when it did not exist."""
-    return await connection.fetchrow(
+    row = await connection.fetchrow(
         f"DELETE FROM notification_channels WHERE id = $1 RETURNING {CHANNEL_COLUMNS}", channel_id
     )
+    if row is not None:
+        await _announce_change(connection)
+    return row
+
+
+async def _announce_change(connection: Connection) -> None:
+    """NOTIFY CHANNELS_CHANGED: at the commit of the caller's transaction (at once without one)."""
+    await connection.execute("SELECT pg_notify($1, '')", CHANNELS_CHANGED)
 
 
 async def get_channel(connection: Connection, channel_id: uuid.UUID, *, lock: bool = False) -> asyncpg.Record | None:

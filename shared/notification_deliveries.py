@@ -31,6 +31,8 @@ DEFAULT_MAX_RETRY_SECONDS = 600.0
 # Up to this fraction is added to each back-off, so that the retries of one receiver's outage spread out.
 RETRY_JITTER = 0.1
 DETAIL_MAX_CHARS = 1000
+# The detail of a record that ended `failed` because its channel stayed disabled past the retry window.
+DISABLED_DETAIL = "the channel is disabled"
 
 
 class Attempt(Protocol):
@@ -76,21 +78,46 @@ async def record_deliveries(
     """Record a pending delivery, due now, of the event `event_id` (routing key `event_type`) to each channel of
     `bodies` (channel id → the body to POST). A record that exists already is left as it is (the event arrived
     again, or another notifier recorded it). Returns how many records were made."""
-    if not bodies:
-        return 0
-    status = await connection.execute(
+    wanted = [NewDelivery(channel_id, event_id, event_type, body) for channel_id, body in bodies.items()]
+    return len(await record_many(connection, wanted))
+
+
+@dataclass(frozen=True)
+class NewDelivery:
+    """A delivery to record (`record_many`): the channel, the event's id and routing key, the body to POST."""
+
+    channel_id: uuid.UUID
+    event_id: uuid.UUID
+    event_type: str
+    body: bytes
+
+
+async def record_many(connection: Connection, wanted: Sequence[NewDelivery]) -> set[tuple[uuid.UUID, uuid.UUID]]:
+    """Record each of `wanted` as a pending delivery, due now, in one statement (atomic on its own, or part of the
+    caller's transaction). A record that exists already is left as it is (the event arrived again, or another
+    notifier recorded it), and so is one whose channel no longer exists (deleted since the caller read it).
+    Returns the (channel id, event id) of the records made. The rows are inserted in key order, so that two
+    notifiers recording overlapping batches never deadlock."""
+    if not wanted:
+        return set()
+    ordered = sorted(wanted, key=lambda new: (new.channel_id, new.event_id))
+    rows = await connection.fetch(
         """
         INSERT INTO notification_deliveries (channel_id, event_id, event_type, body, next_attempt_at)
-        SELECT channel_id, $1, $2, body, clock_timestamp()
-        FROM unnest($3::uuid[], $4::bytea[]) AS wanted (channel_id, body)
+        SELECT wanted.channel_id, wanted.event_id, wanted.event_type, wanted.body, clock_timestamp()
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[]) WITH ORDINALITY
+            AS wanted (channel_id, event_id, event_type, body, position)
+        WHERE EXISTS (SELECT FROM notification_channels c WHERE c.id = wanted.channel_id)
+        ORDER BY wanted.position
         ON CONFLICT (channel_id, event_id) DO NOTHING
+        RETURNING channel_id, event_id
         """,
-        event_id,
-        event_type,
-        list(bodies.keys()),
-        list(bodies.values()),
+        [new.channel_id for new in ordered],
+        [new.event_id for new in ordered],
+        [new.event_type for new in ordered],
+        [new.body for new in ordered],
     )
-    return int(status.split()[-1])
+    return {(row["channel_id"], row["event_id"]) for row in rows}
 
 
 async def claim_due(
@@ -100,7 +127,9 @@ async def claim_due(
     absent or at 0 is skipped: this process has no room to send to it now). Each claimed record counts an attempt
     and is leased: its next_attempt_at moves `lease_seconds` ahead (the attempt's timeout and a margin), so that no
     other notifier claims it meanwhile, and one does when this process dies before finishing it. Records other
-    notifiers hold locked are skipped (SKIP LOCKED), not waited for."""
+    notifiers hold locked are skipped (SKIP LOCKED), not waited for. Each channel's records are found through its
+    own index (channel_id, next_attempt_at), and updated by their row address (ctid, locked): the cost does not grow
+    with the table nor with another channel's backlog."""
     channels = [channel for channel, free in free_slots.items() if free > 0]
     if not channels:
         return []
@@ -109,12 +138,12 @@ async def claim_due(
         WITH slots AS (
             SELECT channel_id, free FROM unnest($1::uuid[], $2::int[]) AS slots (channel_id, free)
         ), due AS (
-            SELECT picked.channel_id, picked.event_id
+            SELECT picked.ctid
             FROM slots CROSS JOIN LATERAL (
-                SELECT d.channel_id, d.event_id FROM notification_deliveries d
-                WHERE d.status = 'pending' AND d.next_attempt_at <= clock_timestamp()
-                  AND d.channel_id = slots.channel_id
-                ORDER BY d.next_attempt_at
+                SELECT d.ctid FROM notification_deliveries d
+                WHERE d.status = 'pending' AND d.channel_id = slots.channel_id
+                  AND d.next_attempt_at <= statement_timestamp()
+                ORDER BY d.channel_id, d.next_attempt_at
                 LIMIT slots.free
                 FOR UPDATE SKIP LOCKED
             ) AS picked
@@ -123,8 +152,7 @@ async def claim_due(
             attempts = d.attempts + 1,
             last_attempt_at = clock_timestamp(),
             next_attempt_at = clock_timestamp() + make_interval(secs => $3)
-        FROM due
-        WHERE d.channel_id = due.channel_id AND d.event_id = due.event_id
+        WHERE d.ctid = ANY (ARRAY(SELECT ctid FROM due))
         RETURNING d.channel_id, d.event_id, d.event_type, d.body, d.attempts, d.created_at
         """,
         channels,
@@ -165,16 +193,18 @@ async def finish_attempts(
     `delivered` (2xx); `failed` when the attempt is final or `policy.give_up_after` has passed since the record was
     made; else still pending, due again after the back-off of its attempt count. Returns what became of each record
     that was still pending (one that is not any more — another notifier finished it after this one's lease ran out,
-    or the channel was deleted — is left alone and absent). Locks rows in key order, so batches never deadlock."""
+    or the channel was deleted — is left alone and absent). Locks rows in key order, so batches never deadlock;
+    finds each by its primary key, so the cost does not grow with the pending records of other channels."""
     if not attempts:
         return []
+    ordered = sorted(attempts, key=lambda item: (item[0], item[1]))  # rows are locked in this order
     rows = await connection.fetch(
         """
         WITH results AS (
             SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::bool[], $4::int[], $5::text[], $6::bool[])
                 AS r (channel_id, event_id, delivered, status_code, detail, final)
         ), next AS (
-            SELECT d.channel_id, d.event_id, r.status_code, r.detail,
+            SELECT r.channel_id, r.event_id, r.status_code, r.detail,
                 CASE
                     WHEN r.delivered THEN 'delivered'
                     WHEN r.final OR clock_timestamp() >= d.created_at + make_interval(secs => $9) THEN 'failed'
@@ -183,10 +213,16 @@ async def finish_attempts(
                 clock_timestamp() + make_interval(secs =>
                     least($7 * power(2::float8, least(greatest(d.attempts - 1, 0), 60)), $8) * (1 + $10 * random())
                 ) AS retry_at
-            FROM notification_deliveries d JOIN results r USING (channel_id, event_id)
+            FROM results r CROSS JOIN LATERAL (
+                -- Each record by its primary key, never by a scan of its channel's pending ones (a hanging
+                -- channel's thousands): LIMIT keeps the status test below out of this subquery, where it would
+                -- make the partial index of pending records look the better way in.
+                SELECT d.status, d.attempts, d.created_at FROM notification_deliveries d
+                WHERE d.channel_id = r.channel_id AND d.event_id = r.event_id
+                LIMIT 1
+                FOR UPDATE
+            ) AS d
             WHERE d.status = 'pending'
-            ORDER BY d.channel_id, d.event_id
-            FOR UPDATE OF d
         )
         UPDATE notification_deliveries AS d SET
             status = next.status,
@@ -197,12 +233,12 @@ async def finish_attempts(
         WHERE d.channel_id = next.channel_id AND d.event_id = next.event_id
         RETURNING d.channel_id, d.event_id, d.status, d.next_attempt_at, d.created_at
         """,
-        [channel_id for channel_id, _, _ in attempts],
-        [event_id for _, event_id, _ in attempts],
-        [attempt.delivered for _, _, attempt in attempts],
-        [attempt.status_code for _, _, attempt in attempts],
-        [attempt.detail[:DETAIL_MAX_CHARS] for _, _, attempt in attempts],
-        [attempt.final for _, _, attempt in attempts],
+        [channel_id for channel_id, _, _ in ordered],
+        [event_id for _, event_id, _ in ordered],
+        [attempt.delivered for _, _, attempt in ordered],
+        [attempt.status_code for _, _, attempt in ordered],
+        [attempt.detail[:DETAIL_MAX_CHARS] for _, _, attempt in ordered],
+        [attempt.final for _, _, attempt in ordered],
         policy.first_seconds,
         policy.max_seconds,
         policy.give_up_after.total_seconds(),
@@ -231,12 +267,45 @@ async def finish_attempt(
     return finished[0].outcome if finished else None
 
 
+async def fail_of_disabled_channels(connection: Connection, give_up_after: dt.timedelta, *, limit: int = 1000) -> int:
+    """Mark `failed` (detail DISABLED_DETAIL) the pending records of disabled channels made more than
+    `give_up_after` ago, at most `limit` at once: they are not sent while their channel is disabled (the notifier
+    claims only enabled channels' records), and past the retry window not after it is enabled again either.
+    Records another notifier holds locked are skipped. Returns how many were marked."""
+    status = await connection.execute(
+        """
+        WITH stale AS (
+            SELECT d.channel_id, d.event_id
+            FROM notification_channels c JOIN notification_deliveries d ON d.channel_id = c.id
+            WHERE NOT c.enabled AND d.status = 'pending'
+              AND d.created_at <= clock_timestamp() - make_interval(secs => $1)
+            ORDER BY d.channel_id, d.event_id
+            LIMIT $2
+            FOR UPDATE OF d SKIP LOCKED
+        )
+        UPDATE notification_deliveries AS d SET status = 'failed', detail = $3, status_code = NULL,
+            next_attempt_at = NULL
+        FROM stale WHERE d.channel_id = stale.channel_id AND d.event_id = stale.event_id
+        """,
+        give_up_after.total_seconds(),
+        limit,
+        DISABLED_DETAIL,
+    )
+    return int(status.split()[-1])
+
+
 async def oldest_due_age_seconds(connection: Connection) -> float:
-    """How long the oldest due pending record has been due (seconds; 0 when none is): the notifiers' queue lag."""
+    """How long the oldest due pending record of an enabled channel has been due (seconds; 0 when none is): the
+    notifiers' queue lag (a disabled channel's records wait on purpose, they are not late)."""
     age: float | None = await connection.fetchval(
         """
-        SELECT extract(epoch FROM clock_timestamp() - min(next_attempt_at))::float8
-        FROM notification_deliveries WHERE status = 'pending' AND next_attempt_at <= clock_timestamp()
+        SELECT extract(epoch FROM clock_timestamp() - min(oldest.next_attempt_at))::float8
+        FROM notification_channels c CROSS JOIN LATERAL (
+            SELECT d.next_attempt_at FROM notification_deliveries d
+            WHERE d.status = 'pending' AND d.channel_id = c.id AND d.next_attempt_at <= statement_timestamp()
+            ORDER BY d.channel_id, d.next_attempt_at LIMIT 1
+        ) AS oldest
+        WHERE c.enabled
         """
     )
     return max(0.0, age or 0.0)

@@ -53,8 +53,12 @@ GATE_RESULTS_QUEUE = QueueSpec(
 
 # Every event a notification channel may subscribe to (CONTRACT §7), for the notifiers. Durable and dead-lettered
 # like the gate's: an event published while no notifier runs is delivered when one starts, and the record of its
-# delivery is made before it is acked.
-NOTIFIER_EVENTS_QUEUE = QueueSpec("notifier.events", bindings=NOTIFIABLE_EVENTS)
+# delivery is made before it is acked. An event that waited longer than the deliveries' retry window (24 h: no
+# notifier ran all that time) is not worth telling any more: it expires into the dead-letter queue instead.
+NOTIFIER_EVENTS_TTL_MS = 24 * 3600 * 1000
+NOTIFIER_EVENTS_QUEUE = QueueSpec(
+    "notifier.events", bindings=NOTIFIABLE_EVENTS, extra_arguments={"x-message-ttl": NOTIFIER_EVENTS_TTL_MS}
+)
 
 QUEUES: tuple[QueueSpec, ...] = (
     POLLER_TEST_QUEUE, POLLER_TICK_QUEUE, GATE_JOBS_QUEUE, GATE_FINISHED_QUEUE, GATE_RESULTS_QUEUE,

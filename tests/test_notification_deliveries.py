@@ -109,6 +109,40 @@ async def test_final_attempts_and_old_records_fail(db: asyncpg.Connection) -> No
     assert [(row["status"], row["next_attempt_at"]) for row in rows] == [("failed", None)] * 2
 
 
+async def test_a_batch_is_recorded_in_one_statement_once_and_without_deleted_channels(db: asyncpg.Connection) -> None:
+    first, second = await _channel(db, "batch-1"), await _channel(db, "batch-2")
+    events = [uuid.uuid4() for _ in range(3)]
+    wanted = [
+        deliveries.NewDelivery(channel, event_id, "host.status_changed", b"x")
+        for event_id in events
+        for channel in (first, second, uuid.uuid4())  # the third: a channel deleted since it was read
+    ]
+    made = await deliveries.record_many(db, wanted)
+    assert made == {(channel, event_id) for event_id in events for channel in (first, second)}
+    assert await deliveries.record_many(db, wanted) == set()  # the batch again: nothing new
+    assert await db.fetchval("SELECT count(*) FROM notification_deliveries") == 6
+
+
+async def test_pending_records_of_a_disabled_channel_fail_after_the_retry_window(db: asyncpg.Connection) -> None:
+    disabled, enabled = await _channel(db, "disabled"), await _channel(db, "enabled")
+    old, recent = uuid.uuid4(), uuid.uuid4()
+    for event_id in (old, recent):
+        await deliveries.record_deliveries(db, event_id, "host.status_changed", {disabled: b"x", enabled: b"x"})
+    await db.execute(
+        "UPDATE notification_deliveries SET created_at = now() - interval '25 hours' WHERE event_id = $1", old
+    )
+    await db.execute("UPDATE notification_channels SET enabled = false WHERE id = $1", disabled)
+    assert await deliveries.fail_of_disabled_channels(db, deliveries.GIVE_UP_AFTER) == 1
+    rows = await db.fetch("SELECT channel_id, event_id, status, detail FROM notification_deliveries")
+    found = {(row["channel_id"], row["event_id"]): (row["status"], row["detail"]) for row in rows}
+    assert found == {
+        (disabled, old): ("failed", deliveries.DISABLED_DETAIL),
+        (disabled, recent): ("pending", None),  # within the window: sent if the channel is enabled again
+        (enabled, old): ("pending", None),  # an enabled channel's records end by their attempts
+        (enabled, recent): ("pending", None),
+    }
+
+
 async def test_page_test_records_and_pruning(db: asyncpg.Connection, database_url: str) -> None:
     channel = await _channel(db, "page")
     ids = [uuid.uuid4() for _ in range(3)]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 import uuid
@@ -35,7 +36,14 @@ from shared.database import DATABASE_ERRORS, DatabaseWatch
 from shared.details import safe_detail
 from shared.events import OUTBOUND_EVENTS, CloudEvent, EventModel
 from shared.json_input import JsonInputError, load_json
-from shared.notification_channels import NOTIFIABLE_EVENTS, Channel, channel_from_row, display_url, enabled_channels
+from shared.notification_channels import (
+    CHANNELS_CHANGED,
+    NOTIFIABLE_EVENTS,
+    Channel,
+    channel_from_row,
+    display_url,
+    enabled_channels,
+)
 from shared.notification_deliveries import DueDelivery, RetryPolicy
 from shared.notification_sending import Attempt, EventContext, NotificationSender, notification_body
 
@@ -46,10 +54,19 @@ POLL_SECONDS = 1.0
 # A claimed record is leased for the POST's timeout and this much more (storing its answer): a notifier killed
 # mid-attempt leaves it to the next claim after that.
 LEASE_MARGIN_SECONDS = 5.0
-# How long the channels read from the database are used before being read again (a handler reads them at once).
-CHANNELS_MAX_AGE_SECONDS = 1.0
-# Answers are stored in batches of at most this many, as soon as the previous batch is stored.
+# How long the channels read from the database are used before being read again, although no change was announced
+# (a fallback: each change is announced by NOTIFY), and while the announcements cannot be heard (no LISTEN).
+CHANNELS_MAX_AGE_SECONDS = 5.0
+CHANNELS_UNHEARD_MAX_AGE_SECONDS = 1.0
+LISTEN_RETRY_SECONDS = 1.0
+LISTEN_ERRORS: tuple[type[Exception], ...] = (*DATABASE_ERRORS, OSError)
+# Answers are stored in batches of at most this many, by up to STORE_WORKERS statements at once.
 FINISH_BATCH = 500
+STORE_WORKERS = 3
+# Events recorded in one statement at most (a batch of 5-channel events is 2,500 rows).
+RECORD_BATCH = 500
+# How often the pending records of disabled channels are checked for the end of their retry window.
+DISABLED_SWEEP_SECONDS = 60.0
 # The queue lag gauge is measured at most this often.
 LAG_EVERY_SECONDS = 1.0
 
@@ -79,8 +96,13 @@ class NotifierMetrics:
 
 
 class ChannelCache:
-    """The enabled channels, decrypted once per (id, updated_at): the handler reads the rows for each event (a
-    channel made a moment ago counts), the dispatcher uses them for up to CHANNELS_MAX_AGE_SECONDS."""
+    """The enabled channels, decrypted once per (id, updated_at).
+
+    Read once and kept: every insert, replace and delete of a channel NOTIFYs CHANNELS_CHANGED at its commit
+    (shared/notification_channels.py) and `follow_changes` (a service task, LISTENing) marks the cache stale, so the
+    next event reads them again. A channel made a moment before an event gets it once the notification has arrived
+    (milliseconds after the commit); while the listening connection is down (a database outage), or should a
+    notification be lost, the channels are read again when older than CHANNELS_MAX_AGE_SECONDS."""
 
     def __init__(self, box: SecretBox) -> None:
         self._box = box
@@ -88,9 +110,31 @@ class ChannelCache:
         self._undecryptable: set[tuple[uuid.UUID, object]] = set()  # logged once each
         self.channels: dict[uuid.UUID, Channel] = {}
         self.read_at = float("-inf")
+        # Bumped by each change announced; the channels are fresh when read after the latest one arrived.
+        self._changes = 0
+        self._read_changes = -1
+        self._reading: asyncio.Task[None] | None = None
+        self.listening = False
 
-    async def refresh(self, pool: asyncpg.Pool) -> list[Channel]:
-        """Read the enabled channels now; returns them."""
+    def changed(self) -> None:
+        """A channel changed (a notification arrived): read them again before the next use."""
+        self._changes += 1
+
+    def _fresh(self) -> bool:
+        max_age = CHANNELS_MAX_AGE_SECONDS if self.listening else CHANNELS_UNHEARD_MAX_AGE_SECONDS
+        return self._read_changes == self._changes and time.monotonic() - self.read_at <= max_age
+
+    async def current(self, pool: asyncpg.Pool) -> dict[uuid.UUID, Channel]:
+        """The channels, read again first when stale (see the class's docstring); concurrent callers share one read.
+        Raises what the read raises (database errors)."""
+        while not self._fresh():
+            if self._reading is None or self._reading.done():
+                self._reading = asyncio.ensure_future(self._read(pool))
+            await asyncio.shield(self._reading)
+        return self.channels
+
+    async def _read(self, pool: asyncpg.Pool) -> None:
+        changes = self._changes  # a change announced during the read may not be in it: read again then
         async with pool.acquire() as connection:
             rows = await enabled_channels(connection)
         fresh: dict[tuple[uuid.UUID, object], Channel] = {}
@@ -112,13 +156,36 @@ class ChannelCache:
         self._decrypted = fresh
         self.channels = {channel.id: channel for channel in fresh.values()}
         self.read_at = time.monotonic()
-        return list(self.channels.values())
+        self._read_changes = changes
 
-    async def current(self, pool: asyncpg.Pool) -> dict[uuid.UUID, Channel]:
-        """The channels, read again when older than CHANNELS_MAX_AGE_SECONDS."""
-        if time.monotonic() - self.read_at > CHANNELS_MAX_AGE_SECONDS:
-            await self.refresh(pool)
-        return self.channels
+    async def follow_changes(self, pool: asyncpg.Pool, database: DatabaseWatch) -> None:
+        """LISTEN to CHANNELS_CHANGED on a connection of its own until cancelled (a service task); after each
+        (re)connection the channels count as changed (what was announced meanwhile was not heard)."""
+        while True:
+            try:
+                async with pool.acquire() as connection:
+                    lost = asyncio.Event()
+                    connection.add_termination_listener(functools.partial(_set_event, lost))
+                    await connection.add_listener(CHANNELS_CHANGED, self._heard)
+                    self.listening = True
+                    self.changed()
+                    try:
+                        await lost.wait()
+                    finally:
+                        self.listening = False
+                        with contextlib.suppress(*LISTEN_ERRORS):
+                            await connection.remove_listener(CHANNELS_CHANGED, self._heard)
+            except LISTEN_ERRORS as exc:
+                if not await database.wait_out(exc):
+                    log.warning("listening for channel changes failed, will retry", extra={"error": str(exc)})
+            await asyncio.sleep(LISTEN_RETRY_SECONDS)
+
+    def _heard(self, *_notification: object) -> None:
+        self.changed()
+
+
+def _set_event(event: asyncio.Event, *_arguments: object) -> None:
+    event.set()
 
 
 @dataclass(frozen=True)
@@ -151,7 +218,14 @@ def read_event(routing_key: str, body: bytes) -> Event:
 
 
 class EventHandler:
-    """Records the deliveries of each event (see the module's docstring), then wakes the dispatcher."""
+    """Records the deliveries of each event (see the module's docstring), then wakes the dispatcher.
+
+    Concurrent messages (the queue's prefetch) are recorded together: each handler call joins the next batch and
+    returns once that batch has committed, so a message is still acked only after its records are stored. A batch
+    is one read of the context its events need (host names and groups, failing checks: one query each for all of
+    the batch's hosts, and only when a channel needs them: a group filter, a Slack line) and one INSERT of all its
+    records. One batch is written at a time; the messages that arrive meanwhile make the next one, so a burst is
+    recorded in few statements and a lone event without waiting."""
 
     def __init__(
         self, pool: asyncpg.Pool, channels: ChannelCache, dispatcher: Dispatcher, metrics: NotifierMetrics
@@ -160,6 +234,8 @@ class EventHandler:
         self._channels = channels
         self._dispatcher = dispatcher
         self._metrics = metrics
+        self._waiting: list[tuple[Event, asyncio.Future[int]]] = []
+        self._writer: asyncio.Task[None] | None = None
 
     async def on_message(self, message: AbstractIncomingMessage) -> None:
         """The queue's handler: records, then returns (shared/consuming.py acks after the commit); a malformed
@@ -176,16 +252,77 @@ class EventHandler:
             return
         recorded = await self.record(event)
         self._metrics.events.labels("recorded" if recorded else "no_channel").inc()
-        if recorded:
-            self._dispatcher.wake()
 
     async def record(self, event: Event) -> int:
-        """Match the channels and record the event's deliveries; how many records were made."""
-        channels = await self._channels.refresh(self._pool)
-        wanted = [channel for channel in channels if event.routing_key in channel.events]
-        if not wanted:
-            return 0
-        groups, context = await self._context(event)
+        """Record the event's deliveries in the next batch; how many records were made, once committed. Raises what
+        recording its batch raised (a database error fails every event of the batch; an error in preparing one
+        event's records fails that event only)."""
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._waiting.append((event, done))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_batches())
+        return await done
+
+    async def _write_batches(self) -> None:
+        await asyncio.sleep(0)  # the messages delivered together join the first batch
+        while self._waiting:
+            batch, self._waiting = self._waiting[:RECORD_BATCH], self._waiting[RECORD_BATCH:]
+            try:
+                outcomes = await self._record_batch([event for event, _ in batch])
+            except Exception as exc:
+                for _, done in batch:
+                    if not done.done():
+                        done.set_exception(exc)
+                continue
+            except BaseException:  # cancelled (the loop ends): the handlers give up, their messages go back
+                for _, done in batch + self._waiting:
+                    done.cancel()
+                raise
+            made = 0
+            for (_, done), outcome in zip(batch, outcomes, strict=True):
+                if done.done():
+                    continue  # its handler gave up waiting (stopping); the message is handed back
+                if isinstance(outcome, Exception):
+                    done.set_exception(outcome)
+                else:
+                    made += outcome
+                    done.set_result(outcome)
+            if made:
+                self._dispatcher.wake()
+
+    async def _record_batch(self, events: Sequence[Event]) -> list[int | Exception]:
+        """Match the channels and record the deliveries of `events` in one statement; for each event, how many
+        records were made, or the exception that preparing its records raised."""
+        channels = list((await self._channels.current(self._pool)).values())
+        wanted = {event.routing_key: [c for c in channels if event.routing_key in c.events] for event in events}
+        async with self._pool.acquire() as connection:
+            contexts = await self._contexts(connection, events, wanted)
+            records: list[deliveries.NewDelivery] = []
+            outcomes: list[int | Exception] = []
+            for event in events:
+                try:
+                    groups, context = contexts.get(event.event_id, (None, EventContext()))
+                    bodies = self._bodies(event, wanted[event.routing_key], groups, context)
+                except Exception as exc:  # a bug with one event's data must not fail the others
+                    log.exception("preparing an event's deliveries failed", extra={"event_id": str(event.event_id)})
+                    outcomes.append(exc)
+                    continue
+                outcomes.append(0)
+                records += (deliveries.NewDelivery(channel_id, event.event_id, event.routing_key, body)
+                            for channel_id, body in bodies.items())  # fmt: skip
+            made = await deliveries.record_many(connection, records)
+        counts: dict[uuid.UUID, int] = defaultdict(int)
+        for _, event_id in made:
+            counts[event_id] += 1
+        return [
+            outcome if isinstance(outcome, Exception) else counts[event.event_id]
+            for event, outcome in zip(events, outcomes, strict=True)
+        ]
+
+    def _bodies(
+        self, event: Event, wanted: Sequence[Channel], groups: list[str] | None, context: EventContext
+    ) -> dict[uuid.UUID, bytes]:
+        """The body to record for each channel that gets the event (channel id → body)."""
         in_maintenance = bool(getattr(event.data, "in_maintenance", False))
         bodies: dict[uuid.UUID, bytes] = {}
         by_type: dict[str, bytes] = {}
@@ -198,31 +335,70 @@ class EventHandler:
             if channel.type not in by_type:
                 by_type[channel.type] = notification_body(channel.type, event.routing_key, event.body, context)
             bodies[channel.id] = by_type[channel.type]
-        if not bodies:
-            return 0
-        async with self._pool.acquire() as connection, connection.transaction():
-            return await deliveries.record_deliveries(connection, event.event_id, event.routing_key, bodies)
+        return bodies
 
-    async def _context(self, event: Event) -> tuple[list[str] | None, EventContext]:
-        """The groups the event is about (None: unknown) and what a person reads with it."""
-        data = event.data
-        host_id = getattr(data, "host_id", None)
-        if isinstance(host_id, uuid.UUID):
-            async with self._pool.acquire() as connection:
-                found = await hosts.host_name_and_group(connection, host_id)
-                if event.routing_key == "check.status_changed":
-                    name = await checks.check_name(connection, data.check_id)  # type: ignore[attr-defined]
-                    failing = [(name, data.detail)] if name is not None else []  # type: ignore[attr-defined]
+    async def _contexts(
+        self, connection: asyncpg.pool.PoolConnectionProxy, events: Sequence[Event], wanted: dict[str, list[Channel]]
+    ) -> dict[uuid.UUID, tuple[list[str] | None, EventContext]]:
+        """For each event of `events` whose channels need it, the groups it is about (None: unknown) and what a
+        person reads with it (event id → (groups, context)), read for the whole batch at once: a group filter needs
+        the host's group, a Slack line its name, group and failing checks (or the name of the event's check). An
+        event absent needs nothing (webhooks without groups)."""
+        needs: dict[uuid.UUID, tuple[Event, bool]] = {}  # event id → (event, whether its text is needed)
+        for event in events:
+            chosen = wanted[event.routing_key]
+            text = any(channel.type == "slack" for channel in chosen)
+            if text or any(channel.groups for channel in chosen):
+                needs[event.event_id] = (event, text)
+        if not needs:
+            return {}
+        host_of = {
+            event_id: host_id for event_id, (event, _) in needs.items() if (host_id := _host_of(event)) is not None
+        }
+        found = await hosts.names_and_groups(connection, list(host_of.values())) if host_of else {}
+        check_of = {
+            event_id: event.data.check_id  # type: ignore[attr-defined]
+            for event_id, (event, text) in needs.items()
+            if text and event_id in host_of and event.routing_key == "check.status_changed"
+        }
+        names = await checks.check_names(connection, list(check_of.values())) if check_of else {}
+        failing_hosts = [
+            host_of[event_id] for event_id, (_, text) in needs.items()
+            if text and event_id in host_of and event_id not in check_of
+        ]  # fmt: skip
+        failing = await checks.failing_checks_of_hosts(connection, failing_hosts) if failing_hosts else {}
+        contexts: dict[uuid.UUID, tuple[list[str] | None, EventContext]] = {}
+        for event_id, (event, _) in needs.items():
+            host_id = host_of.get(event_id)
+            if host_id is not None:
+                if event_id in check_of:
+                    name = names.get(check_of[event_id])
+                    about = [(name, event.data.detail)] if name is not None else []  # type: ignore[attr-defined]
                 else:
-                    failing = await checks.failing_checks_of_host(connection, host_id)
-            if found is None:
-                return None, EventContext(checks=tuple(failing))
-            return [found[1]], EventContext(host_name=found[0], group=found[1], checks=tuple(failing))
-        job_id = getattr(data, "job_id", None)
-        if isinstance(job_id, str):  # job.halted, job.resumed: no host, the groups of the job's hosts
-            groups = await jobs.groups_of_job(self._pool, job_id)
-            return (groups or None), EventContext(group=", ".join(groups) or None)
-        return None, EventContext()
+                    about = failing.get(host_id, [])
+                host = found.get(host_id)
+                if host is None:
+                    contexts[event_id] = (None, EventContext(checks=tuple(about)))
+                else:
+                    context = EventContext(host_name=host[0], group=host[1], checks=tuple(about))
+                    contexts[event_id] = ([host[1]], context)
+                continue
+            job_id = getattr(event.data, "job_id", None)
+            if isinstance(job_id, str):  # job.halted, job.resumed: no host, the groups of the job's hosts (rare)
+                groups = await jobs.groups_of_job(connection, job_id)
+                contexts[event_id] = ((groups or None), EventContext(group=", ".join(groups) or None))
+        return contexts
+
+
+def _host_of(event: Event) -> uuid.UUID | None:
+    """The host an event is about: `host_id` of its data, or of the check of a check.config.* event; None for the
+    job events that name no host."""
+    host_id = getattr(event.data, "host_id", None)
+    if isinstance(host_id, uuid.UUID):
+        return host_id
+    check = getattr(event.data, "check", None)
+    host_id = getattr(check, "host_id", None)
+    return host_id if isinstance(host_id, uuid.UUID) else None
 
 
 @dataclass(frozen=True)
@@ -267,6 +443,7 @@ class Dispatcher:
         self._answers: list[_Answer] = []
         self._answered = asyncio.Event()
         self._lag_at = float("-inf")
+        self._swept_at = float("-inf")
 
     def wake(self) -> None:
         """Claim again now (a record was made, a slot freed)."""
@@ -282,8 +459,26 @@ class Dispatcher:
                 if await self._database.wait_out(exc):
                     continue
                 log.warning("claiming deliveries failed, will retry", extra={"error": str(exc)})
+            try:
+                await self._fail_of_disabled_channels()
+            except DATABASE_ERRORS as exc:
+                log.warning(
+                    "failing the old deliveries of disabled channels failed, will retry", extra={"error": str(exc)}
+                )
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
+
+    async def _fail_of_disabled_channels(self) -> None:
+        """Every DISABLED_SWEEP_SECONDS: the pending records of disabled channels past the retry window end
+        `failed` (they are not claimed while the channel is disabled, so no attempt would ever end them)."""
+        if time.monotonic() - self._swept_at < DISABLED_SWEEP_SECONDS:
+            return
+        self._swept_at = time.monotonic()
+        async with self._pool.acquire() as connection:
+            failed = await deliveries.fail_of_disabled_channels(connection, self._policy.give_up_after)
+        if failed:
+            self._metrics.deliveries.labels("failed").inc(failed)
+            log.warning("deliveries of disabled channels failed after the retry window", extra={"count": failed})
 
     async def _claim_and_send(self) -> None:
         channels = await self._channels.current(self._pool)
@@ -328,20 +523,26 @@ class Dispatcher:
         self.wake()
 
     async def store_answers(self) -> None:
-        """Store the answers of the POSTs in batches until cancelled (a service task). A batch that fails for a
-        database outage is kept and stored once the database answers; its records stay leased meanwhile."""
+        """Store the answers of the POSTs in batches until cancelled (a service task): STORE_WORKERS batches at once
+        at most, each of what has come since the previous one was taken, so that an answer (and its channel's slot)
+        waits for the statement storing it rather than for the one before. A batch that fails for a database outage
+        is kept and stored once the database answers; its records stay leased meanwhile."""
+        await asyncio.gather(*(self._store_batches() for _ in range(STORE_WORKERS)))
+
+    async def _store_batches(self) -> None:
         while True:
-            await self._answered.wait()
-            self._answered.clear()
-            while self._answers:
-                batch, self._answers = self._answers[:FINISH_BATCH], self._answers[FINISH_BATCH:]
-                try:
-                    await self._store(batch)
-                except DATABASE_ERRORS as exc:
-                    self._answers = batch + self._answers
-                    if not await self._database.wait_out(exc):
-                        log.warning("storing delivery answers failed, will retry", extra={"error": str(exc)})
-                        await asyncio.sleep(1)
+            while not self._answers:
+                self._answered.clear()
+                await self._answered.wait()
+            batch, self._answers = self._answers[:FINISH_BATCH], self._answers[FINISH_BATCH:]
+            try:
+                await self._store(batch)
+            except DATABASE_ERRORS as exc:
+                self._answers = batch + self._answers
+                self._answered.set()
+                if not await self._database.wait_out(exc):
+                    log.warning("storing delivery answers failed, will retry", extra={"error": str(exc)})
+                    await asyncio.sleep(1)
 
     async def _store(self, batch: Sequence[_Answer]) -> None:
         async with self._pool.acquire() as connection:
