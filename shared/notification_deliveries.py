@@ -31,8 +31,8 @@ DEFAULT_MAX_RETRY_SECONDS = 600.0
 # Up to this fraction is added to each back-off, so that the retries of one receiver's outage spread out.
 RETRY_JITTER = 0.1
 DETAIL_MAX_CHARS = 1000
-# The detail of a record that ended `failed` because its channel stayed disabled past the retry window.
-DISABLED_DETAIL = "the channel is disabled"
+# The detail of a pending record that ended `failed` because its channel was disabled.
+DISABLED_DETAIL = "the channel was disabled"
 
 
 class Attempt(Protocol):
@@ -51,13 +51,15 @@ class Attempt(Protocol):
 
 @dataclass(frozen=True)
 class DueDelivery:
-    """A record `claim_due` took: its body is what to POST; `attempts` counts this attempt; `created_at` is when the
-    record was made (the event's arrival at the notifier)."""
+    """A record `claim_due` took: `body` is the event's CloudEvent and `slack_text` the Slack line made with it (None
+    when the channel was a webhook then); `attempts` counts this attempt; `created_at` is when the record was made
+    (the event's arrival at the notifier)."""
 
     channel_id: uuid.UUID
     event_id: uuid.UUID
     event_type: str
     body: bytes
+    slack_text: str | None
     attempts: int
     created_at: dt.datetime
 
@@ -76,20 +78,23 @@ async def record_deliveries(
     connection: Connection, event_id: uuid.UUID, event_type: str, bodies: Mapping[uuid.UUID, bytes]
 ) -> int:
     """Record a pending delivery, due now, of the event `event_id` (routing key `event_type`) to each channel of
-    `bodies` (channel id → the body to POST). A record that exists already is left as it is (the event arrived
-    again, or another notifier recorded it). Returns how many records were made."""
+    `bodies` (channel id → the event's CloudEvent; no Slack line: `record_many` takes one). A record that exists
+    already is left as it is (the event arrived again, or another notifier recorded it). Returns how many records
+    were made."""
     wanted = [NewDelivery(channel_id, event_id, event_type, body) for channel_id, body in bodies.items()]
     return len(await record_many(connection, wanted))
 
 
 @dataclass(frozen=True)
 class NewDelivery:
-    """A delivery to record (`record_many`): the channel, the event's id and routing key, the body to POST."""
+    """A delivery to record (`record_many`): the channel, the event's id and routing key, its CloudEvent (`body`),
+    and the Slack line of the event for a slack channel (None for a webhook)."""
 
     channel_id: uuid.UUID
     event_id: uuid.UUID
     event_type: str
     body: bytes
+    slack_text: str | None = None
 
 
 async def record_many(connection: Connection, wanted: Sequence[NewDelivery]) -> set[tuple[uuid.UUID, uuid.UUID]]:
@@ -103,10 +108,10 @@ async def record_many(connection: Connection, wanted: Sequence[NewDelivery]) -> 
     ordered = sorted(wanted, key=lambda new: (new.channel_id, new.event_id))
     rows = await connection.fetch(
         """
-        INSERT INTO notification_deliveries (channel_id, event_id, event_type, body, next_attempt_at)
-        SELECT wanted.channel_id, wanted.event_id, wanted.event_type, wanted.body, clock_timestamp()
-        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[]) WITH ORDINALITY
-            AS wanted (channel_id, event_id, event_type, body, position)
+        INSERT INTO notification_deliveries (channel_id, event_id, event_type, body, slack_text, next_attempt_at)
+        SELECT wanted.channel_id, wanted.event_id, wanted.event_type, wanted.body, wanted.slack_text, clock_timestamp()
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::bytea[], $5::text[]) WITH ORDINALITY
+            AS wanted (channel_id, event_id, event_type, body, slack_text, position)
         WHERE EXISTS (SELECT FROM notification_channels c WHERE c.id = wanted.channel_id)
         ORDER BY wanted.position
         ON CONFLICT (channel_id, event_id) DO NOTHING
@@ -116,6 +121,7 @@ async def record_many(connection: Connection, wanted: Sequence[NewDelivery]) -> 
         [new.event_id for new in ordered],
         [new.event_type for new in ordered],
         [new.body for new in ordered],
+        [new.slack_text for new in ordered],
     )
     return {(row["channel_id"], row["event_id"]) for row in rows}
 
@@ -153,7 +159,7 @@ async def claim_due(
             last_attempt_at = clock_timestamp(),
             next_attempt_at = clock_timestamp() + make_interval(secs => $3)
         WHERE d.ctid = ANY (ARRAY(SELECT ctid FROM due))
-        RETURNING d.channel_id, d.event_id, d.event_type, d.body, d.attempts, d.created_at
+        RETURNING d.channel_id, d.event_id, d.event_type, d.body, d.slack_text, d.attempts, d.created_at
         """,
         channels,
         [free_slots[channel] for channel in channels],
@@ -165,6 +171,7 @@ async def claim_due(
             event_id=row["event_id"],
             event_type=row["event_type"],
             body=bytes(row["body"]),
+            slack_text=row["slack_text"],
             attempts=row["attempts"],
             created_at=row["created_at"],
         )
@@ -267,18 +274,21 @@ async def finish_attempt(
     return finished[0].outcome if finished else None
 
 
-async def fail_of_disabled_channels(connection: Connection, give_up_after: dt.timedelta, *, limit: int = 1000) -> int:
-    """Mark `failed` (detail DISABLED_DETAIL) the pending records of disabled channels made more than
-    `give_up_after` ago, at most `limit` at once: they are not sent while their channel is disabled (the notifier
-    claims only enabled channels' records), and past the retry window not after it is enabled again either.
-    Records another notifier holds locked are skipped. Returns how many were marked."""
+async def fail_of_disabled_channels(
+    connection: Connection, *, channel_id: uuid.UUID | None = None, limit: int = 1000
+) -> int:
+    """Mark `failed` (detail DISABLED_DETAIL) the pending records of disabled channels (of `channel_id` alone when
+    given), at most `limit` at once: a disabled channel gets nothing, and an old event sent when it is enabled again
+    hours later would be news to no one. The api calls it in the transaction that disables a channel; the notifiers
+    sweep for records recorded in the moment before (a batch that read the channel while still enabled). Records
+    another notifier holds locked (in flight) are skipped; their answers are stored as usual. Returns how many were
+    marked."""
     status = await connection.execute(
         """
         WITH stale AS (
             SELECT d.channel_id, d.event_id
             FROM notification_channels c JOIN notification_deliveries d ON d.channel_id = c.id
-            WHERE NOT c.enabled AND d.status = 'pending'
-              AND d.created_at <= clock_timestamp() - make_interval(secs => $1)
+            WHERE NOT c.enabled AND d.status = 'pending' AND ($1::uuid IS NULL OR c.id = $1)
             ORDER BY d.channel_id, d.event_id
             LIMIT $2
             FOR UPDATE OF d SKIP LOCKED
@@ -287,7 +297,7 @@ async def fail_of_disabled_channels(connection: Connection, give_up_after: dt.ti
             next_attempt_at = NULL
         FROM stale WHERE d.channel_id = stale.channel_id AND d.event_id = stale.event_id
         """,
-        give_up_after.total_seconds(),
+        channel_id,
         limit,
         DISABLED_DETAIL,
     )

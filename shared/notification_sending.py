@@ -97,6 +97,15 @@ def notification_body(channel_type: str, routing_key: str, cloudevent: bytes, co
     return json.dumps({"text": text}, ensure_ascii=False).encode()
 
 
+def post_body(channel_type: str, routing_key: str, cloudevent: bytes, slack_line: str | None) -> bytes:
+    """What an attempt POSTs to a channel of `channel_type` now: the CloudEvent for a webhook; for Slack,
+    `{"text": slack_line}`, or a line made from the event alone when none was made with it (the channel was a webhook
+    when the event arrived: its host's name and failing checks are no longer known)."""
+    if channel_type == "webhook" or slack_line is None:
+        return notification_body(channel_type, routing_key, cloudevent, EventContext())
+    return json.dumps({"text": slack_line}, ensure_ascii=False).encode()
+
+
 def slack_text(routing_key: str, data: Mapping[str, Any], context: EventContext) -> str:
     """One line an operator reads (CONTRACT §7), e.g. "web-1 (group web) is unhealthy: homepage: status 503".
 

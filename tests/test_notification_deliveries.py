@@ -123,23 +123,20 @@ async def test_a_batch_is_recorded_in_one_statement_once_and_without_deleted_cha
     assert await db.fetchval("SELECT count(*) FROM notification_deliveries") == 6
 
 
-async def test_pending_records_of_a_disabled_channel_fail_after_the_retry_window(db: asyncpg.Connection) -> None:
-    disabled, enabled = await _channel(db, "disabled"), await _channel(db, "enabled")
-    old, recent = uuid.uuid4(), uuid.uuid4()
-    for event_id in (old, recent):
-        await deliveries.record_deliveries(db, event_id, "host.status_changed", {disabled: b"x", enabled: b"x"})
-    await db.execute(
-        "UPDATE notification_deliveries SET created_at = now() - interval '25 hours' WHERE event_id = $1", old
-    )
-    await db.execute("UPDATE notification_channels SET enabled = false WHERE id = $1", disabled)
-    assert await deliveries.fail_of_disabled_channels(db, deliveries.GIVE_UP_AFTER) == 1
-    rows = await db.fetch("SELECT channel_id, event_id, status, detail FROM notification_deliveries")
-    found = {(row["channel_id"], row["event_id"]): (row["status"], row["detail"]) for row in rows}
-    assert found == {
-        (disabled, old): ("failed", deliveries.DISABLED_DETAIL),
-        (disabled, recent): ("pending", None),  # within the window: sent if the channel is enabled again
-        (enabled, old): ("pending", None),  # an enabled channel's records end by their attempts
-        (enabled, recent): ("pending", None),
+async def test_pending_records_of_disabled_channels_fail(db: asyncpg.Connection) -> None:
+    disabled, other, enabled = await _channel(db, "disabled"), await _channel(db, "other"), await _channel(db, "on")
+    event_id = uuid.uuid4()
+    channels = (disabled, other, enabled)
+    await deliveries.record_deliveries(db, event_id, "host.status_changed", dict.fromkeys(channels, b"x"))
+    await db.execute("UPDATE notification_channels SET enabled = false WHERE id = ANY($1)", [disabled, other])
+    assert await deliveries.fail_of_disabled_channels(db, channel_id=disabled) == 1  # the api's, as it disables one
+    assert await deliveries.fail_of_disabled_channels(db) == 1  # the notifiers' sweep: the other one
+    assert await deliveries.fail_of_disabled_channels(db) == 0
+    rows = await db.fetch("SELECT channel_id, status, detail FROM notification_deliveries")
+    assert {row["channel_id"]: (row["status"], row["detail"]) for row in rows} == {
+        disabled: ("failed", deliveries.DISABLED_DETAIL),
+        other: ("failed", deliveries.DISABLED_DETAIL),
+        enabled: ("pending", None),  # an enabled channel's records end by their attempts
     }
 
 

@@ -28,7 +28,7 @@ from shared import notification_channels as channels
 from shared.audit import SECRET_MARK, diff, record_audit
 from shared.crypto import DecryptionError
 from shared.database import Connection
-from shared.notification_deliveries import delivery_page, record_test_delivery
+from shared.notification_deliveries import delivery_page, fail_of_disabled_channels, record_test_delivery
 from shared.notification_sending import make_test_event
 
 ENTITY_TYPE = "notification_channel"
@@ -205,6 +205,8 @@ async def update_channel_on(
         except channels.DuplicateChannelName:
             raise _duplicate(body.name) from None
         assert row is not None  # locked above
+        if not row["enabled"]:
+            await fail_of_disabled_channels(connection, channel_id=channel_id)
         await audit_channel(connection, actor, "notification_channel.update", channel_id, audited_changes(before, row))
     return channel_view(row, secret=generated)
 

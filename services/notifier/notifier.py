@@ -45,7 +45,7 @@ from shared.notification_channels import (
     enabled_channels,
 )
 from shared.notification_deliveries import DueDelivery, RetryPolicy
-from shared.notification_sending import Attempt, EventContext, NotificationSender, notification_body
+from shared.notification_sending import Attempt, EventContext, NotificationSender, post_body, slack_text
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,9 @@ FINISH_BATCH = 500
 STORE_WORKERS = 3
 # Events recorded in one statement at most (a batch of 5-channel events is 2,500 rows).
 RECORD_BATCH = 500
-# How often the pending records of disabled channels are checked for the end of their retry window.
-DISABLED_SWEEP_SECONDS = 60.0
+# How often the pending records of disabled channels are looked for (the api fails them as it disables a channel;
+# this finds those a batch recorded in the moment before).
+DISABLED_SWEEP_SECONDS = 10.0
 # The queue lag gauge is measured at most this often.
 LAG_EVERY_SECONDS = 1.0
 
@@ -296,7 +297,7 @@ class EventHandler:
         channels = list((await self._channels.current(self._pool)).values())
         wanted = {event.routing_key: [c for c in channels if event.routing_key in c.events] for event in events}
         async with self._pool.acquire() as connection:
-            contexts = await self._contexts(connection, events, wanted)
+            contexts = await event_contexts(connection, events, wanted)
             records: list[deliveries.NewDelivery] = []
             outcomes: list[int | Exception] = []
             for event in events:
@@ -308,8 +309,8 @@ class EventHandler:
                     outcomes.append(exc)
                     continue
                 outcomes.append(0)
-                records += (deliveries.NewDelivery(channel_id, event.event_id, event.routing_key, body)
-                            for channel_id, body in bodies.items())  # fmt: skip
+                records += (deliveries.NewDelivery(channel_id, event.event_id, event.routing_key, event.body, line)
+                            for channel_id, line in bodies.items())  # fmt: skip
             made = await deliveries.record_many(connection, records)
         counts: dict[uuid.UUID, int] = defaultdict(int)
         for _, event_id in made:
@@ -321,73 +322,73 @@ class EventHandler:
 
     def _bodies(
         self, event: Event, wanted: Sequence[Channel], groups: list[str] | None, context: EventContext
-    ) -> dict[uuid.UUID, bytes]:
-        """The body to record for each channel that gets the event (channel id → body)."""
+    ) -> dict[uuid.UUID, str | None]:
+        """The channels that get the event, each with the Slack line to record (None for a webhook: it gets the
+        CloudEvent, which every record holds)."""
         in_maintenance = bool(getattr(event.data, "in_maintenance", False))
-        bodies: dict[uuid.UUID, bytes] = {}
-        by_type: dict[str, bytes] = {}
+        lines: dict[uuid.UUID, str | None] = {}
+        line: str | None = None
         for channel in wanted:
             verdict = match(channel, event.routing_key, groups, in_maintenance)
             if verdict is Match.SKIP_MAINTENANCE:
                 self._metrics.deliveries.labels("skipped").inc()
             if verdict is not Match.SEND:
                 continue
-            if channel.type not in by_type:
-                by_type[channel.type] = notification_body(channel.type, event.routing_key, event.body, context)
-            bodies[channel.id] = by_type[channel.type]
-        return bodies
+            if channel.type == "slack" and line is None:
+                line = slack_text(event.routing_key, event.data.model_dump(mode="json"), context)
+            lines[channel.id] = line if channel.type == "slack" else None
+        return lines
 
-    async def _contexts(
-        self, connection: asyncpg.pool.PoolConnectionProxy, events: Sequence[Event], wanted: dict[str, list[Channel]]
-    ) -> dict[uuid.UUID, tuple[list[str] | None, EventContext]]:
-        """For each event of `events` whose channels need it, the groups it is about (None: unknown) and what a
-        person reads with it (event id → (groups, context)), read for the whole batch at once: a group filter needs
-        the host's group, a Slack line its name, group and failing checks (or the name of the event's check). An
-        event absent needs nothing (webhooks without groups)."""
-        needs: dict[uuid.UUID, tuple[Event, bool]] = {}  # event id → (event, whether its text is needed)
-        for event in events:
-            chosen = wanted[event.routing_key]
-            text = any(channel.type == "slack" for channel in chosen)
-            if text or any(channel.groups for channel in chosen):
-                needs[event.event_id] = (event, text)
-        if not needs:
-            return {}
-        host_of = {
-            event_id: host_id for event_id, (event, _) in needs.items() if (host_id := _host_of(event)) is not None
-        }
-        found = await hosts.names_and_groups(connection, list(host_of.values())) if host_of else {}
-        check_of = {
-            event_id: event.data.check_id  # type: ignore[attr-defined]
-            for event_id, (event, text) in needs.items()
-            if text and event_id in host_of and event.routing_key == "check.status_changed"
-        }
-        names = await checks.check_names(connection, list(check_of.values())) if check_of else {}
-        failing_hosts = [
-            host_of[event_id] for event_id, (_, text) in needs.items()
-            if text and event_id in host_of and event_id not in check_of
-        ]  # fmt: skip
-        failing = await checks.failing_checks_of_hosts(connection, failing_hosts) if failing_hosts else {}
-        contexts: dict[uuid.UUID, tuple[list[str] | None, EventContext]] = {}
-        for event_id, (event, _) in needs.items():
-            host_id = host_of.get(event_id)
-            if host_id is not None:
-                if event_id in check_of:
-                    name = names.get(check_of[event_id])
-                    about = [(name, event.data.detail)] if name is not None else []  # type: ignore[attr-defined]
-                else:
-                    about = failing.get(host_id, [])
-                host = found.get(host_id)
-                if host is None:
-                    contexts[event_id] = (None, EventContext(checks=tuple(about)))
-                else:
-                    context = EventContext(host_name=host[0], group=host[1], checks=tuple(about))
-                    contexts[event_id] = ([host[1]], context)
-                continue
-            job_id = getattr(event.data, "job_id", None)
-            if isinstance(job_id, str):  # job.halted, job.resumed: no host, the groups of the job's hosts (rare)
-                groups = await jobs.groups_of_job(connection, job_id)
-                contexts[event_id] = ((groups or None), EventContext(group=", ".join(groups) or None))
-        return contexts
+
+async def event_contexts(
+    connection: asyncpg.pool.PoolConnectionProxy, events: Sequence[Event], wanted: dict[str, list[Channel]]
+) -> dict[uuid.UUID, tuple[list[str] | None, EventContext]]:
+    """For each event of `events` whose channels need it, the groups it is about (None: unknown) and what a
+    person reads with it (event id → (groups, context)), read for the whole batch at once: a group filter needs
+    the host's group, a Slack line its name, group and failing checks (or the name of the event's check). An
+    event absent needs nothing (webhooks without groups)."""
+    needs: dict[uuid.UUID, tuple[Event, bool]] = {}  # event id → (event, whether its text is needed)
+    for event in events:
+        chosen = wanted[event.routing_key]
+        text = any(channel.type == "slack" for channel in chosen)
+        if text or any(channel.groups for channel in chosen):
+            needs[event.event_id] = (event, text)
+    if not needs:
+        return {}
+    host_of = {event_id: host_id for event_id, (event, _) in needs.items() if (host_id := _host_of(event)) is not None}
+    found = await hosts.names_and_groups(connection, list(host_of.values())) if host_of else {}
+    check_of = {
+        event_id: event.data.check_id  # type: ignore[attr-defined]
+        for event_id, (event, text) in needs.items()
+        if text and event_id in host_of and event.routing_key == "check.status_changed"
+    }
+    names = await checks.check_names(connection, list(check_of.values())) if check_of else {}
+    failing_hosts = [
+        host_of[event_id] for event_id, (_, text) in needs.items()
+        if text and event_id in host_of and event_id not in check_of
+    ]  # fmt: skip
+    failing = await checks.failing_checks_of_hosts(connection, failing_hosts) if failing_hosts else {}
+    contexts: dict[uuid.UUID, tuple[list[str] | None, EventContext]] = {}
+    for event_id, (event, _) in needs.items():
+        host_id = host_of.get(event_id)
+        if host_id is not None:
+            if event_id in check_of:
+                name = names.get(check_of[event_id])
+                about = [(name, event.data.detail)] if name is not None else []  # type: ignore[attr-defined]
+            else:
+                about = failing.get(host_id, [])
+            host = found.get(host_id)
+            if host is None:
+                contexts[event_id] = (None, EventContext(checks=tuple(about)))
+            else:
+                context = EventContext(host_name=host[0], group=host[1], checks=tuple(about))
+                contexts[event_id] = ([host[1]], context)
+            continue
+        job_id = getattr(event.data, "job_id", None)
+        if isinstance(job_id, str):  # job.halted, job.resumed: no host, the groups of the job's hosts (rare)
+            groups = await jobs.groups_of_job(connection, job_id)
+            contexts[event_id] = ((groups or None), EventContext(group=", ".join(groups) or None))
+    return contexts
 
 
 def _host_of(event: Event) -> uuid.UUID | None:
@@ -462,23 +463,21 @@ class Dispatcher:
             try:
                 await self._fail_of_disabled_channels()
             except DATABASE_ERRORS as exc:
-                log.warning(
-                    "failing the old deliveries of disabled channels failed, will retry", extra={"error": str(exc)}
-                )
+                log.warning("failing the deliveries of disabled channels failed, will retry", extra={"error": str(exc)})
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._poll)
 
     async def _fail_of_disabled_channels(self) -> None:
-        """Every DISABLED_SWEEP_SECONDS: the pending records of disabled channels past the retry window end
-        `failed` (they are not claimed while the channel is disabled, so no attempt would ever end them)."""
+        """Every DISABLED_SWEEP_SECONDS: the pending records of disabled channels end `failed` (they are never
+        claimed while the channel is disabled, so no attempt would ever end them)."""
         if time.monotonic() - self._swept_at < DISABLED_SWEEP_SECONDS:
             return
         self._swept_at = time.monotonic()
         async with self._pool.acquire() as connection:
-            failed = await deliveries.fail_of_disabled_channels(connection, self._policy.give_up_after)
+            failed = await deliveries.fail_of_disabled_channels(connection)
         if failed:
             self._metrics.deliveries.labels("failed").inc(failed)
-            log.warning("deliveries of disabled channels failed after the retry window", extra={"count": failed})
+            log.warning("pending deliveries of disabled channels failed", extra={"count": failed})
 
     async def _claim_and_send(self) -> None:
         channels = await self._channels.current(self._pool)
@@ -501,7 +500,11 @@ class Dispatcher:
             try:
                 # The sender bounds each POST itself; this only makes sure the lease is never outlived.
                 async with asyncio.timeout(self._timeout + LEASE_MARGIN_SECONDS / 2):
-                    attempt = await self._sender.send(channel, claim.event_id, claim.body)
+                    line = claim.slack_text
+                    if channel.type == "slack" and line is None:
+                        line = await self._late_slack_text(claim, channel)
+                    body = post_body(channel.type, claim.event_type, claim.body, line)
+                    attempt = await self._sender.send(channel, claim.event_id, body)
             except TimeoutError:
                 shown = display_url(channel.type, channel.url)
                 attempt = Attempt(False, None, f"{shown} did not answer within {self._timeout:g} s")
@@ -517,6 +520,20 @@ class Dispatcher:
         # `concurrency` leased, unfinished records of a channel, which bounds what a kill can have sent twice.
         self._answers.append(_Answer(claim, channel, attempt))
         self._answered.set()
+
+    async def _late_slack_text(self, claim: DueDelivery, channel: Channel) -> str | None:
+        """The Slack line of a record made while its channel was a webhook (its type changed since): read now, with
+        the host's name and failing checks as they are now; None (a line from the event alone) when it cannot be."""
+        try:
+            event = read_event(claim.event_type, claim.body)
+            async with self._pool.acquire() as connection:
+                contexts = await event_contexts(connection, [event], {event.routing_key: [channel]})
+        except MalformedNotification:
+            return None
+        except DATABASE_ERRORS:
+            return None
+        _, context = contexts.get(event.event_id, (None, EventContext()))
+        return slack_text(event.routing_key, event.data.model_dump(mode="json"), context)
 
     def _release(self, channel_id: uuid.UUID) -> None:
         self._in_flight[channel_id] -= 1

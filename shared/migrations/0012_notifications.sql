@@ -19,8 +19,10 @@ CREATE TABLE notification_channels (
 );
 
 -- One record per (channel, event id), written before the first attempt: the primary key is what makes a duplicate
--- event, or several notifiers, deliver once. `body` is the request body to POST (the CloudEvent, or Slack's
--- {"text": ...}), fixed when the record is made; the signature is made at each attempt (its timestamp is the
+-- event, or several notifiers, deliver once. `body` is the event's CloudEvent as published, and `slack_text` the
+-- Slack line made when the record was made (with the host's name and failing checks then; null when the channel was
+-- a webhook): each attempt POSTs what the channel's type is at that moment, so a channel whose type changes while
+-- a delivery is retried gets its new format. The signature is made at each attempt (its timestamp is the
 -- attempt's). next_attempt_at is the timer: a pending record is due when it has passed; a notifier that claims one
 -- moves it past the attempt's timeout (a lease), so that a notifier killed mid-attempt leaves it to another.
 CREATE TABLE notification_deliveries (
@@ -28,6 +30,7 @@ CREATE TABLE notification_deliveries (
     event_id uuid NOT NULL,
     event_type text NOT NULL,
     body bytea NOT NULL,
+    slack_text text,
     status text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered', 'failed')),
     attempts integer NOT NULL DEFAULT 0 CHECK (attempts >= 0),
     created_at timestamptz NOT NULL DEFAULT now(),
