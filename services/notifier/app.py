@@ -15,6 +15,10 @@ from shared.topology import NOTIFIER_EVENTS_QUEUE
 # Events taken from the queue at once: those held while a batch is written make the next batch (services/notifier/
 # notifier.py, EventHandler), so a burst is recorded in a few statements rather than one per event.
 PREFETCH = 500
+# At a stop, the POSTs at work get at most this long to finish, and their answers as long to be stored: the whole
+# stop stays within CONTRACT §1's 20 s whatever HEALTHGATE_NOTIFIER_TIMEOUT_SECONDS says (up to 60 s). Those cut
+# off stay leased and are sent again by a notifier once the lease ends.
+DRAIN_SECONDS = 5.0
 # The dispatcher's connections: a claim, the lag gauge and up to 3 statements storing answers at once.
 DISPATCH_POOL_SIZE = 5
 
@@ -53,7 +57,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
             # Before the sender's HTTP session closes: the POSTs at work finish and their answers are stored; the
             # rest stay leased and are sent again (a receiver de-duplicates by webhook-id).
             await runtime.consumers.stop(runtime.consumer_grace_seconds)
-            await dispatcher.drain(settings.notifier_timeout_seconds)
+            await dispatcher.drain(min(settings.notifier_timeout_seconds, DRAIN_SECONDS))
             await close_pool(dispatch_pool)
     return runtime.succeeded
 
