@@ -69,7 +69,7 @@ class Settings(BaseSettings):
     # fraction of a second); how long one POST may take; how many POSTs one process has in flight to one channel.
     notifier_retry_seconds: float = Field(10, gt=0, le=600, allow_inf_nan=False)
     notifier_timeout_seconds: float = Field(10, ge=0.1, le=60, allow_inf_nan=False)
-    notifier_concurrency: int = Field(8, ge=1, le=1000)
+    notifier_concurrency: int = Field(32, ge=1, le=1000)
     # CONTRACT §2: json, or text when stderr is a terminal (a person reads it); an explicit value wins.
     log_format: Literal["json", "text"] = Field(default_factory=lambda: default_log_format())
     health_port: int | None = Field(None, ge=0, le=65535)

@@ -46,6 +46,9 @@ def notifier_env(service_env: dict[str, str], backing: BackingServices) -> Itera
         "HEALTHGATE_NOTIFIER_RETRY_SECONDS": RETRY_SECONDS,
         "HEALTHGATE_NOTIFIER_TIMEOUT_SECONDS": TIMEOUT_SECONDS,
         "HEALTHGATE_BLOCKED_NETWORKS": BLOCKED,
+        # 8 slots per channel (the default is 32): a hanging receiver fills them with few events, and the
+        # at-least-once window of a kill is as small as the tests count it.
+        "HEALTHGATE_NOTIFIER_CONCURRENCY": "8",
     }
     asyncio.run(delete_topology(backing.amqp_url, exchange))
 
