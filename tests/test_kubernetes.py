@@ -367,3 +367,9 @@ def test_dockerfile_user_matches_the_pods() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text(encoding="utf-8")
     assert f"--uid {IMAGE_UID}" in dockerfile and f"--gid {IMAGE_UID}" in dockerfile
     assert 'ENTRYPOINT ["healthgate"]' in dockerfile and "WORKDIR /tmp" in dockerfile
+
+
+def test_readme_links_the_kubernetes_guide_and_scaling() -> None:
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert "(deploy/kubernetes/README.md)" in readme and "(docs/scaling.md)" in readme
+    assert (ROOT / "docs" / "scaling.md").is_file() and (DEPLOY / "README.md").is_file()
