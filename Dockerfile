@@ -24,7 +24,7 @@ ENV HEALTHGATE_KEY_FILE=/etc/healthgate/keys/health-check.key \
 # A named volume mounted on /etc/healthgate/keys starts with that directory's owner and mode.
 USER healthgate
 WORKDIR /tmp
-EXPOSE 8080 8081 8082 8083
+EXPOSE 8080 8081 8082 8083 8084
 
 ENTRYPOINT ["healthgate"]
 CMD ["api"]

@@ -48,9 +48,20 @@ def bundled_migrations() -> list[Migration]:
 async def ensure_database(dsn: str) -> bool:
     """Create the database named in the DSN when it does not exist. True if it was created.
 
+    The database itself is tried first: a managed PostgreSQL (a cloud's, a Kubernetes operator's) often lets the
+    service's user connect only to its own database, never to `postgres`. Only when it does not exist is
+    `postgres` asked to create it.
+
     Raises DatabaseUnavailable when the server cannot be reached."""
     parts = urlsplit(dsn)
     database = parts.path.lstrip("/") or parts.username or "postgres"
+    try:
+        await (await asyncpg.connect(dsn)).close()
+        return False
+    except asyncpg.InvalidCatalogNameError:
+        pass  # it does not exist: create it below
+    except DATABASE_ERRORS:
+        pass  # unreachable, refused, ...: the maintenance database's answer says why below
     maintenance_dsn = urlunsplit(parts._replace(path="/postgres"))
     try:
         connection = await asyncpg.connect(maintenance_dsn)

@@ -14,6 +14,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -21,8 +22,9 @@ import pytest
 
 from shared.crypto import KeyFileError, load_or_create_key
 from shared.events import JobStart, MalformedEvent, decode_event, encode_cloudevent
-from shared.schema import bundled_migrations
+from shared.schema import bundled_migrations, migrate
 from shared.settings import SettingsError, load_settings
+from tests.support.postgres import PostgresCluster
 from tests.support.processes import ServiceProcess, free_port, start_service
 
 HEALTHGATE = [sys.executable, "-m", "services.cli"]
@@ -149,6 +151,35 @@ def test_api_with_unusable_key_stops_with_a_clear_error(tmp_path: Path, service_
 def test_migrations_are_numbered_without_gaps() -> None:
     versions = [migration.version for migration in bundled_migrations()]
     assert versions == list(range(1, len(versions) + 1))
+
+
+async def test_migrate_needs_no_connection_to_the_postgres_database_when_its_own_exists(
+    own_postgres: PostgresCluster,
+) -> None:
+    """A managed PostgreSQL often lets a service's user connect to its own database only: migrate must not insist
+    on `postgres` when the database is already there (deploy/kubernetes/README.md)."""
+    name, role = f"tenant_{uuid.uuid4().hex[:8]}", f"tenant_{uuid.uuid4().hex[:8]}"
+    admin = await asyncpg.connect(own_postgres.url)
+    try:
+        await admin.execute(f"CREATE ROLE {role} LOGIN")
+        await admin.execute(f"CREATE DATABASE {name} OWNER {role}")
+        await admin.execute("REVOKE CONNECT ON DATABASE postgres FROM PUBLIC")
+        dsn = urlunsplit(
+            urlsplit(own_postgres.database_url(name))._replace(
+                netloc=f"{role}@{urlsplit(own_postgres.url).netloc.split('@')[-1]}"
+            )
+        )
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # as on such a server
+            await (await asyncpg.connect(urlunsplit(urlsplit(dsn)._replace(path="/postgres")))).close()
+        await migrate(dsn)
+        tenant = await asyncpg.connect(dsn)
+        assert await tenant.fetchval("SELECT count(*) FROM schema_migrations") == len(bundled_migrations())
+        await tenant.close()
+    finally:
+        await admin.execute("GRANT CONNECT ON DATABASE postgres TO PUBLIC")
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        await admin.execute(f"DROP ROLE IF EXISTS {role}")
+        await admin.close()
 
 
 async def test_concurrent_migrate_creates_the_database_once(backing: object, session_id: str) -> None:
