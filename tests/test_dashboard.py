@@ -1607,7 +1607,7 @@ async def test_screenshots_of_each_page(
     await page.screenshot(path=SCREENSHOTS / "hosts.png")
     await page.goto(f"{api.base_url}/hosts/{web1}")
     await expect(page.locator("svg.history")).to_have_count(3)
-    await expect(page.locator("svg.sparkline")).to_have_count(3)
+    await expect(page.locator("svg.latency")).to_have_count(3)
     await check_item(page, "homepage").get_by_role("button", name="Test now").click()
     await expect(check_item(page, "homepage").locator(".test-result")).to_contain_text("Healthy")
     await page.screenshot(path=SCREENSHOTS / "host.png", full_page=True)
@@ -1615,6 +1615,10 @@ async def test_screenshots_of_each_page(
     await expect(page.get_by_role("table", name="Waiting").locator("tr[data-job]")).to_have_count(1)
     await expect(page.get_by_role("table", name="Decided").locator("tr[data-job]")).to_have_count(3)
     await page.screenshot(path=SCREENSHOTS / "jobs.png")
+    # The admin's audit log (issue 15) of everything above.
+    await page.get_by_role("link", name="Audit log").click()
+    await expect(page.locator("tr[data-audit]").first).to_be_visible()
+    await page.screenshot(path=SCREENSHOTS / "audit.png")
     assert script_problems(page) == []
 
     phone = await new_page(browser, PHONE, is_mobile=True, has_touch=True)
@@ -1628,5 +1632,5 @@ async def test_screenshots_of_each_page(
         await phone.screenshot(path=tmp_path / f"{name}-phone.png", full_page=True)
         assert await phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
     assert script_problems(phone) == []
-    for name in ("login", "hosts", "host", "jobs", "hosts-phone"):
+    for name in ("login", "hosts", "host", "jobs", "audit", "hosts-phone"):
         assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000, name
