@@ -1457,6 +1457,19 @@ async def insert_history(
         records=rows,
         columns=["id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms"],
     )
+    # Counted in the check's uptime as a poller counts its results (shared/uptime.py), so that the page's figure
+    # agrees with its squares.
+    await db.execute(
+        """
+        INSERT INTO check_uptime_hours AS u (check_id, hour, healthy, total)
+        SELECT $1, date_trunc('hour', at, 'UTC'), count(*) FILTER (WHERE ok), count(*)
+        FROM unnest($2::timestamptz[], $3::bool[]) AS r(at, ok) GROUP BY 2
+        ON CONFLICT (check_id, hour) DO UPDATE SET healthy = u.healthy + EXCLUDED.healthy, total = u.total + EXCLUDED.total
+        """,
+        uuid.UUID(check_id),
+        [row[3] for row in rows],
+        [row[4] for row in rows],
+    )
 
 
 async def wait_for_statuses(

@@ -15,9 +15,9 @@ SQUARE = 12
 GAP = 2
 # The latency chart: its size and the margins that hold the scales' labels (SVG user units, i.e. CSS pixels at
 # full size; the chart scales down with its viewBox on narrow screens).
-CHART_WIDTH = 420
+CHART_WIDTH = 440
 CHART_HEIGHT = 150
-MARGIN_LEFT = 58  # room for "1,000 ms"
+MARGIN_LEFT = 70  # room for "1,000 ms" and the axis title beside it
 MARGIN_RIGHT = 12
 MARGIN_TOP = 10
 MARGIN_BOTTOM = 34  # the time labels, then the axis caption
@@ -85,13 +85,13 @@ def legend_swatch(kind: str) -> str:
     if kind in ("ok", "bad"):
         inner = f'<rect class="{kind}" x="0" y="0" width="{size}" height="{size}" rx="2"/>'
         inner += _cross(0, 0, size) if kind == "bad" else ""
-        return f'<svg class="history swatch" aria-hidden="true" width="{size}" height="{size}">{inner}</svg>'
+        return f'<svg class="swatch swatch-squares" aria-hidden="true" width="{size}" height="{size}">{inner}</svg>'
     if kind == "line":
         inner = '<polyline class="line" points="0,9 6,4 12,7 18,3"/>'
     else:
         inner = '<circle class="bad" cx="6" cy="6" r="3"/>'
     width = 18 if kind == "line" else size
-    return f'<svg class="latency swatch" aria-hidden="true" width="{width}" height="{size}">{inner}</svg>'
+    return f'<svg class="swatch swatch-latency" aria-hidden="true" width="{width}" height="{size}">{inner}</svg>'
 
 
 # ---- the latency chart ----------------------------------------------------------------------------------------------
