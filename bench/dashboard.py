@@ -45,7 +45,8 @@ async def seed_uptime(database_url: str) -> None:
         await connection.execute(
             """
             INSERT INTO check_uptime_hours (check_id, hour, healthy, total)
-            SELECT c.id, date_trunc('hour', now(), 'UTC') - make_interval(hours => h), 360 - (h + abs(hashtext(c.id::text))) % 3, 360
+            SELECT c.id, date_trunc('hour', now(), 'UTC') - make_interval(hours => h),
+                   360 - (h + abs(hashtext(c.id::text))) % 3, 360
             FROM health_checks c CROSS JOIN generate_series(0, 23) AS h
             ON CONFLICT DO NOTHING
             """
