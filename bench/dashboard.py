@@ -3,7 +3,8 @@
 Goal (issue 6): the first page renders in ≤ 100 ms server time. Measured one request at a time (so the
 client-side time is the server time plus a loopback round trip), for the full page and for the
 fragment the page fetches to refresh itself, and beside the JSON API's page of the same hosts.
-Seeds with bench/api.py's data (10,000 hosts, 50,000 checks).
+Seeds with bench/api.py's data (10,000 hosts, 50,000 checks) and a day of hourly uptime counts for every check,
+which the page reads for each listed host's uptime (issue 15).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import asyncpg
 import httpx
 from _support import REPO_ROOT, BenchRun, percentile_by_index, run_async, verdict
 
@@ -32,6 +34,28 @@ sys.modules["bench_api"] = bench_api  # dataclasses look their module up while t
 _spec.loader.exec_module(bench_api)
 
 GOAL_MS = 100.0
+
+
+async def seed_uptime(database_url: str) -> None:
+    """A full day of hourly counts for every check (`check_uptime_hours`, 24 rows a check, 1.2 million in all), as a
+    day of polling leaves them: the hosts page reads each listed host's uptime from them (issue 15)."""
+    connection = await asyncpg.connect(database_url)
+    try:
+        started = time.perf_counter()
+        await connection.execute(
+            """
+            INSERT INTO check_uptime_hours (check_id, hour, healthy, total)
+            SELECT c.id, date_trunc('hour', now(), 'UTC') - make_interval(hours => h),
+                   360 - (h + abs(hashtext(c.id::text))) % 3, 360
+            FROM health_checks c CROSS JOIN generate_series(0, 23) AS h
+            ON CONFLICT DO NOTHING
+            """
+        )
+        await connection.execute("ANALYZE check_uptime_hours")
+        rows = await connection.fetchval("SELECT count(*) FROM check_uptime_hours")
+        print(f"seeded {rows} hourly uptime counts in {time.perf_counter() - started:.1f} s")
+    finally:
+        await connection.close()
 
 
 async def sign_in(client: httpx.AsyncClient, token: str) -> None:
@@ -99,6 +123,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hgbench-") as tmp:
         try:
             token, _ = run_async(bench_api.prepare(run.database_url))  # type: ignore[misc]
+            asyncio.run(seed_uptime(run.database_url))
             api = run.start_api(Path(tmp))
             asyncio.run(measure(api.base_url, token, rounds, per_round))
         except KeyboardInterrupt:

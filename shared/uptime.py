@@ -117,3 +117,35 @@ async def uptime_24h(connection: Connection, check_ids: Sequence[uuid.UUID]) -> 
     for row in rows:
         shares[row["check_id"]] = row["uptime"]
     return shares
+
+
+async def host_uptime_24h(
+    connection: Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, float | None]:
+    """Each host's uptime over 24 h (the dashboard's hosts list and host page): the mean of its enabled checks'
+    `uptime_24h` (0 to 1), each check weighing the same whatever its interval, so that a check run every 10 s
+    does not drown one run hourly; checks without a result in the window are left out; None for a host none of
+    whose enabled checks has one. One statement for a page of hosts: at most WINDOW_HOURS rows per check."""
+    if not host_ids:
+        return {}
+    rows = await connection.fetch(
+        """
+        SELECT c.host_id, avg(u.share) AS uptime
+        FROM health_checks c
+        CROSS JOIN LATERAL (
+            SELECT sum(h.healthy)::float8 / sum(h.total) AS share
+            FROM check_uptime_hours h
+            WHERE h.check_id = c.id
+              AND h.hour >= date_trunc('hour', now(), 'UTC') - make_interval(hours => $2)
+              AND h.total > 0
+        ) u
+        WHERE c.host_id = ANY($1::uuid[]) AND c.enabled AND u.share IS NOT NULL
+        GROUP BY c.host_id
+        """,
+        list(host_ids),
+        WINDOW_HOURS - 1,
+    )
+    shares: dict[uuid.UUID, float | None] = dict.fromkeys(host_ids)
+    for row in rows:
+        shares[row["host_id"]] = row["uptime"]
+    return shares

@@ -1457,6 +1457,19 @@ async def insert_history(
         records=rows,
         columns=["id", "check_id", "host_id", "checked_at", "healthy", "reason", "status", "detail", "latency_ms"],
     )
+    # Counted in the check's uptime as a poller counts its results (shared/uptime.py), so that the page's figure
+    # agrees with its squares.
+    await db.execute(
+        """
+        INSERT INTO check_uptime_hours AS u (check_id, hour, healthy, total)
+        SELECT $1, date_trunc('hour', at, 'UTC'), count(*) FILTER (WHERE ok), count(*)
+        FROM unnest($2::timestamptz[], $3::bool[]) AS r(at, ok) GROUP BY 2
+        ON CONFLICT (check_id, hour) DO UPDATE SET healthy = u.healthy + EXCLUDED.healthy, total = u.total + EXCLUDED.total
+        """,
+        uuid.UUID(check_id),
+        [row[3] for row in rows],
+        [row[4] for row in rows],
+    )
 
 
 async def wait_for_statuses(
@@ -1607,7 +1620,7 @@ async def test_screenshots_of_each_page(
     await page.screenshot(path=SCREENSHOTS / "hosts.png")
     await page.goto(f"{api.base_url}/hosts/{web1}")
     await expect(page.locator("svg.history")).to_have_count(3)
-    await expect(page.locator("svg.sparkline")).to_have_count(3)
+    await expect(page.locator("svg.latency")).to_have_count(3)
     await check_item(page, "homepage").get_by_role("button", name="Test now").click()
     await expect(check_item(page, "homepage").locator(".test-result")).to_contain_text("Healthy")
     await page.screenshot(path=SCREENSHOTS / "host.png", full_page=True)
@@ -1615,6 +1628,10 @@ async def test_screenshots_of_each_page(
     await expect(page.get_by_role("table", name="Waiting").locator("tr[data-job]")).to_have_count(1)
     await expect(page.get_by_role("table", name="Decided").locator("tr[data-job]")).to_have_count(3)
     await page.screenshot(path=SCREENSHOTS / "jobs.png")
+    # The admin's audit log (issue 15) of everything above.
+    await page.get_by_role("link", name="Audit log").click()
+    await expect(page.locator("tr[data-audit]").first).to_be_visible()
+    await page.screenshot(path=SCREENSHOTS / "audit.png")
     assert script_problems(page) == []
 
     phone = await new_page(browser, PHONE, is_mobile=True, has_touch=True)
@@ -1628,5 +1645,5 @@ async def test_screenshots_of_each_page(
         await phone.screenshot(path=tmp_path / f"{name}-phone.png", full_page=True)
         assert await phone.evaluate("document.documentElement.scrollWidth <= window.innerWidth"), path
     assert script_problems(phone) == []
-    for name in ("login", "hosts", "host", "jobs", "hosts-phone"):
+    for name in ("login", "hosts", "host", "jobs", "audit", "hosts-phone"):
         assert (SCREENSHOTS / f"{name}.png").stat().st_size > 10_000, name

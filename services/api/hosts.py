@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from services.api.auth import Principal
 from services.api.checks import delete_check_rows
-from services.api.context import context_of
+from services.api.context import ApiContext, context_of
 from services.api.problems import conflict, field_errors, not_found, validation_problem
 from services.api.requests import (
     Keyset,
@@ -84,9 +84,15 @@ async def fetch_host_page(
 
 async def create_host(request: Request, principal: Principal) -> Response:
     body: HostCreate = await read_model(request, HostCreate)
+    row = await create_host_on(context_of(request).pool, principal, body)
+    return json_response(host_view(row), 201)
+
+
+async def create_host_on(pool: asyncpg.Pool, principal: Principal, body: HostCreate) -> asyncpg.Record:
+    """Create a host and its audit entry in one transaction (the API's POST and the dashboard's host form);
+    the new row (HOST_VIEW_COLUMNS). Raises a 409 Problem when the name or the id is taken."""
     host_id = body.id or uuid.uuid4()
-    context = context_of(request)
-    async with context.pool.acquire() as connection, connection.transaction():
+    async with pool.acquire() as connection, connection.transaction():
         try:
             row = await hosts.insert_host(
                 connection, host_id, name=body.name, group=body.group, agent_url=body.agent_url
@@ -94,7 +100,7 @@ async def create_host(request: Request, principal: Principal) -> Response:
         except asyncpg.UniqueViolationError as exc:
             raise _host_conflict(exc, body.name, host_id) from None
         await audit_host(connection, principal, "host.create", host_id, host_fields(body))
-    return json_response(host_view(row), 201)
+    return row
 
 
 async def get_host(request: Request, principal: Principal) -> Response:
@@ -107,13 +113,21 @@ async def get_host(request: Request, principal: Principal) -> Response:
 async def update_host(request: Request, principal: Principal) -> Response:
     host_id = path_uuid(request, "host_id")
     document = await read_json(request)
+    row = await update_host_on(context_of(request).pool, principal, host_id, document)
+    return json_response(host_view(row))
+
+
+async def update_host_on(pool: asyncpg.Pool, principal: Principal, host_id: uuid.UUID, document: Any) -> asyncpg.Record:
+    """Replace a host's writable fields from a PUT body (`document`, parsed JSON or the dashboard's form as a
+    dict) and audit the change, in one transaction (the API's PUT and the dashboard's host form); the row after.
+    Raises a 404 Problem for a host outside the caller's groups, a 422 listing every field problem (the body's
+    and the host's checks' rules, `_rule_errors`) and a 409 when the new name is taken."""
     try:
         body: HostWrite | None = HostWrite.model_validate(document)
         errors: list[dict[str, str]] = []
     except ValidationError as exc:
         body, errors = None, validation_problem(exc).errors or []
-    context = context_of(request)
-    async with context.pool.acquire() as connection, connection.transaction():
+    async with pool.acquire() as connection, connection.transaction():
         before = await fetch_visible_host(connection, principal, host_id, for_update=True)
         errors += await _rule_errors(connection, host_id, before, document, errors)
         if errors or body is None:
@@ -125,7 +139,7 @@ async def update_host(request: Request, principal: Principal) -> Response:
         except asyncpg.UniqueViolationError as exc:
             raise _host_conflict(exc, body.name, host_id) from None
         await audit_host(connection, principal, "host.update", host_id, diff(host_fields(before), host_fields(body)))
-    return json_response(host_view(row))
+    return row
 
 
 async def _rule_errors(
@@ -164,15 +178,20 @@ async def _rule_errors(
 
 
 async def delete_host(request: Request, principal: Principal) -> Response:
-    host_id = path_uuid(request, "host_id")
-    context = context_of(request)
+    await delete_host_on(context_of(request), principal, path_uuid(request, "host_id"))
+    return Response(status_code=204)
+
+
+async def delete_host_on(context: ApiContext, principal: Principal, host_id: uuid.UUID) -> None:
+    """Delete a host with its checks (each through `delete_check_rows`: results, audit entry, event) and audit
+    it, in one transaction (the API's DELETE and the dashboard's host form). A 404 Problem for a host outside the
+    caller's groups."""
     async with context.pool.acquire() as connection, connection.transaction():
         before = await fetch_visible_host(connection, principal, host_id, for_update=True)
         for check_id in await checks.check_ids_of_host(connection, host_id):
             await delete_check_rows(connection, context, host_id, check_id, actor=principal.name, refresh_host=False)
         await hosts.delete_host(connection, host_id)
         await audit_host(connection, principal, "host.delete", host_id, host_fields(before))
-    return Response(status_code=204)
 
 
 async def audit_host(

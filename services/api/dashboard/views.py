@@ -7,6 +7,7 @@ every action is checked on the server for the role, whatever the page showed.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
+from services.api.audit import AUDIT_PAGES
 from services.api.auth import Principal
 from services.api.checks import (
     MAX_CHECKS_PER_HOST,
@@ -37,19 +39,36 @@ from services.api.checks import (
 )
 from services.api.context import ApiContext, context_of
 from services.api.dashboard import sessions
-from services.api.dashboard.charts import Point, history_strip, latency_sparkline
+from services.api.dashboard.charts import Point, history_strip, latency_chart, legend_swatch
 from services.api.dashboard.wording import cert_validity, reason_phrase, uptime_percent
 from services.api.endpoints import ADMIN, CHECK_EDITORS
 from services.api.groups import GROUP_PAGES
-from services.api.hosts import HostListQuery, fetch_host_page, fetch_visible_host
+from services.api.hosts import (
+    HostListQuery,
+    create_host_on,
+    delete_host_on,
+    fetch_host_page,
+    fetch_visible_host,
+    update_host_on,
+)
 from services.api.jobs import halt_or_resume_on, override_on, require_visible_job
 from services.api.notifications import CHANNEL_PAGES, channel_view, test_channel_on
 from services.api.paths import SegmentRoute, browser_reachable, linkable, path_segment
 from services.api.preview import preview_on
 from services.api.problems import Problem, validation_problem
 from services.api.requests import PageQuery, path_job_id
-from services.api.schemas import MAX_PREVIEW_HOSTS, HaltRequest, OverrideRequest, PreviewRequest
-from shared import checks, group_policies, hosts, jobs, notification_channels, notification_deliveries, results
+from services.api.schemas import MAX_PREVIEW_HOSTS, HaltRequest, HostCreate, OverrideRequest, PreviewRequest
+from shared import (
+    audit,
+    checks,
+    group_policies,
+    hosts,
+    jobs,
+    notification_channels,
+    notification_deliveries,
+    results,
+    uptime,
+)
 from shared.addresses import host_port
 from shared.database import Connection
 from shared.events import CheckView, control_character, job_key
@@ -175,6 +194,8 @@ class Dashboard:
         self.templates.env.filters["uptime_percent"] = uptime_percent
         self.templates.env.filters["host_port"] = host_port
         self.templates.env.filters["cert_validity"] = cert_validity
+        self.templates.env.filters["change_words"] = change_words
+        self.templates.env.globals["legend_swatch"] = legend_swatch
 
     def routes(self) -> list[SegmentRoute | Mount]:
         """Every page is matched segment by segment on the raw path, as the API is (services/api/paths.py)."""
@@ -186,7 +207,14 @@ class Dashboard:
             SegmentRoute("/logout", self.logout, methods=["GET", "POST"]),
             SegmentRoute("/hosts", page(self.hosts), methods=["GET"]),
             SegmentRoute("/hosts/preview", page(self.preview), methods=["POST"]),  # GET: /hosts/{host_id}, a 404
+            # Before /hosts/{host_id}: "new" is no host id. The host form (admin).
+            SegmentRoute("/hosts/new", page(self.new_host_form), methods=["GET"]),
+            SegmentRoute("/hosts/new", page(self.create_host), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}", page(self.host), methods=["GET"]),
+            SegmentRoute("/hosts/{host_id}/edit", page(self.edit_host_form), methods=["GET"]),
+            SegmentRoute("/hosts/{host_id}/edit", page(self.update_host), methods=["POST"]),
+            SegmentRoute("/hosts/{host_id}/delete", page(self.delete_host_form), methods=["GET"]),
+            SegmentRoute("/hosts/{host_id}/delete", page(self.delete_host), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks", page(self.create_check), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks/{check_id}", page(self.update_check), methods=["POST"]),
             SegmentRoute("/hosts/{host_id}/checks/{check_id}/delete", page(self.delete_check), methods=["POST"]),
@@ -201,6 +229,7 @@ class Dashboard:
             SegmentRoute("/jobs/halt", page(self.halt), methods=["POST"]),  # ?job_id= (see `halt_url`)
             SegmentRoute("/jobs/resume", page(self.resume), methods=["POST"]),  # ?job_id=
             SegmentRoute("/notifications", page(self.notifications), methods=["GET"]),
+            SegmentRoute("/audit", page(self.audit), methods=["GET"]),
             SegmentRoute("/notifications/{channel_id}/test", page(self.test_channel), methods=["POST"]),
             Mount("/static", StaticFiles(directory=str(HERE / "static")), name="static"),
         ]
@@ -317,11 +346,12 @@ class Dashboard:
         context = context_of(request)
         rows, next_cursor = await fetch_host_page(context.pool, principal, query)
         counts, groups = await _summary(context.pool, principal)
+        host_uptime = await uptime.host_uptime_24h(context.pool, [row["id"] for row in rows])
         template = "_hosts_region.html" if params.get("fragment") else "hosts.html"
         return self.render(
             request, template, status_code=status_code, session=session, hosts=rows, next_cursor=next_cursor,
             counts=counts, total=sum(counts.values()), groups=groups, group=group, status=status,
-            statuses=HOST_STATUSES,
+            statuses=HOST_STATUSES, host_uptime=host_uptime, can_manage_hosts=principal.is_admin,
             filters=urlencode({key: value for key, value in (("group", group), ("status", status)) if value}),
             # This page's address (filters and cursor), where the preview form posts to show it again.
             this_page=urlencode(
@@ -359,6 +389,7 @@ class Dashboard:
             rows = await checks.checks_of_host(connection, host_id)
             views = await check_views(connection, rows)
             history = await _recent_results(connection, [row["id"] for row in rows])
+            host_uptime = (await uptime.host_uptime_24h(connection, [host_id]))[host_id]
         editing, edit_values = form_state.get("editing"), form_state.get("edit_values")
         if editing is not None and edit_values is not None:
             # A form shown again with its errors holds what was sent; whether a password is stored (the hint
@@ -373,13 +404,14 @@ class Dashboard:
                 "view": view,
                 "form_values": check_form_values(view),
                 "strip": history_strip(history.get(view.id, [])),
-                "sparkline": latency_sparkline(history.get(view.id, [])),
+                "chart": latency_chart(history.get(view.id, [])),
             }
             for view in views
         ]
         return self.render(
             request, "host.html", status_code=form_state.pop("status_code", 200), session=session, host=host,
             checks=shown, can_edit=session.principal.role in CHECK_EDITORS, max_checks=MAX_CHECKS_PER_HOST,
+            host_uptime=host_uptime, can_manage_hosts=session.principal.is_admin,
             **form_state,
         )  # fmt: skip
 
@@ -436,6 +468,110 @@ class Dashboard:
         if _wants_json(request):
             return JSONResponse(result.model_dump(mode="json"))
         return RedirectResponse(f"/hosts/{host_id}#check-{check_id}", status_code=303)
+
+    # ---- the host form (admin) ------------------------------------------------------------------
+
+    async def _host_form(
+        self, request: Request, session: sessions.Session, *, host: dict[str, Any] | None, values: dict[str, Any],
+        errors: dict[str, str] | None = None, status_code: int = 200,
+    ) -> Response:  # fmt: skip
+        """The host form: a new host (`host` None) or `host`'s edit, showing `values` and the API's `errors` by
+        field. The group field offers the groups that exist (an admin sees every group) and takes a new one."""
+        _, groups = await _summary(context_of(request).pool, session.principal)
+        return self.render(
+            request, "host_form.html", status_code=status_code, session=session, host=host, values=values,
+            errors=errors or {}, groups=groups,
+        )  # fmt: skip
+
+    async def new_host_form(self, request: Request, session: sessions.Session) -> Response:
+        self._require(session, ADMIN, "add hosts")
+        group = request.query_params.get("group") or ""
+        return await self._host_form(request, session, host=None, values={"group": group})
+
+    async def create_host(self, request: Request, session: sessions.Session) -> Response:
+        """The API's host creation (`create_host_on`: the same row, audit entry and rules) from the form; its
+        problems (422 by field, 409 for a taken name) show the form again with them by their fields."""
+        self._require(session, ADMIN, "add hosts")
+        form = await request.form()
+        document = host_document(form)
+        try:
+            try:
+                body = HostCreate.model_validate(document)
+            except ValidationError as exc:
+                raise validation_problem(exc) from None
+            row = await create_host_on(context_of(request).pool, session.principal, body)
+        except Problem as problem:
+            if problem.status not in (409, 422):
+                raise
+            return await self._host_form(
+                request, session, host=None, values=document, errors=_host_errors(problem), status_code=problem.status
+            )
+        return RedirectResponse(f"/hosts/{row['id']}", status_code=303)
+
+    async def edit_host_form(self, request: Request, session: sessions.Session) -> Response:
+        self._require(session, ADMIN, "change hosts")
+        host = await self._visible_host(request, session)
+        return await self._host_form(request, session, host=host, values=host)
+
+    async def update_host(self, request: Request, session: sessions.Session) -> Response:
+        """The API's PUT (`update_host_on`: the same rules, including those of the host's checks, and audit
+        entry) from the form; its problems show the form again with them by their fields."""
+        self._require(session, ADMIN, "change hosts")
+        host = await self._visible_host(request, session)
+        form = await request.form()
+        document = host_document(form)
+        try:
+            await update_host_on(context_of(request).pool, session.principal, host["id"], document)
+        except Problem as problem:
+            if problem.status not in (409, 422):
+                raise
+            return await self._host_form(
+                request, session, host=host, values=document, errors=_host_errors(problem), status_code=problem.status
+            )
+        return RedirectResponse(f"/hosts/{host['id']}", status_code=303)
+
+    async def delete_host_form(self, request: Request, session: sessions.Session) -> Response:
+        """Asks before a host goes: what goes with it (its checks and their results) and a button that does it.
+        A page rather than a script's dialog, so that it works without scripts too."""
+        self._require(session, ADMIN, "delete hosts")
+        host = await self._visible_host(request, session)
+        async with context_of(request).pool.acquire() as connection:
+            check_names = [row["name"] for row in await checks.checks_of_host(connection, host["id"])]
+        return self.render(request, "host_delete.html", session=session, host=host, check_names=check_names)
+
+    async def delete_host(self, request: Request, session: sessions.Session) -> Response:
+        """The API's DELETE (`delete_host_on`: the checks, their results, audit entries and events), then the
+        hosts page."""
+        self._require(session, ADMIN, "delete hosts")
+        host_id = _path_uuid(request, "host_id")
+        await delete_host_on(context_of(request), session.principal, host_id)
+        return RedirectResponse("/hosts", status_code=303)
+
+    async def _visible_host(self, request: Request, session: sessions.Session) -> dict[str, Any]:
+        """The `{host_id}` of the path as shown (`hosts.host_values`); 404 outside the caller's groups."""
+        host_id = _path_uuid(request, "host_id")
+        async with context_of(request).pool.acquire() as connection:
+            return hosts.host_values(await fetch_visible_host(connection, session.principal, host_id))
+
+    # ---- audit log (admin) ----------------------------------------------------------------------
+
+    async def audit(self, request: Request, session: sessions.Session) -> Response:
+        """The audit log (CONTRACT §3 `GET /api/v1/audit`, admin): PAGE_SIZE entries a page, newest first, each
+        with when, who, what, on which entity and its changes, read as the API reads them (shared/audit.py,
+        which stores secrets only as "<changed>"). The next page by the API's cursor."""
+        self._require(session, ADMIN, "read the audit log")
+        cursor = request.query_params.get("cursor") or None
+        try:
+            before_id = AUDIT_PAGES.after(PageQuery(cursor=cursor, limit=PAGE_SIZE).cursor)
+        except (ValidationError, Problem):
+            raise Problem(422, "invalid page") from None
+        async with context_of(request).pool.acquire() as connection:
+            rows = await audit.audit_page(connection, limit=AUDIT_PAGES.rows_to_fetch(PAGE_SIZE), before_id=before_id)
+        rows, next_cursor = AUDIT_PAGES.page(rows, PAGE_SIZE)
+        entries = [dict(row) | {"changes": json.loads(row["changes"])} for row in rows]
+        return self.render(
+            request, "audit.html", session=session, entries=entries, next_cursor=next_cursor, first_page=cursor is None
+        )
 
     # ---- groups ----------------------------------------------------------------------------------
 
@@ -647,6 +783,45 @@ def dashboard_job_id(request: Request) -> str:
     if len(values) != 1 or not values[0]:
         raise Problem(404, "job not found")
     return values[0]
+
+
+def host_document(form: FormData) -> dict[str, Any]:
+    """A host's API body from the host form: its name, group and agent URL as typed, an empty agent URL as none
+    (null: the host has no agent)."""
+    agent_url = form.get("agent_url")
+    return {
+        "name": form.get("name", ""),
+        "group": form.get("group", ""),
+        "agent_url": agent_url if isinstance(agent_url, str) and agent_url.strip() else None,
+    }
+
+
+def _host_errors(problem: Problem) -> dict[str, str]:
+    """A host problem's messages by field (`_errors`); a 409 (a taken name or id) is the name's."""
+    if problem.status == 409:
+        return {"name": problem.detail}
+    return _errors(problem)
+
+
+def change_words(changes: Any) -> list[tuple[str, str]]:
+    """An audit entry's `changes` as (field, what) pairs to show: `{"from": a, "to": b}` as `a → b`, other values
+    as they are (a created or deleted entity's fields), `"<changed>"` (a secret, shared/audit.py) as it is. Values
+    are JSON, so that `null` and strings read as in the API."""
+    if not isinstance(changes, dict):
+        return [("", _json(changes))] if changes else []
+    shown: list[tuple[str, str]] = []
+    for field, value in changes.items():
+        if isinstance(value, dict) and set(value) == {"from", "to"}:
+            shown.append((field, f"{_json(value['from'])} \u2192 {_json(value['to'])}"))
+        elif value == audit.SECRET_MARK:
+            shown.append((field, value))
+        else:
+            shown.append((field, _json(value)))
+    return shown
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 # The check form's checkboxes, by the check type whose fields they are: a box left unchecked is not sent at all, so a
