@@ -190,7 +190,9 @@ async def test_jobs_commands(
     await same_as_api(admin, path, cli, "jobs", "get", job_id)
     await same_as_api(admin, "/api/v1/jobs", cli, "jobs", "list")
     filtered = f"/api/v1/jobs?host_id={host['id']}&status=waiting_health_check"
-    by_host = await same_as_api(admin, filtered, cli, "jobs", "list", "--host", "127.0.0.1", "--status", "waiting_health_check")
+    by_host = await same_as_api(
+        admin, filtered, cli, "jobs", "list", "--host", "127.0.0.1", "--status", "waiting_health_check"
+    )
     assert len(by_host["items"]) == 1
     listed = cli.ok("jobs", "list")
     assert job_id in listed and "127.0.0.1" in listed and "waiting_health_check" in listed and "checks" in listed
