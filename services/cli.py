@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import logging
 import os
@@ -12,16 +11,22 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from enum import StrEnum
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import asyncpg
+import typer
 
+from services import operator_commands
 from shared.crypto import KeyFileError
 from shared.database import DATABASE_ERRORS, DatabaseUnavailable
 from shared.logs import configure_logging
 from shared.schema import migrate
 from shared.settings import ServiceConfigError, Settings, SettingsError, load_settings, redact_url
+
+if TYPE_CHECKING:
+    from shared.tokens import Role as TokenRole
 
 log = logging.getLogger("healthgate")
 
@@ -90,14 +95,12 @@ async def _connect(settings: Settings) -> asyncpg.Connection:
         raise CommandError(f"cannot connect to {redact_url(settings.database_url)}: {exc}") from None
 
 
-async def _token_create(settings: Settings, arguments: argparse.Namespace) -> int:
+async def _token_create(settings: Settings, name: str, role: TokenRole, groups: list[str]) -> int:
     from shared.tokens import TokenNameTaken, create_token
 
     connection = await _connect(settings)
     try:
-        token = await create_token(
-            connection, name=arguments.name, role=arguments.role, groups=arguments.group or [], actor=CLI_ACTOR
-        )
+        token = await create_token(connection, name=name, role=role, groups=groups, actor=CLI_ACTOR)
     except TokenNameTaken as exc:
         raise CommandError(str(exc)) from None
     except asyncpg.UndefinedTableError:
@@ -108,7 +111,7 @@ async def _token_create(settings: Settings, arguments: argparse.Namespace) -> in
     return 0
 
 
-async def _token_list(settings: Settings, arguments: argparse.Namespace) -> int:
+async def _token_list(settings: Settings) -> int:
     from shared.tokens import list_tokens
 
     connection = await _connect(settings)
@@ -123,17 +126,17 @@ async def _token_list(settings: Settings, arguments: argparse.Namespace) -> int:
     return 0
 
 
-async def _token_revoke(settings: Settings, arguments: argparse.Namespace) -> int:
+async def _token_revoke(settings: Settings, name: str) -> int:
     from shared.tokens import revoke_token
 
     connection = await _connect(settings)
     try:
-        revoked = await revoke_token(connection, name=arguments.name, actor=CLI_ACTOR)
+        revoked = await revoke_token(connection, name=name, actor=CLI_ACTOR)
     finally:
         await connection.close()
     if not revoked:
-        raise CommandError(f"no token named {arguments.name!r}")
-    print(f"revoked {arguments.name}", file=sys.stderr)
+        raise CommandError(f"no token named {name!r}")
+    print(f"revoked {name}", file=sys.stderr)
     return 0
 
 
@@ -197,32 +200,108 @@ def package_version() -> str:
         return "unknown"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="healthgate", description="Hold patch jobs until hosts are healthy.")
-    parser.add_argument("--version", action="version", version=f"healthgate {package_version()}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in SERVICES:
-        commands.add_parser(name, help=f"run the {name} service")
-    commands.add_parser("up", help="run every service until Ctrl-C or SIGTERM")
-    commands.add_parser("migrate", help="create the database if needed and apply migrations")
-    prune = commands.add_parser("prune", help="prune expired data (one pass, for cron)")
-    prune.add_argument("--once", action="store_true", required=True, help="run one pass and exit")
-    token = commands.add_parser("token", help="manage API tokens")
-    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
-    create = token_commands.add_parser("create", help="create a token and print it")
-    create.add_argument("--name", required=True, type=_token_name)
-    create.add_argument("--role", required=True, choices=("admin", "operator", "viewer"))
-    create.add_argument("--group", action="append", type=_group_name, help="a group the token may see (repeat)")
-    token_commands.add_parser("list", help="list tokens (never the tokens themselves)")
-    revoke = token_commands.add_parser("revoke", help="revoke a token by name")
-    revoke.add_argument("name")
-    return parser
+# Typer (on Click) parses the command line: usage errors exit 2, `--install-completion`/`--show-completion` give
+# shell completion. Rich's pretty tracebacks are off: an unexpected error is a bug and prints a plain traceback.
+app = typer.Typer(
+    name="healthgate",
+    help="Hold patch jobs until hosts are healthy.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        print(f"healthgate {package_version()}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(
+    show_version: Annotated[
+        bool,
+        typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit."),
+    ] = False,
+) -> None:
+    """Hold patch jobs until hosts are healthy."""
+
+
+def execute(command: str, action: Callable[[Settings], int]) -> NoReturn:
+    """Run a command that needs the settings (services, `up`, `migrate`, `prune`, `token`): exits 2 when the
+    settings are bad, 1 with one line on stderr when it fails for a reason the operator can fix, else its status.
+    A service's line names the service: under `healthgate up` the services share one stderr."""
+    runs_service = command in SERVICES or command == "up"
+    prefix = f"healthgate {command}" if runs_service else "healthgate"
+    try:
+        settings = load_settings()
+    except SettingsError as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        raise typer.Exit(2) from None
+    configure_logging(command if command in SERVICES else "cli", settings.log_format)
+    try:
+        code = action(settings)
+    except (CommandError, DatabaseUnavailable, KeyFileError, ServiceConfigError) as exc:
+        print(f"{prefix}: {exc}", file=sys.stderr)
+        code = 1
+    except KeyboardInterrupt:
+        code = 130
+    raise typer.Exit(code)
+
+
+def _add_service_command(name: str, run: Callable[[Settings], int]) -> None:
+    def command() -> None:
+        execute(name, run)
+
+    app.command(name, help=f"Run the {name} service (one process) until Ctrl-C or SIGTERM.")(command)
+
+
+for _name, _run in SERVICES.items():
+    _add_service_command(_name, _run)
+
+
+@app.command("up")
+def _up() -> None:
+    """Run every service until Ctrl-C or SIGTERM."""
+    execute("up", lambda settings: run_all(list(SERVICES), settings))
+
+
+@app.command("migrate")
+def _migrate_command() -> None:
+    """Create the database if needed and apply migrations (idempotent)."""
+    execute("migrate", lambda settings: _run_async(_migrate(settings)))
+
+
+@app.command("prune")
+def _prune(
+    once: Annotated[bool, typer.Option("--once", help="Run one pass and exit (required).")] = False,
+) -> None:
+    """Prune expired data: one pass, for cron."""
+    if not once:
+        raise typer.BadParameter("only one pass is supported: give --once", param_hint="--once")
+
+    def run(settings: Settings) -> int:
+        from services.pruner.app import prune_command
+
+        return _run_async(prune_command(settings))
+
+    execute("prune", run)
+
+
+token_app = typer.Typer(help="Manage API tokens (in the database directly).", no_args_is_help=True)
+app.add_typer(token_app, name="token")
+
+
+class Role(StrEnum):
+    admin = "admin"
+    operator = "operator"
+    viewer = "viewer"
 
 
 def _bounded_text(label: str, maximum: int) -> Callable[[str], str]:
     def parse(value: str) -> str:
         if not value.strip() or len(value) > maximum:
-            raise argparse.ArgumentTypeError(f"{label} must be 1 to {maximum} characters")
+            raise typer.BadParameter(f"{label} must be 1 to {maximum} characters")
         return value
 
     return parse
@@ -232,36 +311,48 @@ _token_name = _bounded_text("a token name", 100)
 _group_name = _bounded_text("a group", 100)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
-    # A service's one error line names the service: under `healthgate up` four processes share one stderr.
-    runs_service = arguments.command in SERVICES or arguments.command == "up"
-    prefix = f"healthgate {arguments.command}" if runs_service else "healthgate"
-    try:
-        settings = load_settings()
-    except SettingsError as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr)
-        return 2
-    service = arguments.command if arguments.command in SERVICES else "cli"
-    configure_logging(service, settings.log_format)
-    try:
-        if arguments.command in SERVICES:
-            return SERVICES[arguments.command](settings)
-        if arguments.command == "up":
-            return run_all(list(SERVICES), settings)
-        if arguments.command == "migrate":
-            return _run_async(_migrate(settings))
-        if arguments.command == "prune":
-            from services.pruner.app import prune_command
+def _group_names(values: list[str] | None) -> list[str] | None:
+    return [_group_name(value) for value in values] if values else values
 
-            return _run_async(prune_command(settings))
-        token_commands = {"create": _token_create, "list": _token_list, "revoke": _token_revoke}
-        return _run_async(token_commands[arguments.token_command](settings, arguments))
-    except (CommandError, DatabaseUnavailable, KeyFileError, ServiceConfigError) as exc:
-        print(f"{prefix}: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+
+@token_app.command("create")
+def _token_create_command(
+    name: Annotated[str, typer.Option(help="The token's name (unique).", callback=_token_name)],
+    role: Annotated[Role, typer.Option(help="What the token may do.")],
+    group: Annotated[
+        list[str] | None, typer.Option(help="A group the token may see (repeat).", callback=_group_names)
+    ] = None,
+) -> None:
+    """Create a token and print only the token."""
+    execute("token", lambda settings: _run_async(_token_create(settings, name, role.value, group or [])))
+
+
+@token_app.command("list")
+def _token_list_command() -> None:
+    """List tokens (never the tokens themselves)."""
+    execute("token", lambda settings: _run_async(_token_list(settings)))
+
+
+@token_app.command("revoke")
+def _token_revoke_command(name: Annotated[str, typer.Argument(help="The token's name.")]) -> None:
+    """Revoke a token by name."""
+    execute("token", lambda settings: _run_async(_token_revoke(settings, name)))
+
+
+# Other modules' commands (`def register(app: typer.Typer) -> None`, adding their commands to `app`):
+# the operator commands over the HTTP API (CONTRACT §1); `apply`/`export` (services/fleet.py) join the same way.
+operator_commands.register(app)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The `healthgate` console script: runs the command in `argv` (default sys.argv[1:]), returns its status."""
+    try:
+        app(args=list(argv) if argv is not None else None, prog_name="healthgate")
+    except SystemExit as exc:
+        if exc.code is None:
+            return 0
+        return exc.code if isinstance(exc.code, int) else 1
+    return 0
 
 
 if __name__ == "__main__":
