@@ -51,22 +51,31 @@ import sys
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, Annotated, Any, Literal
 
 import httpx
 import jsonschema
+import typer
 from pydantic import ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 
 from services.api.schemas import CHECK_WRITE_MODELS, COMMON_WRITABLE_FIELDS, FIELDS_OF_TYPE, HostCreate
+from services.api_client import (
+    DEFAULT_URL,
+    MAX_PAGE,
+    TOKEN_VARIABLE,
+    URL_VARIABLE,
+    ApiClientError,
+    ApiError,
+    ApiUnreachable,
+)
 from shared.group_policies import GroupPolicy
 
 # Writes in flight at once during an apply: enough to keep the API's database busy on a small machine without
 # queueing hundreds of requests in its pool.
 IN_FLIGHT = 16
-PAGE_LIMIT = 500
 EXIT_OK, EXIT_FAILED, EXIT_BAD_FILE = 0, 1, 2
 SENSITIVE = "(sensitive)"
 PASSWORD = "basic_auth_pass"
@@ -429,14 +438,6 @@ def _read_models(document: Any, plain: dict[str, Any]) -> tuple[Fleet, list[Prob
 # ---- the API -------------------------------------------------------------------------------------
 
 
-class ApiFailure(Exception):
-    """A call that the API refused or could not answer; `str()` is one line (never the token)."""
-
-    def __init__(self, message: str, status: int | None = None) -> None:
-        self.status = status
-        super().__init__(message)
-
-
 @dataclass
 class FleetApi:
     """What apply and export need of healthgate's API, over one `httpx.AsyncClient` (its base URL and token
@@ -445,12 +446,16 @@ class FleetApi:
     http: httpx.AsyncClient
 
     async def call(self, method: str, path: str, body: Any = None, params: Mapping[str, Any] | None = None) -> Any:
+        """One call → the answer's JSON (None for 204). Raises ApiError (services/api_client.py) for an error
+        answer, ApiUnreachable when there is none."""
         try:
             response = await self.http.request(method, path, json=body, params=params)
+        except httpx.TimeoutException as exc:
+            raise ApiUnreachable(f"no answer from the healthgate API at {self.http.base_url} in time ({exc})") from None
         except httpx.HTTPError as exc:
-            raise ApiFailure(f"cannot reach the healthgate API at {self.http.base_url}: {exc}") from None
+            raise ApiUnreachable(f"cannot reach the healthgate API at {self.http.base_url}: {exc}") from None
         if response.is_error:
-            raise ApiFailure(_problem_line(response), response.status_code)
+            raise _api_error(response)
         return None if response.status_code == 204 or not response.content else response.json()
 
     async def every(self, path: str) -> list[dict[str, Any]]:
@@ -458,7 +463,7 @@ class FleetApi:
         items: list[dict[str, Any]] = []
         cursor: str | None = None
         while True:
-            params: dict[str, Any] = {"limit": PAGE_LIMIT} | ({"cursor": cursor} if cursor else {})
+            params: dict[str, Any] = {"limit": MAX_PAGE} | ({"cursor": cursor} if cursor else {})
             page = await self.call("GET", path, params=params)
             items.extend(page["items"])
             cursor = page.get("next_cursor")
@@ -466,18 +471,16 @@ class FleetApi:
                 return items
 
 
-def _problem_line(response: httpx.Response) -> str:
+def _api_error(response: httpx.Response) -> ApiError:
+    problem: dict[str, Any] = {}
     try:
-        problem = response.json()
+        document = response.json()
+        if isinstance(document, dict):
+            problem = document
     except ValueError:
-        problem = {}
-    if not isinstance(problem, dict):
-        problem = {}
-    text = str(problem.get("detail") or problem.get("title") or response.reason_phrase)
-    errors = problem.get("errors")
-    if isinstance(errors, list) and errors:
-        text += " (" + "; ".join(f"{e.get('field')}: {e.get('message')}" for e in errors if isinstance(e, dict)) + ")"
-    return f"{text} [HTTP {response.status_code}]"
+        pass
+    detail = problem.get("detail") or problem.get("title") or response.reason_phrase or "error"
+    return ApiError(response.status_code, str(detail), problem)
 
 
 @dataclass
@@ -715,7 +718,7 @@ async def apply_plan(api: FleetApi, result: Plan, out: IO[str], in_flight: int =
         async with limit:
             try:
                 await step(change)
-            except ApiFailure as exc:
+            except ApiClientError as exc:
                 what = f"{change.host}/{change.name}" if change.kind == "check" else change.name
                 failures.append(f"{change.action} {change.kind} {what}: {exc}")
 
@@ -737,7 +740,7 @@ async def apply_plan(api: FleetApi, result: Plan, out: IO[str], in_flight: int =
     async def write_check(change: Change) -> None:
         host_id = change.host_id or host_ids.get(change.host)
         if host_id is None:
-            raise ApiFailure("its host was not created")
+            raise ApiClientError("its host was not created")
         if change.action == "create":
             await api.call("POST", f"/api/v1/hosts/{host_id}/health-checks", change.body)
         else:
@@ -781,7 +784,7 @@ async def run_apply(
         return EXIT_BAD_FILE
     try:
         current = await read_current(api)
-    except ApiFailure as exc:
+    except ApiClientError as exc:
         err.write(f"{exc}\n")
         return EXIT_FAILED
     result = plan(fleet, current, prune=prune, resend_secrets=resend_secrets)
@@ -859,7 +862,7 @@ async def run_export(api: FleetApi, out: IO[str], err: IO[str]) -> int:
     """`healthgate export`: the fleet file on `out`; 1 when the API cannot be read."""
     try:
         current = await read_current(api)
-    except ApiFailure as exc:
+    except ApiClientError as exc:
         err.write(f"{exc}\n")
         return EXIT_FAILED
     dump_yaml(export_document(current), out)
@@ -906,3 +909,45 @@ def main_export(*, base_url: str, token: str | None) -> int:
             return await run_export(FleetApi(http), sys.stdout, sys.stderr)
 
     return asyncio.run(go())
+
+
+def register(app: typer.Typer) -> None:
+    """Add `apply` and `export` to the `healthgate` app (services/cli.py), over the API at `HEALTHGATE_URL` with
+    `HEALTHGATE_TOKEN`."""
+
+    @app.command("apply")
+    def apply_command(
+        file: Annotated[str, typer.Option("-f", "--file", help="The fleet file (YAML; - for stdin).")],
+        dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan, change nothing.")] = False,
+        prune: Annotated[
+            bool,
+            typer.Option(
+                "--prune",
+                help="Also delete the hosts of the file's groups, and the checks of its hosts, that it does not name.",
+            ),
+        ] = False,
+        resend_secrets: Annotated[
+            bool,
+            typer.Option(
+                "--resend-secrets",
+                help="Send every basic_auth_pass of the file again (a changed password is not seen).",
+            ),
+        ] = False,
+    ) -> None:
+        """Make hosts, checks and group policies match a fleet file (docs/fleet.md); exit 2 for a bad file."""
+        base_url, token = _connection()
+        raise typer.Exit(
+            main_apply(
+                file, dry_run=dry_run, prune=prune, resend_secrets=resend_secrets, base_url=base_url, token=token
+            )
+        )
+
+    @app.command("export")
+    def export_command() -> None:
+        """Print the current hosts, checks and group policies as a fleet file that apply accepts (no secrets)."""
+        base_url, token = _connection()
+        raise typer.Exit(main_export(base_url=base_url, token=token))
+
+
+def _connection() -> tuple[str, str | None]:
+    return os.environ.get(URL_VARIABLE) or DEFAULT_URL, os.environ.get(TOKEN_VARIABLE) or None
