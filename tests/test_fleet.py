@@ -7,6 +7,7 @@ on 127.0.0.1 (nothing is looked up in DNS, no traffic leaves the machine).
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import os
@@ -187,7 +188,8 @@ async def test_a_file_with_an_error_on_line_17_says_line_17_and_applies_nothing(
     path.write_text("\n".join(lines) + "\n")
     env = os.environ | ENV | {"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": await make_token("admin")}
     before = await state(db)
-    done = subprocess.run(
+    done = await asyncio.to_thread(
+        subprocess.run,
         [sys.executable, "-m", "services.cli", "apply", "-f", str(path)],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
@@ -204,7 +206,7 @@ async def test_a_missing_variable_names_its_line_and_a_rule_of_the_api_is_checke
         "        expected_status: 2XX\n",
         "        expected_status: 2XX\n        method: HEAD\n        expected_body: ok\n",
     )
-    code, out, err = await apply(admin, text, environ={})
+    code, _out, err = await apply(admin, text, environ={})
     assert code == 2
     assert err.splitlines() == [
         "fleet.yaml:15: hosts[0].checks[1].basic_auth_pass: environment variable WEB_PASSWORD is not set"
