@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import asyncpg
 import typer
 
-from services import operator_commands
+from services import fleet, operator_commands
 from shared.crypto import KeyFileError
 from shared.database import DATABASE_ERRORS, DatabaseUnavailable
 from shared.logs import configure_logging
@@ -342,6 +342,7 @@ def _token_revoke_command(name: Annotated[str, typer.Argument(help="The token's 
 # Other modules' commands (`def register(app: typer.Typer) -> None`, adding their commands to `app`):
 # the operator commands over the HTTP API (CONTRACT §1); `apply`/`export` (services/fleet.py) join the same way.
 operator_commands.register(app)
+fleet.register(app)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

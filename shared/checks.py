@@ -89,6 +89,36 @@ async def checks_of_host(connection: Connection, host_id: uuid.UUID) -> list[asy
     return await connection.fetch(f"{CHECK_SELECT} WHERE c.host_id = $1 ORDER BY c.created_at, c.name", host_id)
 
 
+async def check_page(
+    connection: Connection | asyncpg.Pool,
+    *,
+    groups: list[str] | None,
+    group: str | None,
+    after_id: uuid.UUID | None,
+    limit: int,
+) -> list[asyncpg.Record]:
+    """Up to `limit` checks (CHECK_SELECT) by id after `after_id`, of the hosts of `groups` (None: every group),
+    optionally of one group: a whole fleet's checks in a few reads (`healthgate apply` plans against it)."""
+    conditions: list[str] = []
+    arguments: list[Any] = []
+    if groups is not None:
+        arguments.append(groups)
+        conditions.append(f'h."group" = ANY(${len(arguments)}::text[])')
+    if group is not None:
+        arguments.append(group)
+        conditions.append(f'h."group" = ${len(arguments)}')
+    if after_id is not None:
+        arguments.append(after_id)
+        conditions.append(f"c.id > ${len(arguments)}")
+    arguments.append(limit)
+    sql = (
+        f"{CHECK_SELECT} JOIN hosts h ON h.id = c.host_id"
+        + (" WHERE " + " AND ".join(conditions) if conditions else "")
+        + f" ORDER BY c.id LIMIT ${len(arguments)}"
+    )
+    return await connection.fetch(sql, *arguments)
+
+
 async def failing_checks_of_hosts(
     connection: Connection | asyncpg.Pool, host_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, list[tuple[str, str]]]:

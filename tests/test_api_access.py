@@ -138,6 +138,7 @@ CASES: dict[tuple[str, str], Case] = {
         ),
     ),
     ("DELETE", HOST): Case(ADMIN, 204, lambda s: Call("DELETE", host_url(s))),
+    ("GET", "/api/v1/health-checks"): Case(ALL, 200, lambda s: Call("GET", "/api/v1/health-checks")),
     ("GET", HOST + "/health-checks"): Case(ALL, 200, lambda s: Call("GET", f"{host_url(s)}/health-checks")),
     ("POST", HOST + "/health-checks"): Case(
         EDITORS, 201, lambda s: Call("POST", f"{host_url(s)}/health-checks", check_body("second"))

@@ -28,6 +28,7 @@ from services.api.schemas import (
     WRITE_ONLY_FIELDS,
     CheckCommonFields,
     CheckWriteBase,
+    GroupName,
     HttpCheckWrite,
     ItemList,
     Page,
@@ -69,6 +70,14 @@ RESULT_PAGES: Keyset[tuple[dt.datetime, uuid.UUID]] = Keyset(
     lambda checked_at, result_id: (dt.datetime.fromisoformat(checked_at), uuid.UUID(result_id)),
     lambda row: (row["checked_at"].isoformat(), str(row["id"])),
 )
+
+
+# Every visible check pages by id; the cursor holds the last id.
+CHECK_PAGES: Keyset[uuid.UUID] = Keyset(1, uuid.UUID, lambda row: (str(row["id"]),))
+
+
+class CheckListQuery(PageQuery):
+    group: GroupName | None = Field(None, description="only checks of hosts of this group")
 
 
 class ResultListQuery(PageQuery):
@@ -313,6 +322,20 @@ async def list_checks(request: Request, principal: Principal) -> Response:
             raise not_found("host")
         views = await check_views(connection, await checks.checks_of_host(connection, host_id))
     return json_response(ItemList[CheckView](items=views))
+
+
+async def list_all_checks(request: Request, principal: Principal) -> Response:
+    """Every check of the caller's hosts, a page at a time by id (optionally of one group): a fleet's checks
+    without one read per host (`healthgate apply` and `export`)."""
+    query = read_query(request, CheckListQuery)
+    async with context_of(request).pool.acquire() as connection:
+        rows = await checks.check_page(
+            connection, groups=principal.visible_groups(), group=query.group,
+            after_id=CHECK_PAGES.after(query.cursor), limit=CHECK_PAGES.rows_to_fetch(query.limit),
+        )  # fmt: skip
+        rows, next_cursor = CHECK_PAGES.page(rows, query.limit)
+        views = await check_views(connection, rows)
+    return json_response(Page[CheckView](items=views, next_cursor=next_cursor))
 
 
 async def create_check(request: Request, principal: Principal) -> Response:

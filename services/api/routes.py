@@ -105,6 +105,19 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "GET",
+        "/api/v1/health-checks",
+        checks.list_all_checks,
+        "List every check",
+        ALL_ROLES,
+        "checks",
+        query=checks.CheckListQuery,
+        response=Page[CheckView],
+        errors=(422,),
+        description="Every check of the caller's hosts (scoped by group), by id; `group` narrows to one group. "
+        "Reads a whole fleet's checks in a few pages (`healthgate apply`, `healthgate export`).",
+    ),
+    Endpoint(
+        "GET",
         HOST + "/health-checks",
         checks.list_checks,
         "List a host's checks",
