@@ -156,7 +156,7 @@ async def test_ten_jobs_on_one_host_do_not_multiply_its_check_runs(
 
 @pytest.mark.slow
 async def test_a_restarted_gate_reruns_failing_checks_at_once(own_stack: StackFactory, fake_agent: FakeAgent) -> None:
-    retry = 20.0
+    retry = 10.0
     async with own_stack(gate_env={"HEALTHGATE_GATE_RETRY_SECONDS": str(retry)}) as stack:
         check = await failing_service_check(stack, fake_agent, "restart.service")
         for index in range(5):
@@ -223,7 +223,7 @@ async def test_a_broker_outage_of_the_gate_delays_no_rerun(
 async def test_a_rerun_asked_for_during_a_poller_broker_outage_runs_once_it_reconnects(
     own_stack: StackFactory, fake_agent: FakeAgent, backing: BackingServices
 ) -> None:
-    retry = 20.0
+    retry = 12.0
     amqp = urlsplit(backing.amqp_url)
     with tcp_proxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as proxy:
         async with own_stack(
