@@ -192,7 +192,7 @@ async def wait_ready(service: ServiceProcess, *, ready: bool, timeout: float = 3
 async def test_a_broker_outage_of_the_gate_delays_no_rerun(
     own_stack: StackFactory, fake_agent: FakeAgent, backing: BackingServices
 ) -> None:
-    retry = 12.0
+    retry = 8.0
     amqp = urlsplit(backing.amqp_url)
     with tcp_proxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as proxy:
         gate_env = {
