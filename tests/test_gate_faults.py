@@ -135,7 +135,7 @@ async def failing_service_check(stack: Stack, agent: FakeAgent, service: str, **
 async def test_ten_jobs_on_one_host_do_not_multiply_its_check_runs(
     own_stack: StackFactory, fake_agent: FakeAgent
 ) -> None:
-    retry, interval, duration = 3.0, 10, 30.0
+    retry, interval, duration = 3.0, 10, 20.0
     async with own_stack(gate_env={"HEALTHGATE_GATE_RETRY_SECONDS": str(retry)}) as stack:
         check = await failing_service_check(stack, fake_agent, "ten.service", interval_seconds=interval)
         for index in range(10):  # spread, so that their retry timers come due at ten different moments
