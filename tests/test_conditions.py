@@ -660,7 +660,11 @@ async def test_many_runaway_conditions_on_a_schedule_hold_up_no_other_check(
                 **http(nginx.http_url("/json"), condition='json.status.matches("^up$")', interval_seconds=10),
             ),
         ]
-        await asyncio.sleep(36)
+        # Until every check has three results, within the 36 s the checks below allow.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 36
+        while loop.time() < deadline and any([len(await results_of(db, check)) < 3 for check in quick + runaways]):
+            await asyncio.sleep(0.5)
         # Dozens of workers were killed at their deadline and replaced meanwhile: each was reaped, none is left over.
         children = child_states(own.process.pid)
         assert "Z" not in children.values() and len(condition_workers(own)) <= 2, children

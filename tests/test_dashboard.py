@@ -367,7 +367,11 @@ async def test_each_role_is_refused_what_it_may_not_do(
     nginx: NginxServer,
 ) -> None:
     mine = await create_host(admin, "a-web-1", "team-a")
-    check_id = await create_check(admin, mine, name="homepage", check_type="http", url=nginx.http_url("/ok"))
+    # A failing check (404): the job on the host waits until someone overrides it. (A healthy one released it as soon
+    # as the session's poller ran the check, within 5 s: on a busy machine, before the job's status is looked at.)
+    check_id = await create_check(
+        admin, mine, name="homepage", check_type="http", url=nginx.http_url("/no-such-path")
+    )
     theirs = await create_host(admin, "b-web-1", "team-b")
     await insert_job(db, "patch-42", mine)
     # With an address: the one accepted below is run by the session's poller, which must not look up "a-web-1".

@@ -36,7 +36,7 @@ from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker
 from shared.topology import GATE_JOBS_QUEUE, POLLER_TICK_QUEUE, Topology
 from tests.support.postgres import PostgresCluster
-from tests.support.processes import ServiceProcess, free_port, start_service
+from tests.support.processes import ServiceProcess, free_port, start_service, stop_processes
 from tests.support.rabbitmq import RabbitNode
 from tests.support.services import BackingServices
 from tests.support.topology import delete_topology
@@ -409,7 +409,8 @@ async def test_every_service_stopped_while_the_database_hangs_exits_cleanly(
             with contextlib.suppress(httpx.HTTPError):
                 await client.get(services[0].base_url + "/api/v1/hosts", headers={"Authorization": "Bearer x"})
         await asyncio.sleep(2)  # every task of every service now waits on the database
-        codes = [service.stop(signal.SIGTERM, timeout=30) for service in services]
+        # Stopped together, as `healthgate up` and a deploy stop them: each still has its 30 s.
+        codes = stop_processes([service.process for service in services], signal.SIGTERM, timeout=30)
     finally:
         own_postgres.thaw()
         for service in services:

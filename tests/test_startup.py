@@ -7,6 +7,7 @@ asserts how fast something happened.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -46,6 +47,9 @@ WORKERS = ("poller", "gate", "pruner")
 SERVICES = ("api", *WORKERS)
 # Guards against a hang, not speed goals.
 EXIT_GUARD_SECONDS = 60
+# How many `healthgate` processes that only fail at start run_cli_each runs at a time: most of each one's second is
+# Python importing the service, which leaves the other core idle.
+CLI_RUNS_AT_ONCE = 4
 # What must never appear in a service's output: a traceback, or asyncio's reports of a task that failed or
 # was dropped without anyone looking.
 NOISE = ("Traceback", "never retrieved", "was destroyed but it is pending", '"exception":')
@@ -69,6 +73,13 @@ def run_cli(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess
         [*HEALTHGATE, *arguments], env={**os.environ, **env}, capture_output=True, text=True,
         stdin=subprocess.DEVNULL, timeout=EXIT_GUARD_SECONDS,
     )  # fmt: skip
+
+
+def run_cli_each(arguments: tuple[str, ...], envs: list[dict[str, str]]) -> list[subprocess.CompletedProcess[str]]:
+    """`run_cli(*arguments, env=env)` for each env, a few processes at a time (they are independent: each only
+    reads its settings and exits), in the order of `envs`."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=CLI_RUNS_AT_ONCE) as pool:
+        return list(pool.map(lambda env: run_cli(*arguments, env=env), envs))
 
 
 def assert_one_line(stderr: str, *fragments: str) -> str:
@@ -128,8 +139,9 @@ def test_an_unusable_key_file_stops_the_service_with_one_line(
     blocked = tmp_path / "a-file" / "health-check.key"  # neither there nor creatable: its parent is a file
     blocked.parent.write_text("")
     env = service_env | dependencies_down | {port_variable(service): "0"}
-    for key_file, says in ((malformed, "malformed"), (directory, "cannot read"), (blocked, "key file")):
-        result = run_cli(service, env=env | {"HEALTHGATE_KEY_FILE": str(key_file)})
+    cases = ((malformed, "malformed"), (directory, "cannot read"), (blocked, "key file"))
+    results = run_cli_each((service,), [env | {"HEALTHGATE_KEY_FILE": str(key_file)} for key_file, _ in cases])
+    for (key_file, says), result in zip(cases, results, strict=True):
         assert result.returncode != 0, result.stderr
         assert_one_line(result.stderr, f"healthgate {service}:", str(key_file), says)
     assert malformed.read_text() == "not a key"  # never overwritten
@@ -138,12 +150,14 @@ def test_an_unusable_key_file_stops_the_service_with_one_line(
 def test_unusable_agent_tls_files_stop_the_poller_with_one_line(service_env: dict[str, str], tmp_path: Path) -> None:
     garbage = tmp_path / "ca.pem"
     garbage.write_text("-----BEGIN CERTIFICATE-----\nnot base64\n-----END CERTIFICATE-----\n")
-    for settings in (
+    cases = (
         {"HEALTHGATE_AGENT_CA_FILE": str(tmp_path / "missing.pem")},
         {"HEALTHGATE_AGENT_CA_FILE": str(garbage)},
         {"HEALTHGATE_AGENT_CERT_FILE": str(garbage), "HEALTHGATE_AGENT_KEY_FILE": str(garbage)},
+    )
+    for result in run_cli_each(
+        ("poller",), [service_env | settings | {"HEALTHGATE_HEALTH_PORT": "0"} for settings in cases]
     ):
-        result = run_cli("poller", env=service_env | settings | {"HEALTHGATE_HEALTH_PORT": "0"})
         assert result.returncode != 0, result.stderr
         assert_one_line(result.stderr, "healthgate poller:", "agent TLS")
 
@@ -187,8 +201,8 @@ def test_a_key_file_that_is_no_regular_file_stops_the_service_with_one_line(
     the file and what it is."""
     env = service_env | dependencies_down | {port_variable(service): "0"}
     with odd_files(tmp_path) as files:
-        for key_file, says in files:
-            result = run_cli(service, env=env | {"HEALTHGATE_KEY_FILE": str(key_file)})
+        results = run_cli_each((service,), [env | {"HEALTHGATE_KEY_FILE": str(key_file)} for key_file, _ in files])
+        for (key_file, says), result in zip(files, results, strict=True):
             assert result.returncode != 0, result.stderr
             assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_KEY_FILE", str(key_file), says)
     assert not (tmp_path / "nowhere").exists()  # a dangling link is not followed to create a key
@@ -274,8 +288,10 @@ def test_each_bad_agent_tls_file_stops_the_poller_with_one_line_naming_it(
                 (good | {KEY: path}, KEY, path, says),
             ]
         env = service_env | dependencies_down | {"HEALTHGATE_HEALTH_PORT": "0"}
-        for settings, variable, path, says in cases:
-            result = run_cli("poller", env=env | {name: str(value) for name, value in settings.items()})
+        results = run_cli_each(
+            ("poller",), [env | {name: str(value) for name, value in settings.items()} for settings, *_ in cases]
+        )
+        for (settings, variable, path, says), result in zip(cases, results, strict=True):
             assert result.returncode != 0, (settings, result.stderr)
             line = assert_one_line(result.stderr, "healthgate poller:", "agent TLS", f"{variable} {path}", says)
             assert "PEM lib" not in line and "Errno" not in line

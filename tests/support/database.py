@@ -15,6 +15,8 @@ import idna
 # Kept across tests: which migrations ran (owned by shared/schema.py, created outside the migration files).
 KEPT_TABLES = frozenset({"schema_migrations"})
 DEADLOCK_RETRIES = 20
+# From this many rows on, empty_tables TRUNCATEs a table rather than DELETE its rows.
+MANY_ROWS = 1000
 
 
 async def application_tables(connection: asyncpg.Connection) -> list[str]:
@@ -30,16 +32,36 @@ async def application_tables(connection: asyncpg.Connection) -> list[str]:
 
 
 async def empty_tables(connection: asyncpg.Connection) -> None:
-    """TRUNCATE every application table.
+    """Empty every application table, as `TRUNCATE <all of them> CASCADE` would, in a fraction of its time.
+
+    TRUNCATE gives every table, partition and index a new file whether it held rows or not (some 100 relations
+    here): about 0.1 to 0.5 s, before each of more than a thousand tests. Instead, one transaction takes the lock
+    TRUNCATE would take (ACCESS EXCLUSIVE, on every table and partition: it waits for the session's services'
+    transactions on them, and they for it, as before), then DELETEs the rows of the tables that have a few, and
+    TRUNCATEs only those that have many (a DELETE of thousands of rows would be slower and leave them dead).
+    Within the lock, no row can come or go meanwhile: the tables end as empty as a TRUNCATE of all leaves them.
 
     The session's services keep running between tests and take row and table locks in their own order, so
-    PostgreSQL may pick the TRUNCATE as a deadlock victim; it is then simply tried again (a victim's
+    PostgreSQL may pick this transaction as a deadlock victim; it is then simply tried again (a victim's
     transaction changed nothing).
     """
-    tables = ", ".join(f'"{name}"' for name in await application_tables(connection))
+    tables = await application_tables(connection)
+    names = ", ".join(f'"{name}"' for name in tables)
+    sizes = " UNION ALL ".join(
+        f"SELECT '{name}' AS name, (SELECT count(*) FROM (SELECT FROM \"{name}\" LIMIT {MANY_ROWS}) AS sample) AS rows"
+        for name in tables
+    )
     for attempt in range(DEADLOCK_RETRIES):
         try:
-            await connection.execute(f"TRUNCATE {tables} CASCADE")
+            async with connection.transaction():
+                await connection.execute(f"LOCK TABLE {names} IN ACCESS EXCLUSIVE MODE")
+                rows = {row["name"]: row["rows"] for row in await connection.fetch(sizes)}
+                many = [name for name in tables if rows[name] >= MANY_ROWS]
+                if many:
+                    await connection.execute("TRUNCATE " + ", ".join(f'"{name}"' for name in many) + " CASCADE")
+                for name in tables:
+                    if 0 < rows[name] < MANY_ROWS:
+                        await connection.execute(f'DELETE FROM "{name}"')
             return
         except asyncpg.DeadlockDetectedError:
             if attempt == DEADLOCK_RETRIES - 1:
