@@ -21,12 +21,12 @@ import httpx
 import pytest
 
 from shared.schema import migrate
-from shared.topology import Topology, declare_exchange
-from tests.support.database import checks_resolving_names, database_name, drop_database, empty_tables, with_database
+from shared.topology import Topology
+from tests.support.database import database_name, drop_database, emptied_database, with_database
 from tests.support.dns_server import dnsmasq  # noqa: F401  (fixture)
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
 from tests.support.grpc_server import grpc_health  # noqa: F401  (fixture)
-from tests.support.messages import DeadLetters, EventCapture, Publisher
+from tests.support.messages import DeadLetters, EventCapture, Publisher, capture_events
 from tests.support.nginx import nginx  # noqa: F401  (fixture)
 from tests.support.postgres import PostgresCluster, postgres_available, postgres_cluster
 from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
@@ -167,18 +167,8 @@ def gate(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
 async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to the session's database, with every table emptied first. After the test, no enabled check
     may have a target the session's poller would look up in DNS (tests/support/database.py)."""
-    connection = await asyncpg.connect(database_url)
-    await empty_tables(connection)
-    yield connection
-    try:
-        leaks = await checks_resolving_names(connection)
-    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
-        leaks = []  # the test broke its connection: nothing to look at
-    finally:
-        await connection.close()
-    if leaks:
-        pytest.fail("enabled checks whose targets would be looked up in DNS (use 127.0.0.x, or enabled: false):\n"
-                    + "\n".join(leaks))  # fmt: skip
+    async with emptied_database(database_url) as connection:
+        yield connection
 
 
 @pytest.fixture
@@ -212,14 +202,7 @@ async def admin(client: httpx.AsyncClient, make_token: TokenFactory) -> httpx.As
 @pytest.fixture
 async def events(backing: BackingServices, exchange_name: str) -> AsyncIterator[EventCapture]:
     """Every message published on the session's exchange while the test runs."""
-    capture = EventCapture()
-    connection = await aio_pika.connect(backing.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        exchange = await declare_exchange(channel, Topology(exchange_name))
-        queue = await channel.declare_queue(exclusive=True)
-        await queue.bind(exchange, "#")
-        await queue.consume(capture.on_message, no_ack=True)
+    async with capture_events(backing.amqp_url, exchange_name) as capture:
         yield capture
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +25,7 @@ from shared.group_policies import GroupPolicy, put_policy
 from tests.support.fake_agent import Behaviour, FakeAgent
 from tests.support.messages import CapturedEvent, EventCapture, Publisher
 from tests.support.nginx import NginxServer
-from tests.support.processes import GATE_RETRY_SECONDS, ServiceProcess, start_gate
+from tests.support.processes import GATE_RETRY_SECONDS, ServiceProcess, start_gate, start_together
 from tests.test_gate import host_with_checks, run_checks
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
@@ -197,7 +198,9 @@ async def test_gates_racing_on_one_group_never_exceed_the_budget(
     gate_count: int, jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient,
     db: asyncpg.Connection, service_env: dict[str, str], tmp_path: Path,
 ) -> None:  # fmt: skip
-    extra = [start_gate(service_env, tmp_path / f"gate-{index}.log") for index in range(gate_count - 1)]
+    extra = start_together(
+        *(functools.partial(start_gate, service_env, tmp_path / f"gate-{index}.log") for index in range(gate_count - 1))
+    )
     try:
         group = group_name()
         hosts = [host_id for host_id, _ in await make_hosts(admin, group, 8)]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import random
 import signal
 import uuid
@@ -19,7 +20,7 @@ import pytest
 
 from tests.support.fake_agent import FakeAgent
 from tests.support.messages import CapturedEvent, EventCapture, Publisher, in_seconds
-from tests.support.processes import ServiceProcess, start_gate
+from tests.support.processes import ServiceProcess, start_gate, start_together
 from tests.support.services import BackingServices
 from tests.test_budget import group_name, make_hosts, set_policy
 from tests.test_gate import drain_dead_letters, run_checks
@@ -147,7 +148,9 @@ async def test_campaign_over_three_gates_with_one_killed_keeps_the_budget_and_on
     before its job.start and one for a cancelled job host change nothing; a gate is SIGKILLed mid-campaign and
     started again. From the event stream: one decision and one outcome per job host, never more than 2 hosts in
     patch, and the job never halted (max_failed_hosts 8 is not exceeded)."""
-    extra = [start_gate(service_env, tmp_path / f"gate-{index}.log") for index in range(2)]
+    extra = start_together(
+        *(functools.partial(start_gate, service_env, tmp_path / f"gate-{index}.log") for index in range(2))
+    )
     try:
         group = group_name()
         service = f"{group}.service"

@@ -5,8 +5,10 @@ browser is ever downloaded. Every test signs in through the real /login form wit
 session's real API, poller, nginx and fake agent. The last test also writes the screenshots in
 docs/screenshots/ that the README shows.
 
-A browser is launched per test (about a second): the conftest's database fixtures live on each test's own
-event loop, and a browser shared across loops would not be.
+One browser serves every test of the module (launching one takes about a second). Playwright's objects belong to
+the event loop that made them, so every test here runs on the module's event loop, and so do the database, client
+and event fixtures it uses (`db`, `client`, `admin`, `events`: the conftest's, made on this loop). Each test still
+has browser contexts of its own (its own cookies), closed when it ends.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import datetime as dt
 import json
 import os
 import re
+import ssl
 import uuid
 import weakref
 from collections.abc import AsyncIterator
@@ -26,15 +29,18 @@ from urllib.parse import quote, urlencode
 import asyncpg
 import httpx
 import pytest
+import pytest_asyncio
 from playwright.async_api import Browser, Locator, Page, ViewportSize, async_playwright, expect
 
 from shared.group_policies import GroupPolicy, put_policy
 from tests.support.blackhole import refused_port
+from tests.support.database import emptied_database
 from tests.support.fake_agent import FakeAgent
-from tests.support.messages import EventCapture
+from tests.support.messages import EventCapture, capture_events
 from tests.support.nginx import NginxServer
 from tests.support.processes import ServiceProcess
 from tests.support.receiver import Receiver
+from tests.support.services import BackingServices
 from tests.support.tokens import TokenFactory
 
 CHROMIUM = "/usr/bin/chromium"
@@ -62,8 +68,12 @@ def chromium_installed() -> bool:
     return Path(CHROMIUM).exists()
 
 
-@pytest.fixture
-async def browser() -> AsyncIterator[Browser]:
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def chromium() -> AsyncIterator[Browser]:
+    """The module's browser."""
     if not chromium_installed():
         pytest.fail(f"{CHROMIUM} is missing: run `make test-deps` (apt-get install chromium chromium-driver)")
     async with async_playwright() as playwright:
@@ -72,6 +82,46 @@ async def browser() -> AsyncIterator[Browser]:
             yield launched
         finally:
             await launched.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def browser(chromium: Browser) -> AsyncIterator[Browser]:
+    """The module's browser, for one test: every context (and page) the test opened is closed after it, so that
+    no page of one test keeps refreshing itself during the next."""
+    assert chromium.is_connected(), "the module's browser is gone"
+    yield chromium
+    for context in chromium.contexts:
+        await context.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def db(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """The conftest's `db`, on the module's event loop."""
+    async with emptied_database(database_url) as connection:
+        yield connection
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def client(
+    api: ServiceProcess, db: asyncpg.Connection, http_tls: ssl.SSLContext
+) -> AsyncIterator[httpx.AsyncClient]:
+    """The conftest's `client`, on the module's event loop."""
+    async with httpx.AsyncClient(base_url=api.base_url, timeout=30, verify=http_tls) as http:
+        yield http
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def admin(client: httpx.AsyncClient, make_token: TokenFactory) -> httpx.AsyncClient:
+    """The conftest's `admin`, on the module's event loop."""
+    client.headers["Authorization"] = f"Bearer {await make_token('admin')}"
+    return client
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def events(backing: BackingServices, exchange_name: str) -> AsyncIterator[EventCapture]:
+    """The conftest's `events`, on the module's event loop."""
+    async with capture_events(backing.amqp_url, exchange_name) as capture:
+        yield capture
 
 
 _problems: weakref.WeakKeyDictionary[Page, list[str]] = weakref.WeakKeyDictionary()

@@ -6,6 +6,7 @@ session's real API. Each test also takes a screenshot of its page, written into 
 only with HEALTHGATE_UPDATE_SCREENSHOTS=1, else into the test's temporary directory.
 """
 
+# ruff: noqa: F811  (the fixtures of tests/test_dashboard.py, imported below, are the tests' arguments)
 from __future__ import annotations
 
 import datetime as dt
@@ -22,18 +23,24 @@ from playwright.async_api import Browser, expect
 
 from tests.support.processes import ServiceProcess
 from tests.support.tokens import TokenFactory
-from tests.test_dashboard import (
+from tests.test_dashboard import (  # noqa: F401 - the fixtures on the module's event loop, one Chromium per module
     DOCS_SCREENSHOTS,
     UPDATE_SCREENSHOTS,
-    browser,  # noqa: F401 - the fixture
+    admin,
+    browser,
     check_item,
+    chromium,
+    client,
     create_check,
     create_host,
+    db,
     new_page,
     script_problems,
     session_csrf,
     sign_in,
 )
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 # A refused port on loopback: checks that the session's poller may run, and that never look a name up in DNS.
 NOWHERE = "http://127.0.0.1:9/"
@@ -52,7 +59,7 @@ async def audit_actions(db: asyncpg.Connection, entity_id: str) -> list[tuple[st
 
 async def test_admin_adds_edits_and_deletes_a_host_with_errors_by_field(
     api: ServiceProcess,
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     admin: httpx.AsyncClient,
     make_token: TokenFactory,
     db: asyncpg.Connection,
@@ -142,7 +149,7 @@ async def seed_uptime(db: asyncpg.Connection, check_id: str, healthy: int, total
 
 async def test_uptime_of_each_check_and_host_on_the_hosts_list_and_host_page(
     api: ServiceProcess,
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     admin: httpx.AsyncClient,
     make_token: TokenFactory,
     db: asyncpg.Connection,
@@ -176,7 +183,7 @@ async def test_uptime_of_each_check_and_host_on_the_hosts_list_and_host_page(
 
 async def test_latency_chart_has_time_and_millisecond_scales_and_a_legend(
     api: ServiceProcess,
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     admin: httpx.AsyncClient,
     make_token: TokenFactory,
     db: asyncpg.Connection,
@@ -231,7 +238,7 @@ async def test_latency_chart_has_time_and_millisecond_scales_and_a_legend(
 
 async def test_audit_page_shows_newest_first_paged_without_secrets_to_admins_only(
     api: ServiceProcess,
-    browser: Browser,  # noqa: F811
+    browser: Browser,
     admin: httpx.AsyncClient,
     make_token: TokenFactory,
     db: asyncpg.Connection,

@@ -20,7 +20,7 @@ from shared.tokens import create_token
 from tests.support.fake_agent import FakeAgent
 from tests.support.messages import DECISIONS, EventCapture, Publisher, decision_of, wait_decision
 from tests.support.nginx import NginxServer
-from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
+from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service, start_together
 from tests.support.rabbitmq import RabbitNode
 from tests.support.services import BackingServices
 
@@ -319,11 +319,11 @@ async def test_broker_restart_while_jobs_wait(
         "HEALTHGATE_EXCHANGE": f"hgtest-{uuid.uuid4().hex[:10]}-broker",
     }  # fmt: skip
     api_port = free_port()
-    services = [
-        start_service("api", env | {"HEALTHGATE_API_PORT": str(api_port)}, tmp_path / "api.log", port=api_port),
-        start_poller(env, tmp_path / "poller.log"),
-        start_gate(env, tmp_path / "gate.log"),
-    ]
+    services = start_together(
+        lambda: start_service("api", env | {"HEALTHGATE_API_PORT": str(api_port)}, tmp_path / "api.log", port=api_port),
+        lambda: start_poller(env, tmp_path / "poller.log"),
+        lambda: start_gate(env, tmp_path / "gate.log"),
+    )
     db = await asyncpg.connect(private_database)
     try:
         token = await create_token(db, name="broker-admin", role="admin", groups=(), actor="test")  # type: ignore[arg-type]

@@ -28,7 +28,7 @@ import pytest
 from shared.tokens import create_token
 from tests.support.fake_agent import FakeAgent
 from tests.support.messages import DECISIONS, EventCapture, Publisher, wait_decision
-from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service
+from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service, start_together
 from tests.support.services import BackingServices
 from tests.support.tcp_proxy import tcp_proxy
 from tests.support.topology import delete_topology
@@ -73,11 +73,13 @@ def own_stack(
         async with contextlib.AsyncExitStack() as stack:
             stack.push_async_callback(delete_topology, backing.amqp_url, exchange)
             port = free_port()
-            api = start_service("api", env | {"HEALTHGATE_API_PORT": str(port)}, tmp_path / "api.log", port=port)
+            api, poller, gate = start_together(
+                lambda: start_service("api", env | {"HEALTHGATE_API_PORT": str(port)}, tmp_path / "api.log", port=port),
+                lambda: start_poller(env, tmp_path / "poller.log", **(poller_env or {})),
+                lambda: start_gate(env, tmp_path / "gate.log", **(gate_env or {})),
+            )
             stack.callback(api.stop)
-            poller = start_poller(env, tmp_path / "poller.log", **(poller_env or {}))
             stack.callback(poller.stop)
-            gate = start_gate(env, tmp_path / "gate.log", **(gate_env or {}))
             stack.callback(gate.stop)
             db = await asyncpg.connect(private_database)
             stack.push_async_callback(db.close)

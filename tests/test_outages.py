@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import inspect
 import json
 import signal
@@ -36,7 +37,7 @@ from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker
 from shared.topology import GATE_JOBS_QUEUE, POLLER_TICK_QUEUE, Topology
 from tests.support.postgres import PostgresCluster
-from tests.support.processes import ServiceProcess, free_port, start_service, stop_processes
+from tests.support.processes import ServiceProcess, free_port, start_service, start_together, stop_processes
 from tests.support.rabbitmq import RabbitNode
 from tests.support.services import BackingServices
 from tests.support.topology import delete_topology
@@ -468,7 +469,9 @@ async def test_a_database_restart_is_one_warning_and_one_recovered_line_per_serv
 
 async def ready_services(names: tuple[str, ...], env: dict[str, str], tmp_path: Path) -> list[ServiceProcess]:
     """Start these services (logs in `tmp_path`) and wait until each is ready."""
-    services = [start_unready(name, env, tmp_path / f"{name}.log") for name in names]
+    services = start_together(
+        *(functools.partial(start_unready, name, env, tmp_path / f"{name}.log") for name in names)
+    )
     for service in services:
         await wait_until(lambda service=service: _ready(service))
     return services
@@ -491,7 +494,9 @@ async def test_a_broker_restart_is_one_warning_and_one_recovered_line_per_servic
         "HEALTHGATE_DATABASE_URL": private_database, "HEALTHGATE_AMQP_URL": own_rabbit.amqp_url,
         "HEALTHGATE_EXCHANGE": exchange,
     }  # fmt: skip
-    services = [start_unready(name, env, tmp_path / f"{name}.log") for name in ("api", "gate", "poller")]
+    services = start_together(
+        *(functools.partial(start_unready, name, env, tmp_path / f"{name}.log") for name in ("api", "gate", "poller"))
+    )
     try:
         for service in services:
             await wait_until(lambda service=service: _ready(service))

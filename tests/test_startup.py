@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import os
 import pty
@@ -38,7 +39,7 @@ from services.poller.agent_tls import agent_ssl_context
 from shared.settings import load_settings
 from tests.support.blackhole import Blackhole, refused_port
 from tests.support.fake_agent import make_agent_certs
-from tests.support.processes import ServiceProcess, free_port
+from tests.support.processes import ServiceProcess, free_port, start_together
 from tests.support.tcp_proxy import tcp_proxy
 from tests.test_dashboard import CHROMIUM, CHROMIUM_ARGS, chromium_installed, script_problems, watch
 
@@ -422,7 +423,9 @@ def test_services_start_while_the_broker_is_down_without_tracebacks(
         else:  # accepts the connection and never answers: the first attempt is still running when we stop
             broker_port = stack.enter_context(Blackhole()).port
         env = service_env | {"HEALTHGATE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{broker_port}/"}
-        services = [start_unready(name, env, tmp_path / f"{name}.log") for name in SERVICES]
+        services = start_together(
+            *(functools.partial(start_unready, name, env, tmp_path / f"{name}.log") for name in SERVICES)
+        )
         try:
             for service in services:
                 assert httpx.get(service.base_url + "/health/ready", timeout=10).status_code == (
@@ -451,7 +454,9 @@ def test_a_lost_broker_connection_is_one_warning_and_comes_back(service_env: dic
     amqp = urlsplit(service_env["HEALTHGATE_AMQP_URL"])
     with tcp_proxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as proxy:
         env = service_env | {"HEALTHGATE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{proxy.port}/"}
-        services = [start_unready(name, env, tmp_path / f"{name}.log") for name in ("api", "gate")]
+        services = start_together(
+            *(functools.partial(start_unready, name, env, tmp_path / f"{name}.log") for name in ("api", "gate"))
+        )
         try:
             for service in services:
                 wait_for_log(service, "connected to RabbitMQ")

@@ -4,13 +4,16 @@ the list read from the schema itself)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import uuid
+from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import idna
+import pytest
 
 # Kept across tests: which migrations ran (owned by shared/schema.py, created outside the migration files).
 KEPT_TABLES = frozenset({"schema_migrations"})
@@ -67,6 +70,24 @@ async def empty_tables(connection: asyncpg.Connection) -> None:
             if attempt == DEADLOCK_RETRIES - 1:
                 raise
             await asyncio.sleep(0.05 * (attempt + 1))
+
+
+@contextlib.asynccontextmanager
+async def emptied_database(database_url: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to the session's database with every table emptied first (the `db` fixture). When the caller is
+    done, no enabled check may have a target the session's poller would look up in DNS: pytest.fail names them."""
+    connection = await asyncpg.connect(database_url)
+    await empty_tables(connection)
+    yield connection
+    try:
+        leaks = await checks_resolving_names(connection)
+    except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError):
+        leaks = []  # the test broke its connection: nothing to look at
+    finally:
+        await connection.close()
+    if leaks:
+        pytest.fail("enabled checks whose targets would be looked up in DNS (use 127.0.0.x, or enabled: false):\n"
+                    + "\n".join(leaks))  # fmt: skip
 
 
 def with_database(dsn: str, database: str) -> str:

@@ -7,15 +7,18 @@ Used by the fixtures `events`, `jobs` and `dead` (tests/conftest.py) and by the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import aio_pika
 from aio_pika.abc import AbstractIncomingMessage
+
+from shared.topology import Topology, declare_exchange
 
 # The routing keys of a job host's decision (CONTRACT §5).
 DECISIONS = ("job.released", "job.failed", "job.cancelled")
@@ -84,6 +87,20 @@ class EventCapture:
                 self.arrived.clear()
                 await self.arrived.wait()
         return found
+
+
+@contextlib.asynccontextmanager
+async def capture_events(amqp_url: str, exchange_name: str) -> AsyncIterator[EventCapture]:
+    """Every message published on the exchange while the caller runs (the `events` fixture)."""
+    capture = EventCapture()
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        exchange = await declare_exchange(channel, Topology(exchange_name))
+        queue = await channel.declare_queue(exclusive=True)
+        await queue.bind(exchange, "#")
+        await queue.consume(capture.on_message, no_ack=True)
+        yield capture
 
 
 def decision_of(events: EventCapture, job_id: str) -> list[CapturedEvent]:
