@@ -124,6 +124,13 @@ async def events(backing: BackingServices, exchange_name: str) -> AsyncIterator[
         yield capture
 
 
+@pytest_asyncio.fixture(loop_scope="module")
+async def receiver() -> AsyncIterator[Receiver]:
+    """The conftest's `receiver`, on the module's event loop (a server on another loop would never answer)."""
+    async with Receiver() as started:
+        yield started
+
+
 _problems: weakref.WeakKeyDictionary[Page, list[str]] = weakref.WeakKeyDictionary()
 
 
