@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import asyncpg
@@ -61,6 +62,32 @@ async def record_audit(
         host_id,
         json.dumps(redact(changes), default=str),
     )
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """One entry for `record_audits`: what `record_audit` takes, but the actor."""
+
+    action: str
+    entity_type: str
+    entity_id: str
+    changes: Mapping[str, Any]
+    host_id: uuid.UUID | None = None
+
+
+async def record_audits(connection: Connection, *, actor: str, entries: Sequence[AuditEntry]) -> None:
+    """Write many entries of one actor in the caller's transaction (a batch create), each as `record_audit` would."""
+    await connection.executemany(
+        """
+        INSERT INTO audit_log (actor, action, entity_type, entity_id, host_id, changes)
+        VALUES ($1, $2, $3, $4, $5, $6::jsonb)
+        """,
+        [
+            (actor, entry.action, entry.entity_type, entry.entity_id, entry.host_id,
+             json.dumps(redact(entry.changes), default=str))
+            for entry in entries
+        ],
+    )  # fmt: skip
 
 
 async def audit_page(connection: Connection, *, limit: int, before_id: int | None) -> list[asyncpg.Record]:

@@ -66,6 +66,11 @@ async def create_state(connection: Connection, check_id: uuid.UUID, host_id: uui
     await connection.execute("INSERT INTO check_state (check_id, host_id) VALUES ($1, $2)", check_id, host_id)
 
 
+async def create_states(connection: Connection, checks: Sequence[tuple[uuid.UUID, uuid.UUID]]) -> None:
+    """`create_state` for many new checks at once (`checks`: (check_id, host_id))."""
+    await connection.executemany("INSERT INTO check_state (check_id, host_id) VALUES ($1, $2)", checks)
+
+
 async def lock_for_results(connection: Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
     """Lock the states of these checks in id order (`check_ids` sorted), after their hosts: rows of
     check_id, host_id, status, consecutive_failures, consecutive_successes, last_slot and the check's

@@ -48,6 +48,28 @@ async def insert_check(
     )
 
 
+async def insert_checks(connection: Connection, rows: Sequence[tuple[uuid.UUID, uuid.UUID, Mapping[str, Any]]]) -> None:
+    """Create many checks at once (`rows`: (check_id, host_id, values), every `values` mapping the same writable
+    columns in the same order), in the caller's transaction. Raises asyncpg.UniqueViolationError when a host has
+    two checks of one name."""
+    if not rows:
+        return
+    names = list(rows[0][2])
+    columns = ", ".join(names)
+    placeholders = ", ".join(f"${index}" for index in range(3, len(names) + 3))
+    await connection.executemany(
+        f"INSERT INTO health_checks (id, host_id, {columns}) VALUES ($1, $2, {placeholders})",
+        [(check_id, host_id, *(values[name] for name in names)) for check_id, host_id, values in rows],
+    )
+
+
+async def checks_of_hosts(connection: Connection, host_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    """The checks (CHECK_SELECT) of these hosts, by host and then oldest first."""
+    return await connection.fetch(
+        f"{CHECK_SELECT} WHERE c.host_id = ANY($1::uuid[]) ORDER BY c.host_id, c.created_at, c.name", list(host_ids)
+    )
+
+
 async def update_check(
     connection: Connection, check_id: uuid.UUID, host_id: uuid.UUID, values: Mapping[str, Any]
 ) -> None:

@@ -108,6 +108,23 @@ async def insert_host(
     return row
 
 
+async def insert_hosts(connection: Connection, rows: Sequence[tuple[uuid.UUID, str, str, str | None]]) -> None:
+    """Create many hosts at once (`rows`: (id, name, group, agent_url)), in the caller's transaction (the API's
+    batch create). Raises asyncpg.UniqueViolationError when a name (`hosts_name_unique`) or an id is taken."""
+    await connection.executemany('INSERT INTO hosts (id, name, "group", agent_url) VALUES ($1, $2, $3, $4)', rows)
+
+
+async def taken_names_and_ids(
+    connection: Connection, names: Sequence[str], host_ids: Sequence[uuid.UUID]
+) -> list[asyncpg.Record]:
+    """The hosts (id, name) holding any of these names or ids: a batch create names them in its 409."""
+    return await connection.fetch(
+        "SELECT id, name FROM hosts WHERE name = ANY($1::text[]) OR id = ANY($2::uuid[]) ORDER BY name",
+        list(names),
+        list(host_ids),
+    )
+
+
 async def update_host(
     connection: Connection, host_id: uuid.UUID, *, name: str, group: str, agent_url: str | None
 ) -> asyncpg.Record:
@@ -194,6 +211,14 @@ async def fetch_host(connection: Connection, host_id: uuid.UUID, *, for_update: 
         f"SELECT {HOST_VIEW_COLUMNS} FROM hosts h {_IN_PATCH_JOIN} WHERE h.id = $1{lock}", host_id
     )
     return row
+
+
+async def fetch_hosts(connection: Connection, host_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
+    """The HOST_VIEW_COLUMNS of these hosts (those that exist), by name."""
+    return await connection.fetch(
+        f"SELECT {HOST_VIEW_COLUMNS} FROM hosts h {_IN_PATCH_JOIN} WHERE h.id = ANY($1::uuid[]) ORDER BY h.name",
+        list(host_ids),
+    )
 
 
 def host_values(row: asyncpg.Record) -> dict[str, Any]:

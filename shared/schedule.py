@@ -95,6 +95,11 @@ async def schedule_first_run(connection: Connection, check_id: uuid.UUID, *, ena
     await connection.execute(_FIRST_RUN_SQL, check_id, enabled)
 
 
+async def schedule_first_runs(connection: Connection, checks: Sequence[tuple[uuid.UUID, bool]]) -> None:
+    """`schedule_first_run` for many checks at once (`checks`: (check_id, enabled)), in the caller's transaction."""
+    await connection.executemany(_FIRST_RUN_SQL, checks)
+
+
 async def claim_due(connection: Connection, limit: int) -> list[asyncpg.Record]:
     """Claim up to `limit` due checks (oldest first; rows other schedulers hold are skipped) and move
     each to its next slot: `slot + interval_seconds` if that is still ahead (a cadence that does not

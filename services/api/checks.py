@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -148,12 +149,17 @@ class CheckRequest:
     has_basic_auth_user: bool = False
     mentions_basic_auth_pass: bool = False
 
+    def problems_on(self, host: asyncpg.Record | Mapping[str, Any]) -> list[dict[str, str]]:
+        """Every problem of the body and of the rules about `host` (its `name` and `agent_url`) as 422 errors
+        ({"field", "message"}); none for a new check that may be created on that host."""
+        return [*self.errors, *_host_rule_errors(self, host)]
+
     def checked_against(self, host: asyncpg.Record, before: asyncpg.Record | None = None) -> CheckWriteBase:
         """The valid body, or a 422 listing every problem of the body, of the rules about `host` (a service
         check needs the host's agent_url; a tcp check without address connects to the host's name, which must
         then be a host name or an IP address) and, on an update, of the rules about the check as stored
         (`before`: a stored password needs a user, see `_stored_password_errors`)."""
-        errors = [*self.errors, *_host_rule_errors(self, host), *_stored_password_errors(self, before)]
+        errors = [*self.problems_on(host), *_stored_password_errors(self, before)]
         if errors or self.body is None:
             raise field_errors(errors or [{"field": "body", "message": "not a valid check"}])
         return self.body
@@ -182,7 +188,7 @@ def _stored_password_errors(submitted: CheckRequest, before: asyncpg.Record | No
     return []
 
 
-def _host_rule_errors(submitted: CheckRequest, host: asyncpg.Record) -> list[dict[str, str]]:
+def _host_rule_errors(submitted: CheckRequest, host: asyncpg.Record | Mapping[str, Any]) -> list[dict[str, str]]:
     errors = []
     if submitted.check_type == "service" and host["agent_url"] is None:
         errors.append(
@@ -276,7 +282,7 @@ def column_values(
     return values
 
 
-def _writable(values: dict[str, Any]) -> dict[str, Any]:
+def writable_columns(values: dict[str, Any]) -> dict[str, Any]:
     """The stored columns of `column_values`, in WRITABLE_COLUMNS order."""
     return {name: values[name] for name in WRITABLE_COLUMNS}
 
@@ -355,7 +361,7 @@ async def create_check_on(context: ApiContext, actor: str, host_id: uuid.UUID, s
         if existing >= MAX_CHECKS_PER_HOST:
             raise conflict(f"a host may have at most {MAX_CHECKS_PER_HOST} health checks; this one has {existing}")
         try:
-            await checks.insert_check(connection, check_id, host_id, _writable(values))
+            await checks.insert_check(connection, check_id, host_id, writable_columns(values))
         except asyncpg.UniqueViolationError:
             raise conflict(f"this host already has a check named {body.name!r}") from None
         await create_state(connection, check_id, host_id)
@@ -394,7 +400,7 @@ async def update_check_on(
         # An update that changes nothing writes nothing: `updated_at` stays, no event, no reschedule.
         if changes:
             try:
-                await checks.update_check(connection, check_id, host_id, _writable(values))
+                await checks.update_check(connection, check_id, host_id, writable_columns(values))
             except asyncpg.UniqueViolationError:
                 raise conflict(f"this host already has a check named {body.name!r}") from None
             await schedule_first_run(connection, check_id, enabled=body.enabled)

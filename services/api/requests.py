@@ -30,17 +30,17 @@ class PageQuery(BaseModel):
     cursor: str | None = Field(None, max_length=1000)
 
 
-async def read_json(request: Request) -> Any:
-    """The request body as JSON: 413 when too large, 400 when it is not JSON."""
+async def read_json(request: Request, *, limit: int = MAX_BODY_BYTES) -> Any:
+    """The request body as JSON: 413 when larger than `limit` bytes, 400 when it is not JSON."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
-        raise Problem(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, f"request body is larger than {limit} bytes")
     chunks = []
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise Problem(413, f"request body is larger than {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise Problem(413, f"request body is larger than {limit} bytes")
         chunks.append(chunk)
     try:
         document = json.loads(b"".join(chunks), parse_constant=_refuse_constant, parse_int=_parse_int)

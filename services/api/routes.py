@@ -6,7 +6,7 @@ from pydantic import BaseModel
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services.api import audit, checks, groups, hosts, jobs, notifications, preview
+from services.api import audit, checks, groups, host_batches, hosts, jobs, notifications, preview
 from services.api.auth import Principal
 from services.api.endpoints import ADMIN, ALL_ROLES, CHECK_EDITORS, Endpoint
 from services.api.requests import PageQuery, json_response
@@ -19,6 +19,7 @@ from services.api.schemas import (
     DeliveryView,
     GroupView,
     HaltRequest,
+    HostBatchCreate,
     HostCreate,
     HostView,
     HostWrite,
@@ -68,6 +69,22 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         response=HostView,
         status_code=201,
         errors=(400, 409, 413, 422),
+    ),
+    Endpoint(
+        "POST",
+        "/api/v1/hosts:batchCreate",
+        host_batches.batch_create_hosts,
+        "Create hosts with their checks",
+        ADMIN,
+        "hosts",
+        body=HostBatchCreate,
+        response=ItemList[HostView],
+        status_code=201,
+        errors=(400, 409, 413, 422),
+        description="Up to 100 hosts, each with up to 5 checks, created in one transaction: all or none (AIP-233). "
+        "What is written is what POST /api/v1/hosts and POST .../health-checks write one by one (audit entries, "
+        "`check.config.created` events); a problem is named as `hosts[i].checks[j].field`. `healthgate apply` "
+        "creates new hosts through it.",
     ),
     Endpoint(
         "GET",

@@ -443,6 +443,22 @@ CHECK_WRITE_MODELS: dict[str, type[CheckWriteBase]] = {
     "grpc": GrpcCheckWrite,
 }
 
+# A batch create (POST /api/v1/hosts:batchCreate) holds at most this many hosts, with their checks.
+MAX_BATCH_HOSTS = 100
+
+
+class HostBatchItem(HostCreate):
+    checks: list[CheckWrite] = Field(
+        default_factory=list, max_length=5, description="the host's checks (at most 5, each name once)"
+    )
+
+
+class HostBatchCreate(RequestModel):
+    """POST /api/v1/hosts:batchCreate: hosts created with their checks in one transaction, all or none."""
+
+    hosts: list[HostBatchItem] = Field(min_length=1, max_length=MAX_BATCH_HOSTS)
+
+
 # ---- results, jobs, audit ------------------------------------------------------------------------
 
 
