@@ -22,7 +22,8 @@ nothing is applied (exit 2).
 pages of 500), computes a `Plan` (create / update / delete / unchanged per host, check and policy), prints it
 the way `terraform plan` does, and applies it in dependency order with up to `IN_FLIGHT` requests at once:
 policies; deletes of checks (so that a host stays within 5 checks and a service check goes before its host's
-agent_url); creates and updates of hosts; updates and creates of checks; deletes of hosts.
+agent_url); new hosts with their checks (`POST /api/v1/hosts:batchCreate`, 100 hosts a request, each request all
+or none) and updates of hosts; updates and creates of checks of existing hosts; deletes of hosts.
 
 What counts as a change: a host's `group` and `agent_url` (omitted = none) and, with an `id` in the file, an id
 that differs is an error (ids cannot change). A check's fields are compared after the API's own model gave the
@@ -735,7 +736,6 @@ async def apply_plan(api: FleetApi, result: Plan, out: IO[str], in_flight: int =
     """Carry out `result` in dependency order, `in_flight` requests at a time; a phase that fails stops the
     phases after it (they may need what it did). Returns one line per failed change."""
     limit = asyncio.Semaphore(in_flight)
-    host_ids: dict[str, str] = {}
     failures: list[str] = []
 
     async def run(change: Change, step: Callable[[Change], Awaitable[None]]) -> None:
@@ -754,17 +754,21 @@ async def apply_plan(api: FleetApi, result: Plan, out: IO[str], in_flight: int =
     async def delete_check(change: Change) -> None:
         await api.call("DELETE", f"/api/v1/hosts/{change.host_id}/health-checks/{change.check_id}")
 
-    async def write_host(change: Change) -> None:
-        if change.action == "create":
-            answer = await api.call("POST", "/api/v1/hosts", change.body)
-            host_ids[change.name] = answer["id"]
-        else:
-            await api.call("PUT", f"/api/v1/hosts/{change.host_id}", change.body)
+    async def create_hosts(batch: list[Change]) -> None:
+        async with limit:
+            try:
+                await api.call("POST", BATCH_CREATE, {"hosts": [host_batch_item(change) for change in batch]})
+            except ApiClientError as exc:
+                names = batch[0].name if len(batch) == 1 else f"{batch[0].name} … {batch[-1].name}"
+                failures.append(f"create host {names} ({len(batch)} host(s) with their checks): {exc}")
+
+    async def update_host(change: Change) -> None:
+        await api.call("PUT", f"/api/v1/hosts/{change.host_id}", change.body)
 
     async def write_check(change: Change) -> None:
-        host_id = change.host_id or host_ids.get(change.host)
-        if host_id is None:
-            raise ApiClientError("its host was not created")
+        if change.host_id is None:
+            return  # a new host's check: created with its host
+        host_id = change.host_id
         if change.action == "create":
             await api.call("POST", f"/api/v1/hosts/{host_id}/health-checks", change.body)
         else:
@@ -773,18 +777,51 @@ async def apply_plan(api: FleetApi, result: Plan, out: IO[str], in_flight: int =
     async def delete_host(change: Change) -> None:
         await api.call("DELETE", f"/api/v1/hosts/{change.host_id}")
 
+    new_checks: dict[str, list[Change]] = {}
+    for change in result.by("create", "check"):
+        if change.host_id is None:
+            new_checks.setdefault(change.host, []).append(change)
+
+    def host_batch_item(change: Change) -> dict[str, Any]:
+        return change.body | {"checks": [check.body for check in new_checks.get(change.name, [])]}
+
     phases: list[tuple[list[Change], Callable[[Change], Awaitable[None]]]] = [
         ([*result.by("create", "policy"), *result.by("update", "policy")], put_policy),
         (result.by("delete", "check"), delete_check),
-        ([*result.by("create", "host"), *result.by("update", "host")], write_host),
+        (result.by("update", "host"), update_host),
         ([*result.by("update", "check"), *result.by("create", "check")], write_check),
         (result.by("delete", "host"), delete_host),
     ]
-    for changes, step in phases:
-        await asyncio.gather(*(run(change, step) for change in changes))
+    for number, (changes, step) in enumerate(phases):
+        if number == 2:
+            # New hosts go with their checks, in batches (after the checks deleted to keep a host within 5).
+            batches = _batches(result.by("create", "host"), host_batch_item)
+            await asyncio.gather(*(create_hosts(batch) for batch in batches), *(run(c, step) for c in changes))
+        else:
+            await asyncio.gather(*(run(change, step) for change in changes))
         if failures:
             break
     return failures
+
+
+# POST /api/v1/hosts:batchCreate (services/api/host_batches.py) takes at most 100 hosts and 2 MiB.
+BATCH_CREATE = "/api/v1/hosts:batchCreate"
+BATCH_HOSTS = 100
+BATCH_BYTES = 1_500_000
+
+
+def _batches(changes: list[Change], item: Callable[[Change], dict[str, Any]]) -> list[list[Change]]:
+    """The host creates in batches of at most BATCH_HOSTS hosts and about BATCH_BYTES of JSON each."""
+    batches: list[list[Change]] = []
+    size = 0
+    for change in changes:
+        length = len(json.dumps(item(change), ensure_ascii=False).encode())
+        if not batches or len(batches[-1]) >= BATCH_HOSTS or size + length > BATCH_BYTES:
+            batches.append([])
+            size = 0
+        batches[-1].append(change)
+        size += length
+    return batches
 
 
 async def run_apply(
