@@ -128,6 +128,15 @@ CASES: dict[tuple[str, str], Case] = {
         201,
         lambda s: Call("POST", "/api/v1/hosts", {"name": f"new-{uuid.uuid4().hex[:8]}", "group": s.group}),
     ),
+    ("POST", "/api/v1/hosts:batchCreate"): Case(
+        ADMIN,
+        201,
+        lambda s: Call(
+            "POST",
+            "/api/v1/hosts:batchCreate",
+            {"hosts": [{"name": f"new-{uuid.uuid4().hex[:8]}", "group": s.group, "checks": [check_body("ssh")]}]},
+        ),
+    ),
     ("GET", "/api/v1/hosts"): Case(ALL, 200, lambda s: Call("GET", "/api/v1/hosts")),
     ("GET", HOST): Case(ALL, 200, lambda s: Call("GET", host_url(s))),
     ("PUT", HOST): Case(
