@@ -236,3 +236,68 @@ async def test_export_then_apply_plans_nothing(admin: httpx.AsyncClient, db: asy
 def test_the_published_schema_is_the_one_apply_validates_with() -> None:
     published = json.loads((ROOT / "docs" / "fleet.schema.json").read_text())
     assert published == fleet_schema(), "regenerate docs/fleet.schema.json (docs/fleet.md says how)"
+
+
+async def test_a_json_fleet_file_is_the_same_fleet_and_its_errors_have_lines(
+    admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    from ruamel.yaml import YAML
+
+    document = YAML(typ="safe").load(fleet_yaml(6))
+    as_json = json.dumps(document, indent=2)
+    code, out, err = await apply(admin, as_json)
+    assert code == 0, err
+    before = await state(db)
+    code, out, err = await apply(admin, fleet_yaml(6))  # the YAML form of the same fleet plans nothing
+    assert (code, err) == (0, "") and changed_lines(out) == [], out
+    assert await state(db) == before
+
+    bad = as_json.replace('"port": 22', '"port": "22"', 1)  # a string where the schema wants an integer
+    code, _out, err = await apply(admin, bad)
+    line = next(number for number, text in enumerate(bad.splitlines(), 1) if '"port": "22"' in text)
+    assert code == 2 and err.startswith(f"fleet.yaml:{line}: hosts[0].checks[0].port:"), err
+    twice = as_json.replace('"group": "web"', '"group": "web", "group": "db"', 1)  # YAML refuses a key twice
+    code, _out, err = await apply(admin, twice)
+    line = next(number for number, text in enumerate(twice.splitlines(), 1) if '"group": "db"' in text)
+    assert code == 2 and err.startswith(f"fleet.yaml:{line}: not valid YAML: found duplicate key"), err
+    assert await state(db) == before
+
+
+async def test_apply_with_an_operator_token_says_what_it_may_not_do_and_creates_nothing(
+    client: httpx.AsyncClient, db: asyncpg.Connection, make_token: TokenFactory
+) -> None:
+    client.headers["Authorization"] = f"Bearer {await make_token('operator', groups=['web', 'db'])}"
+    code, out, err = await apply(client, fleet_yaml(4).split("groups:\n")[0])  # hosts only, no policy
+    assert code == 1
+    assert "Plan: 14 to create" in out
+    assert "role 'operator' may not create hosts with their checks" in err, err
+    assert await db.fetchval("SELECT count(*) FROM hosts") == 0
+
+
+async def test_an_apply_failing_partway_reports_it_and_a_second_apply_converges(
+    admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    """The plan is made, then another admin creates one of its hosts before it is applied: that host's batch
+    (100 hosts, all or none) fails with the API's reason and the other batches are applied; a second apply
+    plans exactly what is left and leaves the API matching the file."""
+    from services.fleet import apply_plan, load_fleet, plan, read_current
+
+    text = fleet_yaml(250)
+    fleet = load_fleet(text, "fleet.yaml", ENV)
+    result = plan(fleet, await read_current(FleetApi(admin)), prune=False)
+    created = await admin.post("/api/v1/hosts", json={"name": "host-120", "group": "db"})
+    assert created.status_code == 201
+    failures = await apply_plan(FleetApi(admin), result, io.StringIO())
+    assert len(failures) == 1, failures
+    assert "'host-120'" in failures[0] and "nothing was created" in failures[0]
+    assert await db.fetchval("SELECT count(*) FROM hosts") == 151  # two batches of 100 hosts + host-120 alone
+
+    code, out, err = await apply(admin, text)
+    assert code == 0, err
+    # hosts 100-199 but host-120 with their checks (49 web hosts of 2, 50 db hosts of 3), host-120's 2 checks;
+    # host-120 itself is updated (its group and agent_url).
+    assert "Plan: 349 to create, 1 to update, 0 to delete," in out, out
+    assert '~ host host-120\n    ~ group: "db" → "web"' in out
+    assert await db.fetchval("SELECT count(*) FROM hosts") == 250
+    code, out, err = await apply(admin, text)
+    assert (code, err) == (0, "") and changed_lines(out) == [], out
