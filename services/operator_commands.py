@@ -113,11 +113,15 @@ def _host(client: ApiClient, ref: str) -> dict[str, Any]:
         except ApiError as exc:
             if exc.status != 404:
                 raise
-    for item in client.pages(api_path("hosts")):
-        if item["name"] == ref:
-            # The host by id, as `hosts get ID` answers (the list's item is the same view, but one answer is sure).
-            found: dict[str, Any] = client.get(api_path("hosts", item["id"]))
-            return found
+    try:
+        named = client.get(api_path("hosts"), {"name": ref})["items"]
+    except ApiError as exc:
+        if exc.status != 422:  # not a possible host name (blank, too long): no host has it
+            raise
+        named = []
+    if named:
+        found: dict[str, Any] = named[0]
+        return found
     raise NotFound(f"no host {ref!r} (by id or name) among the hosts this token sees")
 
 

@@ -266,10 +266,11 @@ async def host_page(
     status: str | None,
     after_name: str | None,
     limit: int,
+    name: str | None = None,
 ) -> list[asyncpg.Record]:
     """Up to `limit` hosts (HOST_VIEW_COLUMNS: see `host_values`) by name after `after_name`, of `groups` (None:
-    every group), optionally of one group and one summary. Only the conditions in use are in the statement, so
-    each finds its index."""
+    every group), optionally of one group, one summary and one name. Only the conditions in use are in the
+    statement, so each finds its index."""
     conditions: list[str] = []
     arguments: list[Any] = []
 
@@ -283,6 +284,8 @@ async def host_page(
         where('h."group" = {}', group)
     if status is not None:
         where("h.health_check_status = {}", status)
+    if name is not None:
+        where("h.name = {}", name)
     if after_name is not None:
         where("h.name > {}", after_name)
     arguments.append(limit)

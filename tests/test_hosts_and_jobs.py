@@ -57,6 +57,11 @@ async def test_host_list_pages_and_filters(admin: httpx.AsyncClient) -> None:
     odd = (await admin.get("/api/v1/hosts", params={"group": "odd"})).json()
     assert [item["name"] for item in odd["items"]] == ["node-01", "node-03", "node-05"]
     assert (await admin.get("/api/v1/hosts", params={"health_check_status": "no_checks"})).json()["items"]
+    named = (await admin.get("/api/v1/hosts", params={"name": "node-03"})).json()
+    assert [item["name"] for item in named["items"]] == ["node-03"] and named["next_cursor"] is None
+    assert (await admin.get("/api/v1/hosts", params={"name": "node-3"})).json()["items"] == []
+    assert (await admin.get("/api/v1/hosts", params={"name": "node-03", "group": "even"})).json()["items"] == []
+    assert (await admin.get("/api/v1/hosts", params={"name": " "})).status_code == 422
 
 
 async def test_agent_url_stays_while_service_checks_need_it(admin: httpx.AsyncClient) -> None:

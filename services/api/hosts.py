@@ -25,7 +25,7 @@ from services.api.requests import (
     read_query,
     text_key,
 )
-from services.api.schemas import GroupName, HostCreate, HostView, HostWrite
+from services.api.schemas import GroupName, HostCreate, HostName, HostView, HostWrite
 from services.api.targets import address_problems
 from shared import checks, hosts
 from shared.audit import diff, record_audit
@@ -39,6 +39,7 @@ HOST_PAGES: Keyset[str] = Keyset(1, text_key, lambda row: (row["name"],))
 class HostListQuery(PageQuery):
     group: GroupName | None = Field(None, description="only hosts of this group")
     health_check_status: HostHealthStatus | None = Field(None, description="only hosts in this state")
+    name: HostName | None = Field(None, description="only the host of this name (names are unique): a lookup by name")
 
 
 def host_view(row: asyncpg.Record) -> HostView:
@@ -77,7 +78,7 @@ async def fetch_host_page(
     """A page of the caller's hosts by name, and the cursor of the next page (the API and dashboard)."""
     rows = await hosts.host_page(
         pool, groups=principal.visible_groups(), group=query.group, status=query.health_check_status,
-        after_name=HOST_PAGES.after(query.cursor), limit=HOST_PAGES.rows_to_fetch(query.limit),
+        name=query.name, after_name=HOST_PAGES.after(query.cursor), limit=HOST_PAGES.rows_to_fetch(query.limit),
     )  # fmt: skip
     return HOST_PAGES.page(rows, query.limit)
 
