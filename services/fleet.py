@@ -728,6 +728,7 @@ def plan(fleet: Fleet, current: Current, *, prune: bool, resend_secrets: bool = 
     return Plan(changes, unchanged, errors)
 
 
+@functools.cache
 def _check_fields(kind: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys((*COMMON_WRITABLE_FIELDS, *(n for n in FIELDS_OF_TYPE[kind] if n != PASSWORD))))
 
@@ -740,11 +741,11 @@ def _normal(name: str, value: Any) -> Any:
 def _check_diff(check: DesiredCheck, before: dict[str, Any], resend_secrets: bool) -> list[tuple[str, Any, Any]]:
     diff = []
     for name in _check_fields(check.fields["check_type"]):
-        wanted = _normal(name, check.fields.get(name))
-        if name in SERVER_DEFAULTED and name not in check.named:
+        wanted, stored = check.fields.get(name), before.get(name)
+        if wanted == stored or (name in SERVER_DEFAULTED and name not in check.named):
             continue
-        if _normal(name, before.get(name)) != wanted:
-            diff.append((name, before.get(name), wanted))
+        if _normal(name, stored) != _normal(name, wanted):
+            diff.append((name, stored, _normal(name, wanted)))
     is_set = bool(before.get("basic_auth_pass_set"))
     if PASSWORD in check.named:
         if (check.password is not None) != is_set or (check.password is not None and resend_secrets):
