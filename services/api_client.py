@@ -19,6 +19,8 @@ from urllib.parse import quote
 
 import httpx
 
+from shared.settings import redact_url
+
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_VARIABLE = "HEALTHGATE_URL"
 TOKEN_VARIABLE = "HEALTHGATE_TOKEN"
@@ -92,7 +94,7 @@ class ApiClient:
                 timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_SECONDS),
             )
         except (httpx.InvalidURL, ValueError) as exc:
-            raise ApiUnreachable(f"{URL_VARIABLE}={self.base_url!r} is not a usable URL: {exc}") from None
+            raise ApiUnreachable(f"{URL_VARIABLE} ({shown_url(self.base_url)}) is not a usable URL: {exc}") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ApiClient:
@@ -116,32 +118,9 @@ class ApiClient:
         ApiUnreachable when there is no answer."""
         try:
             response = self._http.request(method, path, params=_without_none(params), json=json)
-        except httpx.TimeoutException as exc:
-            cause = str(exc) or "timed out"
-            raise ApiUnreachable(f"no answer from the healthgate API at {self.base_url} in time: {cause}") from None
-        except (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
-            raise ApiUnreachable(f"cannot reach the healthgate API at {self.base_url}: {exc}") from None
-        if response.is_error:
-            raise self._error(response)
-        if response.status_code == 204 or not response.content:
-            return None
-        try:
-            return response.json()
-        except ValueError:
-            raise ApiError(response.status_code, "the API's answer is not JSON", {}) from None
-
-    def _error(self, response: httpx.Response) -> ApiError:
-        problem: dict[str, Any] = {}
-        try:
-            document = response.json()
-            if isinstance(document, dict):
-                problem = document
-        except ValueError:
-            pass
-        detail = problem.get("detail") or problem.get("title") or response.reason_phrase or "error"
-        if response.status_code == 401 and not self._has_token:
-            detail = f"{detail} (set {TOKEN_VARIABLE} to an API token)"
-        return ApiError(response.status_code, str(detail), problem)
+        except UNREACHABLE as exc:
+            raise unreachable(exc, self.base_url) from None
+        return answer_of(response, has_token=self._has_token)
 
     def get(self, path: str, params: Params | None = None) -> Any:
         """GET `path` (with query `params`; None values are left out) → parsed JSON."""
@@ -170,3 +149,46 @@ class ApiClient:
             if not cursor:
                 return
             query["cursor"] = cursor
+
+
+# What httpx raises when there is no answer: the server is not reached, or the URL cannot be used.
+UNREACHABLE = (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol)
+
+
+def unreachable(exc: Exception, base_url: str) -> ApiUnreachable:
+    """The one-line error for a call that got no answer (`exc`: one of UNREACHABLE)."""
+    shown = shown_url(base_url)
+    if isinstance(exc, httpx.TimeoutException):
+        return ApiUnreachable(f"no answer from the healthgate API at {shown} in time: {str(exc) or 'timed out'}")
+    return ApiUnreachable(f"cannot reach the healthgate API at {shown}: {exc}")
+
+
+def shown_url(url: str) -> str:
+    """The API's URL as an error message may show it: a password in it masked (`redact_url`)."""
+    try:
+        return redact_url(url)
+    except ValueError:  # urlsplit refuses it (an unclosed IPv6 bracket): say which setting instead
+        return "a URL that cannot be split"
+
+
+def answer_of(response: httpx.Response, *, has_token: bool) -> Any:
+    """An answer's JSON (None when it has no body). Raises ApiError for a 4xx/5xx answer (its problem's `detail`)
+    or an answer that is not JSON."""
+    if response.is_error:
+        problem: dict[str, Any] = {}
+        try:
+            document = response.json()
+            if isinstance(document, dict):
+                problem = document
+        except ValueError:
+            pass
+        detail = problem.get("detail") or problem.get("title") or response.reason_phrase or "error"
+        if response.status_code == 401 and not has_token:
+            detail = f"{detail} (set {TOKEN_VARIABLE} to an API token)"
+        raise ApiError(response.status_code, str(detail), problem)
+    if response.status_code == 204 or not response.content:
+        return None
+    try:
+        return response.json()
+    except ValueError:
+        raise ApiError(response.status_code, "the API's answer is not JSON", {}) from None

@@ -76,10 +76,12 @@ from services.api_client import (
     DEFAULT_URL,
     MAX_PAGE,
     TOKEN_VARIABLE,
+    UNREACHABLE,
     URL_VARIABLE,
     ApiClientError,
-    ApiError,
-    ApiUnreachable,
+    answer_of,
+    shown_url,
+    unreachable,
 )
 from shared.group_policies import GroupPolicy
 
@@ -555,13 +557,9 @@ class FleetApi:
         answer, ApiUnreachable when there is none."""
         try:
             response = await self.http.request(method, path, json=body, params=params)
-        except httpx.TimeoutException as exc:
-            raise ApiUnreachable(f"no answer from the healthgate API at {self.http.base_url} in time ({exc})") from None
-        except httpx.HTTPError as exc:
-            raise ApiUnreachable(f"cannot reach the healthgate API at {self.http.base_url}: {exc}") from None
-        if response.is_error:
-            raise _api_error(response)
-        return None if response.status_code == 204 or not response.content else response.json()
+        except UNREACHABLE as exc:
+            raise unreachable(exc, str(self.http.base_url)) from None
+        return answer_of(response, has_token="authorization" in self.http.headers)
 
     async def every(self, path: str) -> list[dict[str, Any]]:
         """Every item of a paged list, 500 at a time."""
@@ -574,18 +572,6 @@ class FleetApi:
             cursor = page.get("next_cursor")
             if not cursor:
                 return items
-
-
-def _api_error(response: httpx.Response) -> ApiError:
-    problem: dict[str, Any] = {}
-    try:
-        document = response.json()
-        if isinstance(document, dict):
-            problem = document
-    except ValueError:
-        pass
-    detail = problem.get("detail") or problem.get("title") or response.reason_phrase or "error"
-    return ApiError(response.status_code, str(detail), problem)
 
 
 @dataclass
@@ -1044,20 +1030,29 @@ def main_apply(path: str, *, dry_run: bool, prune: bool, resend_secrets: bool, b
             sys.stderr.write(f"{path}: cannot read the file: {exc}\n")
             return EXIT_BAD_FILE
 
-    async def go() -> int:
-        async with open_api(base_url, token) as http:
-            return await run_apply(
-                FleetApi(http), text, source, sys.stdout, sys.stderr,
-                dry_run=dry_run, prune=prune, resend_secrets=resend_secrets,
-            )  # fmt: skip
+    async def go(api: FleetApi) -> int:
+        return await run_apply(
+            api, text, source, sys.stdout, sys.stderr, dry_run=dry_run, prune=prune, resend_secrets=resend_secrets
+        )
 
-    return asyncio.run(go())
+    return _with_api(base_url, token, go)
 
 
 def main_export(*, base_url: str, token: str | None) -> int:
+    return _with_api(base_url, token, lambda api: run_export(api, sys.stdout, sys.stderr))
+
+
+def _with_api(base_url: str, token: str | None, command: Callable[[FleetApi], Awaitable[int]]) -> int:
+    """Run `command` over a client of the API at `base_url`; exit 1 with one line when that URL is not usable."""
+
     async def go() -> int:
-        async with open_api(base_url, token) as http:
-            return await run_export(FleetApi(http), sys.stdout, sys.stderr)
+        try:
+            http = open_api(base_url, token)
+        except (httpx.InvalidURL, ValueError) as exc:
+            sys.stderr.write(f"{URL_VARIABLE} ({shown_url(base_url)}) is not a usable URL: {exc}\n")
+            return EXIT_FAILED
+        async with http:
+            return await command(FleetApi(http))
 
     return asyncio.run(go())
 

@@ -301,3 +301,23 @@ async def test_an_apply_failing_partway_reports_it_and_a_second_apply_converges(
     assert await db.fetchval("SELECT count(*) FROM hosts") == 250
     code, out, err = await apply(admin, text)
     assert (code, err) == (0, "") and changed_lines(out) == [], out
+
+
+def test_a_bad_or_unreachable_api_url_is_one_line_without_its_password(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.yaml"
+    path.write_text("hosts: []\n")
+    for url, command in (
+        ("http://monitor:url-Pa55@127.0.0.1:1", ["apply", "-f", str(path)]),  # nothing listens on port 1
+        ("http://monitor:url-Pa55@127.0.0.1:notaport", ["export"]),
+        ("http://[::1", ["apply", "-f", str(path)]),
+        ("ftp://monitor:url-Pa55@127.0.0.1:1", ["hosts", "list"]),
+    ):
+        done = subprocess.run(
+            [sys.executable, "-m", "services.cli", *command],
+            cwd=ROOT, env=os.environ | {"HEALTHGATE_URL": url, "HEALTHGATE_TOKEN": "t"},
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 1, (url, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, (url, done.stderr)
+        assert "url-Pa55" not in done.stderr + done.stdout, (url, done.stderr)
+        assert "HEALTHGATE_URL" in done.stderr or "cannot reach the healthgate API" in done.stderr, done.stderr
