@@ -38,6 +38,7 @@ from services.api.routes import ENDPOINTS
 from services.poller.agent_tls import agent_ssl_context
 from shared.settings import load_settings
 from tests.support.blackhole import Blackhole, refused_port
+from tests.support.cli_forks import run_forked
 from tests.support.fake_agent import make_agent_certs
 from tests.support.processes import ServiceProcess, free_port, start_together
 from tests.support.tcp_proxy import tcp_proxy
@@ -289,8 +290,14 @@ def test_each_bad_agent_tls_file_stops_the_poller_with_one_line_naming_it(
                 (good | {KEY: path}, KEY, path, says),
             ]
         env = service_env | dependencies_down | {"HEALTHGATE_HEALTH_PORT": "0"}
-        results = run_cli_each(
-            ("poller",), [env | {name: str(value) for name, value in settings.items()} for settings, *_ in cases]
+        # Forks of one poller that imported itself once (tests/support/cli_forks.py): some 40 cases as whole
+        # processes were some 40 s of Python importing the poller; whole processes meet the same files in
+        # test_unusable_agent_tls_files_stop_the_poller_with_one_line and the test after this one.
+        results = run_forked(
+            ("poller",),
+            [env | {name: str(value) for name, value in settings.items()} for settings, *_ in cases],
+            preload=("services.poller.app",),
+            timeout=EXIT_GUARD_SECONDS,
         )
         for (settings, variable, path, says), result in zip(cases, results, strict=True):
             assert result.returncode != 0, (settings, result.stderr)
