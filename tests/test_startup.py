@@ -203,7 +203,14 @@ def test_a_key_file_that_is_no_regular_file_stops_the_service_with_one_line(
     the file and what it is."""
     env = service_env | dependencies_down | {port_variable(service): "0"}
     with odd_files(tmp_path) as files:
-        results = run_cli_each((service,), [env | {"HEALTHGATE_KEY_FILE": str(key_file)} for key_file, _ in files])
+        # Forks of one service that imported itself once (tests/support/cli_forks.py), not eight whole processes
+        # each importing it: whole processes meet unusable key files in the test before this one.
+        results = run_forked(
+            (service,),
+            [env | {"HEALTHGATE_KEY_FILE": str(key_file)} for key_file, _ in files],
+            preload=(f"services.{service}.app",),
+            timeout=EXIT_GUARD_SECONDS,
+        )
         for (key_file, says), result in zip(files, results, strict=True):
             assert result.returncode != 0, result.stderr
             assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_KEY_FILE", str(key_file), says)
