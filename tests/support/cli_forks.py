@@ -2,7 +2,7 @@
 
 A `healthgate poller` that is refused its settings spends nearly all of its second or two importing the service
 (grpc, aiohttp, dnspython, the CEL library...) before it reads the file at fault; dozens of such cases in one test
-are dozens of seconds of that, on two cores. `run_forked` starts one process (`python -m tests.support.cli_forks`)
+are dozens of seconds of that, on two cores. `CliForks` (and `run_forked`) starts one process (`python -m tests.support.cli_forks`)
 that imports `services.cli` and the services named once, then forks a copy of itself for each case: each copy
 gets the case's environment (and nothing else: the server's is cleared), /dev/null on stdin, pipes of its own on
 stdout and stderr, and runs `services.cli.main(arguments)` (what `python -m services.cli ARGUMENTS` runs) to its
@@ -10,10 +10,10 @@ exit status. What a case is tested for (its status, its one line on stderr) is w
 interpreter's own start would print before it (import-time warnings) is checked once, on the server's output, and
 the tests still run a few cases as whole `python -m services.cli` processes.
 
-Protocol: one JSON object on the server's stdin, {"preload": [module, ...], "arguments": [...], "envs": [{...}],
-"at_once": n, "timeout": seconds}; one JSON list on its stdout, per env in order {"returncode": int | null (still
-running at `timeout`: killed), "stdout": str, "stderr": str}. Anything the server itself writes to stderr (an
-import warning, a traceback) makes `run_forked` fail.
+Protocol: the modules to import are the server's arguments; then one JSON object per line on its stdin,
+{"arguments": [...], "envs": [{...}], "at_once": n, "timeout": seconds}, answered by one JSON list per line on its
+stdout, per env in order {"returncode": int | null (still running at `timeout`: killed), "stdout": str, "stderr":
+str}. Anything the server itself writes to stderr (an import warning, a traceback) fails the next request.
 """
 
 from __future__ import annotations
@@ -26,7 +26,71 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+
+class CliForks:
+    """A server (`python -m tests.support.cli_forks PRELOAD...`) that imported `services.cli` and `preload` once and
+    forks a copy of itself for each case it is sent, for as long as this object is open (a context manager)."""
+
+    def __init__(self, preload: tuple[str, ...], stderr_path: Path) -> None:
+        self.stderr_path = stderr_path
+        with stderr_path.open("wb") as stderr:
+            self.server = subprocess.Popen(
+                [sys.executable, "-m", "tests.support.cli_forks", *preload],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr, text=True,
+            )  # fmt: skip
+
+    def __enter__(self) -> CliForks:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        assert self.server.stdin is not None
+        self.server.stdin.close()
+        try:
+            self.server.wait(10)
+        except subprocess.TimeoutExpired:
+            self.server.kill()
+            self.server.wait()
+
+    def run_each(
+        self, arguments: tuple[str, ...], envs: list[dict[str, str]], *, at_once: int = 4, timeout: float = 60
+    ) -> list[subprocess.CompletedProcess[str]]:
+        """`python -m services.cli ARGUMENTS` with each of `envs` (this process's environment, then the env), as
+        forks of the server, `at_once` at a time; results in the order of `envs`. Raises AssertionError if a case
+        was still running at `timeout` seconds (killed, as `subprocess.run` would raise TimeoutExpired), or if the
+        server has written anything to stderr (an import warning, a traceback) or is gone."""
+        assert self.server.stdin is not None and self.server.stdout is not None
+        request = {
+            "arguments": list(arguments),
+            "envs": [{**os.environ, **env} for env in envs],
+            "at_once": at_once,
+            "timeout": timeout,
+        }
+        self.server.stdin.write(json.dumps(request) + "\n")
+        self.server.stdin.flush()
+        line = self.server.stdout.readline()
+        server_stderr = self.stderr_path.read_text(errors="replace")
+        assert line and server_stderr == "", (self.server.poll(), server_stderr)
+        results = json.loads(line)
+        hung = [
+            (env, result["stderr"]) for env, result in zip(envs, results, strict=True) if result["returncode"] is None
+        ]
+        assert not hung, f"still running after {timeout} s (killed): {hung}"
+        return [
+            subprocess.CompletedProcess(
+                ["healthgate", *arguments], result["returncode"], result["stdout"], result["stderr"]
+            )
+            for result in results
+        ]
+
+    def run(self, *arguments: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """One case: `run_each(arguments, [env])`."""
+        return self.run_each(arguments, [env], timeout=timeout)[0]
 
 
 def run_forked(
@@ -34,36 +98,13 @@ def run_forked(
     envs: list[dict[str, str]],
     *,
     preload: tuple[str, ...],
+    stderr_path: Path,
     at_once: int = 4,
     timeout: float = 60,
 ) -> list[subprocess.CompletedProcess[str]]:
-    """`python -m services.cli ARGUMENTS` with each of `envs` (this process's environment, then the env), as forks
-    of one server that imported `preload` (module names) first; `at_once` cases run at a time, each killed (its
-    returncode None) after `timeout` seconds. Results are in the order of `envs`. Raises AssertionError if a case
-    was still running at its timeout (as `subprocess.run` would raise TimeoutExpired), or if the server writes
-    anything to stderr or fails."""
-    request = {
-        "preload": list(preload),
-        "arguments": list(arguments),
-        "envs": [{**os.environ, **env} for env in envs],
-        "at_once": at_once,
-        "timeout": timeout,
-    }
-    server = subprocess.run(
-        [sys.executable, "-m", "tests.support.cli_forks"],
-        input=json.dumps(request), capture_output=True, text=True,
-        timeout=timeout * (len(envs) / at_once + 2),
-    )  # fmt: skip
-    assert server.returncode == 0 and server.stderr == "", (server.returncode, server.stderr)
-    results = json.loads(server.stdout)
-    hung = [(env, result["stderr"]) for env, result in zip(envs, results, strict=True) if result["returncode"] is None]
-    assert not hung, f"still running after {timeout} s (killed): {hung}"
-    return [
-        subprocess.CompletedProcess(
-            ["healthgate", *arguments], result["returncode"], result["stdout"], result["stderr"]
-        )
-        for result in results
-    ]
+    """`CliForks(preload, stderr_path).run_each(arguments, envs, ...)` with a server of its own, closed after."""
+    with CliForks(preload, stderr_path) as forks:
+        return forks.run_each(arguments, envs, at_once=at_once, timeout=timeout)
 
 
 def _read_all(fds: dict[int, bytearray], until: float) -> None:
@@ -114,14 +155,19 @@ def _run_case(main: Any, arguments: list[str], env: dict[str, str]) -> tuple[int
     return pid, out_read, err_read
 
 
-def _serve() -> None:
-    request = json.loads(sys.stdin.read())
+def _serve(preload: list[str]) -> None:
     cli = importlib.import_module("services.cli")
     # What `healthgate poller` sets before it imports the poller (grpc reads it once, at import).
     os.environ.setdefault("GRPC_VERBOSITY", cli.GRPC_VERBOSITY)
-    for module in request["preload"]:
+    for module in preload:
         importlib.import_module(module)
-    main = cli.main
+    for line in sys.stdin:
+        request = json.loads(line)
+        sys.stdout.write(json.dumps(_run_request(cli.main, request)) + "\n")
+        sys.stdout.flush()
+
+
+def _run_request(main: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
     envs: list[dict[str, str]] = request["envs"]
     results: list[dict[str, Any]] = []
     for start in range(0, len(envs), request["at_once"]):
@@ -149,8 +195,8 @@ def _serve() -> None:
                     "stderr": output[err_fd].decode(errors="replace"),
                 }
             )
-    sys.stdout.write(json.dumps(results))
+    return results
 
 
 if __name__ == "__main__":
-    _serve()
+    _serve(sys.argv[1:])
