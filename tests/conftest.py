@@ -33,6 +33,7 @@ from tests.support.processes import ServiceProcess, free_port, start_gate, start
 from tests.support.rabbitmq import RabbitNode, rabbit_node, rabbitmq_available
 from tests.support.raw_http import raw_http  # noqa: F401  (fixture)
 from tests.support.receiver import receiver  # noqa: F401  (fixture)
+from tests.support.schemathesis_run import BackgroundSchemathesis
 from tests.support.services import BackingServices, backing_services
 from tests.support.tokens import TokenFactory, token_factory
 from tests.support.topology import delete_topology
@@ -161,6 +162,26 @@ def gate(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     service = start_gate(service_env, tmp_path_factory.mktemp("logs") / "gate.log")
     yield service
     service.stop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def schemathesis_run(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundSchemathesis | None]:
+    """tests/test_schemathesis.py's run, started with the session when that test is among those selected, so that
+    its minute of fuzzing overlaps the other tests (tests/support/schemathesis_run.py); None when it is not."""
+    if not any(item.path.name == "test_schemathesis.py" for item in request.session.items):
+        yield None
+        return
+    run = BackgroundSchemathesis(
+        request.getfixturevalue("backing"),
+        request.getfixturevalue("service_env"),
+        request.getfixturevalue("session_id"),
+        tmp_path_factory.mktemp("schemathesis"),
+    )
+    run.start()
+    yield run
+    run.join()  # not left running past the session, whatever the test did
 
 
 @pytest.fixture

@@ -38,6 +38,7 @@ from services.api.routes import ENDPOINTS
 from services.poller.agent_tls import agent_ssl_context
 from shared.settings import load_settings
 from tests.support.blackhole import Blackhole, refused_port
+from tests.support.cli_forks import CliForks
 from tests.support.fake_agent import make_agent_certs
 from tests.support.processes import ServiceProcess, free_port, start_together
 from tests.support.tcp_proxy import tcp_proxy
@@ -103,17 +104,29 @@ def dependencies_down() -> Iterator[dict[str, str]]:
         }
 
 
+@pytest.fixture(scope="module")
+def forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliForks]:
+    """`healthgate SERVICE` cases that fail at start, as forks of one process that imported every service once
+    (tests/support/cli_forks.py): each whole process spends a second or two importing its service before it meets
+    what it is tested for. Whole processes still meet the same failures in test_an_unusable_key_file_stops_the_service_
+    with_one_line, test_unusable_agent_tls_files_stop_the_poller_with_one_line, test_several_bad_agent_tls_files_are_
+    named_in_one_line, the `up` case of test_a_bad_setting_stops_the_service_with_one_line and the `up` tests."""
+    preload = tuple(f"services.{service}.app" for service in SERVICES)
+    with CliForks(preload, tmp_path_factory.mktemp("forks") / "server.stderr") as server:
+        yield server
+
+
 # ---- a service that cannot start -----------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("service", SERVICES)
 @pytest.mark.parametrize("dependencies", ["up", "down"])
 def test_a_taken_port_stops_the_service_with_one_line(
-    service: str, dependencies: str, service_env: dict[str, str], dependencies_down: dict[str, str]
+    service: str, dependencies: str, service_env: dict[str, str], dependencies_down: dict[str, str], forks: CliForks
 ) -> None:
     env = service_env | (dependencies_down if dependencies == "down" else {})
     with taken_port() as port:
-        result = run_cli(service, env=env | {port_variable(service): str(port)})
+        result = forks.run(service, env=env | {port_variable(service): str(port)}, timeout=EXIT_GUARD_SECONDS)
     assert result.returncode != 0
     assert_one_line(result.stderr, f"healthgate {service}:", f"127.0.0.1:{port}", "address already in use")
     assert result.stdout == ""
@@ -121,10 +134,11 @@ def test_a_taken_port_stops_the_service_with_one_line(
 
 @pytest.mark.parametrize("service", SERVICES)
 def test_an_address_the_machine_does_not_have_stops_the_service_with_one_line(
-    service: str, service_env: dict[str, str]
+    service: str, service_env: dict[str, str], forks: CliForks
 ) -> None:
     # 192.0.2.0/24 is TEST-NET-1: never a local address, and binding sends no packet.
-    result = run_cli(service, env=service_env | {"HEALTHGATE_API_HOST": "192.0.2.1", port_variable(service): "0"})
+    env = service_env | {"HEALTHGATE_API_HOST": "192.0.2.1", port_variable(service): "0"}
+    result = forks.run(service, env=env, timeout=EXIT_GUARD_SECONDS)
     assert result.returncode != 0
     assert_one_line(result.stderr, f"healthgate {service}:", "cannot listen on 192.0.2.1:0")
 
@@ -196,13 +210,17 @@ def odd_files(directory: Path) -> Iterator[list[tuple[Path, str]]]:
 
 @pytest.mark.parametrize("service", ["api", "poller"])
 def test_a_key_file_that_is_no_regular_file_stops_the_service_with_one_line(
-    service: str, service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path
+    service: str, service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path, forks: CliForks
 ) -> None:
     """Each exits non-zero (it never waits on a FIFO or reads a device forever) with one line naming the variable,
     the file and what it is."""
     env = service_env | dependencies_down | {port_variable(service): "0"}
     with odd_files(tmp_path) as files:
-        results = run_cli_each((service,), [env | {"HEALTHGATE_KEY_FILE": str(key_file)} for key_file, _ in files])
+        results = forks.run_each(
+            (service,),
+            [env | {"HEALTHGATE_KEY_FILE": str(key_file)} for key_file, _ in files],
+            timeout=EXIT_GUARD_SECONDS,
+        )
         for (key_file, says), result in zip(files, results, strict=True):
             assert result.returncode != 0, result.stderr
             assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_KEY_FILE", str(key_file), says)
@@ -211,10 +229,10 @@ def test_a_key_file_that_is_no_regular_file_stops_the_service_with_one_line(
 
 @pytest.mark.parametrize("service", ["api", "poller"])
 def test_an_empty_key_file_setting_stops_the_service_with_one_line(
-    service: str, service_env: dict[str, str], dependencies_down: dict[str, str]
+    service: str, service_env: dict[str, str], dependencies_down: dict[str, str], forks: CliForks
 ) -> None:
     env = service_env | dependencies_down | {port_variable(service): "0", "HEALTHGATE_KEY_FILE": ""}
-    result = run_cli(service, env=env)
+    result = forks.run(service, env=env, timeout=EXIT_GUARD_SECONDS)
     assert result.returncode != 0
     assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_KEY_FILE", "empty")
 
@@ -256,7 +274,7 @@ CA, CERT, KEY = "HEALTHGATE_AGENT_CA_FILE", "HEALTHGATE_AGENT_CERT_FILE", "HEALT
 
 
 def test_each_bad_agent_tls_file_stops_the_poller_with_one_line_naming_it(
-    service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path
+    service_env: dict[str, str], dependencies_down: dict[str, str], tmp_path: Path, forks: CliForks
 ) -> None:
     """Every case exits non-zero with one line naming the variable and the file at fault and saying what is wrong
     in words (never OpenSSL's "[SSL] PEM lib"); none hangs, not even on a FIFO or a passphrase-protected key."""
@@ -289,8 +307,10 @@ def test_each_bad_agent_tls_file_stops_the_poller_with_one_line_naming_it(
                 (good | {KEY: path}, KEY, path, says),
             ]
         env = service_env | dependencies_down | {"HEALTHGATE_HEALTH_PORT": "0"}
-        results = run_cli_each(
-            ("poller",), [env | {name: str(value) for name, value in settings.items()} for settings, *_ in cases]
+        results = forks.run_each(
+            ("poller",),
+            [env | {name: str(value) for name, value in settings.items()} for settings, *_ in cases],
+            timeout=EXIT_GUARD_SECONDS,
         )
         for (settings, variable, path, says), result in zip(cases, results, strict=True):
             assert result.returncode != 0, (settings, result.stderr)
@@ -325,8 +345,12 @@ def test_agent_tls_files_that_work(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("service", [*SERVICES, "up"])
-def test_a_bad_setting_stops_the_service_with_one_line(service: str, service_env: dict[str, str]) -> None:
-    result = run_cli(service, env=service_env | {"HEALTHGATE_PRUNE_INTERVAL_SECONDS": "soon"})
+def test_a_bad_setting_stops_the_service_with_one_line(
+    service: str, service_env: dict[str, str], forks: CliForks
+) -> None:
+    env = service_env | {"HEALTHGATE_PRUNE_INTERVAL_SECONDS": "soon"}
+    # `up` as a whole process (it starts the others as whole processes), each service as a fork.
+    result = run_cli(service, env=env) if service == "up" else forks.run(service, env=env, timeout=EXIT_GUARD_SECONDS)
     assert result.returncode != 0
     assert_one_line(result.stderr, f"healthgate {service}:", "HEALTHGATE_PRUNE_INTERVAL_SECONDS")
 
