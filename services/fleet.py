@@ -266,6 +266,9 @@ def _validated(document: Any, environ: Mapping[str, str]) -> tuple[Fleet | None,
     round-trip loader)."""
     if document is None:
         document = CommentedMap()
+    shape = _shape_problem(document)
+    if shape is not None:
+        return None, [shape]
     problems = list(_substitute(document, environ, ()))
     if problems:
         return None, problems
@@ -279,9 +282,72 @@ def _validated(document: Any, environ: Mapping[str, str]) -> tuple[Fleet | None,
     return fleet, problems
 
 
-def _substitute(node: Any, environ: Mapping[str, str], path: tuple[str | int, ...]) -> Iterator[Problem]:
+# A fleet file is at most 7 levels deep (hosts, a host, its checks, a check, expected_values, ...); far deeper
+# nesting is no fleet file, and the recursive steps below (and jsonschema's) would exhaust Python's stack on it.
+MAX_DEPTH = 32
+# Aliases may share a node (a list of checks several hosts name), but the file they make must stay near the size
+# of the text: "billion laughs" (nine aliases of nine aliases of ...) expands a few lines to 10^9 values.
+MAX_EXPANSION_FACTOR = 100
+MIN_EXPANSION_LIMIT = 100_000
+
+
+def _shape_problem(document: Any) -> Problem | None:
+    """A problem when the loaded `document` is no tree a fleet file can be: a mapping or list that holds itself
+    through an alias, nesting deeper than MAX_DEPTH, or aliases that expand it to more than MAX_EXPANSION_FACTOR
+    times its own nodes (at least MIN_EXPANSION_LIMIT). None when it is fine. Linear in the document's distinct
+    nodes, without recursion."""
+    sizes: dict[int, int] = {}  # a finished container's id → its nodes once every alias is expanded
+    active: set[int] = set()  # the containers on the path being walked (a cycle comes back to one of them)
+    stack: list[tuple[Any, int, Iterator[Any]]] = []
+
+    def children(node: Any) -> Iterator[Any]:
+        return iter(node.values() if isinstance(node, dict) else node)
+
+    def enter(node: Any, depth: int) -> Problem | None:
+        if depth > MAX_DEPTH:
+            return Problem(_line_of(node, None), "", f"nested more than {MAX_DEPTH} levels deep: not a fleet file")
+        active.add(id(node))
+        stack.append((node, depth, children(node)))
+        return None
+
+    if not isinstance(document, (dict, list)):
+        return None
+    problem = enter(document, 1)
+    while stack and problem is None:
+        node, depth, rest = stack[-1]
+        child = next(rest, _NOT_READ)
+        if child is _NOT_READ:
+            stack.pop()
+            active.discard(id(node))
+            values = node.values() if isinstance(node, dict) else node
+            sizes[id(node)] = 1 + sum(sizes.get(id(item), 1) for item in values)
+            continue
+        if not isinstance(child, (dict, list)) or id(child) in sizes:
+            continue
+        if id(child) in active:
+            return Problem(_line_of(node, None), "", "an alias refers to a node that holds it (a cycle)")
+        problem = enter(child, depth + 1)
+    if problem is not None:
+        return problem
+    limit = max(MIN_EXPANSION_LIMIT, MAX_EXPANSION_FACTOR * len(sizes))
+    if sizes[id(document)] > limit:
+        return Problem(
+            None, "", f"its aliases expand it to {sizes[id(document)]:,} values (more than {limit:,}): not a fleet file"
+        )
+    return None
+
+
+def _substitute(
+    node: Any, environ: Mapping[str, str], path: tuple[str | int, ...], done: set[int] | None = None
+) -> Iterator[Problem]:
     """Replace `${VAR}` in every string value, in place; `$${VAR}` stands for a literal `${VAR}`. Keys are
-    left alone. Yields a problem for each variable that is not set."""
+    left alone. Yields a problem for each variable that is not set. A node that aliases share is substituted
+    once (`done`: the ids of the containers already done), or a second pass would read a `$${VAR}` made
+    literal, or a variable's value, for variables again."""
+    done = set() if done is None else done
+    if id(node) in done:
+        return
+    done.add(id(node))
     if isinstance(node, dict):
         items: Iterable[tuple[Any, Any]] = list(node.items())
     elif isinstance(node, list):
@@ -306,7 +372,7 @@ def _substitute(node: Any, environ: Mapping[str, str], path: tuple[str | int, ..
             if replaced != value:
                 node[key] = replaced
         else:
-            yield from _substitute(value, environ, (*path, key))
+            yield from _substitute(value, environ, (*path, key), done)
 
 
 def _plain(node: Any) -> Any:
@@ -805,6 +871,10 @@ async def run_apply(
         fleet = load_fleet(text, source, os.environ if environ is None else environ)
     except FleetFileError as exc:
         err.write(f"{exc}\n")
+        return EXIT_BAD_FILE
+    except RecursionError:
+        # ruamel.yaml's line-keeping loader is recursive: nesting deep enough for it is no fleet file.
+        err.write(f"{source}: nested more than {MAX_DEPTH} levels deep: not a fleet file\n")
         return EXIT_BAD_FILE
     try:
         current = await read_current(api)
