@@ -64,6 +64,39 @@ class ApiUnreachable(ApiClientError):
     """No answer from the API (refused, timed out, bad URL): the message names the URL and the cause."""
 
 
+def usable_base_url(url: str) -> str:
+    """`url` (HEALTHGATE_URL) without a trailing `/`, when it can be the API's base URL: http or https, a host,
+    no credentials (the API takes `HEALTHGATE_TOKEN`; a `user:password@` would be sent as Basic auth instead of
+    the token, and named in every error message), no query or fragment. Raises ApiUnreachable otherwise, with a
+    message that never holds the URL's password."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError, TypeError) as exc:
+        shown = url if "@" not in url else "<a URL with credentials>"
+        raise ApiUnreachable(f"{URL_VARIABLE}={shown!r} is not a usable URL: {exc}") from None
+    if parsed.userinfo:
+        raise ApiUnreachable(
+            f"{URL_VARIABLE} must not hold credentials (user:password@): the API takes the token in {TOKEN_VARIABLE}"
+        )
+    if parsed.scheme not in ("http", "https") or not parsed.host or parsed.query or parsed.fragment:
+        raise ApiUnreachable(
+            f"{URL_VARIABLE}={url!r} is not a usable URL: give http(s)://HOST[:PORT][/PREFIX], as {DEFAULT_URL}"
+        )
+    return url.rstrip("/")
+
+
+def redirect_error(status: int, location: str | None, base_url: str) -> ApiError:
+    """The error for a 3xx answer: the API never redirects its own paths, so HEALTHGATE_URL names something else
+    (a proxy that sends http to https, a path prefix that is not the API's). Following it would send the token
+    wherever it points."""
+    where = f" to {location}" if location and "@" not in location else ""
+    return ApiError(
+        status,
+        f"{base_url} answered with a redirect{where}: set {URL_VARIABLE} to the API's own address",
+        {},
+    )
+
+
 def api_path(*segments: str) -> str:
     """`/api/v1/<segment>/<segment>...` with each segment percent-encoded (`/` included, as `%2F`)."""
     return "/api/v1/" + "/".join(quote(str(segment), safe="") for segment in segments)
@@ -80,7 +113,7 @@ class ApiClient:
     call without one (the API then answers 401 except on public paths)."""
 
     def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = READ_TIMEOUT_SECONDS):
-        self.base_url = base_url.rstrip("/")
+        self.base_url = usable_base_url(base_url)
         headers = {"Accept": "application/json", "User-Agent": "healthgate-cli"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
@@ -123,6 +156,8 @@ class ApiClient:
             raise ApiUnreachable(f"cannot reach the healthgate API at {self.base_url}: {exc}") from None
         if response.is_error:
             raise self._error(response)
+        if response.is_redirect:
+            raise redirect_error(response.status_code, response.headers.get("location"), self.base_url)
         if response.status_code == 204 or not response.content:
             return None
         try:

@@ -70,6 +70,8 @@ from services.api_client import (
     ApiClientError,
     ApiError,
     ApiUnreachable,
+    redirect_error,
+    usable_base_url,
 )
 from shared.group_policies import GroupPolicy
 
@@ -546,6 +548,8 @@ class FleetApi:
             raise ApiUnreachable(f"cannot reach the healthgate API at {self.http.base_url}: {exc}") from None
         if response.is_error:
             raise _api_error(response)
+        if response.is_redirect:
+            raise redirect_error(response.status_code, response.headers.get("location"), str(self.http.base_url))
         return None if response.status_code == 204 or not response.content else response.json()
 
     async def every(self, path: str) -> list[dict[str, Any]]:
@@ -987,6 +991,12 @@ def main_apply(path: str, *, dry_run: bool, prune: bool, resend_secrets: bool, b
             sys.stderr.write(f"{path}: cannot read the file: {exc}\n")
             return EXIT_BAD_FILE
 
+    try:
+        base_url = usable_base_url(base_url)
+    except ApiClientError as exc:
+        sys.stderr.write(f"healthgate: {exc}\n")
+        return EXIT_FAILED
+
     async def go() -> int:
         async with open_api(base_url, token) as http:
             return await run_apply(
@@ -998,6 +1008,12 @@ def main_apply(path: str, *, dry_run: bool, prune: bool, resend_secrets: bool, b
 
 
 def main_export(*, base_url: str, token: str | None) -> int:
+    try:
+        base_url = usable_base_url(base_url)
+    except ApiClientError as exc:
+        sys.stderr.write(f"healthgate: {exc}\n")
+        return EXIT_FAILED
+
     async def go() -> int:
         async with open_api(base_url, token) as http:
             return await run_export(FleetApi(http), sys.stdout, sys.stderr)

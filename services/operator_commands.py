@@ -60,7 +60,16 @@ FromJson = Annotated[
 ]
 HostRef = Annotated[str, typer.Argument(metavar="HOST", help="The host's id or name.")]
 CheckRef = Annotated[str, typer.Argument(metavar="CHECK", help="The check's id or its name on the host.")]
-JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id (any text, / included).")]
+
+
+def _job_id(value: str) -> str:
+    # An empty id would make the path /api/v1/jobs/, which is the list's (and answers a redirect to it).
+    if not value:
+        raise typer.BadParameter("a job id is not empty", param_hint="JOB_ID")
+    return value
+
+
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id (any text, / included).", callback=_job_id)]
 Reason = Annotated[str, typer.Option(help="Why, in your words (1-500 characters; audited).")]
 
 

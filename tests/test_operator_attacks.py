@@ -9,13 +9,18 @@ import io
 import os
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import asyncpg
 import httpx
+import pytest
 
 from services.fleet import FleetApi, run_apply
+from tests.support.processes import ServiceProcess
 
 HEALTHGATE = [sys.executable, "-m", "services.cli"]
 
@@ -81,3 +86,103 @@ async def test_a_check_shared_by_an_alias_is_substituted_once(admin: httpx.Async
     assert code == 0, (out, err)
     urls = {row["url"] for row in await db.fetch("SELECT url FROM health_checks")}
     assert urls == {"http://127.0.0.1:9/${HOME}/${HOME}"}, urls
+
+
+# ---- HEALTHGATE_URL ----------------------------------------------------------------------------------------------
+
+SECRET = "s3cretPW-in-the-url"
+FLEET = b"hosts:\n  - {name: url-test, group: web}\n"
+
+
+def one_line(completed: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    lines = completed.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in completed.stderr, completed.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "command", [("hosts", "list"), ("jobs", "get", "j-1"), ("export",), ("apply", "-f", "-", "--dry-run")]
+)
+async def test_credentials_in_healthgate_url_are_refused_and_never_printed(
+    api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
+) -> None:
+    # The API takes the bearer token: a user:password in the URL would replace it (httpx sends them as Basic
+    # auth), and every error message named the URL, password included.
+    token = admin.headers["Authorization"].removeprefix("Bearer ")
+    for url in (api.base_url.replace("http://", f"http://ops:{SECRET}@"), f"http://ops:{SECRET}@127.0.0.1:1"):
+        completed = healthgate(*command, env={"HEALTHGATE_URL": url, "HEALTHGATE_TOKEN": token}, stdin=FLEET)
+        assert completed.returncode == 1, (completed.stdout, completed.stderr)
+        assert SECRET not in completed.stdout + completed.stderr
+        one_line(completed, "HEALTHGATE_URL", "credentials")
+
+
+@pytest.mark.parametrize("command", [("hosts", "list"), ("export",), ("apply", "-f", "-")])
+def test_a_healthgate_url_that_is_no_url_is_one_line(command: tuple[str, ...]) -> None:
+    completed = healthgate(*command, env={"HEALTHGATE_URL": "http://[::1", "HEALTHGATE_TOKEN": "x"}, stdin=FLEET)
+    assert completed.returncode == 1, (completed.stdout, completed.stderr)
+    one_line(completed, "HEALTHGATE_URL")
+
+
+@pytest.fixture
+def redirecting(api: ServiceProcess) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that answers every request with a 301 to the API (as a proxy that sends
+    http to https does): the base URL of it."""
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(301)
+            self.send_header("Location", api.base_url + self.path)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_POST = do_PUT = do_DELETE = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("hosts", "list"),
+        ("jobs", "get", "j-1"),
+        ("jobs", "halt", "j-1", "--reason", "x"),
+        ("export",),
+        ("apply", "-f", "-"),
+    ],
+)
+async def test_an_api_url_that_redirects_is_one_line_saying_so(
+    redirecting: str, admin: httpx.AsyncClient, command: tuple[str, ...]
+) -> None:
+    token = admin.headers["Authorization"].removeprefix("Bearer ")
+    completed = healthgate(*command, env={"HEALTHGATE_URL": redirecting, "HEALTHGATE_TOKEN": token}, stdin=FLEET)
+    assert completed.returncode == 1, (completed.stdout, completed.stderr)
+    assert token not in completed.stdout + completed.stderr
+    one_line(completed, "redirect")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("jobs", "get", ""),
+        ("jobs", "halt", "", "--reason", "x"),
+        ("jobs", "resume", "", "--reason", "x"),
+        ("jobs", "override", "", "h", "--decision", "release", "--reason", "x"),
+    ],
+)
+async def test_an_empty_job_id_is_bad_usage(
+    api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
+) -> None:
+    token = admin.headers["Authorization"].removeprefix("Bearer ")
+    completed = healthgate(*command, env={"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": token})
+    assert completed.returncode == 2, (completed.stdout, completed.stderr)
+    assert "Traceback" not in completed.stderr and "JOB_ID" in completed.stderr, completed.stderr
