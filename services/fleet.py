@@ -890,6 +890,15 @@ async def run_apply(
     if result.errors:
         err.write(f"{len(result.errors)} problem(s) between the file and the API: nothing applied\n")
         return EXIT_FAILED
+    try:
+        refused = await _refused_by_role(api, result)
+    except ApiClientError as exc:
+        err.write(f"{exc}\n")
+        return EXIT_FAILED
+    if refused:
+        err.write(f"{refused}{' (this is a dry run)' if dry_run else ''}\n")
+        if not dry_run:
+            return EXIT_FAILED
     if dry_run or not result.changes:
         return EXIT_OK
     failures = await apply_plan(api, result, out)
@@ -902,6 +911,38 @@ async def run_apply(
         f"{result.count('delete')} deleted.\n"
     )
     return EXIT_OK
+
+
+async def _refused_by_role(api: FleetApi, result: Plan) -> str | None:
+    """One line when the token's role (`GET /api/v1/me`) may not make some of the plan's changes (CONTRACT §3: an
+    operator changes only checks, a viewer nothing), naming them and saying nothing was applied; else None.
+    Asked before the first change, so that such a plan is refused whole rather than applied up to its first
+    forbidden step (a --prune's check deletes, say, before a host that cannot be created). An API without
+    `/me` (404) is not asked: its answers to the changes say it then."""
+    if not result.changes:
+        return None
+    try:
+        caller = await api.call("GET", "/api/v1/me")
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    role = caller.get("role") if isinstance(caller, dict) else None
+    if role == "admin" or role not in ("operator", "viewer"):
+        return None
+    refused = [change for change in result.changes if role == "viewer" or change.kind != "check"]
+    if not refused:
+        return None
+    named = [
+        f"{change.action} {change.kind} {change.host + '/' if change.kind == 'check' else ''}{change.name}"
+        for change in refused
+    ]
+    shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    may = "changes only checks" if role == "operator" else "changes nothing"
+    return (
+        f"a token of role {role!r} ({caller.get('name')}) {may}: {len(refused)} of the plan's changes need an admin "
+        f"token ({shown}); nothing applied"
+    )
 
 
 # ---- exporting -----------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 from services.fleet import FleetApi, run_apply
 from tests.support.processes import ServiceProcess
+from tests.support.tokens import TokenFactory
 
 HEALTHGATE = [sys.executable, "-m", "services.cli"]
 
@@ -186,3 +187,51 @@ async def test_an_empty_job_id_is_bad_usage(
     completed = healthgate(*command, env={"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": token})
     assert completed.returncode == 2, (completed.stdout, completed.stderr)
     assert "Traceback" not in completed.stderr and "JOB_ID" in completed.stderr, completed.stderr
+
+
+# ---- apply with a token that may not make the plan's changes -----------------------------------------------------
+
+
+async def test_an_operators_apply_that_needs_an_admin_applies_nothing(
+    admin: httpx.AsyncClient, db: asyncpg.Connection, make_token: TokenFactory
+) -> None:
+    before = (
+        "hosts:\n  - name: web-1\n    group: web\n    checks:\n"
+        "      - {name: old, check_type: tcp, port: 22, address: 127.0.0.1, enabled: false}\n"
+        "      - {name: ssh, check_type: tcp, port: 22, address: 127.0.0.1, enabled: false}\n"
+    )
+    assert (await apply(admin, before, {}))[0] == 0
+    rows_before = [tuple(row) for row in await db.fetch("SELECT id, name, port, updated_at FROM health_checks")]
+    # With --prune, the operator's file drops the check `old` (which an operator may delete), changes `ssh` and
+    # adds a host (which only an admin may): apply deleted `old`, then failed on the host.
+    after = (
+        "hosts:\n  - name: web-1\n    group: web\n    checks:\n"
+        "      - {name: ssh, check_type: tcp, port: 2222, address: 127.0.0.1, enabled: false}\n"
+        "  - {name: web-2, group: web}\n"
+    )
+    operator = httpx.AsyncClient(base_url=str(admin.base_url), timeout=30)
+    operator.headers["Authorization"] = f"Bearer {await make_token('operator', ('web',))}"
+    async with operator:
+        code, out, err = await apply(operator, after, {}, prune=True)
+        assert code == 1, (out, err)
+        assert "operator" in err and "host web-2" in err and "nothing applied" in err, err
+        assert rows_before == [
+            tuple(row) for row in await db.fetch("SELECT id, name, port, updated_at FROM health_checks")
+        ]
+        assert await db.fetchval("SELECT count(*) FROM hosts") == 1
+        # --dry-run says so as well, without failing: a read-only token may preview a file.
+        code, out, err = await apply(operator, after, {}, prune=True, dry_run=True)
+        assert code == 0 and "operator" in err and "host web-2" in err, (out, err)
+        # What an operator may do, it does.
+        checks_only = after.replace("  - {name: web-2, group: web}\n", "")
+        code, out, err = await apply(operator, checks_only, {}, prune=True)
+        assert code == 0, (out, err)
+        assert {row["name"]: row["port"] for row in await db.fetch("SELECT name, port FROM health_checks")} == {
+            "ssh": 2222
+        }
+    viewer = httpx.AsyncClient(base_url=str(admin.base_url), timeout=30)
+    viewer.headers["Authorization"] = f"Bearer {await make_token('viewer', ('web',))}"
+    async with viewer:
+        code, out, err = await apply(viewer, before, {}, prune=True)
+        assert code == 1 and "viewer" in err and "nothing applied" in err, (out, err)
+        assert await db.fetchval("SELECT count(*) FROM health_checks") == 1
