@@ -1024,7 +1024,13 @@ def open_api(base_url: str, token: str | None) -> httpx.AsyncClient:
 def main_apply(path: str, *, dry_run: bool, prune: bool, resend_secrets: bool, base_url: str, token: str | None) -> int:
     """The `apply` command: read FILE (`-` for stdin) and run `run_apply` against the API."""
     if path == "-":
-        text, source = sys.stdin.read(), "<stdin>"
+        # The bytes, decoded here: sys.stdin's own decoding (surrogateescape under a C locale) passes bytes that
+        # are not UTF-8 on as lone surrogates, which the YAML loader then fails on with a traceback.
+        try:
+            text, source = sys.stdin.buffer.read().decode("utf-8"), "<stdin>"
+        except UnicodeDecodeError as exc:
+            sys.stderr.write(f"<stdin>: not UTF-8 text (byte {exc.start + 1}: {exc.reason})\n")
+            return EXIT_BAD_FILE
     else:
         try:
             text, source = Path(path).read_text(encoding="utf-8"), path

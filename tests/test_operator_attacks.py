@@ -235,3 +235,15 @@ async def test_an_operators_apply_that_needs_an_admin_applies_nothing(
         code, out, err = await apply(viewer, before, {}, prune=True)
         assert code == 1 and "viewer" in err and "nothing applied" in err, (out, err)
         assert await db.fetchval("SELECT count(*) FROM health_checks") == 1
+
+
+async def test_a_fleet_on_stdin_that_is_not_utf8_is_a_bad_file(api: ServiceProcess, admin: httpx.AsyncClient) -> None:
+    token = admin.headers["Authorization"].removeprefix("Bearer ")
+    env = {"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": token}
+    completed = healthgate("apply", "-f", "-", env=env, stdin=b"hosts:\n  - {name: caf\xe9, group: web}\n")
+    assert completed.returncode == 2, (completed.stdout, completed.stderr)
+    one_line(completed, "<stdin>", "UTF-8")
+    completed = healthgate(
+        "apply", "-f", "-", "--dry-run", env=env, stdin="hosts:\n  - {name: café, group: web}\n".encode()
+    )
+    assert completed.returncode == 0 and "café" in completed.stdout, (completed.stdout, completed.stderr)
