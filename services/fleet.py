@@ -956,8 +956,11 @@ def password_variable(host: str, check: str) -> str:
 
 def export_document(current: Current) -> dict[str, Any]:
     """The fleet file of what the API holds: every visible host by name with its checks by name (fields at their
-    default left out, except the server-defaulted interval and timeout), and the non-default group policies."""
+    default left out, except the server-defaulted interval and timeout), and the non-default group policies.
+    A `${...}` in a value is escaped as `$${...}`; a set password is `${HEALTHGATE_PASS_<HOST>_<CHECK>}`, with
+    `_2`, `_3`, ... after the second and later checks whose names make the same variable."""
     hosts = []
+    variables: set[str] = set()
     for name, host in sorted(current.hosts.items()):
         entry: dict[str, Any] = {"name": name, "group": host["group"], "id": host["id"]}
         if host.get("agent_url") is not None:
@@ -974,9 +977,18 @@ def export_document(current: Current) -> dict[str, Any]:
                     field_name, default
                 ):
                     item[field_name] = value
+            item = _escaped(item)
             if check.get("basic_auth_pass_set"):
-                item[PASSWORD] = "${" + password_variable(name, check_name) + "}"
+                # Names that differ only in what the variable cannot hold (`a-b`, `a_b`) get _2, _3, ...
+                variable = base = password_variable(name, check_name)
+                number = 1
+                while variable in variables:
+                    number += 1
+                    variable = f"{base}_{number}"
+                variables.add(variable)
+                item[PASSWORD] = "${" + variable + "}"
             checks.append(item)
+        entry = _escaped(entry)
         if checks:
             entry["checks"] = checks
         hosts.append(entry)
@@ -989,6 +1001,18 @@ def export_document(current: Current) -> dict[str, Any]:
             for group, policy in policies.items()
         }
     return document
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every `${VAR}` in its strings written `$${VAR}` (and `$${VAR}` as `$$${VAR}`, ...), so that
+    apply's substitution gives back the text the API holds, not an environment variable's value."""
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda match: "$" + match[0], value)
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    return value
 
 
 def dump_yaml(document: Any, out: IO[str]) -> None:

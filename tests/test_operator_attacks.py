@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -19,7 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
-from services.fleet import FleetApi, run_apply
+from services.fleet import FleetApi, run_apply, run_export
 from tests.support.processes import ServiceProcess
 from tests.support.tokens import TokenFactory
 
@@ -247,3 +248,44 @@ async def test_a_fleet_on_stdin_that_is_not_utf8_is_a_bad_file(api: ServiceProce
         "apply", "-f", "-", "--dry-run", env=env, stdin="hosts:\n  - {name: café, group: web}\n".encode()
     )
     assert completed.returncode == 0 and "café" in completed.stdout, (completed.stdout, completed.stderr)
+
+
+# ---- export -------------------------------------------------------------------------------------------------------
+
+
+async def test_export_of_names_and_values_holding_dollar_braces_applies_as_they_are(
+    admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    # A `${...}` in an exported value was read back by apply as a variable: a host named `${HOME}` became one
+    # named after the home directory, `$${X}` became `${X}`.
+    for name in ("${HOME}", "$${X}", "$$${Y}"):
+        assert (await admin.post("/api/v1/hosts", json={"name": name, "group": "dollars"})).status_code == 201
+    assert (await admin.post("/api/v1/hosts", json={"name": "g", "group": "${G}"})).status_code == 201
+    answer = await admin.put("/api/v1/groups/%24%7BG%7D/policy", json={"max_unavailable": 3})
+    assert answer.status_code == 200, answer.text
+    host = (await admin.post("/api/v1/hosts", json={"name": "web", "group": "dollars"})).json()
+    check = {"name": "${C}", "check_type": "http", "url": "http://127.0.0.1:9/${PATH}", "enabled": False}
+    answer = await admin.post(f"/api/v1/hosts/{host['id']}/health-checks", json=check | {"expected_body": "${B}"})
+    assert answer.status_code == 201, answer.text
+    out, err = io.StringIO(), io.StringIO()
+    assert await run_export(FleetApi(admin), out, err) == 0, err.getvalue()
+    before = [tuple(row) for row in await db.fetch("SELECT id, name, updated_at FROM hosts ORDER BY 1")]
+    environ = {"HOME": "/root", "X": "x", "Y": "y", "C": "c", "PATH": "p", "B": "b", "G": "g"}
+    code, plan_out, plan_err = await apply(admin, out.getvalue(), environ, prune=True)
+    assert (code, plan_err) == (0, ""), (out.getvalue(), plan_out)
+    assert plan_out.startswith("No changes"), plan_out
+    assert before == [tuple(row) for row in await db.fetch("SELECT id, name, updated_at FROM hosts ORDER BY 1")]
+
+
+async def test_export_gives_checks_whose_names_differ_only_in_punctuation_their_own_password_variables(
+    admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    host = (await admin.post("/api/v1/hosts", json={"name": "web-1", "group": "web"})).json()
+    for name, password in (("a-b", "first-Pa55"), ("a_b", "second-Pa55"), ("a.b", "third-Pa55")):
+        check = {"name": name, "check_type": "http", "url": "http://127.0.0.1:9/", "enabled": False}
+        check |= {"basic_auth_user": "u", "basic_auth_pass": password}
+        assert (await admin.post(f"/api/v1/hosts/{host['id']}/health-checks", json=check)).status_code == 201
+    out, err = io.StringIO(), io.StringIO()
+    assert await run_export(FleetApi(admin), out, err) == 0, err.getvalue()
+    variables = re.findall(r"basic_auth_pass: \$\{(\w+)\}", out.getvalue())
+    assert len(variables) == 3 and len(set(variables)) == 3, out.getvalue()
