@@ -85,6 +85,22 @@ def usable_base_url(url: str) -> str:
     return url.rstrip("/")
 
 
+def usable_token(token: str | None) -> str | None:
+    """HEALTHGATE_TOKEN as it goes in the Authorization header: without the whitespace around it (a token read
+    from a file keeps its newline), None when empty. A token holding anything but printable ASCII is no token
+    (the API issues `hg_` and URL-safe base64), and would make an illegal header, whose error shows the token:
+    ApiUnreachable then, with a message that never holds it."""
+    if token is None or not token.strip():
+        return None
+    token = token.strip()
+    if any(not "!" <= character <= "~" for character in token):
+        raise ApiUnreachable(
+            f"{TOKEN_VARIABLE} is not an API token: it holds a space, a control character or a character beyond "
+            "ASCII (a token is printable ASCII, as `healthgate token create` prints it)"
+        )
+    return token
+
+
 def redirect_error(status: int, location: str | None, base_url: str) -> ApiError:
     """The error for a 3xx answer: the API never redirects its own paths, so HEALTHGATE_URL names something else
     (a proxy that sends http to https, a path prefix that is not the API's). Following it would send the token
@@ -114,6 +130,7 @@ class ApiClient:
 
     def __init__(self, base_url: str = DEFAULT_URL, token: str | None = None, *, timeout: float = READ_TIMEOUT_SECONDS):
         self.base_url = usable_base_url(base_url)
+        token = usable_token(token)
         headers = {"Accept": "application/json", "User-Agent": "healthgate-cli"}
         if token:
             headers["Authorization"] = f"Bearer {token}"

@@ -72,6 +72,7 @@ from services.api_client import (
     ApiUnreachable,
     redirect_error,
     usable_base_url,
+    usable_token,
 )
 from shared.group_policies import GroupPolicy
 
@@ -1063,7 +1064,7 @@ def main_apply(path: str, *, dry_run: bool, prune: bool, resend_secrets: bool, b
             return EXIT_BAD_FILE
 
     try:
-        base_url = usable_base_url(base_url)
+        base_url, token = usable_base_url(base_url), usable_token(token)
     except ApiClientError as exc:
         sys.stderr.write(f"healthgate: {exc}\n")
         return EXIT_FAILED
@@ -1080,7 +1081,7 @@ def main_apply(path: str, *, dry_run: bool, prune: bool, resend_secrets: bool, b
 
 def main_export(*, base_url: str, token: str | None) -> int:
     try:
-        base_url = usable_base_url(base_url)
+        base_url, token = usable_base_url(base_url), usable_token(token)
     except ApiClientError as exc:
         sys.stderr.write(f"healthgate: {exc}\n")
         return EXIT_FAILED

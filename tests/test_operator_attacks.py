@@ -289,3 +289,23 @@ async def test_export_gives_checks_whose_names_differ_only_in_punctuation_their_
     assert await run_export(FleetApi(admin), out, err) == 0, err.getvalue()
     variables = re.findall(r"basic_auth_pass: \$\{(\w+)\}", out.getvalue())
     assert len(variables) == 3 and len(set(variables)) == 3, out.getvalue()
+
+
+# ---- HEALTHGATE_TOKEN ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [("hosts", "list"), ("export",), ("apply", "-f", "-", "--dry-run")])
+async def test_a_token_with_a_trailing_newline_works_and_a_malformed_one_is_one_line_that_never_shows_it(
+    api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
+) -> None:
+    token = admin.headers["Authorization"].removeprefix("Bearer ")
+    # A token read from a file (a Kubernetes Secret's key, `--from-file`) keeps its newline.
+    completed = healthgate(
+        *command, env={"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": token + "\n"}, stdin=FLEET
+    )
+    assert completed.returncode == 0, (completed.stdout, completed.stderr)
+    for bad in (token[:10] + " " + token[10:], token + "ö"):
+        completed = healthgate(*command, env={"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": bad}, stdin=FLEET)
+        assert completed.returncode == 1, (completed.stdout, completed.stderr)
+        assert token[10:] not in completed.stdout + completed.stderr
+        one_line(completed, "HEALTHGATE_TOKEN")
