@@ -101,6 +101,20 @@ def usable_token(token: str | None) -> str | None:
     return token
 
 
+def not_the_api(status: int, base_url: str, what: str) -> ApiError:
+    """The error for an answer no healthgate API gives (`what`: "is not JSON", ...): HEALTHGATE_URL names
+    another server."""
+    return ApiError(status, f"the answer of {base_url} {what}: is {URL_VARIABLE} the healthgate API's address?", {})
+
+
+def page_items(page: Any, base_url: str) -> list[dict[str, Any]]:
+    """The `items` of a list's answer (`{"items": [...], "next_cursor"}`); ApiError when it has no such shape."""
+    items = page.get("items") if isinstance(page, dict) else None
+    if not isinstance(items, list) or not all(isinstance(item, dict) for item in items):
+        raise not_the_api(200, base_url, "is not a page of items")
+    return items
+
+
 def redirect_error(status: int, location: str | None, base_url: str) -> ApiError:
     """The error for a 3xx answer: the API never redirects its own paths, so HEALTHGATE_URL names something else
     (a proxy that sends http to https, a path prefix that is not the API's). Following it would send the token
@@ -180,7 +194,7 @@ class ApiClient:
         try:
             return response.json()
         except ValueError:
-            raise ApiError(response.status_code, "the API's answer is not JSON", {}) from None
+            raise not_the_api(response.status_code, self.base_url, "is not JSON") from None
 
     def _error(self, response: httpx.Response) -> ApiError:
         problem: dict[str, Any] = {}
@@ -199,6 +213,12 @@ class ApiClient:
         """GET `path` (with query `params`; None values are left out) → parsed JSON."""
         return self.request("GET", path, params=params)
 
+    def get_page(self, path: str, params: Params | None = None) -> dict[str, Any]:
+        """GET a list's page (`{"items": [...], "next_cursor"}`); ApiError when the answer has another shape."""
+        page = self.get(path, params)
+        page_items(page, self.base_url)
+        return dict(page)
+
     def post(self, path: str, body: Any = None) -> Any:
         """POST `body` as JSON → parsed JSON."""
         return self.request("POST", path, json=body)
@@ -216,7 +236,7 @@ class ApiClient:
         with every page (the API wants the filters again with a cursor), `limit` defaults to 500."""
         query = {"limit": MAX_PAGE, **_without_none(params)}
         while True:
-            page = self.get(path, query)
+            page = self.get_page(path, query)
             yield from page["items"]
             cursor = page.get("next_cursor")
             if not cursor:

@@ -70,6 +70,8 @@ from services.api_client import (
     ApiClientError,
     ApiError,
     ApiUnreachable,
+    not_the_api,
+    page_items,
     redirect_error,
     usable_base_url,
     usable_token,
@@ -551,7 +553,12 @@ class FleetApi:
             raise _api_error(response)
         if response.is_redirect:
             raise redirect_error(response.status_code, response.headers.get("location"), str(self.http.base_url))
-        return None if response.status_code == 204 or not response.content else response.json()
+        if response.status_code == 204 or not response.content:
+            return None
+        try:
+            return response.json()
+        except ValueError:
+            raise not_the_api(response.status_code, str(self.http.base_url), "is not JSON") from None
 
     async def every(self, path: str) -> list[dict[str, Any]]:
         """Every item of a paged list, 500 at a time."""
@@ -560,7 +567,7 @@ class FleetApi:
         while True:
             params: dict[str, Any] = {"limit": MAX_PAGE} | ({"cursor": cursor} if cursor else {})
             page = await self.call("GET", path, params=params)
-            items.extend(page["items"])
+            items.extend(page_items(page, str(self.http.base_url)))
             cursor = page.get("next_cursor")
             if not cursor:
                 return items

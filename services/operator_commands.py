@@ -139,7 +139,7 @@ def _check(client: ApiClient, host_id: str, ref: str) -> dict[str, Any]:
         except ApiError as exc:
             if exc.status != 404:
                 raise
-    for item in client.get(api_path("hosts", host_id, "health-checks"))["items"]:
+    for item in client.get_page(api_path("hosts", host_id, "health-checks"))["items"]:
         if item["name"] == ref:
             return dict(item)
     raise NotFound(f"no check {ref!r} (by id or name) on this host")
@@ -203,7 +203,7 @@ def hosts_list(
     """List hosts (one page, by name)."""
     with _client() as client:
         params = {"group": group, "health_check_status": status.value if status else None}
-        page = client.get(api_path("hosts"), {**params, "limit": limit, "cursor": cursor})
+        page = client.get_page(api_path("hosts"), {**params, "limit": limit, "cursor": cursor})
     if as_json:
         print_json(page)
         return
@@ -493,7 +493,7 @@ def checks_list(host: HostRef, as_json: JsonOutput = False) -> None:
     """List a host's checks."""
     with _client() as client:
         found = _host(client, host)
-        answer = client.get(api_path("hosts", found["id"], "health-checks"))
+        answer = client.get_page(api_path("hosts", found["id"], "health-checks"))
     if as_json:
         print_json(answer)
         return
@@ -692,7 +692,7 @@ def jobs_list(
     with _client() as client:
         host_id = (host if _is_uuid(host) else _host(client, host)["id"]) if host else None
         params = {"status": status.value if status else None, "host_id": host_id, "limit": limit, "cursor": cursor}
-        page = client.get(api_path("jobs"), params)
+        page = client.get_page(api_path("jobs"), params)
         names = {} if as_json else _host_names(client, {item["host_id"] for item in page["items"]})
     if as_json:
         print_json(page)
@@ -787,7 +787,7 @@ POLICY_FIELDS = (
 def groups_list(limit: Limit = None, cursor: Cursor = None, as_json: JsonOutput = False) -> None:
     """List groups with their hosts' states and disruption budget (one page)."""
     with _client() as client:
-        page = client.get(api_path("groups"), {"limit": limit, "cursor": cursor})
+        page = client.get_page(api_path("groups"), {"limit": limit, "cursor": cursor})
     if as_json:
         print_json(page)
         return

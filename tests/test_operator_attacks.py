@@ -309,3 +309,46 @@ async def test_a_token_with_a_trailing_newline_works_and_a_malformed_one_is_one_
         assert completed.returncode == 1, (completed.stdout, completed.stderr)
         assert token[10:] not in completed.stdout + completed.stderr
         one_line(completed, "HEALTHGATE_TOKEN")
+
+
+@pytest.fixture
+def not_healthgate() -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 that is not healthgate: 200 to everything, HTML for the hosts and JSON of
+    another shape for the rest (a single-page app's server on the port HEALTHGATE_URL names). Its base URL."""
+
+    class Other(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            html = self.path.startswith("/api/v1/hosts?")
+            body = b"<html>an app</html>" if html else b'{"something": "else"}'
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html" if html else "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Other)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ("hosts", "list"),
+        ("groups", "list"),
+        ("jobs", "list"),
+        ("checks", "list", "h"),
+        ("export",),
+        ("apply", "-f", "-"),
+    ],
+)
+def test_a_healthgate_url_that_is_another_web_server_is_one_line(not_healthgate: str, command: tuple[str, ...]) -> None:
+    completed = healthgate(*command, env={"HEALTHGATE_URL": not_healthgate, "HEALTHGATE_TOKEN": "hg_x"}, stdin=FLEET)
+    assert completed.returncode == 1, (completed.stdout, completed.stderr)
+    one_line(completed, not_healthgate)
