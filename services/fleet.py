@@ -82,6 +82,9 @@ from shared.group_policies import GroupPolicy
 # queueing hundreds of requests in its pool.
 IN_FLIGHT = 16
 EXIT_OK, EXIT_FAILED, EXIT_BAD_FILE = 0, 1, 2
+# Failed changes an apply prints: when the API goes away mid-apply, every change in flight after it fails for the
+# same reason, and hundreds of identical lines would bury what to do.
+SHOWN_FAILURES = 10
 SENSITIVE = "(sensitive)"
 PASSWORD = "basic_auth_pass"
 # Defaulted by the server's configuration (HEALTHGATE_POLL_INTERVAL_SECONDS, ..._CHECK_TIMEOUT_SECONDS): compared
@@ -910,9 +913,14 @@ async def run_apply(
     if dry_run or not result.changes:
         return EXIT_OK
     failures = await apply_plan(api, result, out)
-    for line in failures:
-        err.write(f"{line}\n")
     if failures:
+        for line in failures[:SHOWN_FAILURES]:
+            err.write(f"{line}\n")
+        more = f" (the first {SHOWN_FAILURES} above)" if len(failures) > SHOWN_FAILURES else ""
+        err.write(
+            f"{len(failures)} of the plan's {len(result.changes)} changes failed{more}; the later steps were not run, "
+            "the changes made stay: fix the cause and apply again (it plans only what is left)\n"
+        )
         return EXIT_FAILED
     out.write(
         f"Applied: {result.count('create')} created, {result.count('update')} updated, "

@@ -5,6 +5,7 @@ and applies with tokens that may not make the plan's changes."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import os
 import re
@@ -14,6 +15,7 @@ import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -21,7 +23,7 @@ import httpx
 import pytest
 
 from services.fleet import FleetApi, run_apply, run_export
-from tests.support.processes import ServiceProcess
+from tests.support.processes import ServiceProcess, free_port, start_service
 from tests.support.tokens import TokenFactory
 
 HEALTHGATE = [sys.executable, "-m", "services.cli"]
@@ -352,3 +354,45 @@ def test_a_healthgate_url_that_is_another_web_server_is_one_line(not_healthgate:
     completed = healthgate(*command, env={"HEALTHGATE_URL": not_healthgate, "HEALTHGATE_TOKEN": "hg_x"}, stdin=FLEET)
     assert completed.returncode == 1, (completed.stdout, completed.stderr)
     one_line(completed, not_healthgate)
+
+
+# ---- an API that goes away during an apply ------------------------------------------------------------------------
+
+
+async def test_an_api_that_dies_during_an_apply_gives_a_short_clear_error_and_a_rerun_converges(
+    service_env: dict[str, str], make_token: TokenFactory, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    port = free_port()
+    own_api = start_service("api", service_env | {"HEALTHGATE_API_PORT": str(port)}, tmp_path / "api.log", port=port)
+    try:
+        env = {"HEALTHGATE_URL": own_api.base_url, "HEALTHGATE_TOKEN": await make_token("admin")}
+        lines = ["hosts:"]
+        for index in range(300):
+            lines += [f"  - name: dying-{index}", "    group: dying", "    checks:"]
+            lines += ["      - {name: a, check_type: tcp, port: 9, address: 127.0.0.1, enabled: false}"]
+        fleet = ("\n".join(lines) + "\n").encode()
+        process = await asyncio.create_subprocess_exec(
+            *HEALTHGATE, "apply", "-f", "-", env={**os.environ, **env},
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        communicating = asyncio.create_task(process.communicate(fleet))
+        deadline = time.monotonic() + 60
+        while await db.fetchval("SELECT count(*) FROM hosts") < 20:
+            assert time.monotonic() < deadline and process.returncode is None, "the apply did not create hosts"
+            await asyncio.sleep(0.01)
+        own_api.process.kill()
+        own_api.process.wait()
+        stdout, stderr = await asyncio.wait_for(communicating, 120)
+        assert process.returncode == 1, (stdout, stderr)
+        lines_out = stderr.decode().splitlines()
+        assert "Traceback" not in stderr.decode()
+        # A few examples, not one line per change that could not be made ...
+        assert len(lines_out) <= 12, stderr.decode()
+        # ... and a last line saying what happened and what to do.
+        assert "failed" in lines_out[-1] and "apply again" in lines_out[-1], lines_out[-1]
+        own_api.restart()
+        assert (await asyncio.to_thread(healthgate, "apply", "-f", "-", env=env, stdin=fleet)).returncode == 0
+        again = await asyncio.to_thread(healthgate, "apply", "-f", "-", env=env, stdin=fleet)
+        assert again.returncode == 0 and again.stdout.startswith("No changes: 300 host(s), 300 check(s)"), again
+    finally:
+        own_api.stop()
