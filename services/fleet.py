@@ -277,7 +277,8 @@ def _validated(document: Any, environ: Mapping[str, str]) -> tuple[Fleet | None,
     shape = _shape_problem(document)
     if shape is not None:
         return None, [shape]
-    problems = list(_substitute(document, environ, ()))
+    used: dict[str, str] = {}
+    problems = list(_substitute(document, environ, (), used=used))
     if problems:
         return None, problems
     plain = _plain(document)
@@ -285,9 +286,33 @@ def _validated(document: Any, environ: Mapping[str, str]) -> tuple[Fleet | None,
     for error in sorted(validator.iter_errors(plain), key=lambda error: list(map(str, error.absolute_path))):
         problems.append(_schema_problem(document, error))
     if problems:
-        return None, problems
+        return None, _without_values(problems, used)
     fleet, problems = _read_models(document, plain)
-    return fleet, problems
+    return fleet, _without_values(problems, used)
+
+
+# Values of variables shorter than this are left in messages: they hold no secret, and replacing a "1" or "web"
+# everywhere in a message would garble it.
+MIN_HIDDEN_VALUE = 4
+
+
+def _without_values(problems: list[Problem], used: Mapping[str, str]) -> list[Problem]:
+    """`problems` with every value of a `${VAR}` the file used (`used`: name → value) written `${VAR}` again:
+    `${VAR}` is there for secrets, and a message quotes the value that does not fit (`'...' is too long`)."""
+    hidden = sorted(
+        ((value, name) for name, value in used.items() if len(value) >= MIN_HIDDEN_VALUE),
+        key=lambda pair: -len(pair[0]),
+    )
+    if not hidden:
+        return problems
+    result = []
+    for problem in problems:
+        message = problem.message
+        for value, name in hidden:
+            for shown in {value, repr(value)[1:-1], json.dumps(value)[1:-1]}:
+                message = message.replace(shown, "${" + name + "}")
+        result.append(Problem(problem.line, problem.field, message))
+    return result
 
 
 # A fleet file is at most 7 levels deep (hosts, a host, its checks, a check, expected_values, ...); far deeper
@@ -346,13 +371,18 @@ def _shape_problem(document: Any) -> Problem | None:
 
 
 def _substitute(
-    node: Any, environ: Mapping[str, str], path: tuple[str | int, ...], done: set[int] | None = None
+    node: Any,
+    environ: Mapping[str, str],
+    path: tuple[str | int, ...],
+    done: set[int] | None = None,
+    used: dict[str, str] | None = None,
 ) -> Iterator[Problem]:
     """Replace `${VAR}` in every string value, in place; `$${VAR}` stands for a literal `${VAR}`. Keys are
     left alone. Yields a problem for each variable that is not set. A node that aliases share is substituted
     once (`done`: the ids of the containers already done), or a second pass would read a `$${VAR}` made
-    literal, or a variable's value, for variables again."""
+    literal, or a variable's value, for variables again. `used` gets each variable used and its value."""
     done = set() if done is None else done
+    used = {} if used is None else used
     if id(node) in done:
         return
     done.add(id(node))
@@ -372,6 +402,7 @@ def _substitute(
                 if match[2] not in environ:
                     missing.append(match[2])
                     return ""
+                used[match[2]] = environ[match[2]]
                 return environ[match[2]]
 
             replaced = _VARIABLE.sub(replace, value)
@@ -380,7 +411,7 @@ def _substitute(
             if replaced != value:
                 node[key] = replaced
         else:
-            yield from _substitute(value, environ, (*path, key), done)
+            yield from _substitute(value, environ, (*path, key), done, used)
 
 
 def _plain(node: Any) -> Any:

@@ -396,3 +396,20 @@ async def test_an_api_that_dies_during_an_apply_gives_a_short_clear_error_and_a_
         assert again.returncode == 0 and again.stdout.startswith("No changes: 300 host(s), 300 check(s)"), again
     finally:
         own_api.stop()
+
+
+async def test_a_bad_files_messages_never_show_an_environment_variables_value(
+    admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    # `${VAR}` is there for secrets: a value that does not fit its field is named by its variable, not shown.
+    secret = "us:S3cret-" + "x" * 300
+    text = (
+        "hosts:\n  - name: '${SECRET}'\n    group: web\n    checks:\n"
+        "      - {name: a, check_type: tcp, port: '${SECRET}', address: 127.0.0.1}\n"
+        "  - name: h2\n    group: 'g-${SECRET}'\n"
+    )
+    code, out, err = await apply(admin, text, {"SECRET": secret})
+    assert code == 2, (out, err)
+    assert "S3cret" not in out + err, err
+    assert err.count("${SECRET}") == 3, err
+    assert await db.fetchval("SELECT count(*) FROM hosts") == 0
