@@ -78,7 +78,9 @@ def usable_base_url(url: str) -> str:
         raise ApiUnreachable(
             f"{URL_VARIABLE} must not hold credentials (user:password@): the API takes the token in {TOKEN_VARIABLE}"
         )
-    if parsed.scheme not in ("http", "https") or not parsed.host or parsed.query or parsed.fragment:
+    if parsed.query or parsed.fragment:  # not shown: a query may hold a key
+        raise ApiUnreachable(f"{URL_VARIABLE} must not have a query string or fragment: give the API's base URL")
+    if parsed.scheme not in ("http", "https") or not parsed.host:
         raise ApiUnreachable(
             f"{URL_VARIABLE}={url!r} is not a usable URL: give http(s)://HOST[:PORT][/PREFIX], as {DEFAULT_URL}"
         )

@@ -124,9 +124,11 @@ async def test_credentials_in_healthgate_url_are_refused_and_never_printed(
 
 @pytest.mark.parametrize("command", [("hosts", "list"), ("export",), ("apply", "-f", "-")])
 def test_a_healthgate_url_that_is_no_url_is_one_line(command: tuple[str, ...]) -> None:
-    completed = healthgate(*command, env={"HEALTHGATE_URL": "http://[::1", "HEALTHGATE_TOKEN": "x"}, stdin=FLEET)
-    assert completed.returncode == 1, (completed.stdout, completed.stderr)
-    one_line(completed, "HEALTHGATE_URL")
+    for url in ("http://[::1", "127.0.0.1:8080", f"http://127.0.0.1:1/?key={SECRET}"):
+        completed = healthgate(*command, env={"HEALTHGATE_URL": url, "HEALTHGATE_TOKEN": "x"}, stdin=FLEET)
+        assert completed.returncode == 1, (completed.stdout, completed.stderr)
+        assert SECRET not in completed.stdout + completed.stderr
+        one_line(completed, "HEALTHGATE_URL")
 
 
 @pytest.fixture
