@@ -188,8 +188,10 @@ class Problem:
     message: str
 
     def render(self, source: str) -> str:
+        """`FILE:LINE: FIELD: message`, one line (a YAML reader's message spans two)."""
         place = f"{source}:{self.line}" if self.line is not None else source
-        return f"{place}: {self.field}: {self.message}" if self.field else f"{place}: {self.message}"
+        message = " ".join(self.message.split())
+        return f"{place}: {self.field}: {message}" if self.field else f"{place}: {message}"
 
 
 class FleetFileError(Exception):

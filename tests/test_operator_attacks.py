@@ -415,3 +415,11 @@ async def test_a_bad_files_messages_never_show_an_environment_variables_value(
     assert "S3cret" not in out + err, err
     assert err.count("${SECRET}") == 3, err
     assert await db.fetchval("SELECT count(*) FROM hosts") == 0
+
+
+async def test_a_file_with_a_nul_character_is_one_line_per_problem(
+    admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    code, out, err = await apply(admin, "hosts:\n  - {name: a, group: web}\n\x00\n", {})
+    assert code == 2, (out, err)
+    assert len(err.splitlines()) == 1 and err.startswith("fleet.yaml"), err
