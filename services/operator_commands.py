@@ -82,11 +82,16 @@ def _read_json_body(source: str | None) -> dict[str, Any]:
     if source is None:
         return {}
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        # Bytes, decoded here: stdin's own decoding passes bytes that are not UTF-8 on as lone surrogates.
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {source}: {exc.strerror}", param_hint="--from-json") from None
     try:
-        document = json.loads(text)
+        document = json.loads(data.decode("utf-8"))
+        # JSON may escape a lone surrogate (\ud800), which no UTF-8 request body can carry.
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+        raise typer.BadParameter(f"{source} is not UTF-8 text ({exc.reason})", param_hint="--from-json") from None
     except ValueError as exc:
         raise typer.BadParameter(f"{source} is not valid JSON: {exc}", param_hint="--from-json") from None
     if not isinstance(document, dict):
