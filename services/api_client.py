@@ -130,8 +130,13 @@ def redirect_error(status: int, location: str | None, base_url: str) -> ApiError
 
 
 def api_path(*segments: str) -> str:
-    """`/api/v1/<segment>/<segment>...` with each segment percent-encoded (`/` included, as `%2F`)."""
-    return "/api/v1/" + "/".join(quote(str(segment), safe="") for segment in segments)
+    """`/api/v1/<segment>/<segment>...` with each segment percent-encoded (`/` included, as `%2F`; a segment
+    `.` or `..` as `%2E`, `%2E%2E`, which URL normalisation would otherwise resolve away: `jobs get ..`)."""
+    return "/api/v1/" + "/".join(_segment(str(segment)) for segment in segments)
+
+
+def _segment(text: str) -> str:
+    return "%2E" * len(text) if text in (".", "..") else quote(text, safe="")
 
 
 def _without_none(params: Params | None) -> dict[str, str | int | float | bool]:

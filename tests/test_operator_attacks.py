@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import re
 import subprocess
@@ -423,3 +424,22 @@ async def test_a_file_with_a_nul_character_is_one_line_per_problem(
     code, out, err = await apply(admin, "hosts:\n  - {name: a, group: web}\n\x00\n", {})
     assert code == 2, (out, err)
     assert len(err.splitlines()) == 1 and err.startswith("fleet.yaml"), err
+
+
+async def test_ids_and_names_that_are_dot_segments_reach_their_own_paths(
+    api: ServiceProcess, admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    # `..` and `.` are a job id, a group or a host name like any other; in a URL's path they were resolved away
+    # (`jobs get .` read the jobs list and crashed with KeyError: 'hosts').
+    env = {"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": admin.headers["Authorization"].removeprefix("Bearer ")}
+    for name in (".", ".."):
+        assert (await admin.post("/api/v1/hosts", json={"name": f"h{name}", "group": name})).status_code == 201
+        answer = await admin.put(f"/api/v1/groups/{'%2E' * len(name)}/policy", json={"max_unavailable": len(name)})
+        assert answer.status_code == 200, answer.text
+        completed = await asyncio.to_thread(healthgate, "groups", "get-policy", name, "--json", env=env)
+        assert completed.returncode == 0, completed.stderr
+        assert json.loads(completed.stdout)["max_unavailable"] == len(name)
+        for command in (("jobs", "get", name), ("jobs", "halt", name, "--reason", "x")):
+            completed = await asyncio.to_thread(healthgate, *command, env=env)
+            assert completed.returncode == 1, completed.stderr
+            one_line(completed, "job not found")
