@@ -346,9 +346,19 @@ fleet.register(app)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """The `healthgate` console script: runs the command in `argv` (default sys.argv[1:]), returns its status."""
+    """The `healthgate` console script: runs the command in `argv` (default sys.argv[1:]), returns its status.
+    An argument that is not UTF-8 text is bad usage (2)."""
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    for number, argument in enumerate(arguments, start=1):
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            # Python passes the bytes of a non-UTF-8 argument on as lone surrogates, which no request, database
+            # query or file name can carry: every command would end in a UnicodeEncodeError traceback.
+            print(f"healthgate: argument {number} is not UTF-8 text", file=sys.stderr)
+            return 2
     try:
-        app(args=list(argv) if argv is not None else None, prog_name="healthgate")
+        app(args=arguments, prog_name="healthgate")
     except SystemExit as exc:
         if exc.code is None:
             return 0

@@ -64,6 +64,7 @@ from pydantic import TypeAdapter, ValidationError
 from ruamel.yaml import YAML
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.reader import ReaderError
 
 from services.api.schemas import (
     CHECK_WRITE_MODELS,
@@ -79,9 +80,15 @@ from services.api_client import (
     UNREACHABLE,
     URL_VARIABLE,
     ApiClientError,
+    ApiError,
+    ApiUnreachable,
     answer_of,
+    api_path,
+    page_items,
     shown_url,
     unreachable,
+    usable_base_url,
+    usable_token,
 )
 from shared.group_policies import GroupPolicy
 
@@ -89,6 +96,9 @@ from shared.group_policies import GroupPolicy
 # queueing hundreds of requests in its pool.
 IN_FLIGHT = 16
 EXIT_OK, EXIT_FAILED, EXIT_BAD_FILE = 0, 1, 2
+# Failed changes an apply prints: when the API goes away mid-apply, every change in flight after it fails for the
+# same reason, and hundreds of identical lines would bury what to do.
+SHOWN_FAILURES = 10
 SENSITIVE = "(sensitive)"
 PASSWORD = "basic_auth_pass"
 # Defaulted by the server's configuration (HEALTHGATE_POLL_INTERVAL_SECONDS, ..._CHECK_TIMEOUT_SECONDS): compared
@@ -192,8 +202,10 @@ class Problem:
     message: str
 
     def render(self, source: str) -> str:
+        """`FILE:LINE: FIELD: message`, one line (a YAML reader's message spans two)."""
         place = f"{source}:{self.line}" if self.line is not None else source
-        return f"{place}: {self.field}: {self.message}" if self.field else f"{place}: {self.message}"
+        message = " ".join(self.message.split())
+        return f"{place}: {self.field}: {message}" if self.field else f"{place}: {message}"
 
 
 class FleetFileError(Exception):
@@ -265,6 +277,9 @@ def load_fleet(text: str, source: str, environ: Mapping[str, str]) -> Fleet:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
         raise FleetFileError(source, [Problem(line, "", f"not valid YAML: {exc.problem or exc.context}")]) from None
+    except ReaderError as exc:  # a character YAML does not allow (NUL, ...): named by its position in the text
+        line = text.count("\n", 0, exc.position) + 1 if isinstance(exc.position, int) else None
+        raise FleetFileError(source, [Problem(line, "", f"not valid YAML: {exc.reason}")]) from None
     except YAMLError as exc:
         raise FleetFileError(source, [Problem(None, "", f"not valid YAML: {exc}")]) from None
     fleet, problems = _validated(document, environ)
@@ -313,6 +328,8 @@ def _fast_fleet(document: Any, environ: Mapping[str, str]) -> Fleet | None:
     line) or holds what the fast checks cannot take (a YAML timestamp, an integer beyond 64 bits)."""
     if document is None:
         document = {}
+    if _shape_problem(document) is not None:  # a cycle or "billion laughs": never walked further here
+        return None
     if any(True for _ in _substitute(document, environ, ())):
         return None
     try:
@@ -349,7 +366,11 @@ def _validated(document: Any, environ: Mapping[str, str]) -> tuple[Fleet | None,
     round-trip loader)."""
     if document is None:
         document = CommentedMap()
-    problems = list(_substitute(document, environ, ()))
+    shape = _shape_problem(document)
+    if shape is not None:
+        return None, [shape]
+    used: dict[str, str] = {}
+    problems = list(_substitute(document, environ, (), used=used))
     if problems:
         return None, problems
     plain = _plain(document)
@@ -357,14 +378,106 @@ def _validated(document: Any, environ: Mapping[str, str]) -> tuple[Fleet | None,
     for error in sorted(validator.iter_errors(plain), key=lambda error: list(map(str, error.absolute_path))):
         problems.append(_schema_problem(document, error))
     if problems:
-        return None, problems
+        return None, _without_values(problems, used)
     fleet, problems = _read_models(document, plain)
-    return fleet, problems
+    return fleet, _without_values(problems, used)
 
 
-def _substitute(node: Any, environ: Mapping[str, str], path: tuple[str | int, ...]) -> Iterator[Problem]:
+# Values of variables shorter than this are left in messages: they hold no secret, and replacing a "1" or "web"
+# everywhere in a message would garble it.
+MIN_HIDDEN_VALUE = 4
+
+
+def _without_values(problems: list[Problem], used: Mapping[str, str]) -> list[Problem]:
+    """`problems` with every value of a `${VAR}` the file used (`used`: name → value) written `${VAR}` again:
+    `${VAR}` is there for secrets, and a message quotes the value that does not fit (`'...' is too long`)."""
+    hidden = sorted(
+        ((value, name) for name, value in used.items() if len(value) >= MIN_HIDDEN_VALUE),
+        key=lambda pair: -len(pair[0]),
+    )
+    if not hidden:
+        return problems
+    result = []
+    for problem in problems:
+        message = problem.message
+        for value, name in hidden:
+            for shown in {value, repr(value)[1:-1], json.dumps(value)[1:-1]}:
+                message = message.replace(shown, "${" + name + "}")
+        result.append(Problem(problem.line, problem.field, message))
+    return result
+
+
+# A fleet file is at most 7 levels deep (hosts, a host, its checks, a check, expected_values, ...); far deeper
+# nesting is no fleet file, and the recursive steps below (and jsonschema's) would exhaust Python's stack on it.
+MAX_DEPTH = 32
+# Aliases may share a node (a list of checks several hosts name), but the file they make must stay near the size
+# of the text: "billion laughs" (nine aliases of nine aliases of ...) expands a few lines to 10^9 values.
+MAX_EXPANSION_FACTOR = 100
+MIN_EXPANSION_LIMIT = 100_000
+
+
+def _shape_problem(document: Any) -> Problem | None:
+    """A problem when the loaded `document` is no tree a fleet file can be: a mapping or list that holds itself
+    through an alias, nesting deeper than MAX_DEPTH, or aliases that expand it to more than MAX_EXPANSION_FACTOR
+    times its own nodes (at least MIN_EXPANSION_LIMIT). None when it is fine. Linear in the document's distinct
+    nodes, without recursion."""
+    sizes: dict[int, int] = {}  # a finished container's id → its nodes once every alias is expanded
+    active: set[int] = set()  # the containers on the path being walked (a cycle comes back to one of them)
+    stack: list[tuple[Any, int, Iterator[Any]]] = []
+
+    def children(node: Any) -> Iterator[Any]:
+        return iter(node.values() if isinstance(node, dict) else node)
+
+    def enter(node: Any, depth: int) -> Problem | None:
+        if depth > MAX_DEPTH:
+            return Problem(_line_of(node, None), "", f"nested more than {MAX_DEPTH} levels deep: not a fleet file")
+        active.add(id(node))
+        stack.append((node, depth, children(node)))
+        return None
+
+    if not isinstance(document, (dict, list)):
+        return None
+    problem = enter(document, 1)
+    while stack and problem is None:
+        node, depth, rest = stack[-1]
+        child = next(rest, _NOT_READ)
+        if child is _NOT_READ:
+            stack.pop()
+            active.discard(id(node))
+            values = node.values() if isinstance(node, dict) else node
+            sizes[id(node)] = 1 + sum(sizes.get(id(item), 1) for item in values)
+            continue
+        if not isinstance(child, (dict, list)) or id(child) in sizes:
+            continue
+        if id(child) in active:
+            return Problem(_line_of(node, None), "", "an alias refers to a node that holds it (a cycle)")
+        problem = enter(child, depth + 1)
+    if problem is not None:
+        return problem
+    limit = max(MIN_EXPANSION_LIMIT, MAX_EXPANSION_FACTOR * len(sizes))
+    if sizes[id(document)] > limit:
+        return Problem(
+            None, "", f"its aliases expand it to {sizes[id(document)]:,} values (more than {limit:,}): not a fleet file"
+        )
+    return None
+
+
+def _substitute(
+    node: Any,
+    environ: Mapping[str, str],
+    path: tuple[str | int, ...],
+    done: set[int] | None = None,
+    used: dict[str, str] | None = None,
+) -> Iterator[Problem]:
     """Replace `${VAR}` in every string value, in place; `$${VAR}` stands for a literal `${VAR}`. Keys are
-    left alone. Yields a problem for each variable that is not set."""
+    left alone. Yields a problem for each variable that is not set. A node that aliases share is substituted
+    once (`done`: the ids of the containers already done), or a second pass would read a `$${VAR}` made
+    literal, or a variable's value, for variables again. `used` gets each variable used and its value."""
+    done = set() if done is None else done
+    used = {} if used is None else used
+    if id(node) in done:
+        return
+    done.add(id(node))
     if isinstance(node, dict):
         items: Iterable[tuple[Any, Any]] = list(node.items())
     elif isinstance(node, list):
@@ -381,6 +494,7 @@ def _substitute(node: Any, environ: Mapping[str, str], path: tuple[str | int, ..
                 if match[2] not in environ:
                     missing.append(match[2])
                     return ""
+                used[match[2]] = environ[match[2]]
                 return environ[match[2]]
 
             replaced = _VARIABLE.sub(replace, value)
@@ -389,7 +503,7 @@ def _substitute(node: Any, environ: Mapping[str, str], path: tuple[str | int, ..
             if replaced != value:
                 node[key] = replaced
         else:
-            yield from _substitute(value, environ, (*path, key))
+            yield from _substitute(value, environ, (*path, key), done, used)
 
 
 def _plain(node: Any) -> Any:
@@ -559,7 +673,7 @@ class FleetApi:
             response = await self.http.request(method, path, json=body, params=params)
         except UNREACHABLE as exc:
             raise unreachable(exc, str(self.http.base_url)) from None
-        return answer_of(response, has_token="authorization" in self.http.headers)
+        return answer_of(response, has_token="authorization" in self.http.headers, base_url=str(self.http.base_url))
 
     async def every(self, path: str) -> list[dict[str, Any]]:
         """Every item of a paged list, 500 at a time."""
@@ -568,7 +682,7 @@ class FleetApi:
         while True:
             params: dict[str, Any] = {"limit": MAX_PAGE} | ({"cursor": cursor} if cursor else {})
             page = await self.call("GET", path, params=params)
-            items.extend(page["items"])
+            items.extend(page_items(page, str(self.http.base_url)))
             cursor = page.get("next_cursor")
             if not cursor:
                 return items
@@ -804,28 +918,40 @@ async def apply_plan(api: FleetApi, result: Plan, out: IO[str], in_flight: int =
     phases after it (they may need what it did). Returns one line per failed change."""
     limit = asyncio.Semaphore(in_flight)
     failures: list[str] = []
+    # Once the API cannot be reached, the changes still waiting are not tried: each would wait for its own
+    # connect timeout (minutes for a fleet when the API's address black-holes).
+    untried = 0
+    unreachable_api = False
 
     async def run(change: Change, step: Callable[[Change], Awaitable[None]]) -> None:
+        nonlocal untried, unreachable_api
         async with limit:
+            if unreachable_api:
+                untried += 1
+                return
             try:
                 await step(change)
             except ApiClientError as exc:
+                unreachable_api = unreachable_api or isinstance(exc, ApiUnreachable)
                 what = f"{change.host}/{change.name}" if change.kind == "check" else change.name
                 failures.append(f"{change.action} {change.kind} {what}: {exc}")
 
     async def put_policy(change: Change) -> None:
-        from urllib.parse import quote
-
-        await api.call("PUT", f"/api/v1/groups/{quote(change.name, safe='')}/policy", change.body)
+        await api.call("PUT", api_path("groups", change.name, "policy"), change.body)
 
     async def delete_check(change: Change) -> None:
         await api.call("DELETE", f"/api/v1/hosts/{change.host_id}/health-checks/{change.check_id}")
 
     async def create_hosts(batch: list[Change]) -> None:
+        nonlocal untried, unreachable_api
         async with limit:
+            if unreachable_api:
+                untried += len(batch)
+                return
             try:
                 await api.call("POST", BATCH_CREATE, {"hosts": [host_batch_item(change) for change in batch]})
             except ApiClientError as exc:
+                unreachable_api = unreachable_api or isinstance(exc, ApiUnreachable)
                 names = batch[0].name if len(batch) == 1 else f"{batch[0].name} … {batch[-1].name}"
                 failures.append(f"create host {names} ({len(batch)} host(s) with their checks): {exc}")
 
@@ -868,6 +994,8 @@ async def apply_plan(api: FleetApi, result: Plan, out: IO[str], in_flight: int =
             await asyncio.gather(*(run(change, step) for change in changes))
         if failures:
             break
+    if untried:
+        failures.append(f"{untried} more change(s) not tried: the API could not be reached")
     return failures
 
 
@@ -915,6 +1043,12 @@ async def run_apply(
         await asyncio.gather(reading, return_exceptions=True)
         err.write(f"{exc}\n")
         return EXIT_BAD_FILE
+    except RecursionError:
+        # ruamel.yaml's line-keeping loader is recursive: nesting deep enough for it is no fleet file.
+        reading.cancel()
+        await asyncio.gather(reading, return_exceptions=True)
+        err.write(f"{source}: nested more than {MAX_DEPTH} levels deep: not a fleet file\n")
+        return EXIT_BAD_FILE
     except BaseException:
         reading.cancel()
         await asyncio.gather(reading, return_exceptions=True)
@@ -929,18 +1063,64 @@ async def run_apply(
     if result.errors:
         err.write(f"{len(result.errors)} problem(s) between the file and the API: nothing applied\n")
         return EXIT_FAILED
+    try:
+        refused = await _refused_by_role(api, result)
+    except ApiClientError as exc:
+        err.write(f"{exc}\n")
+        return EXIT_FAILED
+    if refused:
+        err.write(f"{refused}{' (this is a dry run)' if dry_run else ''}\n")
+        if not dry_run:
+            return EXIT_FAILED
     if dry_run or not result.changes:
         return EXIT_OK
     failures = await apply_plan(api, result, out)
-    for line in failures:
-        err.write(f"{line}\n")
     if failures:
+        for line in failures[:SHOWN_FAILURES]:
+            err.write(f"{line}\n")
+        more = f" (the first {SHOWN_FAILURES} above)" if len(failures) > SHOWN_FAILURES else ""
+        err.write(
+            f"{len(failures)} of the plan's {len(result.changes)} changes failed{more}; the later steps were not run, "
+            "the changes made stay: fix the cause and apply again (it plans only what is left)\n"
+        )
         return EXIT_FAILED
     out.write(
         f"Applied: {result.count('create')} created, {result.count('update')} updated, "
         f"{result.count('delete')} deleted.\n"
     )
     return EXIT_OK
+
+
+async def _refused_by_role(api: FleetApi, result: Plan) -> str | None:
+    """One line when the token's role (`GET /api/v1/me`) may not make some of the plan's changes (CONTRACT §3: an
+    operator changes only checks, a viewer nothing), naming them and saying nothing was applied; else None.
+    Asked before the first change, so that such a plan is refused whole rather than applied up to its first
+    forbidden step (a --prune's check deletes, say, before a host that cannot be created). An API without
+    `/me` (404) is not asked: its answers to the changes say it then."""
+    if not result.changes:
+        return None
+    try:
+        caller = await api.call("GET", "/api/v1/me")
+    except ApiError as exc:
+        if exc.status == 404:
+            return None
+        raise
+    role = caller.get("role") if isinstance(caller, dict) else None
+    if role == "admin" or role not in ("operator", "viewer"):
+        return None
+    refused = [change for change in result.changes if role == "viewer" or change.kind != "check"]
+    if not refused:
+        return None
+    named = [
+        f"{change.action} {change.kind} {change.host + '/' if change.kind == 'check' else ''}{change.name}"
+        for change in refused
+    ]
+    shown = ", ".join(named[:5]) + (f" and {len(named) - 5} more" if len(named) > 5 else "")
+    may = "changes only checks" if role == "operator" else "changes nothing"
+    return (
+        f"a token of role {role!r} ({caller.get('name')}) {may}: {len(refused)} of the plan's changes need an admin "
+        f"token ({shown}); nothing applied"
+    )
 
 
 # ---- exporting -----------------------------------------------------------------------------------
@@ -954,8 +1134,11 @@ def password_variable(host: str, check: str) -> str:
 
 def export_document(current: Current) -> dict[str, Any]:
     """The fleet file of what the API holds: every visible host by name with its checks by name (fields at their
-    default left out, except the server-defaulted interval and timeout), and the non-default group policies."""
+    default left out, except the server-defaulted interval and timeout), and the non-default group policies.
+    A `${...}` in a value is escaped as `$${...}`; a set password is `${HEALTHGATE_PASS_<HOST>_<CHECK>}`, with
+    `_2`, `_3`, ... after the second and later checks whose names make the same variable."""
     hosts = []
+    variables: set[str] = set()
     for name, host in sorted(current.hosts.items()):
         entry: dict[str, Any] = {"name": name, "group": host["group"], "id": host["id"]}
         if host.get("agent_url") is not None:
@@ -972,9 +1155,18 @@ def export_document(current: Current) -> dict[str, Any]:
                     field_name, default
                 ):
                     item[field_name] = value
+            item = _escaped(item)
             if check.get("basic_auth_pass_set"):
-                item[PASSWORD] = "${" + password_variable(name, check_name) + "}"
+                # Names that differ only in what the variable cannot hold (`a-b`, `a_b`) get _2, _3, ...
+                variable = base = password_variable(name, check_name)
+                number = 1
+                while variable in variables:
+                    number += 1
+                    variable = f"{base}_{number}"
+                variables.add(variable)
+                item[PASSWORD] = "${" + variable + "}"
             checks.append(item)
+        entry = _escaped(entry)
         if checks:
             entry["checks"] = checks
         hosts.append(entry)
@@ -987,6 +1179,18 @@ def export_document(current: Current) -> dict[str, Any]:
             for group, policy in policies.items()
         }
     return document
+
+
+def _escaped(value: Any) -> Any:
+    """`value` with every `${VAR}` in its strings written `$${VAR}` (and `$${VAR}` as `$$${VAR}`, ...), so that
+    apply's substitution gives back the text the API holds, not an environment variable's value."""
+    if isinstance(value, str):
+        return _VARIABLE.sub(lambda match: "$" + match[0], value)
+    if isinstance(value, dict):
+        return {key: _escaped(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_escaped(item) for item in value]
+    return value
 
 
 def dump_yaml(document: Any, out: IO[str]) -> None:
@@ -1022,7 +1226,13 @@ def open_api(base_url: str, token: str | None) -> httpx.AsyncClient:
 def main_apply(path: str, *, dry_run: bool, prune: bool, resend_secrets: bool, base_url: str, token: str | None) -> int:
     """The `apply` command: read FILE (`-` for stdin) and run `run_apply` against the API."""
     if path == "-":
-        text, source = sys.stdin.read(), "<stdin>"
+        # The bytes, decoded here: sys.stdin's own decoding (surrogateescape under a C locale) passes bytes that
+        # are not UTF-8 on as lone surrogates, which the YAML loader then fails on with a traceback.
+        try:
+            text, source = sys.stdin.buffer.read().decode("utf-8"), "<stdin>"
+        except UnicodeDecodeError as exc:
+            sys.stderr.write(f"<stdin>: not UTF-8 text (byte {exc.start + 1}: {exc.reason})\n")
+            return EXIT_BAD_FILE
     else:
         try:
             text, source = Path(path).read_text(encoding="utf-8"), path
@@ -1043,7 +1253,13 @@ def main_export(*, base_url: str, token: str | None) -> int:
 
 
 def _with_api(base_url: str, token: str | None, command: Callable[[FleetApi], Awaitable[int]]) -> int:
-    """Run `command` over a client of the API at `base_url`; exit 1 with one line when that URL is not usable."""
+    """Run `command` over a client of the API at `base_url` with `token`; exit 1 with one line when the URL or the
+    token is not usable (`usable_base_url`, `usable_token`: the message never holds a password or the token)."""
+    try:
+        base_url, token = usable_base_url(base_url), usable_token(token)
+    except ApiClientError as exc:
+        sys.stderr.write(f"healthgate: {exc}\n")
+        return EXIT_FAILED
 
     async def go() -> int:
         try:

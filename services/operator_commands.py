@@ -60,7 +60,16 @@ FromJson = Annotated[
 ]
 HostRef = Annotated[str, typer.Argument(metavar="HOST", help="The host's id or name.")]
 CheckRef = Annotated[str, typer.Argument(metavar="CHECK", help="The check's id or its name on the host.")]
-JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id (any text, / included).")]
+
+
+def _job_id(value: str) -> str:
+    # An empty id would make the path /api/v1/jobs/, which is the list's (and answers a redirect to it).
+    if not value:
+        raise typer.BadParameter("a job id is not empty", param_hint="JOB_ID")
+    return value
+
+
+JobId = Annotated[str, typer.Argument(metavar="JOB_ID", help="The job's id (any text, / included).", callback=_job_id)]
 Reason = Annotated[str, typer.Option(help="Why, in your words (1-500 characters; audited).")]
 
 
@@ -73,11 +82,16 @@ def _read_json_body(source: str | None) -> dict[str, Any]:
     if source is None:
         return {}
     try:
-        text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+        # Bytes, decoded here: stdin's own decoding passes bytes that are not UTF-8 on as lone surrogates.
+        data = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
     except OSError as exc:
         raise typer.BadParameter(f"cannot read {source}: {exc.strerror}", param_hint="--from-json") from None
     try:
-        document = json.loads(text)
+        document = json.loads(data.decode("utf-8"))
+        # JSON may escape a lone surrogate (\ud800), which no UTF-8 request body can carry.
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except (UnicodeDecodeError, UnicodeEncodeError) as exc:
+        raise typer.BadParameter(f"{source} is not UTF-8 text ({exc.reason})", param_hint="--from-json") from None
     except ValueError as exc:
         raise typer.BadParameter(f"{source} is not valid JSON: {exc}", param_hint="--from-json") from None
     if not isinstance(document, dict):
@@ -134,7 +148,7 @@ def _check(client: ApiClient, host_id: str, ref: str) -> dict[str, Any]:
         except ApiError as exc:
             if exc.status != 404:
                 raise
-    for item in client.get(api_path("hosts", host_id, "health-checks"))["items"]:
+    for item in client.get_page(api_path("hosts", host_id, "health-checks"))["items"]:
         if item["name"] == ref:
             return dict(item)
     raise NotFound(f"no check {ref!r} (by id or name) on this host")
@@ -198,7 +212,7 @@ def hosts_list(
     """List hosts (one page, by name)."""
     with _client() as client:
         params = {"group": group, "health_check_status": status.value if status else None}
-        page = client.get(api_path("hosts"), {**params, "limit": limit, "cursor": cursor})
+        page = client.get_page(api_path("hosts"), {**params, "limit": limit, "cursor": cursor})
     if as_json:
         print_json(page)
         return
@@ -488,7 +502,7 @@ def checks_list(host: HostRef, as_json: JsonOutput = False) -> None:
     """List a host's checks."""
     with _client() as client:
         found = _host(client, host)
-        answer = client.get(api_path("hosts", found["id"], "health-checks"))
+        answer = client.get_page(api_path("hosts", found["id"], "health-checks"))
     if as_json:
         print_json(answer)
         return
@@ -687,7 +701,7 @@ def jobs_list(
     with _client() as client:
         host_id = (host if _is_uuid(host) else _host(client, host)["id"]) if host else None
         params = {"status": status.value if status else None, "host_id": host_id, "limit": limit, "cursor": cursor}
-        page = client.get(api_path("jobs"), params)
+        page = client.get_page(api_path("jobs"), params)
         names = {} if as_json else _host_names(client, {item["host_id"] for item in page["items"]})
     if as_json:
         print_json(page)
@@ -782,7 +796,7 @@ POLICY_FIELDS = (
 def groups_list(limit: Limit = None, cursor: Cursor = None, as_json: JsonOutput = False) -> None:
     """List groups with their hosts' states and disruption budget (one page)."""
     with _client() as client:
-        page = client.get(api_path("groups"), {"limit": limit, "cursor": cursor})
+        page = client.get_page(api_path("groups"), {"limit": limit, "cursor": cursor})
     if as_json:
         print_json(page)
         return

@@ -279,3 +279,45 @@ def test_help_and_shell_completion() -> None:
     for group in ("hosts", "checks", "jobs", "groups"):
         helped = subprocess.run([*HEALTHGATE, group, "--help"], capture_output=True, text=True, timeout=60)
         assert helped.returncode == 0 and "list" in helped.stdout
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b'{"name": "caf\xe9", "group": "web"}', b'{"name": "x\\ud800", "group": "web"}'],
+    ids=["latin-1", "surrogate"],
+)
+async def test_a_from_json_body_that_is_not_utf8_is_bad_usage(
+    cli: Cli, admin: httpx.AsyncClient, body: bytes, tmp_path: Any
+) -> None:
+    path = tmp_path / "host.json"
+    path.write_bytes(body)
+    for source, stdin in ((str(path), None), ("-", body)):
+        completed = await asyncio.to_thread(
+            subprocess.run, [*HEALTHGATE, "hosts", "create", "--from-json", source], env=cli.env,
+            capture_output=True, timeout=60, input=stdin,
+        )  # fmt: skip
+        stderr = completed.stderr.decode()
+        assert completed.returncode == 2, stderr
+        assert "Traceback" not in stderr and "--from-json" in stderr, stderr
+    assert (await admin.get("/api/v1/hosts")).json()["items"] == []
+
+
+@pytest.mark.parametrize(
+    "arguments",
+    [
+        ("hosts", "create", "--name", b"caf\xe9", "--group", "web"),
+        ("hosts", "list", "--group", b"g\xe9"),
+        ("jobs", "get", b"j\xe9"),
+        ("token", "create", "--name", b"n\xe9", "--role", "viewer"),
+    ],
+)
+async def test_an_argument_that_is_not_utf8_is_bad_usage(
+    cli: Cli, admin: httpx.AsyncClient, arguments: tuple[Any, ...]
+) -> None:
+    completed = await asyncio.to_thread(
+        subprocess.run, [*HEALTHGATE, *arguments], env=cli.env, capture_output=True, timeout=60
+    )
+    stderr = completed.stderr.decode()
+    assert completed.returncode == 2, stderr
+    assert stderr.count("\n") == 1 and "UTF-8" in stderr and "Traceback" not in stderr, stderr
+    assert (await admin.get("/api/v1/hosts")).json()["items"] == []

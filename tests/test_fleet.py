@@ -270,7 +270,8 @@ async def test_apply_with_an_operator_token_says_what_it_may_not_do_and_creates_
     code, out, err = await apply(client, fleet_yaml(4).split("groups:\n")[0])  # hosts only, no policy
     assert code == 1
     assert "Plan: 14 to create" in out
-    assert "role 'operator' may not create hosts with their checks" in err, err
+    assert "role 'operator'" in err and "need an admin token (create host host-00" in err, err
+    assert err.rstrip().endswith("nothing applied"), err
     assert await db.fetchval("SELECT count(*) FROM hosts") == 0
 
 
@@ -321,3 +322,14 @@ def test_a_bad_or_unreachable_api_url_is_one_line_without_its_password(tmp_path:
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr, (url, done.stderr)
         assert "url-Pa55" not in done.stderr + done.stdout, (url, done.stderr)
         assert "HEALTHGATE_URL" in done.stderr or "cannot reach the healthgate API" in done.stderr, done.stderr
+
+
+async def test_policies_of_groups_named_like_dot_segments_reach_their_own_path(
+    admin: httpx.AsyncClient, db: asyncpg.Connection
+) -> None:
+    text = 'groups:\n  "..": {max_unavailable: 1}\n  ".": {max_unavailable: 2}\n  "a/b": {max_unavailable: 3}\n'
+    code, _out, err = await apply(admin, text)
+    assert code == 0, err
+    stored = dict(await db.fetch('SELECT "group", max_unavailable_count FROM group_policies'))
+    assert stored == {"..": 1, ".": 2, "a/b": 3}, stored
+    assert changed_lines((await apply(admin, text))[1]) == []
