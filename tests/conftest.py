@@ -22,6 +22,7 @@ import pytest
 
 from shared.schema import migrate
 from shared.topology import Topology
+from tests.support.cli_forks import CliForks
 from tests.support.database import database_name, drop_database, emptied_database, with_database
 from tests.support.dns_server import dnsmasq  # noqa: F401  (fixture)
 from tests.support.fake_agent import fake_agent, mtls_agent  # noqa: F401  (fixtures)
@@ -162,6 +163,14 @@ def gate(service_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) 
     service = start_gate(service_env, tmp_path_factory.mktemp("logs") / "gate.log")
     yield service
     service.stop()
+
+
+@pytest.fixture(scope="session")
+def cli_forks(tmp_path_factory: pytest.TempPathFactory) -> Iterator[CliForks]:
+    """`healthgate ...` commands without Python's start-up for each (tests/support/cli_forks.py): one server that
+    imported services.cli forks a copy per command, with the command's environment, stdin, output and exit status."""
+    with CliForks((), tmp_path_factory.mktemp("cli-forks") / "server.stderr") as server:
+        yield server
 
 
 @pytest.fixture(scope="session", autouse=True)

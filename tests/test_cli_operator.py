@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.support.cli_forks import CliForks
 from tests.support.messages import Publisher
 from tests.support.processes import ServiceProcess, free_port
 from tests.support.tokens import TokenFactory
@@ -25,7 +26,8 @@ HEALTHGATE = [sys.executable, "-m", "services.cli"]
 class Cli:
     """Runs `healthgate ...` against the API with a token (HEALTHGATE_URL, HEALTHGATE_TOKEN)."""
 
-    def __init__(self, base_url: str, token: str | None) -> None:
+    def __init__(self, base_url: str, token: str | None, forks: CliForks) -> None:
+        self.forks = forks
         self.env = {**os.environ, "HEALTHGATE_URL": base_url}
         self.env.pop("HEALTHGATE_TOKEN", None)
         if token:
@@ -33,8 +35,10 @@ class Cli:
         self.token = token
 
     def run(self, *arguments: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-        completed = subprocess.run(
-            [*HEALTHGATE, *arguments], env=self.env, capture_output=True, text=True, timeout=120, input=stdin
+        # `python -m services.cli ARGUMENTS` as a fork of one process that imported it (tests/support/cli_forks.py):
+        # the same code path from main(), without a second of Python start-up per command.
+        completed = self.forks.run(
+            *arguments, env=self.env, timeout=120, stdin=None if stdin is None else stdin.encode()
         )
         if self.token:
             assert self.token not in completed.stdout + completed.stderr
@@ -67,8 +71,8 @@ async def same_as_api(admin: httpx.AsyncClient, path: str, cli: Cli, *arguments:
 
 
 @pytest.fixture
-async def cli(api: ServiceProcess, admin: httpx.AsyncClient) -> Cli:
-    return Cli(api.base_url, admin.headers["Authorization"].removeprefix("Bearer "))
+async def cli(api: ServiceProcess, admin: httpx.AsyncClient, cli_forks: CliForks) -> Cli:
+    return Cli(api.base_url, admin.headers["Authorization"].removeprefix("Bearer "), cli_forks)
 
 
 async def test_hosts_commands(cli: Cli, admin: httpx.AsyncClient) -> None:
@@ -251,33 +255,28 @@ async def test_errors_exit_codes_and_roles(cli: Cli, api: ServiceProcess, make_t
     assert too_many.returncode == 1
     one_line(too_many.stderr, "healthgate:", "limit", "422")
     # No token, a viewer's token: the API's 401 and 403 as one line.
-    anonymous = Cli(api.base_url, None).run("hosts", "list")
+    anonymous = Cli(api.base_url, None, cli.forks).run("hosts", "list")
     assert anonymous.returncode == 1
     one_line(anonymous.stderr, "401", "HEALTHGATE_TOKEN")
-    viewer = Cli(api.base_url, await make_token("viewer", ("web",)))
+    viewer = Cli(api.base_url, await make_token("viewer", ("web",)), cli.forks)
     assert viewer.json("hosts", "list") == {"items": [], "next_cursor": None}
     forbidden = viewer.run("hosts", "create", "--name", "x", "--group", "web")
     assert forbidden.returncode == 1
     one_line(forbidden.stderr, "403")
     # No API there: one clear line, exit 1.
-    nobody = Cli(f"http://127.0.0.1:{free_port()}", cli.token).run("hosts", "list")
+    nobody = Cli(f"http://127.0.0.1:{free_port()}", cli.token, cli.forks).run("hosts", "list")
     assert nobody.returncode == 1
     one_line(nobody.stderr, "cannot reach the healthgate API at http://127.0.0.1:")
 
 
-def test_help_and_shell_completion() -> None:
-    shown = subprocess.run(
-        [*HEALTHGATE, "--show-completion", "bash"], capture_output=True, text=True, timeout=60, check=False
-    )
+def test_help_and_shell_completion(cli_forks: CliForks) -> None:
+    shown = cli_forks.run("--show-completion", "bash", env={})
     assert shown.returncode == 0 and "_HEALTHGATE_COMPLETE" in shown.stdout, shown.stderr
-    completed = subprocess.run(
-        [*HEALTHGATE],
-        env={**os.environ, "_HEALTHGATE_COMPLETE": "complete_bash", "COMP_WORDS": "healthgate ch", "COMP_CWORD": "1"},
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
+    completion = {"_HEALTHGATE_COMPLETE": "complete_bash", "COMP_WORDS": "healthgate ch", "COMP_CWORD": "1"}
+    completed = cli_forks.run(env=completion)
     assert "checks" in completed.stdout, completed.stderr
     for group in ("hosts", "checks", "jobs", "groups"):
-        helped = subprocess.run([*HEALTHGATE, group, "--help"], capture_output=True, text=True, timeout=60)
+        helped = cli_forks.run(group, "--help", env={})
         assert helped.returncode == 0 and "list" in helped.stdout
 
 

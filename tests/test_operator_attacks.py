@@ -6,6 +6,7 @@ and applies with tokens that may not make the plan's changes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import os
@@ -14,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ import httpx
 import pytest
 
 from services.fleet import FleetApi, run_apply, run_export
+from tests.support.cli_forks import CliForks
 from tests.support.processes import ServiceProcess, free_port, start_service
 from tests.support.tokens import TokenFactory
 
@@ -36,13 +38,18 @@ async def apply(admin: httpx.AsyncClient, text: str, environ: dict[str, str], **
     return code, out.getvalue(), err.getvalue()
 
 
-def healthgate(*arguments: str, env: dict[str, str], stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    completed = subprocess.run(
-        [*HEALTHGATE, *arguments], env={**os.environ, **env}, capture_output=True, timeout=120, input=stdin
-    )
-    return subprocess.CompletedProcess(
-        completed.args, completed.returncode, completed.stdout.decode(), completed.stderr.decode()
-    )
+Healthgate = Callable[..., subprocess.CompletedProcess[str]]
+
+
+@pytest.fixture
+def healthgate(cli_forks: CliForks) -> Healthgate:
+    """healthgate(*ARGUMENTS, env=..., stdin=b"..."): `python -m services.cli ARGUMENTS` with this process's
+    environment and `env`, as a fork of one process that imported it (tests/support/cli_forks.py)."""
+
+    def run(*arguments: str, env: dict[str, str], stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+        return cli_forks.run(*arguments, env=env, timeout=120, stdin=stdin)
+
+    return run
 
 
 # ---- YAML aliases ------------------------------------------------------------------------------------------------
@@ -111,7 +118,7 @@ def one_line(completed: subprocess.CompletedProcess[str], *fragments: str) -> st
     "command", [("hosts", "list"), ("jobs", "get", "j-1"), ("export",), ("apply", "-f", "-", "--dry-run")]
 )
 async def test_credentials_in_healthgate_url_are_refused_and_never_printed(
-    api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
+    healthgate: Healthgate, api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
 ) -> None:
     # The API takes the bearer token: a user:password in the URL would replace it (httpx sends them as Basic
     # auth), and every error message named the URL, password included.
@@ -124,12 +131,26 @@ async def test_credentials_in_healthgate_url_are_refused_and_never_printed(
 
 
 @pytest.mark.parametrize("command", [("hosts", "list"), ("export",), ("apply", "-f", "-")])
-def test_a_healthgate_url_that_is_no_url_is_one_line(command: tuple[str, ...]) -> None:
+def test_a_healthgate_url_that_is_no_url_is_one_line(healthgate: Healthgate, command: tuple[str, ...]) -> None:
     for url in ("http://[::1", "127.0.0.1:8080", f"http://127.0.0.1:1/?key={SECRET}"):
         completed = healthgate(*command, env={"HEALTHGATE_URL": url, "HEALTHGATE_TOKEN": "x"}, stdin=FLEET)
         assert completed.returncode == 1, (completed.stdout, completed.stderr)
         assert SECRET not in completed.stdout + completed.stderr
         one_line(completed, "HEALTHGATE_URL")
+
+
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A threaded HTTP server on 127.0.0.1 answering with `handler` (its request log silenced), as its base URL."""
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture
@@ -146,15 +167,8 @@ def redirecting(api: ServiceProcess) -> Iterator[str]:
 
         do_POST = do_PUT = do_DELETE = do_GET
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Redirect) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -168,7 +182,7 @@ def redirecting(api: ServiceProcess) -> Iterator[str]:
     ],
 )
 async def test_an_api_url_that_redirects_is_one_line_saying_so(
-    redirecting: str, admin: httpx.AsyncClient, command: tuple[str, ...]
+    healthgate: Healthgate, redirecting: str, admin: httpx.AsyncClient, command: tuple[str, ...]
 ) -> None:
     token = admin.headers["Authorization"].removeprefix("Bearer ")
     completed = healthgate(*command, env={"HEALTHGATE_URL": redirecting, "HEALTHGATE_TOKEN": token}, stdin=FLEET)
@@ -187,7 +201,7 @@ async def test_an_api_url_that_redirects_is_one_line_saying_so(
     ],
 )
 async def test_an_empty_job_id_is_bad_usage(
-    api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
+    healthgate: Healthgate, api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
 ) -> None:
     token = admin.headers["Authorization"].removeprefix("Bearer ")
     completed = healthgate(*command, env={"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": token})
@@ -243,7 +257,9 @@ async def test_an_operators_apply_that_needs_an_admin_applies_nothing(
         assert await db.fetchval("SELECT count(*) FROM health_checks") == 1
 
 
-async def test_a_fleet_on_stdin_that_is_not_utf8_is_a_bad_file(api: ServiceProcess, admin: httpx.AsyncClient) -> None:
+async def test_a_fleet_on_stdin_that_is_not_utf8_is_a_bad_file(
+    healthgate: Healthgate, api: ServiceProcess, admin: httpx.AsyncClient
+) -> None:
     token = admin.headers["Authorization"].removeprefix("Bearer ")
     env = {"HEALTHGATE_URL": api.base_url, "HEALTHGATE_TOKEN": token}
     completed = healthgate("apply", "-f", "-", env=env, stdin=b"hosts:\n  - {name: caf\xe9, group: web}\n")
@@ -301,7 +317,7 @@ async def test_export_gives_checks_whose_names_differ_only_in_punctuation_their_
 
 @pytest.mark.parametrize("command", [("hosts", "list"), ("export",), ("apply", "-f", "-", "--dry-run")])
 async def test_a_token_with_a_trailing_newline_works_and_a_malformed_one_is_one_line_that_never_shows_it(
-    api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
+    healthgate: Healthgate, api: ServiceProcess, admin: httpx.AsyncClient, command: tuple[str, ...]
 ) -> None:
     token = admin.headers["Authorization"].removeprefix("Bearer ")
     # A token read from a file (a Kubernetes Secret's key, `--from-file`) keeps its newline.
@@ -331,15 +347,8 @@ def not_healthgate() -> Iterator[str]:
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Other)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
+    with serving(Other) as url:
+        yield url
 
 
 @pytest.mark.parametrize(
@@ -353,7 +362,9 @@ def not_healthgate() -> Iterator[str]:
         ("apply", "-f", "-"),
     ],
 )
-def test_a_healthgate_url_that_is_another_web_server_is_one_line(not_healthgate: str, command: tuple[str, ...]) -> None:
+def test_a_healthgate_url_that_is_another_web_server_is_one_line(
+    healthgate: Healthgate, not_healthgate: str, command: tuple[str, ...]
+) -> None:
     completed = healthgate(*command, env={"HEALTHGATE_URL": not_healthgate, "HEALTHGATE_TOKEN": "hg_x"}, stdin=FLEET)
     assert completed.returncode == 1, (completed.stdout, completed.stderr)
     one_line(completed, not_healthgate)
@@ -363,7 +374,11 @@ def test_a_healthgate_url_that_is_another_web_server_is_one_line(not_healthgate:
 
 
 async def test_an_api_that_dies_during_an_apply_gives_a_short_clear_error_and_a_rerun_converges(
-    service_env: dict[str, str], make_token: TokenFactory, db: asyncpg.Connection, tmp_path: Path
+    healthgate: Healthgate,
+    service_env: dict[str, str],
+    make_token: TokenFactory,
+    db: asyncpg.Connection,
+    tmp_path: Path,
 ) -> None:
     port = free_port()
     own_api = start_service("api", service_env | {"HEALTHGATE_API_PORT": str(port)}, tmp_path / "api.log", port=port)
@@ -427,7 +442,7 @@ async def test_a_file_with_a_nul_character_is_one_line_per_problem(
 
 
 async def test_ids_and_names_that_are_dot_segments_reach_their_own_paths(
-    api: ServiceProcess, admin: httpx.AsyncClient, db: asyncpg.Connection
+    healthgate: Healthgate, api: ServiceProcess, admin: httpx.AsyncClient, db: asyncpg.Connection
 ) -> None:
     # `..` and `.` are a job id, a group or a host name like any other; in a URL's path they were resolved away
     # (`jobs get .` read the jobs list and crashed with KeyError: 'hosts').

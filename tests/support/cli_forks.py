@@ -10,8 +10,11 @@ exit status. What a case is tested for (its status, its one line on stderr) is w
 interpreter's own start would print before it (import-time warnings) is checked once, on the server's output, and
 the tests still run a few cases as whole `python -m services.cli` processes.
 
+Operator commands run the same way (`CliForks.run(..., stdin=b"...")` gives a case its standard input).
+
 Protocol: the modules to import are the server's arguments; then one JSON object per line on its stdin,
-{"arguments": [...], "envs": [{...}], "at_once": n, "timeout": seconds}, answered by one JSON list per line on its
+{"arguments": [...], "envs": [{...}], "at_once": n, "timeout": seconds, "stdin": latin-1 text of the bytes for
+standard input, or null for /dev/null}, answered by one JSON list per line on its
 stdout, per env in order {"returncode": int | null (still running at `timeout`: killed), "stdout": str, "stderr":
 str}. Anything the server itself writes to stderr (an import warning, a traceback) fails the next request.
 """
@@ -25,6 +28,8 @@ import selectors
 import signal
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -36,6 +41,7 @@ class CliForks:
 
     def __init__(self, preload: tuple[str, ...], stderr_path: Path) -> None:
         self.stderr_path = stderr_path
+        self._lock = threading.Lock()
         with stderr_path.open("wb") as stderr:
             self.server = subprocess.Popen(
                 [sys.executable, "-m", "tests.support.cli_forks", *preload],
@@ -58,18 +64,32 @@ class CliForks:
             self.server.wait()
 
     def run_each(
-        self, arguments: tuple[str, ...], envs: list[dict[str, str]], *, at_once: int = 4, timeout: float = 60
+        self,
+        arguments: tuple[str, ...],
+        envs: list[dict[str, str]],
+        *,
+        at_once: int = 4,
+        timeout: float = 60,
+        stdin: bytes | None = None,
     ) -> list[subprocess.CompletedProcess[str]]:
         """`python -m services.cli ARGUMENTS` with each of `envs` (this process's environment, then the env), as
         forks of the server, `at_once` at a time; results in the order of `envs`. Raises AssertionError if a case
         was still running at `timeout` seconds (killed, as `subprocess.run` would raise TimeoutExpired), or if the
         server has written anything to stderr (an import warning, a traceback) or is gone."""
+        with self._lock:  # one request at a time: tests may call from threads (asyncio.to_thread)
+            return self._run_each(arguments, envs, at_once=at_once, timeout=timeout, stdin=stdin)
+
+    def _run_each(
+        self, arguments: tuple[str, ...], envs: list[dict[str, str]], *, at_once: int, timeout: float,
+        stdin: bytes | None,
+    ) -> list[subprocess.CompletedProcess[str]]:  # fmt: skip
         assert self.server.stdin is not None and self.server.stdout is not None
         request = {
             "arguments": list(arguments),
             "envs": [{**os.environ, **env} for env in envs],
             "at_once": at_once,
             "timeout": timeout,
+            "stdin": None if stdin is None else stdin.decode("latin-1"),
         }
         self.server.stdin.write(json.dumps(request) + "\n")
         self.server.stdin.flush()
@@ -88,9 +108,11 @@ class CliForks:
             for result in results
         ]
 
-    def run(self, *arguments: str, env: dict[str, str], timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        """One case: `run_each(arguments, [env])`."""
-        return self.run_each(arguments, [env], timeout=timeout)[0]
+    def run(
+        self, *arguments: str, env: dict[str, str], timeout: float = 60, stdin: bytes | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """One case: `run_each(arguments, [env])`, with `stdin` as its standard input (None: /dev/null)."""
+        return self.run_each(arguments, [env], timeout=timeout, stdin=stdin)[0]
 
 
 def run_forked(
@@ -121,16 +143,24 @@ def _read_all(fds: dict[int, bytearray], until: float) -> None:
                     selector.unregister(key.fd)
 
 
-def _run_case(main: Any, arguments: list[str], env: dict[str, str]) -> tuple[int, int, int]:
-    """Fork a child that runs `main(arguments)` with `env` as its whole environment; returns (pid, stdout fd,
-    stderr fd), the read ends of its output pipes."""
+def _run_case(main: Any, arguments: list[str], env: dict[str, str], stdin: bytes | None) -> tuple[int, int, int]:
+    """Fork a child that runs `main(arguments)` with `env` as its whole environment and `stdin` on its standard
+    input (a file: no pipe to keep fed; None: /dev/null); returns (pid, stdout fd, stderr fd), the read ends of its
+    output pipes."""
     out_read, out_write = os.pipe()
     err_read, err_write = os.pipe()
+    if stdin is None:
+        devnull = os.open(os.devnull, os.O_RDONLY)
+    else:
+        with tempfile.TemporaryFile() as source:
+            source.write(stdin)
+            source.flush()
+            devnull = os.dup(source.fileno())
+        os.lseek(devnull, 0, os.SEEK_SET)
     pid = os.fork()
     if pid == 0:  # the case: never returns
         code = 70
         try:
-            devnull = os.open(os.devnull, os.O_RDONLY)
             os.dup2(devnull, 0)
             os.dup2(out_write, 1)
             os.dup2(err_write, 2)
@@ -150,6 +180,7 @@ def _run_case(main: Any, arguments: list[str], env: dict[str, str]) -> tuple[int
                 except BaseException:
                     pass
             os._exit(code)
+    os.close(devnull)
     os.close(out_write)
     os.close(err_write)
     return pid, out_read, err_read
@@ -171,7 +202,8 @@ def _run_request(main: Any, request: dict[str, Any]) -> list[dict[str, Any]]:
     envs: list[dict[str, str]] = request["envs"]
     results: list[dict[str, Any]] = []
     for start in range(0, len(envs), request["at_once"]):
-        batch = [_run_case(main, request["arguments"], env) for env in envs[start : start + request["at_once"]]]
+        stdin = None if request.get("stdin") is None else request["stdin"].encode("latin-1")
+        batch = [_run_case(main, request["arguments"], env, stdin) for env in envs[start : start + request["at_once"]]]
         deadline = time.monotonic() + request["timeout"]
         for pid, out_fd, err_fd in batch:
             output = {out_fd: bytearray(), err_fd: bytearray()}
