@@ -19,8 +19,6 @@ from urllib.parse import quote
 
 import httpx
 
-from shared.settings import redact_url
-
 DEFAULT_URL = "http://127.0.0.1:8080"
 URL_VARIABLE = "HEALTHGATE_URL"
 TOKEN_VARIABLE = "HEALTHGATE_TOKEN"
@@ -165,7 +163,7 @@ class ApiClient:
                 timeout=httpx.Timeout(timeout, connect=CONNECT_TIMEOUT_SECONDS),
             )
         except (httpx.InvalidURL, ValueError) as exc:
-            raise ApiUnreachable(f"{URL_VARIABLE} ({shown_url(self.base_url)}) is not a usable URL: {exc}") from None
+            raise ApiUnreachable(f"{URL_VARIABLE}={self.base_url!r} is not a usable URL: {exc}") from None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ApiClient:
@@ -233,19 +231,11 @@ UNREACHABLE = (httpx.TransportError, httpx.InvalidURL, httpx.UnsupportedProtocol
 
 
 def unreachable(exc: Exception, base_url: str) -> ApiUnreachable:
-    """The one-line error for a call that got no answer (`exc`: one of UNREACHABLE)."""
-    shown = shown_url(base_url)
+    """The one-line error for a call that got no answer (`exc`: one of UNREACHABLE). `base_url` passed
+    `usable_base_url`: it holds no credentials or query to hide."""
     if isinstance(exc, httpx.TimeoutException):
-        return ApiUnreachable(f"no answer from the healthgate API at {shown} in time: {str(exc) or 'timed out'}")
-    return ApiUnreachable(f"cannot reach the healthgate API at {shown}: {exc}")
-
-
-def shown_url(url: str) -> str:
-    """The API's URL as an error message may show it: a password in it masked (`redact_url`)."""
-    try:
-        return redact_url(url)
-    except ValueError:  # urlsplit refuses it (an unclosed IPv6 bracket): say which setting instead
-        return "a URL that cannot be split"
+        return ApiUnreachable(f"no answer from the healthgate API at {base_url} in time: {str(exc) or 'timed out'}")
+    return ApiUnreachable(f"cannot reach the healthgate API at {base_url}: {exc}")
 
 
 def answer_of(response: httpx.Response, *, has_token: bool, base_url: str) -> Any:

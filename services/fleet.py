@@ -85,7 +85,6 @@ from services.api_client import (
     answer_of,
     api_path,
     page_items,
-    shown_url,
     unreachable,
     usable_base_url,
     usable_token,
@@ -1262,12 +1261,7 @@ def _with_api(base_url: str, token: str | None, command: Callable[[FleetApi], Aw
         return EXIT_FAILED
 
     async def go() -> int:
-        try:
-            http = open_api(base_url, token)
-        except (httpx.InvalidURL, ValueError) as exc:
-            sys.stderr.write(f"{URL_VARIABLE} ({shown_url(base_url)}) is not a usable URL: {exc}\n")
-            return EXIT_FAILED
-        async with http:
+        async with open_api(base_url, token) as http:
             return await command(FleetApi(http))
 
     return asyncio.run(go())
