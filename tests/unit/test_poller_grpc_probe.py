@@ -18,6 +18,7 @@ import ssl
 import sys
 import time
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -341,6 +342,12 @@ async def test_thousands_of_checks_leave_no_file_descriptor_or_thread_behind(grp
     """Healthy, unhealthy, TLS (verified and not), refused and cancelled runs: every channel, relay, socket and
     TLS session is closed, none left to the garbage collector. TLS sessions close politely in the background,
     within TLS_SHUTDOWN_SECONDS."""
+    # What earlier tests of the session left to the collector is theirs: collected first, shown as a warning but
+    # not this test's failure (a full run once failed here on an unclosed Unix socket without an address,
+    # which no probe run makes: its relay sockets are named).
+    with warnings.catch_warnings():
+        warnings.simplefilter("default", ResourceWarning)
+        gc.collect()
     probe = GrpcProbe([], system_resolve)
     expired = self_signed(days=-1)
     with GrpcHealthServer(tls=expired) as secure, refused_port() as closed, Blackhole() as silent:
