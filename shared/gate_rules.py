@@ -344,6 +344,34 @@ def decide(
     return Decision(Verdict.RELEASE, gating, [], budget=budget, policy=policy)
 
 
+_LATEST = dt.datetime.max.replace(tzinfo=dt.UTC)
+
+
+def holds_until(decision: Decision, window_ends_at: dt.datetime | None) -> dt.datetime:
+    """The first moment at which the verdict `decision`, made at a moment before it, could change with time alone,
+    all else being equal (the gate's fast release writes a verdict only before it: shared/jobs.py `decide_fast`).
+
+    Only two rules depend on time against it: the window closing (`closes_at`, rule 1: any verdict but
+    WINDOW_CLOSED becomes WINDOW_CLOSED) and, for RELEASE, a check's result growing older than its interval (not
+    ready any more: healthy by a result no older than its interval, CONTRACT §5). Stability only grows with time,
+    and the budget does not depend on it. WINDOW_CLOSED holds for ever (the largest instant). Raises ValueError for
+    WAIT, which time changes in both directions (a check grows stale, another stable)."""
+    if decision.verdict is Verdict.WAIT:
+        raise ValueError("a WAIT verdict changes with time both ways; judge it again instead")
+    if decision.verdict is Verdict.WINDOW_CLOSED or window_ends_at is None:
+        until = _LATEST
+    else:
+        until = closes_at(window_ends_at, decision.policy)
+    if decision.verdict is Verdict.RELEASE:
+        for check in decision.checks:
+            if check.last_checked_at is not None:
+                try:
+                    until = min(until, check.last_checked_at + dt.timedelta(seconds=check.interval_seconds))
+                except OverflowError:  # a result dated within an interval of the largest instant
+                    pass
+    return until
+
+
 @dataclass(frozen=True)
 class Turn:
     """A job host judged in a group's release order: its job (`job_id`; None for a previewed job.start, which

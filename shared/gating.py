@@ -60,18 +60,15 @@ class GatingCheck:
         )
 
 
-_GATING_CHECKS_SQL = """
-SELECT h.id AS host_id, c.id, c.name, c.interval_seconds,
-       s.status, s.last_healthy, s.last_detail, s.last_checked_at, s.healthy_since
-FROM hosts h
-LEFT JOIN health_checks c ON c.host_id = h.id AND c.enabled AND c.critical
-LEFT JOIN check_state s ON s.check_id = c.id
-WHERE h.id = ANY($1::uuid[])
-ORDER BY h.id, c.name
-"""
+# The SQL function (shared/migrations/0014) is the one reading of gating checks: the gate's fast release reads them
+# through it too (`gate_turn`), so both judge the same rows. A known host without gating checks gives one row with
+# id NULL, an unknown host none.
+_GATING_CHECKS_SQL = "SELECT * FROM gate_gating_checks($1::uuid[])"
 
 
-def _gating_check(row: asyncpg.Record) -> GatingCheck:
+def gating_check(row: asyncpg.Record) -> GatingCheck:
+    """A row of the SQL function `gate_gating_checks` (or an element of `gate_turn.checks`, of its type
+    `gate_gating_check`) as a GatingCheck; the row's `id` is not NULL."""
     return GatingCheck(
         check_id=row["id"],
         name=row["name"],
@@ -98,7 +95,7 @@ async def gating_checks_of_hosts(
     for row in await connection.fetch(_GATING_CHECKS_SQL, host_ids):
         checks = found.setdefault(row["host_id"], [])
         if row["id"] is not None:
-            checks.append(_gating_check(row))
+            checks.append(gating_check(row))
     return found
 
 

@@ -95,7 +95,9 @@ def budget_limit(policy: GroupPolicy, hosts_total: int) -> int | None:
     return max(1, hosts_total * percent // 100)
 
 
-def _from_row(row: asyncpg.Record | None) -> GroupPolicy:
+def policy_from_row(row: asyncpg.Record | None) -> GroupPolicy:
+    """A `group_policies` row (POLICY_COLUMNS at least; a whole row as the gate's `gate_turn.policy` holds it) as a
+    GroupPolicy; None (no row) gives the defaults."""
     if row is None:
         return GroupPolicy()
     budget: int | str | None = row["max_unavailable_count"]
@@ -114,7 +116,7 @@ def _from_row(row: asyncpg.Record | None) -> GroupPolicy:
 async def policy_of(connection: Connection | asyncpg.Pool, group: str) -> GroupPolicy:
     """The group's policy, the defaults when it has none."""
     row = await connection.fetchrow(f'SELECT {POLICY_COLUMNS} FROM group_policies WHERE "group" = $1', group)
-    return _from_row(row)
+    return policy_from_row(row)
 
 
 async def policies_of(connection: Connection | asyncpg.Pool, groups: list[str]) -> dict[str, GroupPolicy]:
@@ -122,7 +124,7 @@ async def policies_of(connection: Connection | asyncpg.Pool, groups: list[str]) 
     rows = await connection.fetch(
         f'SELECT "group", {POLICY_COLUMNS} FROM group_policies WHERE "group" = ANY($1::text[])', groups
     )
-    found = {row["group"]: _from_row(row) for row in rows}
+    found = {row["group"]: policy_from_row(row) for row in rows}
     return {group: found.get(group, GroupPolicy()) for group in groups}
 
 
@@ -165,7 +167,7 @@ async def put_policy(connection: Connection, group: str, policy: GroupPolicy) ->
         policy.verify_delay_seconds,
         policy.verify_timeout_seconds,
     )
-    return _from_row(row)
+    return policy_from_row(row)
 
 
 # ---- groups (reads of hosts and gate_jobs, for the API's and the dashboard's group pages) ------------------------

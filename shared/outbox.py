@@ -15,6 +15,7 @@ import datetime as dt
 import logging
 import threading
 import uuid
+from dataclasses import dataclass
 
 import asyncpg
 from prometheus_client import CollectorRegistry, Counter, Gauge
@@ -53,6 +54,37 @@ def amqp_correlation_id(value: str | None) -> str | None:
     return value if len(encoded) <= AMQP_SHORTSTR_BYTES else None
 
 
+@dataclass(frozen=True)
+class OutboxRow:
+    """An outbox row ready to be written: the event's id, routing key, AMQP correlation_id (None when it has none
+    or AMQP cannot carry it, see `amqp_correlation_id`) and CloudEvent body (structured-mode JSON, bytes)."""
+
+    event_id: uuid.UUID
+    routing_key: str
+    correlation_id: str | None
+    body: bytes
+
+    def arguments(self) -> tuple[uuid.UUID, str, str | None, bytes]:
+        """The four arguments of the SQL function `outbox_enqueue` (shared/migrations/0014), in order."""
+        return self.event_id, self.routing_key, self.correlation_id, self.body
+
+
+def outbox_row(
+    routing_key: str,
+    data: EventModel,
+    *,
+    source: str,
+    event_id: uuid.UUID | None = None,
+    correlation_id: str | None = None,
+    time: dt.datetime | None = None,
+) -> OutboxRow:
+    """The outbox row of an event (a random id unless `event_id`; `time` now unless given), for `enqueue` or for a
+    SQL function of a table's owner that writes it through `outbox_enqueue` with its change (shared/jobs.py's
+    `gate_decide_fast`). Raises TypeError when `data` is not the event of `routing_key`."""
+    event_id, body = encode_cloudevent(routing_key, data, source=source, event_id=event_id, time=time)
+    return OutboxRow(event_id, routing_key, amqp_correlation_id(correlation_id), body)
+
+
 async def enqueue(
     connection: Connection,
     routing_key: str,
@@ -63,23 +95,15 @@ async def enqueue(
     correlation_id: str | None = None,
     time: dt.datetime | None = None,
 ) -> uuid.UUID:
-    """Add an event to the outbox within the caller's transaction and wake the relays on commit.
+    """Add an event to the outbox within the caller's transaction and wake the relays on commit (one round trip:
+    the SQL function `outbox_enqueue` inserts the row and notifies).
 
     A `correlation_id` that AMQP or PostgreSQL cannot carry is left out (see `amqp_correlation_id`)."""
-    event_id, body = encode_cloudevent(routing_key, data, source=source, event_id=event_id, time=time)
-    correlation_id = amqp_correlation_id(correlation_id)
-    await connection.execute(
-        """
-        INSERT INTO outbox (event_id, routing_key, correlation_id, body) VALUES ($1, $2, $3, $4);
-        """,
-        event_id,
-        routing_key,
-        correlation_id,
-        body,
-    )
-    # NOTIFY is delivered at commit and never for a rolled-back transaction.
-    await connection.execute(f"NOTIFY {NOTIFY_CHANNEL}")
-    return event_id
+    row = outbox_row(
+        routing_key, data, source=source, event_id=event_id, correlation_id=correlation_id, time=time
+    )  # fmt: skip
+    await connection.execute("SELECT outbox_enqueue($1, $2, $3, $4)", *row.arguments())
+    return row.event_id
 
 
 async def enqueue_many(
