@@ -1,7 +1,8 @@
 """`gate_jobs`: one row per (job_id, host_id), decided at most once. This module is the only one that writes
 the table (docs/architecture.md, "Who writes which table"), and it holds the reads of it too.
 
-- the gate records a job.start as waiting (`insert_waiting`), locks waiting rows to evaluate them
+- the gate records a job.start as waiting, with its job, and reads its turn (`record_start`), decides it at once
+  when it can (`decide_fast`), locks waiting rows to evaluate them
   (`lock_waiting`; a group's release pass: `lock_group`, then `lock_waiting_in_group`; the timers find due
   rows with `due_waiting`), keeps a row waiting with its
   job.waiting announced once and its retry timer moved on (`keep_waiting`), and decides;
@@ -9,14 +10,17 @@ the table (docs/architecture.md, "Who writes which table"), and it holds the rea
 - the api and the dashboard list and show job hosts; the pruner deletes decided rows past their
   retention (`prune_decided`).
 
-**Exactly one decision per job host.** `decide` is the only way a job host is decided: the gate's release
-and failures (window closed, unknown host), an invalid job.start, a job.cancel, and the api's override all
-call it. It changes a row only while it is still waiting (an UPDATE … WHERE status = 'waiting_health_check',
-or for a job host not recorded yet an INSERT … ON CONFLICT DO NOTHING), and only when it did, it writes
-the decision's event to the outbox in the same transaction, under the one id every decider uses
-(`shared.events.decision_event_id`). So a decision and its event commit together, and of two deciders
+**Exactly one decision per job host.** `decide` and `decide_fast` are the only ways a job host is decided: the
+gate's release and failures (window closed, unknown host), an invalid job.start, a job.cancel, and the api's
+override call `decide`; a job.start whose host is ready when it arrives is decided by `decide_fast`. Both change a
+row only while it is still waiting (the SQL function `gate_decide_waiting`: an UPDATE … WHERE status =
+'waiting_health_check'; or for a job host not recorded yet an INSERT … ON CONFLICT DO NOTHING), and only when
+they did, they write the decision's event to the outbox in the same transaction, under the one id every decider
+uses (`shared.events.decision_event_id`). So a decision and its event commit together, and of two deciders
 racing on one job host the second changes nothing and publishes nothing. The callers lock the row before
-they read the time they stamp (`shared.database.locked_now`), so times follow the order of the changes.
+they read the time they stamp (`shared.database.locked_now`), so times follow the order of the changes;
+`decide_fast` stamps the moment it judged, read under the group's lock, and writes only if nothing it judged
+changed since.
 
 Timers (retries, window ends) are columns of the row, so any gate process, including one started after a
 crash, picks them up.
@@ -56,9 +60,9 @@ from shared.events import (
     received_job_id_bytes,
 )
 from shared.gate_rules import GroupBudget, Holder, Turn
-from shared.gating import GatingCheck, gating_checks_of_hosts
-from shared.group_policies import GroupPolicy, budget_limit, policy_of
-from shared.outbox import enqueue
+from shared.gating import GatingCheck, gating_check, gating_checks_of_hosts
+from shared.group_policies import GroupPolicy, budget_limit, policy_from_row, policy_of
+from shared.outbox import enqueue, outbox_row
 
 JobStatus = Literal[
     "waiting_health_check", "released", "failed", "cancelled", "verifying", "verified", "verification_failed"
@@ -105,47 +109,7 @@ def _checks_json(checks: list[CheckSummary] | None) -> str | None:
     return None if checks is None else json.dumps([check.model_dump(mode="json") for check in checks])
 
 
-# ---- jobs (halting, CONTRACT §6) --------------------------------------------------------------------
-
-
-async def record_job(connection: Connection, job_id: str, max_failed_hosts: int | None) -> None:
-    """Record the job of a job.start (keyed by `job_key(job_id)`, like its job hosts), in the caller's
-    transaction. `max_failed_hosts` comes from the job's first job.start that carries one (CONTRACT §6
-    "Halting a job"): a later value never replaces it."""
-    await connection.execute(
-        """
-        INSERT INTO jobs (job_id, max_failed_hosts) VALUES ($1, $2)
-        ON CONFLICT (job_id) DO UPDATE SET max_failed_hosts = EXCLUDED.max_failed_hosts
-        WHERE jobs.max_failed_hosts IS NULL AND EXCLUDED.max_failed_hosts IS NOT NULL
-        """,
-        job_key(job_id),
-        max_failed_hosts,
-    )
-
-
 # ---- waiting ---------------------------------------------------------------------------------------
-
-
-async def insert_waiting(connection: Connection, job: JobStart) -> bool:
-    """Record a new job host as waiting. False if it exists already (a repeated job.start, or a job host
-    decided before its job.start came: an invalid request, an early job.cancel).
-
-    Its first evaluation is due at once: if the gate dies before evaluating, the timer finds it. Its
-    `received_at` is the database's clock at the insert, not the transaction's start: under the group's lock
-    (the gate takes it first for a host of a group), that orders the job hosts of a group as their inserts
-    commit, so a release pass always sees a prefix of the arrival order (CONTRACT §6: FIFO)."""
-    inserted = await connection.fetchval(
-        """
-        INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, next_retry_at, received_at)
-        VALUES ($1, $2, 'waiting_health_check', $3, now(), clock_timestamp())
-        ON CONFLICT (job_id, host_id) DO NOTHING
-        RETURNING true
-        """,
-        job.job_id,
-        job.host_id,
-        storable_time(job.window_ends_at),
-    )
-    return bool(inserted)
 
 
 async def lock_waiting(connection: Connection, job_id: str, host_id: uuid.UUID) -> asyncpg.Record | None:
@@ -254,15 +218,8 @@ class JobDecision:
     override_reason: str | None = None
 
 
-_DECIDE_WAITING_SQL = f"""
-UPDATE gate_jobs j
-SET status = $3, reason = $4, detail = $5, checks = COALESCE($6::jsonb, j.checks), decided_at = $7,
-    overridden_by = $8, override_reason = $9, next_retry_at = NULL, waiting_for = '{{}}',
-    -- What verification after patching waits for (CONTRACT §6): the gating checks as they were at release.
-    release_checks = CASE WHEN $3 = 'released' THEN COALESCE($6::jsonb, j.checks) END
-WHERE j.job_id = $1 AND j.host_id = $2 AND j.status = 'waiting_health_check'
-RETURNING {VIEW_COLUMNS}
-"""
+# The row's change is the SQL function's (shared/migrations/0014), which the gate's fast release runs too.
+_DECIDE_WAITING_SQL = f"SELECT {VIEW_COLUMNS} FROM gate_decide_waiting($1, $2, $3, $4, $5, $6::jsonb, $7, $8, $9) j"
 _DECIDE_UNSEEN_SQL = f"""
 INSERT INTO gate_jobs AS j (
     job_id, host_id, status, reason, detail, checks, decided_at, overridden_by, override_reason, window_ends_at,
@@ -297,29 +254,140 @@ async def decide(
         row = await connection.fetchrow(_DECIDE_WAITING_SQL, *arguments)
     if row is None:
         return None
+    await enqueue(
+        connection, f"job.{decision.status}", _decision_event(decision, at, row["received_at"]), source=source,
+        correlation_id=decision.job_id, event_id=decision_event_id(decision.job_id, decision.host_id), time=at,
+    )  # fmt: skip
+    return row
+
+
+def _decision_event(
+    decision: JobDecision, at: dt.datetime, received_at: dt.datetime
+) -> JobReleased | JobFailed | JobCancelled:
+    """The event of a decision made at `at` of a job host received at `received_at` (job.released's
+    waited_seconds)."""
     override: dict[str, Any] = {}
     if decision.overridden_by is not None:
         override = {"overridden_by": decision.overridden_by, "override_reason": decision.override_reason}
-    event: JobReleased | JobFailed | JobCancelled
     if decision.status == "released":
-        event = JobReleased(
+        return JobReleased(
             job_id=decision.job_id, host_id=decision.host_id, released_at=at,
-            waited_seconds=round((at - row["received_at"]).total_seconds(), 3), checks=decision.checks or [],
-            **override,
+            waited_seconds=round((at - received_at).total_seconds(), 3), checks=decision.checks or [], **override,
         )  # fmt: skip
-    elif decision.status == "failed":
+    if decision.status == "failed":
         assert decision.reason is not None, "a failure has a reason"
-        event = JobFailed(
+        return JobFailed(
             job_id=decision.job_id, host_id=decision.host_id, failed_at=at, reason=decision.reason,
             detail=decision.detail, checks=decision.checks or [], **override,
         )  # fmt: skip
-    else:
-        event = JobCancelled(job_id=decision.job_id, host_id=decision.host_id, cancelled_at=at)
-    await enqueue(
-        connection, f"job.{decision.status}", event, source=source, correlation_id=decision.job_id,
-        event_id=decision_event_id(decision.job_id, decision.host_id), time=at,
+    return JobCancelled(job_id=decision.job_id, host_id=decision.host_id, cancelled_at=at)
+
+
+# ---- a job.start decided at once (issue 16) --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartedJobHost:
+    """A job.start recorded by `record_start`, with what its job host is judged on, read under its group's lock
+    just after the insert (the SQL function `gate_turn`).
+
+    `turn`: the job host as a turn of its group's release order (checks None: an unknown host); `group`: its
+    host's group (None: unknown host); `policy` and `budget` (None: no `max_unavailable`) the group's; `queued`:
+    another job host of the group waits before it, with a budget (it must be judged in the group's order);
+    `locked_group`: the group whose lock the insert took (differs from `group` only when the host moved meanwhile);
+    `now`: the database's clock read after the insert, under that lock; `received_at`: the row's;
+    `fingerprint`: of the turn as read, for `decide_fast`."""
+
+    turn: Turn
+    group: str | None
+    policy: GroupPolicy
+    budget: GroupBudget | None
+    queued: bool
+    locked_group: str | None
+    now: dt.datetime
+    received_at: dt.datetime
+    fingerprint: str
+
+
+async def record_start(connection: Connection, job: JobStart) -> StartedJobHost | None:
+    """Record a valid job.start and read its job host's turn, in ONE round trip (the SQL function
+    `gate_record_start`; outside a transaction it is one of its own, committed when this returns).
+
+    Under the host's group lock (`lock_group`), which the two-step path took in a transaction of five more round
+    trips: the job (keyed by `job_key`), with `max_failed_hosts` if this is its first job.start to carry one (CONTRACT
+    §6 "Halting a job": a later value never replaces it); the job host waiting, its first evaluation due at once (a
+    gate that dies before deciding leaves it to the timers). Its `received_at` is the database's clock at the
+    insert, under the group's lock: that orders the job hosts of a group as their inserts commit, so a release pass
+    always sees a prefix of the arrival order (CONTRACT §6: FIFO). None when the job host existed already (a
+    repeated job.start, or one decided before it came: an invalid request, an early job.cancel; nothing is written)."""
+    key = job_key(job.job_id)
+    row = await connection.fetchrow(
+        "SELECT * FROM gate_record_start($1, $2, $3, $4)",
+        key,
+        job.host_id,
+        storable_time(job.window_ends_at),
+        job.max_failed_hosts,
+    )
+    if row is None:
+        return None
+    turn = row["turn"]
+    group: str | None = turn["group"]
+    policy = policy_from_row(turn["policy"])
+    checks = None if group is None else [gating_check(check) for check in turn["checks"]]
+    budget = budget_of(group, policy, turn["hosts"]) if group is not None and turn["hosts"] is not None else None
+    return StartedJobHost(
+        turn=Turn(job.job_id, job.host_id, aware(job.window_ends_at), checks, bool(turn["halted"])),
+        group=group,
+        policy=policy,
+        budget=budget,
+        queued=bool(turn["queued"]),
+        locked_group=row["locked_group"],
+        now=row["now"],
+        received_at=row["received_at"],
+        fingerprint=row["fingerprint"],
+    )
+
+
+FastOutcome = Literal["decided", "changed", "late", "not_waiting"]
+
+
+async def decide_fast(
+    connection: Connection,
+    started: StartedJobHost,
+    decision: JobDecision,
+    *,
+    valid_until: dt.datetime,
+    source: str,
+) -> FastOutcome:
+    """Decide the job host `record_start` recorded, on the turn it read, with its event, in ONE round trip and its
+    own transaction (the SQL function `gate_decide_fast`, autocommitted: call it outside a transaction).
+
+    Under the host's group lock it reads the turn again, and writes the decision (as `decide` does) and its event
+    (the outbox, through `outbox_enqueue`) only if the turn is unchanged, the database's clock is before
+    `valid_until` (the first moment the verdict could change with time alone: the window closing, a result
+    growing stale) and the job host is still waiting. The decision and the event are stamped `started.now`, the
+    moment the verdict was judged. Returns "decided", or why nothing was written: "changed", "late",
+    "not_waiting" (decided meanwhile, by a result's pass, a timer, an override, a cancel)."""
+    at = started.now
+    event = outbox_row(
+        f"job.{decision.status}", _decision_event(decision, at, started.received_at), source=source,
+        correlation_id=decision.job_id, event_id=decision_event_id(decision.job_id, decision.host_id), time=at,
     )  # fmt: skip
-    return row
+    outcome: FastOutcome = await connection.fetchval(
+        "SELECT gate_decide_fast($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb, $10, $11, $12, $13, $14)",
+        job_key(decision.job_id),
+        decision.host_id,
+        started.fingerprint,
+        valid_until,
+        started.received_at,
+        decision.status,
+        decision.reason,
+        decision.detail,
+        _checks_json(decision.checks),
+        at,
+        *event.arguments(),
+    )
+    return outcome
 
 
 # ---- the disruption budget: the release side (CONTRACT §6) ------------------------------------------
@@ -444,17 +512,7 @@ async def group_hosts(connection: Connection, group: str) -> list[asyncpg.Record
     """Every host of the group with what makes it unavailable (CONTRACT §6): `host_id`, `name`, `unhealthy`
     (its health_check_status) and `patching_job`, the earliest (by decision) of its job hosts released or
     verifying, NULL when none is."""
-    return await connection.fetch(
-        """
-        SELECT h.id AS host_id, h.name, h.health_check_status = 'unhealthy' AS unhealthy,
-               (SELECT j.job_id FROM gate_jobs j
-                WHERE j.host_id = h.id AND j.status IN ('released', 'verifying')
-                ORDER BY j.decided_at, j.job_id LIMIT 1) AS patching_job
-        FROM hosts h
-        WHERE h."group" = $1
-        """,
-        group,
-    )
+    return await connection.fetch("SELECT * FROM gate_group_hosts($1)", group)
 
 
 async def group_budget(connection: Connection, group: str) -> tuple[GroupPolicy, GroupBudget | None]:
@@ -464,15 +522,21 @@ async def group_budget(connection: Connection, group: str) -> tuple[GroupPolicy,
     policy = await policy_of(connection, group)
     if policy.max_unavailable is None:
         return policy, None
-    hosts = await group_hosts(connection, group)
+    return policy, budget_of(group, policy, await group_hosts(connection, group))
+
+
+def budget_of(group: str, policy: GroupPolicy, hosts: Sequence[asyncpg.Record]) -> GroupBudget | None:
+    """The group's disruption budget from its policy and its hosts (`group_hosts` rows, or `gate_turn.hosts`);
+    None when the policy has no `max_unavailable`."""
     limit = budget_limit(policy, len(hosts))
-    assert limit is not None  # max_unavailable is set
+    if limit is None:
+        return None
     holders = {
         row["host_id"]: Holder(row["host_id"], row["name"], row["patching_job"], bool(row["unhealthy"]))
         for row in hosts
         if row["patching_job"] is not None or row["unhealthy"]
     }
-    return policy, GroupBudget(group, limit, holders, {row["host_id"]: row["name"] for row in hosts})
+    return GroupBudget(group, limit, holders, {row["host_id"]: row["name"] for row in hosts})
 
 
 async def halted_jobs(connection: Connection, job_ids: list[str]) -> set[str]:

@@ -85,7 +85,7 @@ def decisions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
 async def start(pool: asyncpg.Pool, job_id: str, host_id: uuid.UUID, window: str) -> JobStart:
     job = JobStart.model_validate({"job_id": job_id, "host_id": str(host_id), "window_ends_at": window})
     async with pool.acquire() as connection:
-        assert await shared.jobs.insert_waiting(connection, job)
+        assert await shared.jobs.record_start(connection, job)
     return job
 
 
@@ -234,8 +234,6 @@ async def test_a_manual_halt_racing_the_gate_overrides_and_a_cancel_decides_each
         await put_policy(connection, group, GroupPolicy(max_unavailable=2))
     for round_number in range(HALT_ROUNDS):
         job_id = f"halted-{round_number}"
-        async with pool.acquire() as connection:
-            await shared.jobs.record_job(connection, job_id, None)
         started = [await start(pool, job_id, host_id, OPEN_WINDOW) for host_id in host_ids]
         decisions.clear()
 

@@ -1,10 +1,12 @@
 """The gate's message handling: job.start, job.cancel and job.finished in, check.result to wake waiting and
 verifying jobs, and the timers that retry failing checks, close windows and verify (services/gate/verification.py).
 
-Follow a job.start: `GATE_JOBS_QUEUE` → `on_job_message` → `start` → a waiting row (`shared.jobs.insert_waiting`)
-→ `evaluate` under the row's lock → a decision and its event in the outbox, or job.waiting and a
-re-run of the failing checks (their schedule pulled forward, in the same transaction) → ack. A message
-is acked only after its transaction committed. The consumers run on `shared.consuming.Consumers`: they
+Follow a job.start: `GATE_JOBS_QUEUE` → `on_job_message` → `start` → a waiting row and its turn
+(`shared.jobs.record_start`) → decided at once with its event in the outbox when its host is ready
+(`decide_at_once`, one more round trip), or else its group's release pass → `evaluate` under the row's lock →
+a decision and its event in the outbox, or job.waiting and a re-run of the failing checks (their schedule
+pulled forward, in the same transaction) → ack. A message is acked only after its transaction committed. The
+consumers run on `shared.consuming.Consumers`: they
 take messages only while the database answers, and a handler that meets a transient database error
 raises it, so that the message is handed back without a delivery counted (an outage and the restarts
 during it never dead-letter a valid message).
@@ -28,6 +30,7 @@ from services.gate.evaluation import (
     Evaluation,
     GroupPass,
     cancel,
+    decide_at_once,
     evaluate_job_host,
     loggable_job_id,
     record_invalid_request,
@@ -213,24 +216,22 @@ class Gate:
         return await self.start(job)
 
     async def start(self, job: JobStart) -> str:
-        """Record a valid job.start (its job too, `record_job`) and evaluate it at once: a host of a group
-        through the group's release pass; "duplicate" if the job host was known."""
-        if not await self._transaction(lambda c: self._record(c, job)):
-            return "duplicate"
-        # The row is committed before it is evaluated: a result committed after this evaluation read
-        # the checks finds the row (and waits for its lock), so no wake-up falls between the two.
-        await self._pass_for_host(job.host_id, job_id=job.job_id)
+        """Record a valid job.start (its job too) and decide it at once when its turn allows (`decide_at_once`: a
+        healthy host, two round trips in all), else evaluate it through its group's release pass; "duplicate" if
+        the job host was known."""
+        async with self._pool.acquire() as connection:
+            # Both autocommitted: the row is committed before it is judged, so a result committed after
+            # `record_start` read the checks finds the row (and waits for the group's lock): no wake-up falls
+            # between the two.
+            started = await jobs.record_start(connection, job)
+            if started is None:
+                return "duplicate"
+            decided = await decide_at_once(connection, started, unknown_host=self._unknown_host)
+        if decided is not None:
+            self._decided(decided)
+        else:
+            await self._pass_for_host(job.host_id, job_id=job.job_id)
         return "started"
-
-    @staticmethod
-    async def _record(connection: Connection, job: JobStart) -> bool:
-        # Under the host's group lock (taken first: lock order), so that the group's job hosts are received
-        # in the order their inserts commit and a release pass never misses an earlier one (FIFO).
-        group = await host_group(connection, job.host_id)
-        if group is not None:
-            await jobs.lock_group(connection, group)
-        await jobs.record_job(connection, job.job_id, job.max_failed_hosts)
-        return await jobs.insert_waiting(connection, job)
 
     async def _pass_for_host(self, host_id: uuid.UUID, *, job_id: str | None = None) -> None:
         """Evaluate the host's waiting job hosts: through its group's release pass (every waiting job host of

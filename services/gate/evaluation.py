@@ -21,7 +21,7 @@ from shared import gate_rules as rules
 from shared import jobs
 from shared.database import Connection, locked_now
 from shared.details import clip_detail, safe_detail
-from shared.events import CheckSummary, FailureReason, is_valid_job_id
+from shared.events import CheckSummary, is_valid_job_id
 from shared.gate_rules import UnknownHostPolicy, Verdict
 from shared.gating import GatingCheck, gating_checks, gating_checks_as_of
 from shared.group_policies import GroupPolicy
@@ -273,12 +273,10 @@ async def evaluate(
     detail = decision.detail(
         job_id=job_id, host_id=host_id, group=context.group, window_ends_at=window_ends_at, now=now
     )
-    if decision.verdict is Verdict.RELEASE:
-        released = JobDecision(job_id, host_id, "released", detail, checks=_summaries(decision.checks))
-        await jobs.decide(connection, released, at=now, source=EVENT_SOURCE)
-        return Evaluation(job_id, host_id, Verdict.RELEASE, detail=detail)
-    if decision.failure_reason is not None:  # window_closed, job_halted, unknown_host, no_checks
-        return await _fail(connection, job_id, host_id, now, decision.failure_reason, detail, decision.checks)
+    final = _final(decision, job_id, host_id, detail)
+    if final is not None:  # released; failed window_closed, job_halted, unknown_host, no_checks
+        await jobs.decide(connection, final[0], at=now, source=EVENT_SOURCE)
+        return final[1]
     waiting_detail = detail
     wake_at = rules.closes_at(window_ends_at, policy) if policy.release_cutoff_seconds > 0 else None
     stable_at = decision.stable_at()
@@ -296,18 +294,58 @@ async def evaluate(
     return Evaluation(job_id, host_id, Verdict.WAIT, rerun, detail=waiting_detail, announced=announced)
 
 
-async def _fail(
-    connection: Connection,
-    job_id: str,
-    host_id: uuid.UUID,
-    now: dt.datetime,
-    reason: FailureReason,
-    detail: str,
-    checks: list[GatingCheck],
-) -> Evaluation:
-    failed = JobDecision(job_id, host_id, "failed", detail, reason=reason, checks=_summaries(checks))
-    await jobs.decide(connection, failed, at=now, source=EVENT_SOURCE)
-    return Evaluation(job_id, host_id, Verdict(reason), reason=reason, detail=detail)
+def _final(
+    decision: rules.Decision, job_id: str, host_id: uuid.UUID, detail: str
+) -> tuple[JobDecision, Evaluation] | None:
+    """How a verdict that decides the job host is stored, and what the evaluation reports; None for WAIT."""
+    if decision.verdict is Verdict.RELEASE:
+        released = JobDecision(job_id, host_id, "released", detail, checks=_summaries(decision.checks))
+        return released, Evaluation(job_id, host_id, Verdict.RELEASE, detail=detail)
+    reason = decision.failure_reason
+    if reason is None:
+        return None
+    failed = JobDecision(job_id, host_id, "failed", detail, reason=reason, checks=_summaries(decision.checks))
+    return failed, Evaluation(job_id, host_id, Verdict(reason), reason=reason, detail=detail)
+
+
+# What a job.start can be decided as at once, on the turn read with its insert (`decide_at_once`). A
+# WINDOW_CLOSED failure describes the checks as they were when the window closed (another read): the release pass
+# decides it, as every WAIT.
+_AT_ONCE = frozenset({Verdict.RELEASE, Verdict.JOB_HALTED, Verdict.UNKNOWN_HOST, Verdict.NO_CHECKS})
+
+
+async def decide_at_once(
+    connection: Connection, started: jobs.StartedJobHost, *, unknown_host: UnknownHostPolicy = "release"
+) -> Evaluation | None:
+    """Decide a job host just recorded (`shared.jobs.record_start`, which read its turn) in one more round trip,
+    outside a transaction: the common case of a job.start, whose host is healthy (issue 16: a release in at most
+    three round trips, where the two-step path took about ten).
+
+    The rules judge the turn as the group's release pass would (a release order of one: `record_start` read the
+    turn as the pass reads it for a job host with none waiting before it); a verdict that decides the job host
+    (`_AT_ONCE`) is written by `shared.jobs.decide_fast`, which writes nothing if the turn changed since, the
+    verdict could have changed with time (`rules.holds_until`) or the job host was decided meanwhile. None when
+    nothing was decided here: the caller runs the release pass (`release_pass`), which judges it again under the
+    group's lock, and keeps it waiting when it must wait (its job.waiting, the re-run of its failing checks)."""
+    if started.queued or started.group != started.locked_group:
+        return None
+    order = rules.ReleaseOrder(now=started.now, policy=started.policy, budget=started.budget, unknown_host=unknown_host)
+    decision = order.judge(started.turn)
+    if decision.verdict not in _AT_ONCE:
+        return None
+    turn = started.turn
+    assert turn.job_id is not None and turn.window_ends_at is not None  # a job.start's
+    detail = decision.detail(
+        job_id=turn.job_id, host_id=turn.host_id, group=started.group, window_ends_at=turn.window_ends_at,
+        now=started.now,
+    )  # fmt: skip
+    final = _final(decision, turn.job_id, turn.host_id, detail)
+    assert final is not None  # every verdict of _AT_ONCE decides
+    outcome = await jobs.decide_fast(
+        connection, started, final[0], valid_until=rules.holds_until(decision, turn.window_ends_at),
+        source=EVENT_SOURCE,
+    )  # fmt: skip
+    return final[1] if outcome == "decided" else None
 
 
 async def cancel(connection: Connection, job_id: str, host_id: uuid.UUID) -> bool:

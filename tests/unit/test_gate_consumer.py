@@ -242,7 +242,7 @@ async def test_a_failure_that_is_not_the_messages_fault_returns_it(
     async def broken(*_: object) -> bool:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(shared.jobs, "insert_waiting", broken)
+    monkeypatch.setattr(shared.jobs, "record_start", broken)
     fake = await handle(gate, message("job.start", {"job_id": "j-bug", "host_id": HOST, "window_ends_at": in_seconds(60)}))
     assert fake.settlements == [("nack", True)]
     assert await job_row(db, "j-bug") is None
@@ -256,7 +256,7 @@ async def test_an_outage_of_the_database_is_raised_with_the_message_unsettled(
     async def gone(*_: object) -> bool:
         raise asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed in the middle of operation")
 
-    monkeypatch.setattr(shared.jobs, "insert_waiting", gone)
+    monkeypatch.setattr(shared.jobs, "record_start", gone)
     fake = message("job.start", {"job_id": "j-outage", "host_id": HOST, "window_ends_at": in_seconds(60)})
     with pytest.raises(asyncpg.exceptions.ConnectionDoesNotExistError):
         await handle(gate, fake)

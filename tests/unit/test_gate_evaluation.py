@@ -123,7 +123,7 @@ async def result(
 async def start(connection: asyncpg.Connection, host_id: uuid.UUID, window: dt.timedelta, job_id: str = "j-1") -> None:
     ends = (await now(connection) + window).isoformat()
     job = JobStart.model_validate({"job_id": job_id, "host_id": str(host_id), "window_ends_at": ends})
-    assert await jobs.insert_waiting(connection, job)
+    assert await jobs.record_start(connection, job)
 
 
 async def evaluate(

@@ -48,7 +48,7 @@ async def connection(private_database: str) -> AsyncIterator[asyncpg.Connection]
 
 async def waiting(connection: asyncpg.Connection, job_id: str = "j-1", window: str = "2030-06-01T12:00:00Z") -> None:
     job = JobStart.model_validate({"job_id": job_id, "host_id": str(HOST), "window_ends_at": window})
-    assert await jobs.insert_waiting(connection, job)
+    assert await jobs.record_start(connection, job)
 
 
 async def decision_events(connection: asyncpg.Connection, job_id: str) -> list[dict[str, object]]:
