@@ -27,13 +27,14 @@ from services.api.jobs import halt_or_resume_on, override_on
 from services.api.problems import Problem
 from services.api.schemas import HaltRequest, OverrideRequest
 from services.gate.evaluation import EVENT_SOURCE as GATE_SOURCE
-from services.gate.evaluation import cancel, evaluate_job_host
+from services.gate.evaluation import cancel, decide_at_once, evaluate_job_host
 from shared import hosts
 from shared.crypto import SecretBox
 from shared.database import create_pool
 from shared.events import JobStart, decision_event_id
 from shared.gate_rules import Verdict
 from shared.group_policies import GroupPolicy, put_policy
+from shared.jobs import StartedJobHost
 from shared.messaging import Broker
 from shared.notification_sending import NotificationSender
 from shared.settings import load_settings
@@ -69,28 +70,48 @@ def api_context(pool: asyncpg.Pool) -> ApiContext:
 
 @pytest.fixture
 def decisions(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str, bool]]:
-    """Every call of shared.jobs.decide: (source, status, whether it decided)."""
+    """Every call of shared.jobs.decide and of the gate's fast release (shared.jobs.decide_fast): (source,
+    status, whether it decided)."""
     calls: list[tuple[str, str, bool]] = []
     decide = shared.jobs.decide
+    decide_fast = shared.jobs.decide_fast
 
     async def recorded(connection: asyncpg.Connection, decision: shared.jobs.JobDecision, **kwargs: Any) -> Any:
         row = await decide(connection, decision, **kwargs)
         calls.append((kwargs["source"], decision.status, row is not None))
         return row
 
+    async def recorded_fast(
+        connection: asyncpg.Connection, started: Any, decision: shared.jobs.JobDecision, **kwargs: Any
+    ) -> Any:
+        outcome = await decide_fast(connection, started, decision, **kwargs)
+        calls.append((kwargs["source"], decision.status, outcome == "decided"))
+        return outcome
+
     monkeypatch.setattr(shared.jobs, "decide", recorded)
+    monkeypatch.setattr(shared.jobs, "decide_fast", recorded_fast)
     return calls
 
 
-async def start(pool: asyncpg.Pool, job_id: str, host_id: uuid.UUID, window: str) -> JobStart:
+async def start(
+    pool: asyncpg.Pool, job_id: str, host_id: uuid.UUID, window: str, *, recorded: list[StartedJobHost] | None = None
+) -> JobStart:
+    """Record a job.start as the gate does (`record_start`), and keep what it read in `recorded` (for the fast
+    release)."""
     job = JobStart.model_validate({"job_id": job_id, "host_id": str(host_id), "window_ends_at": window})
     async with pool.acquire() as connection:
-        assert await shared.jobs.record_start(connection, job)
+        started = await shared.jobs.record_start(connection, job)
+    assert started is not None
+    if recorded is not None:
+        recorded.append(started)
     return job
 
 
-def deciders(pool: asyncpg.Pool, context: ApiContext, job: JobStart) -> dict[str, Callable[[], Awaitable[bool]]]:
-    """The three ways a waiting job host is decided; each says whether it decided it."""
+def deciders(
+    pool: asyncpg.Pool, context: ApiContext, job: JobStart, started: StartedJobHost | None = None
+) -> dict[str, Callable[[], Awaitable[bool]]]:
+    """The ways a waiting job host is decided; each says whether it decided it. With `started` (what recording
+    its job.start read), also the gate's fast release of a job.start just recorded (`decide_at_once`)."""
 
     async def gate() -> bool:
         async with pool.acquire() as connection, connection.transaction():
@@ -112,7 +133,15 @@ def deciders(pool: asyncpg.Pool, context: ApiContext, job: JobStart) -> dict[str
             return False
         return True
 
-    return {"gate": gate, "cancel": cancelled, "override": override}
+    async def fast() -> bool:
+        assert started is not None
+        async with pool.acquire() as connection:
+            return await decide_at_once(connection, started) is not None
+
+    paths = {"gate": gate, "cancel": cancelled, "override": override}
+    if started is not None:
+        paths["fast"] = fast
+    return paths
 
 
 async def outcome(pool: asyncpg.Pool, job: JobStart) -> tuple[asyncpg.Record, list[asyncpg.Record], int]:
@@ -141,7 +170,7 @@ def assert_one_decision(job: JobStart, won: list[str], row: asyncpg.Record, even
     assert (row["overridden_by"] == "admin-1") == (winner == "override") == (audits == 1)
     if winner == "cancel":
         assert row["status"] == "cancelled"
-    elif winner == "gate":
+    elif winner in ("gate", "fast"):
         assert (row["status"], row["reason"]) in {("released", None), ("failed", "window_closed")}
     else:
         assert row["reason"] == ("overridden" if row["status"] == "failed" else None)
@@ -155,17 +184,18 @@ async def test_the_gate_a_cancel_and_an_override_racing_decide_each_job_host_onc
     async with pool.acquire() as connection, connection.transaction():
         await hosts.insert_host(connection, known, name="db-1", group="team-a", agent_url=None)
     jobs: list[JobStart] = []
-    wins: dict[str, int] = {"gate": 0, "cancel": 0, "override": 0}
+    wins: dict[str, int] = {"gate": 0, "cancel": 0, "override": 0, "fast": 0}
     for round_number in range(ROUNDS):
         started = []
+        recorded: list[StartedJobHost] = []
         for index in range(JOB_HOSTS_PER_ROUND):
             # The gate releases a host without checks and an unknown host at once, and fails a closed window.
             host_id = known if index % 2 else uuid.uuid4()
             window = CLOSED_WINDOW if index % 5 == 0 else OPEN_WINDOW
-            started.append(await start(pool, f"patch-{round_number}-{index}", host_id, window))
+            started.append(await start(pool, f"patch-{round_number}-{index}", host_id, window, recorded=recorded))
 
-        async def race(job: JobStart) -> list[str]:
-            paths = deciders(pool, context, job)
+        async def race(job: JobStart, recorded: StartedJobHost) -> list[str]:
+            paths = deciders(pool, context, job, recorded)
 
             async def run(name: str) -> str | None:
                 await asyncio.sleep(random.random() * 0.004)  # a different order each time
@@ -175,7 +205,7 @@ async def test_the_gate_a_cancel_and_an_override_racing_decide_each_job_host_onc
             random.shuffle(names)
             return [name for name in await asyncio.gather(*(run(name) for name in names)) if name]
 
-        results = await asyncio.gather(*(race(job) for job in started))
+        results = await asyncio.gather(*(race(job, read) for job, read in zip(started, recorded, strict=True)))
         for job, won in zip(started, results, strict=True):
             assert_one_decision(job, won, *await outcome(pool, job))
             wins[won[0]] += 1
@@ -184,7 +214,8 @@ async def test_the_gate_a_cancel_and_an_override_racing_decide_each_job_host_onc
     # Every decision was written by shared.jobs.decide, once per job host, and never a second time.
     written = [(source, status) for source, status, decided in decisions if decided]
     assert len(written) == len(jobs) == sum(wins.values())
-    assert sum(1 for source, _ in written if source == GATE_SOURCE) == wins["gate"] + wins["cancel"]
+    assert sum(1 for source, _ in written if source == GATE_SOURCE) == wins["gate"] + wins["cancel"] + wins["fast"]
+    assert all(wins.values()), wins  # each path won some races: each was raced
     assert sum(1 for source, _ in written if source == context.source) == wins["override"]
     async with pool.acquire() as connection:
         assert await connection.fetchval(

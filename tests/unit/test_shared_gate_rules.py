@@ -21,6 +21,7 @@ from shared.gate_rules import (
     Verdict,
     closes_at,
     decide,
+    holds_until,
     stable,
     window_closed,
 )
@@ -168,7 +169,11 @@ def test_the_verdict_follows_the_rules_in_order(
     decision = decide(window_ends_at, NOW, checks, unknown_host=policy)  # type: ignore[arg-type]
     not_ready = [gating for gating in checks or [] if not gating.ready(NOW)]
     if window_ends_at <= NOW:
-        assert (decision.verdict, decision.checks, decision.not_ready) == (Verdict.WINDOW_CLOSED, checks or [], not_ready)
+        assert (decision.verdict, decision.checks, decision.not_ready) == (
+            Verdict.WINDOW_CLOSED,
+            checks or [],
+            not_ready,
+        )
     elif checks is None:
         assert decision.verdict is (Verdict.UNKNOWN_HOST if policy == "fail" else Verdict.RELEASE)
         assert (decision.checks, decision.not_ready) == ([], [])
@@ -213,7 +218,9 @@ def test_a_release_cutoff_closes_the_window_early() -> None:
     assert closes_at(dt.datetime.min.replace(tzinfo=dt.UTC), policy) == dt.datetime.min.replace(tzinfo=dt.UTC)
     assert decide(NOW + dt.timedelta(minutes=10), NOW, [check()], policy=policy).verdict is Verdict.WINDOW_CLOSED
     assert decide(NOW + dt.timedelta(minutes=11), NOW, [check()], policy=policy).verdict is Verdict.RELEASE
-    decision = decide(NOW + dt.timedelta(minutes=5), NOW, [check("db", status="unhealthy", detail="down")], policy=policy)
+    decision = decide(
+        NOW + dt.timedelta(minutes=5), NOW, [check("db", status="unhealthy", detail="down")], policy=policy
+    )
     assert decision.failure_detail(NOW + dt.timedelta(minutes=5)) == (
         "the release cutoff (600 s before the window's end, release_cutoff_seconds) passed while checks were not "
         "healthy: db: down"
@@ -267,7 +274,10 @@ def test_the_budget_counts_each_unavailable_host_once_and_the_host_itself_once()
     web1, web3 = holder("web-1", job="J"), holder("web-3", unhealthy=True)
     full = BudgetView("web", 2, (web1, web3))
     assert (full.in_use, full.fits()) == (2, False)
-    assert full.describe() == "disruption budget of group web: 2 of 2 unavailable: web-1 (job J patching), web-3 (unhealthy)"
+    assert (
+        full.describe()
+        == "disruption budget of group web: 2 of 2 unavailable: web-1 (job J patching), web-3 (unhealthy)"
+    )
     assert BudgetView("web", 2, (web1, web3), counted=True).fits()  # a second job on a host already counted
     assert BudgetView("web", 3, (web1, web3)).fits()
     assert BudgetView("web", 1, ()).describe() == "disruption budget of group web: 0 of 1 unavailable"
@@ -303,7 +313,11 @@ def test_a_pass_never_takes_more_than_the_budget(rows: list[tuple[bool, bool]], 
     """Releasing ready hosts in arrival order while each fits keeps the group within its limit, whatever the
     unavailable hosts it started with (each row: ready or not, and whether its host is already unavailable)."""
     hosts = [uuid.uuid4() for _ in rows]
-    holders = {host: Holder(host, f"h{index}", unhealthy=True) for index, (host, (_, held)) in enumerate(zip(hosts, rows, strict=True)) if held}
+    holders = {
+        host: Holder(host, f"h{index}", unhealthy=True)
+        for index, (host, (_, held)) in enumerate(zip(hosts, rows, strict=True))
+        if held
+    }
     budget = GroupBudget("g", limit, holders)
     started = budget.in_use
     for host, (ready, _) in zip(hosts, rows, strict=True):
@@ -311,3 +325,61 @@ def test_a_pass_never_takes_more_than_the_budget(rows: list[tuple[bool, bool]], 
         if decision.verdict is Verdict.RELEASE:
             budget = budget.patching(host, "J")
     assert budget.in_use <= max(limit, started)
+
+
+# ---- holds_until: how long a verdict stands with time alone ------------------------------------------------
+
+
+@st.composite
+def judged(draw: st.DrawFn) -> tuple[dt.datetime | None, list[GatingCheck] | None, GroupPolicy, bool]:
+    """A waiting job host at NOW: its window's end (None: none), gating checks (None: unknown host), its group's
+    policy and whether its job is halted."""
+    window = draw(st.none() | st.floats(-120, 7200).map(lambda s: NOW + dt.timedelta(seconds=s)))
+    one = st.builds(
+        check,
+        name=st.sampled_from(["web", "db", "cache"]),
+        status=st.sampled_from(["healthy", "unhealthy", "unknown"]),
+        age=st.none() | st.floats(0, 3 * INTERVAL),
+        interval=st.sampled_from([10, INTERVAL, 600]),
+        healthy_for=st.none() | st.floats(0, 7200),
+    )
+    checks = draw(st.none() | st.lists(one, max_size=3, unique_by=lambda c: c.name))
+    policy = GroupPolicy(
+        stable_seconds=draw(st.sampled_from([0, 30, 3600])),
+        release_cutoff_seconds=draw(st.sampled_from([0, 60, 600])),
+        no_checks=draw(st.sampled_from(["release", "fail"])),
+    )
+    return window, checks, policy, draw(st.booleans())
+
+
+@given(judged(), st.lists(st.floats(0, 1, exclude_max=True), min_size=1, max_size=8))
+def test_a_verdict_holds_until_holds_until(
+    case: tuple[dt.datetime | None, list[GatingCheck] | None, GroupPolicy, bool], fractions: list[float]
+) -> None:
+    """The gate's fast release writes a verdict judged at NOW at a later moment before `holds_until`: at any such
+    moment, the rules give the same verdict (shared/jobs.py `decide_fast`)."""
+    window, checks, policy, halted = case
+    decision = decide(window, NOW, checks, policy=policy, halted=halted, unknown_host="release")
+    if decision.verdict is Verdict.WAIT:
+        with pytest.raises(ValueError):
+            holds_until(decision, window)
+        return
+    until = holds_until(decision, window)
+    assert until > NOW or decision.verdict is not Verdict.RELEASE
+    span = min(until - NOW, dt.timedelta(days=3))
+    for fraction in fractions:
+        later = NOW + span * fraction
+        if later >= until:
+            continue
+        again = decide(window, later, checks, policy=policy, halted=halted, unknown_host="release")
+        assert again.verdict is decision.verdict, (later, until)
+
+
+def test_a_release_holds_until_the_first_result_grows_stale_or_the_window_closes() -> None:
+    fresh, older = check("web", age=1), check("db", age=50)
+    decision = decide(LATER, NOW, [fresh, older])
+    assert holds_until(decision, LATER) == NOW + dt.timedelta(seconds=INTERVAL - 50)
+    assert holds_until(decide(None, NOW, [fresh]), None) == NOW + dt.timedelta(seconds=INTERVAL - 1)
+    closed = decide(NOW, NOW, [fresh])
+    assert closed.verdict is Verdict.WINDOW_CLOSED
+    assert holds_until(closed, NOW) == dt.datetime.max.replace(tzinfo=dt.UTC)
