@@ -8,9 +8,11 @@ topology and consumers after every broker restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 
 import aio_pika
 import aiormq
@@ -43,6 +45,17 @@ class PublishFailed(Exception):
 
 class Unroutable(Exception):
     """The broker confirmed but no queue was bound for the routing key (a mandatory publish)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEvent:
+    """One message of `Broker.publish_batch`."""
+
+    routing_key: str
+    body: bytes
+    message_id: str
+    content_type: str
+    correlation_id: str | None = None
 
 
 class Broker:
@@ -161,6 +174,54 @@ class Broker:
             unroutable=f"no queue is bound for {routing_key!r} on {self.topology.exchange!r}",
         )  # fmt: skip
 
+    async def publish_batch(
+        self, messages: Sequence[OutgoingEvent], *, timeout: float = PUBLISH_TIMEOUT_SECONDS
+    ) -> list[PublishFailed | Unroutable | None]:
+        """Publish many messages persistent and mandatory with their confirms pipelined: all of them are
+        written to the channel at once and their confirms awaited together, within one `timeout` for the whole
+        batch (one round trip per batch rather than per message). Returns one outcome per message, in order:
+        None when the broker confirmed it (routed); Unroutable when it confirmed it but no queue was bound for
+        its routing key; PublishFailed when it was not confirmed (not connected, nack, lost connection, no
+        confirm in time): such a message may or may not have reached the broker, so the caller publishes it
+        again (at least once)."""
+        if not messages:
+            return []
+        if not self.ready or self._exchange is None:
+            return [PublishFailed("not connected to RabbitMQ")] * len(messages)
+        exchange = self._exchange
+        timestamp = time.time()
+        # Each publish records its own outcome: after a timeout, those confirmed in time still count as sent.
+        late = PublishFailed(f"no confirm within {timeout:g} s")
+        outcomes: list[PublishFailed | Unroutable | None] = [late] * len(messages)
+
+        async def publish_one(index: int, message: OutgoingEvent) -> None:
+            try:
+                await _confirmed(
+                    exchange,
+                    aio_pika.Message(
+                        message.body,
+                        message_id=message.message_id,
+                        content_type=message.content_type,
+                        correlation_id=message.correlation_id,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        timestamp=timestamp,
+                    ),
+                    message.routing_key,
+                    None,  # the batch's timeout bounds them all
+                    unroutable=f"no queue is bound for {message.routing_key!r} on {self.topology.exchange!r}",
+                )
+            except (PublishFailed, Unroutable) as exc:
+                outcomes[index] = exc
+            except Exception as exc:  # e.g. a property aio-pika refuses: that message is not sent, the rest go on
+                outcomes[index] = PublishFailed(f"{message.routing_key}: {exc!r}")
+            else:
+                outcomes[index] = None
+
+        with contextlib.suppress(TimeoutError):  # those without a confirm by then stay `late`
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(publish_one(index, message) for index, message in enumerate(messages)))
+        return outcomes
+
     async def publish_reply(self, reply_to: str, body: bytes, *, correlation_id: str) -> None:
         """Answer a request: to the asker's reply queue through the default exchange, with confirm."""
         if not self.ready or self._channel is None:
@@ -228,7 +289,12 @@ async def _abandon(connection: aio_pika.RobustConnection) -> None:
 
 
 async def _confirmed(
-    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, timeout: float, *, unroutable: str
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    timeout: float | None,
+    *,
+    unroutable: str,
 ) -> None:
     """Publish mandatory and wait for the confirm; PublishFailed or Unroutable when it does not go."""
     try:
