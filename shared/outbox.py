@@ -17,6 +17,7 @@ import threading
 import uuid
 
 import asyncpg
+import uvloop
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, close_pool, create_pool, delete_in_batches
@@ -273,7 +274,7 @@ class RelayThread:
         self._started.wait()
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = uvloop.new_event_loop()  # as the service's own loop (shared/service.py run_service)
         self._loop = loop
         try:
             loop.run_until_complete(self._relay())
