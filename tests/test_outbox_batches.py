@@ -15,6 +15,7 @@ import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from prometheus_client import CollectorRegistry
 
+from shared import messaging
 from shared.events import CLOUDEVENTS_CONTENT_TYPE
 from shared.messaging import Broker, OutgoingEvent, PublishFailed, Unroutable
 from shared.outbox import OutboxMetrics, OutboxRelay
@@ -69,8 +70,35 @@ def _event(routing_key: str, number: int) -> OutgoingEvent:
     return OutgoingEvent(routing_key, f'{{"n": {number}}}'.encode(), str(uuid.uuid4()), CLOUDEVENTS_CONTENT_TYPE)
 
 
+@pytest.fixture(params=["pipelined", "each"])
+def publish_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Both ways of publishing a batch: pipelined on aiormq's channel internals, and one aio-pika publish per
+    message (what runs should those internals change)."""
+    if request.param == "each":
+        monkeypatch.setattr(messaging, "_PIPELINE_NEEDS", (*messaging._PIPELINE_NEEDS, "no_such_attribute"))
+    else:
+
+        async def not_this_way(*_: object) -> None:
+            raise AssertionError("the pipelined path fell back to one publish per message")
+
+        monkeypatch.setattr(Broker, "_publish_each", not_this_way)
+    return str(request.param)
+
+
+async def test_a_message_amqp_cannot_carry_fails_alone(
+    broker: Broker, channel: AbstractChannel, exchange_name: str, publish_path: str
+) -> None:
+    routing_key = f"test.batch.{uuid.uuid4().hex[:8]}.carry"
+    queue = await _bound_queue(channel, exchange_name, routing_key)
+    too_long = OutgoingEvent(routing_key, b"{}", str(uuid.uuid4()), CLOUDEVENTS_CONTENT_TYPE, "é" * 200)
+    messages = [_event(routing_key, 0), too_long, _event(routing_key, 2)]
+    outcomes = await broker.publish_batch(messages)
+    assert outcomes[0] is None and isinstance(outcomes[1], PublishFailed) and outcomes[2] is None
+    assert await _drain(queue) == [messages[0].message_id, messages[2].message_id]
+
+
 async def test_publish_batch_reports_each_message_in_order(
-    broker: Broker, channel: AbstractChannel, exchange_name: str
+    broker: Broker, channel: AbstractChannel, exchange_name: str, publish_path: str
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     routed, limited, nobody = f"test.batch.{tag}.routed", f"test.batch.{tag}.limited", f"test.batch.{tag}.nobody"
@@ -105,7 +133,7 @@ async def test_publish_batch_not_connected_fails_every_message(backing: BackingS
 
 
 async def test_a_connection_lost_in_the_middle_of_a_batch_loses_no_confirmed_message(
-    backing: BackingServices, channel: AbstractChannel, exchange_name: str
+    backing: BackingServices, channel: AbstractChannel, exchange_name: str, publish_path: str
 ) -> None:
     tag = uuid.uuid4().hex[:8]
     routing_key = f"test.batch.{tag}.cut"
@@ -152,7 +180,7 @@ async def pool(private_database: str) -> AsyncIterator[asyncpg.Pool]:
 
 
 async def test_relay_marks_only_confirmed_rows_sent_and_publishes_the_rest_later(
-    pool: asyncpg.Pool, broker: Broker, channel: AbstractChannel, exchange_name: str
+    pool: asyncpg.Pool, broker: Broker, channel: AbstractChannel, exchange_name: str, publish_path: str
 ) -> None:
     """A batch whose middle the broker nacks: the confirmed rows are marked sent, the nacked ones stay unsent
     and go out on a later pass; in the end every event has arrived, none is lost."""
