@@ -52,6 +52,19 @@ class WorkerMetrics:
         )
         self.ticks = Counter("healthgate_ticks", "Ticks handled, by outcome", ["outcome"], registry=registry)
         self.results = Counter("healthgate_results_stored", "Results written", registry=registry)
+        # The labelled children, looked up once per label set rather than once per check.
+        self._ran: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def ran(self, check_type: str, reason: str, seconds: float) -> None:
+        """Count a check run and observe its duration."""
+        try:
+            count, duration = self._ran[check_type, reason]
+        except KeyError:
+            count, duration = self._ran[check_type, reason] = (
+                self.checks.labels(check_type, reason), self.duration.labels(check_type)
+            )  # fmt: skip
+        count.inc()
+        duration.observe(seconds)
 
 
 class Worker:
@@ -143,9 +156,7 @@ class Worker:
             else:
                 outcome = await self._prober.run(target)
                 secrets = target.secrets()
-        check_type = check.record["check_type"]
-        self._metrics.checks.labels(check_type, outcome.reason).inc()
-        self._metrics.duration.labels(check_type).observe(outcome.latency_ms / 1000)
+        self._metrics.ran(check.record["check_type"], outcome.reason, outcome.latency_ms / 1000)
         return FinishedRun(check.check_id, check.record["host_id"], slot, outcome, checked_at, secrets)
 
     # ---- /test -----------------------------------------------------------------------------------
