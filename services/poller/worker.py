@@ -11,6 +11,7 @@ without a delivery counted, to run once the database is back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -67,6 +68,40 @@ class WorkerMetrics:
         duration.observe(seconds)
 
 
+class ProbeSlots:
+    """At most `size` probes at once; the others wait in arrival order. asyncio.Semaphore does the same, but its
+    acquire walks its whole queue of waiters on every call (Python 3.11's `locked()`): with the hundreds of checks
+    of the ticks at work waiting, that was 3% of the poller's CPU (py-spy, issue 16). Here each step is O(1)."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self._free > 0:  # never while others wait: a freed slot goes to the first waiter directly
+            self._free -= 1
+            return
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(slot)
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                self._release()  # given a slot as it was cancelled: pass it on
+            raise  # a cancelled waiter's future is skipped by `_release`
+
+    async def __aexit__(self, *_: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+        self._free += 1
+
+
 class Worker:
     def __init__(
         self,
@@ -83,7 +118,7 @@ class Worker:
         self._prober = prober
         self._secrets = secrets
         self._metrics = metrics
-        self._probe_slots = asyncio.Semaphore(concurrency)
+        self._probe_slots = ProbeSlots(concurrency)
 
     def consume(self, consumers: Consumers) -> None:
         """Register the tick and test-request consumers (they run while the database answers; on SIGTERM
