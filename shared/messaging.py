@@ -194,8 +194,10 @@ class Broker:
         if not self.ready or self._exchange is None:
             return [PublishFailed("not connected to RabbitMQ")] * len(messages)
         try:
-            channel = await self._channel.get_underlay_channel() if self._channel is not None else None
-        except aiormq.exceptions.ChannelInvalidStateError as exc:
+            # A robust channel's underlay waits for the connection while it reconnects: bounded like the publish.
+            async with asyncio.timeout(timeout):
+                channel = await self._channel.get_underlay_channel() if self._channel is not None else None
+        except (TimeoutError, aiormq.exceptions.ChannelInvalidStateError) as exc:
             return [PublishFailed(repr(exc))] * len(messages)
         if isinstance(channel, aiormq.Channel) and all(hasattr(channel, name) for name in _PIPELINE_NEEDS):
             return await self._publish_pipelined(channel, messages, timeout)
