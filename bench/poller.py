@@ -452,6 +452,7 @@ def classify(pid: int, command: str) -> str | None:
     return group
 
 
+POLLER_GROUPS = ("poller(s)", "extra relay process")
 CPU_ORDER = ("poller(s)", "bare loop", "blackbox_exporter", "wrk", "nginx", "postgresql", "rabbitmq", "bench driver")
 
 
@@ -511,7 +512,15 @@ async def measure_pollers(
         for key, value in new.items():
             if key != "results stored":
                 reasons[key] += int(value - old.get(key, 0.0))
-    measurement = Measurement(label, mode, (count_after - count_before) / wall, cpu, stored=stored / wall)
+    published = count_after - count_before
+    measurement = Measurement(label, mode, published / wall, cpu, stored=stored / wall)
+    # The contender's own processes (the poller processes with their relay threads, and the extra relay
+    # process when there is one), from /proc, beside the bare loop's and blackbox_exporter's own figures.
+    own = sum(cpu.groups.get(group, 0.0) for group in POLLER_GROUPS)
+    measurement.notes.append(
+        f"CPU per check: {own / max(1, published) * 1e6:,.0f} µs in the poller process(es) incl. relay"
+        f" per published result, {own / max(1.0, stored) * 1e6:,.0f} µs per stored result"
+    )
     measurement.notes.append(
         f"CPU per check, all parts (pollers, relays, PostgreSQL, RabbitMQ, nginx):"
         f" {cpu_per_check(cpu, count_after - count_before):,.0f} µs per published result,"

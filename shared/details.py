@@ -9,6 +9,7 @@ userinfo or query); the patterns here are the last net under them.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -180,5 +181,19 @@ def safe_detail(text: str, secrets: Iterable[str | None] = (), limit: int = DETA
     """A detail fit to store and publish: credentials redacted, control characters escaped (NUL too, which
     PostgreSQL text cannot hold), lone surrogates escaped ("\\ud800"; UTF-8 cannot hold them), then cut to
     `limit` characters. Redaction runs before escaping, so its patterns see real line breaks."""
+    if secrets == () and limit == DETAIL_LIMIT:
+        return _safe_detail_without_secrets(text)
+    return _safe_detail(text, secrets, limit)
+
+
+def _safe_detail(text: str, secrets: Iterable[str | None], limit: int) -> str:
     storable = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return clip_detail(escape_controls(redact_credentials(storable, secrets)), limit)
+
+
+@functools.lru_cache(maxsize=4096)
+def _safe_detail_without_secrets(text: str) -> str:
+    """`safe_detail` of a detail of a check without a password, remembered: the poller stores the same few details
+    ("status 200 OK, body contains …") again and again. Nothing secret is kept: such a detail is stored as it is
+    returned. Details with secrets to redact are never cached."""
+    return _safe_detail(text, (), DETAIL_LIMIT)

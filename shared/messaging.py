@@ -8,12 +8,17 @@ topology and consumers after every broker restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import datetime as dt
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import aiormq
+import pamqp.frame
 from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
@@ -22,6 +27,8 @@ from aio_pika.abc import (
     HeadersType,
 )
 from aio_pika.connection import make_url
+from aiormq.abc import ChannelFrame
+from pamqp.header import ContentHeader
 
 from shared.outages import OutageLog
 from shared.settings import redact_url
@@ -43,6 +50,17 @@ class PublishFailed(Exception):
 
 class Unroutable(Exception):
     """The broker confirmed but no queue was bound for the routing key (a mandatory publish)."""
+
+
+@dataclass(frozen=True, slots=True)
+class OutgoingEvent:
+    """One message of `Broker.publish_batch`."""
+
+    routing_key: str
+    body: bytes
+    message_id: str
+    content_type: str
+    correlation_id: str | None = None
 
 
 class Broker:
@@ -161,6 +179,148 @@ class Broker:
             unroutable=f"no queue is bound for {routing_key!r} on {self.topology.exchange!r}",
         )  # fmt: skip
 
+    async def publish_batch(
+        self, messages: Sequence[OutgoingEvent], *, timeout: float = PUBLISH_TIMEOUT_SECONDS
+    ) -> list[PublishFailed | Unroutable | None]:
+        """Publish many messages persistent and mandatory with their confirms pipelined: all of them are
+        written to the channel at once and their confirms awaited together, within one `timeout` for the whole
+        batch (one round trip per batch rather than per message). Returns one outcome per message, in order:
+        None when the broker confirmed it (routed); Unroutable when it confirmed it but no queue was bound for
+        its routing key; PublishFailed when it was not confirmed (not connected, nack, lost connection, no
+        confirm in time): such a message may or may not have reached the broker, so the caller publishes it
+        again (at least once)."""
+        if not messages:
+            return []
+        if not self.ready or self._exchange is None:
+            return [PublishFailed("not connected to RabbitMQ")] * len(messages)
+        try:
+            # A robust channel's underlay waits for the connection while it reconnects: bounded like the publish.
+            async with asyncio.timeout(timeout):
+                channel = await self._channel.get_underlay_channel() if self._channel is not None else None
+        except (TimeoutError, aiormq.exceptions.ChannelInvalidStateError) as exc:
+            return [PublishFailed(repr(exc))] * len(messages)
+        if isinstance(channel, aiormq.Channel) and all(hasattr(channel, name) for name in _PIPELINE_NEEDS):
+            return await self._publish_pipelined(channel, messages, timeout)
+        return await self._publish_each(self._exchange, messages, timeout)
+
+    async def _publish_pipelined(
+        self, channel: aiormq.Channel, messages: Sequence[OutgoingEvent], timeout: float
+    ) -> list[PublishFailed | Unroutable | None]:
+        """The batch as aiormq's `basic_publish` sends one message, for all of them at once: under the channel's
+        lock each message gets its delivery tag and confirm future, the frames of the whole batch go to the
+        connection's writer as one write, then the confirms are awaited together. Per message this costs no task,
+        lock, write or drain of its own. Relies on aiormq's channel internals (`_PIPELINE_NEEDS`, checked before
+        use); without them, `_publish_each`."""
+        exchange = self.topology.exchange
+        stamp = dt.datetime.fromtimestamp(int(time.time()), dt.UTC)
+        outcomes: list[PublishFailed | Unroutable | None] = [None] * len(messages)
+        encoded: list[tuple[int, bytes]] = []  # (index, frames) of the messages that go
+        for index, message in enumerate(messages):
+            properties = aiormq.spec.Basic.Properties(
+                content_type=message.content_type,
+                delivery_mode=_PERSISTENT,
+                message_id=message.message_id,
+                correlation_id=message.correlation_id,
+                timestamp=stamp,
+            )
+            frames: list[Any] = [
+                aiormq.spec.Basic.Publish(exchange=exchange, routing_key=message.routing_key, mandatory=True),
+                ContentHeader(properties=properties, body_size=len(message.body)),
+                *channel._split_body(message.body),
+            ]
+            try:
+                encoded.append((index, b"".join(pamqp.frame.marshal(frame, channel.number) for frame in frames)))
+            except Exception as exc:  # a property AMQP cannot carry: this message is not sent, the rest go on
+                outcomes[index] = PublishFailed(f"{message.routing_key}: {exc!r}")
+        confirms: list[tuple[int, asyncio.Future[Any]]] = []
+        failure: PublishFailed | None = None
+        try:
+            async with asyncio.timeout(timeout):
+                async with channel.lock:
+                    first = channel.delivery_tag + 1
+                    drained = channel.create_future()
+                    frame = ChannelFrame(
+                        payload=b"".join(frames for _, frames in encoded), should_close=False, drain_future=drained
+                    )
+                    for tag, (index, _) in enumerate(encoded, first):
+                        confirm = channel.create_future()
+                        message_id = messages[index].message_id
+                        channel.confirmations[tag] = confirm
+                        channel.message_id_delivery_tag[message_id] = tag
+                        confirm.add_done_callback(_forget_message_id(channel, message_id, tag))
+                        confirms.append((index, confirm))
+                    channel.delivery_tag = first + len(encoded) - 1
+                    try:
+                        await channel.write_queue.put(frame)
+                    except BaseException:
+                        # Not sent: the broker has not seen these delivery tags; give them back, as basic_publish does.
+                        channel.delivery_tag = first - 1
+                        for tag, (_, confirm) in enumerate(confirms, first):
+                            channel.confirmations.pop(tag, None)
+                            confirm.cancel()
+                        raise
+                    await asyncio.wait([drained])  # a channel closing meanwhile fails the confirms too
+                if confirms:
+                    await asyncio.wait([confirm for _, confirm in confirms])
+        except TimeoutError:
+            failure = PublishFailed(f"no confirm within {timeout:g} s")
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError) as exc:
+            failure = PublishFailed(repr(exc))
+        if failure is not None and not confirms:
+            return [outcome or failure for outcome in outcomes]
+        for index, confirm in confirms:
+            message = messages[index]
+            if not confirm.done():
+                confirm.cancel()  # its confirm, should it still come, is dropped (aiormq logs that at DEBUG)
+                outcomes[index] = failure or PublishFailed("no confirm")
+            elif confirm.cancelled():
+                outcomes[index] = failure or PublishFailed("cancelled: the channel closed")
+            elif (error := confirm.exception()) is not None:
+                if isinstance(error, aiormq.exceptions.PublishError):  # returned, with on_return_raises
+                    outcomes[index] = Unroutable(_no_queue(message.routing_key, exchange))
+                else:  # a nack (DeliveryError), a closed channel or connection
+                    outcomes[index] = PublishFailed(f"{message.routing_key}: {error!r}")
+            elif isinstance(confirm.result(), aiormq.abc.DeliveredMessage):  # returned: no queue was bound
+                outcomes[index] = Unroutable(_no_queue(message.routing_key, exchange))
+        return outcomes
+
+    async def _publish_each(
+        self, exchange: AbstractExchange, messages: Sequence[OutgoingEvent], timeout: float
+    ) -> list[PublishFailed | Unroutable | None]:
+        """The batch as one aio-pika publish per message, all in flight together."""
+        timestamp = time.time()
+        # Each publish records its own outcome: after a timeout, those confirmed in time still count as sent.
+        late = PublishFailed(f"no confirm within {timeout:g} s")
+        outcomes: list[PublishFailed | Unroutable | None] = [late] * len(messages)
+
+        async def publish_one(index: int, message: OutgoingEvent) -> None:
+            try:
+                await _confirmed(
+                    exchange,
+                    aio_pika.Message(
+                        message.body,
+                        message_id=message.message_id,
+                        content_type=message.content_type,
+                        correlation_id=message.correlation_id,
+                        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                        timestamp=timestamp,
+                    ),
+                    message.routing_key,
+                    None,  # the batch's timeout bounds them all
+                    unroutable=_no_queue(message.routing_key, self.topology.exchange),
+                )
+            except (PublishFailed, Unroutable) as exc:
+                outcomes[index] = exc
+            except Exception as exc:  # e.g. a property aio-pika refuses: that message is not sent, the rest go on
+                outcomes[index] = PublishFailed(f"{message.routing_key}: {exc!r}")
+            else:
+                outcomes[index] = None
+
+        with contextlib.suppress(TimeoutError):  # those without a confirm by then stay `late`
+            async with asyncio.timeout(timeout):
+                await asyncio.gather(*(publish_one(index, message) for index, message in enumerate(messages)))
+        return outcomes
+
     async def publish_reply(self, reply_to: str, body: bytes, *, correlation_id: str) -> None:
         """Answer a request: to the asker's reply queue through the default exchange, with confirm."""
         if not self.ready or self._channel is None:
@@ -228,7 +388,12 @@ async def _abandon(connection: aio_pika.RobustConnection) -> None:
 
 
 async def _confirmed(
-    exchange: AbstractExchange, message: aio_pika.Message, routing_key: str, timeout: float, *, unroutable: str
+    exchange: AbstractExchange,
+    message: aio_pika.Message,
+    routing_key: str,
+    timeout: float | None,
+    *,
+    unroutable: str,
 ) -> None:
     """Publish mandatory and wait for the confirm; PublishFailed or Unroutable when it does not go."""
     try:
@@ -243,3 +408,23 @@ async def _confirmed(
         raise PublishFailed(f"{routing_key}: {exc!r}") from None
     if isinstance(confirmation, aiormq.abc.DeliveredMessage):
         raise Unroutable(unroutable)
+
+
+_PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
+# The aiormq channel internals `Broker._publish_pipelined` uses, as `basic_publish` uses them.
+_PIPELINE_NEEDS = ("lock", "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "_split_body")
+
+
+def _no_queue(routing_key: str, exchange: str) -> str:
+    return f"no queue is bound for {routing_key!r} on {exchange!r}"
+
+
+def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int) -> Callable[[asyncio.Future[Any]], None]:
+    """What aiormq's `basic_publish` does once a publish is settled: forget its message id's delivery tag (kept
+    so that a returned message finds its confirm)."""
+
+    def forget(_: asyncio.Future[Any]) -> None:
+        if channel.message_id_delivery_tag.get(message_id) == tag:
+            channel.message_id_delivery_tag.pop(message_id)
+
+    return forget

@@ -18,11 +18,12 @@ import uuid
 from dataclasses import dataclass
 
 import asyncpg
+import uvloop
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, close_pool, create_pool, delete_in_batches
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
-from shared.messaging import Broker, PublishFailed, Unroutable
+from shared.messaging import Broker, OutgoingEvent, PublishFailed, Unroutable
 from shared.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -230,37 +231,37 @@ class OutboxRelay:
                 self._metrics.pending.set(0)
                 return 0
             self._metrics.pending.set(len(rows))
-            results = await asyncio.gather(*(self._publish(row) for row in rows), return_exceptions=True)
+            outcomes = await self._broker.publish_batch(
+                [
+                    OutgoingEvent(
+                        row["routing_key"], row["body"], str(row["event_id"]), CLOUDEVENTS_CONTENT_TYPE,
+                        row["correlation_id"],
+                    )
+                    for row in rows
+                ]
+            )  # fmt: skip
+            # Only a confirmed row is marked sent; the others stay unsent, in this same transaction, and go again.
             sent_ids = []
-            first_failure: BaseException | None = None
-            for row, result in zip(rows, results, strict=True):
-                if result is None:
-                    sent_ids.append(row["id"])
-                elif first_failure is None:
-                    first_failure = result
+            first_failure: PublishFailed | None = None
+            for row, outcome in zip(rows, outcomes, strict=True):
+                if isinstance(outcome, PublishFailed):
+                    if first_failure is None:
+                        first_failure = outcome
+                    continue
+                routing_key = row["routing_key"]
+                if isinstance(outcome, Unroutable):
+                    # Nobody subscribes to this routing key: the event is confirmed and has no reader.
+                    self._metrics.unroutable.labels(routing_key).inc()
+                    log.info(
+                        "event had no subscriber", extra={"routing_key": routing_key, "event_id": str(row["event_id"])}
+                    )
+                self._metrics.published.labels(routing_key).inc()
+                sent_ids.append(row["id"])
             if sent_ids:
                 await connection.execute("UPDATE outbox SET sent_at = now() WHERE id = ANY($1)", sent_ids)
         if first_failure is not None:
-            if isinstance(first_failure, PublishFailed):
-                raise first_failure
-            raise PublishFailed(repr(first_failure))
+            raise first_failure
         return len(rows)
-
-    async def _publish(self, row: asyncpg.Record) -> None:
-        routing_key = row["routing_key"]
-        try:
-            await self._broker.publish(
-                routing_key,
-                row["body"],
-                message_id=str(row["event_id"]),
-                correlation_id=row["correlation_id"],
-                content_type=CLOUDEVENTS_CONTENT_TYPE,
-            )
-        except Unroutable:
-            # Nobody subscribes to this routing key: the event is confirmed and has no reader.
-            self._metrics.unroutable.labels(routing_key).inc()
-            log.info("event had no subscriber", extra={"routing_key": routing_key, "event_id": str(row["event_id"])})
-        self._metrics.published.labels(routing_key).inc()
 
 
 def _lost(listener: Connection) -> bool:
@@ -297,7 +298,7 @@ class RelayThread:
         self._started.wait()
 
     def _run(self) -> None:
-        loop = asyncio.new_event_loop()
+        loop = uvloop.new_event_loop()  # as the service's own loop (shared/service.py run_service)
         self._loop = loop
         try:
             loop.run_until_complete(self._relay())

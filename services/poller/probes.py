@@ -224,6 +224,9 @@ def probe_session(blocked: Sequence[Network]) -> aiohttp.ClientSession:
         headers={"User-Agent": "healthgate-poller", "Accept-Encoding": ACCEPT_ENCODING},
         cookie_jar=aiohttp.DummyCookieJar(),
         response_class=TlsAwareResponse,
+        # No timers of aiohttp's own per request (its default: 300 s in all, 30 s to connect): `Prober.run` bounds
+        # every run with the check's timeout.
+        timeout=aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=None),
         # Bodies are decoded by `read_body`: aiohttp undoes only the first of stacked codings, does not notice
         # a gzip stream that breaks off, and would try zstd.
         auto_decompress=False,
@@ -708,6 +711,9 @@ def _origin(url: str) -> tuple[str, str | None, int | None]:
     return parts.scheme, parts.hostname, parts.port
 
 
+IP_LITERAL_VERDICTS_KEPT = 65_536  # URLs whose IP-literal verdict a prober remembers (then it starts over)
+
+
 class Prober:
     """Runs checks; holds the HTTP session and TLS contexts created once at poller start.
 
@@ -736,6 +742,7 @@ class Prober:
         self._grpc = grpc
         self._conditions = conditions if conditions is not None else ConditionEvaluator()
         self._verifying_ssl = ssl.create_default_context()
+        self._ip_literal_verdicts: dict[str, str | None] = {}
 
     async def run(self, target: CheckTarget) -> ProbeOutcome:
         """Run the check once within its timeout. A run that succeeds more slowly than the check's
@@ -863,10 +870,24 @@ class Prober:
         return Verdict(True, "ok", ", ".join(passed), certificate_end)
 
     def _refuse_ip_literal(self, url: str) -> None:
-        # Names are checked by the resolver; an address in the URL never reaches it.
-        host = urlsplit(url).hostname
-        if host is not None:
-            refuse_if_blocked(host, self._blocked)
+        # Names are checked by the resolver; an address in the URL never reaches it. The verdict depends on the URL
+        # and this prober's blocked networks only: remembered per URL (the same URLs are checked again and again),
+        # as the BlockedTarget message to raise, or None.
+        try:
+            refusal = self._ip_literal_verdicts[url]
+        except KeyError:
+            refusal = None
+            host = urlsplit(url).hostname
+            if host is not None:
+                try:
+                    refuse_if_blocked(host, self._blocked)
+                except BlockedTarget as exc:
+                    refusal = str(exc)
+            if len(self._ip_literal_verdicts) >= IP_LITERAL_VERDICTS_KEPT:
+                self._ip_literal_verdicts.clear()
+            self._ip_literal_verdicts[url] = refusal
+        if refusal is not None:
+            raise BlockedTarget(refusal)
 
     # ---- service ---------------------------------------------------------------------------------
 

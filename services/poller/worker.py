@@ -11,6 +11,7 @@ without a delivery counted, to run once the database is back.
 from __future__ import annotations
 
 import asyncio
+import collections
 import datetime as dt
 import logging
 from collections.abc import Sequence
@@ -52,6 +53,53 @@ class WorkerMetrics:
         )
         self.ticks = Counter("healthgate_ticks", "Ticks handled, by outcome", ["outcome"], registry=registry)
         self.results = Counter("healthgate_results_stored", "Results written", registry=registry)
+        # The labelled children, looked up once per label set rather than once per check.
+        self._ran: dict[tuple[str, str], tuple[Counter, Histogram]] = {}
+
+    def ran(self, check_type: str, reason: str, seconds: float) -> None:
+        """Count a check run and observe its duration."""
+        try:
+            count, duration = self._ran[check_type, reason]
+        except KeyError:
+            count, duration = self._ran[check_type, reason] = (
+                self.checks.labels(check_type, reason), self.duration.labels(check_type)
+            )  # fmt: skip
+        count.inc()
+        duration.observe(seconds)
+
+
+class ProbeSlots:
+    """At most `size` probes at once; the others wait in arrival order. asyncio.Semaphore does the same, but its
+    acquire walks its whole queue of waiters on every call (Python 3.11's `locked()`): with the hundreds of checks
+    of the ticks at work waiting, that was 3% of the poller's CPU (py-spy, issue 16). Here each step is O(1)."""
+
+    def __init__(self, size: int) -> None:
+        self._free = size
+        self._waiting: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    async def __aenter__(self) -> None:
+        if self._free > 0:  # never while others wait: a freed slot goes to the first waiter directly
+            self._free -= 1
+            return
+        slot: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append(slot)
+        try:
+            await slot
+        except asyncio.CancelledError:
+            if slot.done() and not slot.cancelled():
+                self._release()  # given a slot as it was cancelled: pass it on
+            raise  # a cancelled waiter's future is skipped by `_release`
+
+    async def __aexit__(self, *_: object) -> None:
+        self._release()
+
+    def _release(self) -> None:
+        while self._waiting:
+            slot = self._waiting.popleft()
+            if not slot.done():
+                slot.set_result(None)
+                return
+        self._free += 1
 
 
 class Worker:
@@ -70,7 +118,7 @@ class Worker:
         self._prober = prober
         self._secrets = secrets
         self._metrics = metrics
-        self._probe_slots = asyncio.Semaphore(concurrency)
+        self._probe_slots = ProbeSlots(concurrency)
 
     def consume(self, consumers: Consumers) -> None:
         """Register the tick and test-request consumers (they run while the database answers; on SIGTERM
@@ -143,9 +191,7 @@ class Worker:
             else:
                 outcome = await self._prober.run(target)
                 secrets = target.secrets()
-        check_type = check.record["check_type"]
-        self._metrics.checks.labels(check_type, outcome.reason).inc()
-        self._metrics.duration.labels(check_type).observe(outcome.latency_ms / 1000)
+        self._metrics.ran(check.record["check_type"], outcome.reason, outcome.latency_ms / 1000)
         return FinishedRun(check.check_id, check.record["host_id"], slot, outcome, checked_at, secrets)
 
     # ---- /test -----------------------------------------------------------------------------------

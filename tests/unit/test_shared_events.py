@@ -19,6 +19,9 @@ from shared.events import (
     INVALID_JOB_KEY_PREFIX,
     JOB_ID_MAX_LENGTH,
     CheckResult,
+    CheckStatusChanged,
+    CloudEvent,
+    HostStatusChanged,
     JobCancel,
     JobCancelled,
     JobFailed,
@@ -338,3 +341,51 @@ def test_any_body_decodes_or_is_malformed_never_another_error(body: bytes) -> No
             decode_event(body, model)
         except MalformedEvent as error:
             assert str(error) and error.problems
+
+
+def _encoding_as_before(routing_key: str, data: Any, *, source: str, event_id: uuid.UUID, time: dt.datetime) -> bytes:
+    """encode_cloudevent as it was before issue 16: the envelope with the data as a dict, dumped whole."""
+    envelope = CloudEvent(
+        id=str(event_id), source=source, type="healthgate." + routing_key, time=time,
+        data=data.model_dump(mode="json", exclude_unset=True),
+    )  # fmt: skip
+    return envelope.model_dump_json(exclude_none=True).encode()
+
+
+@given(
+    detail=st.text(max_size=60).filter(lambda text: not any("\ud800" <= c <= "\udfff" for c in text)),
+    latency=st.floats(min_value=0, max_value=1e12, allow_nan=False),
+    healthy=st.booleans(),
+    with_cert=st.booleans(),
+    microsecond=st.integers(0, 999_999),
+)
+def test_the_spliced_encoding_is_byte_identical_to_the_previous_one(
+    detail: str, latency: float, healthy: bool, with_cert: bool, microsecond: int
+) -> None:
+    at = dt.datetime(2030, 6, 1, 12, 0, 0, microsecond, tzinfo=dt.UTC)
+    offset = dt.timezone(dt.timedelta(hours=5, minutes=30))
+    check_id, host_id, event_id = uuid.uuid4(), uuid.UUID(HOST), uuid.uuid4()
+    result_fields = {
+        "check_id": check_id, "host_id": host_id, "healthy": healthy, "reason": "ok" if healthy else "status",
+        "status": "healthy" if healthy else "unhealthy", "detail": detail, "latency_ms": latency, "checked_at": at,
+    }  # fmt: skip
+    if with_cert:
+        result_fields["cert_expires_at"] = at.astimezone(offset)
+    events = [
+        ("check.result", CheckResult(**result_fields)),  # type: ignore[arg-type]
+        ("check.status_changed", CheckStatusChanged(
+            check_id=check_id, host_id=host_id, previous="healthy", current="unhealthy", detail=detail, at=at,
+            in_maintenance=with_cert,
+        )),
+        ("host.status_changed", HostStatusChanged(host_id=host_id, previous="unknown", current="healthy", at=at)),
+        ("job.failed", JobFailed(
+            job_id=detail or "j", host_id=host_id, failed_at=at, reason="window_closed", detail=detail, checks=[],
+        )),
+        ("job.cancelled", JobCancelled(job_id="j", host_id=host_id, cancelled_at=at.astimezone(offset))),
+    ]  # fmt: skip
+    for routing_key, event in events:
+        for source in ("/healthgate/poller", "/s\u00e9"):
+            expected = _encoding_as_before(routing_key, event, source=source, event_id=event_id, time=at)
+            assert encode_cloudevent(routing_key, event, source=source, event_id=event_id, time=at) == (
+                event_id, expected
+            )
