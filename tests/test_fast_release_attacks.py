@@ -405,11 +405,10 @@ async def test_an_error_inside_decide_fast_neither_loops_nor_loses_the_job_host(
 # ---- a migration that adds a column to group_policies while a gate runs ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: a column added to group_policies fails the next job.start (nack)")
 async def test_a_column_added_to_group_policies_while_the_gate_runs(
     pool: asyncpg.Pool, db: asyncpg.Connection, private_database: str
 ) -> None:
-    """BUG found by the break-gate attacks: `gate_turn.policy` is the whole `group_policies` row, whose composite
+    """A BUG found by the break-gate attacks, fixed (shared/jobs.py `TurnUnread`): `gate_turn.policy` is the whole `group_policies` row, whose composite
     type asyncpg caches per pool. A later migration adding a policy column (applied by a newer api while this
     gate runs: a rolling upgrade) made the next job.start's `record_start` raise OutdatedSchemaCacheError AFTER
     its row committed: the message was returned (nack, a delivery counted), came back a duplicate, and the job

@@ -223,10 +223,16 @@ class Gate:
             # Both autocommitted: the row is committed before it is judged, so a result committed after
             # `record_start` read the checks finds the row (and waits for the group's lock): no wake-up falls
             # between the two.
-            started = await jobs.record_start(connection, job)
-            if started is None:
-                return "duplicate"
-            decided = await decide_at_once(connection, started, unknown_host=self._unknown_host)
+            try:
+                started = await jobs.record_start(connection, job)
+            except jobs.TurnUnread as exc:
+                # Recorded, its turn unreadable (a migration changed a type it holds): judged by the release pass.
+                log.warning("job.start recorded, its turn unread: a release pass judges it", extra={"error": str(exc)})
+                decided = None
+            else:
+                if started is None:
+                    return "duplicate"
+                decided = await decide_at_once(connection, started, unknown_host=self._unknown_host)
         if decided is not None:
             self._decided(decided)
         else:
