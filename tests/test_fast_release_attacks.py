@@ -428,3 +428,96 @@ async def test_a_column_added_to_group_policies_while_the_gate_runs(
         await gate.on_job_message(message)  # type: ignore[arg-type]
         assert message.settlements == [("ack", None)], (index, message.settlements)
         assert await state(db, job) == ("released", None, ["job.released"])
+
+
+# ---- everything at once ---------------------------------------------------------------------------------------
+
+
+async def test_job_starts_results_cancels_and_timers_of_three_gates_at_once_keep_the_budget(
+    private_database: str, db: asyncpg.Connection
+) -> None:
+    """Three gates on one group with a budget of 3: two take 48 job.starts (three jobs per host, so a host in patch
+    takes a second job), while results flip hosts' checks between healthy and unhealthy, job.cancels come, and
+    the third runs its timers. Nothing fails (no deadlock), each job host has at most one decision and one event,
+    and at most 3 hosts are ever released (none finishes, so none frees its unit)."""
+    group = "storm"
+    limit = 3
+    host_ids = [await add_host(db, group, f"storm-{index}") for index in range(16)]
+    async with db.transaction():
+        await put_policy(db, group, GroupPolicy(max_unavailable=limit))
+    pools = [await create_pool(private_database, min_size=1, max_size=6) for _ in range(3)]
+    try:
+        gates = [make_gate(pool, private_database) for pool in pools]
+        starts = [
+            job_start(f"storm-{job}", host_id) for job in range(3) for host_id in host_ids
+        ]
+        stop = asyncio.Event()
+
+        async def timers() -> None:
+            while not stop.is_set():
+                await gates[2].run_due_timers()
+                await asyncio.sleep(0.05)
+
+        async def flips() -> None:
+            for round_number in range(24):
+                host_id = host_ids[(round_number * 5) % len(host_ids)]
+                healthy = round_number % 2 == 1
+                async with pools[2].acquire() as connection, connection.transaction():
+                    await connection.execute(
+                        "UPDATE check_state SET status = $2, last_healthy = $3, last_checked_at = clock_timestamp(),"
+                        " healthy_since = CASE WHEN $3 THEN clock_timestamp() - interval '1 hour' END"
+                        " WHERE host_id = $1",
+                        host_id, "healthy" if healthy else "unhealthy", healthy,
+                    )  # fmt: skip
+                    await connection.execute(
+                        "UPDATE hosts SET health_check_status = $2 WHERE id = $1",
+                        host_id, "healthy" if healthy else "unhealthy",
+                    )  # fmt: skip
+                await asyncio.sleep(0.01)
+
+        async def cancels() -> None:
+            for job in starts[5::7]:
+                await asyncio.sleep(0.02)
+                async with pools[2].acquire() as connection, connection.transaction():
+                    await cancel(connection, job.job_id, job.host_id)
+
+        timer_task = asyncio.create_task(timers())
+        await asyncio.gather(
+            *(gates[index % 2].start(job) for index, job in enumerate(starts)), flips(), cancels()
+        )
+        stop.set()
+        await timer_task
+    finally:
+        for pool in pools:
+            await pool.close()
+    released_hosts = await db.fetchval("SELECT count(DISTINCT host_id) FROM gate_jobs WHERE status = 'released'")
+    assert released_hosts <= limit
+    decided = await db.fetch("SELECT job_id, host_id, status FROM gate_jobs WHERE status <> 'waiting_health_check'")
+    events = await db.fetch("SELECT event_id, routing_key FROM outbox WHERE routing_key = ANY($1)", list(DECISION_KEYS))
+    by_id = {event["event_id"]: event["routing_key"] for event in events}
+    assert len(by_id) == len(events) == len(decided)
+    for row in decided:
+        assert by_id[decision_event_id(row["job_id"], row["host_id"])] == f"job.{row['status']}"
+
+
+@pytest.mark.parametrize(
+    "job_id",
+    [" ", "\u2028", "\ufeff", "\U0001f600" * 200, "a\u202eb", "\ufffe", "\U0010ffff", "%_\\'\"", "x" * 200, "é" * 200],
+    ids=["space", "line-sep", "bom", "astral-200", "rtl", "nonchar", "max-codepoint", "sql-like", "ascii-200", "e-200"],
+)
+async def test_odd_valid_job_ids_are_released_at_once_with_one_event(
+    pool: asyncpg.Pool, db: asyncpg.Connection, private_database: str, job_id: str
+) -> None:
+    host_id = await add_host(db, "odd", f"odd-{uuid.uuid4().hex[:8]}")
+    async with db.transaction():
+        await put_policy(db, "odd", GroupPolicy(max_unavailable=100))
+    gate = make_gate(pool, private_database)
+    job = job_start(job_id, host_id)
+    message = FakeMessage(job.model_dump_json().encode(), routing_key="job.start")
+    await gate.on_job_message(message)  # type: ignore[arg-type]
+    assert message.settlements == [("ack", None)]
+    assert await state(db, job) == ("released", None, ["job.released"])
+    again = FakeMessage(job.model_dump_json().encode(), routing_key="job.start")
+    await gate.on_job_message(again)  # type: ignore[arg-type]
+    assert again.settlements == [("ack", None)]
+    assert await state(db, job) == ("released", None, ["job.released"])
