@@ -521,3 +521,47 @@ async def test_odd_valid_job_ids_are_released_at_once_with_one_event(
     await gate.on_job_message(again)  # type: ignore[arg-type]
     assert again.settlements == [("ack", None)]
     assert await state(db, job) == ("released", None, ["job.released"])
+
+
+# ---- the clock read before a wait for the row ----------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: gate_decide_fast reads the clock before it waits for the row")
+@pytest.mark.parametrize("ends", ["window", "stale_result"])
+async def test_a_release_is_not_written_after_the_window_closed_while_decide_fast_waited_for_the_row(
+    pool: asyncpg.Pool, db: asyncpg.Connection, ends: str
+) -> None:
+    """BUG found by the break-gate attacks. A job.cancel's transaction (`cancel`: `jobs.lock_waiting` first) holds the waiting row and then fails
+    (rolled back: its connection lost, a timeout). `gate_decide_fast`, judged while the window was open, read the
+    clock, then waited for that row: when the cancel rolls back, the window has closed (or the only check's result
+    has grown older than its interval), and the fast write must not release the job host then. The release pass
+    reads its clock after the row's lock, and would fail it window_closed."""
+    now = await db.fetchval("SELECT clock_timestamp()")
+    deadline = now + dt.timedelta(seconds=3)
+    if ends == "window":
+        host_id = await add_host(db, f"wait-{ends}", f"wait-{ends}")
+        window = deadline.isoformat().replace("+00:00", "Z")
+    else:
+        host_id = await add_host(db, f"wait-{ends}", f"wait-{ends}", interval=10, checked_ago=7)
+        window = OPEN_WINDOW
+    job = job_start(f"wait-{ends}", host_id, window)
+    started = await record(pool, job)
+    blocker = await pool.acquire()
+    transaction = blocker.transaction()
+    await transaction.start()
+    try:
+        assert await jobs.lock_waiting(blocker, job.job_id, host_id) is not None
+        fast = asyncio.create_task(at_once(pool, started))
+        while not await db.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%gate_decide_fast%'"
+        ):
+            assert not fast.done()
+            await asyncio.sleep(0.05)
+        while await db.fetchval("SELECT clock_timestamp()") < deadline + dt.timedelta(milliseconds=300):
+            await asyncio.sleep(0.2)
+    finally:
+        await transaction.rollback()
+        await pool.release(blocker)
+    decided = await fast
+    assert not decided, "released after the window closed (or a result went stale) while decide_fast waited"
+    assert (await state(db, job))[0] == "waiting_health_check"
