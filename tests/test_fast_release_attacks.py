@@ -526,12 +526,11 @@ async def test_odd_valid_job_ids_are_released_at_once_with_one_event(
 # ---- the clock read before a wait for the row ----------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: gate_decide_fast reads the clock before it waits for the row")
 @pytest.mark.parametrize("ends", ["window", "stale_result"])
 async def test_a_release_is_not_written_after_the_window_closed_while_decide_fast_waited_for_the_row(
     pool: asyncpg.Pool, db: asyncpg.Connection, ends: str
 ) -> None:
-    """BUG found by the break-gate attacks. A job.cancel's transaction (`cancel`: `jobs.lock_waiting` first) holds the waiting row and then fails
+    """A BUG found by the break-gate attacks, fixed (migration 0015). A job.cancel's transaction (`cancel`: `jobs.lock_waiting` first) holds the waiting row and then fails
     (rolled back: its connection lost, a timeout). `gate_decide_fast`, judged while the window was open, read the
     clock, then waited for that row: when the cancel rolls back, the window has closed (or the only check's result
     has grown older than its interval), and the fast write must not release the job host then. The release pass
