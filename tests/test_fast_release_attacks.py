@@ -564,3 +564,34 @@ async def test_a_release_is_not_written_after_the_window_closed_while_decide_fas
     decided = await fast
     assert not decided, "released after the window closed (or a result went stale) while decide_fast waited"
     assert (await state(db, job))[0] == "waiting_health_check"
+
+
+async def test_a_release_cutoff_longer_than_the_window_fails_the_job_start_at_once(
+    pool: asyncpg.Pool, db: asyncpg.Connection, private_database: str
+) -> None:
+    host_id = await add_host(db, "cutoff", "cutoff-1")
+    async with db.transaction():
+        await put_policy(db, "cutoff", GroupPolicy(release_cutoff_seconds=86400))
+    now = await db.fetchval("SELECT clock_timestamp()")
+    job = job_start("cutoff-1", host_id, (now + dt.timedelta(hours=1)).isoformat().replace("+00:00", "Z"))
+    assert await make_gate(pool, private_database).start(job) == "started"
+    assert await state(db, job) == ("failed", "window_closed", ["job.failed"])
+
+
+@pytest.mark.xfail(strict=True, reason="BUG: a fast release leaves the group's budget gauge unset until the refresh")
+async def test_the_budget_gauge_after_a_fast_release(
+    pool: asyncpg.Pool, db: asyncpg.Connection, private_database: str
+) -> None:
+    """BUG found by the break-gate attacks (a regression of the fast release, minor). Before it, every job.start of a budget group went through a release pass, which set the
+    group's gauges (`healthgate_group_budget_in_use`) when it committed. A fast release passes no pass: the gauge
+    waits for the timers' refresh (every BUDGET_METRICS_SECONDS)."""
+    host_ids = [await add_host(db, "gauge", f"gauge-{index}") for index in range(3)]
+    async with db.transaction():
+        await put_policy(db, "gauge", GroupPolicy(max_unavailable=3))
+    registry = CollectorRegistry()
+    broker = Broker("amqp://guest:guest@127.0.0.1:1/", Topology("hgtest-unused"), connection_name="test")
+    gate = Gate(pool, broker, GateMetrics(registry), DatabaseWatch(private_database, pool), retry_seconds=2)
+    for index, host_id in enumerate(host_ids[:2]):
+        assert await gate.start(job_start(f"gauge-{index}", host_id)) == "started"
+    in_use = registry.get_sample_value("healthgate_group_budget_in_use", {"group": "gauge"})
+    assert in_use == 2
