@@ -309,6 +309,13 @@ class StartedJobHost:
     fingerprint: str
 
 
+class TurnUnread(Exception):
+    """`record_start` recorded the job.start (committed) but could not read the turn it returned: a migration
+    changed a type the answer holds since the connection cached it (`gate_turn.policy` is a whole `group_policies`
+    row, so a column added to that table changes it). asyncpg has dropped its cached types by then; the caller
+    judges the job host through its group's release pass, which reads named columns."""
+
+
 async def record_start(connection: Connection, job: JobStart) -> StartedJobHost | None:
     """Record a valid job.start and read its job host's turn, in ONE round trip (the SQL function
     `gate_record_start`; outside a transaction it is one of its own, committed when this returns).
@@ -319,15 +326,21 @@ async def record_start(connection: Connection, job: JobStart) -> StartedJobHost 
     gate that dies before deciding leaves it to the timers). Its `received_at` is the database's clock at the
     insert, under the group's lock: that orders the job hosts of a group as their inserts commit, so a release pass
     always sees a prefix of the arrival order (CONTRACT §6: FIFO). None when the job host existed already (a
-    repeated job.start, or one decided before it came: an invalid request, an early job.cancel; nothing is written)."""
+    repeated job.start, or one decided before it came: an invalid request, an early job.cancel; nothing is written).
+    Raises TurnUnread when the job host was recorded but its turn could not be decoded."""
     key = job_key(job.job_id)
-    row = await connection.fetchrow(
-        "SELECT * FROM gate_record_start($1, $2, $3, $4)",
-        key,
-        job.host_id,
-        storable_time(job.window_ends_at),
-        job.max_failed_hosts,
-    )
+    try:
+        row = await connection.fetchrow(
+            "SELECT * FROM gate_record_start($1, $2, $3, $4)",
+            key,
+            job.host_id,
+            storable_time(job.window_ends_at),
+            job.max_failed_hosts,
+        )
+    except asyncpg.OutdatedSchemaCacheError as exc:
+        # Raised while decoding the answer, after the statement ran (and, autocommitted, committed): only a job host
+        # just recorded has an answer to decode.
+        raise TurnUnread(str(exc)) from exc
     if row is None:
         return None
     turn = row["turn"]

@@ -223,12 +223,24 @@ class Gate:
             # Both autocommitted: the row is committed before it is judged, so a result committed after
             # `record_start` read the checks finds the row (and waits for the group's lock): no wake-up falls
             # between the two.
-            started = await jobs.record_start(connection, job)
-            if started is None:
-                return "duplicate"
-            decided = await decide_at_once(connection, started, unknown_host=self._unknown_host)
+            try:
+                started = await jobs.record_start(connection, job)
+            except jobs.TurnUnread as exc:
+                # Recorded, its turn unreadable (a migration changed a type it holds): judged by the release pass.
+                log.warning("job.start recorded, its turn unread: a release pass judges it", extra={"error": str(exc)})
+                started, decided = None, None
+            else:
+                if started is None:
+                    return "duplicate"
+                decided = await decide_at_once(connection, started, unknown_host=self._unknown_host)
         if decided is not None:
             self._decided(decided)
+            if started is not None and started.budget is not None:
+                # The group's budget as this decision left it, as the release pass it stands for would show it.
+                budget = started.budget
+                if decided.verdict is Verdict.RELEASE:
+                    budget = budget.patching(job.host_id, job.job_id)
+                self._metrics.budget(budget.group, budget.limit, budget.in_use)
         else:
             await self._pass_for_host(job.host_id, job_id=job.job_id)
         return "started"
