@@ -1,0 +1,182 @@
+"""Attacks on the poller's hot path: a check's timeout without aiohttp's own timers (a server that never answers,
+one that trickles its body, a TLS handshake that never ends), on uvloop as the poller runs; ProbeSlots under
+cancellation storms; result ids; safe_detail's cache with secrets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+import uvloop
+
+from services.poller.probes import CheckTarget, Prober, probe_session
+
+
+class _Server:
+    """A local TCP server whose handler runs on its own thread: `mode` never answers, trickles, or stalls TLS."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.stop = threading.Event()
+        self.conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.conns.append(conn)
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        try:
+            if self.mode == "trickle-headers":
+                conn.recv(65536)
+                for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n":
+                    if self.stop.wait(0.2):
+                        return
+                    conn.send(bytes([byte]))
+            elif self.mode == "trickle-body":
+                conn.recv(65536)
+                conn.send(b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n")
+                while not self.stop.wait(0.2):
+                    conn.send(b"x")
+            elif self.mode == "trickle-chunked":
+                conn.recv(65536)
+                conn.send(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                while not self.stop.wait(0.2):
+                    conn.send(b"1\r\nx\r\n")
+            else:  # silent: accepts (reads the request or the ClientHello) and never answers
+                self.stop.wait(60)
+        except OSError:
+            pass
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()
+        for conn in self.conns:
+            conn.close()
+
+
+@pytest.fixture
+def server(request: pytest.FixtureRequest) -> Iterator[_Server]:
+    running = _Server(request.param)
+    yield running
+    running.close()
+
+
+def _target(url: str, timeout: float = 1.0) -> CheckTarget:
+    return CheckTarget(
+        check_id=uuid.uuid4(), host_id=uuid.uuid4(), check_type="http", timeout_seconds=timeout,
+        host_name="127.0.0.1", url=url, expected_body="x",
+    )  # fmt: skip
+
+
+async def _run_bounded(url: str, timeout: float = 1.0) -> tuple[str, float]:
+    session = probe_session([])
+    try:
+        prober = Prober(session, [], None)
+        started = time.monotonic()
+        # Far beyond the check's timeout: a run that does not end by itself fails here, not by hanging the suite.
+        outcome = await asyncio.wait_for(prober.run(_target(url, timeout)), 30)
+        return outcome.reason, time.monotonic() - started
+    finally:
+        await session.close()
+
+
+@pytest.mark.parametrize(
+    ("server", "scheme"),
+    [
+        ("silent", "http"),
+        ("silent", "https"),  # the TLS handshake never completes
+        ("trickle-headers", "http"),
+        ("trickle-body", "http"),
+        ("trickle-chunked", "http"),
+    ],
+    indirect=["server"],
+)
+def test_the_checks_timeout_bounds_a_server_that_never_finishes(server: _Server, scheme: str) -> None:
+    reason, _ = uvloop.run(_run_bounded(f"{scheme}://127.0.0.1:{server.port}/"))
+    assert reason == "timeout"
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_probe_slots_survive_a_cancellation_storm(seed: int) -> None:
+    """Hundreds of waiters, some cancelled at random moments (waiting, just handed a slot, inside): never more than
+    `size` inside, no newcomer takes a free slot while an earlier waiter still waits (arrival order; a waiter handed
+    its slot may resume after a later newcomer that found one free), and every slot comes back."""
+    import random
+
+    from services.poller.worker import ProbeSlots
+
+    async def storm() -> None:
+        rng = random.Random(seed)
+        size = rng.randint(1, 5)
+        slots = ProbeSlots(size)
+        inside = 0
+        most = 0
+        overtaken: list[int] = []
+
+        async def probe(number: int) -> None:
+            nonlocal inside, most
+            if slots._free > 0 and any(not waiter.done() for waiter in slots._waiting):
+                overtaken.append(number)
+            async with slots:
+                inside += 1
+                most = max(most, inside)
+                try:
+                    for _ in range(rng.randint(0, 3)):
+                        await asyncio.sleep(0)
+                finally:
+                    inside -= 1
+
+        tasks = []
+        for number in range(300):
+            tasks.append(asyncio.create_task(probe(number)))
+            if rng.random() < 0.3:
+                await asyncio.sleep(0)
+            for _ in range(rng.randint(0, 2)):
+                victim = rng.choice(tasks)
+                victim.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert most <= size
+        assert overtaken == []
+        assert slots._free == size
+        # Slots still work after the storm, for `size` at once.
+        async with slots:
+            assert slots._free == size - 1
+
+    uvloop.run(storm())
+
+
+@pytest.mark.parametrize(
+    "detail",
+    [
+        "redirected to http://admin:hunter2@127.0.0.1:8080/x",
+        "body: Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc",
+        "GET http://127.0.0.1/?token=s3cr3t-value&x=1 failed",
+        "password=hunter2 in the answer",
+    ],
+)
+def test_safe_detail_cache_returns_the_redacted_detail_and_secrets_bypass_it(detail: str) -> None:
+    from shared.details import DETAIL_LIMIT, _safe_detail, safe_detail
+
+    first = safe_detail(detail)
+    again = safe_detail(detail)
+    assert first == again == _safe_detail(detail, (), DETAIL_LIMIT)
+    for secret in ("hunter2", "s3cr3t-value", "eyJzdWIiOiIxIn0"):
+        assert secret not in first
+    # A run whose secrets include part of the same detail is redacted with them, not answered from the cache.
+    with_secret = safe_detail(detail, ("127.0.0.1",))
+    assert "127.0.0.1" not in with_secret
