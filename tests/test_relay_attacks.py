@@ -314,3 +314,84 @@ async def test_a_shared_message_id_does_not_pass_a_nack_off_as_unroutable(
     # Alone, in a later batch, it goes (the queue was emptied just above).
     assert await broker.publish_batch([second]) == [None]
     assert await _drain(limited_queue) == [shared_id]
+
+
+class _PausingProxy:
+    """A TCP proxy on the test's loop whose broker-to-client direction can be held (confirms delayed, not lost)."""
+
+    def __init__(self, port: int) -> None:
+        self.target_port = port
+        self.flowing = asyncio.Event()
+        self.flowing.set()
+        self.server: asyncio.Server | None = None
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, held: bool) -> None:
+        try:
+            while data := await reader.read(65536):
+                if held:
+                    await self.flowing.wait()
+                writer.write(data)
+                await writer.drain()
+        except (OSError, asyncio.CancelledError):
+            pass
+        writer.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        for task in (
+            asyncio.create_task(self._pipe(reader, upstream_writer, False)),
+            asyncio.create_task(self._pipe(upstream_reader, writer, True)),
+        ):
+            self.tasks.add(task)
+
+    async def close(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+async def test_confirms_arriving_after_the_batch_timed_out_confirm_nothing_else(
+    backing: BackingServices, channel: AbstractChannel, own_exchange: str
+) -> None:
+    """The broker's confirms held back past the batch's timeout: the batch fails whole (nothing reported sent that
+    the client did not see confirmed); when the late confirms arrive they settle nothing of the next batch, whose
+    own confirms (and nacks) are its own."""
+    from urllib.parse import urlsplit
+
+    routed, limited = "test.break.late", "test.break.late.limited"
+    amqp = urlsplit(backing.amqp_url)
+    proxy = _PausingProxy(amqp.port or 5672)
+    port = await proxy.start()
+    broker = Broker(_through(backing.amqp_url, port), Topology(own_exchange), connection_name="test-late-confirms")
+    try:
+        await broker.run()
+        queue = await _bound_queue(channel, own_exchange, routed)
+        limited_queue = await _limited_queue(channel, own_exchange, limited, 3)
+        late = [_event(routed, n) for n in range(30)]
+        proxy.flowing.clear()
+        outcomes = await broker.publish_batch(late, timeout=1)
+        assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
+        underlay = await broker._channel.get_underlay_channel()  # type: ignore[union-attr]
+        next_batch = [_event(limited, n) for n in range(6)] + [_event(routed, 100 + n) for n in range(4)]
+        publishing = asyncio.create_task(broker.publish_batch(next_batch, timeout=10))
+        await asyncio.sleep(0.2)
+        proxy.flowing.set()  # the late confirms, then those of the next batch
+        outcomes = await publishing
+        kinds = ["ok" if outcome is None else type(outcome).__name__ for outcome in outcomes]
+        assert kinds == ["ok"] * 3 + ["PublishFailed"] * 3 + ["ok"] * 4
+        await asyncio.sleep(0.3)
+        assert await _drain(limited_queue) == [m.message_id for m in next_batch[:3]]
+        # The timed-out batch did reach the broker (at least once): it is sent again by the relay, duplicates only.
+        assert await _drain(queue) == [m.message_id for m in late + next_batch[6:]]
+        assert not underlay.confirmations and not underlay.message_id_delivery_tag
+    finally:
+        proxy.flowing.set()
+        await broker.close()
+        await proxy.close()

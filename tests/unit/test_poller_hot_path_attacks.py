@@ -15,6 +15,7 @@ import pytest
 import uvloop
 
 from services.poller.probes import CheckTarget, Prober, probe_session
+from shared.events import OUTBOUND_EVENTS, EventModel, encode_cloudevent
 
 
 class _Server:
@@ -180,3 +181,110 @@ def test_safe_detail_cache_returns_the_redacted_detail_and_secrets_bypass_it(det
     # A run whose secrets include part of the same detail is redacted with them, not answered from the cache.
     with_secret = safe_detail(detail, ("127.0.0.1",))
     assert "127.0.0.1" not in with_secret
+
+
+class _Redirecting:
+    """An HTTP server that answers every request with a redirect to `location` (then 200 once `location` is None)."""
+
+    def __init__(self) -> None:
+        self.location: str | None = None
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(65536)
+                if self.location is None:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nConnection: close\r\n\r\nx")
+                else:
+                    head = f"HTTP/1.1 302 Found\r\nLocation: {self.location}\r\nContent-Length: 0\r\n"
+                    conn.sendall(head.encode() + b"Connection: close\r\n\r\n")
+
+
+def test_the_ip_literal_verdict_is_the_urls_whatever_came_before() -> None:
+    """The verdict remembered per URL: the same URL refused every time, a blocked address written another way
+    refused too, a redirect to a blocked literal refused after the same URL was allowed as a first hop."""
+    import ipaddress
+
+    server = _Redirecting()
+    blocked = [ipaddress.ip_network("127.0.0.2/32"), ipaddress.ip_network("::ffff:127.0.0.2/128")]
+
+    async def scenario() -> list[tuple[str, str]]:
+        session = probe_session(blocked)
+        try:
+            prober = Prober(session, blocked, None)
+            seen = []
+            for url in [
+                f"http://127.0.0.2:{server.port}/",
+                f"http://127.0.0.2:{server.port}/",
+                f"http://[::ffff:127.0.0.2]:{server.port}/",
+                f"http://127.0.0.1:{server.port}/",
+            ]:
+                outcome = await prober.run(_target(url, 5.0))
+                seen.append((outcome.reason, outcome.detail))
+            server.location = f"http://127.0.0.2:{server.port}/"
+            target = CheckTarget(
+                check_id=uuid.uuid4(), host_id=uuid.uuid4(), check_type="http", timeout_seconds=5.0,
+                host_name="127.0.0.1", url=f"http://127.0.0.1:{server.port}/", follow_redirects=True,
+            )  # fmt: skip
+            outcome = await prober.run(target)
+            seen.append((outcome.reason, outcome.detail))
+            return seen
+        finally:
+            await session.close()
+
+    try:
+        seen = uvloop.run(scenario())
+    finally:
+        server.sock.close()
+    reasons = [reason for reason, _ in seen]
+    assert reasons[:3] == ["blocked"] * 3, seen
+    assert reasons[3] == "ok", seen
+    assert reasons[4] == "blocked", seen
+
+
+def test_result_ids_are_unique_random_uuids_across_batches() -> None:
+    from services.poller.results import new_result_ids
+
+    ids = [result_id for _ in range(200) for result_id in new_result_ids(50)]
+    assert len(set(ids)) == len(ids) == 10_000
+    assert all(result_id.version == 4 and result_id.variant == uuid.RFC_4122 for result_id in ids)
+    assert list(new_result_ids(0)) == []
+
+
+@pytest.mark.parametrize("routing_key", sorted(OUTBOUND_EVENTS))
+def test_every_outbound_event_encodes_as_before(routing_key: str) -> None:
+    """Every routing key of OUTBOUND_EVENTS (the unit test holds five), data built by hypothesis from the models'
+    types (any aware time zone, any floats including NaN and infinities, any text): the spliced encoding is the
+    previous one, byte for byte, or the previous one refused it (and fell back to the standard library, as the new
+    one does)."""
+    import datetime as dt
+
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+    from pydantic import AwareDatetime
+
+    from tests.unit.test_shared_events import _encoding_as_before
+
+    st.register_type_strategy(AwareDatetime, st.datetimes(timezones=st.timezones()))  # type: ignore[arg-type]
+    at = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+
+    @settings(max_examples=60, suppress_health_check=list(HealthCheck), deadline=None)
+    @given(st.builds(OUTBOUND_EVENTS[routing_key]))
+    def same(event: EventModel) -> None:
+        event_id = uuid.uuid4()
+        try:
+            before = _encoding_as_before(routing_key, event, source="/s", event_id=event_id, time=at)
+        except Exception:
+            return
+        assert encode_cloudevent(routing_key, event, source="/s", event_id=event_id, time=at) == (event_id, before)
+
+    same()
