@@ -237,6 +237,7 @@ class Broker:
         try:
             async with asyncio.timeout(timeout):
                 async with channel.lock:
+                    encoded = _without_ids_in_flight(channel, messages, encoded, outcomes)
                     first = channel.delivery_tag + 1
                     drained = channel.create_future()
                     frame = ChannelFrame(
@@ -316,9 +317,17 @@ class Broker:
             else:
                 outcomes[index] = None
 
+        going: list[tuple[int, OutgoingEvent]] = []
+        taken: set[str] = set()
+        for index, message in enumerate(messages):
+            if message.message_id in taken:  # see `_without_ids_in_flight`
+                outcomes[index] = _id_in_flight(message)
+            else:
+                taken.add(message.message_id)
+                going.append((index, message))
         with contextlib.suppress(TimeoutError):  # those without a confirm by then stay `late`
             async with asyncio.timeout(timeout):
-                await asyncio.gather(*(publish_one(index, message) for index, message in enumerate(messages)))
+                await asyncio.gather(*(publish_one(index, message) for index, message in going))
         return outcomes
 
     async def publish_reply(self, reply_to: str, body: bytes, *, correlation_id: str) -> None:
@@ -413,6 +422,34 @@ async def _confirmed(
 _PERSISTENT = int(aio_pika.DeliveryMode.PERSISTENT)
 # The aiormq channel internals `Broker._publish_pipelined` uses, as `basic_publish` uses them.
 _PIPELINE_NEEDS = ("lock", "delivery_tag", "confirmations", "message_id_delivery_tag", "write_queue", "_split_body")
+
+
+def _without_ids_in_flight(
+    channel: aiormq.Channel,
+    messages: Sequence[OutgoingEvent],
+    encoded: list[tuple[int, bytes]],
+    outcomes: list[PublishFailed | Unroutable | None],
+) -> list[tuple[int, bytes]]:
+    """The encoded messages but those whose message id is already in flight on the channel (another publish's, or
+    an earlier message's of this batch), which fail as not sent and go again later. aiormq finds the confirm of a
+    returned message by its message id: with one id twice in flight, the return of one lands on the other's
+    confirm, and a nacked message would be reported returned (Unroutable, which the relay marks sent). The outbox
+    may hold one event id twice (no unique constraint; decision ids are deterministic). Call under the lock."""
+    in_flight = channel.message_id_delivery_tag
+    taken: set[str] = set()
+    kept = []
+    for index, frames in encoded:
+        message_id = messages[index].message_id
+        if message_id in in_flight or message_id in taken:
+            outcomes[index] = _id_in_flight(messages[index])
+        else:
+            taken.add(message_id)
+            kept.append((index, frames))
+    return kept
+
+
+def _id_in_flight(message: OutgoingEvent) -> PublishFailed:
+    return PublishFailed(f"{message.routing_key}: message id {message.message_id!r} is in flight; not sent this time")
 
 
 def _no_queue(routing_key: str, exchange: str) -> str:
