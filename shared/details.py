@@ -194,6 +194,8 @@ def _safe_detail(text: str, secrets: Iterable[str | None], limit: int) -> str:
 @functools.lru_cache(maxsize=4096)
 def _safe_detail_without_secrets(text: str) -> str:
     """`safe_detail` of a detail of a check without a password, remembered: the poller stores the same few details
-    ("status 200 OK, body contains …") again and again. Nothing secret is kept: such a detail is stored as it is
-    returned. Details with secrets to redact are never cached."""
+    ("status 200 OK, body contains …") again and again. Details with secrets of their check's to redact are never
+    cached. The keys are details as the probe made them, before redaction: a URL with credentials a target echoed
+    stays in this process's memory (up to 4,096 entries) as it already was in the probe's, never in a result, event
+    or log."""
     return _safe_detail(text, (), DETAIL_LIMIT)

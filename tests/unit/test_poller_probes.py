@@ -316,7 +316,7 @@ def test_shown_url_never_fails_and_never_shows_a_userinfo(url: str) -> None:
         assert "@" not in authority, shown
 
 
-def test_credentials_are_secrets_only_with_a_user() -> None:
+def test_credentials_are_sent_only_with_a_user_and_a_password_is_a_secret_even_without_one() -> None:
     target = CheckTarget(uuid.uuid4(), uuid.uuid4(), "http", 5, "h", url="http://127.0.0.1/")
     assert (target.authorization(), target.secrets()) == (None, ())
     with_user = CheckTarget(
@@ -329,6 +329,8 @@ def test_credentials_are_secrets_only_with_a_user() -> None:
     user_only = CheckTarget(uuid.uuid4(), uuid.uuid4(), "http", 5, "h", url="http://x/", basic_auth_user="ops")
     assert user_only.authorization() == base64.b64encode(b"ops:").decode()
     assert user_only.secrets() == (base64.b64encode(b"ops:").decode(),)
+    password_only = CheckTarget(uuid.uuid4(), uuid.uuid4(), "http", 5, "h", url="http://x/", basic_auth_pass="s3cr3t")
+    assert (password_only.authorization(), password_only.secrets()) == (None, ("s3cr3t",))
 
 
 # ---- the agent's answer ------------------------------------------------------------------------------------------
