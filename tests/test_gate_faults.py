@@ -137,7 +137,9 @@ async def failing_service_check(stack: Stack, agent: FakeAgent, service: str, **
 async def test_ten_jobs_on_one_host_do_not_multiply_its_check_runs(
     own_stack: StackFactory, fake_agent: FakeAgent
 ) -> None:
-    retry, interval, duration = 3.0, 10, 20.0
+    # A short retry period, and a watch of as many periods (6.7) as with 3 s over 20 s: what is counted is runs per
+    # retry period, whatever its length.
+    retry, interval, duration = 1.5, 10, 10.0
     async with own_stack(gate_env={"HEALTHGATE_GATE_RETRY_SECONDS": str(retry)}) as stack:
         check = await failing_service_check(stack, fake_agent, "ten.service", interval_seconds=interval)
         for index in range(10):  # spread, so that their retry timers come due at ten different moments
