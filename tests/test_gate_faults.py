@@ -160,7 +160,7 @@ async def test_ten_jobs_on_one_host_do_not_multiply_its_check_runs(
 
 @pytest.mark.slow
 async def test_a_restarted_gate_reruns_failing_checks_at_once(own_stack: StackFactory, fake_agent: FakeAgent) -> None:
-    retry = 10.0
+    retry = 5.0
     async with own_stack(gate_env={"HEALTHGATE_GATE_RETRY_SECONDS": str(retry)}) as stack:
         check = await failing_service_check(stack, fake_agent, "restart.service")
         for index in range(5):
