@@ -227,7 +227,7 @@ async def test_a_broker_outage_of_the_gate_delays_no_rerun(
 async def test_a_rerun_asked_for_during_a_poller_broker_outage_runs_once_it_reconnects(
     own_stack: StackFactory, fake_agent: FakeAgent, backing: BackingServices
 ) -> None:
-    retry = 12.0
+    retry = 6.0
     amqp = urlsplit(backing.amqp_url)
     with tcp_proxy(amqp.hostname or "127.0.0.1", amqp.port or 5672) as proxy:
         async with own_stack(
