@@ -20,6 +20,7 @@ import asyncpg
 import httpx
 import pytest
 
+from shared.database import create_pool
 from shared.schema import migrate
 from shared.topology import Topology
 from tests.support.cli_forks import CliForks
@@ -68,6 +69,26 @@ async def private_database(backing: BackingServices, session_id: str) -> AsyncIt
     await migrate(dsn)
     yield dsn
     await drop_database(with_database(backing.database_url, "postgres"), name)
+
+
+@pytest.fixture
+async def private_pool(private_database: str) -> AsyncIterator[asyncpg.Pool]:
+    """A pool (1 to 20 connections, as the services make theirs: shared.database.create_pool) on `private_database`."""
+    pool = await create_pool(private_database, min_size=1, max_size=20)
+    try:
+        yield pool
+    finally:
+        await pool.close()
+
+
+@pytest.fixture
+async def private_db(private_database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to `private_database`."""
+    connection = await asyncpg.connect(private_database)
+    try:
+        yield connection
+    finally:
+        await connection.close()
 
 
 @pytest.fixture(scope="session")

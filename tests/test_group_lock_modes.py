@@ -1,0 +1,222 @@
+"""The group's lock on the fast release path (shared/migrations/0016): SHARED for a group without a disruption
+budget, so that its job.starts are released side by side instead of queueing behind each other's commits, and
+EXCLUSIVE for a group with one, and for whatever counts or changes the group (a policy PUT, a release pass), which
+holds fast releases off until it commits.
+
+The gate's code runs in this process against a database of its own (tests/test_fast_release_attacks.py's
+helpers). Where a test shows that a release is held back, it checks that the release has not finished while the
+other transaction is open and has finished once it commits; no duration is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+
+import asyncpg
+import pytest
+
+from shared.database import create_pool
+from shared.events import job_key
+from shared.group_policies import GroupPolicy, lock_group, put_policy
+from tests.test_fast_release_attacks import add_host, at_once, job_start, make_gate, record, state
+
+HELD_OFF_SECONDS = 0.5  # how long a held-back release is watched not to finish (not a timing claim)
+SETTLE_SECONDS = 30.0  # generous bound for what must finish (a hang fails the test instead of stalling the suite)
+
+
+@pytest.fixture
+async def holder(private_database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A second connection, to hold a group's lock in an open transaction."""
+    connection = await asyncpg.connect(private_database)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
+async def hold_lock(connection: asyncpg.Connection, group: str, *, shared: bool) -> None:
+    """Take the group's lock in `connection`'s open transaction, as a fast release (shared) or a pass (exclusive)."""
+    function = "pg_advisory_xact_lock_shared" if shared else "pg_advisory_xact_lock"
+    await connection.execute(f"SELECT {function}(hashtextextended('healthgate.group:' || $1, 0))", group)
+
+
+async def status_of(private_db: asyncpg.Connection, job_id: str, host_id: uuid.UUID) -> str:
+    return str(
+        await private_db.fetchval(
+            "SELECT status FROM gate_jobs WHERE job_id = $1 AND host_id = $2", job_key(job_id), host_id
+        )
+    )
+
+
+async def test_a_release_without_a_budget_does_not_wait_for_another_in_flight(
+    private_pool: asyncpg.Pool, private_db: asyncpg.Connection, holder: asyncpg.Connection, private_database: str
+) -> None:
+    """Another fast release of the group holds the group's lock (shared) and has not committed: this one is
+    released all the same, with its event."""
+    host_id = await add_host(private_db, "wide", "wide-1")
+    gate = make_gate(private_pool, private_database)
+    transaction = holder.transaction()
+    await transaction.start()
+    try:
+        await hold_lock(holder, "wide", shared=True)
+        job = job_start("wide-job", host_id)
+        assert await asyncio.wait_for(gate.start(job), SETTLE_SECONDS) == "started"
+        assert await state(private_db, job) == ("released", None, ["job.released"])
+    finally:
+        await transaction.rollback()
+
+
+@pytest.mark.parametrize("budget", [False, True])
+async def test_an_exclusive_holder_holds_a_release_back_until_it_commits(
+    private_pool: asyncpg.Pool,
+    private_db: asyncpg.Connection,
+    holder: asyncpg.Connection,
+    private_database: str,
+    budget: bool,
+) -> None:
+    """A pass or a policy PUT (the exclusive lock) holds a job.start of the group back, budget or not."""
+    host_id = await add_host(private_db, "narrow", "narrow-1")
+    if budget:
+        async with private_db.transaction():
+            await put_policy(private_db, "narrow", GroupPolicy(max_unavailable=1))
+    gate = make_gate(private_pool, private_database)
+    transaction = holder.transaction()
+    await transaction.start()
+    job = job_start("narrow-job", host_id)
+    task = asyncio.create_task(gate.start(job))
+    try:
+        await hold_lock(holder, "narrow", shared=False)
+        done, _ = await asyncio.wait({task}, timeout=HELD_OFF_SECONDS)
+        # The lock was taken before the job.start reached the database, or the job.start was recorded first and
+        # its decision is what waits: either way nothing is released while the lock is held.
+        assert not done
+        assert await private_db.fetchval("SELECT count(*) FROM gate_jobs WHERE status = 'released'") == 0
+    finally:
+        await transaction.commit()
+    assert await asyncio.wait_for(task, SETTLE_SECONDS) == "started"
+    assert await state(private_db, job) == ("released", None, ["job.released"])
+
+
+async def test_a_group_with_a_budget_releases_one_at_a_time(
+    private_pool: asyncpg.Pool, private_db: asyncpg.Connection, holder: asyncpg.Connection, private_database: str
+) -> None:
+    """With a budget, a fast release takes the lock exclusively: one in flight (a shared holder, as a release
+    judged just before the budget was set) holds it back until it commits."""
+    host_id = await add_host(private_db, "counted", "counted-1")
+    async with private_db.transaction():
+        await put_policy(private_db, "counted", GroupPolicy(max_unavailable=2))
+    gate = make_gate(private_pool, private_database)
+    transaction = holder.transaction()
+    await transaction.start()
+    await hold_lock(holder, "counted", shared=True)
+    job = job_start("counted-job", host_id)
+    task = asyncio.create_task(gate.start(job))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=HELD_OFF_SECONDS)
+        assert not done
+    finally:
+        await transaction.commit()
+    assert await asyncio.wait_for(task, SETTLE_SECONDS) == "started"
+    assert await state(private_db, job) == ("released", None, ["job.released"])
+
+
+async def test_a_budget_set_while_a_release_is_judged_without_one_is_respected(
+    private_pool: asyncpg.Pool, private_db: asyncpg.Connection, private_database: str
+) -> None:
+    """A job.start recorded in a group without a budget (its turn: no budget, lock shared); then a budget of 1 is
+    set while another host of the group is in patch. The fast write answers nothing and the release pass keeps the
+    job host waiting for the budget."""
+    group = "late-budget"
+    first, second = await add_host(private_db, group, "lb-1"), await add_host(private_db, group, "lb-2")
+    await private_db.execute(
+        "INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, received_at, decided_at)"
+        " VALUES ('patching', $1, 'released', '2099-01-01', clock_timestamp(), clock_timestamp())",
+        second,
+    )
+    job = job_start("late-budget-job", first)
+    started = await record(private_pool, job)
+    assert started.budget is None
+    async with private_db.transaction():
+        await lock_group(private_db, group)
+        await put_policy(private_db, group, GroupPolicy(max_unavailable=1))
+    assert not await at_once(private_pool, started)
+    assert (await state(private_db, job))[0] == "waiting_health_check"
+    gate = make_gate(private_pool, private_database)
+    await gate.run_due_timers()
+    row = await private_db.fetchrow(
+        "SELECT status, waiting_for FROM gate_jobs WHERE job_id = $1 AND host_id = $2", job_key(job.job_id), first
+    )
+    assert row["status"] == "waiting_health_check"
+    assert "budget" in row["waiting_for"]
+
+
+async def test_many_job_starts_of_two_gates_with_a_budget_put_in_the_middle(
+    private_database: str, private_db: asyncpg.Connection
+) -> None:
+    """Two gates release 20 job.starts of a group without a budget side by side; then a budget of 1 is PUT (under
+    the group's lock, as the api does) while they run; 10 more job.starts after the PUT committed release none
+    (the group has hosts in patch), and every job host is decided at most once, with at most one event."""
+    group = "fleet"
+    host_ids = [await add_host(private_db, group, f"fleet-{index}") for index in range(30)]
+    pools = [await create_pool(private_database, min_size=1, max_size=6) for _ in range(2)]
+    try:
+        gates = [make_gate(pool, private_database) for pool in pools]
+        first = [job_start(f"fleet-a-{index}", host_id) for index, host_id in enumerate(host_ids[:20])]
+        running = [asyncio.create_task(gates[index % 2].start(job)) for index, job in enumerate(first)]
+
+        async def put_budget() -> None:
+            await asyncio.sleep(0)
+            async with private_db.transaction():
+                await lock_group(private_db, group)
+                await put_policy(private_db, group, GroupPolicy(max_unavailable=1))
+
+        await asyncio.gather(put_budget(), *running)
+        released_before = await private_db.fetchval("SELECT count(*) FROM gate_jobs WHERE status = 'released'")
+        assert released_before >= 1
+        later = [job_start(f"fleet-b-{index}", host_id) for index, host_id in enumerate(host_ids[20:])]
+        await asyncio.gather(*(gates[index % 2].start(job) for index, job in enumerate(later)))
+    finally:
+        for pool in pools:
+            await pool.close()
+    for job in later:
+        assert await status_of(private_db, job.job_id, job.host_id) == "waiting_health_check"
+    assert await private_db.fetchval("SELECT count(*) FROM gate_jobs WHERE status = 'released'") == released_before
+    duplicates = await private_db.fetch("SELECT event_id FROM outbox GROUP BY event_id HAVING count(*) > 1")
+    assert duplicates == []
+    assert (
+        await private_db.fetchval("SELECT count(*) FROM outbox WHERE routing_key = 'job.released'") == released_before
+    )
+    # Every job host of the first 20 was either released or kept waiting for the budget set meanwhile.
+    statuses = {
+        row["status"] for row in await private_db.fetch("SELECT status FROM gate_jobs WHERE job_id LIKE 'fleet-a-%'")
+    }
+    assert statuses <= {"released", "waiting_health_check"}
+
+
+async def test_a_fast_release_and_a_pass_of_the_same_group_never_deadlock(
+    private_database: str, private_db: asyncpg.Connection
+) -> None:
+    """Fast releases (shared lock, then their row) and timer passes and cancels of the same group (exclusive lock,
+    then rows; a cancel: a row alone) interleaved many times: all finish, each job host decided once."""
+    group = "mixed"
+    host_ids = [await add_host(private_db, group, f"mixed-{index}") for index in range(8)]
+    pools = [await create_pool(private_database, min_size=1, max_size=6) for _ in range(2)]
+    try:
+        gates = [make_gate(pool, private_database) for pool in pools]
+        work = []
+        for round_ in range(5):
+            for index, host_id in enumerate(host_ids):
+                job = job_start(f"mixed-{round_}-{index}", host_id)
+                work.append(gates[index % 2].start(job))
+                if index % 3 == 0:
+                    work.append(gates[(index + 1) % 2].run_due_timers())
+        results = await asyncio.wait_for(asyncio.gather(*work, return_exceptions=True), SETTLE_SECONDS * 2)
+    finally:
+        for pool in pools:
+            await pool.close()
+    assert [result for result in results if isinstance(result, BaseException)] == []
+    assert await private_db.fetchval("SELECT count(*) FROM gate_jobs WHERE status = 'released'") == 40
+    duplicates = await private_db.fetch("SELECT event_id FROM outbox GROUP BY event_id HAVING count(*) > 1")
+    assert duplicates == []
