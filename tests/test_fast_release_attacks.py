@@ -120,6 +120,16 @@ async def state(db: asyncpg.Connection, job: JobStart) -> tuple[str, str | None,
     return row["status"], row["reason"], [event["routing_key"] for event in events]
 
 
+async def timers_until_decided(gate: Gate, db: asyncpg.Connection, job: JobStart, *, within: float = 10.0) -> None:
+    """Run the gate's timers until the job host is no longer waiting (its first evaluation by the timers is due 2 s
+    after its record: shared/migrations/0016); fails after `within` seconds."""
+    deadline = asyncio.get_running_loop().time() + within
+    while (await state(db, job))[0] == "waiting_health_check":
+        assert asyncio.get_running_loop().time() < deadline, "the timers did not decide the job host"
+        await gate.run_due_timers()
+        await asyncio.sleep(0.1)
+
+
 # ---- many job.starts of one group through two gates --------------------------------------------------------
 
 
@@ -242,7 +252,7 @@ async def test_a_host_moved_or_deleted_between_the_two_calls(
     if change == "deleted":
         await db.execute("DELETE FROM hosts WHERE id = $1", host_id)
     else:
-        await db.execute('UPDATE hosts SET "group" = \'full\' WHERE id = $1', host_id)
+        await db.execute("UPDATE hosts SET \"group\" = 'full' WHERE id = $1", host_id)
     assert not await at_once(pool, started)
     assert (await state(db, job))[0] == "waiting_health_check"
 
@@ -375,6 +385,14 @@ async def test_a_job_host_left_waiting_between_the_two_calls_is_decided_by_the_t
     job = job_start("crash-1", host_id)
     await record(pool, job)  # the gate dies here
     gate = make_gate(pool, private_database)
+    # Not before its first evaluation is due (2 s after the record: shared/migrations/0016), then at once.
+    await gate.run_due_timers()
+    assert (await state(db, job))[0] == "waiting_health_check"
+    due = await db.fetchval(
+        "SELECT next_retry_at - received_at FROM gate_jobs WHERE job_id = $1 AND host_id = $2", job.job_id, host_id
+    )
+    assert dt.timedelta(seconds=1.9) <= due <= dt.timedelta(seconds=2.1)
+    await asyncio.sleep(2.1)
     await gate.run_due_timers()
     assert await state(db, job) == ("released", None, ["job.released"])
 
@@ -398,7 +416,7 @@ async def test_an_error_inside_decide_fast_neither_loops_nor_loses_the_job_host(
     await gate.on_job_message(again)  # type: ignore[arg-type]
     assert again.settlements == [("ack", None)], again.settlements
     await db.execute("ALTER TABLE outbox DROP CONSTRAINT refuse")
-    await gate.run_due_timers()
+    await timers_until_decided(gate, db, job)
     assert await state(db, job) == ("released", None, ["job.released"])
 
 
@@ -448,9 +466,7 @@ async def test_job_starts_results_cancels_and_timers_of_three_gates_at_once_keep
     pools = [await create_pool(private_database, min_size=1, max_size=6) for _ in range(3)]
     try:
         gates = [make_gate(pool, private_database) for pool in pools]
-        starts = [
-            job_start(f"storm-{job}", host_id) for job in range(3) for host_id in host_ids
-        ]
+        starts = [job_start(f"storm-{job}", host_id) for job in range(3) for host_id in host_ids]
         stop = asyncio.Event()
 
         async def timers() -> None:
@@ -482,9 +498,7 @@ async def test_job_starts_results_cancels_and_timers_of_three_gates_at_once_keep
                     await cancel(connection, job.job_id, job.host_id)
 
         timer_task = asyncio.create_task(timers())
-        await asyncio.gather(
-            *(gates[index % 2].start(job) for index, job in enumerate(starts)), flips(), cancels()
-        )
+        await asyncio.gather(*(gates[index % 2].start(job) for index, job in enumerate(starts)), flips(), cancels())
         stop.set()
         await timer_task
     finally:

@@ -11,14 +11,17 @@ other transaction is open and has finished once it commits; no duration is asser
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import uuid
 from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
 
+from services.gate.consumer import TIMER_LOCK_WAIT_SECONDS, TIMER_SKIPS_BEFORE_WAIT
+from services.gate.evaluation import release_pass
 from shared.database import create_pool
-from shared.events import job_key
+from shared.events import JobStart, job_key
 from shared.group_policies import GroupPolicy, lock_group, put_policy
 from tests.test_fast_release_attacks import add_host, at_once, job_start, make_gate, record, state
 
@@ -143,8 +146,9 @@ async def test_a_budget_set_while_a_release_is_judged_without_one_is_respected(
         await put_policy(private_db, group, GroupPolicy(max_unavailable=1))
     assert not await at_once(private_pool, started)
     assert (await state(private_db, job))[0] == "waiting_health_check"
-    gate = make_gate(private_pool, private_database)
-    await gate.run_due_timers()
+    # The group's release pass, as the gate runs it after a fast write that wrote nothing.
+    async with private_pool.acquire() as connection, connection.transaction():
+        await release_pass(connection, group, host_ids=[first], job_id=job.job_id, wait=True, retry_seconds=60)
     row = await private_db.fetchrow(
         "SELECT status, waiting_for FROM gate_jobs WHERE job_id = $1 AND host_id = $2", job_key(job.job_id), first
     )
@@ -220,3 +224,62 @@ async def test_a_fast_release_and_a_pass_of_the_same_group_never_deadlock(
     assert await private_db.fetchval("SELECT count(*) FROM gate_jobs WHERE status = 'released'") == 40
     duplicates = await private_db.fetch("SELECT event_id FROM outbox GROUP BY event_id HAVING count(*) > 1")
     assert duplicates == []
+
+
+async def waiting_past_its_window(
+    private_db: asyncpg.Connection, private_pool: asyncpg.Pool, private_database: str, group: str
+) -> JobStart:
+    """A job host of an unhealthy host of `group`, waiting, whose window closed (due for the timers)."""
+    host_id = await add_host(private_db, group, f"{group}-sick")
+    await private_db.execute(
+        "UPDATE check_state SET status = 'unhealthy', last_healthy = false WHERE host_id = $1", host_id
+    )
+    now = await private_db.fetchval("SELECT clock_timestamp()")
+    job = job_start(f"{group}-job", host_id, (now + dt.timedelta(seconds=0.5)).isoformat())
+    assert await make_gate(private_pool, private_database).start(job) == "started"
+    assert (await state(private_db, job))[0] == "waiting_health_check"
+    await asyncio.sleep(0.6)
+    return job
+
+
+async def test_the_timers_wait_for_a_group_whose_lock_they_keep_finding_held(
+    private_pool: asyncpg.Pool, private_db: asyncpg.Connection, holder: asyncpg.Connection, private_database: str
+) -> None:
+    """Fast releases that overlap keep a busy group's lock held (shared) all the time: the timers skip the group a
+    few rounds, then wait for the lock (queued ahead of new shared holders), and a closed window fails its job host."""
+    job = await waiting_past_its_window(private_db, private_pool, private_database, "busy")
+    gate = make_gate(private_pool, private_database)
+    transaction = holder.transaction()
+    await transaction.start()
+    try:
+        await hold_lock(holder, "busy", shared=True)
+        for _ in range(TIMER_SKIPS_BEFORE_WAIT):
+            await gate.run_due_timers()
+            assert (await state(private_db, job))[0] == "waiting_health_check"
+        task = asyncio.create_task(gate.run_due_timers())
+        done, _ = await asyncio.wait({task}, timeout=TIMER_LOCK_WAIT_SECONDS / 3)
+        assert not done  # waiting for the lock
+    finally:
+        await transaction.commit()
+    await asyncio.wait_for(task, SETTLE_SECONDS)
+    assert await state(private_db, job) == ("failed", "window_closed", ["job.failed"])
+
+
+async def test_the_timers_give_up_a_lock_held_too_long_and_try_again(
+    private_pool: asyncpg.Pool, private_db: asyncpg.Connection, holder: asyncpg.Connection, private_database: str
+) -> None:
+    """A lock held longer than the timers wait for it (a long pass): the round ends without an error, the job host
+    stays due, and a later round decides it once the lock is free."""
+    job = await waiting_past_its_window(private_db, private_pool, private_database, "long")
+    gate = make_gate(private_pool, private_database)
+    transaction = holder.transaction()
+    await transaction.start()
+    try:
+        await hold_lock(holder, "long", shared=False)
+        for _ in range(TIMER_SKIPS_BEFORE_WAIT + 2):
+            await asyncio.wait_for(gate.run_due_timers(), SETTLE_SECONDS)
+            assert (await state(private_db, job))[0] == "waiting_health_check"
+    finally:
+        await transaction.commit()
+    await gate.run_due_timers()
+    assert await state(private_db, job) == ("failed", "window_closed", ["job.failed"])

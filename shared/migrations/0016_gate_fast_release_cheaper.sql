@@ -59,7 +59,7 @@ BEGIN
 END;
 $$;
 
--- 0014's, with the group's lock from `gate_lock_group_for_release`. A budget set between the read of the policy and
+-- 0014's, with the group's lock from `gate_lock_group_for_release` and the timers' first evaluation 2 s on. A budget set between the read of the policy and
 -- the lock is in the turn read after the lock: `gate_decide_fast` then writes nothing and the release pass judges
 -- the job host under the exclusive lock.
 CREATE OR REPLACE FUNCTION gate_record_start(p_key text, p_host_id uuid, p_window_ends_at timestamptz, p_max_failed_hosts integer)
@@ -78,7 +78,12 @@ BEGIN
     ON CONFLICT (job_id) DO UPDATE SET max_failed_hosts = EXCLUDED.max_failed_hosts
     WHERE jobs.max_failed_hosts IS NULL AND EXCLUDED.max_failed_hosts IS NOT NULL;
     INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, next_retry_at, received_at)
-    VALUES (p_key, p_host_id, 'waiting_health_check', p_window_ends_at, now(), clock_timestamp())
+    -- Its first evaluation by the timers is due in 2 s, not at once: the gate that recorded it decides it within
+    -- milliseconds (`gate_decide_fast`, else a release pass); a timer that found it in between ran a pass of its
+    -- own (the group's exclusive lock, holding off every fast release of the group) for a job host about to be
+    -- decided anyway, and made that decision fall back to a second pass. A gate that dies between the two calls
+    -- leaves the job host to the timers of any gate, 2 s later.
+    VALUES (p_key, p_host_id, 'waiting_health_check', p_window_ends_at, now() + interval '2 seconds', clock_timestamp())
     ON CONFLICT (job_id, host_id) DO NOTHING
     RETURNING gate_jobs.received_at INTO v_received;
     IF v_received IS NULL THEN
