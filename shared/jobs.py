@@ -411,13 +411,23 @@ async def decide_fast(
 _GROUP_LOCK_KEY = "hashtextextended('healthgate.group:' || $1, 0)"
 
 
-async def lock_group(connection: Connection, group: str, *, wait: bool = True) -> bool:
-    """Take the group's advisory lock for the rest of the caller's transaction; with `wait` False only if it
-    is free at once (False then: another transaction holds it)."""
-    if wait:
+async def lock_group(
+    connection: Connection, group: str, *, wait: bool = True, wait_seconds: float | None = None
+) -> bool:
+    """Take the group's advisory lock (exclusive) for the rest of the caller's transaction; with `wait` False only
+    if it is free at once (False then: another transaction holds it, shared or exclusive). With `wait` and
+    `wait_seconds`, wait that long at most: asyncpg.LockNotAvailableError then (PostgreSQL's lock_timeout), which
+    aborts the caller's transaction. A waiting exclusive request queues ahead of shared requests made after it
+    (PostgreSQL's lock manager), so it gets the lock once the holders of the moment commit."""
+    if not wait:
+        return bool(await connection.fetchval(f"SELECT pg_try_advisory_xact_lock({_GROUP_LOCK_KEY})", group))
+    if wait_seconds is None:
         await connection.execute(f"SELECT pg_advisory_xact_lock({_GROUP_LOCK_KEY})", group)
         return True
-    return bool(await connection.fetchval(f"SELECT pg_try_advisory_xact_lock({_GROUP_LOCK_KEY})", group))
+    await connection.execute(f"SET LOCAL lock_timeout = {max(1, round(wait_seconds * 1000))}")
+    await connection.execute(f"SELECT pg_advisory_xact_lock({_GROUP_LOCK_KEY})", group)
+    await connection.execute("SET LOCAL lock_timeout = DEFAULT")
+    return True
 
 
 async def lock_waiting_in_group(

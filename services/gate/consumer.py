@@ -68,6 +68,11 @@ BUDGET_SWEEP_SECONDS = 1.0
 BUDGET_SWEEP_GROUPS = 100
 # The budget gauges are refreshed from the database this often (and after every pass).
 BUDGET_METRICS_SECONDS = 5.0
+# A group whose lock the timers found held this many rounds running is waited for (at most
+# TIMER_LOCK_WAIT_SECONDS) in the next: a group whose job.starts keep its lock held (shared, by fast releases that
+# overlap) would otherwise never let a timer in, and a closed window would not fail its job host until they stop.
+TIMER_SKIPS_BEFORE_WAIT = 2
+TIMER_LOCK_WAIT_SECONDS = 1.0
 ResultT = TypeVar("ResultT")
 
 
@@ -151,6 +156,8 @@ class Gate:
             budget_freed=self._budget_freed,
         )
         self._next_budget_metrics = 0.0
+        # Groups with due job hosts whose lock the timers found held, and how many rounds running.
+        self._timer_skips: dict[str, int] = {}
 
     def consume(self, consumers: Consumers) -> None:
         """Register the gate's two consumers (they run while the database answers)."""
@@ -274,10 +281,11 @@ class Gate:
         host_ids: list[uuid.UUID] | None,
         job_id: str | None = None,
         wait: bool = True,
+        wait_seconds: float | None = None,
     ) -> GroupPass | None:
         return await release_pass(
-            connection, group, host_ids=host_ids, job_id=job_id, wait=wait, retry_seconds=self._retry_seconds,
-            unknown_host=self._unknown_host,
+            connection, group, host_ids=host_ids, job_id=job_id, wait=wait, wait_seconds=wait_seconds,
+            retry_seconds=self._retry_seconds, unknown_host=self._unknown_host,
         )  # fmt: skip
 
     def _done(self, outcome: GroupPass | Evaluation | None) -> None:
@@ -365,11 +373,22 @@ class Gate:
             else:
                 by_group.setdefault(row["group"], []).append(row["host_id"])
         handled = 0
+        skips = {group: count for group, count in self._timer_skips.items() if group in by_group}
         for group, host_ids in by_group.items():
-            passed = await self._transaction(partial(self._timer_pass, group=group, host_ids=host_ids))
-            if passed is not None:
-                handled += len(host_ids)
-                self._done(passed)
+            wait_seconds = TIMER_LOCK_WAIT_SECONDS if skips.get(group, 0) >= TIMER_SKIPS_BEFORE_WAIT else None
+            try:
+                passed = await self._transaction(
+                    partial(self._timer_pass, group=group, host_ids=host_ids, wait_seconds=wait_seconds)
+                )
+            except asyncpg.LockNotAvailableError:
+                passed = None  # held all that while (a long pass): waited for again next round
+            if passed is None:
+                skips[group] = skips.get(group, 0) + 1
+                continue
+            skips.pop(group, None)
+            handled += len(host_ids)
+            self._done(passed)
+        self._timer_skips = skips
         for job_id, host_id in alone:
             self._done(await self._transaction(partial(self._evaluate_alone, job_id=job_id, host_id=host_id)))
             handled += 1
@@ -383,10 +402,19 @@ class Gate:
         return max(handled, await self._verifier.run_due_timers())
 
     async def _timer_pass(
-        self, connection: Connection, *, group: str, host_ids: list[uuid.UUID] | None, wait: bool = False
+        self,
+        connection: Connection,
+        *,
+        group: str,
+        host_ids: list[uuid.UUID] | None,
+        wait: bool = False,
+        wait_seconds: float | None = None,
     ) -> GroupPass | None:
-        # From the timers (wait False), a group whose lock is held is skipped: its rows stay due for the next round.
-        return await self._release_pass(connection, group, host_ids=host_ids, wait=wait)
+        # From the timers (wait False), a group whose lock is held is skipped: its rows stay due for the next round;
+        # with `wait_seconds`, the lock is waited for that long (a group the timers kept finding locked).
+        return await self._release_pass(
+            connection, group, host_ids=host_ids, wait=wait or wait_seconds is not None, wait_seconds=wait_seconds
+        )
 
     async def _evaluate_alone(self, connection: Connection, *, job_id: str, host_id: uuid.UUID) -> Evaluation | None:
         return await evaluate_job_host(

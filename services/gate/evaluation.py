@@ -150,11 +150,13 @@ async def release_pass(
     host_ids: list[uuid.UUID] | None = None,
     job_id: str | None = None,
     wait: bool = True,
+    wait_seconds: float | None = None,
 ) -> GroupPass | None:
     """The group's release pass (CONTRACT §6 "Disruption budget"), in the caller's transaction.
 
     Takes the group's advisory lock (`shared.jobs.lock_group`; with `wait` False only if it is free, else
-    None), reads the group's policy, and locks the waiting job hosts to judge in arrival order (received_at,
+    None; with `wait_seconds`, waiting that long at most, else asyncpg.LockNotAvailableError), reads the group's
+    policy, and locks the waiting job hosts to judge in arrival order (received_at,
     job_id, host_id): with a budget (`max_unavailable`), every waiting job host of the group; without one,
     those of `host_ids` (and of the job `job_id`, its key, when given: a job.start judges its own job host,
     as without a budget nothing else changed), or with `host_ids` None those left waiting for a budget that
@@ -169,7 +171,7 @@ async def release_pass(
     true until the pass commits (an override takes it too). Call it after anything that frees budget (a
     verification outcome, a cancel): in the freeing transaction after its change, or in a new one after it
     committed. Lock order: the group's lock first, never while holding a gate_jobs row of another group."""
-    if not await jobs.lock_group(connection, group, wait=wait):
+    if not await jobs.lock_group(connection, group, wait=wait, wait_seconds=wait_seconds):
         return None
     policy, budget = await jobs.group_budget(connection, group)
     if budget is not None and budget.in_use >= budget.limit:
