@@ -505,7 +505,10 @@ async def measure(
         driver = Driver(exchange)
         consumer_channel = await connection.channel()
         queue = await consumer_channel.declare_queue(exclusive=True, auto_delete=True)
-        await queue.bind(exchange, "job.*")
+        # Only what the driver waits for: bound to job.* it also got its own job.starts back, doubling its
+        # consumption and the broker's routing for nothing (the harness's CPU, on the same 2 cores as the gate).
+        for routing_key in (*DECISIONS, "job.waiting"):
+            await queue.bind(exchange, routing_key)
         await queue.consume(driver.on_message, no_ack=True)
 
         # Warm-up: connections, prepared statements, the relay's first batches.
