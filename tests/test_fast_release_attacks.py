@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -34,21 +33,13 @@ DECISION_KEYS = ("job.released", "job.failed", "job.cancelled")
 
 
 @pytest.fixture
-async def pool(private_database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(private_database, min_size=1, max_size=20)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+def pool(private_pool: asyncpg.Pool) -> asyncpg.Pool:
+    return private_pool
 
 
 @pytest.fixture
-async def db(private_database: str) -> AsyncIterator[asyncpg.Connection]:
-    connection = await asyncpg.connect(private_database)
-    try:
-        yield connection
-    finally:
-        await connection.close()
+def db(private_db: asyncpg.Connection) -> asyncpg.Connection:
+    return private_db
 
 
 def make_gate(pool: asyncpg.Pool, dsn: str, *, unknown_host: str = "release") -> Gate:

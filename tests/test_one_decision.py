@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import asyncpg
@@ -30,7 +30,6 @@ from services.gate.evaluation import EVENT_SOURCE as GATE_SOURCE
 from services.gate.evaluation import cancel, decide_at_once, evaluate_job_host
 from shared import hosts
 from shared.crypto import SecretBox
-from shared.database import create_pool
 from shared.events import JobStart, decision_event_id
 from shared.gate_rules import Verdict
 from shared.group_policies import GroupPolicy, put_policy
@@ -49,12 +48,8 @@ DECISION_KEYS = ("job.released", "job.failed", "job.cancelled")
 
 
 @pytest.fixture
-async def pool(private_database: str) -> AsyncIterator[asyncpg.Pool]:
-    pool = await create_pool(private_database, min_size=1, max_size=20)
-    try:
-        yield pool
-    finally:
-        await pool.close()
+def pool(private_pool: asyncpg.Pool) -> asyncpg.Pool:
+    return private_pool
 
 
 def api_context(pool: asyncpg.Pool) -> ApiContext:
