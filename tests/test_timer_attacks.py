@@ -16,8 +16,10 @@ import asyncpg
 import pytest
 
 from services.gate.consumer import TIMER_LOCK_WAIT_SECONDS, TIMER_SKIPS_BEFORE_WAIT
+from shared import jobs
 from shared.events import JobStart, job_key
 from tests.test_fast_release_attacks import add_host, job_start, make_gate, record, state, timers_until_decided
+from tests.test_gate_faults import StackFactory, own_stack  # noqa: F401 (own_stack: a fixture)
 from tests.test_group_lock_modes import SETTLE_SECONDS, hold_lock
 
 
@@ -239,3 +241,30 @@ async def test_a_group_held_all_along_does_not_keep_a_busy_group_from_being_wait
         stop.set()
         await asyncio.gather(*holders)
         await transaction.commit()
+
+
+# ---- real processes ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+async def test_a_real_gate_decides_once_the_job_host_a_dead_gate_recorded_and_its_redelivered_job_start(
+    own_stack: StackFactory,  # noqa: F811 (the fixture)
+) -> None:
+    """A gate recorded a job.start and died before deciding it (the record is done here, as it would have); its
+    job.start comes back to a real gate process: a duplicate there, and the real gate's timers release the job host
+    about 2 s after the record, with one job.released."""
+    async with own_stack() as stack:
+        host_id = await add_host(stack.db, "dead-gate", "dead-gate-1", interval=3600)
+        job = job_start("dead-gate-job", host_id)
+        loop = asyncio.get_running_loop()
+        recorded = loop.time()
+        assert await jobs.record_start(stack.db, job) is not None  # the dead gate's record
+        await stack.jobs.start(job.job_id, str(host_id), window_seconds=600)  # its redelivery
+        released = await stack.events.wait_for("job.released", timeout=10)
+        took = loop.time() - recorded
+        assert 1.5 <= took <= 4.5, took
+        await asyncio.sleep(1.0)
+        assert len(stack.events.matching("job.released")) == 1
+        assert len(released) == 1
+        row = await stack.db.fetchrow("SELECT status FROM gate_jobs WHERE host_id = $1", host_id)
+        assert row is not None and row["status"] == "released"
