@@ -158,6 +158,9 @@ class Gate:
         self._next_budget_metrics = 0.0
         # Groups with due job hosts whose lock the timers found held, and how many rounds running.
         self._timer_skips: dict[str, int] = {}
+        # When the timers last waited for each of those groups (time.monotonic()): the one waited for longest ago
+        # is waited for first.
+        self._timer_waited_at: dict[str, float] = {}
 
     def consume(self, consumers: Consumers) -> None:
         """Register the gate's two consumers (they run while the database answers)."""
@@ -374,8 +377,29 @@ class Gate:
                 by_group.setdefault(row["group"], []).append(row["host_id"])
         handled = 0
         skips = {group: count for group, count in self._timer_skips.items() if group in by_group}
-        for group, host_ids in by_group.items():
-            wait_seconds = TIMER_LOCK_WAIT_SECONDS if skips.get(group, 0) >= TIMER_SKIPS_BEFORE_WAIT else None
+        waited_at = {group: at for group, at in self._timer_waited_at.items() if group in by_group}
+        # The groups to wait for last, the one waited for longest ago first, and TIMER_LOCK_WAIT_SECONDS for them
+        # all in one round: waiting that long for each of many held groups stretched the round (every other group's
+        # due job hosts, the verification timers) to as many seconds, and a group held all along (a long pass)
+        # waited for first every round kept the others from ever being waited for.
+        to_wait = sorted(
+            (group for group in by_group if skips.get(group, 0) >= TIMER_SKIPS_BEFORE_WAIT),
+            key=lambda group: waited_at.get(group, float("-inf")),
+        )
+        waiting = set(to_wait)
+        order = [group for group in by_group if group not in waiting] + to_wait
+        loop = asyncio.get_running_loop()
+        wait_until = None
+        for group in order:
+            host_ids = by_group[group]
+            wait_seconds = None
+            if group in waiting:
+                if wait_until is None:
+                    wait_until = loop.time() + TIMER_LOCK_WAIT_SECONDS
+                left = wait_until - loop.time()
+                if left >= 0.01:
+                    wait_seconds = left
+                    waited_at[group] = time.monotonic()
             try:
                 passed = await self._transaction(
                     partial(self._timer_pass, group=group, host_ids=host_ids, wait_seconds=wait_seconds)
@@ -386,9 +410,11 @@ class Gate:
                 skips[group] = skips.get(group, 0) + 1
                 continue
             skips.pop(group, None)
+            waited_at.pop(group, None)
             handled += len(host_ids)
             self._done(passed)
         self._timer_skips = skips
+        self._timer_waited_at = waited_at
         for job_id, host_id in alone:
             self._done(await self._transaction(partial(self._evaluate_alone, job_id=job_id, host_id=host_id)))
             handled += 1
