@@ -599,3 +599,38 @@ async def test_the_budget_gauge_after_a_fast_release(
         assert await gate.start(job_start(f"gauge-{index}", host_id)) == "started"
     in_use = registry.get_sample_value("healthgate_group_budget_in_use", {"group": "gauge"})
     assert in_use == 2
+
+
+async def test_a_job_cancel_handled_while_its_job_start_is_recorded_cancels_the_job_host(
+    pool: asyncpg.Pool, db: asyncpg.Connection, private_database: str
+) -> None:
+    """job.start and job.cancel of one job host handled at once (the gate takes many messages at a time): the
+    cancel looks before the job.start's row is committed, so it records an early cancel, whose insert conflicts
+    with the row once that commits. The job host is cancelled all the same (one job.cancelled), and never released
+    (found by a new user's attack: a budget-full group's job host was released after its cancel)."""
+    host_id = await add_host(db, "racing", "racing-1")
+    job = job_start("racing-cancel", host_id)
+    recorder = await asyncpg.connect(private_database)
+    try:
+        transaction = recorder.transaction()
+        await transaction.start()
+        await recorder.fetchrow(
+            "SELECT * FROM gate_record_start($1, $2, $3, NULL)", job.job_id, host_id, job.window_ends_at
+        )
+
+        async def cancelled() -> bool:
+            async with pool.acquire() as connection, connection.transaction():
+                return await cancel(connection, job.job_id, host_id)
+
+        racing = asyncio.create_task(cancelled())
+        done, _ = await asyncio.wait({racing}, timeout=0.5)
+        assert not done  # its insert waits for the job.start's
+        await transaction.commit()
+    finally:
+        await recorder.close()
+    assert await asyncio.wait_for(racing, 30)
+    assert await state(db, job) == ("cancelled", None, ["job.cancelled"])
+    gate = make_gate(pool, private_database)
+    assert await gate.start(job) == "duplicate"
+    await gate.run_due_timers()
+    assert await state(db, job) == ("cancelled", None, ["job.cancelled"])

@@ -357,11 +357,21 @@ async def cancel(connection: Connection, job_id: str, host_id: uuid.UUID) -> boo
     handed back to the end of the queue (shared/consuming.py), behind a cancel sent after it. So a cancel
     for a job host the gate has not seen yet is recorded as that job host's decision (`cancelled`, with
     job.cancelled), and the job.start that follows is a duplicate: the job host is never released after
-    its executor cancelled it."""
+    its executor cancelled it.
+
+    The job.start may also be handled at the same moment (the gate takes up to JOBS_PREFETCH messages at once):
+    its row, not yet committed when this looked, makes the insert of the early cancel conflict once it commits.
+    The row is then locked and cancelled as a waiting job host, unless it was decided meanwhile."""
     waiting = await jobs.lock_waiting(connection, job_id, host_id)
     now = await locked_now(connection)
     if waiting is None:
         decision = JobDecision(job_id, host_id, "cancelled", CANCELLED_BEFORE_START)
-        return await jobs.decide(connection, decision, at=now, source=EVENT_SOURCE, unseen=True) is not None
+        if await jobs.decide(connection, decision, at=now, source=EVENT_SOURCE, unseen=True) is not None:
+            return True
+        # The job host exists: decided already, or recorded by a job.start whose insert committed while this
+        # cancel's waited for it (each statement here reads what was committed before it started).
+        if await jobs.lock_waiting(connection, job_id, host_id) is None:
+            return False
+        now = await locked_now(connection)
     decision = JobDecision(job_id, host_id, "cancelled", CANCELLED)
     return await jobs.decide(connection, decision, at=now, source=EVENT_SOURCE) is not None
