@@ -20,6 +20,7 @@ import pytest
 
 from services.gate.consumer import TIMER_LOCK_WAIT_SECONDS, TIMER_SKIPS_BEFORE_WAIT
 from services.gate.evaluation import release_pass
+from shared import jobs
 from shared.database import create_pool
 from shared.events import JobStart, job_key
 from shared.group_policies import GroupPolicy, lock_group, put_policy
@@ -283,3 +284,48 @@ async def test_the_timers_give_up_a_lock_held_too_long_and_try_again(
         await transaction.commit()
     await gate.run_due_timers()
     assert await state(private_db, job) == ("failed", "window_closed", ["job.failed"])
+
+
+async def test_job_starts_of_one_job_do_not_wait_for_each_other(
+    private_pool: asyncpg.Pool, private_db: asyncpg.Connection, holder: asyncpg.Connection, private_database: str
+) -> None:
+    """Another job.start of the same job is being recorded (the job's row locked FOR SHARE, not committed): a
+    job.start of that job on another host is released all the same (a campaign's job.starts side by side)."""
+    first, second = await add_host(private_db, "campaign", "cp-1"), await add_host(private_db, "campaign", "cp-2")
+    gate = make_gate(private_pool, private_database)
+    assert await gate.start(job_start("one-job", first)) == "started"
+    transaction = holder.transaction()
+    await transaction.start()
+    try:
+        await holder.execute("SELECT 1 FROM jobs WHERE job_id = 'one-job' FOR SHARE")
+        job = job_start("one-job", second)
+        assert await asyncio.wait_for(gate.start(job), SETTLE_SECONDS) == "started"
+        assert await state(private_db, job) == ("released", None, ["job.released"])
+    finally:
+        await transaction.rollback()
+
+
+async def test_a_halt_in_flight_holds_a_job_start_of_its_job_back_and_fails_it(
+    private_pool: asyncpg.Pool, private_db: asyncpg.Connection, holder: asyncpg.Connection, private_database: str
+) -> None:
+    """An admin's halt holds the job's row (`lock_job`) while it fails the job's waiting hosts: a job.start of that
+    job handled meanwhile waits for it, then is failed job_halted, never released."""
+    first, second = await add_host(private_db, "halting", "hl-1"), await add_host(private_db, "halting", "hl-2")
+    gate = make_gate(private_pool, private_database)
+    assert await gate.start(job_start("halted-job", first)) == "started"
+    transaction = holder.transaction()
+    await transaction.start()
+    await jobs.lock_job(holder, "halted-job")
+    job = job_start("halted-job", second)
+    task = asyncio.create_task(gate.start(job))
+    try:
+        done, _ = await asyncio.wait({task}, timeout=HELD_OFF_SECONDS)
+        assert not done
+        halt = await jobs.halt_job(
+            holder, "halted-job", reason="manual", detail="halted by a test", by="tester", source="test"
+        )
+        assert halt is not None
+    finally:
+        await transaction.commit()
+    assert await asyncio.wait_for(task, SETTLE_SECONDS) == "started"
+    assert await state(private_db, job) == ("failed", "job_halted", ["job.failed"])

@@ -59,9 +59,20 @@ BEGIN
 END;
 $$;
 
--- 0014's, with the group's lock from `gate_lock_group_for_release` and the timers' first evaluation 2 s on. A budget set between the read of the policy and
--- the lock is in the turn read after the lock: `gate_decide_fast` then writes nothing and the release pass judges
--- the job host under the exclusive lock.
+-- 0014's, with three changes.
+-- 1. The group's lock from `gate_lock_group_for_release`. A budget set between the read of the policy and the lock
+--    is in the turn read after the lock: `gate_decide_fast` then writes nothing and the release pass judges the job
+--    host under the exclusive lock.
+-- 2. The job's row locked FOR SHARE when it exists. ON CONFLICT DO UPDATE locked it exclusively even when it changed
+--    nothing, so the job.starts of ONE job on many hosts (a campaign) queued behind each other's commits as a
+--    group's did. job.starts share the lock; a halt or a resume (shared/jobs.py `lock_job`: FOR UPDATE) still waits
+--    for them and holds them off. max_failed_hosts is still written only by the first job.start to carry one
+--    (CONTRACT §6 "Halting a job").
+-- 3. The job host's first evaluation by the timers is due 2 s after its record, not at once: the gate that recorded
+--    it decides it within milliseconds (`gate_decide_fast`, else a release pass); a timer that found it in between
+--    ran a pass of its own (the group's exclusive lock, holding off every fast release of the group) for a job host
+--    about to be decided anyway, and made that decision fall back to a second pass. A gate that dies between the
+--    two calls leaves the job host to the timers of any gate, 2 s later.
 CREATE OR REPLACE FUNCTION gate_record_start(p_key text, p_host_id uuid, p_window_ends_at timestamptz, p_max_failed_hosts integer)
 RETURNS TABLE (locked_group text, received_at timestamptz, now timestamptz, turn gate_turn, fingerprint text)
 LANGUAGE plpgsql VOLATILE AS $$
@@ -74,15 +85,14 @@ BEGIN
     IF v_group IS NOT NULL THEN
         PERFORM gate_lock_group_for_release(v_group);
     END IF;
-    INSERT INTO jobs (job_id, max_failed_hosts) VALUES (p_key, p_max_failed_hosts)
-    ON CONFLICT (job_id) DO UPDATE SET max_failed_hosts = EXCLUDED.max_failed_hosts
-    WHERE jobs.max_failed_hosts IS NULL AND EXCLUDED.max_failed_hosts IS NOT NULL;
+    INSERT INTO jobs (job_id, max_failed_hosts) VALUES (p_key, p_max_failed_hosts) ON CONFLICT (job_id) DO NOTHING;
+    IF NOT FOUND THEN
+        IF p_max_failed_hosts IS NOT NULL THEN
+            UPDATE jobs SET max_failed_hosts = p_max_failed_hosts WHERE job_id = p_key AND max_failed_hosts IS NULL;
+        END IF;
+        PERFORM 1 FROM jobs WHERE job_id = p_key FOR SHARE;
+    END IF;
     INSERT INTO gate_jobs (job_id, host_id, status, window_ends_at, next_retry_at, received_at)
-    -- Its first evaluation by the timers is due in 2 s, not at once: the gate that recorded it decides it within
-    -- milliseconds (`gate_decide_fast`, else a release pass); a timer that found it in between ran a pass of its
-    -- own (the group's exclusive lock, holding off every fast release of the group) for a job host about to be
-    -- decided anyway, and made that decision fall back to a second pass. A gate that dies between the two calls
-    -- leaves the job host to the timers of any gate, 2 s later.
     VALUES (p_key, p_host_id, 'waiting_health_check', p_window_ends_at, now() + interval '2 seconds', clock_timestamp())
     ON CONFLICT (job_id, host_id) DO NOTHING
     RETURNING gate_jobs.received_at INTO v_received;
