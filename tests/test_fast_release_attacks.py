@@ -22,7 +22,7 @@ from services.gate.consumer import Gate, GateMetrics
 from services.gate.evaluation import cancel, decide_at_once
 from shared import jobs
 from shared.database import DatabaseWatch, create_pool
-from shared.events import JobStart, decision_event_id, job_key
+from shared.events import JobCancel, JobStart, decision_event_id, job_key
 from shared.group_policies import GroupPolicy, put_policy
 from shared.messaging import Broker
 from shared.topology import Topology
@@ -634,3 +634,22 @@ async def test_a_job_cancel_handled_while_its_job_start_is_recorded_cancels_the_
     assert await gate.start(job) == "duplicate"
     await gate.run_due_timers()
     assert await state(db, job) == ("cancelled", None, ["job.cancelled"])
+
+
+async def test_a_job_cancel_for_a_job_host_no_longer_waiting_is_logged_not_silent(
+    pool: asyncpg.Pool, db: asyncpg.Connection, private_database: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A job.cancel after the release changes nothing, publishes nothing, and says so in one log line."""
+    host_id = await add_host(db, "late-cancel", "lc-1")
+    job = job_start("late-cancel", host_id)
+    gate = make_gate(pool, private_database)
+    assert await gate.start(job) == "started"
+    body = JobCancel(job_id=job.job_id, host_id=host_id).model_dump_json().encode()
+    message = FakeMessage(body, routing_key="job.cancel")
+    with caplog.at_level("INFO", logger="services.gate.consumer"):
+        await gate.on_job_message(message)  # type: ignore[arg-type]
+    assert message.settlements == [("ack", None)]
+    assert await state(db, job) == ("released", None, ["job.released"])
+    lines = [record for record in caplog.records if record.getMessage().startswith("job.cancel ignored")]
+    assert len(lines) == 1
+    assert lines[0].__dict__["job_id"] == "late-cancel"

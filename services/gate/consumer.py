@@ -310,6 +310,13 @@ class Gate:
                 extra={"job_id": request.job_id, "host_id": str(request.host_id), "status": "cancelled",
                        "reason": None, "detail": "cancelled by job.cancel"},
             )  # fmt: skip
+        else:
+            # Nothing to cancel: decided already (released, failed, cancelled). Said, so that an executor's cancel
+            # never vanishes without a trace.
+            log.info(
+                "job.cancel ignored: the job host is not waiting",
+                extra={"job_id": loggable_job_id(request.job_id), "host_id": str(request.host_id)},
+            )
         return "cancelled" if cancelled else "not_waiting"
 
     # ---- check.result ----------------------------------------------------------------------------
