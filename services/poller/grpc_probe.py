@@ -83,6 +83,10 @@ GRPC_HTTP_STATUS = "Received http2 header with status"
 PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # accept() errors that say the poller is short of something (descriptors, memory), not that the peer went away.
 OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Descriptors that must be free before a gRPC channel is made: gRPC's C core crashed the whole process (a
+# segmentation fault in grpc.aio.Channel.__init__, seen in a CI run of the short-of-descriptors test) when it ran
+# out of them while setting a channel up. Its own needs are a few (wake-up fds, the socket to the relay).
+CHANNEL_SPARE_DESCRIPTORS = 16
 # HTTP/2 first, as gRPC offers it; HTTP/1.1 too, so that a TLS server without HTTP/2 (which would end the handshake
 # with a no_application_protocol alert, RFC 7301) completes it and is named for what it is, its certificate read. A
 # gRPC server picks h2.
@@ -137,6 +141,21 @@ def judge_answer(message: bytes, service: str, what: str) -> Verdict:
     except DecodeError as exc:
         return Verdict(False, "protocol", f"{what} answered a message that cannot be read: {exc}")
     return judge_status(answer.status, service, what)
+
+
+def descriptors_to_spare(count: int = CHANNEL_SPARE_DESCRIPTORS) -> OSError | None:
+    """None when `count` more file descriptors can be opened now (each opened on /dev/null and closed again at
+    once), else the OSError that said no (EMFILE, ENFILE). Costs 2 x `count` system calls."""
+    opened: list[int] = []
+    try:
+        for _ in range(count):
+            opened.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+    except OSError as exc:
+        return exc
+    finally:
+        for descriptor in opened:
+            os.close(descriptor)
+    return None
 
 
 def unrelayed(what: str, why: str) -> Verdict:
@@ -419,6 +438,11 @@ class GrpcProbe:
             relay = Relay(reader, writer)
         except OSError as exc:  # no socket for it: out of descriptors or memory
             return unrelayed(what, exc.strerror or str(exc))
+        # No await between this and the channel's creation: nothing of this process opens a descriptor meanwhile.
+        short = descriptors_to_spare()
+        if short is not None:
+            await relay.close()
+            return unrelayed(what, short.strerror or str(short))
         options = [
             ("grpc.default_authority", host_port(name, target.port or 0)),
             ("grpc.http2_scheme", "https" if target.tls else "http"),

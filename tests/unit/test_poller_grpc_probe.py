@@ -27,10 +27,12 @@ import pytest
 from grpc_health.v1 import health_pb2
 
 from services.poller.grpc_probe import (
+    CHANNEL_SPARE_DESCRIPTORS,
     GrpcProbe,
     Relay,
     RelayTraffic,
     connect_failure,
+    descriptors_to_spare,
     grpc_words,
     handshake_failure,
     judge_answer,
@@ -387,3 +389,19 @@ async def test_thousands_of_checks_leave_no_file_descriptor_or_thread_behind(grp
         results = [await run() for run in runs[:-1]]
     assert [verdict.reason for verdict in results] == ["ok", "status", "ok", "status", "tls", "connect", "tls"]
     assert all(verdict.cert_expires_at == expired.not_after for verdict in results[2:5])
+
+
+def test_descriptors_to_spare_says_no_before_grpc_could_run_out() -> None:
+    """With fewer free descriptors than a channel needs the guard answers EMFILE (the check then fails `connect`
+    without calling into gRPC, whose core crashed the process when it ran out while making a channel), and it
+    leaves no descriptor open either way."""
+    open_now = len(os.listdir("/proc/self/fd"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now + CHANNEL_SPARE_DESCRIPTORS // 2, hard))
+    try:
+        short = descriptors_to_spare()
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert short is not None and short.errno == errno.EMFILE
+    assert descriptors_to_spare() is None
+    assert len(os.listdir("/proc/self/fd")) == open_now
