@@ -202,6 +202,10 @@ async def release_pass(
     triggered = set(host_ids) if host_ids is not None else set()
     for row, turn in zip(rows, await jobs.turns_of(connection, rows), strict=True):
         due = row["next_retry_at"] is None or jobs.aware(row["next_retry_at"]) <= now
+        # Its first evaluation (never judged to wait: no job.waiting yet) is due whatever its timer says: a
+        # job.start's timer is set 2 s on (shared/migrations/0016) only to keep the timers off a row its gate is
+        # deciding, and that first wait still asks for its failing checks at once and starts its retry period.
+        due = due or not row["waiting_announced"]
         due = due or rules.closes_at(jobs.aware(row["window_ends_at"]), policy) <= now
         if (
             order.budget is not None
