@@ -124,7 +124,9 @@ async def test_an_unseen_job_host_is_recorded_decided_and_a_waiting_one_left_alo
 
 async def test_a_window_at_the_end_of_time_is_stored_and_read_back_aware(connection: asyncpg.Connection) -> None:
     await waiting(connection, window="9999-12-31T23:59:59.999999Z")
-    [due] = await jobs.due_waiting(connection, 10)  # due at once: its first evaluation
+    assert await jobs.due_waiting(connection, 10) == []  # a job.start's row is the timers' 2 s after its record
+    await connection.execute("UPDATE gate_jobs SET next_retry_at = now() WHERE job_id = 'j-1'")
+    [due] = await jobs.due_waiting(connection, 10)
     assert (due["job_id"], due["host_id"], due["group"]) == ("j-1", HOST, None)
     async with connection.transaction():
         row = await jobs.lock_waiting(connection, "j-1", HOST)
