@@ -91,6 +91,16 @@ async def private_db(private_database: str) -> AsyncIterator[asyncpg.Connection]
         await connection.close()
 
 
+@pytest.fixture
+async def holder(private_database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A second connection to `private_database`, to hold a lock (a group's, a row's) in an open transaction."""
+    connection = await asyncpg.connect(private_database)
+    try:
+        yield connection
+    finally:
+        await connection.close()
+
+
 @pytest.fixture(scope="session")
 def postgres_of_our_own() -> Iterator[PostgresCluster]:
     """A PostgreSQL cluster of the tests' own (tests/support/postgres.py), created at first use."""

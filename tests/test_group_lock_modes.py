@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import uuid
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -28,16 +27,6 @@ from tests.test_fast_release_attacks import add_host, at_once, job_start, make_g
 
 HELD_OFF_SECONDS = 0.5  # how long a held-back release is watched not to finish (not a timing claim)
 SETTLE_SECONDS = 30.0  # generous bound for what must finish (a hang fails the test instead of stalling the suite)
-
-
-@pytest.fixture
-async def holder(private_database: str) -> AsyncIterator[asyncpg.Connection]:
-    """A second connection, to hold a group's lock in an open transaction."""
-    connection = await asyncpg.connect(private_database)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def hold_lock(connection: asyncpg.Connection, group: str, *, shared: bool) -> None:

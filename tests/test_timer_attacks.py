@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -21,16 +20,6 @@ from shared.events import JobStart, job_key
 from tests.test_fast_release_attacks import add_host, job_start, make_gate, record, state, timers_until_decided
 from tests.test_gate_faults import StackFactory, own_stack  # noqa: F401 (own_stack: a fixture)
 from tests.test_group_lock_modes import SETTLE_SECONDS, hold_lock
-
-
-@pytest.fixture
-async def holder(private_database: str) -> AsyncIterator[asyncpg.Connection]:
-    """A second connection, to hold a group's lock (or a row) in an open transaction."""
-    connection = await asyncpg.connect(private_database)
-    try:
-        yield connection
-    finally:
-        await connection.close()
 
 
 async def closing_soon(connection: asyncpg.Connection, group: str, name: str, seconds: float) -> JobStart:
