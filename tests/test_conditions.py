@@ -508,20 +508,23 @@ async def test_an_edited_condition_takes_effect_at_the_next_run(
     """The poller caches compiled conditions, and remembers those that ran away, by their text: a PUT that changes
     the condition (a runaway fixed, a condition cleared) is what the very next run evaluates."""
     raw_http.set("/same", response(body=SAME_3000))
+    # Its own runaway texts: RUNAWAY may be a known runaway of the shared poller already (another test's), and a
+    # known one that finds both workers busy with other tests' conditions is answered "not evaluated".
+    runaway = f'{RUNAWAY} || "{uuid.uuid4().hex}" == ""'
     # Disabled, so that only these /test runs evaluate it: the first run a create or an edit schedules would
     # otherwise race them for the two condition workers (a known runaway then finds none free, and is answered
     # "not evaluated": seen in a full run).
     check = await create_check(
-        admin, await new_host(admin), **http(raw_http.url("/same"), condition=RUNAWAY, enabled=False)
+        admin, await new_host(admin), **http(raw_http.url("/same"), condition=runaway, enabled=False)
     )
     path = f"/api/v1/hosts/{check['host_id']}/health-checks/{check['id']}"
     fields = {"name": check["name"], "check_type": "http", "url": raw_http.url("/same"), "enabled": False}
-    assert (await run_now(admin, check))["detail"].endswith(f"took longer than 1 s and was stopped: {RUNAWAY}")
+    assert (await run_now(admin, check))["detail"].endswith(f"took longer than 1 s and was stopped: {runaway}")
     for condition, healthy, words in [
         ("json.all(x, x == 1)", True, "status 200 OK, condition true"),
         ("json.all(x, x == 2)", False, "the condition is false: json.all(x, x == 2)"),
         (None, True, "status 200 OK"),
-        (RUNAWAY.replace(" ", ""), False, "took longer than 1 s and was stopped"),
+        (runaway.replace(" ", ""), False, "took longer than 1 s and was stopped"),
     ]:
         assert (await admin.put(path, json=fields | {"condition": condition})).status_code == 200
         result = await run_now(admin, check)
