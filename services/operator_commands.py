@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from services.api_client import ApiClient, ApiClientError, ApiError, api_path
 from services.cli_output import (
@@ -31,6 +32,7 @@ from services.cli_output import (
     show,
     table,
 )
+from shared.group_policies import GroupPolicy, budget_limit
 
 hosts_app = typer.Typer(help="Hosts: list, show, create, change and delete them (admin for changes).")
 checks_app = typer.Typer(help="A host's health checks: list, show, add, change, delete and test them.")
@@ -802,8 +804,17 @@ def groups_list(limit: Limit = None, cursor: Cursor = None, as_json: JsonOutput 
         return
 
     def budget(group: dict[str, Any]) -> str:
-        limit = group["policy"].get("max_unavailable")
-        return f"{group['budget_in_use']} of {'no limit' if limit is None else limit}"
+        # A share is shown as the hosts it allows now (CONTRACT §6): "0 of 10%" left the reader to do the sum.
+        limit, in_use, total = group["policy"].get("max_unavailable"), group["budget_in_use"], group["hosts_total"]
+        if limit is None:
+            return f"{in_use} (no limit)"
+        try:
+            allowed = budget_limit(GroupPolicy(max_unavailable=limit), total)
+        except ValidationError:
+            return f"{in_use} of {limit}"  # not a budget this CLI knows: shown as the API gave it
+        if isinstance(limit, str):
+            return f"{in_use} of {allowed} ({limit} of {total} host{'' if total == 1 else 's'})"
+        return f"{in_use} of {allowed}"
 
     columns: list[tuple[str, Any]] = [
         ("GROUP", lambda g: g["group"]),

@@ -242,6 +242,13 @@ async def test_groups_commands(cli: Cli, admin: httpx.AsyncClient) -> None:
     assert table.splitlines()[0].split()[:2] == ["GROUP", "HOSTS"]
     assert any(line.split()[:2] == ["web", "1"] for line in table.splitlines())
     assert "stable_seconds          0" in cli.ok("groups", "get-policy", "db")
+    # The budget column: a share as the hosts it allows now, a count as it is, none as no limit.
+    budgets = {line.split()[0]: line.split(maxsplit=4)[4] for line in table.splitlines()[1:] if line.strip()}
+    assert budgets["web"].strip() == "0 (no limit)" and budgets["db"].strip() == "0 of 2"
+    await admin.post("/api/v1/hosts", json={"name": "web-2", "group": "web"})
+    cli.json("groups", "set-policy", "web", "--max-unavailable", "60%")
+    shares = {line.split()[0]: line.split(maxsplit=4)[4] for line in cli.ok("groups", "list").splitlines()[1:]}
+    assert shares["web"].strip() == "0 of 1 (60% of 2 hosts)"
 
 
 async def test_errors_exit_codes_and_roles(cli: Cli, api: ServiceProcess, make_token: TokenFactory) -> None:
