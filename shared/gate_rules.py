@@ -186,7 +186,9 @@ class Decision:
 
     def failure_detail(self, window_ends_at: dt.datetime) -> str:
         """The detail of a window_closed failure: each check not ready when the window closed (or, with a
-        release cutoff, when the cutoff passed), and why; the cutoff named when there is one."""
+        release cutoff, when the cutoff passed), and why; the cutoff named when there is one. With its checks
+        ready and stable, a host that waited for its group's disruption budget says so and names the budget's
+        holders (CONTRACT §6), as the gate saw the budget when it judged the host."""
         cutoff = self.policy.release_cutoff_seconds
         if cutoff > 0:
             closed = f"the release cutoff ({cutoff} s before the window's end, release_cutoff_seconds) passed"
@@ -202,6 +204,8 @@ class Decision:
             return f"{closed} while checks were not healthy: {failing}"
         if self.unstable:
             return f"{closed} while checks were not yet stable: {self.stability_detail(moment)}"
+        if self.budget is not None and not self.budget.fits():
+            return f"{closed} while the host waited for the {self.budget.describe()}"
         return had_closed
 
     def stability_detail(self, now: dt.datetime) -> str:
@@ -323,7 +327,7 @@ def decide(
     not_ready = [check for check in gating if not check.ready(now)]
     if window_ends_at is not None and now >= closes_at(window_ends_at, policy):
         unstable = _unstable(gating, not_ready, now, policy)
-        return Decision(Verdict.WINDOW_CLOSED, gating, not_ready, unstable, policy=policy)
+        return Decision(Verdict.WINDOW_CLOSED, gating, not_ready, unstable, budget=budget, policy=policy)
     if halted:
         return Decision(Verdict.JOB_HALTED, gating, not_ready, policy=policy)
     if checks is None:
@@ -424,7 +428,10 @@ class ReleaseOrder:
 
 
 def window_closed(
-    checks_then: list[GatingCheck], window_ends_at: dt.datetime, policy: GroupPolicy | None = None
+    checks_then: list[GatingCheck],
+    window_ends_at: dt.datetime,
+    policy: GroupPolicy | None = None,
+    budget: BudgetView | None = None,
 ) -> Decision:
     """The window_closed verdict, with the gating checks as they stood when the window closed — at the
     window's end, or at its release cutoff (`closes_at`) — (`checks_then`, see `gating_checks_as_of`) and
@@ -434,9 +441,10 @@ def window_closed(
     detail; and a job still waiting when its window ends is failed, also when the gate was down then.
     Applied later (the gate was down, or a job.start arrived after its window), the checks must be
     described as they were at that moment, not as they are when the gate gets to it: a check that
-    recovered since is still named, one that failed only since is not."""
+    recovered since is still named, one that failed only since is not. `budget`: the host's view of its group's
+    disruption budget as the gate judged it (None: none applies), named when the checks were ready."""
     policy = policy or DEFAULT_POLICY
     moment = closes_at(window_ends_at, policy)
     not_ready = [check for check in checks_then if not check.ready(moment)]
     unstable = _unstable(checks_then, not_ready, moment, policy)
-    return Decision(Verdict.WINDOW_CLOSED, checks_then, not_ready, unstable, policy=policy)
+    return Decision(Verdict.WINDOW_CLOSED, checks_then, not_ready, unstable, budget=budget, policy=policy)

@@ -425,6 +425,11 @@ async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_a
         (failed,) = await events.wait_for("job.failed", of_job(job), timeout=20)
         assert failed.data["host_id"] == waiting.data["host_id"] != released.data["host_id"]
         assert failed.data["reason"] == "window_closed" and "release cutoff (3600 s" in str(failed.data["detail"])
+        # Its checks were ready: the detail says what it waited for, and who held the budget.
+        assert str(failed.data["detail"]).endswith(
+            f"while the host waited for the disruption budget of group {group}: 1 of 1 unavailable: "
+            f"{group}-1 (job {job} patching)"
+        ), failed.data["detail"]
     finally:
         own.stop()
         gate.restart()

@@ -275,7 +275,7 @@ async def evaluate(
         decision = alone.judge(jobs.turn_of(job, checks, halted=context.halted))
     if decision.verdict is Verdict.WINDOW_CLOSED:
         then = await gating_checks_as_of(connection, checks or [], rules.closes_at(window_ends_at, policy))
-        decision = rules.window_closed(then, window_ends_at, policy)
+        decision = rules.window_closed(then, window_ends_at, policy, decision.budget)
     detail = decision.detail(
         job_id=job_id, host_id=host_id, group=context.group, window_ends_at=window_ends_at, now=now
     )

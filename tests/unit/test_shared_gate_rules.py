@@ -120,6 +120,20 @@ def test_the_detail_of_a_window_that_closed_with_every_check_ready() -> None:
     assert decision.failure_detail(NOW) == "the maintenance window had closed"
 
 
+def test_the_detail_of_a_window_that_closed_while_the_budget_was_full_names_the_budget() -> None:
+    full = BudgetView("web", 1, (Holder(uuid.uuid4(), "web-1", "J", False),))
+    expected = "disruption budget of group web: 1 of 1 unavailable: web-1 (job J patching)"
+    closed = decide(NOW, NOW, [check()], budget=full)
+    assert closed.failure_detail(NOW) == f"the maintenance window closed while the host waited for the {expected}"
+    cutoff = GroupPolicy(release_cutoff_seconds=60)
+    assert window_closed([check()], NOW, cutoff, full).failure_detail(NOW).endswith(f"waited for the {expected}")
+    # Room in the budget, or checks not ready (the budget is not what it waited for): not named.
+    room = BudgetView("web", 2, full.holders)
+    assert decide(NOW, NOW, [check()], budget=room).failure_detail(NOW) == "the maintenance window had closed"
+    unready = decide(NOW, NOW, [check(status="unhealthy")], budget=full).failure_detail(NOW)
+    assert "budget" not in unready and "not healthy" in unready
+
+
 def test_the_detail_names_each_check_not_ready_and_why() -> None:
     unhealthy = check("db", status="unhealthy", detail="connection refused by 10.0.0.5:5432")
     unhealthy_without_detail = check("dns", status="unhealthy", detail=None)
