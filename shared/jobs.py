@@ -417,16 +417,19 @@ async def lock_group(
     """Take the group's advisory lock (exclusive) for the rest of the caller's transaction; with `wait` False only
     if it is free at once (False then: another transaction holds it, shared or exclusive). With `wait` and
     `wait_seconds`, wait that long at most: asyncpg.LockNotAvailableError then (PostgreSQL's lock_timeout), which
-    aborts the caller's transaction. A waiting exclusive request queues ahead of shared requests made after it
+    aborts the caller's transaction; once it has the lock, the transaction's lock_timeout is what it was before.
+    A waiting exclusive request queues ahead of shared requests made after it
     (PostgreSQL's lock manager), so it gets the lock once the holders of the moment commit."""
     if not wait:
         return bool(await connection.fetchval(f"SELECT pg_try_advisory_xact_lock({_GROUP_LOCK_KEY})", group))
     if wait_seconds is None:
         await connection.execute(f"SELECT pg_advisory_xact_lock({_GROUP_LOCK_KEY})", group)
         return True
-    await connection.execute(f"SET LOCAL lock_timeout = {max(1, round(wait_seconds * 1000))}")
+    # The caller's own lock_timeout, restored after: DEFAULT would be the session's, not what its transaction set.
+    before = await connection.fetchval("SELECT current_setting('lock_timeout')")
+    await connection.execute("SELECT set_config('lock_timeout', $1, true)", f"{max(1, round(wait_seconds * 1000))}ms")
     await connection.execute(f"SELECT pg_advisory_xact_lock({_GROUP_LOCK_KEY})", group)
-    await connection.execute("SET LOCAL lock_timeout = DEFAULT")
+    await connection.execute("SELECT set_config('lock_timeout', $1, true)", before)
     return True
 
 

@@ -318,3 +318,21 @@ async def test_a_halt_in_flight_holds_a_job_start_of_its_job_back_and_fails_it(
         await transaction.commit()
     assert await asyncio.wait_for(task, SETTLE_SECONDS) == "started"
     assert await state(private_db, job) == ("failed", "job_halted", ["job.failed"])
+
+
+async def test_a_waited_group_lock_leaves_the_transactions_own_lock_timeout_as_it_was(
+    private_db: asyncpg.Connection, holder: asyncpg.Connection
+) -> None:
+    """`lock_group(wait_seconds=...)` bounds its own wait with lock_timeout, then gives the transaction back the
+    lock_timeout it had (its own SET LOCAL, not the session's default); a wait that runs out aborts with
+    LockNotAvailableError."""
+    async with private_db.transaction():
+        await private_db.execute("SET LOCAL lock_timeout = '7s'")
+        assert await jobs.lock_group(private_db, "timeouts", wait_seconds=1.0)
+        assert await private_db.fetchval("SHOW lock_timeout") == "7s"
+    assert await private_db.fetchval("SHOW lock_timeout") == "0"
+    async with holder.transaction():
+        await hold_lock(holder, "timeouts", shared=False)
+        with pytest.raises(asyncpg.LockNotAvailableError):
+            async with private_db.transaction():
+                await jobs.lock_group(private_db, "timeouts", wait_seconds=0.2)
