@@ -58,6 +58,28 @@ def freeze_startup_heap() -> None:
     gc.set_threshold(max(young, GC_YOUNG_THRESHOLD), middle, old)
 
 
+SETTLE_SECONDS = 1.0
+
+
+async def settle_library_tasks(timeout: float) -> None:
+    """Let the tasks still pending (other than the caller's) finish, `timeout` seconds at most, before the event loop
+    closes. Closing the broker connection makes aio-pika run its channels' close callbacks as tasks of their own
+    (`OneShotCallback`); one still pending when the loop closes is destroyed later by the garbage collector, which
+    logs "Task was destroyed but it is pending!" and a RuntimeError ("Event loop is closed") as the service
+    exits (seen stopping a gate while PostgreSQL was down, on a loaded machine)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    current = asyncio.current_task()
+    while (left := deadline - loop.time()) > 0:
+        pending = {task for task in asyncio.all_tasks() if task is not current and not task.done()}
+        if not pending:
+            return
+        await asyncio.wait(pending, timeout=left)
+    left_over = [task for task in asyncio.all_tasks() if task is not current and not task.done()]
+    if left_over:
+        log.debug("tasks still pending at shutdown", extra={"tasks": [repr(task) for task in left_over][:5]})
+
+
 def run_service(service: Coroutine[Any, Any, bool]) -> int:
     """Run a worker service's `serve(...)` (True when it stopped as asked) on uvloop until it returns, and
     give the process's exit status: 0 after SIGINT/SIGTERM or Ctrl-C (KeyboardInterrupt ends it without a
@@ -161,4 +183,5 @@ class WorkerRuntime:
         if self.with_broker:
             await self.broker.close()
         await close_pool(self.pool)
+        await settle_library_tasks(SETTLE_SECONDS)
         log.info(f"{self.name} stopped")
