@@ -34,7 +34,11 @@ DELETE_BATCH = 5000
 # - InterfaceError: a connection used after it closed, or a pool closing;
 # - 57P01 admin shutdown, 57P02 crash shutdown, 57P03 cannot connect now (starting, shutting down, in
 #   recovery) — not the rest of class 57, such as 57014 query_canceled (a statement timeout);
-# - 53300 too many connections: the server is full, not our query.
+# - 53300 too many connections: the server is full, not our query;
+# - asyncpg's InternalClientError "cannot switch to state N; another operation (M) is in progress": a pooled
+#   connection whose server session was terminated (pg_terminate_backend, a failover) while it was idle; asyncpg
+#   raises it on the connection's next use instead of a connection error (MagicStack/asyncpg#784, #1069).
+#   Only that message is an outage (`is_transient_database_error`); another InternalClientError is a failure.
 TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (
     OSError,
     asyncpg.PostgresConnectionError,
@@ -43,6 +47,7 @@ TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
     asyncpg.TooManyConnectionsError,
+    asyncpg.InternalClientError,
 )
 # Every error of the database or of the connection to it: an outage (above), or PostgreSQL refusing the
 # work (asyncpg.PostgresError: a bad query, a constraint, a conflict). What a task that must not die on
@@ -54,6 +59,7 @@ _NOT_TRANSIENT: tuple[type[Exception], ...] = (
     asyncpg.exceptions.UnsupportedClientFeatureError,
     asyncpg.exceptions.UnsupportedServerFeatureError,
 )
+_TERMINATED_SESSION = "cannot switch to state"
 PROBE_INTERVAL_SECONDS = 0.5
 PROBE_TIMEOUT_SECONDS = 3.0
 POOL_CLOSE_SECONDS = 3.0
@@ -62,6 +68,8 @@ POOL_CLOSE_SECONDS = 3.0
 def is_transient_database_error(error: BaseException) -> bool:
     """True if `error` says that PostgreSQL is unreachable (down, restarting, full), not that the work
     failed: see TRANSIENT_DATABASE_ERRORS."""
+    if isinstance(error, asyncpg.InternalClientError):
+        return str(error).startswith(_TERMINATED_SESSION)
     return isinstance(error, TRANSIENT_DATABASE_ERRORS) and not isinstance(error, _NOT_TRANSIENT)
 
 

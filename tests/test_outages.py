@@ -696,6 +696,51 @@ async def test_messages_still_at_work_when_the_grace_period_ends_are_handed_back
 
 
 
+async def test_services_whose_database_sessions_are_terminated_under_load_keep_running(
+    own_database: str, backing: BackingServices, service_env: dict[str, str], tmp_path: Path
+) -> None:
+    """PostgreSQL's sessions of a busy poller and gate are terminated again and again (pg_terminate_backend, as an
+    operator or a failover does): asyncpg then fails the next use of a pooled connection, some with
+    InternalClientError "cannot switch to state". Each service goes on (no task of it dies, it does not exit) and
+    its work is done once the terminations stop: the poller stores the last tick's result of every check."""
+    exchange = own_exchange("terminated")
+    env = service_env | {"HEALTHGATE_DATABASE_URL": own_database, "HEALTHGATE_EXCHANGE": exchange}
+    db = await asyncpg.connect(own_database)
+    services: list[ServiceProcess] = []
+    try:
+        with listening_port() as port:
+            check_ids = [await unscheduled_tcp_check(db, port) for _ in range(40)]
+            services = [start_unready(name, env, tmp_path / f"{name}.log") for name in ("poller", "gate")]
+            for service in services:
+                await wait_for_log(service, "connected to RabbitMQ")
+            slot = dt.datetime.now(dt.UTC).replace(microsecond=0)
+            async with publisher(backing.amqp_url, exchange) as publish:
+                for round_number in range(30):
+                    slot += dt.timedelta(seconds=1)
+                    tick = Tick(runs=[ScheduledRun(check_id=check_id, slot=slot) for check_id in check_ids])
+                    await publish(POLLER_TICK_QUEUE.bindings[0], tick.model_dump_json().encode())
+                    await asyncio.sleep(0.1)
+                    if round_number % 2 == 0:
+                        await db.execute(
+                            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                        )
+            # A tick that failed on a terminated session is handed back or retried: every check gets its last slot.
+            await wait_until(
+                lambda: db.fetchval(
+                    "SELECT count(*) = $1 FROM check_state WHERE check_id = ANY($2) AND last_slot = $3",
+                    len(check_ids), check_ids, slot,
+                )
+            )  # fmt: skip
+        for service in services:
+            assert service.process.poll() is None, service.log_text()
+            assert "a service task failed" not in service.log_text()
+    finally:
+        await db.close()
+        stop_processes([service.process for service in services])
+        await delete_topology(backing.amqp_url, exchange)
+
+
 @pytest.mark.parametrize(
     ("error", "transient"),
     [
@@ -706,6 +751,8 @@ async def test_messages_still_at_work_when_the_grace_period_ends_are_handed_back
         (asyncpg.AdminShutdownError("terminating connection due to administrator command"), True),
         (asyncpg.CannotConnectNowError("the database system is starting up"), True),
         (asyncpg.TooManyConnectionsError("sorry, too many clients already"), True),
+        (asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"), True),
+        (asyncpg.InternalClientError("unexpected codec state"), False),
         (asyncpg.QueryCanceledError("canceling statement due to statement timeout"), False),
         (asyncpg.DataError("invalid input for query argument $1"), False),
         (asyncpg.UniqueViolationError("duplicate key"), False),
