@@ -51,7 +51,11 @@ def freeze_startup_heap() -> None:
     the frequent young collections promoted objects still in flight (bench/poller.py, issue 16, one session: the
     one-process poller made 2,016 to 2,149 checks/s at 422 to 448 µs a check with this, against 1,682 to 1,849
     at 495 to 535 µs without: the collector's walks were about 15 % of its CPU). Objects frozen are never
-    collected: only those alive at start, which live as long as the process anyway."""
+    collected: only those alive at start, which live as long as the process anyway. Only the first call of a process
+    freezes: a second service run in the same process (a test, an embedding program) would otherwise pin what the
+    first one left behind for good."""
+    if gc.get_freeze_count() > 0:
+        return
     gc.collect()  # what is already garbage is freed, not frozen
     gc.freeze()
     young, middle, old = gc.get_threshold()
