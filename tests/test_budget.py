@@ -407,6 +407,20 @@ async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_fo
     )
 
 
+async def test_a_job_start_after_its_window_while_the_budget_is_full_does_not_name_the_budget(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection, gate: ServiceProcess
+) -> None:
+    """A job.start that arrives after its window fails window_closed at once: it never waited for the budget, full as
+    it is, so its detail does not name it (only a host whose last wait was for the budget does)."""
+    _, _, job = await start_campaign(jobs, admin, db, "late-full", 2, max_unavailable=1)
+    await events.wait_for("job.released", of_job(job))
+    (waiting,) = await events.wait_for("job.waiting", of_job(job))
+    late = f"late-{uuid.uuid4().hex[:6]}"
+    await jobs.start(late, str(waiting.data["host_id"]), window_seconds=-5)
+    (failed,) = await events.wait_for("job.failed", of_job(late))
+    assert failed.data["reason"] == "window_closed" and "budget" not in str(failed.data["detail"]), failed.data
+
+
 async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_at_the_cutoff(
     jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
     gate: ServiceProcess, service_env: dict[str, str], tmp_path: Path,

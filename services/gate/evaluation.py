@@ -274,8 +274,12 @@ async def evaluate(
         alone = rules.ReleaseOrder(now=now, policy=policy, budget=None, unknown_host=unknown_host)
         decision = alone.judge(jobs.turn_of(job, checks, halted=context.halted))
     if decision.verdict is Verdict.WINDOW_CLOSED:
-        then = await gating_checks_as_of(connection, checks or [], rules.closes_at(window_ends_at, policy))
-        decision = rules.window_closed(then, window_ends_at, policy, decision.budget)
+        closed_at = rules.closes_at(window_ends_at, policy)
+        then = await gating_checks_as_of(connection, checks or [], closed_at)
+        # The budget is named only for a host whose last wait was for it: one whose checks got ready while the gate
+        # was away, or whose job.start came after the close, never waited for a budget (it may be full now).
+        waited_for_budget = "budget" in (job["waiting_for"] or ())
+        decision = rules.window_closed(then, window_ends_at, policy, decision.budget if waited_for_budget else None)
     detail = decision.detail(
         job_id=job_id, host_id=host_id, group=context.group, window_ends_at=window_ends_at, now=now
     )
