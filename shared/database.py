@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
+import re
 from typing import TypeAlias
 
 import asyncpg
@@ -59,7 +60,9 @@ _NOT_TRANSIENT: tuple[type[Exception], ...] = (
     asyncpg.exceptions.UnsupportedClientFeatureError,
     asyncpg.exceptions.UnsupportedServerFeatureError,
 )
-_TERMINATED_SESSION = "cannot switch to state"
+# asyncpg's words for a connection that another operation still holds: the one that failed when its session was
+# terminated (coreproto.pyx `_set_state`). Its other state faults ("protocol is in the failed state") are failures.
+_TERMINATED_SESSION = re.compile(r"cannot switch to state \d+; another operation \(\d+\) is in progress")
 PROBE_INTERVAL_SECONDS = 0.5
 PROBE_TIMEOUT_SECONDS = 3.0
 POOL_CLOSE_SECONDS = 3.0
@@ -69,7 +72,7 @@ def is_transient_database_error(error: BaseException) -> bool:
     """True if `error` says that PostgreSQL is unreachable (down, restarting, full), not that the work
     failed: see TRANSIENT_DATABASE_ERRORS."""
     if isinstance(error, asyncpg.InternalClientError):
-        return str(error).startswith(_TERMINATED_SESSION)
+        return _TERMINATED_SESSION.fullmatch(str(error)) is not None
     return isinstance(error, TRANSIENT_DATABASE_ERRORS) and not isinstance(error, _NOT_TRANSIENT)
 
 

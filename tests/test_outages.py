@@ -753,6 +753,7 @@ async def test_services_whose_database_sessions_are_terminated_under_load_keep_r
         (asyncpg.TooManyConnectionsError("sorry, too many clients already"), True),
         (asyncpg.InternalClientError("cannot switch to state 15; another operation (2) is in progress"), True),
         (asyncpg.InternalClientError("unexpected codec state"), False),
+        (asyncpg.InternalClientError('cannot switch to state 12; protocol is in the "failed" state'), False),
         (asyncpg.QueryCanceledError("canceling statement due to statement timeout"), False),
         (asyncpg.DataError("invalid input for query argument $1"), False),
         (asyncpg.UniqueViolationError("duplicate key"), False),

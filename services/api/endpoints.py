@@ -23,7 +23,7 @@ from services.api.context import context_of
 from services.api.paths import SegmentRoute
 from services.api.problems import Problem, forbidden, not_found
 from services.api.requests import path_job_id, path_uuid
-from shared.database import TRANSIENT_DATABASE_ERRORS
+from shared.database import TRANSIENT_DATABASE_ERRORS, is_transient_database_error
 from shared.events import job_key
 from shared.hosts import host_group
 from shared.jobs import job_hosts_of_job
@@ -76,8 +76,8 @@ class Endpoint:
         except Problem as problem:
             status = problem.status
             raise
-        except TRANSIENT_DATABASE_ERRORS:
-            status = 503
+        except TRANSIENT_DATABASE_ERRORS as error:
+            status = 503 if is_transient_database_error(error) else 500  # as the app's handler answers it
             raise
         finally:
             context.metrics.requests.labels(self.method, self.path, str(status)).inc()
