@@ -805,13 +805,15 @@ def groups_list(limit: Limit = None, cursor: Cursor = None, as_json: JsonOutput 
 
     def budget(group: dict[str, Any]) -> str:
         # A share is shown as the hosts it allows now (CONTRACT §6): "0 of 10%" left the reader to do the sum.
-        limit, in_use, total = group["policy"].get("max_unavailable"), group["budget_in_use"], group["hosts_total"]
+        limit, in_use, total = group["policy"].get("max_unavailable"), group["budget_in_use"], group.get("hosts_total")
         if limit is None:
             return f"{in_use} (no limit)"
         try:
-            allowed = budget_limit(GroupPolicy(max_unavailable=limit), total)
+            allowed = budget_limit(GroupPolicy(max_unavailable=limit), total if isinstance(total, int) else 0)
         except ValidationError:
             return f"{in_use} of {limit}"  # not a budget this CLI knows: shown as the API gave it
+        if isinstance(limit, str) and not isinstance(total, int):
+            return f"{in_use} of {limit}"
         if isinstance(limit, str):
             return f"{in_use} of {allowed} ({limit} of {total} host{'' if total == 1 else 's'})"
         return f"{in_use} of {allowed}"
