@@ -514,7 +514,7 @@ async def measure_pollers(
                 reasons[key] += int(value - old.get(key, 0.0))
     published = count_after - count_before
     measurement = Measurement(label, mode, published / wall, cpu, stored=stored / wall)
-    # The contender's own processes (the poller processes with their relay threads, and the extra relay
+    # The contender's own processes (the poller processes with their relays, and the extra relay
     # process when there is one), from /proc, beside the bare loop's and blackbox_exporter's own figures.
     own = sum(cpu.groups.get(group, 0.0) for group in POLLER_GROUPS)
     measurement.notes.append(

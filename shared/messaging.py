@@ -69,7 +69,7 @@ class Broker:
     A lost connection is logged once as a warning ("lost the connection to RabbitMQ, reconnecting",
     with the error) and its return once ("RabbitMQ recovered: reconnected to RabbitMQ", with the
     outage's length), however many attempts the robust connection makes in between. `quiet` logs both
-    at DEBUG: for a second connection of the same process (the poller's relay thread)."""
+    at DEBUG: for a second connection of the same process, whose outages the first one logs."""
 
     def __init__(self, url: str, topology: Topology, *, connection_name: str, quiet: bool = False) -> None:
         self.url = url

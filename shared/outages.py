@@ -22,7 +22,7 @@ class OutageLog:
     `down_message` is logged at WARNING with the error (`error`: text, never a traceback) on the first
     `down()` after an `up()` (or at first); `up_message` at INFO with `outage_seconds` on the first
     `up()` after a `down()`. `quiet` logs both at DEBUG instead: for a second connection of the same
-    process (the poller's relay thread) whose outages the main one already logs."""
+    process whose outages the main one already logs."""
 
     def __init__(
         self,

@@ -13,18 +13,15 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import threading
 import uuid
 from dataclasses import dataclass
 
 import asyncpg
-import uvloop
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, close_pool, create_pool, delete_in_batches
+from shared.database import DATABASE_ERRORS, Connection, DatabaseWatch, delete_in_batches
 from shared.events import CLOUDEVENTS_CONTENT_TYPE, EventModel, encode_cloudevent
 from shared.messaging import Broker, OutgoingEvent, PublishFailed, Unroutable
-from shared.topology import Topology
 
 log = logging.getLogger(__name__)
 
@@ -161,12 +158,23 @@ class OutboxRelay:
     """Publishes the outbox. Outages are reported, not logged here: a lost database goes to `database`
     (the process's watch, which logs it once and says when it is back; without one, the relay retries
     every second), a lost broker is logged by the Broker; a failed publish while the broker is up gets a
-    warning of its own."""
+    warning of its own.
+
+    `batch_size`: the most rows claimed and published at once. The relay shares its service's event loop, and a
+    batch takes about seven of its turns (claim, publish, confirms, mark sent); a poller's loop, busy with hundreds
+    of checks, turns slowly, so it relays in larger batches (services/poller/app.py)."""
 
     def __init__(
-        self, pool: asyncpg.Pool, broker: Broker, metrics: OutboxMetrics, database: DatabaseWatch | None = None
+        self,
+        pool: asyncpg.Pool,
+        broker: Broker,
+        metrics: OutboxMetrics,
+        database: DatabaseWatch | None = None,
+        *,
+        batch_size: int = BATCH_SIZE,
     ) -> None:
         self._pool = pool
+        self._batch_size = batch_size
         self._broker = broker
         self._metrics = metrics
         self._database = database
@@ -207,7 +215,7 @@ class OutboxRelay:
                     log.warning("outbox publish failed, will retry", extra={"error": str(exc)})
                 await asyncio.sleep(RETRY_DELAY_SECONDS)
                 continue
-            if handled < BATCH_SIZE:
+            if handled < self._batch_size:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), IDLE_POLL_SECONDS)
 
@@ -225,7 +233,7 @@ class OutboxRelay:
                 LIMIT $1
                 FOR UPDATE SKIP LOCKED
                 """,
-                BATCH_SIZE,
+                self._batch_size,
             )
             if not rows:
                 self._metrics.pending.set(0)
@@ -272,63 +280,3 @@ def _lost(listener: Connection) -> bool:
         return listener.is_closed()
     except asyncpg.InterfaceError:
         return True
-
-
-class RelayThread:
-    """The outbox relay on a thread with its own event loop, pool and broker connection.
-
-    A poller's event loop runs hundreds of checks at once; a relay sharing it gets one publish per
-    loop turn and falls behind the results it should publish (measured: about 30 events/s against
-    1,500 results stored/s). On its own loop it keeps up.
-    """
-
-    def __init__(self, dsn: str, amqp_url: str, topology: Topology, name: str, metrics: OutboxMetrics) -> None:
-        self._dsn = dsn
-        self._amqp_url = amqp_url
-        self._topology = topology
-        self._name = name
-        self._metrics = metrics
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[None] | None = None
-        self._thread = threading.Thread(target=self._run, name=f"{name}-outbox-relay", daemon=True)
-        self._started = threading.Event()
-
-    def start(self) -> None:
-        self._thread.start()
-        self._started.wait()
-
-    def _run(self) -> None:
-        loop = uvloop.new_event_loop()  # as the service's own loop (shared/service.py run_service)
-        self._loop = loop
-        try:
-            loop.run_until_complete(self._relay())
-        except Exception:
-            log.exception("the outbox relay thread failed; events wait in the table for another relay")
-        finally:
-            self._started.set()
-            loop.close()
-
-    async def _relay(self) -> None:
-        # Created once, on this thread's loop, for the life of the thread. Their outages are the service's
-        # outages, which the main loop's watch and broker log: here they are logged at DEBUG only.
-        pool = await create_pool(self._dsn, min_size=0, max_size=3)
-        broker = Broker(self._amqp_url, self._topology, connection_name=f"healthgate-{self._name}-relay", quiet=True)
-        database = DatabaseWatch(self._dsn, pool, quiet=True)
-        self._task = asyncio.current_task()
-        self._started.set()
-        watching = asyncio.create_task(database.run())
-        try:
-            await broker.run()
-            await OutboxRelay(pool, broker, self._metrics, database).run()
-        except asyncio.CancelledError:
-            pass
-        finally:
-            watching.cancel()
-            await asyncio.gather(watching, return_exceptions=True)
-            await broker.close()
-            await close_pool(pool)
-
-    def stop(self, timeout: float = 10.0) -> None:
-        if self._loop is not None and self._task is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._task.cancel)
-        self._thread.join(timeout)

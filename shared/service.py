@@ -29,7 +29,7 @@ from shared.consuming import ConsumerMetrics, Consumers
 from shared.database import DatabaseWatch, close_pool, create_pool
 from shared.health import ServiceHealth, base_url, listen, serve_health
 from shared.messaging import Broker
-from shared.outbox import OutboxMetrics, OutboxRelay, RelayThread
+from shared.outbox import BATCH_SIZE, OutboxMetrics, OutboxRelay
 from shared.settings import Settings
 from shared.supervision import TaskGroupOfService
 from shared.topology import Topology
@@ -105,16 +105,15 @@ class WorkerRuntime:
         *,
         pool_size: int = 10,
         with_broker: bool = True,
-        relay_on_own_thread: bool = False,
+        relay_batch_size: int = BATCH_SIZE,
         consumer_grace_seconds: float = CONSUMER_GRACE_SECONDS,
     ) -> None:
         self.name = name
         self.settings = settings
         self.pool_size = pool_size
         self.with_broker = with_broker
-        self.relay_on_own_thread = relay_on_own_thread
+        self.relay_batch_size = relay_batch_size
         self.consumer_grace_seconds = consumer_grace_seconds
-        self._relay_thread: RelayThread | None = None
         self.registry = CollectorRegistry()
         self._stopping = asyncio.Event()
         self.tasks = TaskGroupOfService(on_failure=self._stopping.set)
@@ -138,14 +137,10 @@ class WorkerRuntime:
             loop.add_signal_handler(signal_number, self._stopping.set)
         self.tasks.start(serve_health(self.health, self.registry, self._listeners), "health")
         self.tasks.start(self.database.run(), "database-watch")
-        if self.with_broker and self.relay_on_own_thread:
-            self._relay_thread = RelayThread(
-                settings.database_url, settings.amqp_url, Topology(settings.exchange), self.name,
-                OutboxMetrics(self.registry),
-            )  # fmt: skip
-            self._relay_thread.start()
-        elif self.with_broker:
-            relay = OutboxRelay(self.pool, self.broker, OutboxMetrics(self.registry), self.database)
+        if self.with_broker:
+            relay = OutboxRelay(
+                self.pool, self.broker, OutboxMetrics(self.registry), self.database, batch_size=self.relay_batch_size
+            )
             self.tasks.start(relay.run(), "outbox-relay")
         return self
 
@@ -180,10 +175,6 @@ class WorkerRuntime:
         # while the broker and the pool are still there.
         await self.consumers.stop(self.consumer_grace_seconds)
         await self.tasks.cancel_all()
-        if self._relay_thread is not None:
-            # Give the relay a moment to publish what the last ticks committed; any rest waits in the
-            # table for the next relay of any service.
-            await asyncio.to_thread(self._relay_thread.stop)
         if self.with_broker:
             await self.broker.close()
         await close_pool(self.pool)
