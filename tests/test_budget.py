@@ -431,7 +431,7 @@ async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_a
     gate.stop()
     own = start_gate(service_env, tmp_path / "gate.log", HEALTHGATE_GATE_RETRY_SECONDS="600")
     try:
-        group, _, job = await start_campaign(jobs, admin, db, "cutoff-full", 2, max_unavailable=1)
+        group, hosts, job = await start_campaign(jobs, admin, db, "cutoff-full", 2, max_unavailable=1)
         (released,) = await events.wait_for("job.released", of_job(job))
         (waiting,) = await events.wait_for("job.waiting", of_job(job))
         assert waiting.data["waiting_for"] == ["budget"]
@@ -439,10 +439,12 @@ async def test_a_release_cutoff_set_while_the_budget_is_full_fails_its_waiters_a
         (failed,) = await events.wait_for("job.failed", of_job(job), timeout=20)
         assert failed.data["host_id"] == waiting.data["host_id"] != released.data["host_id"]
         assert failed.data["reason"] == "window_closed" and "release cutoff (3600 s" in str(failed.data["detail"])
-        # Its checks were ready: the detail says what it waited for, and who held the budget.
+        # Its checks were ready: the detail says what it waited for, and who held the budget: the released host
+        # (<group>-N, N its place among the hosts; the two job.starts may be released in either order).
+        holder = f"{group}-{hosts.index(str(released.data['host_id'])) + 1}"
         assert str(failed.data["detail"]).endswith(
             f"while the host waited for the disruption budget of group {group}: 1 of 1 unavailable: "
-            f"{group}-1 (job {job} patching)"
+            f"{holder} (job {job} patching)"
         ), failed.data["detail"]
     finally:
         own.stop()
