@@ -93,15 +93,14 @@ class DatabaseWatch:
 
     On every report the pool's idle connections are expired, so that after a recovery (or a server
     restart quicker than the probe) no task is handed a connection that died with the old server.
-    `run()` must be running (a service task); `quiet` logs at DEBUG (a second pool of the same process,
-    whose outages the first logs)."""
+    `run()` must be running (a service task)."""
 
-    def __init__(self, dsn: str, pool: asyncpg.Pool | None = None, *, quiet: bool = False) -> None:
+    def __init__(self, dsn: str, pool: asyncpg.Pool | None = None) -> None:
         self._dsn = dsn
         self._pool = pool
         self._log = OutageLog(
             log, "PostgreSQL unavailable, waiting for it", "PostgreSQL recovered",
-            fields={"url": redact_url(dsn)}, quiet=quiet,
+            fields={"url": redact_url(dsn)},
         )  # fmt: skip
         self._up = asyncio.Event()
         self._down = asyncio.Event()
@@ -231,5 +230,3 @@ async def delete_in_batches(pool: asyncpg.Pool, statement: str, before: dt.datet
         total += deleted
         if deleted < batch:
             return total
-
-

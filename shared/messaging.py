@@ -68,10 +68,9 @@ class Broker:
 
     A lost connection is logged once as a warning ("lost the connection to RabbitMQ, reconnecting",
     with the error) and its return once ("RabbitMQ recovered: reconnected to RabbitMQ", with the
-    outage's length), however many attempts the robust connection makes in between. `quiet` logs both
-    at DEBUG: for a second connection of the same process, whose outages the first one logs."""
+    outage's length), however many attempts the robust connection makes in between."""
 
-    def __init__(self, url: str, topology: Topology, *, connection_name: str, quiet: bool = False) -> None:
+    def __init__(self, url: str, topology: Topology, *, connection_name: str) -> None:
         self.url = url
         self.topology = topology
         self.connection_name = connection_name
@@ -83,7 +82,7 @@ class Broker:
         self._closing = False
         self.outage = OutageLog(
             log, "lost the connection to RabbitMQ, reconnecting", "RabbitMQ recovered: reconnected to RabbitMQ",
-            fields={"url": redact_url(url)}, quiet=quiet,
+            fields={"url": redact_url(url)},
         )  # fmt: skip
 
     @property

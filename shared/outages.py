@@ -21,8 +21,7 @@ class OutageLog:
 
     `down_message` is logged at WARNING with the error (`error`: text, never a traceback) on the first
     `down()` after an `up()` (or at first); `up_message` at INFO with `outage_seconds` on the first
-    `up()` after a `down()`. `quiet` logs both at DEBUG instead: for a second connection of the same
-    process whose outages the main one already logs."""
+    `up()` after a `down()`."""
 
     def __init__(
         self,
@@ -31,13 +30,11 @@ class OutageLog:
         up_message: str,
         *,
         fields: dict[str, object] | None = None,
-        quiet: bool = False,
     ) -> None:
         self._logger = logger
         self._down_message = down_message
         self._up_message = up_message
         self._fields = dict(fields or {})
-        self._quiet = quiet
         self._lock = threading.Lock()
         self._down_since: float | None = None
 
@@ -52,7 +49,7 @@ class OutageLog:
                 return False
             self._down_since = time.monotonic()
         self._logger.log(
-            logging.DEBUG if self._quiet else logging.WARNING,
+            logging.WARNING,
             self._down_message,
             extra=self._fields | {"error": describe_error(error)},
         )
@@ -65,7 +62,7 @@ class OutageLog:
         if since is None:
             return False
         self._logger.log(
-            logging.DEBUG if self._quiet else logging.INFO,
+            logging.INFO,
             self._up_message,
             extra=self._fields | {"outage_seconds": round(time.monotonic() - since, 1)},
         )
