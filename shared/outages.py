@@ -10,14 +10,13 @@ as recovered, with the outage's length.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 
 from shared.details import safe_detail
 
 
 class OutageLog:
-    """State-change logging of one dependency, safe to call from any thread.
+    """State-change logging of one dependency, called from its service's event loop.
 
     `down_message` is logged at WARNING with the error (`error`: text, never a traceback) on the first
     `down()` after an `up()` (or at first); `up_message` at INFO with `outage_seconds` on the first
@@ -35,7 +34,6 @@ class OutageLog:
         self._down_message = down_message
         self._up_message = up_message
         self._fields = dict(fields or {})
-        self._lock = threading.Lock()
         self._down_since: float | None = None
 
     @property
@@ -44,28 +42,18 @@ class OutageLog:
 
     def down(self, error: BaseException | str) -> bool:
         """Record that the dependency is unreachable; True (and one log line) if it was not already."""
-        with self._lock:
-            if self._down_since is not None:
-                return False
-            self._down_since = time.monotonic()
-        self._logger.log(
-            logging.WARNING,
-            self._down_message,
-            extra=self._fields | {"error": describe_error(error)},
-        )
+        if self._down_since is not None:
+            return False
+        self._down_since = time.monotonic()
+        self._logger.warning(self._down_message, extra=self._fields | {"error": describe_error(error)})
         return True
 
     def up(self) -> bool:
         """Record that the dependency answers again; True (and one log line) if it was down."""
-        with self._lock:
-            since, self._down_since = self._down_since, None
+        since, self._down_since = self._down_since, None
         if since is None:
             return False
-        self._logger.log(
-            logging.INFO,
-            self._up_message,
-            extra=self._fields | {"outage_seconds": round(time.monotonic() - since, 1)},
-        )
+        self._logger.info(self._up_message, extra=self._fields | {"outage_seconds": round(time.monotonic() - since, 1)})
         return True
 
 
