@@ -40,6 +40,8 @@ PUBLISH_TIMEOUT_SECONDS = 5.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 RECONNECT_DELAY_SECONDS = 1.0
 MAX_RECONNECT_DELAY_SECONDS = 15.0
+# Encoded Basic.Publish frames kept by a Broker (routing keys x channel numbers; a handful in practice).
+PUBLISH_FRAMES_KEPT = 256
 
 ConnectedHook = Callable[[AbstractRobustConnection], Awaitable[None]]
 
@@ -80,6 +82,7 @@ class Broker:
         self._requeue_exchange: AbstractExchange | None = None
         self._ready = asyncio.Event()
         self._closing = False
+        self._publish_frames: dict[tuple[int, str], bytes] = {}  # see `_publish_frame`
         self.outage = OutageLog(
             log, "lost the connection to RabbitMQ, reconnecting", "RabbitMQ recovered: reconnected to RabbitMQ",
             fields={"url": redact_url(url)},
@@ -208,8 +211,11 @@ class Broker:
         """The batch as aiormq's `basic_publish` sends one message, for all of them at once: under the channel's
         lock each message gets its delivery tag and confirm future, the frames of the whole batch go to the
         connection's writer as one write, then the confirms are awaited together. Per message this costs no task,
-        lock, write or drain of its own. Relies on aiormq's channel internals (`_PIPELINE_NEEDS`, checked before
-        use); without them, `_publish_each`."""
+        lock, write or drain of its own, and no callback: the confirms are plain futures, awaited in delivery-tag
+        order (the order the broker confirms in), and one future of the channel's own, which aiormq fails when
+        the channel closes, stands for the whole batch. The Basic.Publish frame of a routing key is the same for
+        every message of this channel: it is encoded once (`_publish_frame`). Relies on aiormq's channel internals
+        (`_PIPELINE_NEEDS`, checked before use); without them, `_publish_each`."""
         exchange = self.topology.exchange
         stamp = dt.datetime.fromtimestamp(int(time.time()), dt.UTC)
         outcomes: list[PublishFailed | Unroutable | None] = [None] * len(messages)
@@ -223,66 +229,103 @@ class Broker:
                 timestamp=stamp,
             )
             frames: list[Any] = [
-                aiormq.spec.Basic.Publish(exchange=exchange, routing_key=message.routing_key, mandatory=True),
                 ContentHeader(properties=properties, body_size=len(message.body)),
                 *channel._split_body(message.body),
             ]
             try:
-                encoded.append((index, b"".join(pamqp.frame.marshal(frame, channel.number) for frame in frames)))
+                method = self._publish_frame(channel.number, message.routing_key)
+                encoded.append(
+                    (index, method + b"".join(pamqp.frame.marshal(frame, channel.number) for frame in frames))
+                )
             except Exception as exc:  # a property AMQP cannot carry: this message is not sent, the rest go on
                 outcomes[index] = PublishFailed(f"{message.routing_key}: {exc!r}")
-        confirms: list[tuple[int, asyncio.Future[Any]]] = []
+        loop = asyncio.get_running_loop()
+        confirms: list[tuple[int, int, asyncio.Future[Any]]] = []  # (index, delivery tag, confirm)
         failure: PublishFailed | None = None
+        closed = channel.create_future()  # never resolved by us; aiormq fails it when the channel closes
         try:
-            async with asyncio.timeout(timeout):
-                async with channel.lock:
-                    encoded = _without_ids_in_flight(channel, messages, encoded, outcomes)
-                    first = channel.delivery_tag + 1
-                    drained = channel.create_future()
-                    frame = ChannelFrame(
-                        payload=b"".join(frames for _, frames in encoded), should_close=False, drain_future=drained
-                    )
-                    for tag, (index, _) in enumerate(encoded, first):
-                        confirm = channel.create_future()
-                        message_id = messages[index].message_id
-                        channel.confirmations[tag] = confirm
-                        channel.message_id_delivery_tag[message_id] = tag
-                        confirm.add_done_callback(_forget_message_id(channel, message_id, tag))
-                        confirms.append((index, confirm))
-                    channel.delivery_tag = first + len(encoded) - 1
-                    try:
-                        await channel.write_queue.put(frame)
-                    except BaseException:
-                        # Not sent: the broker has not seen these delivery tags; give them back, as basic_publish does.
-                        channel.delivery_tag = first - 1
-                        for tag, (_, confirm) in enumerate(confirms, first):
-                            channel.confirmations.pop(tag, None)
-                            confirm.cancel()
-                        raise
-                    await asyncio.wait([drained])  # a channel closing meanwhile fails the confirms too
-                if confirms:
-                    await asyncio.wait([confirm for _, confirm in confirms])
-        except TimeoutError:
-            failure = PublishFailed(f"no confirm within {timeout:g} s")
-        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError) as exc:
-            failure = PublishFailed(repr(exc))
-        if failure is not None and not confirms:
-            return [outcome or failure for outcome in outcomes]
-        for index, confirm in confirms:
-            message = messages[index]
-            if not confirm.done():
-                confirm.cancel()  # its confirm, should it still come, is dropped (aiormq logs that at DEBUG)
-                outcomes[index] = failure or PublishFailed("no confirm")
-            elif confirm.cancelled():
-                outcomes[index] = failure or PublishFailed("cancelled: the channel closed")
-            elif (error := confirm.exception()) is not None:
-                if isinstance(error, aiormq.exceptions.PublishError):  # returned, with on_return_raises
+            try:
+                async with asyncio.timeout(timeout):
+                    async with channel.lock:
+                        encoded = _without_ids_in_flight(channel, messages, encoded, outcomes)
+                        first = channel.delivery_tag + 1
+                        drained = channel.create_future()
+                        frame = ChannelFrame(
+                            payload=b"".join(frames for _, frames in encoded), should_close=False, drain_future=drained
+                        )
+                        for tag, (index, _) in enumerate(encoded, first):
+                            confirm = loop.create_future()
+                            channel.confirmations[tag] = confirm
+                            channel.message_id_delivery_tag[messages[index].message_id] = tag
+                            confirms.append((index, tag, confirm))
+                        channel.delivery_tag = first + len(encoded) - 1
+                        try:
+                            await channel.write_queue.put(frame)
+                        except BaseException:
+                            # Not sent: the broker has not seen these delivery tags; give them back, as basic_publish
+                            # does.
+                            channel.delivery_tag = first - 1
+                            for _, tag, confirm in confirms:
+                                channel.confirmations.pop(tag, None)
+                                confirm.cancel()
+                            raise
+                        await asyncio.wait([drained])  # a channel closing meanwhile fails it
+                    for _, _, confirm in confirms:
+                        if not confirm.done():
+                            await asyncio.wait([confirm, closed], return_when=asyncio.FIRST_COMPLETED)
+                        if closed.done():
+                            failure = PublishFailed(f"the channel closed: {closed.exception()!r}")
+                            break
+            except TimeoutError:
+                failure = PublishFailed(f"no confirm within {timeout:g} s")
+            except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError) as exc:
+                failure = PublishFailed(repr(exc))
+            if failure is not None and not confirms:
+                return [outcome or failure for outcome in outcomes]
+            for index, _, confirm in confirms:
+                message = messages[index]
+                if not confirm.done():
+                    confirm.cancel()  # its confirm, should it still come, is dropped (aiormq logs that at DEBUG)
+                    outcomes[index] = failure or PublishFailed("no confirm")
+                elif confirm.cancelled():
+                    outcomes[index] = failure or PublishFailed("cancelled: the channel closed")
+                elif (error := confirm.exception()) is not None:
+                    if isinstance(error, aiormq.exceptions.PublishError):  # returned, with on_return_raises
+                        outcomes[index] = Unroutable(_no_queue(message.routing_key, exchange))
+                    else:  # a nack (DeliveryError)
+                        outcomes[index] = PublishFailed(f"{message.routing_key}: {error!r}")
+                elif isinstance(confirm.result(), aiormq.abc.DeliveredMessage):  # returned: no queue was bound
                     outcomes[index] = Unroutable(_no_queue(message.routing_key, exchange))
-                else:  # a nack (DeliveryError), a closed channel or connection
-                    outcomes[index] = PublishFailed(f"{message.routing_key}: {error!r}")
-            elif isinstance(confirm.result(), aiormq.abc.DeliveredMessage):  # returned: no queue was bound
-                outcomes[index] = Unroutable(_no_queue(message.routing_key, exchange))
-        return outcomes
+            return outcomes
+        finally:
+            # What aiormq's `basic_publish` does once a publish is settled: forget its message id's delivery tag
+            # (kept so that a returned message finds its confirm). One still in flight (this task was cancelled)
+            # is forgotten when it settles.
+            for index, tag, confirm in confirms:
+                forget = _forget_message_id(channel, messages[index].message_id, tag)
+                if confirm.done():
+                    forget(confirm)
+                else:
+                    confirm.add_done_callback(forget)
+            if closed.done():
+                closed.exception()  # retrieved: asyncio would log it as never retrieved
+            else:
+                closed.cancel()
+
+    def _publish_frame(self, channel_number: int, routing_key: str) -> bytes:
+        """The encoded Basic.Publish frame (mandatory, to the topology's exchange) of `routing_key` on channel
+        `channel_number`, made by pamqp once per routing key and channel. Raises what pamqp raises for a routing
+        key AMQP cannot carry (longer than 255 bytes)."""
+        key = (channel_number, routing_key)
+        frame = self._publish_frames.get(key)
+        if frame is None:
+            frame = pamqp.frame.marshal(
+                aiormq.spec.Basic.Publish(exchange=self.topology.exchange, routing_key=routing_key, mandatory=True),
+                channel_number,
+            )
+            if len(self._publish_frames) < PUBLISH_FRAMES_KEPT:
+                self._publish_frames[key] = frame
+        return frame
 
     async def _publish_each(
         self, exchange: AbstractExchange, messages: Sequence[OutgoingEvent], timeout: float

@@ -6,6 +6,7 @@ twice in flight."""
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -350,12 +351,17 @@ class _PausingProxy:
         ):
             self.tasks.add(task)
 
+    async def cut(self) -> None:
+        """Close the connections made so far (both directions), as a lost network would; new ones are accepted."""
+        tasks, self.tasks = self.tasks, set()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
     async def close(self) -> None:
         assert self.server is not None
         self.server.close()
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        await self.cut()
 
 
 async def test_confirms_arriving_after_the_batch_timed_out_confirm_nothing_else(
@@ -392,6 +398,51 @@ async def test_confirms_arriving_after_the_batch_timed_out_confirm_nothing_else(
         # The timed-out batch did reach the broker (at least once): it is sent again by the relay, duplicates only.
         assert await _drain(queue) == [m.message_id for m in late + next_batch[6:]]
         assert not underlay.confirmations and not underlay.message_id_delivery_tag
+    finally:
+        proxy.flowing.set()
+        await broker.close()
+        await proxy.close()
+
+
+async def test_a_connection_lost_while_confirms_are_awaited_fails_the_batch_at_once(
+    backing: BackingServices, channel: AbstractChannel, own_exchange: str
+) -> None:
+    """The whole batch written, its confirms held back, then the connection lost: the batch fails whole at once
+    (aiormq fails the closed channel's futures; the batch does not sit out its timeout), and once the broker is
+    back the next batch is confirmed right."""
+    from urllib.parse import urlsplit
+
+    routed = "test.break.lost"
+    amqp = urlsplit(backing.amqp_url)
+    proxy = _PausingProxy(amqp.port or 5672)
+    port = await proxy.start()
+    broker = Broker(_through(backing.amqp_url, port), Topology(own_exchange), connection_name="test-lost-confirms")
+    try:
+        await broker.run()
+        queue = await _bound_queue(channel, own_exchange, routed)
+        proxy.flowing.clear()
+        timeout = 60.0
+        publishing = asyncio.create_task(broker.publish_batch([_event(routed, n) for n in range(200)], timeout=timeout))
+        for _ in range(200):  # every message reached the broker: only the confirms are missing
+            declared = await channel.declare_queue(queue.name, passive=True)
+            if declared.declaration_result.message_count == 200:
+                break
+            await asyncio.sleep(0.05)
+        assert not publishing.done()
+        cut_at = time.monotonic()
+        await proxy.cut()
+        outcomes = await publishing
+        assert time.monotonic() - cut_at < timeout / 2
+        assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
+        proxy.flowing.set()
+        await _until_ready(broker)
+        fresh = [_event(routed, 1000 + n) for n in range(20)]
+        for _ in range(100):  # the robust connection may still be settling its channel
+            outcomes = await broker.publish_batch(fresh, timeout=5)
+            if outcomes == [None] * 20:
+                break
+            await asyncio.sleep(0.1)
+        assert outcomes == [None] * 20
     finally:
         proxy.flowing.set()
         await broker.close()
