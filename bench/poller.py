@@ -19,7 +19,9 @@ and keep-alive against `/ok` (blackbox_exporter 0.23 hard-codes keep-alives off 
 figure there is still one connection per probe; since issue 13 the poller does the same, with force_close, so that
 each run reads the certificate the server presents now: its keep-alive figure is one connection per check too).
 Goals, new-connection mode: poller >= 1.0x blackbox_exporter,
-one poller process >= 0.5x the bare loop. Figures only: it never fails on a goal.
+one poller process >= 0.5x the bare loop. Figures only: it never fails on a goal. The bare-loop goal is judged on
+the median of alternating rounds (the bare loops, then the one-process poller, 3 rounds quick, 5 full): on a
+shared 2-core machine a single pair of measurements swings by half.
 
 Set-up: a throwaway database `healthgate_bench_<id>` (migrated; N hosts with one http check each, seeded
 healthy so results flip nothing; schedule rows with next_run_at NULL so the pollers' schedulers dispatch
@@ -45,6 +47,7 @@ import datetime as dt
 import json
 import re
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -105,10 +108,11 @@ class Plan:
     seconds: float
     bare_seconds: float
     wrk_seconds: int
+    rounds: int  # alternating rounds of the bare loops and the one-process poller (`measure_rounds`)
 
 
-FULL = Plan(warmup=2.0, seconds=5.0, bare_seconds=3.0, wrk_seconds=4)
-QUICK = Plan(warmup=1.5, seconds=3.0, bare_seconds=2.0, wrk_seconds=2)
+FULL = Plan(warmup=2.0, seconds=5.0, bare_seconds=3.0, wrk_seconds=4, rounds=5)
+QUICK = Plan(warmup=1.5, seconds=3.0, bare_seconds=2.0, wrk_seconds=2, rounds=3)
 
 
 # ---- bare loops (run in a child process: `poller.py --bare-loop KIND URL CONCURRENCY SECONDS`) -----------
@@ -560,6 +564,51 @@ async def run_bare(kind: str, url: str, concurrency: int, seconds: float, mode: 
     return measurement
 
 
+@dataclass
+class Round:
+    """One alternating round of `measure_rounds`: the best bare aiohttp loop's rate and the one-process poller's."""
+
+    bare: float
+    poller: float
+
+    @property
+    def ratio(self) -> float:
+        return self.poller / self.bare
+
+
+async def measure_rounds(
+    pipeline: Pipeline, outbox: Outbox, poller: ServiceProcess, url: str, plan: Plan
+) -> list[Round]:
+    """`plan.rounds` rounds, each the bare aiohttp loops (every concurrency of BARE_CONCURRENCIES, the best counts)
+    and then the one-process poller, new connection per check. The machine's 2 cores are shared with other
+    guests: a single pair of measurements taken seconds apart gave 0.41x to 0.72x with the same code (one
+    session, CPU steal up to 19 %), so the ratio of the goal is the median of the rounds' ratios."""
+    rounds = []
+    for number in range(1, plan.rounds + 1):
+        bare = [await run_bare("aiohttp", url, c, plan.bare_seconds, "new-conn") for c in BARE_CONCURRENCIES]
+        one = await measure_pollers(pipeline, outbox, [poller], "new-conn", plan, "poller, 1 process")
+        rounds.append(Round(max(m.rate for m in bare), one.rate))
+        print(
+            f"  round {number}: bare aiohttp loop {rounds[-1].bare:,.0f} checks/s, poller 1 process"
+            f" {one.rate:,.0f}/s: {rounds[-1].ratio:.2f}x",
+            flush=True,
+        )
+    return rounds
+
+
+def print_rounds(rounds: list[Round]) -> None:
+    ratios = sorted(r.ratio for r in rounds)
+    median = statistics.median(ratios)
+    print(
+        f"\nAlternating rounds, new-conn (HEADLINE for the bare-loop goal): poller, 1 process / best bare aiohttp loop"
+        f" in each of {len(rounds)} rounds: {', '.join(f'{r.ratio:.2f}x' for r in rounds)}"
+    )
+    print(
+        f"  median {median:.2f}x (range {ratios[0]:.2f}-{ratios[-1]:.2f}x) (goal >= {BARE_GOAL:.1f}x):"
+        f" {'MET' if median >= BARE_GOAL else 'NOT MET'}"
+    )
+
+
 async def measure_blackbox(blackbox: Blackbox, url: str, seconds: int, mode: str) -> Measurement:
     probes = await blackbox.measure(url, seconds, classify)
     cpu = probes.cpu
@@ -619,10 +668,13 @@ def print_ratios(measurements: list[Measurement]) -> None:
             f"    best poller ({best_poller.label}) / blackbox_exporter: {ratio_bb:.2f}x"
             f" (goal >= {BLACKBOX_GOAL:.1f}x): {verdict(ratio_bb >= BLACKBOX_GOAL)}"
         )
-        print(
-            f"    poller, 1 process / {best_bare.label}: {ratio_bare:.2f}x (goal >= {BARE_GOAL:.1f}x):"
-            f" {verdict(ratio_bare >= BARE_GOAL)}"
+        judged = (
+            f"one pair of measurements; the goal >= {BARE_GOAL:.1f}x is judged on the median of the alternating"
+            " rounds below"
+            if goal
+            else "the goals are for the new-connection mode"
         )
+        print(f"    poller, 1 process / {best_bare.label}: {ratio_bare:.2f}x ({judged})")
         for m in bare:
             if m is not best_bare:
                 print(f"    poller, 1 process / {m.label}: {one[0].rate / m.rate:.2f}x")
@@ -694,6 +746,7 @@ async def measure_all(
     blackbox.stop()
 
     profile: list[str] = []
+    rounds: list[Round] = []
     outbox = Outbox(database_url)
     # (poller processes, an extra relay process too, mode). The extra relay is an experiment of this benchmark:
     # shared.outbox.OutboxRelay as it is, in a process of its own, beside the pollers' own relays.
@@ -722,6 +775,9 @@ async def measure_all(
         label = f"poller, {count} process{'es' if count > 1 else ''}" + (" + relay process" if with_relay else "")
         await set_check_url(database_url, urls[mode])
         done(await measure_pollers(pipeline, outbox, pollers, mode, plan, label))
+        if count == 1 and not with_relay and mode == "new-conn" and not arguments.skip_baselines:
+            print(f"alternating rounds of the bare aiohttp loops and poller, 1 process ({plan.rounds}):")
+            rounds = await measure_rounds(pipeline, outbox, pollers[0], urls[mode], plan)
         if count == 1 and not with_relay and mode == "new-conn" and arguments.py_spy:
             print(f"profiling poller process {pollers[0].process.pid} for {arguments.py_spy:g} s with py-spy")
             pipeline.feeding.set()
@@ -750,6 +806,8 @@ async def measure_all(
 
     print_results(measurements)
     print_ratios(measurements)
+    if rounds:
+        print_rounds(rounds)
     if profile:
         print(f"\npy-spy profile of one poller process, new-connection mode, {arguments.py_spy:g} s:")
         print("\n".join(profile))
