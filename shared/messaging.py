@@ -247,6 +247,10 @@ class Broker:
             try:
                 async with asyncio.timeout(timeout):
                     async with channel.lock:
+                        if channel.is_closed:
+                            # Closed while this batch waited for the lock: frames on its number now make RabbitMQ
+                            # close the whole connection (504 CHANNEL_ERROR), every consumer with it.
+                            raise aiormq.exceptions.ChannelInvalidStateError("the channel is closed")
                         encoded = _without_ids_in_flight(channel, messages, encoded, outcomes)
                         first = channel.delivery_tag + 1
                         drained = channel.create_future()
@@ -500,9 +504,12 @@ def _no_queue(routing_key: str, exchange: str) -> str:
 
 def _forget_message_id(channel: aiormq.Channel, message_id: str, tag: int) -> Callable[[asyncio.Future[Any]], None]:
     """What aiormq's `basic_publish` does once a publish is settled: forget its message id's delivery tag (kept
-    so that a returned message finds its confirm)."""
+    so that a returned message finds its confirm). The confirm's exception (a nack) is retrieved too: after its
+    batch was cancelled nobody reads it, and asyncio would log each one as never retrieved."""
 
-    def forget(_: asyncio.Future[Any]) -> None:
+    def forget(confirm: asyncio.Future[Any]) -> None:
+        if not confirm.cancelled():
+            confirm.exception()
         if channel.message_id_delivery_tag.get(message_id) == tag:
             channel.message_id_delivery_tag.pop(message_id)
 

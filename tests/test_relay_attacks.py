@@ -6,6 +6,7 @@ twice in flight."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -316,6 +317,30 @@ async def test_a_shared_message_id_does_not_pass_a_nack_off_as_unroutable(
     # Alone, in a later batch, it goes (the queue was emptied just above).
     assert await broker.publish_batch([second]) == [None]
     assert await _drain(limited_queue) == [shared_id]
+
+
+async def test_nacks_of_a_cancelled_batch_are_not_logged_as_never_retrieved(
+    broker: Broker, channel: AbstractChannel, own_exchange: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A batch cancelled (a relay stopping) while its confirms are outstanding, and the broker then nacks them: no
+    "Future exception was never retrieved" error per message, nothing left in the channel's bookkeeping, and the
+    next batch is answered right."""
+    limited = "test.break.cancelled.nacked"
+    await _limited_queue(channel, own_exchange, limited, 0)  # every publish to it is nacked
+    publishing = asyncio.create_task(broker.publish_batch([_event(limited, n) for n in range(50)], timeout=10))
+    for _ in range(3):  # written, the confirms not yet in
+        await asyncio.sleep(0)
+    publishing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await publishing
+    await asyncio.sleep(1)  # the nacks arrive
+    gc.collect()  # an unretrieved exception is logged when its future is freed
+    await asyncio.sleep(0.1)
+    assert not [r for r in caplog.records if "never retrieved" in r.getMessage()]
+    underlay = await broker._channel.get_underlay_channel()  # type: ignore[union-attr]
+    assert not underlay.confirmations and not underlay.message_id_delivery_tag
+    outcomes = await broker.publish_batch([_event(limited, 100 + n) for n in range(3)], timeout=5)
+    assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
 
 
 class _PausingProxy:
