@@ -40,6 +40,11 @@ PUBLISH_TIMEOUT_SECONDS = 5.0
 CONNECT_TIMEOUT_SECONDS = 10.0
 RECONNECT_DELAY_SECONDS = 1.0
 MAX_RECONNECT_DELAY_SECONDS = 15.0
+# How long the publishing channel may stay closed while the connection is up before the Broker reopens it itself
+# (`Broker._reopen_when_left_closed`), and the longest wait between its tries.
+CHANNEL_LEFT_CLOSED_SECONDS = 5.0
+MAX_CHANNEL_REOPEN_DELAY_SECONDS = 30.0
+_REOPEN_FAILURES = (TimeoutError, aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
 # Encoded Basic.Publish frames kept by a Broker (routing keys x channel numbers; a handful in practice).
 PUBLISH_FRAMES_KEPT = 256
 
@@ -83,6 +88,8 @@ class Broker:
         self._ready = asyncio.Event()
         self._closing = False
         self._publish_frames: dict[tuple[int, str], bytes] = {}  # see `_publish_frame`
+        self._channel_guard: asyncio.Task[None] | None = None  # see `_reopen_when_left_closed`
+        self.channel_left_closed_seconds = CHANNEL_LEFT_CLOSED_SECONDS
         self.outage = OutageLog(
             log, "lost the connection to RabbitMQ, reconnecting", "RabbitMQ recovered: reconnected to RabbitMQ",
             fields={"url": redact_url(url)},
@@ -134,6 +141,7 @@ class Broker:
         connection.reconnect_callbacks.add(self._on_reconnected)
         connection.close_callbacks.add(self._on_connection_lost)
         self._channel = await connection.channel(publisher_confirms=True)
+        self._channel.close_callbacks.add(self._on_channel_closed)
         self._exchange = await declare_topology(self._channel, self.topology)
         self._requeue_exchange = await declare_requeue_exchange(self._channel, self.topology)
         if on_connected is not None:
@@ -150,6 +158,37 @@ class Broker:
 
     def _on_reconnected(self, *_: object) -> None:
         self.outage.up()
+
+    def _on_channel_closed(self, *_: object) -> None:
+        if self._closing or (self._channel_guard is not None and not self._channel_guard.done()):
+            return
+        self._channel_guard = asyncio.get_running_loop().create_task(self._reopen_when_left_closed())
+
+    async def _reopen_when_left_closed(self) -> None:
+        """Reopen the publishing channel when aio-pika has left it closed while the connection is up.
+
+        The robust channel reopens itself after the broker closes it (a publish to a deleted exchange), but gives up
+        for good when that reopening fails, for instance on an RPC timeout while the connection is busy with a large
+        batch (seen in a breaker's run: the Broker never published again, though connected). Waits
+        `channel_left_closed_seconds`, then restores it (reopened, the topology declared again) with backoff, for as
+        long as it stays closed, the connection is up and the Broker is not closing; a reconnecting connection
+        restores its channels by itself. Logs a warning per reopening and per failed try."""
+        delay = self.channel_left_closed_seconds
+        while True:
+            await asyncio.sleep(delay)
+            channel, connection = self._channel, self.connection
+            if self._closing or channel is None or connection is None or not channel.is_closed:
+                return
+            if connection.is_closed or not connection.connected.is_set():
+                continue  # the robust connection restores its channels when it is back
+            try:
+                await channel.restore()
+            except _REOPEN_FAILURES as exc:
+                log.warning("cannot reopen the publishing channel to RabbitMQ, retrying", extra={"error": repr(exc)})
+                delay = min(delay * 2, MAX_CHANNEL_REOPEN_DELAY_SECONDS)
+                continue
+            log.warning("reopened the publishing channel to RabbitMQ, which had stayed closed")
+            return
 
     async def publish(
         self,
@@ -426,6 +465,10 @@ class Broker:
     async def close(self) -> None:
         self._ready.clear()
         self._closing = True
+        if self._channel_guard is not None:
+            self._channel_guard.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._channel_guard
         if self.connection is not None:
             await self.connection.close()
 

@@ -10,8 +10,10 @@ import gc
 import time
 import uuid
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aio_pika
+import aiormq
 import asyncpg
 import pytest
 from aio_pika.abc import AbstractChannel, AbstractQueue
@@ -341,6 +343,43 @@ async def test_nacks_of_a_cancelled_batch_are_not_logged_as_never_retrieved(
     assert not underlay.confirmations and not underlay.message_id_delivery_tag
     outcomes = await broker.publish_batch([_event(limited, 100 + n) for n in range(3)], timeout=5)
     assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
+
+
+async def test_a_publishing_channel_left_closed_by_a_failed_reopening_is_reopened(
+    backing: BackingServices, channel: AbstractChannel, own_exchange: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aio-pika's robust channel reopens itself after the broker closes it, but gives up for good when that
+    reopening fails (a breaker saw "Channel closed by RPC timeout" while the connection was busy with large
+    batches; the Broker stayed connected and never published again). The Broker reopens it itself."""
+    broker = Broker(backing.amqp_url, Topology(own_exchange), connection_name="test-channel-left-closed")
+    broker.channel_left_closed_seconds = 0.2
+    await broker.run()
+    try:
+        routing_key = "test.break.reopened"
+        queue = await _bound_queue(channel, own_exchange, routing_key)
+        robust = broker._channel
+        assert robust is not None
+        reopen = type(robust).reopen
+        failures = []
+
+        async def reopen_failing_once(self: Any) -> None:
+            if not failures:
+                failures.append(self)
+                raise aiormq.exceptions.ChannelInvalidStateError("Channel closed by RPC timeout")
+            await reopen(self)
+
+        monkeypatch.setattr(type(robust), "reopen", reopen_failing_once)
+        with pytest.raises(aio_pika.exceptions.ChannelNotFoundEntity):  # the broker closes the channel
+            await robust.get_exchange("hgtest-no-such-exchange", ensure=True)
+        await _until_ready(broker)
+        assert failures, "aio-pika's own reopening did not run: the test tested nothing"
+        event = _event(routing_key, 1)
+        assert await broker.publish_batch([event], timeout=5) == [None]
+        await broker.publish(routing_key, b"{}", message_id="single", content_type="application/json")
+        await asyncio.sleep(0.3)
+        assert sorted(await _drain(queue)) == sorted([event.message_id, "single"])
+    finally:
+        await broker.close()
 
 
 class _PausingProxy:
