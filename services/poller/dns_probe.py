@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import string
+import re
 from collections.abc import Iterable, Sequence
 
 import dns.asyncresolver
@@ -86,7 +86,8 @@ def answer_text(rdata: dns.rdata.Rdata) -> str:
 def normalized(value: str) -> str:
     """A value as answers and expected values are compared: without surrounding spaces and trailing dots (and spaces
     among them), in lower case, an IP address in its canonical form."""
-    text = value.strip().rstrip(string.whitespace + ".").lower()
+    # `\s` is str.strip()'s whitespace (Unicode's, NEL included): one set for both ends keeps this idempotent.
+    text = re.sub(r"[\s.]+\Z", "", value.strip()).lower()
     try:
         return str(ipaddress.ip_address(text))
     except ValueError:

@@ -94,6 +94,7 @@ def test_answer_records_are_the_chain_and_the_type_asked() -> None:
         ("::ffff:192.0.2.1", str(ipaddress.ip_address("::ffff:192.0.2.1"))),
         ("192.0.2.1.", "192.0.2.1"),
         ("V=SPF1 -ALL", "v=spf1 -all"),
+        ("0\x85.", "0"),  # NEL is whitespace to str.strip: stripped at the end like a space (found by hypothesis)
     ],
 )
 def test_normalized(value: str, key: str) -> None:
