@@ -368,6 +368,14 @@ def test_slow_port_opens_late() -> None:
             assert time.monotonic() - started >= 0.3
 
 
+def test_slow_port_is_slow_however_late_the_connect_begins() -> None:
+    with slow_port(0.3) as port:
+        time.sleep(0.6)  # a test that takes its time before its check connects
+        started = time.monotonic()
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            assert time.monotonic() - started >= 0.3
+
+
 # --- dnsmasq and the UDP sink -----------------------------------------------------------------------------------
 def _ask(server: Dnsmasq, name: str, record_type: str) -> dns.message.Message:
     return dns.query.udp(dns.message.make_query(name, record_type), "127.0.0.1", port=server.port, timeout=5)

@@ -7,7 +7,7 @@ on 127.0.0.1 and hold their port for as long as they are open, so no other test 
         ...
     with unanswered_port() as port:      # connecting itself hangs (SYNs dropped): a tcp check times out
         ...
-    with slow_port(0.3) as port:         # connecting succeeds, but only after 0.3 s or more
+    with slow_port(0.3) as port:         # connecting succeeds, but only after 0.3 s or more, however late it begins
         ...
 """
 
@@ -169,15 +169,40 @@ def unanswered_port(max_fillers: int = 8) -> Iterator[int]:
         listener.close()
 
 
+def _listen_overflows() -> int | None:
+    """Linux's count of SYNs dropped because an accept queue was full (TcpExt ListenOverflows in /proc/net/netstat,
+    per network namespace), or None where it cannot be read."""
+    try:
+        with open("/proc/net/netstat", encoding="ascii") as netstat:
+            lines = netstat.read().splitlines()
+    except OSError:
+        return None
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            counters = dict(zip(names.split()[1:], values.split()[1:], strict=False))
+            return int(counters["ListenOverflows"]) if "ListenOverflows" in counters else None
+    return None
+
+
 @contextlib.contextmanager
 def slow_port(opens_after: float = 0.3, max_fillers: int = 8) -> Iterator[int]:
-    """A 127.0.0.1 port where a TCP connect succeeds, but slowly: its accept queue stays full for `opens_after`
-    seconds, then a thread accepts (and closes) everything. A connect begun meanwhile completes only with the
-    client's SYN retransmission, about 1 s after it began on Linux, so it takes at least `opens_after`."""
+    """A 127.0.0.1 port where a TCP connect succeeds, but slowly: its accept queue stays full until a connect has
+    been tried (its SYN dropped) and `opens_after` more seconds have passed; then a thread accepts (and closes)
+    everything. The connect completes only with the client's SYN retransmission, about 1 s after it began on Linux,
+    so it takes at least `opens_after` (< 1 s) however late the caller connects.
+
+    Where the kernel's ListenOverflows counter cannot be read, the port opens `opens_after` seconds after it is
+    handed out: a caller must then connect before that."""
     listener, fillers = _listener_with_full_queue(max_fillers)
     stopping = threading.Event()
+    dropped_before = _listen_overflows()
 
     def drain() -> None:
+        # Counting from the first dropped SYN, not from when the port is handed out: a test may take its time
+        # (creating checks, a poller's round trip) before anything connects.
+        while dropped_before is not None and _listen_overflows() == dropped_before:
+            if stopping.wait(0.01):
+                return
         if stopping.wait(opens_after):
             return
         listener.settimeout(0.1)
