@@ -428,86 +428,82 @@ class _PausingProxy:
         await self.cut()
 
 
+@pytest.fixture
+async def held_broker(backing: BackingServices, own_exchange: str) -> AsyncIterator[tuple[_PausingProxy, Broker]]:
+    """A running Broker on `own_exchange` connected through a `_PausingProxy` (flowing at first); both closed after
+    the test, the proxy set flowing first so the Broker's close is not held."""
+    from urllib.parse import urlsplit
+
+    proxy = _PausingProxy(urlsplit(backing.amqp_url).port or 5672)
+    port = await proxy.start()
+    broker = Broker(_through(backing.amqp_url, port), Topology(own_exchange), connection_name="test-held-confirms")
+    try:
+        await broker.run()
+        yield proxy, broker
+    finally:
+        proxy.flowing.set()
+        await broker.close()
+        await proxy.close()
+
+
 async def test_confirms_arriving_after_the_batch_timed_out_confirm_nothing_else(
-    backing: BackingServices, channel: AbstractChannel, own_exchange: str
+    held_broker: tuple[_PausingProxy, Broker], channel: AbstractChannel, own_exchange: str
 ) -> None:
     """The broker's confirms held back past the batch's timeout: the batch fails whole (nothing reported sent that
     the client did not see confirmed); when the late confirms arrive they settle nothing of the next batch, whose
     own confirms (and nacks) are its own."""
-    from urllib.parse import urlsplit
-
     routed, limited = "test.break.late", "test.break.late.limited"
-    amqp = urlsplit(backing.amqp_url)
-    proxy = _PausingProxy(amqp.port or 5672)
-    port = await proxy.start()
-    broker = Broker(_through(backing.amqp_url, port), Topology(own_exchange), connection_name="test-late-confirms")
-    try:
-        await broker.run()
-        queue = await _bound_queue(channel, own_exchange, routed)
-        limited_queue = await _limited_queue(channel, own_exchange, limited, 3)
-        late = [_event(routed, n) for n in range(30)]
-        proxy.flowing.clear()
-        outcomes = await broker.publish_batch(late, timeout=1)
-        assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
-        underlay = await broker._channel.get_underlay_channel()  # type: ignore[union-attr]
-        next_batch = [_event(limited, n) for n in range(6)] + [_event(routed, 100 + n) for n in range(4)]
-        publishing = asyncio.create_task(broker.publish_batch(next_batch, timeout=10))
-        await asyncio.sleep(0.2)
-        proxy.flowing.set()  # the late confirms, then those of the next batch
-        outcomes = await publishing
-        kinds = ["ok" if outcome is None else type(outcome).__name__ for outcome in outcomes]
-        assert kinds == ["ok"] * 3 + ["PublishFailed"] * 3 + ["ok"] * 4
-        await asyncio.sleep(0.3)
-        assert await _drain(limited_queue) == [m.message_id for m in next_batch[:3]]
-        # The timed-out batch did reach the broker (at least once): it is sent again by the relay, duplicates only.
-        assert await _drain(queue) == [m.message_id for m in late + next_batch[6:]]
-        assert not underlay.confirmations and not underlay.message_id_delivery_tag
-    finally:
-        proxy.flowing.set()
-        await broker.close()
-        await proxy.close()
+    proxy, broker = held_broker
+    queue = await _bound_queue(channel, own_exchange, routed)
+    limited_queue = await _limited_queue(channel, own_exchange, limited, 3)
+    late = [_event(routed, n) for n in range(30)]
+    proxy.flowing.clear()
+    outcomes = await broker.publish_batch(late, timeout=1)
+    assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
+    underlay = await broker._channel.get_underlay_channel()  # type: ignore[union-attr]
+    next_batch = [_event(limited, n) for n in range(6)] + [_event(routed, 100 + n) for n in range(4)]
+    publishing = asyncio.create_task(broker.publish_batch(next_batch, timeout=10))
+    await asyncio.sleep(0.2)
+    proxy.flowing.set()  # the late confirms, then those of the next batch
+    outcomes = await publishing
+    kinds = ["ok" if outcome is None else type(outcome).__name__ for outcome in outcomes]
+    assert kinds == ["ok"] * 3 + ["PublishFailed"] * 3 + ["ok"] * 4
+    await asyncio.sleep(0.3)
+    assert await _drain(limited_queue) == [m.message_id for m in next_batch[:3]]
+    # The timed-out batch did reach the broker (at least once): it is sent again by the relay, duplicates only.
+    assert await _drain(queue) == [m.message_id for m in late + next_batch[6:]]
+    assert not underlay.confirmations and not underlay.message_id_delivery_tag
 
 
 async def test_a_connection_lost_while_confirms_are_awaited_fails_the_batch_at_once(
-    backing: BackingServices, channel: AbstractChannel, own_exchange: str
+    held_broker: tuple[_PausingProxy, Broker], channel: AbstractChannel, own_exchange: str
 ) -> None:
     """The whole batch written, its confirms held back, then the connection lost: the batch fails whole at once
     (aiormq fails the closed channel's futures; the batch does not sit out its timeout), and once the broker is
     back the next batch is confirmed right."""
-    from urllib.parse import urlsplit
-
     routed = "test.break.lost"
-    amqp = urlsplit(backing.amqp_url)
-    proxy = _PausingProxy(amqp.port or 5672)
-    port = await proxy.start()
-    broker = Broker(_through(backing.amqp_url, port), Topology(own_exchange), connection_name="test-lost-confirms")
-    try:
-        await broker.run()
-        queue = await _bound_queue(channel, own_exchange, routed)
-        proxy.flowing.clear()
-        timeout = 60.0
-        publishing = asyncio.create_task(broker.publish_batch([_event(routed, n) for n in range(200)], timeout=timeout))
-        for _ in range(200):  # every message reached the broker: only the confirms are missing
-            declared = await channel.declare_queue(queue.name, passive=True)
-            if declared.declaration_result.message_count == 200:
-                break
-            await asyncio.sleep(0.05)
-        assert not publishing.done()
-        cut_at = time.monotonic()
-        await proxy.cut()
-        outcomes = await publishing
-        assert time.monotonic() - cut_at < timeout / 2
-        assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
-        proxy.flowing.set()
-        await _until_ready(broker)
-        fresh = [_event(routed, 1000 + n) for n in range(20)]
-        for _ in range(100):  # the robust connection may still be settling its channel
-            outcomes = await broker.publish_batch(fresh, timeout=5)
-            if outcomes == [None] * 20:
-                break
-            await asyncio.sleep(0.1)
-        assert outcomes == [None] * 20
-    finally:
-        proxy.flowing.set()
-        await broker.close()
-        await proxy.close()
+    proxy, broker = held_broker
+    queue = await _bound_queue(channel, own_exchange, routed)
+    proxy.flowing.clear()
+    timeout = 60.0
+    publishing = asyncio.create_task(broker.publish_batch([_event(routed, n) for n in range(200)], timeout=timeout))
+    for _ in range(200):  # every message reached the broker: only the confirms are missing
+        declared = await channel.declare_queue(queue.name, passive=True)
+        if declared.declaration_result.message_count == 200:
+            break
+        await asyncio.sleep(0.05)
+    assert not publishing.done()
+    cut_at = time.monotonic()
+    await proxy.cut()
+    outcomes = await publishing
+    assert time.monotonic() - cut_at < timeout / 2
+    assert all(isinstance(outcome, PublishFailed) for outcome in outcomes), outcomes
+    proxy.flowing.set()
+    await _until_ready(broker)
+    fresh = [_event(routed, 1000 + n) for n in range(20)]
+    for _ in range(100):  # the robust connection may still be settling its channel
+        outcomes = await broker.publish_batch(fresh, timeout=5)
+        if outcomes == [None] * 20:
+            break
+        await asyncio.sleep(0.1)
+    assert outcomes == [None] * 20
