@@ -54,6 +54,9 @@ TRANSIENT_DATABASE_ERRORS: tuple[type[Exception], ...] = (
 # work (asyncpg.PostgresError: a bad query, a constraint, a conflict). What a task that must not die on
 # either catches, before it asks `is_transient_database_error` (or `DatabaseWatch.wait_out`) which it was.
 DATABASE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT_DATABASE_ERRORS, asyncpg.PostgresError)
+# PostgreSQL rolled the transaction back because of a concurrent one (SQLSTATE 40001 serialization_failure, 40P01
+# deadlock_detected): neither an outage nor the request's fault; the same work may simply be tried again.
+ROLLED_BACK_BY_CONCURRENCY: tuple[type[Exception], ...] = (asyncpg.SerializationError, asyncpg.DeadlockDetectedError)
 # asyncpg InterfaceErrors that are our mistake, not an outage.
 _NOT_TRANSIENT: tuple[type[Exception], ...] = (
     asyncpg.exceptions.ClientConfigurationError,

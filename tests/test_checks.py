@@ -296,3 +296,40 @@ async def test_a_check_deleted_while_it_is_tested_answers_404_not_a_timeout(
         answer = await testing
     assert answer.status_code == 404, answer.text
     assert answer.json()["detail"] == "health check not found: it was deleted while it ran"
+
+
+async def test_a_request_rolled_back_by_a_deadlock_is_503_with_retry_after(
+    admin: httpx.AsyncClient, host: dict[str, str], database_url: str
+) -> None:
+    """A real deadlock: another session holds the check's row, the api's PUT locks the host and waits for the check,
+    then the other session asks for the host. PostgreSQL aborts the api's transaction (the other session waits
+    longer before it looks for deadlocks): the answer says to try again (503, Retry-After), not 500, and the same
+    request sent again succeeds."""
+    created = await admin.post(checks_url(host), json={"name": "web", "check_type": "tcp", "port": 80})
+    check_url = f"{checks_url(host)}/{created.json()['id']}"
+    other = await asyncpg.connect(database_url)
+    try:
+        transaction = other.transaction()
+        await transaction.start()
+        await other.execute("SET LOCAL deadlock_timeout = '60s'")
+        await other.execute("SELECT 1 FROM health_checks WHERE id = $1 FOR UPDATE", uuid.UUID(created.json()["id"]))
+        put = asyncio.create_task(admin.put(check_url, json={"name": "web", "check_type": "tcp", "port": 81}))
+        for _ in range(200):  # until the api's session waits for the check's row
+            waiting = await other.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.05)
+        assert waiting
+        await other.execute("SELECT 1 FROM hosts WHERE id = $1 FOR UPDATE", uuid.UUID(host["id"]))
+        response = await put
+        await transaction.rollback()
+    finally:
+        await other.close()
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"] == "application/problem+json"
+    assert "try again" in response.json()["detail"]
+    again = await admin.put(check_url, json={"name": "web", "check_type": "tcp", "port": 81})
+    assert (again.status_code, again.json()["port"]) == (200, 81)

@@ -32,6 +32,7 @@ from services.api.problems import (
 from services.api.routes import ENDPOINTS
 from shared.crypto import SecretBox, load_or_create_key
 from shared.database import (
+    ROLLED_BACK_BY_CONCURRENCY,
     TRANSIENT_DATABASE_ERRORS,
     DatabaseWatch,
     close_pool,
@@ -59,6 +60,22 @@ async def handle_database_down(request: Request, exc: Exception) -> Response:
     request.app.state.database.report(exc)
     log.debug("database unavailable", extra={"path": request.url.path, "error": str(exc)})
     return problem_response(Problem(503, "the database is unavailable; try again shortly"))
+
+
+async def handle_concurrent_change(request: Request, exc: Exception) -> Response:
+    """503 with `Retry-After: 1` when PostgreSQL rolled the request's transaction back because of a concurrent one
+    (`ROLLED_BACK_BY_CONCURRENCY`: a deadlock or a serialization failure). That transaction changed nothing, and
+    sending the same request again is the cure; a 500 would wrongly say the request itself broke something.
+    Logged as a warning: our transactions take their locks in one order, so a deadlock is worth a look."""
+    log.warning(
+        "transaction rolled back by a concurrent one",
+        extra={"path": request.url.path, "method": request.method, "sqlstate": getattr(exc, "sqlstate", None)},
+    )
+    return problem_response(
+        Problem(
+            503, "a concurrent change rolled this request's transaction back; try again", headers={"Retry-After": "1"}
+        )
+    )
 
 
 def create_app(settings: Settings, key: bytes) -> Starlette:
@@ -123,6 +140,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
             Problem: handle_problem,
             HTTPException: handle_http_exception,
             **dict.fromkeys(TRANSIENT_DATABASE_ERRORS, handle_database_down),
+            **dict.fromkeys(ROLLED_BACK_BY_CONCURRENCY, handle_concurrent_change),
             Exception: handle_unexpected,
         },
     )

@@ -23,7 +23,7 @@ from services.api.context import context_of
 from services.api.paths import SegmentRoute
 from services.api.problems import Problem, forbidden, not_found
 from services.api.requests import path_job_id, path_uuid
-from shared.database import TRANSIENT_DATABASE_ERRORS, is_transient_database_error
+from shared.database import ROLLED_BACK_BY_CONCURRENCY, TRANSIENT_DATABASE_ERRORS, is_transient_database_error
 from shared.events import job_key
 from shared.hosts import host_group
 from shared.jobs import job_hosts_of_job
@@ -75,6 +75,9 @@ class Endpoint:
             return response
         except Problem as problem:
             status = problem.status
+            raise
+        except ROLLED_BACK_BY_CONCURRENCY:
+            status = 503  # as the app's handler answers it
             raise
         except TRANSIENT_DATABASE_ERRORS as error:
             status = 503 if is_transient_database_error(error) else 500  # as the app's handler answers it
