@@ -277,7 +277,9 @@ async def test_errors_exit_codes_and_roles(cli: Cli, api: ServiceProcess, make_t
 
 
 def test_help_and_shell_completion(cli_forks: CliForks) -> None:
-    shown = cli_forks.run("--show-completion", "bash", env={})
+    # Typer finds the user's shell among the process's ancestors (shellingham), and a test's ancestors may hold none
+    # (pytest-xdist's workers): its test hook makes --show-completion take the shell named instead.
+    shown = cli_forks.run("--show-completion", "bash", env={"_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION": "1"})
     assert shown.returncode == 0 and "_HEALTHGATE_COMPLETE" in shown.stdout, shown.stderr
     completion = {"_HEALTHGATE_COMPLETE": "complete_bash", "COMP_WORDS": "healthgate ch", "COMP_CWORD": "1"}
     completed = cli_forks.run(env=completion)
