@@ -103,10 +103,11 @@ else
 	done
 endif
 
-## lint: static checks (formatting is not enforced): ruff, then mypy in strict mode on shared/ and services/
+## lint: static checks: ruff (lint rules, then formatting of the Python files), then mypy in strict mode on shared/ and services/
 ## (configured in pyproject.toml, [tool.mypy]).
 lint: venv
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
 ## clean: caches and build output. Keeps .venv and var/ (var/ holds the key file: never delete it casually).

@@ -42,13 +42,22 @@ CheckStatus = Literal["healthy", "unhealthy", "unknown"]
 HostHealthStatus = Literal["healthy", "degraded", "unhealthy", "unknown", "no_checks"]
 # CONTRACT §4: how a result came out.
 ResultReason = Literal[
-    "ok", "dns", "connect", "tls", "timeout", "status", "body", "agent", "blocked", "protocol", "slow", "cert",
+    "ok",
+    "dns",
+    "connect",
+    "tls",
+    "timeout",
+    "status",
+    "body",
+    "agent",
+    "blocked",
+    "protocol",
+    "slow",
+    "cert",
     "condition",
 ]
 # CONTRACT §5 job.failed reasons; §6 adds no_checks and job_halted.
-FailureReason = Literal[
-    "window_closed", "invalid_request", "overridden", "unknown_host", "no_checks", "job_halted"
-]
+FailureReason = Literal["window_closed", "invalid_request", "overridden", "unknown_host", "no_checks", "job_halted"]
 # CONTRACT §6: what a waiting job host waits for.
 WaitingFor = Literal["checks", "stability", "budget"]
 HaltReason = Literal["max_failed_hosts", "manual"]
@@ -530,7 +539,10 @@ def encode_cloudevent(
         raise TypeError(f"{type(data).__name__} is not the event of routing key {routing_key!r}")
     event_id = event_id or uuid.uuid4()
     envelope = CloudEvent(
-        id=str(event_id), source=source, type=EVENT_TYPE_PREFIX + routing_key, time=time or dt.datetime.now(dt.UTC),
+        id=str(event_id),
+        source=source,
+        type=EVENT_TYPE_PREFIX + routing_key,
+        time=time or dt.datetime.now(dt.UTC),
         data={},
     )
     try:

@@ -60,7 +60,7 @@ class Holder:
     previewed: bool = False
 
     def why(self) -> str:
-        """"job J patching", "unhealthy", or both, as the budget's detail names the holder ("released earlier
+        """ "job J patching", "unhealthy", or both, as the budget's detail names the holder ("released earlier
         in this preview" for a previewed one)."""
         patching = [f"job {self.patching_job} patching"] if self.patching_job is not None else []
         if self.previewed and self.patching_job is None:
@@ -284,8 +284,7 @@ class Decision:
             )
         if self.verdict is Verdict.NO_CHECKS:
             return (
-                f"host {host_id} has no enabled critical checks, and group {group} fails such hosts "
-                "(no_checks: fail)"
+                f"host {host_id} has no enabled critical checks, and group {group} fails such hosts (no_checks: fail)"
             )
         return self.waiting_detail(now)
 

@@ -108,22 +108,33 @@ def forged_cursor(values: object) -> str:
 # query.cursor (services/api/requests.py Keyset), never 500.
 FORGED_CURSORS = {
     "hosts": [[None, None], "name", {"name": "x"}, ["a\u0000b"], ["\ud800"], [None], [5], [["web"]]],
-    "results": [["2026-03-01T12:00:00+00:00", 5], [7, str(uuid.uuid4())], ["yesterday", str(uuid.uuid4())],
-                ["2026-03-01T12:00:00+00:00", "not-a-uuid"], ["2026-03-01T12:00:00+00:00", None],
-                ["0001-01-01T00:00:00+01:00", str(uuid.uuid4())], ["9999-12-31T23:59:59-01:00", str(uuid.uuid4())],
-                ["2026-03-01T12:00:00", str(uuid.uuid4())]],
+    "results": [
+        ["2026-03-01T12:00:00+00:00", 5],
+        [7, str(uuid.uuid4())],
+        ["yesterday", str(uuid.uuid4())],
+        ["2026-03-01T12:00:00+00:00", "not-a-uuid"],
+        ["2026-03-01T12:00:00+00:00", None],
+        ["0001-01-01T00:00:00+01:00", str(uuid.uuid4())],
+        ["9999-12-31T23:59:59-01:00", str(uuid.uuid4())],
+        ["2026-03-01T12:00:00", str(uuid.uuid4())],
+    ],
     "audit": [["7"], [None], [1.5], [[1]], [1, 2], [2**63], [-(2**63) - 1], [True]],
-    "jobs": [["2026-03-01T12:00:00+00:00", "job", 5], ["2026-03-01T12:00:00+00:00", ["job"], str(uuid.uuid4())],
-             ["0001-01-01T00:00:00+01:00", "job", str(uuid.uuid4())], ["2026-03-01T12:00:00", "job", str(uuid.uuid4())],
-             ["2026-03-01T12:00:00+00:00", "a\u0000b", str(uuid.uuid4())],
-             ["2026-03-01T12:00:00+00:00", "\ud800", str(uuid.uuid4())]],
+    "jobs": [
+        ["2026-03-01T12:00:00+00:00", "job", 5],
+        ["2026-03-01T12:00:00+00:00", ["job"], str(uuid.uuid4())],
+        ["0001-01-01T00:00:00+01:00", "job", str(uuid.uuid4())],
+        ["2026-03-01T12:00:00", "job", str(uuid.uuid4())],
+        ["2026-03-01T12:00:00+00:00", "a\u0000b", str(uuid.uuid4())],
+        ["2026-03-01T12:00:00+00:00", "\ud800", str(uuid.uuid4())],
+    ],
     "groups": [[None], [5], [["web"]], ["a\u0000b"], ["\ud800"], ["web", "db"]],
 }
 
 
 async def test_forged_cursors_of_every_list_are_422(admin: httpx.AsyncClient, host_id: str) -> None:
     check = await admin.post(
-        f"/api/v1/hosts/{host_id}/health-checks", json={"name": "c", "check_type": "tcp", "port": 1, "address": "127.0.0.1"}
+        f"/api/v1/hosts/{host_id}/health-checks",
+        json={"name": "c", "check_type": "tcp", "port": 1, "address": "127.0.0.1"},
     )
     lists = {
         "hosts": "/api/v1/hosts",

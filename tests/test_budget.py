@@ -146,7 +146,9 @@ async def test_budget_of_two_releases_at_most_two_then_in_arrival_order_as_it_fr
     holders = sorted(f"{group}-{hosts.index(host) + 1} (job {job} patching)" for host in arrival[:2])
     for row in rows:
         assert row["waiting_for"] == ["budget"]
-        assert row["detail"] == f"waiting for the disruption budget of group {group}: 2 of 2 unavailable: " + ", ".join(holders)
+        assert row["detail"] == f"waiting for the disruption budget of group {group}: 2 of 2 unavailable: " + ", ".join(
+            holders
+        )
     async with httpx.AsyncClient(timeout=5) as plain:
         metrics = (await plain.get(gate.base_url + "/metrics")).text
     assert f'healthgate_group_budget_in_use{{group="{group}"}} 2.0' in metrics
@@ -221,7 +223,10 @@ async def test_gates_racing_on_one_group_never_exceed_the_budget(
                 for row in rows[:1]:  # free one at a time: every gate's pass races for the unit
                     freed[(row["job_id"], str(row["host_id"]))] = await free(db, row["job_id"], str(row["host_id"]))
         releases = events.matching("job.released", of_race)
-        assert len(releases) == total and len({(event.data["job_id"], event.data["host_id"]) for event in releases}) == total
+        assert (
+            len(releases) == total
+            and len({(event.data["job_id"], event.data["host_id"]) for event in releases}) == total
+        )
         assert most_in_patch(releases, freed) <= 2
     finally:
         for process in extra:
@@ -257,7 +262,9 @@ async def test_release_cutoff_fails_a_waiting_job_host_before_the_window_ends(
     nginx: NginxServer,
 ) -> None:  # fmt: skip
     group = group_name()
-    ((host_id, checks),) = await make_hosts(admin, group, 1, [{"check_type": "http", "url": nginx.http_url("/status/503")}])
+    ((host_id, checks),) = await make_hosts(
+        admin, group, 1, [{"check_type": "http", "url": nginx.http_url("/status/503")}]
+    )
     await run_checks(admin, checks)
     await set_policy(db, group, release_cutoff_seconds=5)
     job = f"cutoff-{uuid.uuid4().hex[:6]}"
@@ -280,7 +287,10 @@ async def test_release_cutoff_fails_a_waiting_job_host_before_the_window_ends(
 
 
 async def test_no_checks_fail_fails_a_host_without_gating_checks(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
+    jobs: Publisher,
+    events: EventCapture,
+    admin: httpx.AsyncClient,
+    db: asyncpg.Connection,
 ) -> None:
     group = group_name()
     ((host_id, _),) = await make_hosts(admin, group, 1)
@@ -293,7 +303,10 @@ async def test_no_checks_fail_fails_a_host_without_gating_checks(
 
 
 async def test_override_may_exceed_the_budget_and_says_so(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
+    jobs: Publisher,
+    events: EventCapture,
+    admin: httpx.AsyncClient,
+    db: asyncpg.Connection,
 ) -> None:
     group, hosts, job = await start_campaign(jobs, admin, db, "over", 2, max_unavailable=1)
     (released,) = await events.wait_for("job.released", of_job(job))
@@ -312,7 +325,10 @@ async def test_override_may_exceed_the_budget_and_says_so(
 
 
 async def test_job_start_of_a_halted_job_fails_at_once(
-    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, db: asyncpg.Connection,
+    jobs: Publisher,
+    events: EventCapture,
+    admin: httpx.AsyncClient,
+    db: asyncpg.Connection,
 ) -> None:
     """The release side reads jobs.halted_at (halting itself is written by shared/jobs.py's halting section):
     here the job is halted in SQL; a host of a group and an unknown host both fail job_halted."""
@@ -382,7 +398,10 @@ async def test_job_hosts_waiting_for_the_budget_name_the_current_holders_after_e
         for host in (await job_hosts(admin, job)).values():
             if host["status"] == "waiting_health_check":
                 assert host["waiting_for"] == ["budget"]
-                assert host["detail"] == f"waiting for the disruption budget of group {group}: 2 of 2 unavailable: {holders}"
+                assert (
+                    host["detail"]
+                    == f"waiting for the disruption budget of group {group}: 2 of 2 unavailable: {holders}"
+                )
 
 
 async def test_a_job_host_whose_checks_recover_while_the_budget_is_full_waits_for_it(

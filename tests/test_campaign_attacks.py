@@ -195,7 +195,9 @@ async def test_campaign_over_three_gates_with_one_killed_keeps_the_budget_and_on
         # At least once: a redelivered event keeps its id; count distinct ids, and one id per job host.
         assert sorted(event.data["host_id"] for event in {e.message_id: e for e in decisions}.values()) == sorted(hosts)
         assert sorted(event.data["host_id"] for event in {e.message_id: e for e in outcomes}.values()) == sorted(hosts)
-        assert {event.routing_key for event in releases} == {"job.released"} and len({e.message_id for e in releases}) == 8
+        assert {event.routing_key for event in releases} == {"job.released"} and len(
+            {e.message_id for e in releases}
+        ) == 8
         assert most_in_patch_of(releases, outcomes) <= 2
         assert not events.matching("job.halted", of_job(job))
         rows = await db.fetch("SELECT status, count(*) FROM gate_jobs WHERE job_id = $1 GROUP BY status", job)
@@ -227,9 +229,7 @@ async def test_budget_changed_while_job_hosts_wait(
     for event in first:
         await finish(jobs, job, str(event.data["host_id"]))
     verified = await events.wait_for("job.verified", of_job(job), count=3)
-    (last,) = [
-        event for event in await events.wait_for("job.released", of_job(job), count=4) if event not in first
-    ]
+    (last,) = [event for event in await events.wait_for("job.released", of_job(job), count=4) if event not in first]
     assert at(last, "released_at") >= max(at(event, "verified_at") for event in verified)
     assert len(events.matching("job.released", of_job(job))) == 4
 
@@ -339,7 +339,9 @@ async def test_job_finished_that_changes_nothing_records_nothing(
                 break
             await asyncio.sleep(0.1)
     assert await db.fetchval("SELECT count(*) FROM jobs WHERE job_id = ANY($1)", unknown) == 0
-    statuses = await db.fetch("SELECT job_id, status, outcome FROM gate_jobs WHERE job_id = ANY($1)", [waiting, cancelled])
+    statuses = await db.fetch(
+        "SELECT job_id, status, outcome FROM gate_jobs WHERE job_id = ANY($1)", [waiting, cancelled]
+    )
     assert {row["job_id"]: (row["status"], row["outcome"]) for row in statuses} == {
         waiting: ("waiting_health_check", None), cancelled: ("cancelled", None),
     }  # fmt: skip

@@ -48,7 +48,12 @@ def test_the_example_compiles_and_imports_without_running() -> None:
     arguments = example.parse_arguments(["--job-id", "j", "--max-failed-hosts", "1", "h-1", "h-2"])
     assert (arguments.job_id, arguments.hosts, arguments.max_failed_hosts) == ("j", ["h-1", "h-2"], 1)
     start = example.job_start("j", "h-1", example.dt.datetime(2030, 1, 1, tzinfo=example.dt.UTC), 1)
-    assert start == {"job_id": "j", "host_id": "h-1", "window_ends_at": "2030-01-01T00:00:00+00:00", "max_failed_hosts": 1}
+    assert start == {
+        "job_id": "j",
+        "host_id": "h-1",
+        "window_ends_at": "2030-01-01T00:00:00+00:00",
+        "max_failed_hosts": 1,
+    }
     assert example.job_finished("j", "h-1", False, "x" * 2000) == {
         "job_id": "j",
         "host_id": "h-1",

@@ -426,9 +426,7 @@ async def test_each_role_is_refused_what_it_may_not_do(
     mine = await create_host(admin, "a-web-1", "team-a")
     # A failing check (404): the job on the host waits until someone overrides it. (A healthy one released it as soon
     # as the session's poller ran the check, within 5 s: on a busy machine, before the job's status is looked at.)
-    check_id = await create_check(
-        admin, mine, name="homepage", check_type="http", url=nginx.http_url("/no-such-path")
-    )
+    check_id = await create_check(admin, mine, name="homepage", check_type="http", url=nginx.http_url("/no-such-path"))
     theirs = await create_host(admin, "b-web-1", "team-b")
     await insert_job(db, "patch-42", mine)
     # With an address: the one accepted below is run by the session's poller, which must not look up "a-web-1".
@@ -730,14 +728,16 @@ async def test_operator_adds_dns_and_grpc_checks_and_edits_the_dns_ones_answers(
 async def test_host_page_writes_an_ipv6_address_with_its_port_in_brackets(
     api: ServiceProcess, browser: Browser, admin: httpx.AsyncClient, make_token: TokenFactory
 ) -> None:
-    """"::1:50051" would read as another IPv6 address (::0.1:0.50051); a page writes "[::1]:50051", as details do."""
+    """ "::1:50051" would read as another IPv6 address (::0.1:0.50051); a page writes "[::1]:50051", as details do."""
     host_id = await create_host(admin, "::1", "team-a")
     await create_check(admin, host_id, name="grpc", check_type="grpc", port=50051, enabled=False)  # the host's name
     await create_check(admin, host_id, name="port", check_type="tcp", address="2001:db8::7", port=22, enabled=False)
     page = await new_page(browser)
     await sign_in(page, api.base_url, await make_token("viewer", ("team-a",)))
     await page.goto(f"{api.base_url}/hosts/{host_id}")
-    await expect(check_item(page, "grpc").locator(".target")).to_contain_text("gRPC health of the server at [::1]:50051")
+    await expect(check_item(page, "grpc").locator(".target")).to_contain_text(
+        "gRPC health of the server at [::1]:50051"
+    )
     await expect(check_item(page, "port").locator(".target")).to_contain_text("TCP [2001:db8::7]:22 ·")
     assert script_problems(page) == []
 
@@ -885,9 +885,7 @@ async def test_host_page_shows_uptime_certificate_end_and_readable_reasons(
     assert dt.datetime.fromisoformat(checked["last_result"]["cert_expires_at"]) == expires
     assert checked["uptime_24h"] == 0.25
     certificate = idle_item.locator("[data-cert-expires]")
-    await expect(certificate).to_have_text(
-        f"Certificate valid until {expires:%Y-%m-%d %H:%M} UTC (in 41 days)"
-    )
+    await expect(certificate).to_have_text(f"Certificate valid until {expires:%Y-%m-%d %H:%M} UTC (in 41 days)")
     assert dt.datetime.fromisoformat(await certificate.locator("time").get_attribute("datetime") or "") == expires
     titles = await idle_item.locator("svg.history rect title").all_text_contents()
     assert [title.split(": ", 1)[1].split(",")[0] for title in titles] == [
@@ -1210,7 +1208,9 @@ async def test_operator_selects_hosts_and_sees_the_gates_preview_for_them(
         "no gating checks on this host; disruption budget of group team-a: 2 of 2 unavailable with this host"
     )
     for name in ("web-2", "web-3"):
-        await expect(preview_row(page, name).locator("[data-waiting-for]")).to_have_attribute("data-waiting-for", "budget")
+        await expect(preview_row(page, name).locator("[data-waiting-for]")).to_have_attribute(
+            "data-waiting-for", "budget"
+        )
         await expect(preview_row(page, name).locator("[data-detail]")).to_have_text(
             "waiting for the disruption budget of group team-a: 2 of 2 unavailable: "
             "web-1 (released earlier in this preview), web-4 (unhealthy)"

@@ -26,6 +26,8 @@ from tests.support.rabbitmq import RabbitNode
 from tests.support.services import BackingServices
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
+
+
 async def assert_one_decision_each(db: asyncpg.Connection) -> None:
     """No job host was decided twice: every decision event id is in the outbox once."""
     duplicated = await db.fetch(
@@ -35,7 +37,9 @@ async def assert_one_decision_each(db: asyncpg.Connection) -> None:
     assert duplicated == []
 
 
-async def host_with_checks(admin: httpx.AsyncClient, checks: list[dict[str, Any]], **host: Any) -> tuple[str, list[dict[str, Any]]]:
+async def host_with_checks(
+    admin: httpx.AsyncClient, checks: list[dict[str, Any]], **host: Any
+) -> tuple[str, list[dict[str, Any]]]:
     response = await admin.post("/api/v1/hosts", json={"name": f"gated-{uuid.uuid4().hex[:8]}", "group": "gate"} | host)
     host_id = response.json()["id"]
     created = []
@@ -56,13 +60,17 @@ async def run_checks(admin: httpx.AsyncClient, checks: list[dict[str, Any]]) -> 
 # ---- the rules ------------------------------------------------------------------------------------
 
 
-async def test_window_already_past_fails_first(jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, nginx: NginxServer) -> None:
+async def test_window_already_past_fails_first(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, nginx: NginxServer
+) -> None:
     host_id, checks = await host_with_checks(admin, [{"check_type": "http", "url": nginx.http_url("/ok")}])
     await run_checks(admin, checks)  # healthy and fresh: the window rule still comes first
     await jobs.start("late", host_id, window_seconds=-5)
     decision = await wait_decision(events, "late")
     assert decision.routing_key == "job.failed" and decision.data["reason"] == "window_closed"
-    assert decision.correlation_id == "late" and decision.message_id == str(decision_event_id("late", uuid.UUID(host_id)))
+    assert decision.correlation_id == "late" and decision.message_id == str(
+        decision_event_id("late", uuid.UUID(host_id))
+    )
 
 
 async def test_unknown_host_or_no_gating_checks_release_at_once(
@@ -98,9 +106,13 @@ async def test_fresh_healthy_checks_release_at_once(
 async def test_stale_result_is_run_again_then_released(
     jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, nginx: NginxServer, db: asyncpg.Connection
 ) -> None:
-    host_id, checks = await host_with_checks(admin, [{"check_type": "http", "url": nginx.http_url("/ok"), "interval_seconds": 60}])
+    host_id, checks = await host_with_checks(
+        admin, [{"check_type": "http", "url": nginx.http_url("/ok"), "interval_seconds": 60}]
+    )
     await run_checks(admin, checks)
-    await db.execute("UPDATE check_state SET last_checked_at = now() - interval '2 hours' WHERE host_id = $1", uuid.UUID(host_id))
+    await db.execute(
+        "UPDATE check_state SET last_checked_at = now() - interval '2 hours' WHERE host_id = $1", uuid.UUID(host_id)
+    )
     await jobs.start("stale", host_id)
     (waiting,) = await events.wait_for("job.waiting", lambda event: event.data["job_id"] == "stale")
     assert [check["name"] for check in waiting.data["failing_checks"]] == ["check-0"]
@@ -198,7 +210,12 @@ async def test_malformed_start_is_dead_lettered_and_fails_when_identifiable(
         expected=4,
         matching=lambda message: host_id.encode() in message.body or message.body == b"\x00 not json",
     )
-    assert sorted(message.routing_key or "" for message in dead) == ["job.cancel", "job.start", "job.start", "job.start"]
+    assert sorted(message.routing_key or "" for message in dead) == [
+        "job.cancel",
+        "job.start",
+        "job.start",
+        "job.start",
+    ]
     assert any(b"tomorrow" in message.body for message in dead)
 
 
@@ -244,7 +261,9 @@ async def test_cancel_of_a_waiting_job_and_override(
     await jobs.send("job.cancel", {"job_id": "to-cancel", "host_id": host_id})
     cancelled = await wait_decision(events, "to-cancel")
     assert cancelled.routing_key == "job.cancelled" and cancelled.correlation_id == "to-cancel"
-    response = await admin.post(f"/api/v1/jobs/to-override/hosts/{host_id}/override", json={"decision": "release", "reason": "vendor said so"})
+    response = await admin.post(
+        f"/api/v1/jobs/to-override/hosts/{host_id}/override", json={"decision": "release", "reason": "vendor said so"}
+    )
     assert response.status_code == 200
     overridden = await wait_decision(events, "to-override")
     assert overridden.data["overridden_by"] and overridden.data["override_reason"] == "vendor said so"
@@ -278,16 +297,21 @@ async def test_a_cancel_that_overtakes_its_start_decides_the_job_host(
 
 async def waiting_host(admin: httpx.AsyncClient, fake_agent: FakeAgent, service: str) -> str:
     fake_agent.set(service, "unhealthy")
-    host_id, checks = await host_with_checks(admin, [{"check_type": "service", "service_name": service}], agent_url=fake_agent.base_url)
+    host_id, checks = await host_with_checks(
+        admin, [{"check_type": "service", "service_name": service}], agent_url=fake_agent.base_url
+    )
     await run_checks(admin, checks)
     return host_id
 
 
 async def wait_all_decided(db: asyncpg.Connection, prefix: str, count: int, timeout: float = 60) -> None:
     async with asyncio.timeout(timeout):
-        while await db.fetchval(
-            "SELECT count(*) FROM gate_jobs WHERE job_id LIKE $1 AND status <> 'waiting_health_check'", prefix + "%"
-        ) < count:
+        while (
+            await db.fetchval(
+                "SELECT count(*) FROM gate_jobs WHERE job_id LIKE $1 AND status <> 'waiting_health_check'", prefix + "%"
+            )
+            < count
+        ):
             await asyncio.sleep(0.2)
 
 
@@ -320,7 +344,10 @@ async def test_gate_killed_while_jobs_wait_decides_each_once_after_restart(
     await wait_all_decided(db, "kill-", 20)
     statuses = dict(await db.fetch("SELECT job_id, status FROM gate_jobs WHERE job_id LIKE 'kill-%'"))
     assert sorted(statuses.values()).count("failed") == 5 and sorted(statuses.values()).count("released") == 15
-    assert set((await decisions_in_outbox(db, "kill-")).values()) == {1} and len(await decisions_in_outbox(db, "kill-")) == 20
+    assert (
+        set((await decisions_in_outbox(db, "kill-")).values()) == {1}
+        and len(await decisions_in_outbox(db, "kill-")) == 20
+    )
 
 
 @pytest.mark.slow
@@ -342,24 +369,38 @@ async def test_broker_restart_while_jobs_wait(
     try:
         token = await create_token(db, name="broker-admin", role="admin", groups=(), actor="test")  # type: ignore[arg-type]
         connection = await aio_pika.connect(own_rabbit.amqp_url)
-        async with connection, httpx.AsyncClient(
-            base_url=services[0].base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
-        ) as admin:
-            jobs = Publisher(await (await connection.channel(publisher_confirms=True)).get_exchange(env["HEALTHGATE_EXCHANGE"]))
+        async with (
+            connection,
+            httpx.AsyncClient(
+                base_url=services[0].base_url, headers={"Authorization": f"Bearer {token}"}, timeout=30
+            ) as admin,
+        ):
+            jobs = Publisher(
+                await (await connection.channel(publisher_confirms=True)).get_exchange(env["HEALTHGATE_EXCHANGE"])
+            )
             host_id = await waiting_host(admin, fake_agent, "broker.service")
             for index in range(10):
                 await jobs.start(f"broker-{index}", host_id)
             async with asyncio.timeout(15):
-                while await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'broker-%' AND waiting_announced") < 10:
+                while (
+                    await db.fetchval(
+                        "SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'broker-%' AND waiting_announced"
+                    )
+                    < 10
+                ):
                     await asyncio.sleep(0.1)
         await asyncio.to_thread(own_rabbit.stop_app)
         await asyncio.to_thread(own_rabbit.start_app)
         fake_agent.set("broker.service", "healthy")
         await wait_all_decided(db, "broker-", 10, timeout=90)
-        assert set((await db.fetch("SELECT DISTINCT status FROM gate_jobs WHERE job_id LIKE 'broker-%'"))[0]) == {"released"}
+        assert set((await db.fetch("SELECT DISTINCT status FROM gate_jobs WHERE job_id LIKE 'broker-%'"))[0]) == {
+            "released"
+        }
         assert set((await decisions_in_outbox(db, "broker-")).values()) == {1}
         async with asyncio.timeout(30):  # and the decisions reach the broker once it is back
-            while await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL AND routing_key = ANY($1)", list(DECISIONS)):
+            while await db.fetchval(
+                "SELECT count(*) FROM outbox WHERE sent_at IS NULL AND routing_key = ANY($1)", list(DECISIONS)
+            ):
                 await asyncio.sleep(0.2)
     finally:
         await db.close()
@@ -375,7 +416,9 @@ async def test_thousand_jobs_with_a_gate_restart_in_the_middle(
     sending = asyncio.gather(*(jobs.start(f"k-{index:04}", hosts[index % 10]) for index in range(1000)))
     await asyncio.sleep(0.3)
     gate.stop(signal.SIGKILL)
-    decided_before_the_crash = await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'k-%' AND status <> 'waiting_health_check'")
+    decided_before_the_crash = await db.fetchval(
+        "SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'k-%' AND status <> 'waiting_health_check'"
+    )
     await sending
     assert decided_before_the_crash < 1000
     gate.restart()
@@ -396,7 +439,10 @@ async def test_two_gates_never_decide_twice(
             await jobs.start(f"pair-{index:03}", host_id, window_seconds=30)
             await jobs.start(f"pair-{index:03}", host_id, window_seconds=30)  # and each twice
         async with asyncio.timeout(30):
-            while await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'pair-%' AND waiting_announced") < 200:
+            while (
+                await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'pair-%' AND waiting_announced")
+                < 200
+            ):
                 await asyncio.sleep(0.1)
         fake_agent.set("pair.service", "healthy")
         await wait_all_decided(db, "pair-", 200, timeout=60)
@@ -404,6 +450,7 @@ async def test_two_gates_never_decide_twice(
         second.stop()
     decided = await decisions_in_outbox(db, "pair-")
     assert len(decided) == 200 and set(decided.values()) == {1}
-    waiting = await db.fetchval("SELECT count(*) FROM outbox WHERE routing_key = 'job.waiting' AND convert_from(body, 'UTF8') LIKE '%pair-%'")
+    waiting = await db.fetchval(
+        "SELECT count(*) FROM outbox WHERE routing_key = 'job.waiting' AND convert_from(body, 'UTF8') LIKE '%pair-%'"
+    )
     assert waiting == 200
-

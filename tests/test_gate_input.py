@@ -135,7 +135,9 @@ async def assert_decided_once_and_dead_lettered(
         assert case.job_id is not None
         assert len(decision_of(events, case.job_id)) == 1, case.problem
         assert [data["reason"] for data in await decisions_in_outbox(db, case.host_id)] == ["invalid_request"]
-        rows = await db.fetch("SELECT job_id, status, reason FROM gate_jobs WHERE host_id = $1", uuid.UUID(case.host_id))
+        rows = await db.fetch(
+            "SELECT job_id, status, reason FROM gate_jobs WHERE host_id = $1", uuid.UUID(case.host_id)
+        )
         assert [tuple(row) for row in rows] == [(job_key(case.job_id), "failed", "invalid_request")]
     lines = log_lines(gate, log_start)
     for case in cases:
@@ -206,13 +208,17 @@ async def test_edge_values_that_are_valid_are_decided_by_the_rules(
         assert (await wait_decision(events, job_id)).routing_key == "job.released", job_id
     closed = await wait_decision(events, "year-one")
     assert closed.routing_key == "job.failed" and closed.data["reason"] == "window_closed"
-    stored = dict(await db.fetch("SELECT job_id, window_ends_at::text FROM gate_jobs WHERE host_id = $1", uuid.UUID(host_id)))
+    stored = dict(
+        await db.fetch("SELECT job_id, window_ends_at::text FROM gate_jobs WHERE host_id = $1", uuid.UUID(host_id))
+    )
     assert stored["far-future-offset"] == "9999-12-31 09:59:59+00"
     assert stored["last-instant"] == "9999-12-31 23:59:59.999998+00"  # not PostgreSQL's infinity
     assert stored["year-one"] == "0001-01-01 00:00:00.000001+00"  # not -infinity
     for job_id in ("year-one", "last-instant"):
         response = await admin.get(f"/api/v1/jobs/{job_id}")
-        assert response.status_code == 200 and response.json()["hosts"][0]["window_ends_at"].startswith(("0001", "9999"))
+        assert response.status_code == 200 and response.json()["hosts"][0]["window_ends_at"].startswith(
+            ("0001", "9999")
+        )
     assert gate.process.poll() is None
 
 
@@ -286,7 +292,17 @@ async def test_unusable_identity_or_unreadable_body_is_only_dead_lettered(
     jobs: Publisher, events: EventCapture, db: asyncpg.Connection, gate: ServiceProcess, dead: DeadLetters
 ) -> None:
     host_id = str(uuid.uuid4())
-    bad_hosts: list[object] = ["not-a-uuid", "", 42, None, True, [host_id], {"id": host_id}, host_id + "0", host_id[:-1] + "g"]
+    bad_hosts: list[object] = [
+        "not-a-uuid",
+        "",
+        42,
+        None,
+        True,
+        [host_id],
+        {"id": host_id},
+        host_id + "0",
+        host_id[:-1] + "g",
+    ]
     cases = [Bad(body=start_body(f"no-uuid-{index}", host)) for index, host in enumerate(bad_hosts)]
     cases += [Bad(body={"job_id": "no-host", "window_ends_at": LATER})]
     cases += [Bad(body=start_body(job_id, host_id)) for job_id in (42, 4.2, "", None, True, ["j"], {"id": "j"})]
@@ -303,7 +319,9 @@ async def test_unusable_identity_or_unreadable_body_is_only_dead_lettered(
     ]
     for data in ([start_body("ce-array", host_id)], "job", None, 7):
         cloudevent = {"specversion": "1.0", "id": str(uuid.uuid4()), "source": "/p", "type": "t", "data": data}
-        cases.append(raw_case(lambda marker, cloudevent=cloudevent: json.dumps(cloudevent | {"m": marker.decode()}).encode()))
+        cases.append(
+            raw_case(lambda marker, cloudevent=cloudevent: json.dumps(cloudevent | {"m": marker.decode()}).encode())
+        )
     log_start = gate.log_path.stat().st_size
     requeued_before = metric(gate, "healthgate_gate_messages_total", routing_key="job.start", outcome="requeued")
     await send_all(jobs, cases)
@@ -320,7 +338,9 @@ async def test_unusable_identity_or_unreadable_body_is_only_dead_lettered(
     lines = log_lines(gate, log_start)
     assert [line["message"] for line in lines].count("malformed message dead-lettered") == len(cases)
     assert not [line for line in lines if line["message"].startswith("could not handle a message")]
-    assert metric(gate, "healthgate_gate_messages_total", routing_key="job.start", outcome="requeued") == requeued_before
+    assert (
+        metric(gate, "healthgate_gate_messages_total", routing_key="job.start", outcome="requeued") == requeued_before
+    )
     assert gate.process.poll() is None
 
 
@@ -329,7 +349,9 @@ async def test_malformed_cancel_with_a_control_character_is_dead_lettered_not_lo
     fake_agent: FakeAgent,
 ) -> None:  # fmt: skip
     fake_agent.set("input.service", "unhealthy")
-    host_id, checks = await host_with_checks(admin, [{"check_type": "service", "service_name": "input.service"}], agent_url=fake_agent.base_url)
+    host_id, checks = await host_with_checks(
+        admin, [{"check_type": "service", "service_name": "input.service"}], agent_url=fake_agent.base_url
+    )
     await run_checks(admin, checks)
     await jobs.start("cancel-me", host_id)
     await events.wait_for("job.waiting", lambda event: event.data["job_id"] == "cancel-me")
@@ -339,7 +361,9 @@ async def test_malformed_cancel_with_a_control_character_is_dead_lettered_not_lo
         await jobs.send("job.cancel", {"job_id": job_id, "host_id": host_id, "marker": marker})
     letters = await dead.wait_for(marker, 3)
     assert all(rejected_once(letter) and letter.routing_key == "job.cancel" for letter in letters)
-    assert metric(gate, "healthgate_gate_messages_total", routing_key="job.cancel", outcome="requeued") == requeued_before
+    assert (
+        metric(gate, "healthgate_gate_messages_total", routing_key="job.cancel", outcome="requeued") == requeued_before
+    )
     assert decision_of(events, "cancel-me") == []
     await jobs.send("job.cancel", {"job_id": "cancel-me", "host_id": host_id, "extra": [1, {"x": None}]})
     assert (await wait_decision(events, "cancel-me")).routing_key == "job.cancelled"
@@ -442,7 +466,9 @@ async def test_the_gate_logs_one_line_per_decision(
 ) -> None:
     log_start = gate.log_path.stat().st_size
     fake_agent.set("logged.service", "unhealthy")
-    host_id, checks = await host_with_checks(admin, [{"check_type": "service", "service_name": "logged.service"}], agent_url=fake_agent.base_url)
+    host_id, checks = await host_with_checks(
+        admin, [{"check_type": "service", "service_name": "logged.service"}], agent_url=fake_agent.base_url
+    )
     await run_checks(admin, checks)
     unknown = str(uuid.uuid4())
     await jobs.start("logged-released", unknown)

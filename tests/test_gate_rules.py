@@ -113,7 +113,9 @@ def test_budget_holds_a_ready_host_and_names_the_holders() -> None:
     )
     assert decide(LATER, NOW, [check()], budget=budget(3, holder(1), holder(2))).verdict is Verdict.RELEASE
     # Its own host is counted once: a host already in patch (another job) or unhealthy does not take a second unit.
-    assert decide(LATER, NOW, [check()], budget=budget(2, holder(1), holder(2), counted=True)).verdict is Verdict.RELEASE
+    assert (
+        decide(LATER, NOW, [check()], budget=budget(2, holder(1), holder(2), counted=True)).verdict is Verdict.RELEASE
+    )
     assert Holder(HOST, "web-9", "J", True).why() == "job J patching, unhealthy"
 
 

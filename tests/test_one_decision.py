@@ -285,6 +285,9 @@ async def test_a_manual_halt_racing_the_gate_overrides_and_a_cancel_decides_each
             )] == [f"job.{row['status']}"]  # fmt: skip
         assert len(events) == len(started)
         async with pool.acquire() as connection:
-            assert await connection.fetchval(
-                "SELECT count(*) FROM outbox WHERE routing_key = 'job.halted' AND correlation_id = $1", job_id
-            ) == 1
+            assert (
+                await connection.fetchval(
+                    "SELECT count(*) FROM outbox WHERE routing_key = 'job.halted' AND correlation_id = $1", job_id
+                )
+                == 1
+            )

@@ -113,7 +113,9 @@ async def publisher(amqp_url: str, exchange: str) -> AsyncIterator[Publish]:
 
         async def publish(routing_key: str, body: object) -> None:
             data = body if isinstance(body, bytes) else json.dumps(body).encode()
-            message = aio_pika.Message(data, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT)
+            message = aio_pika.Message(
+                data, content_type="application/json", delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+            )
             await target.publish(message, routing_key)
 
         yield publish
@@ -139,7 +141,9 @@ async def no_consumer(amqp_url: str, queue_name: str) -> bool:
 async def waiting_host(db: asyncpg.Connection) -> str:
     """A host with one critical check that has no result yet: a job on it waits."""
     host_id, check_id = uuid.uuid4(), uuid.uuid4()
-    await db.execute('INSERT INTO hosts (id, name, "group") VALUES ($1, $2, $3)', host_id, f"h-{host_id.hex[:6]}", "outage")
+    await db.execute(
+        'INSERT INTO hosts (id, name, "group") VALUES ($1, $2, $3)', host_id, f"h-{host_id.hex[:6]}", "outage"
+    )
     await db.execute(
         "INSERT INTO health_checks (id, host_id, name, check_type, interval_seconds, timeout_seconds, port, address)"
         " VALUES ($1, $2, 'port', 'tcp', 3600, 1, 9, '127.0.0.1')",
@@ -152,7 +156,9 @@ async def waiting_host(db: asyncpg.Connection) -> str:
 async def unscheduled_tcp_check(db: asyncpg.Connection, port: int) -> uuid.UUID:
     """A tcp check the scheduler leaves alone (no schedule row): only the test's ticks run it."""
     host_id, check_id = uuid.uuid4(), uuid.uuid4()
-    await db.execute('INSERT INTO hosts (id, name, "group") VALUES ($1, $2, $3)', host_id, f"t-{host_id.hex[:6]}", "outage")
+    await db.execute(
+        'INSERT INTO hosts (id, name, "group") VALUES ($1, $2, $3)', host_id, f"t-{host_id.hex[:6]}", "outage"
+    )
     await db.execute(
         "INSERT INTO health_checks (id, host_id, name, check_type, interval_seconds, timeout_seconds, port, address)"
         " VALUES ($1, $2, 'port', 'tcp', 3600, 2, $3, '127.0.0.1')",
@@ -313,7 +319,10 @@ async def test_poller_restarted_during_a_database_outage_runs_the_tick_once_it_i
             slot = dt.datetime.now(dt.UTC).replace(microsecond=0)
             own_postgres.stop()
             async with publisher(backing.amqp_url, exchange) as publish:
-                await publish(POLLER_TICK_QUEUE.bindings[0], Tick(runs=[ScheduledRun(check_id=check_id, slot=slot)]).model_dump_json().encode())
+                await publish(
+                    POLLER_TICK_QUEUE.bindings[0],
+                    Tick(runs=[ScheduledRun(check_id=check_id, slot=slot)]).model_dump_json().encode(),
+                )
             # The first poller may have taken the tick before it saw the outage; it hands the tick back (a
             # confirmed copy, then the ack of the original) and stops consuming. Killed between the two, it
             # would leave two copies, which is at-least-once and not what this test is about: let it finish.
@@ -334,7 +343,9 @@ async def test_poller_restarted_during_a_database_outage_runs_the_tick_once_it_i
 
             db = await asyncpg.connect(own_database)
             try:
-                await wait_until(lambda: db.fetchval("SELECT count(*) > 0 FROM check_results WHERE check_id = $1", check_id))
+                await wait_until(
+                    lambda: db.fetchval("SELECT count(*) > 0 FROM check_results WHERE check_id = $1", check_id)
+                )
                 await asyncio.sleep(1)
                 results = await db.fetch("SELECT healthy FROM check_results WHERE check_id = $1", check_id)
                 assert [row["healthy"] for row in results] == [True]
@@ -467,7 +478,9 @@ async def test_a_database_restart_is_one_warning_and_one_recovered_line_per_serv
             await wait_for_log(service, DB_BACK)
             await wait_until(lambda service=service: _ready(service))
         async with publisher(backing.amqp_url, exchange) as publish:  # and work goes on
-            await publish("job.start", {"job_id": "after", "host_id": str(uuid.uuid4()), "window_ends_at": in_an_hour()})
+            await publish(
+                "job.start", {"job_id": "after", "host_id": str(uuid.uuid4()), "window_ends_at": in_an_hour()}
+            )
         db = await asyncpg.connect(own_database)
         try:
             await wait_until(lambda: db.fetchval("SELECT count(*) = 1 FROM gate_jobs WHERE status = 'released'"))
@@ -542,11 +555,20 @@ async def test_a_broker_restart_is_one_warning_and_one_recovered_line_per_servic
             try:
                 check_id = await unscheduled_tcp_check(db, port)
                 async with publisher(own_rabbit.amqp_url, exchange) as publish:
-                    await publish("job.start", {"job_id": "after", "host_id": str(uuid.uuid4()), "window_ends_at": in_an_hour()})
-                    await publish(POLLER_TICK_QUEUE.bindings[0], Tick(runs=[ScheduledRun(check_id=check_id)]).model_dump_json().encode())
-                await wait_until(lambda: db.fetchval("SELECT count(*) > 0 FROM check_results WHERE check_id = $1", check_id))
+                    await publish(
+                        "job.start", {"job_id": "after", "host_id": str(uuid.uuid4()), "window_ends_at": in_an_hour()}
+                    )
+                    await publish(
+                        POLLER_TICK_QUEUE.bindings[0],
+                        Tick(runs=[ScheduledRun(check_id=check_id)]).model_dump_json().encode(),
+                    )
                 await wait_until(
-                    lambda: db.fetchval("SELECT count(*) = 1 FROM outbox WHERE routing_key = 'job.released' AND sent_at IS NOT NULL")
+                    lambda: db.fetchval("SELECT count(*) > 0 FROM check_results WHERE check_id = $1", check_id)
+                )
+                await wait_until(
+                    lambda: db.fetchval(
+                        "SELECT count(*) = 1 FROM outbox WHERE routing_key = 'job.released' AND sent_at IS NOT NULL"
+                    )
                 )
             finally:
                 await db.close()
@@ -693,7 +715,6 @@ async def test_messages_still_at_work_when_the_grace_period_ends_are_handed_back
             await message.ack()
     assert message.body == b"stuck"
     assert (message.headers or {}).get("x-delivery-count", 0) == 0 and (message.headers or {})[HANDBACK_HEADER] == 1
-
 
 
 async def test_services_whose_database_sessions_are_terminated_under_load_keep_running(

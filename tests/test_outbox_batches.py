@@ -222,4 +222,3 @@ async def test_relay_marks_only_confirmed_rows_sent_and_publishes_the_rest_later
             if not await db.fetchval("SELECT count(*) FROM outbox WHERE sent_at IS NULL"):
                 break
     assert received == event_ids
-

@@ -110,9 +110,7 @@ async def gate_state(db: asyncpg.Connection) -> dict[str, Any]:
         ),
         "jobs": await db.fetchval("SELECT count(*) FROM jobs"),
         "outbox": await db.fetchval("SELECT count(*) FROM outbox WHERE routing_key LIKE 'job.%'"),
-        "check_schedule": await db.fetch(
-            "SELECT check_id, rerun_requested_at FROM check_schedule ORDER BY check_id"
-        ),
+        "check_schedule": await db.fetch("SELECT check_id, rerun_requested_at FROM check_schedule ORDER BY check_id"),
         "audit": await db.fetchval("SELECT count(*) FROM audit_log"),
     }
 
@@ -203,9 +201,13 @@ async def test_the_budget_is_counted_in_the_order_given(
     stored = await db.fetchval("SELECT detail FROM gate_jobs WHERE job_id = $1 AND host_id = $2", job,
                                uuid.UUID(hosts[2]))  # fmt: skip
     assert third["verdict"] == "wait" and third["waiting_for"] == ["budget"]
-    assert third["detail"] == stored == (
-        f"waiting for the disruption budget of group {group}: 2 of 2 unavailable: "
-        f"{group}-1 (job {job} patching), {group}-2 (job {job} patching)"
+    assert (
+        third["detail"]
+        == stored
+        == (
+            f"waiting for the disruption budget of group {group}: 2 of 2 unavailable: "
+            f"{group}-1 (job {job} patching), {group}-2 (job {job} patching)"
+        )
     )
 
 

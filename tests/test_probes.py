@@ -602,7 +602,11 @@ async def test_a_url_aiohttp_refuses_to_request_is_named_in_the_detail(session: 
         host_name="ignored", url="ftp://127.0.0.1/health",
     )  # fmt: skip
     outcome = await Prober(session, [], None).run(target)
-    assert (outcome.healthy, outcome.reason, outcome.detail) == (False, "connect", "cannot request ftp://127.0.0.1/health")
+    assert (outcome.healthy, outcome.reason, outcome.detail) == (
+        False,
+        "connect",
+        "cannot request ftp://127.0.0.1/health",
+    )
 
 
 def test_latency_is_shown_precisely_enough_to_be_over_the_limit() -> None:

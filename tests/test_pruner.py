@@ -27,7 +27,9 @@ RESULT_COLUMNS = ["id", "check_id", "host_id", "checked_at", "healthy", "reason"
 
 
 def retention(hours: float) -> Retention:
-    return Retention(results=dt.timedelta(hours=hours), decided_jobs=dt.timedelta(days=30), sent_outbox=dt.timedelta(hours=24))
+    return Retention(
+        results=dt.timedelta(hours=hours), decided_jobs=dt.timedelta(days=30), sent_outbox=dt.timedelta(hours=24)
+    )
 
 
 @pytest.fixture
@@ -45,7 +47,10 @@ async def pool(private_database: str) -> AsyncIterator[asyncpg.Pool]:
 async def insert_results(pool: asyncpg.Pool, times: list[dt.datetime]) -> list[uuid.UUID]:
     check_id, host_id = uuid.uuid4(), uuid.uuid4()
     ids = [uuid.uuid4() for _ in times]
-    rows = [(row_id, check_id, host_id, at, True, "ok", "healthy", "fine", 1.0) for row_id, at in zip(ids, times, strict=True)]
+    rows = [
+        (row_id, check_id, host_id, at, True, "ok", "healthy", "fine", 1.0)
+        for row_id, at in zip(ids, times, strict=True)
+    ]
     async with pool.acquire() as connection:
         await connection.copy_records_to_table("check_results", records=rows, columns=RESULT_COLUMNS)
     return ids
@@ -207,7 +212,9 @@ async def test_decided_jobs_and_sent_outbox_rows_expire(pool: asyncpg.Pool) -> N
                (gen_random_uuid(), 'x', '\\x7b7d', now(), now())
         """
     )
-    await pool.execute("INSERT INTO audit_log (actor, action, entity_type, entity_id, at) VALUES ('cli', 'host.create', 'host', 'x', now() - interval '400 days')")
+    await pool.execute(
+        "INSERT INTO audit_log (actor, action, entity_type, entity_id, at) VALUES ('cli', 'host.create', 'host', 'x', now() - interval '400 days')"
+    )
     report = await prune_once(pool, retention(96))
     assert (report.gate_jobs_deleted, report.outbox_rows_deleted) == (1, 1)
     assert {row["job_id"] for row in await pool.fetch("SELECT job_id FROM gate_jobs")} == {
@@ -227,7 +234,9 @@ def test_pruner_service_runs_a_pass_at_start_and_stops_cleanly(service_env: dict
             assert time.monotonic() < deadline, pruner.log_text()
             time.sleep(0.1)
         metrics = httpx.get(f"{pruner.base_url}/metrics").text
-        assert "healthgate_prune_pass_seconds_count 1.0" in metrics and "healthgate_oldest_result_age_seconds" in metrics
+        assert (
+            "healthgate_prune_pass_seconds_count 1.0" in metrics and "healthgate_oldest_result_age_seconds" in metrics
+        )
         ready = httpx.get(f"{pruner.base_url}/health/ready").json()
         assert ready["status"] == "pass" and "rabbitmq:responseTime" not in ready["checks"]
     finally:

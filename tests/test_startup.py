@@ -522,7 +522,9 @@ def test_each_service_logs_the_urls_it_serves(
     env = service_env | dependencies_down | {"HEALTHGATE_HEALTH_PORT": "0"}
     log_path = tmp_path / "pruner.log"
     with log_path.open("wb") as log:
-        process = subprocess.Popen([*HEALTHGATE, "pruner"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [*HEALTHGATE, "pruner"], env={**os.environ, **env}, stdout=log, stderr=subprocess.STDOUT
+        )
     pruner = ServiceProcess("pruner", process, log_path, "", env, 0)
     try:
         wait_for_log(pruner, "pruner started")
@@ -544,7 +546,9 @@ def test_version() -> None:
 def run_with_terminal_stderr(arguments: list[str], env: dict[str, str]) -> tuple[int, str]:
     """Run with stderr on a pseudo-terminal; its exit code and what it wrote there."""
     primary, secondary = pty.openpty()
-    process = subprocess.Popen(arguments, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary)
+    process = subprocess.Popen(
+        arguments, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=secondary
+    )
     os.close(secondary)
     output = b""
     with contextlib.suppress(OSError):  # EIO once the process has closed its end
@@ -556,7 +560,9 @@ def run_with_terminal_stderr(arguments: list[str], env: dict[str, str]) -> tuple
 
 def test_log_format_is_text_on_a_terminal_and_json_otherwise(service_env: dict[str, str]) -> None:
     env = {key: value for key, value in {**os.environ, **service_env}.items() if key != "HEALTHGATE_LOG_FORMAT"}
-    piped = subprocess.run([*HEALTHGATE, "migrate"], env=env, capture_output=True, text=True, timeout=EXIT_GUARD_SECONDS)
+    piped = subprocess.run(
+        [*HEALTHGATE, "migrate"], env=env, capture_output=True, text=True, timeout=EXIT_GUARD_SECONDS
+    )
     assert piped.returncode == 0, piped.stderr
     assert json.loads(piped.stderr.splitlines()[-1])["message"] == "database is up to date"
 

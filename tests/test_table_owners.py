@@ -147,8 +147,10 @@ def writes_in(source: str, module: str) -> Iterator[Write]:
     seen: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in COPY_METHODS:
-            argument = node.args[0] if node.args else next(
-                (keyword.value for keyword in node.keywords if keyword.arg == "table_name"), None
+            argument = (
+                node.args[0]
+                if node.args
+                else next((keyword.value for keyword in node.keywords if keyword.arg == "table_name"), None)
             )
             text = _text(argument) if argument is not None else None
             yield Write(module, node.lineno, _clean(text) if text else PLACEHOLDER, node.func.attr)
@@ -191,8 +193,10 @@ def violations(module: str, source: str, owners: dict[str, str], tables: set[str
             continue
         if table == PLACEHOLDER:
             if module not in dynamic_writers:
-                found.append(f"{module}:{write.line}: {write.statement!r} writes a computed table name; only the "
-                             f"owner of a partitioned table ({', '.join(sorted(dynamic_writers))}) may")
+                found.append(
+                    f"{module}:{write.line}: {write.statement!r} writes a computed table name; only the "
+                    f"owner of a partitioned table ({', '.join(sorted(dynamic_writers))}) may"
+                )
         elif owners.get(table) != module:
             found.append(f"{module}:{write.line}: {write.statement!r} writes {table}, owned by {owners.get(table)}")
     return found
@@ -223,8 +227,9 @@ def test_only_the_owner_writes_a_table() -> None:
     tables, partitioned = migration_tables()
     tables |= CODE_TABLES
     owners = documented_owners()
-    found = [line for module, source in scanned_modules() for line in violations(module, source, owners, tables,
-                                                                                   partitioned)]
+    found = [
+        line for module, source in scanned_modules() for line in violations(module, source, owners, tables, partitioned)
+    ]
     assert not found, "tables written outside their owner:\n" + "\n".join(found)
 
 
@@ -274,7 +279,7 @@ def test_the_scan_catches_a_write_outside_the_owner() -> None:
         'await c.execute("merge into\\n  public.hosts h using x on true when matched then do nothing")': "hosts",
         'await c.execute("DELETE FROM /* old rows */ gate_jobs WHERE true")': "gate_jobs",
         'await c.execute("UPDATE -- the jobs\\n  jobs SET halted_at = now()")': "jobs",
-        'await c.execute(\'UPDATE"gate_jobs" SET status = $1\')': "gate_jobs",
+        "await c.execute('UPDATE\"gate_jobs\" SET status = $1')": "gate_jobs",
         'await c.execute(\'DELETE FROM"public"."outbox"\')': "outbox",
         # A table name filled in by str.format, %-formatting or string.Template: attributed when it is a literal
         # (so the owner of a partitioned table is caught writing another table that way), else computed.
@@ -343,7 +348,7 @@ def test_no_import_cycle() -> None:
         state[module] = 1
         for target in sorted(graph[module]):
             if state.get(target) == 1:
-                cycles.append([*path[path.index(target):], target])
+                cycles.append([*path[path.index(target) :], target])
             elif target not in state:
                 visit(target, [*path, target])
         state[module] = 2

@@ -80,7 +80,8 @@ async def test_uptime_follows_the_pollers_results_and_counts_only_the_window(
         assert check["uptime_24h"] is None  # no result yet
         assert (await admin.get(check_url)).json()["uptime_24h"] is None
         other = await admin.post(
-            checks_url, json={"name": "never run", "check_type": "tcp", "address": "127.0.0.1", "port": 9, "enabled": False}
+            checks_url,
+            json={"name": "never run", "check_type": "tcp", "address": "127.0.0.1", "port": 9, "enabled": False},
         )
 
         target.open()

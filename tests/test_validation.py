@@ -200,23 +200,52 @@ REFUSED: list[tuple[dict[str, Any], str]] = [
     *(
         (DNS | {"dns_name": value}, "dns_name")
         for value in (
-            "192.0.2.1", "192.0.2.1.", "::1", "[::1]", "http://db.test/", "db.test:53", "db.test..", "..", ".",
-            ".db.test", "db..test", "db test", "*.db.test", "-db.test", "db.123", "a" * 64 + ".test", "xn--zz.test",
-            "db.test\u0000", "\u200ddb.test", "", 53, None,
+            "192.0.2.1",
+            "192.0.2.1.",
+            "::1",
+            "[::1]",
+            "http://db.test/",
+            "db.test:53",
+            "db.test..",
+            "..",
+            ".",
+            ".db.test",
+            "db..test",
+            "db test",
+            "*.db.test",
+            "-db.test",
+            "db.123",
+            "a" * 64 + ".test",
+            "xn--zz.test",
+            "db.test\u0000",
+            "\u200ddb.test",
+            "",
+            53,
+            None,
         )
     ),
     *(
         (DNS | {"dns_server": value}, "dns_server")
         for value in (
-            "resolver.test", "192.0.2.1:0", "192.0.2.1:65536", "192.0.2.1:dns", "192.0.2.1: 53", " 192.0.2.1",
-            "[::1", "[::1]53", "[::1]:", "[]:53", "[192.0.2.1]:53", "fe80::1%eth0", "[fe80::1%eth0]:53",
-            "192.0.2.1:\u0665\u0663", "", 53,
+            "resolver.test",
+            "192.0.2.1:0",
+            "192.0.2.1:65536",
+            "192.0.2.1:dns",
+            "192.0.2.1: 53",
+            " 192.0.2.1",
+            "[::1",
+            "[::1]53",
+            "[::1]:",
+            "[]:53",
+            "[192.0.2.1]:53",
+            "fe80::1%eth0",
+            "[fe80::1%eth0]:53",
+            "192.0.2.1:\u0665\u0663",
+            "",
+            53,
         )
     ),
-    *(
-        (DNS | {"expected_values": value}, "expected_values")
-        for value in (["a"] * 21, "192.0.2.1", {"a": 1})
-    ),
+    *((DNS | {"expected_values": value}, "expected_values") for value in (["a"] * 21, "192.0.2.1", {"a": 1})),
     *(
         (DNS | {"expected_values": ["ok", value]}, "expected_values.1")
         for value in ("", "   ", " \t", "x" * 501, "a\nb", "\u202e", 1, ["a"], None)

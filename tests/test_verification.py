@@ -57,7 +57,9 @@ async def patched_host(
 
 
 async def start(jobs: Publisher, job_id: str, host_id: str, window_seconds: float = 120, **extra: Any) -> None:
-    await jobs.send("job.start", {"job_id": job_id, "host_id": host_id, "window_ends_at": in_seconds(window_seconds)} | extra)
+    await jobs.send(
+        "job.start", {"job_id": job_id, "host_id": host_id, "window_ends_at": in_seconds(window_seconds)} | extra
+    )
 
 
 async def finish(jobs: Publisher, job_id: str, host_id: str, outcome: str = "succeeded", **extra: Any) -> None:
@@ -139,11 +141,11 @@ async def test_host_that_recovers_is_verified(
     assert (await admin.get(f"/api/v1/hosts/{host_id}")).status_code == 200
     fake_agent.set("ok.service", "unhealthy")  # the patch reboots it
     await finish(jobs, "v-ok", host_id, detail="kernel 6.8 installed")
-    flipped, = await events.wait_for(
+    (flipped,) = await events.wait_for(
         "check.status_changed", lambda event: event.data["host_id"] == host_id and event.data["current"] == "unhealthy"
     )
     assert flipped.data["in_maintenance"] is True  # the job is patching it: alerting can ignore this
-    host_flip, = await events.wait_for(
+    (host_flip,) = await events.wait_for(
         "host.status_changed", lambda event: event.data["host_id"] == host_id and event.data["current"] == "unhealthy"
     )
     assert host_flip.data["in_maintenance"] is True
@@ -219,7 +221,9 @@ async def test_gate_killed_during_verification_gives_exactly_one_outcome_each(
         for index in range(4):
             await finish(jobs, f"vk-{index}", host_id)
     async with asyncio.timeout(15):
-        while await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'vk-%' AND status = 'verifying'") < 24:
+        while (
+            await db.fetchval("SELECT count(*) FROM gate_jobs WHERE job_id LIKE 'vk-%' AND status = 'verifying'") < 24
+        ):
             await asyncio.sleep(0.1)
     for number in range(6):
         fake_agent.set(f"kill-{number}.service", "healthy")
@@ -301,7 +305,7 @@ async def test_max_failed_hosts_halts_at_the_second_failure_and_fails_waiting_ho
     assert events.matching("job.halted", lambda event: event.data["job_id"] == "halt-me") == []
     fake_agent.set("h2.service", "unhealthy")
     await finish(jobs, "halt-me", second)  # succeeded, but the host stays down: the second failure
-    halted, = await events.wait_for("job.halted", lambda event: event.data["job_id"] == "halt-me", timeout=30)
+    (halted,) = await events.wait_for("job.halted", lambda event: event.data["job_id"] == "halt-me", timeout=30)
     assert halted.data["reason"] == "max_failed_hosts" and halted.data["by"] is None
     assert sorted(halted.data["failed_hosts"]) == sorted([first, second])
     failure = await outcome_of(events, "halt-me", second)
@@ -340,13 +344,15 @@ async def test_admin_halts_and_resumes_a_job_audited(
     assert answer.json()["halted"] is True and answer.json()["halt_reason"] == "manual"
     assert (await admin.post("/api/v1/jobs/by-hand/halt", json=body)).status_code == 409
     admin_name = (await admin.get("/api/v1/me")).json()["name"]
-    halted, = await events.wait_for("job.halted", lambda event: event.data["job_id"] == "by-hand")
-    assert halted.data["by"] == admin_name and halted.data["detail"] == "bad kernel" and halted.data["reason"] == "manual"
+    (halted,) = await events.wait_for("job.halted", lambda event: event.data["job_id"] == "by-hand")
+    assert (
+        halted.data["by"] == admin_name and halted.data["detail"] == "bad kernel" and halted.data["reason"] == "manual"
+    )
     stopped = await wait_decision_of(events, "by-hand", waiting)
     assert stopped.data["reason"] == "job_halted" and "bad kernel" in stopped.data["detail"]
     answer = await admin.post("/api/v1/jobs/by-hand/resume", json={"reason": "fixed image"})
     assert answer.status_code == 200 and answer.json()["halted"] is False and answer.json()["halt_reason"] is None
-    resumed, = await events.wait_for("job.resumed", lambda event: event.data["job_id"] == "by-hand")
+    (resumed,) = await events.wait_for("job.resumed", lambda event: event.data["job_id"] == "by-hand")
     assert resumed.data["by"] == admin_name and resumed.data["detail"] == "fixed image"
     assert (await admin.post("/api/v1/jobs/by-hand/resume", json=body)).status_code == 409
     again = await patched_host(admin, fake_agent, "m2.service", "manual")
@@ -354,7 +360,11 @@ async def test_admin_halts_and_resumes_a_job_audited(
     await released(events, "by-hand", again)
     assert await status_of(db, "by-hand", waiting) == "failed"  # stays failed
     audit = (await admin.get("/api/v1/audit")).json()["items"]
-    actions = [(entry["action"], entry["entity_id"], entry["actor"]) for entry in audit if entry["entity_id"] == "by-hand"]
+    actions = [
+        (entry["action"], entry["entity_id"], entry["actor"]) for entry in audit if entry["entity_id"] == "by-hand"
+    ]
     assert sorted(actions) == [("job.halt", "by-hand", admin_name), ("job.resume", "by-hand", admin_name)]
     halt_entry = next(entry for entry in audit if entry["action"] == "job.halt")
-    assert halt_entry["changes"]["reason"] == "bad kernel" and halt_entry["changes"]["failed_waiting_hosts"] == [waiting]
+    assert halt_entry["changes"]["reason"] == "bad kernel" and halt_entry["changes"]["failed_waiting_hosts"] == [
+        waiting
+    ]

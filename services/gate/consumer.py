@@ -152,7 +152,11 @@ class Gate:
         # Where the budget sweep goes on from (the last group it passed over; None: from the first).
         self._sweep_after: str | None = None
         self._verifier = Verifier(
-            pool, metrics.verification, metrics.decisions, retry_seconds=retry_seconds, batch=TIMER_BATCH,
+            pool,
+            metrics.verification,
+            metrics.decisions,
+            retry_seconds=retry_seconds,
+            batch=TIMER_BATCH,
             budget_freed=self._budget_freed,
         )
         self._next_budget_metrics = 0.0

@@ -261,9 +261,8 @@ class Verifier:
         failed = await jobs.failed_hosts(connection, job_key(job_id))
         if len(failed) <= job["max_failed_hosts"]:
             return done
-        detail = (
-            f"{len(failed)} hosts failed, more than max_failed_hosts {job['max_failed_hosts']}: "
-            + ", ".join(str(host_id) for host_id in failed)
+        detail = f"{len(failed)} hosts failed, more than max_failed_hosts {job['max_failed_hosts']}: " + ", ".join(
+            str(host_id) for host_id in failed
         )
         halt = await jobs.halt_job(
             connection, job_id, reason="max_failed_hosts", detail=safe_detail(detail), by=None, source=EVENT_SOURCE

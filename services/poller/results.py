@@ -35,6 +35,7 @@ from shared.uptime import Counted, count_results
 
 log = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class CheckRow:
     """A check as stored, its password still encrypted."""
@@ -112,9 +113,7 @@ def new_result_ids(count: int) -> Iterator[uuid.UUID]:
     return (uuid.UUID(bytes=raw[start : start + 16], version=4) for start in range(0, len(raw), 16))
 
 
-async def store_results(
-    connection: Connection, runs: Sequence[FinishedRun], *, source: str
-) -> list[CheckResult]:
+async def store_results(connection: Connection, runs: Sequence[FinishedRun], *, source: str) -> list[CheckResult]:
     """Write a batch of results in the caller's transaction. Returns the results stored: a run whose
     check is gone, or whose slot was already stored (a redelivered tick), is dropped.
 

@@ -18,7 +18,9 @@ COMMON = [("csrf", "x"), ("name", "check"), ("enabled", "on"), ("critical", "on"
 
 def form(check_type: str, *fields: tuple[str, str]) -> FormData:
     """What a browser sends with scripts off: every type's fields, the other types' ones empty."""
-    empty = [(name, "") for name in ("port", "address", "url", "dns_name", "dns_server", "expected_values", "condition")]
+    empty = [
+        (name, "") for name in ("port", "address", "url", "dns_name", "dns_server", "expected_values", "condition")
+    ]
     sent = dict(empty) | dict(fields)
     return FormData([*COMMON, ("check_type", check_type), *sent.items()])
 

@@ -104,7 +104,9 @@ def test_every_ip_address_is_a_tcp_address(address: ipaddress.IPv4Address | ipad
     assert address_problems(str(address)) == []
 
 
-@pytest.mark.parametrize("address", ["fe80::1%eth0", "fe80::1%2", "fe80::1%br-1a2b.100", "::ffff:127.0.0.1", "app.test"])
+@pytest.mark.parametrize(
+    "address", ["fe80::1%eth0", "fe80::1%2", "fe80::1%br-1a2b.100", "::ffff:127.0.0.1", "app.test"]
+)
 def test_zoned_ipv6_and_names_are_tcp_addresses(address: str) -> None:
     assert address_problems(address) == []
 
@@ -237,7 +239,9 @@ def test_an_accepted_url_names_the_same_host_and_port_for_the_api_and_the_poller
 # ---- dns checks: the name to look up and the server to ask ------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["db.test", "db.test.", "b\u00fccher.test", "_sip._tcp.db.test", "test", "db.test\u3002"])
+@pytest.mark.parametrize(
+    "name", ["db.test", "db.test.", "b\u00fccher.test", "_sip._tcp.db.test", "test", "db.test\u3002"]
+)
 def test_dns_names_to_look_up(name: str) -> None:
     assert dns_name_problems(name) == []
 

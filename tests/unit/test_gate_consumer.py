@@ -64,7 +64,15 @@ def test_nothing_is_salvaged_without_both(data: object) -> None:
     assert salvage_identity(data) is None
 
 
-@given(st.one_of(st.none(), st.integers(), st.text(), st.lists(st.text()), st.dictionaries(st.text(), st.text() | st.uuids().map(str))))
+@given(
+    st.one_of(
+        st.none(),
+        st.integers(),
+        st.text(),
+        st.lists(st.text()),
+        st.dictionaries(st.text(), st.text() | st.uuids().map(str)),
+    )
+)
 def test_salvage_never_fails_and_gives_a_non_empty_job_id(data: object) -> None:
     identity = salvage_identity(data)
     if identity is not None:
@@ -161,7 +169,9 @@ async def test_a_job_start_whose_window_closed_fails_before_the_ack(gate: Gate, 
     assert row is not None and (row["reason"], row["detail"]) == ("window_closed", "the maintenance window had closed")
 
 
-async def test_an_invalid_job_start_naming_a_job_is_decided_then_dead_lettered(gate: Gate, db: asyncpg.Connection) -> None:
+async def test_an_invalid_job_start_naming_a_job_is_decided_then_dead_lettered(
+    gate: Gate, db: asyncpg.Connection
+) -> None:
     """CONTRACT §5: answered with job.failed invalid_request (committed before the reject), and rejected without
     requeue on its first delivery: it can never get better."""
     fake = message("job.start", {"job_id": "j-bad", "host_id": HOST, "window_ends_at": "tomorrow"})
@@ -181,9 +191,13 @@ async def test_an_invalid_job_start_naming_a_job_is_decided_then_dead_lettered(g
 
 async def test_an_invalid_job_id_is_answered_as_received(gate: Gate, db: asyncpg.Connection) -> None:
     job_id = "nul\x00" + "x" * 300
-    fake = await handle(gate, message("job.start", {"job_id": job_id, "host_id": HOST, "window_ends_at": in_seconds(60)}))
+    fake = await handle(
+        gate, message("job.start", {"job_id": job_id, "host_id": HOST, "window_ends_at": in_seconds(60)})
+    )
     assert fake.settlements == [("reject", False)]
-    stored = await db.fetchrow("SELECT status, reason, received_job_id FROM gate_jobs WHERE job_id = $1", job_key(job_id))
+    stored = await db.fetchrow(
+        "SELECT status, reason, received_job_id FROM gate_jobs WHERE job_id = $1", job_key(job_id)
+    )
     assert stored is not None and (stored["status"], stored["reason"]) == ("failed", "invalid_request")
     assert bytes(stored["received_job_id"]).decode() == job_id
 
@@ -220,7 +234,9 @@ async def test_a_cancel_before_its_start_is_the_decision(gate: Gate, db: asyncpg
     seen = seen_at_settlement(db, cancel, "j-cancel")
     await handle(gate, cancel)
     assert seen == [("ack", "cancelled")]
-    start = await handle(gate, message("job.start", {"job_id": "j-cancel", "host_id": HOST, "window_ends_at": in_seconds(60)}))
+    start = await handle(
+        gate, message("job.start", {"job_id": "j-cancel", "host_id": HOST, "window_ends_at": in_seconds(60)})
+    )
     assert start.settlements == [("ack", None)]
     assert await decision_events(db, "j-cancel") == ["job.cancelled"]  # never released after its cancel
     late_cancel = await handle(gate, message("job.cancel", {"job_id": "j-cancel", "host_id": HOST}))
@@ -243,7 +259,9 @@ async def test_a_failure_that_is_not_the_messages_fault_returns_it(
         raise RuntimeError("a bug")
 
     monkeypatch.setattr(shared.jobs, "record_start", broken)
-    fake = await handle(gate, message("job.start", {"job_id": "j-bug", "host_id": HOST, "window_ends_at": in_seconds(60)}))
+    fake = await handle(
+        gate, message("job.start", {"job_id": "j-bug", "host_id": HOST, "window_ends_at": in_seconds(60)})
+    )
     assert fake.settlements == [("nack", True)]
     assert await job_row(db, "j-bug") is None
 
@@ -263,7 +281,9 @@ async def test_an_outage_of_the_database_is_raised_with_the_message_unsettled(
     assert fake.settlements == []
 
 
-async def test_a_malformed_check_result_is_dead_lettered_and_a_valid_one_acked(gate: Gate, db: asyncpg.Connection) -> None:
+async def test_a_malformed_check_result_is_dead_lettered_and_a_valid_one_acked(
+    gate: Gate, db: asyncpg.Connection
+) -> None:
     bad = FakeMessage(b'{"check_id": 1}', routing_key="check.result")
     await gate.on_result_message(cast(AbstractIncomingMessage, bad))
     assert bad.settlements == [("reject", False)]

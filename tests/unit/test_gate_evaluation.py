@@ -41,7 +41,7 @@ RETRY_SECONDS = 30.0
 
 
 def test_a_valid_job_id_is_logged_as_it_is() -> None:
-    for job_id in ("patch-42", "émoji ✓", "j" * 200, "quote\"and\\backslash"):
+    for job_id in ("patch-42", "émoji ✓", "j" * 200, 'quote"and\\backslash'):
         assert loggable_job_id(job_id) == job_id
 
 
@@ -54,7 +54,7 @@ def test_an_invalid_job_id_is_escaped_and_cut() -> None:
 
 
 @given(st.text(alphabet=st.characters(exclude_categories=()), max_size=400))
-@example("\x1b[31mforged\r\n{\"level\": \"error\"}")
+@example('\x1b[31mforged\r\n{"level": "error"}')
 def test_a_logged_job_id_can_neither_break_a_line_nor_flood_the_log(job_id: str) -> None:
     logged = loggable_job_id(job_id)
     assert control_character(logged) is None
@@ -85,8 +85,14 @@ async def new_host(connection: asyncpg.Connection) -> uuid.UUID:
 
 
 async def new_check(
-    connection: asyncpg.Connection, host_id: uuid.UUID, name: str, *, healthy: bool | None, age: float = 1.0,
-    critical: bool = True, enabled: bool = True,
+    connection: asyncpg.Connection,
+    host_id: uuid.UUID,
+    name: str,
+    *,
+    healthy: bool | None,
+    age: float = 1.0,
+    critical: bool = True,
+    enabled: bool = True,
 ) -> uuid.UUID:
     """A tcp check with a state: its last result `healthy` `age` seconds ago (None: no result yet), scheduled an
     hour from now."""
@@ -102,7 +108,9 @@ async def new_check(
         "UPDATE check_schedule SET next_run_at = clock_timestamp() + interval '1 hour' WHERE check_id = $1", check_id
     )
     if healthy is not None:
-        await result(connection, check_id, host_id, healthy=healthy, at=await now(connection) - dt.timedelta(seconds=age))
+        await result(
+            connection, check_id, host_id, healthy=healthy, at=await now(connection) - dt.timedelta(seconds=age)
+        )
     return check_id
 
 
@@ -113,7 +121,8 @@ async def result(
     status = "healthy" if healthy else "unhealthy"
     detail = "connected" if healthy else "connection refused"
     await copy_results(
-        connection, [(uuid.uuid4(), check_id, host_id, at, healthy, "ok" if healthy else "connect", status, detail, 1.0, None)]
+        connection,
+        [(uuid.uuid4(), check_id, host_id, at, healthy, "ok" if healthy else "connect", status, detail, 1.0, None)],
     )
     streak = Streak(status, 0 if healthy else 1, 1 if healthy else 0)
     state = StateAfter(check_id, streak, healthy, "ok" if healthy else "connect", detail, 1.0, at, None)
@@ -127,7 +136,11 @@ async def start(connection: asyncpg.Connection, host_id: uuid.UUID, window: dt.t
 
 
 async def evaluate(
-    connection: asyncpg.Connection, host_id: uuid.UUID, job_id: str = "j-1", *, rerun: bool = True,
+    connection: asyncpg.Connection,
+    host_id: uuid.UUID,
+    job_id: str = "j-1",
+    *,
+    rerun: bool = True,
     unknown_host: UnknownHostPolicy = "release",
 ) -> Evaluation | None:
     async with connection.transaction():
@@ -243,7 +256,10 @@ async def test_a_window_closed_failure_describes_the_checks_as_they_stood_when_i
     await start(connection, host_id, closed_at - clock)
 
     evaluation = await evaluate(connection, host_id)
-    assert evaluation is not None and (evaluation.verdict, evaluation.reason) == (Verdict.WINDOW_CLOSED, "window_closed")
+    assert evaluation is not None and (evaluation.verdict, evaluation.reason) == (
+        Verdict.WINDOW_CLOSED,
+        "window_closed",
+    )
     assert evaluation.detail == "the maintenance window closed while checks were not healthy: web: connection refused"
     [(routing_key, data)] = await outbox(connection)
     assert routing_key == "job.failed" and data["reason"] == "window_closed"

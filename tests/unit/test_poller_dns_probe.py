@@ -60,7 +60,11 @@ def target(**fields: Any) -> CheckTarget:
         ("MX", "10 mail.example.", "10 mail.example."),
         ("SRV", "10 5 5060 sip.example.", "10 5 5060 sip.example."),
         ("TXT", '"v=spf1 -all"', "v=spf1 -all"),  # no quotes
-        ("TXT", '"v=DKIM1; k=rsa; p=MIGf" "MA0GCSqGSIb3"', "v=DKIM1; k=rsa; p=MIGfMA0GCSqGSIb3"),  # joined, as DKIM reads it
+        (
+            "TXT",
+            '"v=DKIM1; k=rsa; p=MIGf" "MA0GCSqGSIb3"',
+            "v=DKIM1; k=rsa; p=MIGfMA0GCSqGSIb3",
+        ),  # joined, as DKIM reads it
         ("TXT", '"caf\\195\\169"', "café"),  # UTF-8 bytes
         ("TXT", '"\\255x"', "\ufffdx"),  # not UTF-8: U+FFFD, never an error
     ],
@@ -226,7 +230,10 @@ async def test_names_that_cannot_be_asked() -> None:
     too_long = await probe.check(target(dns_name="a" * 64 + ".test"))
     idna = await probe.check(target(dns_name="bücher-.test"))
     empty = await probe.check(target(dns_name="a..b"))
-    assert (too_long.reason, too_long.detail) == ("dns", f"cannot look up {'a' * 64}.test: A DNS label is > 63 octets long.")
+    assert (too_long.reason, too_long.detail) == (
+        "dns",
+        f"cannot look up {'a' * 64}.test: A DNS label is > 63 octets long.",
+    )
     assert (idna.reason, idna.detail) == (
         "dns", "cannot look up bücher-.test: the name cannot be encoded for DNS (IDNA: Label must not start or end "
         "with a hyphen)"

@@ -63,7 +63,9 @@ def names(answers: dict[str, Sequence[str]]) -> Resolve:
             return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (host, port))]
         if host not in answers:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port)) for address in answers[host]]
+        return [
+            (socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port)) for address in answers[host]
+        ]
 
     return resolve
 
@@ -134,9 +136,7 @@ CONNECT_FAILURE = f"failed to connect to all addresses; last error: UNAVAILABLE:
                  "without answering the call")),
     ],
 )  # fmt: skip
-def test_failed_calls(
-    code: grpc.StatusCode, details: str, traffic: RelayTraffic, tls: bool, verdict: Verdict
-) -> None:
+def test_failed_calls(code: grpc.StatusCode, details: str, traffic: RelayTraffic, tls: bool, verdict: Verdict) -> None:
     assert judge_error(code, details, traffic, service="pay", what=WHAT, tls=tls, timeout_seconds=5) == verdict
 
 
@@ -145,17 +145,38 @@ def test_a_call_that_never_got_its_connection_is_the_pollers_failure() -> None:
     server did nothing, the poller ran out of descriptors; gRPC's raw socket address after its words is dropped."""
     out = f"{CONNECT_FAILURE}socket: Too many open files\x01\x00\x00healthgate-grpc-0123"
     assert judge_error(
-        grpc.StatusCode.UNAVAILABLE, out, RelayTraffic(), service="", what=WHAT, tls=False, timeout_seconds=5,
+        grpc.StatusCode.UNAVAILABLE,
+        out,
+        RelayTraffic(),
+        service="",
+        what=WHAT,
+        tls=False,
+        timeout_seconds=5,
         relayed=False,
-    ) == Verdict(False, "connect", f"the poller could not give gRPC its connection to {WHAT}: socket: Too many open files")
+    ) == Verdict(
+        False, "connect", f"the poller could not give gRPC its connection to {WHAT}: socket: Too many open files"
+    )
     emfile = OSError(errno.EMFILE, "Too many open files")
     assert judge_error(
-        grpc.StatusCode.UNAVAILABLE, CONNECT_FAILURE + "Connection reset by peer", RelayTraffic(), service="",
-        what=WHAT, tls=False, timeout_seconds=5, relayed=False, relay_failure=emfile,
+        grpc.StatusCode.UNAVAILABLE,
+        CONNECT_FAILURE + "Connection reset by peer",
+        RelayTraffic(),
+        service="",
+        what=WHAT,
+        tls=False,
+        timeout_seconds=5,
+        relayed=False,
+        relay_failure=emfile,
     ) == Verdict(False, "connect", f"the poller could not give gRPC its connection to {WHAT}: Too many open files")
     assert judge_error(
-        grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", RelayTraffic(), service="", what=WHAT, tls=False,
-        timeout_seconds=5, relayed=False,
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        "Deadline Exceeded",
+        RelayTraffic(),
+        service="",
+        what=WHAT,
+        tls=False,
+        timeout_seconds=5,
+        relayed=False,
     ) == Verdict(False, "timeout", "timed out after 5 s")
     assert unrelayed(WHAT, "Too many open files").reason == "connect"
 
@@ -171,16 +192,28 @@ def test_connect_and_handshake_failures() -> None:
         (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("::1", 1, 0, 0)),
     ]
     refused = ConnectionRefusedError(111, "Connection refused")
-    assert connect_failure(refused, "app.test:1", infos) == "connection refused by app.test:1 at every address (127.0.0.1, ::1)"
-    assert connect_failure(OSError(113, "No route to host"), WHAT, infos[:1]) == f"cannot connect to {WHAT}: No route to host"
+    assert (
+        connect_failure(refused, "app.test:1", infos)
+        == "connection refused by app.test:1 at every address (127.0.0.1, ::1)"
+    )
+    assert (
+        connect_failure(OSError(113, "No route to host"), WHAT, infos[:1])
+        == f"cannot connect to {WHAT}: No route to host"
+    )
     unverified = ssl.SSLCertVerificationError(1, "certificate verify failed")
     unverified.verify_message = "certificate has expired"
-    assert handshake_failure(unverified, WHAT) == Verdict(False, "tls", "certificate verify failed: certificate has expired")
+    assert handshake_failure(unverified, WHAT) == Verdict(
+        False, "tls", "certificate verify failed: certificate has expired"
+    )
     alert = ssl.SSLError(1, "tlsv1 alert")
     alert.reason = "TLSV1_ALERT_INTERNAL_ERROR"
-    assert handshake_failure(alert, WHAT) == Verdict(False, "tls", f"TLS handshake with {WHAT} failed: TLSV1_ALERT_INTERNAL_ERROR")
+    assert handshake_failure(alert, WHAT) == Verdict(
+        False, "tls", f"TLS handshake with {WHAT} failed: TLSV1_ALERT_INTERNAL_ERROR"
+    )
     reset = ConnectionResetError(104, "Connection reset by peer")
-    assert handshake_failure(reset, WHAT) == Verdict(False, "tls", f"TLS handshake with {WHAT} failed: Connection reset by peer")
+    assert handshake_failure(reset, WHAT) == Verdict(
+        False, "tls", f"TLS handshake with {WHAT} failed: Connection reset by peer"
+    )
 
 
 # ---- the relay ------------------------------------------------------------------------------------------------
@@ -304,8 +337,9 @@ async def test_tls_is_verified_by_the_name_asked_for() -> None:
 
 
 async def test_names_are_resolved_and_blocked_addresses_refused(grpc_health: GrpcHealthServer) -> None:
-    resolve = names({"grpc.test": ["127.0.0.1"], "inside.test": ["127.0.0.1", "127.0.0.2"],
-                      "xn--bcher-kva.test": []})  # bücher.test, asked for as IDNA 2008 encodes it
+    resolve = names(
+        {"grpc.test": ["127.0.0.1"], "inside.test": ["127.0.0.1", "127.0.0.2"], "xn--bcher-kva.test": []}
+    )  # bücher.test, asked for as IDNA 2008 encodes it
     probe = GrpcProbe([ipaddress.ip_network("127.0.0.2/32")], resolve)
     port = grpc_health.port
     assert (await probe.check(target(port, address="grpc.test"))).healthy

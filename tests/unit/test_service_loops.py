@@ -18,4 +18,3 @@ def test_run_service_runs_the_service_on_uvloop() -> None:
 
     assert run_service(service()) == 0
     assert isinstance(loops[0], uvloop.Loop)
-

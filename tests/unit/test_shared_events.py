@@ -62,7 +62,9 @@ def malformed(body: bytes, model: type = JobStart) -> MalformedEvent:
 
 
 def test_bare_data_and_a_structured_cloudevent_decode_alike() -> None:
-    expected = JobStart(job_id="patch-42", host_id=uuid.UUID(HOST), window_ends_at=dt.datetime(2030, 6, 1, 12, tzinfo=dt.UTC))
+    expected = JobStart(
+        job_id="patch-42", host_id=uuid.UUID(HOST), window_ends_at=dt.datetime(2030, 6, 1, 12, tzinfo=dt.UTC)
+    )
     assert decode_event(json.dumps(START).encode(), JobStart) == expected
     assert decode_event(envelope(START), JobStart) == expected
     encoded = base64.b64encode(json.dumps(START).encode()).decode()
@@ -76,7 +78,9 @@ def test_unknown_fields_are_ignored_at_both_levels() -> None:
 
 
 def test_a_number_no_python_number_holds_is_refused_where_a_field_is_typed() -> None:
-    body = json.dumps(START | {"window_ends_at": 0}).encode().replace(b'"window_ends_at": 0', b'"window_ends_at": 1e400')
+    body = (
+        json.dumps(START | {"window_ends_at": 0}).encode().replace(b'"window_ends_at": 0', b'"window_ends_at": 1e400')
+    )
     assert "window_ends_at: must be an RFC 3339 string with an offset such as 2026-12-01T02:00:00Z, not a number" in (
         malformed(body).problems
     )
@@ -387,5 +391,6 @@ def test_the_spliced_encoding_is_byte_identical_to_the_previous_one(
         for source in ("/healthgate/poller", "/s\u00e9"):
             expected = _encoding_as_before(routing_key, event, source=source, event_id=event_id, time=at)
             assert encode_cloudevent(routing_key, event, source=source, event_id=event_id, time=at) == (
-                event_id, expected
+                event_id,
+                expected,
             )

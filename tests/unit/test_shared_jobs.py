@@ -95,7 +95,7 @@ async def test_an_override_carries_who_and_why(connection: asyncpg.Connection) -
 
 async def test_a_cancel_keeps_the_rows_check_snapshot(connection: asyncpg.Connection) -> None:
     await waiting(connection)
-    await connection.execute("UPDATE gate_jobs SET checks = '[{\"name\": \"kept\"}]'::jsonb")
+    await connection.execute('UPDATE gate_jobs SET checks = \'[{"name": "kept"}]\'::jsonb')
     decision = JobDecision("j-1", HOST, "cancelled", "cancelled by job.cancel")  # checks None: keep
     row = await jobs.decide(connection, decision, at=dt.datetime.now(dt.UTC), source=SOURCE)
     assert row is not None and json.loads(row["checks"]) == [{"name": "kept"}]

@@ -167,7 +167,9 @@ async def test_a_disabled_check_still_on_the_schedule_is_claimed_as_disabled(con
     assert await next_run(connection, check_id) == slot + INTERVAL * SECOND
 
 
-async def test_claimers_skip_the_rows_another_claimer_holds(connection: asyncpg.Connection, private_database: str) -> None:
+async def test_claimers_skip_the_rows_another_claimer_holds(
+    connection: asyncpg.Connection, private_database: str
+) -> None:
     first, second = await new_check(connection), await new_check(connection)
     now = await clock(connection)
     await scheduled(connection, first, now - 2 * SECOND)
