@@ -2,6 +2,8 @@
 that writes the table (docs/architecture.md, "Who writes which table").
 
 - the api creates a check's state with it (`create_state`: status unknown, no streak);
+- the api forgets the status of a check whose target or rules changed (`forget_status`: unknown again until the
+  first result of the new configuration);
 - the pollers' result writer locks the states of a batch (`lock_for_results`, after the hosts: see
   shared/hosts.py on lock order), advances each streak (`advance`) and stores the streaks, the last
   result and `last_slot` of every check in one statement (`store_states`).
@@ -71,16 +73,37 @@ async def create_states(connection: Connection, checks: Sequence[tuple[uuid.UUID
     await connection.executemany("INSERT INTO check_state (check_id, host_id) VALUES ($1, $2)", checks)
 
 
+async def forget_status(connection: Connection, check_ids: Sequence[uuid.UUID]) -> None:
+    """Set these checks back to `unknown` with no streak, after a change of what they probe or how a result is
+    judged (the API's PUT of a check, or of its host's name or agent_url): a result of the old configuration says
+    nothing of the new one, and the gate releases only on a healthy status (CONTRACT §3: `unknown` until the first
+    result, which sets the status directly). The last result stays, as what it was. In the caller's transaction,
+    which holds the checks' host (lock order: shared/hosts.py); rows updated in id order."""
+    await connection.execute(
+        """
+        UPDATE check_state
+        SET status = 'unknown', consecutive_failures = 0, consecutive_successes = 0, healthy_since = NULL,
+            status_changed_at = CASE WHEN status <> 'unknown' THEN now() ELSE status_changed_at END
+        WHERE check_id = ANY($1::uuid[])
+        """,
+        sorted(set(check_ids)),
+    )
+
+
 async def lock_for_results(connection: Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
     """Lock the states of these checks in id order (`check_ids` sorted), after their hosts: rows of
-    check_id, host_id, status, consecutive_failures, consecutive_successes, last_slot and the check's
-    failures_before_unhealthy and successes_before_healthy. A deleted check has no row."""
+    check_id, host_id, status, consecutive_failures, consecutive_successes, last_slot, the check's
+    failures_before_unhealthy and successes_before_healthy, when the check was last changed (`check_updated_at`)
+    and its host's `host_name` and `agent_url` (a run of a configuration changed since is not stored). A deleted
+    check has no row."""
     return await connection.fetch(
         """
         SELECT s.check_id, s.host_id, s.status, s.consecutive_failures, s.consecutive_successes, s.last_slot,
-               c.failures_before_unhealthy, c.successes_before_healthy
+               c.failures_before_unhealthy, c.successes_before_healthy,
+               c.updated_at AS check_updated_at, h.name AS host_name, h.agent_url
         FROM check_state s
         JOIN health_checks c ON c.id = s.check_id
+        JOIN hosts h ON h.id = c.host_id
         WHERE s.check_id = ANY($1::uuid[])
         ORDER BY s.check_id
         FOR UPDATE OF s

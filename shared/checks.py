@@ -179,6 +179,25 @@ async def count_checks(connection: Connection, host_id: uuid.UUID) -> int:
     return count
 
 
+async def checks_probing_host(
+    connection: Connection, host_id: uuid.UUID, *, name: bool, agent_url: bool
+) -> list[tuple[uuid.UUID, bool]]:
+    """The host's checks whose target is its `name` (tcp and grpc checks without an address), with `name`, and
+    those that ask its `agent_url` (service checks), with `agent_url`: (check_id, enabled), in id order."""
+    rows = await connection.fetch(
+        """
+        SELECT id, enabled FROM health_checks
+        WHERE host_id = $1
+          AND (($2 AND check_type IN ('tcp', 'grpc') AND address IS NULL) OR ($3 AND check_type = 'service'))
+        ORDER BY id
+        """,
+        host_id,
+        name,
+        agent_url,
+    )
+    return [(row["id"], row["enabled"]) for row in rows]
+
+
 async def count_service_checks(connection: Connection, host_id: uuid.UUID) -> int:
     """The host's service checks, which need its agent_url."""
     count: int = await connection.fetchval(
@@ -203,14 +222,15 @@ async def count_checks_without_address(connection: Connection, host_id: uuid.UUI
 
 async def checks_to_run(connection: Connection, check_ids: Sequence[uuid.UUID]) -> list[asyncpg.Record]:
     """What a poller needs to run these checks: each check's settings (its password still encrypted), its
-    host's name (`host_name`) and `agent_url`. A check deleted since has no row."""
+    host's name (`host_name`) and `agent_url`, and when the check was last changed (`check_updated_at`). A check
+    deleted since has no row."""
     return await connection.fetch(
         """
         SELECT c.id, c.host_id, c.check_type, c.enabled, c.timeout_seconds, c.service_name, c.url, c.method,
                c.expected_status, c.expected_body, c.ignore_cert_errors, c.follow_redirects, c.basic_auth_user,
                c.basic_auth_pass_encrypted, c.port, c.address, c.max_latency_ms, c.condition, c.min_cert_days,
                c.dns_name, c.record_type, c.expected_values, c.dns_server, c.grpc_service, c.tls,
-               h.name AS host_name, h.agent_url
+               h.name AS host_name, h.agent_url, c.updated_at AS check_updated_at
         FROM health_checks c
         JOIN hosts h ON h.id = c.host_id
         WHERE c.id = ANY($1::uuid[])

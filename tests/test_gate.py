@@ -18,11 +18,13 @@ import pytest
 
 from shared.events import decision_event_id
 from shared.tokens import create_token
+from tests.support.blackhole import refused_port
 from tests.support.fake_agent import FakeAgent
 from tests.support.messages import DECISIONS, EventCapture, Publisher, decision_of, wait_decision
 from tests.support.nginx import NginxServer
 from tests.support.processes import ServiceProcess, free_port, start_gate, start_poller, start_service, start_together
 from tests.support.rabbitmq import RabbitNode
+from tests.support.raw_http import RawHttpServer, response
 from tests.support.services import BackingServices
 
 pytestmark = pytest.mark.usefixtures("poller", "gate")
@@ -118,6 +120,107 @@ async def test_stale_result_is_run_again_then_released(
     assert [check["name"] for check in waiting.data["failing_checks"]] == ["check-0"]
     decision = await wait_decision(events, "stale", timeout=10)
     assert decision.routing_key == "job.released"
+
+
+async def check_status(admin: httpx.AsyncClient, check: dict[str, Any]) -> str:
+    response = await admin.get(f"/api/v1/hosts/{check['host_id']}/health-checks/{check['id']}")
+    status: str = response.json()["status"]
+    return status
+
+
+async def until_status(admin: httpx.AsyncClient, check: dict[str, Any], wanted: str, timeout: float = 15) -> None:
+    for _ in range(int(timeout / 0.1)):
+        if await check_status(admin, check) == wanted:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"the check is {await check_status(admin, check)!r}, not {wanted!r}, after {timeout} s")
+
+
+async def test_a_check_pointed_elsewhere_is_not_released_on_its_old_healthy_result(
+    jobs: Publisher, events: EventCapture, admin: httpx.AsyncClient, nginx: NginxServer
+) -> None:
+    """A healthy result says nothing of the check's new target: after the PUT the check is unknown, a job.start
+    waits, and only a result of the new target decides (here: refused, then pointed back to a healthy one)."""
+    body = {"name": "check-0", "check_type": "http", "url": nginx.http_url("/ok"), "interval_seconds": 3600}
+    host_id, [check] = await host_with_checks(admin, [body])
+    await run_checks(admin, [check])
+    assert await check_status(admin, check) == "healthy"
+    check_url = f"/api/v1/hosts/{host_id}/health-checks/{check['id']}"
+    with refused_port() as port:
+        changed = await admin.put(check_url, json=body | {"url": f"http://127.0.0.1:{port}/"})
+        assert changed.status_code == 200 and changed.json()["status"] == "unknown", changed.text
+        assert changed.json()["last_result"]["healthy"] is True  # the last result stays, as what it was
+        await jobs.start("repointed", host_id)
+        (waiting,) = await events.wait_for("job.waiting", lambda event: event.data["job_id"] == "repointed")
+        assert [failing["name"] for failing in waiting.data["failing_checks"]] == ["check-0"]
+        await until_status(admin, check, "unhealthy")  # its first run against the new target (within 5 s)
+        assert decision_of(events, "repointed") == []
+    renamed = await admin.put(check_url, json=body | {"url": nginx.http_url("/ok"), "name": "web"})
+    assert renamed.json()["status"] == "unknown"
+    decision = await wait_decision(events, "repointed", timeout=15)
+    assert decision.routing_key == "job.released"
+    # A change of what the status does not depend on keeps it.
+    kept = await admin.put(check_url, json=body | {"name": "www", "failures_before_unhealthy": 5})
+    assert kept.json()["status"] == "healthy"
+
+
+async def test_a_run_of_the_old_target_that_ends_after_the_change_is_not_stored(
+    admin: httpx.AsyncClient, raw_http: RawHttpServer
+) -> None:
+    """The check's run is in flight (a slow, healthy answer) when a PUT points it elsewhere, and disables it so that
+    no run of the new target comes: the slow answer arrives after the change and judges a target that is gone, so
+    it is not stored and the check stays unknown."""
+    raw_http.set("/slow", response(body=b"fine"), delay=2)
+    body = {"name": "slow", "check_type": "http", "url": raw_http.url("/slow"), "interval_seconds": 3600}
+    host_id, [check] = await host_with_checks(admin, [body])  # its first run comes within 5 s
+    for _ in range(100):
+        if any(b"/slow" in request for request in raw_http.request_log()):
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("the check never ran")
+    check_url = f"/api/v1/hosts/{host_id}/health-checks/{check['id']}"
+    changed = await admin.put(check_url, json=body | {"url": raw_http.url("/elsewhere"), "enabled": False})
+    assert changed.json()["status"] == "unknown"
+    await asyncio.sleep(3)  # the slow answer has come meanwhile, and its run has ended
+    assert await check_status(admin, check) == "unknown"
+    assert (await admin.get(f"{check_url}/results")).json()["items"] == []
+
+
+async def test_a_host_renamed_makes_its_checks_of_the_old_name_unknown(
+    admin: httpx.AsyncClient, fake_agent: FakeAgent
+) -> None:
+    """A tcp check without an address connects to its host's name, a service check asks its agent_url: a PUT of the
+    host that changes them makes those checks unknown until they have run against the new ones; the others keep
+    their status."""
+    fake_agent.set("db.service", "healthy")
+    with refused_port() as refused:
+        host = await admin.post(
+            "/api/v1/hosts", json={"name": "127.0.0.1", "group": "gate", "agent_url": fake_agent.base_url}
+        )
+        host_id = host.json()["id"]
+        made = [
+            await admin.post(f"/api/v1/hosts/{host_id}/health-checks", json=body | {"interval_seconds": 3600})
+            for body in (
+                {"name": "by-name", "check_type": "tcp", "port": fake_agent.port},
+                {"name": "by-address", "check_type": "tcp", "port": fake_agent.port, "address": "127.0.0.1"},
+                {"name": "agent", "check_type": "service", "service_name": "db.service"},
+            )
+        ]
+        checks = [answer.json() for answer in made]
+        await run_checks(admin, checks)
+        assert [await check_status(admin, check) for check in checks] == ["healthy"] * 3
+        moved = await admin.put(
+            f"/api/v1/hosts/{host_id}",
+            json={"name": "127.0.0.2", "group": "gate", "agent_url": f"http://127.0.0.1:{refused}"},
+        )
+        assert moved.status_code == 200 and moved.json()["health_check_status"] == "unknown", moved.text
+        # Unknown, or already their first result of the new target (within 5 s): either way not the old one.
+        statuses = [await check_status(admin, check) for check in checks]
+        assert statuses[0] in ("unknown", "unhealthy") and statuses[2] in ("unknown", "unhealthy"), statuses
+        assert statuses[1] == "healthy", statuses
+        await until_status(admin, checks[0], "unhealthy")  # nothing listens on 127.0.0.2
+        await until_status(admin, checks[2], "unhealthy")  # the new agent_url refuses
 
 
 async def test_waiting_job_released_when_its_check_recovers_and_waiting_sent_once(

@@ -38,7 +38,7 @@ from services.api.schemas import (
 from services.api.targets import address_problems
 from shared import checks, results, uptime
 from shared.audit import diff, record_audit
-from shared.check_state import create_state
+from shared.check_state import create_state, forget_status
 from shared.crypto import DecryptionError
 from shared.database import Connection
 from shared.events import CheckConfigChanged, CheckResult, CheckResultView, CheckRunRequest, CheckView
@@ -63,6 +63,11 @@ WRITABLE_COLUMNS = tuple(
             "basic_auth_pass_encrypted",
         )
     )
+)
+# What a check's status does not depend on: a change of anything else (its type, target, timeout, expectations,
+# credentials) makes the check `unknown` until its first result of the new configuration (`forget_status`).
+STATUS_KEEPING_FIELDS = frozenset(
+    {"name", "enabled", "critical", "interval_seconds", "failures_before_unhealthy", "successes_before_healthy"}
 )
 VIEW_COLUMNS = ("id", "host_id", *COMMON_WRITABLE_FIELDS, "status", "healthy_since", "created_at", "updated_at")
 # A check's results page newest first by (checked_at, id); the cursor holds the last row's.
@@ -390,7 +395,8 @@ async def update_check(request: Request, principal: Principal) -> Response:
 async def update_check_on(
     context: ApiContext, actor: str, host_id: uuid.UUID, check_id: uuid.UUID, submitted: CheckRequest
 ) -> CheckView:
-    """Replace a check's writable fields (PUT semantics; the password omitted is kept)."""
+    """Replace a check's writable fields (PUT semantics; the password omitted is kept). A change of what it probes
+    or how a result is judged (any field outside STATUS_KEEPING_FIELDS) makes it `unknown` again."""
     async with context.pool.acquire() as connection, connection.transaction():
         host = await _lock_host_for_checks(connection, host_id)
         before = await _fetch_check(connection, host_id, check_id, for_update=True)
@@ -404,6 +410,9 @@ async def update_check_on(
             except asyncpg.UniqueViolationError:
                 raise conflict(f"this host already has a check named {body.name!r}") from None
             await schedule_first_run(connection, check_id, enabled=body.enabled)
+            if set(changes) - STATUS_KEEPING_FIELDS:
+                # Its last result judged another target or by other rules: the gate must not release on it.
+                await forget_status(connection, [check_id])
         await refresh_host_status(connection, host_id, source=context.source)
         [view] = await check_views(connection, [await _fetch_check(connection, host_id, check_id)])
         await audit_check(connection, actor, "health_check.update", host_id, check_id, changes)

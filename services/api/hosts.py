@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from services.api.auth import Principal
 from services.api.checks import delete_check_rows
-from services.api.context import ApiContext, context_of
+from services.api.context import EVENT_SOURCE, ApiContext, context_of
 from services.api.problems import conflict, field_errors, not_found, validation_problem
 from services.api.requests import (
     Keyset,
@@ -29,8 +29,10 @@ from services.api.schemas import GroupName, HostCreate, HostName, HostView, Host
 from services.api.targets import address_problems
 from shared import checks, hosts
 from shared.audit import diff, record_audit
+from shared.check_state import forget_status
 from shared.database import Connection
 from shared.events import HostHealthStatus
+from shared.schedule import schedule_first_runs
 
 # Hosts page by name (unique); the cursor holds the last name.
 HOST_PAGES: Keyset[str] = Keyset(1, text_key, lambda row: (row["name"],))
@@ -121,8 +123,10 @@ async def update_host(request: Request, principal: Principal) -> Response:
 async def update_host_on(pool: asyncpg.Pool, principal: Principal, host_id: uuid.UUID, document: Any) -> asyncpg.Record:
     """Replace a host's writable fields from a PUT body (`document`, parsed JSON or the dashboard's form as a
     dict) and audit the change, in one transaction (the API's PUT and the dashboard's host form); the row after.
-    Raises a 404 Problem for a host outside the caller's groups, a 422 listing every field problem (the body's
-    and the host's checks' rules, `_rule_errors`) and a 409 when the new name is taken."""
+    Checks whose target is the host's name or agent_url, when that changes, are `unknown` until they have run
+    against the new one (within 5 s). Raises a 404 Problem for a host outside the caller's groups, a 422 listing
+    every field problem (the body's and the host's checks' rules, `_rule_errors`) and a 409 when the new name is
+    taken."""
     try:
         body: HostWrite | None = HostWrite.model_validate(document)
         errors: list[dict[str, str]] = []
@@ -140,6 +144,15 @@ async def update_host_on(pool: asyncpg.Pool, principal: Principal, host_id: uuid
         except asyncpg.UniqueViolationError as exc:
             raise _host_conflict(exc, body.name, host_id) from None
         await audit_host(connection, principal, "host.update", host_id, diff(host_fields(before), host_fields(body)))
+        retargeted = await checks.checks_probing_host(
+            connection, host_id, name=body.name != before["name"], agent_url=body.agent_url != before["agent_url"]
+        )
+        if retargeted:
+            # Their last results judged another target: unknown until they have run against the new one, at once.
+            await forget_status(connection, [check_id for check_id, _ in retargeted])
+            await schedule_first_runs(connection, retargeted)
+            await hosts.refresh_host_status(connection, host_id, source=EVENT_SOURCE)
+            row = await hosts.fetch_host(connection, host_id) or row
     return row
 
 

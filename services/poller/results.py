@@ -17,6 +17,7 @@ import os
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import asyncpg
 
@@ -36,6 +37,10 @@ from shared.uptime import Counted, count_results
 log = logging.getLogger(__name__)
 
 
+# A check's configuration as a run saw it: when the check was last changed, its host's name and agent_url.
+Configuration: TypeAlias = tuple[dt.datetime, str, str | None]
+
+
 @dataclass(frozen=True)
 class CheckRow:
     """A check as stored, its password still encrypted."""
@@ -51,6 +56,12 @@ class CheckRow:
     def enabled(self) -> bool:
         enabled: bool = self.record["enabled"]
         return enabled
+
+    @property
+    def configuration(self) -> Configuration:
+        """What the run of this row probes, as loaded: when the check was last changed, and what of its host a
+        check may probe (its name and agent_url)."""
+        return self.record["check_updated_at"], self.record["host_name"], self.record["agent_url"]
 
     def target(self, secrets: SecretBox) -> CheckTarget:
         """The probe's view; the password is decrypted here, just before the run, and only in memory."""
@@ -96,7 +107,9 @@ async def load_checks(connection: Connection, check_ids: Sequence[uuid.UUID]) ->
 @dataclass(frozen=True)
 class FinishedRun:
     """A probe's outcome, not yet stored. `secrets` are redacted from its detail when it is (the
-    check's password and encoded credentials, should the target have echoed them)."""
+    check's password and encoded credentials, should the target have echoed them). `configuration`: the check's
+    as the run loaded it (`CheckRow.configuration`); a run whose check or host has changed since is not stored.
+    None: not compared."""
 
     check_id: uuid.UUID
     host_id: uuid.UUID
@@ -104,6 +117,7 @@ class FinishedRun:
     outcome: ProbeOutcome
     checked_at: dt.datetime
     secrets: tuple[str, ...] = ()
+    configuration: Configuration | None = None
 
 
 def new_result_ids(count: int) -> Iterator[uuid.UUID]:
@@ -148,6 +162,14 @@ async def store_results(connection: Connection, runs: Sequence[FinishedRun], *, 
         last_slot = last_slots[run.check_id]
         if run.slot is not None and last_slot is not None and run.slot <= last_slot:
             continue  # this slot's result is already stored: the tick was delivered twice
+        if run.configuration is not None and run.configuration != (
+            state["check_updated_at"],
+            state["host_name"],
+            state["agent_url"],
+        ):
+            # The check or its host changed while it ran (another target, other rules): the result judged a
+            # configuration that is gone, and the changed check runs again within 5 s (schedule_first_run).
+            continue
         before = streaks[run.check_id]
         after = advance(
             before,

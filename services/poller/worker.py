@@ -192,7 +192,9 @@ class Worker:
                 outcome = await self._prober.run(target)
                 secrets = target.secrets()
         self._metrics.ran(check.record["check_type"], outcome.reason, outcome.latency_ms / 1000)
-        return FinishedRun(check.check_id, check.record["host_id"], slot, outcome, checked_at, secrets)
+        return FinishedRun(
+            check.check_id, check.record["host_id"], slot, outcome, checked_at, secrets, check.configuration
+        )
 
     # ---- /test -----------------------------------------------------------------------------------
 
