@@ -45,6 +45,11 @@ MAX_RECONNECT_DELAY_SECONDS = 15.0
 CHANNEL_LEFT_CLOSED_SECONDS = 5.0
 MAX_CHANNEL_REOPEN_DELAY_SECONDS = 30.0
 _REOPEN_FAILURES = (TimeoutError, aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, OSError)
+# How often a Broker declares its topology again (`Broker.restore_topology`): an exchange deleted and re-created by
+# someone else (a definitions import, a broker restored from a backup) has lost every binding, and RabbitMQ tells no
+# client, so consumers would receive nothing and our own publishes be unroutable until a service restarted.
+TOPOLOGY_REDECLARE_SECONDS = 30.0
+TOPOLOGY_DECLARE_TIMEOUT_SECONDS = 10.0
 # Encoded Basic.Publish frames kept by a Broker (routing keys x channel numbers; a handful in practice).
 PUBLISH_FRAMES_KEPT = 256
 
@@ -89,6 +94,9 @@ class Broker:
         self._closing = False
         self._publish_frames: dict[tuple[int, str], bytes] = {}  # see `_publish_frame`
         self._channel_guard: asyncio.Task[None] | None = None  # see `_reopen_when_left_closed`
+        self._topology_keeper: asyncio.Task[None] | None = None  # see `_keep_topology`
+        self._topology_lock = asyncio.Lock()
+        self.topology_redeclare_seconds = TOPOLOGY_REDECLARE_SECONDS
         self.channel_left_closed_seconds = CHANNEL_LEFT_CLOSED_SECONDS
         self.outage = OutageLog(
             log, "lost the connection to RabbitMQ, reconnecting", "RabbitMQ recovered: reconnected to RabbitMQ",
@@ -148,6 +156,8 @@ class Broker:
             await on_connected(connection)
         self._ready.set()
         log.info("connected to RabbitMQ", extra={"url": redact_url(self.url)})
+        if self._topology_keeper is None:
+            self._topology_keeper = asyncio.get_running_loop().create_task(self._keep_topology())
 
     def _on_connection_lost(self, _: object, error: BaseException | None = None) -> None:
         # aiormq and aio-pika log the loss and every reconnect attempt in their own words (shared/logs.py
@@ -189,6 +199,33 @@ class Broker:
                 continue
             log.warning("reopened the publishing channel to RabbitMQ, which had stayed closed")
             return
+
+    async def restore_topology(self) -> bool:
+        """Declare every exchange, queue and binding of the topology again (idempotent: what exists is left as it
+        is), on a short-lived channel of its own: a robust channel would keep each declared object to restore it,
+        growing with every call, and a refused declaration closes only that channel. True if all was declared;
+        False if the Broker is not ready, or the broker refused or did not answer within
+        TOPOLOGY_DECLARE_TIMEOUT_SECONDS (logged as a warning; a lost connection is logged by the Broker itself)."""
+        connection = self.connection
+        if not self.ready or connection is None:
+            return False
+        async with self._topology_lock:
+            try:
+                async with asyncio.timeout(TOPOLOGY_DECLARE_TIMEOUT_SECONDS):
+                    async with aio_pika.Channel(connection, publisher_confirms=False) as channel:
+                        await declare_topology(channel, self.topology)
+                        await declare_requeue_exchange(channel, self.topology)
+            except _REOPEN_FAILURES as exc:
+                if self.ready:
+                    log.warning("cannot declare the topology on RabbitMQ again", extra={"error": repr(exc)})
+                return False
+        return True
+
+    async def _keep_topology(self) -> None:
+        """Every `topology_redeclare_seconds`, `restore_topology` while the Broker is ready, until it closes."""
+        while not self._closing:
+            await asyncio.sleep(self.topology_redeclare_seconds)
+            await self.restore_topology()
 
     async def publish(
         self,
@@ -465,10 +502,11 @@ class Broker:
     async def close(self) -> None:
         self._ready.clear()
         self._closing = True
-        if self._channel_guard is not None:
-            self._channel_guard.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._channel_guard
+        for task in (self._channel_guard, self._topology_keeper):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self.connection is not None:
             await self.connection.close()
 

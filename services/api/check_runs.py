@@ -44,7 +44,7 @@ class CheckRunClient:
     async def run(self, request: CheckRunRequest, timeout: float) -> CheckResult | None:
         """The poller's result, or None when no poller answered within `timeout` seconds.
 
-        Raises PublishFailed when the broker is not reachable.
+        Raises PublishFailed when the broker is not reachable, Unroutable when no queue is bound for the request.
         """
         correlation_id = uuid.uuid4().hex
         waiter: asyncio.Future[CheckResult] = asyncio.get_running_loop().create_future()

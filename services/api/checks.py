@@ -43,7 +43,7 @@ from shared.crypto import DecryptionError
 from shared.database import Connection
 from shared.events import CheckConfigChanged, CheckResult, CheckResultView, CheckRunRequest, CheckView
 from shared.hosts import host_exists, lock_host, refresh_host_status
-from shared.messaging import PublishFailed
+from shared.messaging import PublishFailed, Unroutable
 from shared.outbox import enqueue
 from shared.schedule import schedule_first_run
 
@@ -471,6 +471,10 @@ async def run_check_now(context: ApiContext, actor: str, host_id: uuid.UUID, che
         )
     except PublishFailed:
         raise Problem(503, "the message broker is unavailable; try again shortly") from None
+    except Unroutable:
+        # The exchange was declared again without our bindings (or the pollers' queue deleted): bind them again.
+        await context.broker.restore_topology()
+        raise Problem(503, "no poller queue was bound on the message broker; bound again, try again shortly") from None
     if result is None:
         async with context.pool.acquire() as connection:
             gone = await checks.fetch_check(connection, host_id, check_id) is None

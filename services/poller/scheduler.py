@@ -20,7 +20,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from shared.database import DATABASE_ERRORS, DatabaseWatch
 from shared.events import ScheduledRun, Tick
-from shared.messaging import Broker, PublishFailed
+from shared.messaging import Broker, PublishFailed, Unroutable
 from shared.schedule import claim_due
 from shared.topology import POLLER_TICK_QUEUE
 
@@ -33,7 +33,7 @@ RETRY_DELAY_SECONDS = 1.0
 TICK_ROUTING_KEY = POLLER_TICK_QUEUE.bindings[0]
 # What fails a pass without stopping the scheduler: a publish, or the database. One tuple, since a type
 # checker cannot read an unpacked tuple in an except clause.
-PASS_ERRORS: tuple[type[Exception], ...] = (PublishFailed, *DATABASE_ERRORS)
+PASS_ERRORS: tuple[type[Exception], ...] = (PublishFailed, Unroutable, *DATABASE_ERRORS)
 
 
 class SchedulerMetrics:
@@ -62,6 +62,14 @@ class Scheduler:
             except PASS_ERRORS as exc:
                 self._metrics.failures.inc()
                 if await self._database.wait_out(exc):  # an outage is logged once, by the watch
+                    continue
+                if isinstance(exc, Unroutable):
+                    # No queue bound for the ticks: the exchange was deleted and declared again without our
+                    # bindings (or the queue deleted). Declaring the topology again binds them; the claim was
+                    # rolled back, so the pass after it dispatches these checks.
+                    log.warning("no queue is bound for the poller's ticks: declaring the topology again")
+                    await self._broker.restore_topology()
+                    await asyncio.sleep(RETRY_DELAY_SECONDS)
                     continue
                 if not isinstance(exc, PublishFailed) or self._broker.ready:  # else the broker's outage, logged once
                     log.warning("scheduler pass failed, will retry", extra={"error": str(exc)})
