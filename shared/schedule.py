@@ -19,6 +19,7 @@ kept from a pending value, or moved past the claimed slot.
 
 from __future__ import annotations
 
+import datetime as dt
 import uuid
 from collections.abc import Sequence
 
@@ -74,7 +75,8 @@ WITH pulled AS (
       AND next_run_at > clock_timestamp()
       -- now(), the transaction's start, is also what the gate's retry timer (next_retry_at) is
       -- computed from: a retry that comes due one period later finds the period passed exactly.
-      AND (rerun_requested_at IS NULL OR rerun_requested_at <= now() - make_interval(secs => $2))
+      AND (rerun_requested_at IS NULL OR rerun_requested_at <= now() - make_interval(secs => $2)
+           OR rerun_requested_at < $3)
     -- A row locked by a scheduler is being dispatched now, by the api being rescheduled within
     -- seconds, by another gate being pulled: each means a run is coming, so skip it, never wait.
     FOR UPDATE SKIP LOCKED
@@ -110,14 +112,19 @@ async def claim_due(connection: Connection, limit: int) -> list[asyncpg.Record]:
 
 
 async def request_reruns(
-    connection: Connection, check_ids: Sequence[uuid.UUID], *, retry_seconds: float
+    connection: Connection,
+    check_ids: Sequence[uuid.UUID],
+    *,
+    retry_seconds: float,
+    results_from: dt.datetime | None = None,
 ) -> list[uuid.UUID]:
     """Ask for these checks to run now: pull each one's next run to the present, unless it is disabled,
     already due, locked by another writer (a run is coming anyway), or was pulled less than
     `retry_seconds` (HEALTHGATE_GATE_RETRY_SECONDS) ago. So a check runs at most once per retry period
-    for the gate, plus its own interval, however many jobs wait on it. In the caller's transaction;
-    returns the checks pulled."""
+    for the gate, plus its own interval, however many jobs wait on it. `results_from`: only a result from
+    this moment on will do (a verification's `verify_from_at`, after the patch), so a pull before it does
+    not hold this one back. In the caller's transaction; returns the checks pulled."""
     if not check_ids:
         return []
-    rows = await connection.fetch(_RERUN_SQL, sorted(set(check_ids)), float(retry_seconds))
+    rows = await connection.fetch(_RERUN_SQL, sorted(set(check_ids)), float(retry_seconds), results_from)
     return [row["check_id"] for row in rows]

@@ -237,7 +237,10 @@ class Verifier:
         if verdict.verdict is VerificationVerdict.PENDING:
             assert verdict.next_at is not None
             if rerun:
-                await request_reruns(connection, verdict.rerun, retry_seconds=self._retry_seconds)
+                # A pull made before verification began (while the job waited, say) ran before the patch.
+                await request_reruns(
+                    connection, verdict.rerun, retry_seconds=self._retry_seconds, results_from=row["verify_from_at"]
+                )
             await jobs.keep_verifying(
                 connection, row["job_id"], row["host_id"], next_at=verdict.next_at, sooner_only=not rerun
             )

@@ -5,7 +5,8 @@ own (`private_database`: no poller of the session claims these rows meanwhile); 
   already due sooner; a disabled one is not scheduled;
 - `claim_due`: due rows are claimed oldest first and moved to `slot + interval` (the cadence), or after a
   downtime to `now() + interval` with up to 10 % jitter; other claimers skip rows being claimed;
-- `request_reruns`: the gate pulls a check's next run to now, at most once per retry period.
+- `request_reruns`: the gate pulls a check's next run to now, at most once per retry period (counted from the
+  moment a verification wants results from).
 """
 
 from __future__ import annotations
@@ -224,6 +225,25 @@ async def test_a_rerun_pulls_the_next_run_to_now_once_per_retry_period(connectio
     )
     async with connection.transaction():
         assert await request_reruns(connection, [check_id], retry_seconds=30) == [check_id]
+
+
+async def test_a_pull_before_the_results_wanted_does_not_hold_a_verification_rerun_back(
+    connection: asyncpg.Connection,
+) -> None:
+    """A job waited on the check (pulled), then the host was patched: verification wants a result from after the
+    patch, so the earlier pull does not count against the retry period; a pull made since does."""
+    check_id = await new_check(connection)
+    await scheduled(connection, check_id, await clock(connection) + dt.timedelta(minutes=5))
+    async with connection.transaction():
+        assert await request_reruns(connection, [check_id], retry_seconds=300) == [check_id]
+    await scheduled(connection, check_id, await clock(connection) + dt.timedelta(minutes=5))  # it ran
+    patched = await clock(connection)
+    async with connection.transaction():
+        assert await request_reruns(connection, [check_id], retry_seconds=300) == []  # waiting jobs: once a period
+        assert await request_reruns(connection, [check_id], retry_seconds=300, results_from=patched) == [check_id]
+    await scheduled(connection, check_id, await clock(connection) + dt.timedelta(minutes=5))
+    async with connection.transaction():
+        assert await request_reruns(connection, [check_id], retry_seconds=300, results_from=patched) == []
 
 
 async def test_no_rerun_for_a_check_already_due_disabled_or_unknown(connection: asyncpg.Connection) -> None:
