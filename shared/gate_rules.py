@@ -184,11 +184,12 @@ class Decision:
     budget: BudgetView | None = None
     policy: GroupPolicy = DEFAULT_POLICY
 
-    def failure_detail(self, window_ends_at: dt.datetime) -> str:
+    def failure_detail(self, window_ends_at: dt.datetime, received_at: dt.datetime | None = None) -> str:
         """The detail of a window_closed failure: each check not ready when the window closed (or, with a
         release cutoff, when the cutoff passed), and why; the cutoff named when there is one. With its checks
         ready and stable, a host that waited for its group's disruption budget says so and names the budget's
-        holders (CONTRACT §6), as the gate saw the budget when it judged the host."""
+        holders (CONTRACT §6), as the gate saw the budget when it judged the host. A job.start received (at
+        `received_at`) after that moment is told so: the host never had a chance, whatever its checks said."""
         cutoff = self.policy.release_cutoff_seconds
         if cutoff > 0:
             closed = f"the release cutoff ({cutoff} s before the window's end, release_cutoff_seconds) passed"
@@ -196,6 +197,8 @@ class Decision:
         else:
             closed, had_closed = "the maintenance window closed", "the maintenance window had closed"
         moment = closes_at(window_ends_at, self.policy)
+        if received_at is not None and received_at >= moment:
+            return f"{had_closed} (at {moment.isoformat()}) before the job.start arrived (at {received_at.isoformat()})"
         if self.not_ready:
             failing = "; ".join(
                 f"{check.name}: {check.why_not_ready(moment, no_result=NO_RESULT_BEFORE_CLOSE)}"
@@ -265,16 +268,18 @@ class Decision:
         group: str | None,
         window_ends_at: dt.datetime | None,
         now: dt.datetime,
+        received_at: dt.datetime | None = None,
     ) -> str:
         """The verdict in words, as the gate stores it with the decision (or the wait) and the preview shows it:
-        `release_detail`, `waiting_detail(now)`, `failure_detail(window_ends_at)` for WINDOW_CLOSED (the gate
-        first recomputes that decision with the checks as they were then, `window_closed`), or why the job host
-        fails (`job_id`: its job, None in a preview; `group`: its host's, None for an unknown host;
-        `window_ends_at` None: no window, as in a preview, which is never WINDOW_CLOSED)."""
+        `release_detail`, `waiting_detail(now)`, `failure_detail(window_ends_at, received_at)` for WINDOW_CLOSED
+        (the gate first recomputes that decision with the checks as they were then, `window_closed`), or why the
+        job host fails (`job_id`: its job, None in a preview; `group`: its host's, None for an unknown host;
+        `window_ends_at` None: no window, as in a preview, which is never WINDOW_CLOSED; `received_at`: when the
+        job.start was received, None if unknown)."""
         if self.verdict is Verdict.RELEASE:
             return self.release_detail()
         if self.verdict is Verdict.WINDOW_CLOSED and window_ends_at is not None:
-            return self.failure_detail(window_ends_at)
+            return self.failure_detail(window_ends_at, received_at)
         if self.verdict is Verdict.JOB_HALTED:
             return f"job {job_id} is halted: no more of its hosts are released"
         if self.verdict is Verdict.UNKNOWN_HOST:

@@ -70,6 +70,9 @@ async def test_window_already_past_fails_first(
     await jobs.start("late", host_id, window_seconds=-5)
     decision = await wait_decision(events, "late")
     assert decision.routing_key == "job.failed" and decision.data["reason"] == "window_closed"
+    # Healthy checks or not, the host never had a chance: the detail says so rather than blame a check.
+    assert "before the job.start arrived" in decision.data["detail"], decision.data["detail"]
+    assert "not healthy" not in decision.data["detail"]
     assert decision.correlation_id == "late" and decision.message_id == str(
         decision_event_id("late", uuid.UUID(host_id))
     )

@@ -281,8 +281,9 @@ async def evaluate(
         waited_for_budget = "budget" in (job["waiting_for"] or ())
         decision = rules.window_closed(then, window_ends_at, policy, decision.budget if waited_for_budget else None)
     detail = decision.detail(
-        job_id=job_id, host_id=host_id, group=context.group, window_ends_at=window_ends_at, now=now
-    )
+        job_id=job_id, host_id=host_id, group=context.group, window_ends_at=window_ends_at, now=now,
+        received_at=jobs.aware(job["received_at"]),
+    )  # fmt: skip
     final = _final(decision, job_id, host_id, detail)
     if final is not None:  # released; failed window_closed, job_halted, unknown_host, no_checks
         await jobs.decide(connection, final[0], at=now, source=EVENT_SOURCE)
@@ -347,7 +348,7 @@ async def decide_at_once(
     assert turn.job_id is not None and turn.window_ends_at is not None  # a job.start's
     detail = decision.detail(
         job_id=turn.job_id, host_id=turn.host_id, group=started.group, window_ends_at=turn.window_ends_at,
-        now=started.now,
+        now=started.now, received_at=started.now,
     )  # fmt: skip
     final = _final(decision, turn.job_id, turn.host_id, detail)
     assert final is not None  # every verdict of _AT_ONCE decides

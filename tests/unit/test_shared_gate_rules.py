@@ -120,6 +120,22 @@ def test_the_detail_of_a_window_that_closed_with_every_check_ready() -> None:
     assert decision.failure_detail(NOW) == "the maintenance window had closed"
 
 
+def test_a_job_start_received_after_its_window_is_told_so_whatever_its_checks() -> None:
+    late = NOW + dt.timedelta(minutes=3)
+    for checks in ([check()], [check(status="unhealthy")], [check(age=None)]):
+        detail = decide(NOW, NOW, checks).failure_detail(NOW, received_at=late)
+        assert detail == (
+            f"the maintenance window had closed (at {NOW.isoformat()}) before the job.start arrived (at"
+            f" {late.isoformat()})"
+        ), detail
+    cutoff = window_closed([check()], NOW, GroupPolicy(release_cutoff_seconds=60))
+    assert cutoff.failure_detail(NOW, received_at=NOW - dt.timedelta(seconds=30)).startswith("the release cutoff")
+    # Received before the close: the checks as they were then.
+    assert "not healthy" in decide(NOW, NOW, [check(status="unhealthy")]).failure_detail(
+        NOW, received_at=NOW - dt.timedelta(seconds=1)
+    )
+
+
 def test_the_detail_of_a_window_that_closed_while_the_budget_was_full_names_the_budget() -> None:
     full = BudgetView("web", 1, (Holder(uuid.uuid4(), "web-1", "J", False),))
     expected = "disruption budget of group web: 1 of 1 unavailable: web-1 (job J patching)"
