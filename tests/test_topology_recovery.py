@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -106,10 +107,15 @@ async def test_a_broker_binds_its_queues_again_by_itself(backing: BackingService
 
 
 async def test_the_scheduler_meets_unroutable_ticks_without_stopping_and_dispatches_them_after(
-    backing: BackingServices, own_exchange: str, private_pool: asyncpg.Pool, private_database: str
+    backing: BackingServices,
+    own_exchange: str,
+    private_pool: asyncpg.Pool,
+    private_database: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """The breaker's case: the scheduler task failed on Unroutable and stopped the poller. Now the pass is rolled
     back (the check stays due), the topology declared again, and the next pass dispatches the check."""
+    caplog.set_level(logging.INFO, logger="services.poller.scheduler")
     topology = Topology(own_exchange)
     broker = Broker(backing.amqp_url, topology, connection_name="test-topology-scheduler")
     broker.topology_redeclare_seconds = 3600.0  # only the scheduler's own call may bind the queues again
@@ -151,6 +157,12 @@ async def test_the_scheduler_meets_unroutable_ticks_without_stopping_and_dispatc
                 "SELECT next_run_at FROM check_schedule WHERE check_id = $1", check_id
             )
         assert next_run_at > dt.datetime.now(dt.UTC) + dt.timedelta(minutes=50)  # claimed once, for its next slot
+        for _ in range(50):  # the pass that published the tick ends (commits) just after
+            lines = [record.getMessage() for record in caplog.records if record.name == "services.poller.scheduler"]
+            if len(lines) > 1:
+                break
+            await asyncio.sleep(0.05)
+        assert lines == ["scheduler pass failed, will retry", "scheduler passes succeed again: checks are dispatched"]
     finally:
         for task in (scheduling, watching):
             if task is not None:

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from shared.database import DATABASE_ERRORS, DatabaseWatch
 from shared.events import ScheduledRun, Tick
 from shared.messaging import Broker, PublishFailed, Unroutable
+from shared.outages import OutageLog
 from shared.schedule import claim_due
 from shared.topology import POLLER_TICK_QUEUE
 
@@ -54,11 +55,18 @@ class Scheduler:
         self._broker = broker
         self._metrics = metrics
         self._database = database
+        # A broker that holds the ticks' confirms (a paused connection the client still counts as up) fails pass
+        # after pass: one warning for the run of failures and one line when a pass succeeds again.
+        self._failing = OutageLog(
+            log, "scheduler pass failed, will retry", "scheduler passes succeed again: checks are dispatched"
+        )
 
     async def run(self) -> None:
         while True:
             try:
                 claimed = await self.dispatch_due()
+                if self._broker.ready:  # else nothing was tried
+                    self._failing.up()
             except PASS_ERRORS as exc:
                 self._metrics.failures.inc()
                 if await self._database.wait_out(exc):  # an outage is logged once, by the watch
@@ -67,12 +75,12 @@ class Scheduler:
                     # No queue bound for the ticks: the exchange was deleted and declared again without our
                     # bindings (or the queue deleted). Declaring the topology again binds them; the claim was
                     # rolled back, so the pass after it dispatches these checks.
-                    log.warning("no queue is bound for the poller's ticks: declaring the topology again")
+                    self._failing.down(exc)
                     await self._broker.restore_topology()
                     await asyncio.sleep(RETRY_DELAY_SECONDS)
                     continue
                 if not isinstance(exc, PublishFailed) or self._broker.ready:  # else the broker's outage, logged once
-                    log.warning("scheduler pass failed, will retry", extra={"error": str(exc)})
+                    self._failing.down(exc)
                 await asyncio.sleep(RETRY_DELAY_SECONDS)
                 continue
             if claimed < CLAIM_LIMIT:
