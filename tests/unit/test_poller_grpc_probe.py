@@ -140,44 +140,29 @@ def test_failed_calls(code: grpc.StatusCode, details: str, traffic: RelayTraffic
     assert judge_error(code, details, traffic, service="pay", what=WHAT, tls=tls, timeout_seconds=5) == verdict
 
 
+def unrelayed_error(code: grpc.StatusCode, details: str, relay_failure: OSError | None = None) -> Verdict:
+    """`judge_error` of a plain call to WHAT that never reached the relay."""
+    return judge_error(
+        code, details, RelayTraffic(), service="", what=WHAT, tls=False, timeout_seconds=5, relayed=False,
+        relay_failure=relay_failure,
+    )  # fmt: skip
+
+
 def test_a_call_that_never_got_its_connection_is_the_pollers_failure() -> None:
     """gRPC that could not reach the relay (no socket for it) or whose connection the relay could not take: the
     server did nothing, the poller ran out of descriptors; gRPC's raw socket address after its words is dropped."""
     out = f"{CONNECT_FAILURE}socket: Too many open files\x01\x00\x00healthgate-grpc-0123"
-    assert judge_error(
-        grpc.StatusCode.UNAVAILABLE,
-        out,
-        RelayTraffic(),
-        service="",
-        what=WHAT,
-        tls=False,
-        timeout_seconds=5,
-        relayed=False,
-    ) == Verdict(
+    assert unrelayed_error(grpc.StatusCode.UNAVAILABLE, out) == Verdict(
         False, "connect", f"the poller could not give gRPC its connection to {WHAT}: socket: Too many open files"
     )
     emfile = OSError(errno.EMFILE, "Too many open files")
-    assert judge_error(
-        grpc.StatusCode.UNAVAILABLE,
-        CONNECT_FAILURE + "Connection reset by peer",
-        RelayTraffic(),
-        service="",
-        what=WHAT,
-        tls=False,
-        timeout_seconds=5,
-        relayed=False,
-        relay_failure=emfile,
-    ) == Verdict(False, "connect", f"the poller could not give gRPC its connection to {WHAT}: Too many open files")
-    assert judge_error(
-        grpc.StatusCode.DEADLINE_EXCEEDED,
-        "Deadline Exceeded",
-        RelayTraffic(),
-        service="",
-        what=WHAT,
-        tls=False,
-        timeout_seconds=5,
-        relayed=False,
-    ) == Verdict(False, "timeout", "timed out after 5 s")
+    reset = CONNECT_FAILURE + "Connection reset by peer"
+    assert unrelayed_error(grpc.StatusCode.UNAVAILABLE, reset, emfile) == Verdict(
+        False, "connect", f"the poller could not give gRPC its connection to {WHAT}: Too many open files"
+    )
+    assert unrelayed_error(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded") == Verdict(
+        False, "timeout", "timed out after 5 s"
+    )
     assert unrelayed(WHAT, "Too many open files").reason == "connect"
 
 
