@@ -189,7 +189,8 @@ class Decision:
         release cutoff, when the cutoff passed), and why; the cutoff named when there is one. With its checks
         ready and stable, a host that waited for its group's disruption budget says so and names the budget's
         holders (CONTRACT §6), as the gate saw the budget when it judged the host. A job.start received (at
-        `received_at`) after that moment is told so: the host never had a chance, whatever its checks said."""
+        `received_at`) after its window's end is told so first: the host never had a chance, whatever its checks
+        said (the window's end comes with the job.start; a release cutoff may have been set since)."""
         cutoff = self.policy.release_cutoff_seconds
         if cutoff > 0:
             closed = f"the release cutoff ({cutoff} s before the window's end, release_cutoff_seconds) passed"
@@ -197,13 +198,17 @@ class Decision:
         else:
             closed, had_closed = "the maintenance window closed", "the maintenance window had closed"
         moment = closes_at(window_ends_at, self.policy)
-        if received_at is not None and received_at >= moment:
-            return f"{had_closed} (at {moment.isoformat()}) before the job.start arrived (at {received_at.isoformat()})"
-        if self.not_ready:
-            failing = "; ".join(
-                f"{check.name}: {check.why_not_ready(moment, no_result=NO_RESULT_BEFORE_CLOSE)}"
-                for check in self.not_ready
+        failing = "; ".join(
+            f"{check.name}: {check.why_not_ready(moment, no_result=NO_RESULT_BEFORE_CLOSE)}" for check in self.not_ready
+        )
+        if received_at is not None and received_at >= window_ends_at:
+            # Not the host's fault, whatever its checks: say so first, then (CONTRACT §5) the checks as they stood.
+            late = (
+                f"the job.start arrived (at {received_at.isoformat()}) after its maintenance window had ended"
+                f" (at {window_ends_at.isoformat()})"
             )
+            return f"{late}; checks not healthy when it closed: {failing}" if failing else late
+        if self.not_ready:
             return f"{closed} while checks were not healthy: {failing}"
         if self.unstable:
             return f"{closed} while checks were not yet stable: {self.stability_detail(moment)}"

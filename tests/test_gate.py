@@ -67,12 +67,15 @@ async def test_window_already_past_fails_first(
 ) -> None:
     host_id, checks = await host_with_checks(admin, [{"check_type": "http", "url": nginx.http_url("/ok")}])
     await run_checks(admin, checks)  # healthy and fresh: the window rule still comes first
-    await jobs.start("late", host_id, window_seconds=-5)
+    await jobs.start("late", host_id, window_seconds=-3600)
     decision = await wait_decision(events, "late")
     assert decision.routing_key == "job.failed" and decision.data["reason"] == "window_closed"
-    # Healthy checks or not, the host never had a chance: the detail says so rather than blame a check.
-    assert "before the job.start arrived" in decision.data["detail"], decision.data["detail"]
-    assert "not healthy" not in decision.data["detail"]
+    # Healthy checks or not, the host never had a chance: the detail says so first, then names the checks as they
+    # stood when the window ended (this one had no result yet then: it was created an hour later).
+    assert decision.data["detail"].startswith("the job.start arrived (at "), decision.data["detail"]
+    assert decision.data["detail"].endswith(
+        "; checks not healthy when it closed: check-0: no result before the window closed"
+    ), decision.data["detail"]
     assert decision.correlation_id == "late" and decision.message_id == str(
         decision_event_id("late", uuid.UUID(host_id))
     )

@@ -129,10 +129,23 @@ async def result(
     await store_states(connection, [state])
 
 
-async def start(connection: asyncpg.Connection, host_id: uuid.UUID, window: dt.timedelta, job_id: str = "j-1") -> None:
-    ends = (await now(connection) + window).isoformat()
-    job = JobStart.model_validate({"job_id": job_id, "host_id": str(host_id), "window_ends_at": ends})
+async def start(
+    connection: asyncpg.Connection,
+    host_id: uuid.UUID,
+    window: dt.timedelta,
+    job_id: str = "j-1",
+    *,
+    received_before_close: bool = False,
+) -> None:
+    """Record a job.start whose window ends `window` from now; with `received_before_close`, as if it had arrived a
+    minute before its window ended (the gate was down when it ended) rather than now."""
+    ends = await now(connection) + window
+    job = JobStart.model_validate({"job_id": job_id, "host_id": str(host_id), "window_ends_at": ends.isoformat()})
     assert await jobs.record_start(connection, job)
+    if received_before_close:
+        await connection.execute(
+            "UPDATE gate_jobs SET received_at = $1 WHERE job_id = $2", ends - dt.timedelta(minutes=1), job_id
+        )
 
 
 async def evaluate(
@@ -253,7 +266,7 @@ async def test_a_window_closed_failure_describes_the_checks_as_they_stood_when_i
     await result(connection, db, host_id, healthy=True, at=closed_at - dt.timedelta(seconds=30))
     await result(connection, web, host_id, healthy=True, at=clock - dt.timedelta(seconds=5))
     await result(connection, db, host_id, healthy=False, at=clock - dt.timedelta(seconds=5))
-    await start(connection, host_id, closed_at - clock)
+    await start(connection, host_id, closed_at - clock, received_before_close=True)
 
     evaluation = await evaluate(connection, host_id)
     assert evaluation is not None and (evaluation.verdict, evaluation.reason) == (
@@ -271,11 +284,20 @@ async def test_a_window_that_closed_before_any_result_names_the_checks_without_o
 ) -> None:
     host_id = await new_host(connection)
     await new_check(connection, host_id, "web", healthy=True)  # its only result is after the window closed
-    await start(connection, host_id, -dt.timedelta(minutes=5))
+    await start(connection, host_id, -dt.timedelta(minutes=5), received_before_close=True)
     evaluation = await evaluate(connection, host_id)
     assert evaluation is not None and evaluation.detail == (
         "the maintenance window closed while checks were not healthy: web: no result before the window closed"
     )
+    # The same checks for a job.start that arrived after its window: that comes first, then the checks.
+    await start(connection, host_id, -dt.timedelta(minutes=5), job_id="j-late")
+    late = await evaluate(connection, host_id, "j-late")
+    assert late is not None and late.detail.startswith("the job.start arrived (at "), late.detail
+    assert late.detail.endswith(
+        ") after its maintenance window had ended (at "
+        + late.detail.split("had ended (at ")[1].split(")")[0]
+        + "); checks not healthy when it closed: web: no result before the window closed"
+    ), late.detail
 
 
 async def test_a_cancel_decides_a_waiting_host_or_one_not_seen_yet(connection: asyncpg.Connection) -> None:
