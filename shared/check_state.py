@@ -78,7 +78,8 @@ async def forget_status(connection: Connection, check_ids: Sequence[uuid.UUID]) 
     judged (the API's PUT of a check, or of its host's name or agent_url): a result of the old configuration says
     nothing of the new one, and the gate releases only on a healthy status (CONTRACT §3: `unknown` until the first
     result, which sets the status directly). The last result stays, as what it was. In the caller's transaction,
-    which holds the checks' host (lock order: shared/hosts.py); rows updated in id order."""
+    which holds the checks' host: the pollers lock the host before its states too (shared/hosts.py, lock order),
+    so the order in which this statement takes the rows cannot deadlock with them."""
     await connection.execute(
         """
         UPDATE check_state
@@ -86,7 +87,7 @@ async def forget_status(connection: Connection, check_ids: Sequence[uuid.UUID]) 
             status_changed_at = CASE WHEN status <> 'unknown' THEN now() ELSE status_changed_at END
         WHERE check_id = ANY($1::uuid[])
         """,
-        sorted(set(check_ids)),
+        list(set(check_ids)),
     )
 
 
