@@ -124,7 +124,9 @@ class WorkerRuntime:
         # First of all, so that a taken port stops the service at once with one line (CONTRACT §1).
         self._listeners = listen(settings.api_host, settings.health_port_for(self.name))
         # Connections open on demand: the service starts, and reports not ready, while PostgreSQL is down.
-        self.pool = await create_pool(settings.database_url, min_size=0, max_size=self.pool_size)
+        self.pool = await create_pool(
+            settings.database_url, min_size=0, max_size=settings.pool_max_size(self.pool_size)
+        )
         self.broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name=f"healthgate-{self.name}")
         self.database = DatabaseWatch(settings.database_url, self.pool)
         self.consumers = Consumers(self.broker, self.database, ConsumerMetrics(self.registry))

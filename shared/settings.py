@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     # Not in the contract's table: how long decided gate jobs and sent outbox rows are kept.
     job_retention_days: float = Field(30, gt=0, le=MAX_DAYS, allow_inf_nan=False)
     outbox_retention_hours: float = Field(24, gt=0, le=MAX_HOURS, allow_inf_nan=False)
+    # Not in the contract's table: the most connections any one pool of a process holds (None: each pool's own
+    # size, 3 to 20), for a PostgreSQL with few connection slots for many processes (`pool_max_size`).
+    database_pool_max: int | None = Field(None, ge=2, le=1000)
     health_allowed_networks: IpNetworks = Field(
         default=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128"))
     )
@@ -84,6 +87,10 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"not a comma-separated list of networks: {exc}") from None
         return value
+
+    def pool_max_size(self, wanted: int) -> int:
+        """A pool's size: `wanted`, at most HEALTHGATE_DATABASE_POOL_MAX."""
+        return wanted if self.database_pool_max is None else min(wanted, self.database_pool_max)
 
     @field_validator("database_url")
     @classmethod

@@ -168,6 +168,9 @@ def service_env(
         "HEALTHGATE_KEY_FILE": str(key_dir / "health-check.key"),
         "HEALTHGATE_LOG_FORMAT": "json",
         "HEALTHGATE_API_HOST": "127.0.0.1",
+        # Two test sessions side by side (make test) share the machine's PostgreSQL and its 100 connection slots:
+        # at their own sizes (up to 20) the pools of two sessions' services, grown under load, took them all.
+        "HEALTHGATE_DATABASE_POOL_MAX": "5",
     }
 
 

@@ -88,7 +88,7 @@ def create_app(settings: Settings, key: bytes) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         stack = contextlib.AsyncExitStack()
         # Connections open on demand, so the API serves (and reports not ready) while PostgreSQL is down.
-        pool = await create_pool(settings.database_url, min_size=0, max_size=20)
+        pool = await create_pool(settings.database_url, min_size=0, max_size=settings.pool_max_size(20))
         broker = Broker(settings.amqp_url, Topology(settings.exchange), connection_name="healthgate-api")
         database = DatabaseWatch(settings.database_url, pool)
         app.state.database = database

@@ -37,7 +37,7 @@ async def serve(settings: Settings, key: bytes) -> bool:
         # statement is planned for the table as it is: a generic plan cached while the table was nearly empty (a
         # fresh install, a start after pruning) scans it whole, and keeps doing so as it grows to millions.
         dispatch_pool = await create_pool(
-            settings.database_url, min_size=0, max_size=DISPATCH_POOL_SIZE,
+            settings.database_url, min_size=0, max_size=settings.pool_max_size(DISPATCH_POOL_SIZE),
             server_settings={"synchronous_commit": "off", "plan_cache_mode": "force_custom_plan"},
         )  # fmt: skip
         dispatcher = Dispatcher(

@@ -56,7 +56,7 @@ def run_pruner(settings: Settings) -> int:
 
 async def prune_command(settings: Settings) -> int:
     """`healthgate prune --once`: one pass; prints what it removed as JSON on stdout."""
-    pool = await create_pool(settings.database_url, min_size=1, max_size=3)
+    pool = await create_pool(settings.database_url, min_size=1, max_size=settings.pool_max_size(3))
     try:
         report = await prune_once(pool, Retention.from_settings(settings))
     except DATABASE_ERRORS as exc:
