@@ -239,7 +239,8 @@ class Broker:
         expiration: float | None = None,
         timeout: float = PUBLISH_TIMEOUT_SECONDS,
     ) -> None:
-        """Publish persistent and mandatory, and wait for the broker's confirm."""
+        """Publish persistent and mandatory, and wait for the broker's confirm. Raises PublishFailed (not confirmed)
+        or Unroutable (no queue bound: the topology is declared again before it is raised)."""
         if not self.ready or self._exchange is None:
             raise PublishFailed("not connected to RabbitMQ")
         message = aio_pika.Message(
@@ -252,10 +253,16 @@ class Broker:
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
             timestamp=time.time(),
         )
-        await _confirmed(
-            self._exchange, message, routing_key, timeout,
-            unroutable=f"no queue is bound for {routing_key!r} on {self.topology.exchange!r}",
-        )  # fmt: skip
+        try:
+            await _confirmed(
+                self._exchange, message, routing_key, timeout,
+                unroutable=f"no queue is bound for {routing_key!r} on {self.topology.exchange!r}",
+            )  # fmt: skip
+        except Unroutable:
+            # A single publish is a request to a queue of our own (a tick, a /test): none bound means the exchange
+            # was declared again without our bindings. Bound again here, the caller's retry goes through.
+            await self.restore_topology()
+            raise
 
     async def publish_batch(
         self, messages: Sequence[OutgoingEvent], *, timeout: float = PUBLISH_TIMEOUT_SECONDS

@@ -471,9 +471,7 @@ async def run_check_now(context: ApiContext, actor: str, host_id: uuid.UUID, che
         )
     except PublishFailed:
         raise Problem(503, "the message broker is unavailable; try again shortly") from None
-    except Unroutable:
-        # The exchange was declared again without our bindings (or the pollers' queue deleted): bind them again.
-        await context.broker.restore_topology()
+    except Unroutable:  # the exchange was declared again without our bindings; the Broker has bound them again
         raise Problem(503, "no poller queue was bound on the message broker; bound again, try again shortly") from None
     if result is None:
         async with context.pool.acquire() as connection:

@@ -71,14 +71,8 @@ class Scheduler:
                 self._metrics.failures.inc()
                 if await self._database.wait_out(exc):  # an outage is logged once, by the watch
                     continue
-                if isinstance(exc, Unroutable):
-                    # No queue bound for the ticks: the exchange was deleted and declared again without our
-                    # bindings (or the queue deleted). Declaring the topology again binds them; the claim was
-                    # rolled back, so the pass after it dispatches these checks.
-                    self._failing.down(exc)
-                    await self._broker.restore_topology()
-                    await asyncio.sleep(RETRY_DELAY_SECONDS)
-                    continue
+                # Unroutable: no queue bound for the ticks (the Broker has declared its topology again); the claim
+                # was rolled back, so the next pass dispatches these checks.
                 if not isinstance(exc, PublishFailed) or self._broker.ready:  # else the broker's outage, logged once
                     self._failing.down(exc)
                 await asyncio.sleep(RETRY_DELAY_SECONDS)
